@@ -1,0 +1,1 @@
+"""Backend kernels, installed as `seqfast.kernels`: one module per backend, all on the contract of `reference`."""

@@ -1,0 +1,80 @@
+"""Facts every backend shares: cell names, gate counts, compute dtype, output allocation."""
+
+import os
+
+import torch
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+
+_poison = os.environ.get("SEQFAST_POISON", "0") == "1"
+
+
+def set_poison(enabled):
+    """Fill every output of `empty` with NaN (floats) before a kernel writes it.
+
+    Args:
+        enabled: `bool`; the default comes from `SEQFAST_POISON=1`.
+
+    Returns:
+        The previous setting.
+    """
+    global _poison
+    previous, _poison = _poison, bool(enabled)
+    return previous
+
+
+def empty(shape, dtype, device):
+    """Allocate a kernel output; NaN-filled when poisoning is on, so an unwritten element fails loudly."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison and out.is_floating_point():
+        out.fill_(float("nan"))
+    return out
+
+
+def compute_dtype(dtype):
+    """State and accumulation dtype for inputs of `dtype`: float64 stays float64, everything else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def hidden_size(cell, w_hh):
+    """`H` from `w_hh [G*H, P]`."""
+    return w_hh.shape[0] // GATES[cell]
+
+
+def time_index(T, lengths, reverse, device):
+    """Processing order of each sequence as indices into time, or None for the identity.
+
+    Args:
+        T: number of time steps.
+        lengths: `[B]` int64 or None (every sequence has length `T`).
+        reverse: walk each sequence from its own last step to its first.
+        device: device of the returned index.
+
+    Returns:
+        `[T, B]` int64 with `idx[s, b]` the time step processed at step `s`
+        (`L_b - 1 - s` while `s < L_b`, else `s`), or None when the order is the identity
+        or a plain flip (then the caller flips). The map is its own inverse.
+    """
+    if not reverse or lengths is None:
+        return None
+    steps = torch.arange(T, device=device).unsqueeze(1)
+    lens = lengths.to(device=device, dtype=torch.int64).unsqueeze(0)
+    return torch.where(steps < lens, lens - 1 - steps, steps)
+
+
+def reorder(seq, lengths, reverse):
+    """Put `seq [T, B, *]` into processing order (and back again: the map is an involution)."""
+    if not reverse:
+        return seq
+    idx = time_index(seq.shape[0], lengths, reverse, seq.device)
+    if idx is None:
+        return seq.flip(0)
+    return seq.gather(0, idx.unsqueeze(-1).expand_as(seq))
+
+
+def active_mask(T, lengths, device):
+    """`[T, B, 1]` bool, True where processing step `s < L_b`; None when every step is active."""
+    if lengths is None:
+        return None
+    steps = torch.arange(T, device=device).unsqueeze(1)
+    return (steps < lengths.to(device).unsqueeze(0)).unsqueeze(-1)

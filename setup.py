@@ -1,0 +1,29 @@
+"""Build seqfast: the Python package, `kernels/` as `seqfast.kernels`, and the optional C++ extension `seqfast._C`."""
+
+import glob
+import os
+
+from setuptools import setup
+
+
+def _extensions():
+    """`seqfast._C` from `csrc/*.cpp`, or nothing when there is no source, no torch or no compiler to build it."""
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not sources or os.environ.get("SEQFAST_NO_EXTENSION") == "1":
+        return [], {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        return [], {}
+    ext = CppExtension("seqfast._C", sources, extra_compile_args=["-O3", "-std=c++17"])
+    return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    packages=["seqfast", "seqfast.kernels"],
+    package_dir={"seqfast": "seqfast", "seqfast.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
