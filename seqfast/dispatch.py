@@ -1,0 +1,137 @@
+"""The backend table and per-call backend selection.
+
+Selection per call: an explicit `backend=` argument beats the `SEQFAST_BACKEND` environment variable, which
+beats automatic selection in the device's priority order. An explicit request that cannot run raises with the
+reason. Automatic selection skips backends that cannot be loaded and falls through a backend that declines the
+call, logging the reason once per (cell, backend, reason); with `SEQFAST_STRICT=1` such a fall-through raises.
+Backends load lazily: `import seqfast` imports none of them.
+"""
+
+import importlib
+import logging
+import os
+from typing import NamedTuple
+
+log = logging.getLogger("seqfast")
+
+
+class Backend(NamedTuple):
+    name: str
+    module: str
+    devices: tuple
+
+
+_TABLE = (
+    Backend("reference", "seqfast.kernels.reference", ("cpu", "cuda")),
+)
+
+_PRIORITY = {
+    "cpu": ("reference",),
+    "cuda": ("reference",),
+}
+
+_BY_NAME = {b.name: b for b in _TABLE}
+_loaded = {}
+_logged = set()
+
+
+class BackendInfo(NamedTuple):
+    name: str
+    devices: tuple
+    available: bool
+    why_not: str | None
+
+
+def load(name):
+    """The backend module for `name`, importing it on first use.
+
+    Raises:
+        ValueError: unknown backend name.
+        RuntimeError: the backend cannot be loaded here; the message says why.
+    """
+    if name not in _BY_NAME:
+        raise ValueError(f"unknown seqfast backend {name!r}; choose from {', '.join(_BY_NAME)}")
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(_BY_NAME[name].module)
+        except Exception as e:  # noqa: BLE001 - any import failure makes the backend unavailable, with its reason
+            _loaded[name] = f"{type(e).__name__}: {e}"
+    module = _loaded[name]
+    if isinstance(module, str):
+        raise RuntimeError(f"seqfast backend {name!r} is not available: {module}")
+    return module
+
+
+def backends():
+    """The backend table.
+
+    Returns:
+        `list[BackendInfo]`: name, device types, whether it loads here, and why not.
+    """
+    rows = []
+    for b in _TABLE:
+        try:
+            load(b.name)
+            rows.append(BackendInfo(b.name, b.devices, True, None))
+        except RuntimeError as e:
+            rows.append(BackendInfo(b.name, b.devices, False, str(e)))
+    return rows
+
+
+def names(device_type=None):
+    """Backend names in priority order for `device_type` (all backends when None)."""
+    if device_type is None:
+        return [b.name for b in _TABLE]
+    return list(_PRIORITY.get(device_type, ()))
+
+
+def strict():
+    """True when `SEQFAST_STRICT=1`: automatic fall-through becomes an error."""
+    return os.environ.get("SEQFAST_STRICT", "0") == "1"
+
+
+def _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr):
+    if device_type not in _BY_NAME[name].devices:
+        return f"runs on {', '.join(_BY_NAME[name].devices)}, not {device_type}"
+    return load(name).unsupported(cell, gx, w_hh, h0, c0, lengths, w_hr)
+
+
+def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
+    """Pick the backend for one recurrence call.
+
+    Args:
+        cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
+        gx, w_hh, h0, c0, lengths, w_hr: the call's tensors (see `seqfast.kernels.reference`).
+        backend: explicit backend name, or None for `SEQFAST_BACKEND`, then automatic.
+
+    Returns:
+        The chosen backend's name.
+
+    Raises:
+        RuntimeError: an explicit backend cannot run this call, no backend can, or strict mode forbids a fall-through.
+    """
+    device_type = gx.device.type
+    requested = backend or os.environ.get("SEQFAST_BACKEND") or None
+    if requested is not None:
+        reason = _why_not(requested, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr)
+        if reason is not None:
+            raise RuntimeError(f"seqfast backend {requested!r} cannot run this {cell} call: {reason}")
+        return requested
+    reasons = []
+    for name in names(device_type):
+        try:
+            reason = _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr)
+        except RuntimeError as e:
+            reason = str(e)
+        if reason is None:
+            if reasons and strict():
+                raise RuntimeError(
+                    f"seqfast: strict mode forbids falling back to {name!r} for {cell}: " + "; ".join(reasons)
+                )
+            return name
+        reasons.append(f"{name}: {reason}")
+        key = (cell, name, reason)
+        if key not in _logged:
+            _logged.add(key)
+            log.warning("seqfast: backend %s declines %s (%s); trying the next one", name, cell, reason)
+    raise RuntimeError(f"seqfast: no backend can run this {cell} call on {device_type}: " + "; ".join(reasons))
