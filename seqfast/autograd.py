@@ -1,0 +1,150 @@
+"""The recurrence as `torch.library` custom ops: forward, backward, fake kernels and autograd.
+
+`seqfast::recurrence` runs one layer-direction's time loop on a named backend; its backward runs
+`seqfast::recurrence_backward` on the same backend, then forms the `w_hh`/`b_hh` gradients as one GEMM and one
+reduction over all steps. Both ops are opaque to `torch.compile`, which traces them through their fake kernels.
+"""
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .kernels.common import GATES, compute_dtype
+
+
+@torch.library.custom_op("seqfast::recurrence", mutates_args=())
+def recurrence(
+    backend: str,
+    cell: str,
+    reverse: bool,
+    need_saved: bool,
+    gx: Tensor,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    lengths: Tensor | None,
+    w_hr: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """One layer-direction forward.
+
+    Args:
+        backend: backend name from `seqfast.dispatch`.
+        cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
+        reverse: walk each sequence from its own last step.
+        need_saved: keep the backend's workspace for backward (False under `no_grad`).
+        gx: `[T, B, G*H]` input pre-activations; w_hh: `[G*H, P]`; b_hh: `[G*H]` or None;
+        h0: `[B, P]`; c0: `[B, H]` (LSTM) or None; lengths: `[B]` int64 or None; w_hr: `[P, H]` or None.
+
+    Returns:
+        `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (`[0]` unless LSTM), `saved` (`[0]` unless `need_saved`).
+    """
+    module = dispatch.load(backend)
+    y, hT, cT, saved = module.fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved)
+    if cT is None:
+        cT = h0.new_empty(0)
+    return y, hT, cT, saved
+
+
+@recurrence.register_fake
+def _(backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr):
+    T, B, _ = gx.shape
+    H, P = w_hh.shape[0] // GATES[cell], w_hh.shape[1]
+    saved_shape = dispatch.load(backend).saved_shape(cell, T, B, H, P) if need_saved else (0,)
+    y = gx.new_empty((T, B, P))
+    cT = c0.new_empty((B, H)) if cell == "lstm" else h0.new_empty(0)
+    return y, h0.new_empty((B, P)), cT, gx.new_empty(saved_shape, dtype=compute_dtype(gx.dtype))
+
+
+@torch.library.custom_op("seqfast::recurrence_backward", mutates_args=())
+def recurrence_backward(
+    backend: str,
+    cell: str,
+    reverse: bool,
+    dy: Tensor,
+    dhT: Tensor,
+    dcT: Tensor | None,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    lengths: Tensor | None,
+    y: Tensor,
+    saved: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """One layer-direction backward on the backend that ran the forward.
+
+    Returns:
+        `dgx`, `dgh` (`[T, B, G*H]`), `dh0 [B, P]`, `dc0 [B, H]` (`[0]` unless LSTM), `dw_hr [P, H]` (`[0]` without
+        projection).
+    """
+    module = dispatch.load(backend)
+    dgx, dgh, dh0, dc0, dw_hr = module.bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse)
+    return dgx, dgh, dh0, h0.new_empty(0) if dc0 is None else dc0, w_hh.new_empty(0) if dw_hr is None else dw_hr
+
+
+@recurrence_backward.register_fake
+def _(backend, cell, reverse, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved):
+    T, B, _ = dy.shape
+    G = w_hh.shape[0]
+    dc0 = c0.new_empty(c0.shape) if cell == "lstm" else h0.new_empty(0)
+    dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty(0)
+    return dy.new_empty((T, B, G)), dy.new_empty((T, B, G)), h0.new_empty(h0.shape), dc0, dw_hr
+
+
+def h_prev(y, h0, lengths, reverse):
+    """The state each step's recurrent product used: `[T, B, P]` from `y [T, B, P]` and `h0 [B, P]`.
+
+    Forward: `h0` then `y[:-1]`. Reverse: `y[1:]` then `h0`, with `h0` at each sequence's own last step. Entries at
+    steps past a sequence's length are never used (their `dgh` is zero).
+    """
+    h0 = h0.to(y.dtype).unsqueeze(0)
+    if not reverse:
+        return torch.cat([h0, y[:-1]])
+    prev = torch.cat([y[1:], h0])
+    if lengths is None:
+        return prev
+    last = (lengths.to(y.device) - 1).clamp(min=0)
+    return torch.index_put(prev, (last, torch.arange(y.shape[1], device=y.device)), h0[0])
+
+
+def _setup_context(ctx, inputs, output):
+    backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr = inputs
+    y, _, _, saved = output
+    ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved = backend, cell, reverse, need_saved
+    ctx.save_for_backward(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved)
+    ctx.mark_non_differentiable(saved)
+    if cell != "lstm":
+        ctx.mark_non_differentiable(output[2])
+
+
+def _backward(ctx, dy, dhT, dcT, _dsaved):
+    if not ctx.need_saved:
+        raise RuntimeError(
+            "seqfast: this recurrence ran without saving its workspace (no input required grad when it ran); "
+            "run the forward with gradients enabled to differentiate it"
+        )
+    w_hh, b_hh, h0, c0, lengths, w_hr, y, saved = ctx.saved_tensors
+    is_lstm = ctx.cell == "lstm"
+    dy = torch.zeros_like(y) if dy is None else dy
+    dhT = torch.zeros_like(h0) if dhT is None else dhT
+    if is_lstm and dcT is None:
+        dcT = torch.zeros_like(c0)
+    dgx, dgh, dh0, dc0, dw_hr = recurrence_backward(
+        ctx.backend, ctx.cell, ctx.reverse, dy, dhT, dcT if is_lstm else None,
+        w_hh, b_hh, w_hr, h0, c0, lengths, y, saved,
+    )
+    G, P = w_hh.shape
+    dw_hh = (dgh.reshape(-1, G).T @ h_prev(y, h0, lengths, ctx.reverse).reshape(-1, P)).to(w_hh.dtype)
+    db_hh = None if b_hh is None else dgh.sum((0, 1), dtype=compute_dtype(dgh.dtype)).to(b_hh.dtype)
+    return (
+        None, None, None, None,
+        dgx, dw_hh, db_hh, dh0,
+        dc0 if is_lstm else None,
+        None,
+        dw_hr if w_hr is not None else None,
+    )
+
+
+recurrence.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,75 @@
+"""Recurrent layers as functions: one layer-direction, and the multi-layer (bi)directional stack.
+
+The input projection of every step is one GEMM (`F.linear`, so autograd forms `dx` and `dW_ih` as one GEMM each);
+the sequential part runs in the `seqfast::recurrence` custom op on the selected backend.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from . import autograd as _autograd  # noqa: F401 - registers the seqfast custom ops
+from . import dispatch
+
+CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+
+
+def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None, reverse=False, backend=None):
+    """One layer in one direction.
+
+    Args:
+        cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
+        x: `[T, B, I]` time-major input.
+        w_ih: `[G*H, I]`; w_hh: `[G*H, P]`; b_ih, b_hh: `[G*H]` or None.
+        h0: `[B, P]`; c0: `[B, H]` for `lstm`, else None (default).
+        w_hr: `[P, H]` LSTM projection or None (default).
+        lengths: `[B]` int64 per-sequence lengths on `x`'s device, or None (default: all `T`).
+        reverse: walk each sequence from its own last step (default False).
+        backend: backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
+
+    Returns:
+        `y [T, B, P]` (zeros past each length), `hT [B, P]`, `cT [B, H]` or None.
+    """
+    gx = F.linear(x, w_ih, b_ih)
+    name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
+    need_saved = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (gx, w_hh, b_hh, h0, c0, w_hr)
+    )
+    y, hT, cT, _ = torch.ops.seqfast.recurrence(name, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr)
+    return y, hT, cT if cell == "lstm" else None
+
+
+def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, training=False, lengths=None, backend=None):
+    """A stack of `num_layers` recurrent layers, each one or two directions, dropout between layers.
+
+    Args:
+        cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
+        x: `[T, B, I]` time-major input.
+        h0: `[L*D, B, P]`; c0: `[L*D, B, H]` for `lstm`, else None.
+        weights: `L*D` tuples `(w_ih, w_hh, b_ih, b_hh, w_hr)` in torch's layer-direction order (None for absent).
+        num_layers: `L`; bidirectional: `D = 2` when True.
+        dropout: probability applied to every layer's output but the last, only when `training` (default 0).
+        lengths: `[B]` int64 per-sequence lengths (any device), or None (default).
+        backend: backend name or None (default).
+
+    Returns:
+        `y [T, B, D*P]`, `hn [L*D, B, P]`, `cn [L*D, B, H]` or None.
+    """
+    directions = 2 if bidirectional else 1
+    if lengths is not None:
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
+    hn, cn = [], []
+    for i in range(num_layers):
+        outputs = []
+        for d in range(directions):
+            k = i * directions + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            y, hT, cT = layer(
+                cell, x, w_ih, w_hh, b_ih, b_hh, h0[k], None if c0 is None else c0[k], w_hr, lengths, d == 1, backend
+            )
+            outputs.append(y)
+            hn.append(hT)
+            cn.append(cT)
+        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        if dropout > 0 and training and i < num_layers - 1:
+            x = F.dropout(x, dropout, training=True)
+    return x, torch.stack(hn), None if c0 is None else torch.stack(cn)

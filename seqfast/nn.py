@@ -1,0 +1,329 @@
+"""Drop-in replacements for torch.nn's recurrent modules.
+
+They subclass `torch.nn.RNNBase` / `torch.nn.RNNCellBase` (not `torch.nn.LSTM` & co., which Dynamo refuses), so
+parameters, `state_dict`, `repr`, `flatten_parameters`, `all_weights`, hooks and initialisation are torch's own;
+only `forward` is replaced. Weights are read from the module at every call, so in-place edits, reassigned
+parameters, parametrizations and `torch.func.functional_call` take effect.
+"""
+
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+
+from . import functional
+from .functional import CELL_OF_MODE
+
+
+def _type_name(dtype):
+    """torch's C++ scalar type name (`Float`, `Double`, `BFloat16`) used in its error messages."""
+    return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
+
+
+def _check_same_dtype(state, weight):
+    if state.dtype != weight.dtype and not torch.is_autocast_enabled(state.device.type):
+        raise RuntimeError(
+            f"mat1 and mat2 must have the same dtype, but got {_type_name(state.dtype)} and {_type_name(weight.dtype)}"
+        )
+
+
+def _check_same_device(input, states, weight):
+    for state in states:
+        if state.device != input.device:
+            raise RuntimeError(
+                "Input and hidden tensors are not at the same device, found input tensor at "
+                f"{input.device} and hidden tensor at {state.device}"
+            )
+    if weight.device != input.device:
+        raise RuntimeError(
+            "Input and parameter tensors are not at the same device, found input tensor at "
+            f"{input.device} and parameter tensor at {weight.device}"
+        )
+
+
+class _Recurrent(torch.nn.RNNBase):
+    """Shared forward of `RNN`, `LSTM` and `GRU`; the subclasses fix the mode and torch's messages."""
+
+    backend = None
+    _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D instead"
+
+    def _layer_weights(self):
+        """`(w_ih, w_hh, b_ih, b_hh, w_hr)` per layer-direction, read live from the module."""
+        weights = []
+        for names in self._all_weights:
+            params = [getattr(self, n) for n in names]
+            biases = (params[2], params[3]) if self.bias else (None, None)
+            weights.append((params[0], params[1], *biases, params[-1] if self.proj_size > 0 else None))
+        return weights
+
+    def _hx_to_batched(self, hx, is_batched):
+        """Check `hx`'s rank against the input's and give it a batch dimension when the input has none."""
+        expected = 3 if is_batched else 2
+        if self.mode == "LSTM":
+            if hx[0].dim() != expected or hx[1].dim() != expected:
+                kind = "batched 3-D" if is_batched else "unbatched 2-D"
+                raise RuntimeError(
+                    f"For {kind} input, hx and cx should also be {expected}-D but got "
+                    f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                )
+            return hx if is_batched else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        if hx.dim() != expected:
+            kind = "batched 3-D" if is_batched else "unbatched 2-D"
+            raise RuntimeError(f"For {kind} input, hx should also be {expected}-D but got {hx.dim()}-D tensor")
+        return hx if is_batched else hx.unsqueeze(1)
+
+    def _zero_state(self, input, batch):
+        directions = 2 if self.bidirectional else 1
+        shape = (self.num_layers * directions, batch)
+        real = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = torch.zeros(*shape, real, dtype=input.dtype, device=input.device)
+        if self.mode != "LSTM":
+            return h
+        return h, torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device)
+
+    def forward(self, input, hx=None):
+        """Run the stack over a sequence.
+
+        Args:
+            input: `[T, B, I]` (`[B, T, I]` when `batch_first`), `[T, I]` unbatched, or a `PackedSequence`.
+            hx: `[L*D, B, P]` (`[L*D, P]` unbatched) initial state, `(h0, c0)` for LSTM with `c0 [L*D, B, H]`;
+                zeros when None (default).
+
+        Returns:
+            `(output, h_n)` or, for LSTM, `(output, (h_n, c_n))`, shaped as torch.nn returns them.
+        """
+        is_lstm = self.mode == "LSTM"
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is not None:
+                hx = self.permute_hidden(hx, sorted_indices)
+            is_batched = True
+        else:
+            if input.dim() not in (2, 3):
+                raise ValueError(self._rank_error.format(mode=self._mode_name, dim=input.dim()))
+            batch_sizes = sorted_indices = unsorted_indices = None
+            is_batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                hx = self._hx_to_batched(hx, is_batched)
+            data = input
+        if hx is None:
+            batch = int(batch_sizes[0]) if packed else input.size(0 if self.batch_first else 1)
+            hx = self._zero_state(data, batch)
+        self.check_forward_args(data, hx, batch_sizes)
+        states = hx if is_lstm else (hx,)
+        weights = self._layer_weights()
+        _check_same_device(data, states, weights[0][0])
+        for state in states:
+            _check_same_dtype(state, weights[0][0])
+
+        if packed:
+            x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
+        else:
+            x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
+            if x.size(0) == 0:
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        y, hn, cn = functional.rnn(
+            CELL_OF_MODE[self.mode],
+            x,
+            states[0],
+            states[1] if is_lstm else None,
+            weights,
+            self.num_layers,
+            self.bidirectional,
+            self.dropout,
+            self.training,
+            lengths,
+            self.backend,
+        )
+        hidden = (hn, cn) if is_lstm else hn
+        if packed:
+            output = PackedSequence(pack_padded_sequence(y, lengths).data, batch_sizes, sorted_indices, unsorted_indices)
+            return output, self.permute_hidden(hidden, unsorted_indices)
+        output = y.transpose(0, 1) if self.batch_first else y
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hn.squeeze(1), cn.squeeze(1)) if is_lstm else hn.squeeze(1)
+        return output, hidden
+
+
+class RNN(_Recurrent):
+    """Elman RNN with `tanh` or `relu`, a drop-in for `torch.nn.RNN` running on seqfast's kernels.
+
+    Args:
+        input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True, batch_first=False, dropout=0.0,
+        bidirectional=False, device=None, dtype=None: exactly `torch.nn.RNN`'s.
+        backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
+    """
+
+    _mode_name = "RNN"
+    _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D tensor instead"
+
+    def __init__(self, *args, backend=None, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if len(args) > 3:
+            self.nonlinearity = args[3]
+            args = args[:3] + args[4:]
+        else:
+            self.nonlinearity = kwargs.pop("nonlinearity", "tanh")
+        modes = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+        if self.nonlinearity not in modes:
+            raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
+        super().__init__(modes[self.nonlinearity], *args, **kwargs)
+        self.backend = backend
+
+
+class LSTM(_Recurrent):
+    """LSTM (optionally projected), a drop-in for `torch.nn.LSTM` running on seqfast's kernels.
+
+    Args:
+        input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False,
+        proj_size=0, device=None, dtype=None: exactly `torch.nn.LSTM`'s.
+        backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
+    """
+
+    _mode_name = "LSTM"
+    get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
+    check_forward_args = torch.nn.LSTM.check_forward_args
+    permute_hidden = torch.nn.LSTM.permute_hidden
+
+    def __init__(self, *args, backend=None, **kwargs):
+        super().__init__("LSTM", *args, **kwargs)
+        self.backend = backend
+
+
+class GRU(_Recurrent):
+    """GRU, a drop-in for `torch.nn.GRU` running on seqfast's kernels.
+
+    Args:
+        input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False,
+        device=None, dtype=None: exactly `torch.nn.GRU`'s.
+        backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
+    """
+
+    _mode_name = "GRU"
+
+    def __init__(self, *args, backend=None, **kwargs):
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
+        self.backend = backend
+
+
+class _Cell(torch.nn.RNNCellBase):
+    """Shared forward of the cells: one step of the same recurrence, `T = 1`."""
+
+    backend = None
+    _cell_name = None
+
+    def _cell(self):
+        return self._cell_name
+
+    def forward(self, input, hx=None):
+        """One step.
+
+        Args:
+            input: `[B, I]` or `[I]` unbatched.
+            hx: `[B, H]` (`[H]` unbatched) hidden state, or `(h, c)` for `LSTMCell`; zeros when None (default).
+
+        Returns:
+            `h' [B, H]` (`[H]` unbatched), or `(h', c')` for `LSTMCell`.
+        """
+        name = type(self).__name__
+        is_lstm = self._cell_name == "lstm"
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for i, state in enumerate(hx if is_lstm else (hx,)):
+                if state.dim() not in (1, 2):
+                    which = f"hx[{i}]" if is_lstm else "hidden"
+                    raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {state.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            states = (zeros, zeros) if is_lstm else (zeros,)
+        else:
+            states = tuple(hx) if is_lstm else (hx,)
+            if not is_batched:
+                states = tuple(s.unsqueeze(0) for s in states)
+        cell = self._cell()
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for i, state in enumerate(states):
+            if input.size(0) != state.size(0):
+                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {state.size(0)}")
+            if state.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, expected {self.hidden_size}"
+                )
+        _check_same_device(input, states, self.weight_ih)
+        _check_same_dtype(input, self.weight_ih)
+        for state in states:
+            _check_same_dtype(state, self.weight_hh)
+        y, hT, cT = functional.layer(
+            cell,
+            input.unsqueeze(0),
+            self.weight_ih,
+            self.weight_hh,
+            self.bias_ih,
+            self.bias_hh,
+            states[0],
+            states[1] if is_lstm else None,
+            backend=self.backend,
+        )
+        if is_lstm:
+            return (hT, cT) if is_batched else (hT.squeeze(0), cT.squeeze(0))
+        return hT if is_batched else hT.squeeze(0)
+
+
+class RNNCell(_Cell):
+    """Elman RNN cell, a drop-in for `torch.nn.RNNCell`.
+
+    Args:
+        input_size, hidden_size, bias=True, nonlinearity='tanh', device=None, dtype=None: exactly torch's.
+        backend: seqfast backend name, or None (default).
+    """
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *, backend=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
+        self.nonlinearity = nonlinearity
+        self.backend = backend
+
+    def _cell(self):
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return "rnn_" + self.nonlinearity
+
+
+class LSTMCell(_Cell):
+    """LSTM cell, a drop-in for `torch.nn.LSTMCell`.
+
+    Args:
+        input_size, hidden_size, bias=True, device=None, dtype=None: exactly torch's.
+        backend: seqfast backend name, or None (default).
+    """
+
+    _cell_name = "lstm"
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
+        self.backend = backend
+
+
+class GRUCell(_Cell):
+    """GRU cell, a drop-in for `torch.nn.GRUCell`.
+
+    Args:
+        input_size, hidden_size, bias=True, device=None, dtype=None: exactly torch's.
+        backend: seqfast backend name, or None (default).
+    """
+
+    _cell_name = "gru"
+
+    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
+        super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
+        self.backend = backend
