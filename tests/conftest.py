@@ -1,0 +1,48 @@
+"""Test setup: strict dispatch, NaN-poisoned outputs, fixed seeds, no TF32, backends from the dispatch table."""
+
+import os
+
+os.environ["SEQFAST_STRICT"] = "1"
+os.environ["SEQFAST_POISON"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from seqfast import dispatch  # noqa: E402
+from seqfast.kernels import common  # noqa: E402
+
+common.set_poison(True)
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def backend_params(device_type):
+    """Backends for `device_type` in priority order; one that cannot load shows as a skip with its reason."""
+    params = []
+    for name in dispatch.names(device_type):
+        try:
+            dispatch.load(name)
+            marks = []
+        except RuntimeError as e:
+            marks = [pytest.mark.skip(reason=str(e))]
+        if device_type == "cuda":
+            marks.append(pytest.mark.gpu)
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+CPU_BACKENDS = backend_params("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
