@@ -3,7 +3,7 @@
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
 def _extensions():
@@ -22,7 +22,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["seqfast", "seqfast.kernels"],
+    packages=["seqfast", "seqfast.kernels"] + [f"seqfast.kernels.{p}" for p in find_packages("kernels")],
     package_dir={"seqfast": "seqfast", "seqfast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
