@@ -114,9 +114,7 @@ def _setup_context(ctx, inputs, output):
     y, _, _, saved = output
     ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved = backend, cell, reverse, need_saved
     ctx.save_for_backward(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved)
-    ctx.mark_non_differentiable(saved)
-    if cell != "lstm":
-        ctx.mark_non_differentiable(output[2])
+    ctx.mark_non_differentiable(saved, *(() if cell == "lstm" else (output[2],)))
 
 
 def _backward(ctx, dy, dhT, dcT, _dsaved):

@@ -18,8 +18,10 @@ def _type_name(dtype):
     return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
-def _check_same_dtype(state, weight):
+def _check_same_dtype(state, weight, bias=None):
+    """Raise torch's own error for `state @ weight.T (+ bias)` with mismatched dtypes (its text depends on `bias`)."""
     if state.dtype != weight.dtype and not torch.is_autocast_enabled(state.device.type):
+        torch.nn.functional.linear(state.new_zeros(0, weight.shape[1]), weight, bias)
         raise RuntimeError(
             f"mat1 and mat2 must have the same dtype, but got {_type_name(state.dtype)} and {_type_name(weight.dtype)}"
         )
@@ -112,11 +114,15 @@ class _Recurrent(torch.nn.RNNBase):
             batch = int(batch_sizes[0]) if packed else input.size(0 if self.batch_first else 1)
             hx = self._zero_state(data, batch)
         self.check_forward_args(data, hx, batch_sizes)
+        if is_lstm and len(hx) != 2:
+            raise RuntimeError("lstm expects two hidden states")
         states = hx if is_lstm else (hx,)
         weights = self._layer_weights()
-        _check_same_device(data, states, weights[0][0])
-        for state in states:
-            _check_same_dtype(state, weights[0][0])
+        w_ih, w_hh, _, b_hh, w_hr = weights[0]
+        _check_same_device(data, states, w_ih)
+        _check_same_dtype(states[0], w_hh, b_hh)
+        if is_lstm:
+            _check_same_dtype(states[1], *((w_hh, b_hh) if w_hr is None else (w_hr, None)))
 
         if packed:
             x, lengths = pad_packed_sequence(PackedSequence(data, batch_sizes))
@@ -247,7 +253,14 @@ class _Cell(torch.nn.RNNCellBase):
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             states = (zeros, zeros) if is_lstm else (zeros,)
         else:
-            states = tuple(hx) if is_lstm else (hx,)
+            if is_lstm and is_batched:
+                if not isinstance(hx, (tuple, list)):
+                    raise TypeError(
+                        f"lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not {type(hx).__name__}"
+                    )
+                if len(hx) != 2:
+                    raise RuntimeError("lstm_cell expects two hidden states")
+            states = (hx[0], hx[1]) if is_lstm else (hx,)
             if not is_batched:
                 states = tuple(s.unsqueeze(0) for s in states)
         cell = self._cell()
@@ -261,9 +274,9 @@ class _Cell(torch.nn.RNNCellBase):
                     f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, expected {self.hidden_size}"
                 )
         _check_same_device(input, states, self.weight_ih)
-        _check_same_dtype(input, self.weight_ih)
+        _check_same_dtype(input, self.weight_ih, self.bias_ih)
         for state in states:
-            _check_same_dtype(state, self.weight_hh)
+            _check_same_dtype(state, self.weight_hh, self.bias_hh)
         y, hT, cT = functional.layer(
             cell,
             input.unsqueeze(0),
