@@ -10,6 +10,7 @@ Backends load lazily: `import seqfast` imports none of them.
 import importlib
 import logging
 import os
+import sys
 from typing import NamedTuple
 
 log = logging.getLogger("seqfast")
@@ -23,11 +24,12 @@ class Backend(NamedTuple):
 
 _TABLE = (
     Backend("reference", "seqfast.kernels.reference", ("cpu", "cuda")),
+    Backend("triton", "seqfast.kernels.triton", ("cuda",)),
 )
 
 _PRIORITY = {
     "cpu": ("reference",),
-    "cuda": ("reference",),
+    "cuda": ("triton", "reference"),
 }
 
 _BY_NAME = {b.name: b for b in _TABLE}
@@ -42,6 +44,23 @@ class BackendInfo(NamedTuple):
     why_not: str | None
 
 
+def _import(module):
+    """Import `module`; None on success, else the reason.
+
+    Marked as having a constant result for Dynamo (the flag `torch.compiler.assume_constant_result` sets, without
+    importing `torch._dynamo`), so a first load inside `torch.compile(fullgraph=True)` runs the import at trace time
+    instead of breaking the graph on `importlib`.
+    """
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - any import failure makes the backend unavailable, with its reason
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+_import._dynamo_marked_constant = True
+
+
 def load(name):
     """The backend module for `name`, importing it on first use.
 
@@ -52,10 +71,9 @@ def load(name):
     if name not in _BY_NAME:
         raise ValueError(f"unknown seqfast backend {name!r}; choose from {', '.join(_BY_NAME)}")
     if name not in _loaded:
-        try:
-            _loaded[name] = importlib.import_module(_BY_NAME[name].module)
-        except Exception as e:  # noqa: BLE001 - any import failure makes the backend unavailable, with its reason
-            _loaded[name] = f"{type(e).__name__}: {e}"
+        module = _BY_NAME[name].module
+        error = _import(module)
+        _loaded[name] = error if error is not None else sys.modules[module]
     module = _loaded[name]
     if isinstance(module, str):
         raise RuntimeError(f"seqfast backend {name!r} is not available: {module}")
@@ -91,6 +109,8 @@ def strict():
 
 
 def _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr):
+    if name not in _BY_NAME:
+        load(name)
     if device_type not in _BY_NAME[name].devices:
         return f"runs on {', '.join(_BY_NAME[name].devices)}, not {device_type}"
     return load(name).unsupported(cell, gx, w_hh, h0, c0, lengths, w_hr)
