@@ -1,0 +1,181 @@
+"""Triton backend: the whole recurrence of one layer-direction in one fused launch (see `recurrence`).
+
+Same contract as `seqfast.kernels.reference`. Runs on CUDA; under `TRITON_INTERPRET=1` (set before this module is
+imported) also on CPU tensors, one program per batch block owning every hidden unit. Inputs may be float32,
+bfloat16 or float16; state and accumulation are float32, recurrent matmuls run in the weights' dtype (float32 as
+exact IEEE products, no TF32); float64 is declined.
+"""
+
+import torch
+import triton
+
+from ..common import GATES, active_mask, empty, hidden_size
+from .recurrence import CELLS, bwd_kernel, fwd_kernel
+
+INTERPRET = bool(triton.knobs.runtime.interpret)
+DEVICES = ("cuda", "cpu") if INTERPRET else ("cuda",)
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SAVED_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 5}
+_BH = (16, 32, 64, 128)
+_SINGLE_MAX_H = 128
+
+
+def _sm_count(device):
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _config(B, H, device):
+    """Block sizes and split for `B` rows and `H` hidden units on `device`.
+
+    Returns:
+        `dict(BB, BH, NH, SPLIT, per_launch, num_warps)`: `NH` programs share a batch block; at most
+        `per_launch` batch blocks go in one launch, so that every program of a launch is resident at once.
+    """
+    BB = min(64, max(16, triton.next_power_of_2(B)))
+    NB = triton.cdiv(B, BB)
+    if device.type != "cuda" or H <= _SINGLE_MAX_H:
+        BH = max(16, triton.next_power_of_2(H))
+        return dict(BB=BB, BH=BH, NH=1, SPLIT=False, per_launch=max(NB, 1), num_warps=4 if BB * BH <= 2048 else 8)
+    n_sm = _sm_count(device)
+    BH = next(bh for bh in _BH if triton.cdiv(H, bh) <= n_sm)
+    NH = triton.cdiv(H, BH)
+    return dict(BB=BB, BH=BH, NH=NH, SPLIT=NH > 1, per_launch=max(1, n_sm // NH), num_warps=4)
+
+
+def _bk(device, dtype):
+    if device.type != "cuda":
+        return 64
+    return 32 if dtype == torch.float32 else 64
+
+
+def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
+    """Why this backend cannot run the call, or None.
+
+    Args:
+        cell, gx, w_hh, h0, c0, lengths, w_hr: as in `seqfast.kernels.reference.fwd`.
+
+    Returns:
+        `str` reason, or None when the call can run here.
+    """
+    if cell not in CELLS:
+        return f"unknown cell {cell!r}"
+    if gx.device.type not in DEVICES:
+        where = "CUDA, or CPU under TRITON_INTERPRET=1" if not INTERPRET else "CUDA or CPU"
+        return f"tensors are on {gx.device.type}; the triton backend runs on {where}"
+    for name, t in (("gx", gx), ("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr)):
+        if t is not None and t.dtype not in _DTYPES:
+            return f"{name} has dtype {t.dtype}; the triton backend runs float32, bfloat16 and float16 (not float64)"
+    H = hidden_size(cell, w_hh)
+    if w_hr is not None and w_hr.shape[0] > H:
+        return f"proj_size {w_hr.shape[0]} exceeds hidden size {H}"
+    if gx.device.type == "cuda" and H > _SINGLE_MAX_H and triton.cdiv(H, _BH[-1]) > _sm_count(gx.device):
+        return f"hidden size {H} needs more than one resident program of {_BH[-1]} units per SM"
+    return None
+
+
+def saved_shape(cell, T, B, H, P):
+    """Shape of `saved`: per step `h` (RNN), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
+    return (T, B, _SAVED_WIDTH[cell] * H)
+
+
+def _meta(cell, cfg, dtype, device):
+    return dict(
+        CELL=CELLS[cell],
+        G=GATES[cell],
+        SW=_SAVED_WIDTH[cell],
+        UPCAST=INTERPRET,
+        BB=cfg["BB"],
+        BH=cfg["BH"],
+        BK=_bk(device, dtype),
+        NH=cfg["NH"],
+        SPLIT=cfg["SPLIT"],
+        num_warps=cfg["num_warps"],
+    )
+
+
+def _launch(kernel, cfg, B, args, meta):
+    NB = triton.cdiv(B, cfg["BB"])
+    for i_b0 in range(0, NB, cfg["per_launch"]):
+        grid = (min(cfg["per_launch"], NB - i_b0), cfg["NH"])
+        kernel[grid](*args, i_b0, **meta)
+
+
+def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
+    """Run the recurrence forward in one launch per group of batch blocks.
+
+    Args:
+        cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved: as in `seqfast.kernels.reference.fwd`.
+
+    Returns:
+        `y [T, B, P]` (dtype of `gx`), `hT [B, P]`, `cT [B, H]` or None, `saved` (float32 `saved_shape(...)`,
+        or `[0]` when not needed).
+    """
+    T, B, _ = gx.shape
+    H = hidden_size(cell, w_hh)
+    P = w_hh.shape[1]
+    dev = gx.device
+    lstm = cell == "lstm"
+    gx, w_hh, h0 = gx.contiguous(), w_hh.contiguous(), h0.contiguous()
+    b_hh = None if b_hh is None else b_hh.contiguous()
+    c0 = c0.contiguous() if lstm else None
+    w_hr = None if w_hr is None else w_hr.contiguous()
+    lengths = None if lengths is None else lengths.to(device=dev, dtype=torch.int64).contiguous()
+    y = empty((T, B, P), gx.dtype, dev)
+    hT = empty((B, P), h0.dtype, dev)
+    cT = empty((B, H), c0.dtype, dev) if lstm else None
+    saved = empty(saved_shape(cell, T, B, H, P) if need_saved else (0,), torch.float32, dev)
+    cfg = _config(B, H, dev)
+    hbuf = torch.empty((2, B, P), dtype=w_hh.dtype, device=dev)
+    rbuf = None if w_hr is None else torch.empty((B, H), dtype=w_hr.dtype, device=dev)
+    sync = torch.zeros(triton.cdiv(B, cfg["BB"]), dtype=torch.int32, device=dev)
+    meta = _meta(cell, cfg, w_hh.dtype, dev)
+    args = (gx, w_hh, b_hh, h0, c0, lengths, w_hr, y, hT, cT, saved, hbuf, rbuf, sync, T, B, H, P)
+    _launch(fwd_kernel, cfg, B, args, dict(meta, REVERSE=reverse, SAVE=need_saved, NS=1 if w_hr is None else 2))
+    return y, hT, cT, saved
+
+
+def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False):
+    """Backward of `fwd` from its `saved`, one launch per group of batch blocks, then `dw_hr` as one GEMM.
+
+    Args:
+        cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse: as in
+            `seqfast.kernels.reference.bwd` (`dhT`/`dcT` may be None for zero).
+
+    Returns:
+        `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
+    """
+    T, B, P = dy.shape
+    H = hidden_size(cell, w_hh)
+    G = GATES[cell]
+    dev = dy.device
+    lstm = cell == "lstm"
+    dy, w_hh = dy.contiguous(), w_hh.contiguous()
+    dhT = torch.zeros((B, P), dtype=h0.dtype, device=dev) if dhT is None else dhT.contiguous()
+    if lstm:
+        dcT = torch.zeros((B, H), dtype=c0.dtype, device=dev) if dcT is None else dcT.contiguous()
+        c0 = c0.contiguous()
+    w_hr = None if w_hr is None else w_hr.contiguous()
+    lengths = None if lengths is None else lengths.to(device=dev, dtype=torch.int64).contiguous()
+    dgx = empty((T, B, G * H), dy.dtype, dev)
+    dgh = empty((T, B, G * H), dy.dtype, dev)
+    dh0 = empty((B, P), h0.dtype, dev)
+    dc0 = empty((B, H), c0.dtype, dev) if lstm else None
+    dhs = None if w_hr is None else torch.empty((T, B, P), dtype=torch.float32, device=dev)
+    cfg = _config(B, H, dev)
+    dbuf = torch.empty((2, B, G * H), dtype=w_hh.dtype, device=dev)
+    pbuf = None if w_hr is None else torch.empty((B, P), dtype=w_hr.dtype, device=dev)
+    sync = torch.zeros(triton.cdiv(B, cfg["BB"]), dtype=torch.int32, device=dev)
+    meta = _meta(cell, cfg, w_hh.dtype, dev)
+    args = (dy, dhT, dcT if lstm else None, w_hh, w_hr, c0 if lstm else None, lengths, saved)
+    args += (dgx, dgh, dh0, dc0, dhs, dbuf, pbuf, sync, T, B, H, P)
+    _launch(bwd_kernel, cfg, B, args, dict(meta, REVERSE=reverse, NS=1 if w_hr is None else 2))
+    dw_hr = None
+    if w_hr is not None:
+        _, _, _, o, c = saved.view(T, B, 5, H).unbind(2)
+        h_raw = o * torch.tanh(c)
+        active = active_mask(T, lengths, dev)
+        if active is not None:
+            h_raw = torch.where(active, h_raw, 0)
+        dw_hr = (dhs.reshape(-1, P).T @ h_raw.reshape(-1, H)).to(w_hr.dtype)
+    return dgx, dgh, dh0, dc0, dw_hr

@@ -1,0 +1,198 @@
+"""The triton backend under the interpreter (`TRITON_INTERPRET=1`, CPU tensors) against the reference backend.
+
+The interpreter runs one program per batch block owning every hidden unit (`NH == 1`); the split-hidden mode with
+its grid barrier only runs on a GPU (`tests/test_triton_cuda.py`). Here it is compiled for sm_90 instead
+(`tests/triton_compile_check.py`), which checks that it lowers and that the barrier becomes the intended atomics.
+
+`TRITON_INTERPRET=1` must be set before triton is imported: this module sets it at collection when nothing has
+imported triton yet and there is no CUDA device (on a GPU machine the compiled kernels are what gets tested).
+"""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from helpers import assert_close  # noqa: E402
+from seqfast.kernels import common, reference  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+NAMES = ["y", "hT", "cT", "dgx", "dgh", "dh0", "dc0", "dw_hr"]
+
+# (dtype, relative RMS tolerance). float32 differs from the reference only in summation order: measured <= 3.5e-7
+# over this matrix. 16-bit inputs: the reference multiplies in fp32, the kernel rounds h (and dgh in backward) to
+# the input dtype before each recurrent product, as tensor cores do, and stores y/dgx/dgh in it; measured
+# <= 1.1e-2 for bfloat16 (8-bit mantissa; worst is dh0, eight steps through rounded dgh) and <= 5.6e-4 for float16
+# (11-bit). The bounds leave ~30x, ~3x and ~3.5x.
+DTYPES = {"f32": (torch.float32, 1e-5), "bf16": (torch.bfloat16, 3e-2), "f16": (torch.float16, 2e-3)}
+
+# (B, T, H, P): H and P off multiples of 16 (and one H = 32), one-row and short sequences via mixed lengths.
+SHAPES = {
+    "rnn_tanh": (3, 5, 5, None),
+    "rnn_relu": (4, 6, 17, None),
+    "lstm": (3, 5, 17, None),
+    "lstm-proj": (4, 6, 20, 7),
+    "gru": (2, 8, 32, None),
+}
+
+
+@pytest.fixture(scope="module")
+def tb():
+    """`seqfast.kernels.triton` in interpreter mode, or a skip saying why it cannot be."""
+    if type(triton.language.zeros).__name__ != "InterpretedFunction":
+        pytest.skip(
+            "triton was imported without TRITON_INTERPRET=1 (a CUDA device is present, or something imported triton "
+            "first); run `TRITON_INTERPRET=1 pytest tests/test_triton.py`"
+        )
+    import seqfast.kernels.triton as module
+
+    assert module.INTERPRET and "cpu" in module.DEVICES
+    return module
+
+
+def make_args(kind, B, T, H, P, lengths, dtype, seed=0):
+    """Contract inputs for `kind` (`lstm-proj` is an LSTM with `w_hr [P, H]`)."""
+    cell = "lstm" if kind == "lstm-proj" else kind
+    G = common.GATES[cell] * H
+    P = P or H
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
+
+    args = dict(
+        gx=rand(T, B, G),
+        w_hh=rand(G, P, scale=P**-0.5),
+        b_hh=rand(G),
+        h0=rand(B, P),
+        c0=rand(B, H) if cell == "lstm" else None,
+        lengths=None,
+        w_hr=rand(P, H, scale=H**-0.5) if kind == "lstm-proj" else None,
+    )
+    if lengths == "mixed":
+        args["lengths"] = torch.tensor([T - (2 * b) % T for b in range(B)][:-1] + [1], dtype=torch.int64)
+    return cell, args
+
+
+def run(module, cell, args, reverse, zero_out_grads=False, seed=3):
+    """fwd then bwd with random `dy`: `[y, hT, cT, dgx, dgh, dh0, dc0, dw_hr]`.
+
+    `zero_out_grads` passes `dhT`/`dcT` as None to the triton backend and as zeros to the reference.
+    """
+    a = args
+    y, hT, cT, saved = module.fwd(
+        cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], a["w_hr"], reverse
+    )
+    gen = torch.Generator().manual_seed(seed)
+    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
+    dhT = torch.randn(hT.shape, generator=gen).to(hT.dtype)
+    dcT = None if cT is None else torch.randn(cT.shape, generator=gen).to(cT.dtype)
+    if zero_out_grads:
+        dhT, dcT = None, None
+        if module is reference:
+            dhT, dcT = torch.zeros_like(hT), (None if cT is None else torch.zeros_like(cT))
+    grads = module.bwd(
+        cell, dy, dhT, dcT, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y, saved, reverse
+    )
+    return [y, hT, cT, *grads]
+
+
+def compare(actual, expected, tol):
+    for a, e, name in zip(actual, expected, NAMES, strict=True):
+        assert (a is None) == (e is None), f"{name}: {a is None=} {e is None=}"
+        if a is not None:
+            assert_close(a, e, tol, name)
+
+
+def check(tb, kind, B, T, H, P, lengths, reverse, dtype_id):
+    dtype, tol = DTYPES[dtype_id]
+    cell, args = make_args(kind, B, T, H, P, lengths, dtype)
+    assert tb.unsupported(cell, args["gx"], args["w_hh"], args["h0"], args["c0"], args["lengths"], args["w_hr"]) is None
+    compare(run(tb, cell, args, reverse), run(reference, cell, args, reverse), tol)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("lengths", ["full", "mixed"])
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_parity_f32(tb, kind, lengths, reverse):
+    B, T, H, P = SHAPES[kind]
+    check(tb, kind, B, T, H, P, lengths, reverse, "f32")
+
+
+@pytest.mark.parametrize("dtype_id", ["bf16", "f16"])
+@pytest.mark.parametrize("kind", list(SHAPES))
+def test_parity_16bit(tb, kind, dtype_id):
+    B, T, H, P = SHAPES[kind]
+    check(tb, kind, B, T, H, P, "mixed", kind in ("lstm", "gru"), dtype_id)
+
+
+@pytest.mark.parametrize("kind", ["lstm-proj", "gru"])
+def test_several_batch_blocks_and_launches(tb, kind, monkeypatch):
+    """B = 37 spans three 16-row blocks; one block per launch exercises the launch offset `i_b0`."""
+    config = tb._config
+
+    def one_block_per_launch(B, H, device):
+        return dict(config(B, H, device), BB=16, per_launch=1)
+
+    monkeypatch.setattr(tb, "_config", one_block_per_launch)
+    check(tb, kind, 37, 4, 9, 5 if kind == "lstm-proj" else None, "mixed", True, "f32")
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_edge_lengths(tb, kind):
+    """Zero-length and full-length sequences, T = 1."""
+    for T, lengths in ((1, [1, 0]), (3, [0, 3])):
+        cell, args = make_args(kind, 2, T, 6, None, None, torch.float32)
+        args["lengths"] = torch.tensor(lengths)
+        for reverse in (False, True):
+            compare(run(tb, cell, args, reverse), run(reference, cell, args, reverse), 1e-5)
+
+
+def test_no_saved_and_no_output_gradients(tb):
+    """`need_saved=False` gives the same outputs; `dhT`/`dcT` of None mean zero."""
+    cell, args = make_args("lstm", 3, 4, 11, None, "mixed", torch.float32)
+    a = args
+    full = tb.fwd(cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], None, False, True)
+    lean = tb.fwd(cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], None, False, False)
+    assert lean[3].numel() == 0 and full[3].shape == tb.saved_shape(cell, 4, 3, 11, 11)
+    for x, y in zip(full[:3], lean[:3], strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    compare(
+        run(tb, cell, args, False, zero_out_grads=True), run(reference, cell, args, False, zero_out_grads=True), 1e-5
+    )
+
+
+def test_no_bias(tb):
+    cell, args = make_args("gru", 2, 3, 7, None, None, torch.float32)
+    args["b_hh"] = None
+    compare(run(tb, cell, args, True), run(reference, cell, args, True), 1e-5)
+
+
+def test_unsupported(tb):
+    cell, args = make_args("lstm", 2, 3, 5, None, None, torch.float32)
+    a = args
+    assert tb.unsupported("lstm", a["gx"], a["w_hh"], a["h0"], a["c0"]) is None
+    assert "float64" in tb.unsupported("lstm", a["gx"].double(), a["w_hh"].double(), a["h0"].double(), a["c0"].double())
+    assert "unknown cell" in tb.unsupported("lstm2", a["gx"], a["w_hh"], a["h0"])
+    w_hr = torch.randn(7, 5)
+    assert "proj_size" in tb.unsupported("lstm", a["gx"], torch.randn(20, 7), torch.randn(2, 7), a["c0"], None, w_hr)
+    meta = torch.empty(3, 2, 20, device="meta")
+    assert "meta" in tb.unsupported("lstm", meta, a["w_hh"], a["h0"], a["c0"])
+
+
+@pytest.mark.parametrize("variant", ["lstm-proj-len-bf16", "gru-fp32"])
+def test_split_mode_compiles_for_sm90(variant):
+    """The grid-barrier mode lowers for sm_90 (in a fresh interpreter-free process): acq_rel add, acquire spin."""
+    script = pathlib.Path(__file__).with_name("triton_compile_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(script), variant], env=env, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "ptxas" in done.stdout + done.stderr and "ok " not in done.stdout:
+        pytest.skip(f"cannot compile for sm_90 here: {done.stderr[-500:]}")
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
