@@ -1,0 +1,505 @@
+"""Benchmark building blocks shared by the runner, the pytest-benchmark suite and the plot: providers, problem
+set-up, the correctness gate, timing, FLOP and token counts, the GEMM reference rate and the run environment.
+
+Providers: `torch` (torch.nn), `seqfast-<backend>` for every backend of the device's dispatch table that loads here
+(forced with `backend=` under `SEQFAST_STRICT=1`), and optionally `torch-compile` (`torch.compile` of the torch.nn
+module with Dynamo's `allow_rnn`, which unrolls the recurrence; compiling takes minutes per shape on a CPU).
+
+Modes: `fwd` (forward with autograd recording), `fwdbwd` (forward, then the gradients of the input and every
+parameter for fixed random cotangents on every output), `infer` (forward under `torch.no_grad`).
+"""
+
+import datetime
+import functools
+import os
+import platform
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from seqfast.kernels.common import GATES
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import seqfast
+from seqfast import dispatch
+
+MODES = ("fwd", "fwdbwd", "infer")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Relative RMS tolerance of the gate per benchmark dtype; the oracle is torch.nn in float64 for float64 input and in
+# float32 otherwise, built from the same (rounded) weights and inputs. float64: the two sides differ only in
+# summation order, u = 1.1e-16 times sqrt(I + H) <= 1e2 per dot product, kept over T steps of a contractive
+# recurrence and the B*T-term weight-gradient sums: ~1e-13, bound 1e-10. float32: the same with u = 6e-8 gives
+# <= 1e-5 at H = 4096 (measured 1e-7 to 7e-7 up to H = 2048, T = 150), bound 1e-4. bfloat16 / float16: outputs and
+# gradients are stored in the narrow type, a rounding of u / sqrt(3) RMS each (u = 2^-8 / 2^-11), on top of the
+# rounded gate pre-activations; measured up to 2.8u for torch.nn itself (GRU, 2 layers, bidirectional), bound 8u.
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
+
+GEMM_SIZE = 2048
+GEMM_MIN_RUN_TIME = 1.0
+
+_TORCH_MODULES = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
+_SEQFAST_MODULES = {"rnn_tanh": seqfast.RNN, "rnn_relu": seqfast.RNN, "lstm": seqfast.LSTM, "gru": seqfast.GRU}
+
+
+class Provider(NamedTuple):
+    """One implementation under test.
+
+    Args:
+        name: `torch`, `torch-compile` or `seqfast-<backend>`.
+        backend: the seqfast backend name, None for the torch providers.
+        compiled: wrap the module in `torch.compile`.
+    """
+
+    name: str
+    backend: str | None = None
+    compiled: bool = False
+
+
+TORCH = Provider("torch")
+TORCH_COMPILE = Provider("torch-compile", compiled=True)
+
+
+class Timing(NamedTuple):
+    """Seconds per call: `median`, `p20`, `p80`, and how many timed samples they summarise."""
+
+    median: float
+    p20: float
+    p80: float
+    samples: int
+
+
+class GateResult(NamedTuple):
+    """Outcome of `gate`: `passed`, the worst relative RMS error `error` (None if the call raised), the tolerance
+    `tol` and a one-line `message` (the worst tensor, or the exception)."""
+
+    passed: bool
+    error: float | None
+    tol: float
+    message: str
+
+
+@dataclass
+class Problem:
+    """A ready-to-call benchmark instance (see `setup`).
+
+    Attributes:
+        module: the provider's module (compiled for `torch-compile`).
+        arg: its input, `[T, B, I]` or a `PackedSequence` of it.
+        x: the leaf tensor behind `arg`: `arg` itself, or the packed data `[sum(lengths), I]`.
+        step: zero-argument callable running one call in the requested mode.
+    """
+
+    module: torch.nn.Module
+    arg: torch.Tensor | PackedSequence
+    x: torch.Tensor
+    step: object
+
+
+def configure():
+    """Settings every benchmark runs under: strict dispatch (`SEQFAST_STRICT=1`) and no TF32."""
+    os.environ["SEQFAST_STRICT"] = "1"
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def providers(device_type, compile=False):
+    """Providers for `device_type`, torch first, then seqfast's backends in dispatch priority order.
+
+    Args:
+        device_type: `cpu` or `cuda`.
+        compile: include `torch-compile` (default False).
+
+    Returns:
+        `(usable, unusable)`: `list[Provider]`, and `list[(name, reason)]` for backends that do not load here.
+    """
+    usable, unusable = [TORCH], []
+    if compile:
+        usable.append(TORCH_COMPILE)
+    for name in dispatch.names(device_type):
+        try:
+            dispatch.load(name)
+        except RuntimeError as e:
+            unusable.append((f"seqfast-{name}", str(e)))
+            continue
+        usable.append(Provider(f"seqfast-{name}", name))
+    return usable, unusable
+
+
+def set_threads(threads):
+    """Use `threads` intra-op threads in torch and, when it is already imported, numba."""
+    torch.set_num_threads(threads)
+    numba = sys.modules.get("numba")
+    if numba is not None:
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+
+
+def flops(shape, mode):
+    """Floating point operations of one call, GEMM work only.
+
+    Per layer `l` and direction, each real token costs the input GEMM and the recurrence GEMM,
+    `2 * G * H * (I_l + H)` with `G` gates (1, 4 LSTM, 3 GRU) and `I_l = I` for layer 0, `D * H` above it. `fwd`
+    and `infer` count that once, `fwdbwd` three times (backward = one GEMM for the state/input gradient and one for
+    the weight gradient per forward GEMM). Pointwise gate math is not counted. Padding of a packed batch is not
+    counted: tokens are the sum of the lengths.
+
+    Args:
+        shape: `Shape`.
+        mode: `fwd`, `fwdbwd` or `infer`.
+
+    Returns:
+        `float` FLOPs: `factor * sum_l D * 2 * G * H * (I_l + H) * tokens`.
+    """
+    G, H, D = GATES[shape.cell], shape.hidden, shape.directions
+    per_token = sum(D * 2 * G * H * ((shape.input_size if layer == 0 else D * H) + H) for layer in range(shape.layers))
+    return (3 if mode == "fwdbwd" else 1) * per_token * shape.tokens()
+
+
+def _module_kwargs(shape):
+    kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional)
+    if shape.cell.startswith("rnn_"):
+        kwargs["nonlinearity"] = shape.cell[4:]
+    return kwargs
+
+
+def _state_dict(shape, seed):
+    """torch.nn's default initialisation for `shape` in float32 on the CPU, reproducible from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _TORCH_MODULES[shape.cell](shape.input_size, shape.hidden, **_module_kwargs(shape)).state_dict()
+
+
+def _build(shape, provider, dtype, device, state_dict):
+    """The provider's module for `shape` in `dtype` on `device`, loaded (strictly) from `state_dict`."""
+    kwargs = _module_kwargs(shape)
+    if provider.backend is None:
+        module = _TORCH_MODULES[shape.cell](shape.input_size, shape.hidden, dtype=dtype, device=device, **kwargs)
+    else:
+        module = _SEQFAST_MODULES[shape.cell](
+            shape.input_size, shape.hidden, dtype=dtype, device=device, backend=provider.backend, **kwargs
+        )
+    module.load_state_dict(state_dict, strict=True)
+    if provider.compiled:
+        import torch._dynamo
+
+        torch._dynamo.config.allow_rnn = True
+        module = torch.compile(module)
+    return module
+
+
+def _input(shape, dtype, device, requires_grad, seed, rounding=None):
+    """`(leaf, arg)`: what the module is called with, `[T, B, I]` or a `PackedSequence` of it, and its leaf tensor
+    (`arg` itself, or the packed data `[sum(lengths), I]`).
+
+    The values are drawn in float32 and rounded through `rounding` (default `dtype`) before the cast to `dtype`.
+    """
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(shape.time, shape.batch, shape.input_size, generator=generator)
+    x = x.to(rounding or dtype).to(dtype=dtype, device=device)
+    if not shape.packed:
+        return x.requires_grad_(requires_grad), x
+    packed = pack_padded_sequence(x, shape.lengths(seed), enforce_sorted=False)
+    leaf = packed.data.requires_grad_(requires_grad)
+    return leaf, PackedSequence(leaf, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
+
+def _flatten(out):
+    """Every tensor of a module's output in a fixed order, a `PackedSequence` as its data."""
+    if isinstance(out, PackedSequence):
+        return [out.data]
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for item in out for t in _flatten(item)]
+
+
+def _cotangents(outputs, seed, rounding):
+    """Fixed random cotangents for `outputs`, drawn in float32 and rounded through `rounding`."""
+    generator = torch.Generator().manual_seed(seed + 2)
+    return [torch.randn(o.shape, generator=generator).to(rounding).to(dtype=o.dtype, device=o.device) for o in outputs]
+
+
+def setup(shape, provider, mode, dtype=torch.float32, device="cpu", seed=0):
+    """Build a module and input for one benchmark, and the callable that runs one call in `mode`.
+
+    Args:
+        shape: `Shape`.
+        provider: `Provider`.
+        mode: `fwd`, `fwdbwd` or `infer`.
+        dtype: parameter and input dtype (default float32).
+        device: `torch.device` or string (default `cpu`).
+        seed: weights, input, lengths and cotangents are drawn from it (default 0).
+
+    Returns:
+        `Problem`; `step()` runs one forward (`fwd`, `infer`) or forward plus `torch.autograd.grad` of the input and
+        every parameter (`fwdbwd`).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    device = torch.device(device)
+    module = _build(shape, provider, dtype, device, _state_dict(shape, seed))
+    x, arg = _input(shape, dtype, device, mode != "infer", seed)
+    if mode == "infer":
+
+        def step():
+            with torch.no_grad():
+                return module(arg)
+
+    elif mode == "fwd":
+
+        def step():
+            return module(arg)
+
+    else:
+        wrt = [x, *module.parameters()]
+        with torch.no_grad():
+            cotangents = _cotangents(_flatten(module(arg)), seed, dtype)
+
+        def step():
+            return torch.autograd.grad(_flatten(module(arg)), wrt, cotangents)
+
+    return Problem(module, arg, x, step)
+
+
+def unsupported(shape, provider, dtype=torch.float32, device="cpu"):
+    """Why a seqfast provider's backend declines `shape`, asked through dispatch with the first layer's tensors.
+
+    Args:
+        shape: `Shape`; provider: `Provider`; dtype: default float32; device: default `cpu`.
+
+    Returns:
+        The reason as a string, or None when it can run (always None for the torch providers).
+    """
+    if provider.backend is None:
+        return None
+    device = torch.device(device)
+    G, H, T, B = GATES[shape.cell], shape.hidden, shape.time, shape.batch
+    gx = torch.empty(T, B, G * H, dtype=dtype, device=device)
+    w_hh = torch.empty(G * H, H, dtype=dtype, device=device)
+    h0 = torch.zeros(B, H, dtype=dtype, device=device)
+    c0 = h0 if shape.cell == "lstm" else None
+    lengths = shape.lengths().to(device) if shape.packed else None
+    try:
+        dispatch.select(shape.cell, gx, w_hh, h0, c0, lengths, None, backend=provider.backend)
+    except RuntimeError as e:
+        return str(e)
+    return None
+
+
+def _gate_values(shape, provider, mode, dtype, device, seed, rounding):
+    """Outputs, and for `fwdbwd` the input and parameter gradients, of one call, with their names.
+
+    Weights, input and cotangents are rounded through `rounding`, so runs in different dtypes see the same values.
+    """
+    state_dict = {k: v.to(rounding) for k, v in _state_dict(shape, seed).items()}
+    module = _build(shape, provider, dtype, device, state_dict)
+    x, arg = _input(shape, dtype, device, mode == "fwdbwd", seed, rounding)
+    with torch.set_grad_enabled(mode != "infer"):
+        outputs = _flatten(module(arg))
+    names = ["output", "h_n", "c_n"][: len(outputs)]
+    if mode != "fwdbwd":
+        return [o.detach() for o in outputs], names
+    params = list(module.named_parameters())
+    grads = torch.autograd.grad(outputs, [x] + [p for _, p in params], _cotangents(outputs, seed, rounding))
+    return [o.detach() for o in outputs] + list(grads), names + ["grad input"] + [f"grad {n}" for n, _ in params]
+
+
+@functools.lru_cache(maxsize=1)
+def _oracle(shape, mode, dtype, device, seed):
+    """torch.nn's `_gate_values` in float64 for float64, else float32; cached for the providers of one problem."""
+    oracle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    return _gate_values(shape, TORCH, mode, oracle_dtype, device, seed, dtype)
+
+
+def gate(shape, provider, mode, dtype=torch.float32, device="cpu", seed=0):
+    """Correctness gate: the provider against torch.nn on this shape, before any timing.
+
+    The oracle is torch.nn in float64 for float64 and in float32 otherwise, built from the same weights and fed the
+    same input and cotangents, rounded to `dtype` first. Compared by relative RMS error against `TOLERANCES[dtype]`:
+    the outputs (`output`, `h_n`, `c_n`), and for `fwdbwd` also the gradients of the input and every parameter.
+
+    Args:
+        shape: `Shape`; provider: `Provider`; mode: `fwd`, `fwdbwd` or `infer`.
+        dtype: default float32; device: default `cpu`; seed: default 0.
+
+    Returns:
+        `GateResult`; a provider whose call raises fails with the exception as its message.
+    """
+    device = torch.device(device)
+    tol = TOLERANCES[dtype]
+    expected, names = _oracle(shape, mode, dtype, device, seed)
+    try:
+        actual, _ = _gate_values(shape, provider, mode, dtype, device, seed, dtype)
+    except Exception as e:  # noqa: BLE001 - any failure of the provider fails its gate, with the reason
+        return GateResult(False, None, tol, f"{type(e).__name__}: {e}".splitlines()[0])
+    worst, worst_name = 0.0, names[0]
+    for a, e, name in zip(actual, expected, names, strict=True):
+        if a is None or a.shape != e.shape:
+            return GateResult(False, None, tol, f"{name}: {None if a is None else tuple(a.shape)} != {tuple(e.shape)}")
+        if not torch.isfinite(a).all():
+            return GateResult(False, None, tol, f"{name}: non-finite values")
+        diff = (a.double() - e.double()).norm()
+        scale = e.double().norm()
+        err = (diff / scale).item() if scale > 0 else diff.item()
+        if err > worst:
+            worst, worst_name = err, name
+    passed = worst <= tol
+    return GateResult(passed, worst, tol, f"{worst_name}: rel RMS {worst:.2e} {'<=' if passed else '>'} {tol:.0e}")
+
+
+def time_fn(fn, device="cpu", threads=None, min_run_time=0.2):
+    """Time a zero-argument callable after one warm-up call.
+
+    CPU: `torch.utils.benchmark.Timer.blocked_autorange`; its `median`, and the 20th / 80th percentiles of its
+    per-block times. CUDA: `triton.testing.do_bench` with quantiles `(0.5, 0.2, 0.8)`.
+
+    Args:
+        fn: the callable.
+        device: where it runs (default `cpu`).
+        threads: CPU intra-op threads, None (default) for the current `torch.get_num_threads()`.
+        min_run_time: seconds of CPU timing to collect (default 0.2).
+
+    Returns:
+        `Timing` in seconds.
+    """
+    device = torch.device(device)
+    fn()
+    if device.type == "cuda":
+        import triton.testing
+
+        median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
+        return Timing(median * 1e-3, p20 * 1e-3, p80 * 1e-3, 0)
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    p20, p80 = torch.tensor(m.times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.8], dtype=torch.float64))
+    return Timing(m.median, p20.item(), p80.item(), len(m.times))
+
+
+def time_provider(shape, provider, mode, dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2):
+    """Time one provider on one shape and mode (no gate; see `gate`).
+
+    Args:
+        shape: `Shape`; provider: `Provider`; mode: `fwd`, `fwdbwd` or `infer`.
+        dtype: default float32; device: default `cpu`; threads: default current; min_run_time: default 0.2 s.
+
+    Returns:
+        `Timing` in seconds per call.
+    """
+    return time_fn(setup(shape, provider, mode, dtype, device).step, device, threads, min_run_time)
+
+
+def gemm_rate(dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2, n=GEMM_SIZE):
+    """The reference GEMM rate: `torch.mm` of two `[n, n]` matrices in `dtype` (sgemm for float32).
+
+    Args:
+        dtype: default float32; device: default `cpu`; threads: default current;
+        min_run_time: CPU seconds timed, at least `GEMM_MIN_RUN_TIME` = 1 s (default 0.2);
+        n: matrix size (default `GEMM_SIZE` = 2048).
+
+    Returns:
+        `float` GFLOP/s at the median time, `2 n^3 / t`.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=generator).to(dtype=dtype, device=device) for _ in range(2))
+    timing = time_fn(lambda: torch.mm(a, b), device, threads, max(min_run_time, GEMM_MIN_RUN_TIME))
+    return 2 * n**3 / timing.median / 1e9
+
+
+def _slug(text):
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def device_name(device="cpu"):
+    """A file-name-safe device name: `cpu-<model>` or `cuda-<model>`, e.g. `cpu-amd-epyc`.
+
+    Args:
+        device: `torch.device` or string (default `cpu`).
+
+    Returns:
+        `str`.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "cuda-" + _slug(torch.cuda.get_device_name(device))
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1]
+                break
+    return "cpu-" + _slug(model)
+
+
+def _git_sha():
+    """Short HEAD commit of the checkout holding this file, `+dirty` with uncommitted tracked changes."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+dirty" if dirty else "")
+
+
+def environment(device="cpu"):
+    """Facts recorded with every result row.
+
+    Args:
+        device: `torch.device` or string (default `cpu`).
+
+    Returns:
+        `dict` with `timestamp` (UTC, ISO 8601), `device`, `torch`, `python`, `seqfast`, `git_sha`.
+    """
+    return dict(
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        device=device_name(device),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        seqfast=seqfast.__version__,
+        git_sha=_git_sha(),
+    )
+
+
+def measure(shape, provider, mode, dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2):
+    """Gate, then time, one provider on one shape and mode.
+
+    Args:
+        shape: `Shape`; provider: `Provider`; mode: `fwd`, `fwdbwd` or `infer`.
+        dtype: default float32; device: default `cpu`; threads: default current; min_run_time: default 0.2 s.
+
+    Returns:
+        `dict` with `status` (`ok`, `UNSUPPORTED`, `FAILED-GATE` or `ERROR`), `message`, `gate_err`, `gate_tol`,
+        and when `ok` also `median_ms`, `p20_ms`, `p80_ms`, `samples`, `tokens_per_s` (real tokens per second) and
+        `gflops` (`flops(shape, mode)` per second, in GFLOP/s).
+    """
+    row = dict(status="ok", message="", gate_err=None, gate_tol=TOLERANCES[dtype])
+    reason = unsupported(shape, provider, dtype, device)
+    if reason is not None:
+        return row | dict(status="UNSUPPORTED", message=reason)
+    result = gate(shape, provider, mode, dtype, device)
+    row |= dict(gate_err=result.error, message=result.message)
+    if not result.passed:
+        return row | dict(status="FAILED-GATE")
+    try:
+        timing = time_provider(shape, provider, mode, dtype, device, threads, min_run_time)
+    except Exception as e:  # noqa: BLE001 - a provider that passes its gate but fails when timed is reported
+        return row | dict(status="ERROR", message=f"{type(e).__name__}: {e}".splitlines()[0])
+    return row | dict(
+        median_ms=timing.median * 1e3,
+        p20_ms=timing.p20 * 1e3,
+        p80_ms=timing.p80 * 1e3,
+        samples=timing.samples,
+        tokens_per_s=shape.tokens() / timing.median,
+        gflops=flops(shape, mode) / timing.median / 1e9,
+    )

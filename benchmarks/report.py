@@ -1,0 +1,247 @@
+"""Result rows: the CSV schema, appending and reading `benchmarks/results/<device>.csv`, the end-of-run table and
+a minimal progress bar."""
+
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+COLUMNS = (
+    "timestamp",
+    "device",
+    "threads",
+    "torch",
+    "python",
+    "seqfast",
+    "git_sha",
+    "loadavg",
+    "set",
+    "shape",
+    "cell",
+    "hidden",
+    "input",
+    "batch",
+    "time",
+    "layers",
+    "bidirectional",
+    "packed",
+    "tokens",
+    "dtype",
+    "mode",
+    "provider",
+    "status",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "samples",
+    "tokens_per_s",
+    "gflops",
+    "speedup",
+    "gemm_gflops",
+    "gemm_frac",
+    "gate_err",
+    "gate_tol",
+    "message",
+)
+
+
+def csv_path(device):
+    """Default results file of a device name, `benchmarks/results/<device>.csv`."""
+    return RESULTS_DIR / f"{device}.csv"
+
+
+def append_csv(path, rows):
+    """Append result rows to a CSV file, writing the header when the file is new.
+
+    Args:
+        path: file path; its folder is created if missing.
+        rows: `list[dict]` keyed by `COLUMNS` (missing keys are written empty).
+
+    Returns:
+        The `Path` written.
+
+    Raises:
+        ValueError: the file exists with another header (move it away or pass another path).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    exists = path.exists() and path.stat().st_size > 0
+    if exists:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != COLUMNS:
+            raise ValueError(f"{path} has other columns than this version writes; move it away or choose another file")
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        if not exists:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _cell(row.get(k)) for k in COLUMNS})
+    return path
+
+
+def _cell(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return value
+
+
+_NUMERIC = {
+    "threads",
+    "loadavg",
+    "hidden",
+    "input",
+    "batch",
+    "time",
+    "layers",
+    "tokens",
+    "median_ms",
+    "p20_ms",
+    "p80_ms",
+    "samples",
+    "tokens_per_s",
+    "gflops",
+    "speedup",
+    "gemm_gflops",
+    "gemm_frac",
+    "gate_err",
+    "gate_tol",
+}
+
+
+def read_csv(path):
+    """Rows of a results CSV with the numeric columns as floats (None where empty).
+
+    Args:
+        path: file path.
+
+    Returns:
+        `list[dict]`.
+    """
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: (float(v) if v else None) if k in _NUMERIC else v for k, v in row.items()} for row in rows]
+
+
+def _si(value):
+    if value is None or math.isnan(value):
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def _num(value, fmt):
+    return "-" if value is None else format(value, fmt)
+
+
+def _percent(fraction):
+    if fraction is None:
+        return "-"
+    return f"{100 * fraction:.0f}" if fraction >= 0.1 else f"{100 * fraction:.1f}"
+
+
+def format_table(rows):
+    """The human-readable table of a run.
+
+    Args:
+        rows: result `dict`s (see `COLUMNS`).
+
+    Returns:
+        `str`: one line per row with shape, dtype, threads, mode, provider, median ms (p20-p80), tokens/s,
+        GFLOP/s, speedup vs torch, percent of the GEMM rate and status; failed gates carry their message.
+    """
+    header = (
+        "shape",
+        "dtype",
+        "thr",
+        "mode",
+        "provider",
+        "median ms",
+        "p20-p80 ms",
+        "tok/s",
+        "GFLOP/s",
+        "vs torch",
+        "%gemm",
+        "status",
+    )
+    lines = []
+    for r in rows:
+        ok = r["status"] == "ok"
+        status = r["status"] if ok else f"{r['status']}: {r['message']}"[:120]
+        lines.append(
+            (
+                r["shape"],
+                r["dtype"],
+                str(r["threads"]),
+                r["mode"],
+                r["provider"],
+                _num(r.get("median_ms"), ".4g") if ok else "-",
+                f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}" if ok else "-",
+                _si(r.get("tokens_per_s")) if ok else "-",
+                _num(r.get("gflops"), ".3g") if ok else "-",
+                _num(r.get("speedup"), ".2f") + ("x" if r.get("speedup") is not None else ""),
+                _percent(r.get("gemm_frac")),
+                status,
+            )
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    right = {5, 6, 7, 8, 9, 10}
+
+    def fmt(cells):
+        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+        return "  ".join(out[:-1]) + "  " + cells[-1]
+
+    return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(line) for line in lines])
+
+
+class Progress:
+    """A progress bar on stderr: tqdm when it is installed, else one redrawn line on a terminal, or a plain line at
+    most every `every` seconds when stderr is not a terminal (CI logs).
+
+    Args:
+        total: number of steps.
+        every: seconds between plain lines (default 10).
+    """
+
+    def __init__(self, total, every=10.0):
+        self.total, self.done, self.every = total, 0, every
+        self._last = time.monotonic()
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._tqdm = None
+        else:
+            self._tqdm = tqdm(total=total, file=sys.stderr, dynamic_ncols=True)
+        self._tty = sys.stderr.isatty()
+
+    def step(self, label):
+        """Mark the start of the next step, labelled `label`."""
+        if self._tqdm is not None:
+            if self.done:
+                self._tqdm.update(1)
+            self._tqdm.set_description(label)
+        elif self._tty:
+            width = 30
+            filled = width * self.done // max(self.total, 1)
+            sys.stderr.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label}")
+            sys.stderr.flush()
+        elif time.monotonic() - self._last >= self.every:
+            self._last = time.monotonic()
+            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
+        self.done += 1
+
+    def close(self):
+        """Finish the bar."""
+        if self._tqdm is not None:
+            self._tqdm.update(1)
+            self._tqdm.close()
+        elif self._tty:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()

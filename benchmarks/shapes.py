@@ -1,0 +1,146 @@
+"""Named benchmark shape sets, the one place that defines them.
+
+Every set is a tuple of `Shape`s in `SETS`; the runner (`python -m benchmarks --set NAME`) and the pytest-benchmark
+suite (`pytest benchmarks --bench-set NAME`) read them from here. Input size equals hidden size unless a shape says
+otherwise, inputs are time-major, and `hx` is left to the module's zero default.
+
+The DeepBench sets follow `code/kernels/rnn_problems.h` of baidu-research/DeepBench: `training_set`,
+`inference_server_set` and `inference_device_set` as `(hidden, batch, timesteps, type)`, where DeepBench's
+`vanilla` RNN is cuDNN's ReLU RNN (`rnn_relu` here).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One benchmark problem.
+
+    Args:
+        cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
+        hidden: hidden size `H`.
+        batch: batch size `B`.
+        time: sequence length `T` (the longest length of a packed batch).
+        input: input size `I`; None (default) means `I = H`.
+        layers: stacked layers `L` (default 1).
+        bidirectional: two directions per layer (default False).
+        packed: feed a `PackedSequence` of lengths drawn uniformly from `[T // 4, T]`, one of them `T`
+            (default False).
+    """
+
+    cell: str
+    hidden: int
+    batch: int
+    time: int
+    input: int | None = None
+    layers: int = 1
+    bidirectional: bool = False
+    packed: bool = False
+
+    def __post_init__(self):
+        if self.cell not in CELLS:
+            raise ValueError(f"unknown cell {self.cell!r}; choose from {', '.join(CELLS)}")
+
+    @property
+    def input_size(self):
+        """`I`: the explicit input size, or `H`."""
+        return self.hidden if self.input is None else self.input
+
+    @property
+    def directions(self):
+        """`D`: 2 when bidirectional, else 1."""
+        return 2 if self.bidirectional else 1
+
+    @property
+    def id(self):
+        """A stable readable id such as `lstm-H512-B16-T25` or `gru-H256-I128-B8-T64-L2-bi-packed`."""
+        parts = [self.cell, f"H{self.hidden}"]
+        if self.input is not None and self.input != self.hidden:
+            parts.append(f"I{self.input}")
+        parts += [f"B{self.batch}", f"T{self.time}"]
+        if self.layers > 1:
+            parts.append(f"L{self.layers}")
+        if self.bidirectional:
+            parts.append("bi")
+        if self.packed:
+            parts.append("packed")
+        return "-".join(parts)
+
+    def lengths(self, seed=0):
+        """Per-sequence lengths.
+
+        Args:
+            seed: generator seed (default 0); the same seed gives the same lengths.
+
+        Returns:
+            `[B]` int64 on the CPU: all `T` unless `packed`, else uniform in `[max(1, T // 4), T]` with
+            `lengths[0] = T`, so the padded length is exactly `T`.
+        """
+        if not self.packed:
+            return torch.full((self.batch,), self.time, dtype=torch.int64)
+        generator = torch.Generator().manual_seed(seed)
+        low = max(1, self.time // 4)
+        lengths = torch.randint(low, self.time + 1, (self.batch,), generator=generator, dtype=torch.int64)
+        lengths[0] = self.time
+        return lengths
+
+    def tokens(self):
+        """Real (non-padding) tokens of one call: `B * T`, or the sum of the lengths when `packed`."""
+        return int(self.lengths().sum()) if self.packed else self.batch * self.time
+
+
+def _deepbench(rows):
+    """`Shape`s from DeepBench `(hidden, batch, timesteps, type)` rows."""
+    cells = {"vanilla": "rnn_relu", "lstm": "lstm", "gru": "gru"}
+    return tuple(Shape(cells[kind], hidden, batch, time) for hidden, batch, time, kind in rows)
+
+
+def _grid(cells, hiddens, batches, times, **kwargs):
+    return tuple(Shape(c, h, b, t, **kwargs) for c in cells for h in hiddens for b in batches for t in times)
+
+
+_DEEPBENCH_TRAIN = (
+    [(h, b, 50, "vanilla") for h in (1760, 2048, 2560) for b in (16, 32, 64, 128)]
+    + [(h, b, 25, "lstm") for h in (512, 1024, 2048, 4096) for b in (16, 32, 64, 128)]
+    + [(1536, b, 50, "lstm") for b in (8, 16, 32)]
+    + [(256, b, 150, "lstm") for b in (16, 32, 64)]
+    + [(h, 32, t, "gru") for h in (2816,) for t in (750, 375, 187)]
+    + [(h, 32, t, "gru") for h in (2048, 1536, 2560) for t in (1500, 750, 375, 187)]
+    + [(512, 32, 1, "gru"), (1024, 32, 1500, "gru"), (1024, 64, 1500, "gru")]
+)
+
+_DEEPBENCH_INFER = (
+    [(h, b, 25, "lstm") for h in (512, 1024, 2048) for b in (1, 2, 4)]
+    + [(1536, b, 50, "lstm") for b in (1, 2, 4)]
+    + [(256, b, 150, "lstm") for b in (1, 2, 4)]
+    + [(h, b, t, "gru") for h in (2816, 2048, 1536, 2560) for b in (1, 2, 4) for t in (1500, 750, 375, 187)]
+    + [(512, b, 1, "gru") for b in (1, 2, 4)]
+    + [(1024, b, 1500, "gru") for b in (1, 2, 4)]
+)
+
+_DEEPBENCH_DEVICE = [(32, 1, 672, "vanilla"), (64, 1, 96, "vanilla"), (256, 1, 150, "lstm")]
+
+SETS = {
+    "quick": (
+        Shape("lstm", 256, 16, 32),
+        Shape("gru", 256, 16, 32),
+        Shape("rnn_tanh", 256, 16, 32),
+        Shape("lstm", 512, 1, 32),
+        Shape("lstm", 512, 64, 16),
+        Shape("gru", 128, 8, 32, layers=2, bidirectional=True),
+        Shape("lstm", 256, 16, 32, packed=True),
+    ),
+    "deepbench-train": _deepbench(_DEEPBENCH_TRAIN),
+    "deepbench-infer": _deepbench(_DEEPBENCH_INFER + _DEEPBENCH_DEVICE),
+    "latency": _grid(("lstm", "gru", "rnn_tanh"), (256, 512, 1024), (1, 4), (64,)),
+    "throughput": _grid(("lstm", "gru"), (256, 512, 1024), (32, 64, 128), (64,)),
+    "packed": _grid(("lstm", "gru"), (256, 512), (16, 64), (64,), packed=True)
+    + _grid(("lstm",), (256,), (16,), (64,), layers=2, bidirectional=True, packed=True),
+    "multilayer": _grid(("lstm", "gru"), (256, 512), (16,), (64,), layers=2, bidirectional=True)
+    + _grid(("lstm", "gru"), (512,), (16,), (64,), layers=4)
+    + _grid(("lstm",), (1024,), (32,), (32,), layers=3, bidirectional=True),
+}
