@@ -184,3 +184,30 @@ def test_unpatch_turns_seqfast_modules_into_torch_classes():
     assert (type(ours[0]), type(ours[1])) == (nn.RNN, nn.LSTMCell)
     assert_all_close(flatten(ours[0](x)), expected[0], 1e-10, ["output", "h_n"])
     assert_all_close(flatten(ours[1](x[0])), expected[1], 1e-10, ["h", "c"])
+
+
+def test_parametrized_module_is_patched_and_keeps_its_parametrization():
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Output(nn.LSTM(3, 5, dtype=F64)))
+    weight_norm(model[0].rnn, "weight_hh_l0")
+    x = torch.randn(4, 2, 3, dtype=F64)
+    expected = model(x)
+    seqfast.patch(model, backend="reference")
+    rnn = model[0].rnn
+    assert isinstance(rnn, seqfast.LSTM) and parametrize.is_parametrized(rnn, "weight_hh_l0")
+    assert rnn.backend == "reference"
+    assert_all_close([model(x)], [expected], 1e-12, ["output"])
+    seqfast.unpatch(model)
+    assert type(rnn).__bases__[0] is nn.LSTM and parametrize.is_parametrized(rnn, "weight_hh_l0")
+    seqfast.patch(model)
+    parametrize.remove_parametrizations(rnn, "weight_hh_l0")
+    assert type(rnn) is seqfast.LSTM
+
+
+def test_patch_sets_backend_on_modules_already_seqfast():
+    model = nn.Sequential(Output(seqfast.GRU(3, 4)))
+    seqfast.patch(model, backend="reference")
+    assert model[0].rnn.backend == "reference"
