@@ -2,7 +2,8 @@
 
 `seqfast::recurrence` runs one layer-direction's time loop on a named backend; its backward runs
 `seqfast::recurrence_backward` on the same backend, then forms the `w_hh`/`b_hh` gradients as one GEMM and one
-reduction over all steps. Both ops are opaque to `torch.compile`, which traces them through their fake kernels.
+reduction over all steps (`seqfast::linear_backward`). The ops are opaque to `torch.compile`, which traces them
+through their fake kernels.
 """
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from . import dispatch
 from .kernels.common import GATES, compute_dtype
+from .linear import linear_backward
 
 
 @torch.library.custom_op("seqfast::recurrence", mutates_args=())
@@ -133,12 +135,10 @@ def _backward(ctx, dy, dhT, dcT, _dsaved):
         ctx.backend, ctx.cell, ctx.reverse, dy, dhT, dcT if is_lstm else None,
         w_hh, b_hh, w_hr, h0, c0, lengths, y, saved,
     )
-    G, P = w_hh.shape
-    dw_hh = (dgh.reshape(-1, G).T @ h_prev(y, h0, lengths, ctx.reverse).reshape(-1, P)).to(w_hh.dtype)
-    db_hh = None if b_hh is None else dgh.sum((0, 1), dtype=compute_dtype(dgh.dtype)).to(b_hh.dtype)
+    _, dw_hh, db_hh = linear_backward(dgh, h_prev(y, h0, lengths, ctx.reverse), w_hh, False, True, b_hh is not None)
     return (
         None, None, None, None,
-        dgx, dw_hh, db_hh, dh0,
+        dgx, dw_hh, db_hh if b_hh is not None else None, dh0,
         dc0 if is_lstm else None,
         None,
         dw_hr if w_hr is not None else None,

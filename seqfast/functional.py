@@ -1,7 +1,7 @@
 """Recurrent layers as functions: one layer-direction, and the multi-layer (bi)directional stack.
 
-The input projection of every step is one GEMM (`F.linear`, so autograd forms `dx` and `dW_ih` as one GEMM each);
-the sequential part runs in the `seqfast::recurrence` custom op on the selected backend.
+The input projection of every step is one GEMM (`seqfast::linear`, whose backward forms `dx` and `dW_ih` as one GEMM
+each); the sequential part runs in the `seqfast::recurrence` custom op on the selected backend.
 """
 
 import torch
@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from . import autograd as _autograd  # noqa: F401 - registers the seqfast custom ops
 from . import dispatch
+from .linear import linear
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
@@ -29,7 +30,7 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
     Returns:
         `y [T, B, P]` (zeros past each length), `hT [B, P]`, `cT [B, H]` or None.
     """
-    gx = F.linear(x, w_ih, b_ih)
+    gx = linear(x, w_ih, b_ih)
     name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
     need_saved = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (gx, w_hh, b_hh, h0, c0, w_hr)

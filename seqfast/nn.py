@@ -145,7 +145,8 @@ class _Recurrent(torch.nn.RNNBase):
         )
         hidden = (hn, cn) if is_lstm else hn
         if packed:
-            output = PackedSequence(pack_padded_sequence(y, lengths).data, batch_sizes, sorted_indices, unsorted_indices)
+            data = pack_padded_sequence(y, lengths).data
+            output = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
             return output, self.permute_hidden(hidden, unsorted_indices)
         output = y.transpose(0, 1) if self.batch_first else y
         if not is_batched:
@@ -268,7 +269,9 @@ class _Cell(torch.nn.RNNCellBase):
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
         for i, state in enumerate(states):
             if input.size(0) != state.size(0):
-                raise RuntimeError(f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {state.size(0)}")
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {state.size(0)}"
+                )
             if state.size(1) != self.hidden_size:
                 raise RuntimeError(
                     f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, expected {self.hidden_size}"
@@ -301,7 +304,9 @@ class RNNCell(_Cell):
         backend: seqfast backend name, or None (default).
     """
 
-    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *, backend=None):
+    def __init__(
+        self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *, backend=None
+    ):
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
         self.backend = backend

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import CPU_BACKENDS
 from helpers import assert_close
+from seqfast.kernels import common, reference
 
 from seqfast import dispatch
 from seqfast.autograd import h_prev
-from seqfast.kernels import common, reference
 
 SHAPES = [(3, 7, 9), (1, 1, 1), (2, 5, 17), (4, 3, 33)]  # (B, T, H)
 SHAPE_IDS = [f"B{b}-T{t}-H{h}" for b, t, h in SHAPES]
@@ -42,7 +42,9 @@ def make_args(cell, B, T, H, lengths, dtype=torch.float64, requires_grad=False):
 def run_backend(module, cell, args, reverse, seed=3):
     """fwd then bwd of `module` with random cotangents; every contract output, float64, in a fixed order."""
     a = {k: (v.detach() if v is not None else None) for k, v in args.items()}
-    y, hT, cT, saved = module.fwd(cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], a["w_hr"], reverse)
+    y, hT, cT, saved = module.fwd(
+        cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], a["w_hr"], reverse
+    )
     gen = torch.Generator().manual_seed(seed)
     dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
     dhT = torch.randn(hT.shape, generator=gen, dtype=torch.float64).to(hT.dtype)

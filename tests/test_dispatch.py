@@ -363,7 +363,8 @@ def test_opcheck_recurrence_and_backward(backend, cell, lengths, reverse):
     torch.library.opcheck(torch.ops.seqfast.recurrence.default, args)
     backend, cell, reverse, _, gx, w_hh, b_hh, h0, c0, lens, w_hr = args
     y, hT, cT, saved = torch.ops.seqfast.recurrence(*args)
-    assert saved.numel() > 0
+    H = c0.shape[1] if cell == "lstm" else w_hh.shape[0] // GATES[cell]
+    assert saved.shape == dispatch.load(backend).saved_shape(cell, *gx.shape[:2], H, w_hh.shape[1])
 
     def detached(t):
         return None if t is None else t.detach()
@@ -384,3 +385,15 @@ def test_opcheck_recurrence_without_saved_workspace(backend, cell):
     args[4:] = [t.detach() if isinstance(t, torch.Tensor) else t for t in args[4:]]
     torch.library.opcheck(torch.ops.seqfast.recurrence.default, tuple(args))
     assert torch.ops.seqfast.recurrence(*args)[3].numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_opcheck_linear_and_backward(dtype, bias):
+    x = torch.randn(4, 3, 5, dtype=dtype, requires_grad=True)
+    w = torch.randn(7, 5, dtype=dtype, requires_grad=True)
+    b = torch.randn(7, dtype=dtype, requires_grad=True) if bias else None
+    torch.library.opcheck(torch.ops.seqfast.linear.default, (x, w, b))
+    dy = torch.randn(4, 3, 7, dtype=dtype)
+    for needs in [(True, True, bias), (False, True, False), (True, False, False)]:
+        torch.library.opcheck(torch.ops.seqfast.linear_backward.default, (dy, x.detach(), w.detach(), *needs))

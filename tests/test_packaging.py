@@ -28,13 +28,15 @@ def installed(tmp_path_factory):
 def test_regular_install_imports_kernels_and_runs(installed):
     code = (
         "import torch, seqfast, seqfast.kernels.reference as r\n"
-        "assert seqfast.__file__.startswith(%r), seqfast.__file__\n"
-        "assert r.__file__.startswith(%r), r.__file__\n"
+        f"assert seqfast.__file__.startswith({str(installed)!r}), seqfast.__file__\n"
+        f"assert r.__file__.startswith({str(installed)!r}), r.__file__\n"
         "y, h = seqfast.GRU(3, 4)(torch.randn(5, 2, 3))\n"
-        "print(tuple(y.shape))\n" % (str(installed), str(installed))
+        "print(tuple(y.shape))\n"
     )
     env = dict(os.environ, PYTHONPATH=str(installed))
-    out = subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=installed, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, env=env, cwd=installed, capture_output=True, text=True
+    )
     assert out.stdout.strip() == "(5, 2, 4)"
 
 

@@ -103,7 +103,8 @@ def test_module_matches_torch(backend, dtype, tol, cell, case):
     actual, actual_grads = run_with_grads(ours, call, [x, *hx])
     names = ["output", "h_n", "c_n"][: len(expected)]
     assert_all_close(actual, expected, tol, names)
-    grad_names = ["d_input"] + [f"d_{n}" for n in ("h0", "c0")[: len(hx)]] + [f"d_{n}" for n, _ in ref.named_parameters()]
+    grad_names = ["d_input", *(f"d_{n}" for n in ("h0", "c0")[: len(hx)])]
+    grad_names += [f"d_{n}" for n, _ in ref.named_parameters()]
     assert_all_close(actual_grads, expected_grads, tol, grad_names)
 
 

@@ -1,0 +1,82 @@
+"""The large GEMMs around the recurrence: the input projection and the weight gradients, over all steps at once.
+
+`seqfast::linear` is `x @ w.T + b` with registered autograd; its backward and the recurrent weight gradient share
+`seqfast::linear_backward`. On CPU float32 both run on oneDNN's GEMM, which torch.nn's own LSTM uses and which
+measures about twice MKL's rate (torch's default for `F.linear`) on AMD CPUs; elsewhere they are torch's GEMMs.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .kernels.common import compute_dtype
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def dense(a, w, b=None):
+    """`a @ w.T + b` for `a [M, K]`, `w [N, K]` (either may be a transposed view), `b [N]` or None.
+
+    Returns:
+        `[M, N]`.
+    """
+    onednn = _ONEDNN and a.device.type == "cpu" and a.dtype == w.dtype == torch.float32 and a.numel() and w.numel()
+    if onednn and (b is None or b.dtype == torch.float32):
+        return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
+    return F.linear(a, w, b)
+
+
+@torch.library.custom_op("seqfast::linear", mutates_args=())
+def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """`x @ w.T + b` over every leading index.
+
+    Args:
+        x: `[..., K]`; w: `[N, K]`; b: `[N]` or None.
+
+    Returns:
+        `[..., N]`.
+    """
+    return dense(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
+
+
+@linear.register_fake
+def _(x, w, b):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("seqfast::linear_backward", mutates_args=())
+def linear_backward(
+    dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients of `y = x @ w.T + b` from `dy [..., N]`, `x [..., K]`, `w [N, K]`.
+
+    Returns:
+        `dx [..., K]`, `dw [N, K]`, `db [N]`; each an empty `[0]` tensor when not needed.
+    """
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    dx = dense(dy2, w.T).reshape(x.shape) if need_dx else dy.new_empty(0)
+    dw = dense(dy2.T, x2.T).to(w.dtype) if need_dw else dy.new_empty(0)
+    db = dy2.sum(0, dtype=compute_dtype(dy.dtype)).to(w.dtype) if need_db else dy.new_empty(0)
+    return dx, dw, db
+
+
+@linear_backward.register_fake
+def _(dy, x, w, need_dx, need_dw, need_db):
+    return (x.new_empty(x.shape) if need_dx else dy.new_empty(0), w.new_empty(w.shape) if need_dw else dy.new_empty(0),
+            w.new_empty(w.shape[0]) if need_db else dy.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b = inputs
+    ctx.has_bias = b is not None
+    ctx.save_for_backward(x, w)
+
+
+def _backward(ctx, dy):
+    x, w = ctx.saved_tensors
+    need_dx, need_dw, need_db = ctx.needs_input_grad
+    dx, dw, db = linear_backward(dy, x, w, need_dx, need_dw, need_db and ctx.has_bias)
+    return dx if need_dx else None, dw if need_dw else None, db if need_db and ctx.has_bias else None
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)
