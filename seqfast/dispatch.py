@@ -23,12 +23,13 @@ class Backend(NamedTuple):
 
 
 _TABLE = (
+    Backend("cpp", "seqfast.kernels.cpp", ("cpu",)),
     Backend("reference", "seqfast.kernels.reference", ("cpu", "cuda")),
     Backend("triton", "seqfast.kernels.triton", ("cuda",)),
 )
 
 _PRIORITY = {
-    "cpu": ("reference",),
+    "cpu": ("cpp", "reference"),
     "cuda": ("triton", "reference"),
 }
 

@@ -1,0 +1,65 @@
+// The per-instruction-set kernels of a fused step: the cell math over rows `[0, n)` of the batch (sorted by
+// length, longest first) and hidden units `[j0, j0 + hc)`, and a float32 GEMM on packed weight panels. Plain C++
+// without torch headers, so it is compiled once per instruction set (see isa_kernels_impl.h).
+#pragma once
+
+#include <cstdint>
+
+namespace seqfast {
+
+enum Cell : int { RNN_TANH = 0, RNN_RELU = 1, LSTM = 2, GRU = 3 };
+
+inline int gates(int cell) { return cell == LSTM ? 4 : cell == GRU ? 3 : 1; }
+
+// Width of `saved` per hidden unit: LSTM `i, f, g, o, c`; GRU `r, z, n, W_hn h + b_hn`; RNN none (`h` is `y`).
+inline int saved_width(int cell) { return cell == LSTM ? 5 : cell == GRU ? 4 : 0; }
+
+template <typename T>
+struct FwdChunk {
+  int64_t n, H, j0, hc;
+  const T* ws;              // [n, G*hc] h_prev @ w_hh^T of this chunk, gates side by side
+  const T* const* gx_rows;  // [n] -> [G*H] x-side pre-activations at each row's time step
+  const T* bias;            // [G*H] b_hh (zeros when absent)
+  const T* h_prev;          // [B, H] state before the step (GRU)
+  T* h_next;                // [B, ldh] new state (LSTM with projection: o * tanh(c) before projecting)
+  int64_t ldh;
+  T* c;                     // [B, H] LSTM cell state, updated in place
+  T* const* y_rows;         // [n] -> [H] output rows, or nullptr (projection writes y later)
+  T* saved;                 // [B, W*H] rows of this step, or nullptr
+};
+
+template <typename T>
+struct BwdChunk {
+  int64_t n, H, j0, hc;
+  T* dh;                    // [B, H] gradient reaching h (GRU: overwritten with dh * z)
+  const T* const* dy_rows;  // [n] -> [H] added to dh, or nullptr
+  T* dc;                    // [B, H] LSTM, updated in place
+  const T* saved;           // [B, W*H] rows of this step
+  const T* c_prev;          // [B, ldc] LSTM cell state before the step
+  int64_t ldc;
+  const T* const* h_rows;   // [n] -> [H] RNN: h after the step; GRU: h before it
+  T* const* dgx_rows;       // [n] -> [G*H]
+  T* const* dgh_rows;       // [n] -> [G*H]
+  T* da;                    // [B, G*H] dgh in packed chunk order, the operand of the dh_prev GEMM
+  T* hraw;                  // [B, H] o * tanh(c) for dw_hr, or nullptr
+};
+
+struct KernelsF32 {
+  void (*fwd)(int cell, const FwdChunk<float>& a);
+  void (*bwd)(int cell, const BwdChunk<float>& a);
+  // Panel width of the packed GEMM operand.
+  int64_t nr;
+  // `dst [ceil(n / nr), k, nr]` from `B[kk, j] = src[kk * ldk + j * ldn]` (`[k, n]`), zero-padded columns.
+  void (*pack)(int64_t k, int64_t n, const float* src, int64_t ldk, int64_t ldn, float* dst);
+  // `C[m, n] = A[m, k] B[k, n] (+ C when accumulate)`, `B` packed by `pack`.
+  void (*gemm)(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* Bp, bool accumulate,
+               float* C, int64_t ldc);
+};
+
+KernelsF32 kernels_f32_generic();
+KernelsF32 kernels_f32_avx2();
+KernelsF32 kernels_f32_avx512();
+void cell_f64_fwd(int cell, const FwdChunk<double>& a);
+void cell_f64_bwd(int cell, const BwdChunk<double>& a);
+
+}  // namespace seqfast

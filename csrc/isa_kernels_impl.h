@@ -1,0 +1,321 @@
+// Kernels templated on a vector type. Each isa_*.cpp includes this once with its own instruction-set pragma,
+// `SEQFAST_ISA` namespace, vector width and GEMM register tile (`SEQFAST_MR` rows x `SEQFAST_NV` vectors); float32
+// uses GCC vector extensions and polynomial exp/tanh (about 2 ulp), float64 uses scalar libm.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "isa_kernels.h"
+
+namespace seqfast {
+namespace SEQFAST_ISA {
+
+// Local to the namespace so no inline function is shared (and merged by the linker) across instruction sets.
+constexpr int n_gates(int cell) { return cell == LSTM ? 4 : cell == GRU ? 3 : 1; }
+constexpr int lanes(int64_t w, int64_t left) { return static_cast<int>(left < w ? left : w); }
+
+struct OpsF32 {
+  using T = float;
+  static constexpr int W = SEQFAST_VBYTES / 4;
+  typedef float V __attribute__((vector_size(SEQFAST_VBYTES)));
+  typedef int32_t I __attribute__((vector_size(SEQFAST_VBYTES)));
+
+  static V splat(float x) { return V{} + x; }
+  static V load(const float* p, int m) {
+    V v = {};
+    std::memcpy(&v, p, m == W ? sizeof(V) : sizeof(float) * m);
+    return v;
+  }
+  static void store(float* p, V v, int m) { std::memcpy(p, &v, m == W ? sizeof(V) : sizeof(float) * m); }
+
+  // Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n from the exponent bits.
+  static V exp(V x) {
+    x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;
+    x = x < -87.3365447505531f ? splat(-87.3365447505531f) : x;
+    V fx = x * 1.44269504088896341f + 12582912.0f;
+    fx = fx - 12582912.0f;
+    V r = x - fx * 0.693359375f;
+    r = r - fx * -2.12194440e-4f;
+    V p = splat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    I e = (__builtin_convertvector(fx, I) + 127) << 23;
+    V scale;
+    std::memcpy(&scale, &e, sizeof(V));
+    return p * scale;
+  }
+  static V sigmoid(V x) { return 1.0f / (1.0f + exp(-x)); }
+  // Cephes tanhf: odd polynomial below 0.625, else 1 - 2 / (exp(2|x|) + 1) with the sign restored.
+  static V tanh(V x) {
+    V ax = x < 0.0f ? -x : x;
+    V z = x * x;
+    V p = splat(-5.70498872745e-3f);
+    p = p * z + 2.06390887954e-2f;
+    p = p * z - 5.37397155531e-2f;
+    p = p * z + 1.33314422036e-1f;
+    p = p * z - 3.33332819422e-1f;
+    V small = p * z * x + x;
+    V axc = ax > 9.0f ? splat(9.0f) : ax;
+    V big = 1.0f - 2.0f / (exp(axc + axc) + 1.0f);
+    big = x < 0.0f ? -big : big;
+    return ax < 0.625f ? small : big;
+  }
+  static V relu(V x) { return x < 0.0f ? splat(0.0f) : x; }
+  static V relu_grad(V h, V dh) { return h > 0.0f ? dh : splat(0.0f); }
+};
+
+struct OpsF64 {
+  using T = double;
+  using V = double;
+  static constexpr int W = 1;
+  static V splat(double x) { return x; }
+  static V load(const double* p, int) { return *p; }
+  static void store(double* p, V v, int) { *p = v; }
+  static V sigmoid(V x) { return 1.0 / (1.0 + std::exp(-x)); }
+  static V tanh(V x) { return std::tanh(x); }
+  static V relu(V x) { return x < 0.0 ? 0.0 : x; }
+  static V relu_grad(V h, V dh) { return h > 0.0 ? dh : 0.0; }
+};
+
+template <class O, int CELL>
+void fwd_rows(const FwdChunk<typename O::T>& a) {
+  using V = typename O::V;
+  const int G = n_gates(CELL);
+  const int64_t H = a.H, hc = a.hc, j0 = a.j0, ldw = G * hc;
+  for (int64_t r = 0; r < a.n; ++r) {
+    const auto* gx = a.gx_rows[r] + j0;
+    const auto* ws = a.ws + r * ldw;
+    const auto* b = a.bias + j0;
+    auto* hn = a.h_next + r * a.ldh + j0;
+    auto* y = a.y_rows ? a.y_rows[r] + j0 : nullptr;
+    for (int64_t jj = 0; jj < hc; jj += O::W) {
+      const int m = lanes(O::W, hc - jj);
+      V h;
+      if (CELL == RNN_TANH || CELL == RNN_RELU) {
+        V pre = O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m));
+        h = CELL == RNN_TANH ? O::tanh(pre) : O::relu(pre);
+      } else if (CELL == LSTM) {
+        V i = O::sigmoid(O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m)));
+        V f = O::sigmoid(O::load(gx + H + jj, m) + (O::load(ws + hc + jj, m) + O::load(b + H + jj, m)));
+        V g = O::tanh(O::load(gx + 2 * H + jj, m) + (O::load(ws + 2 * hc + jj, m) + O::load(b + 2 * H + jj, m)));
+        V o = O::sigmoid(O::load(gx + 3 * H + jj, m) + (O::load(ws + 3 * hc + jj, m) + O::load(b + 3 * H + jj, m)));
+        auto* c = a.c + r * H + j0 + jj;
+        V cn = f * O::load(c, m) + i * g;
+        O::store(c, cn, m);
+        h = o * O::tanh(cn);
+        if (a.saved) {
+          auto* sv = a.saved + r * 5 * H + j0 + jj;
+          O::store(sv, i, m);
+          O::store(sv + H, f, m);
+          O::store(sv + 2 * H, g, m);
+          O::store(sv + 3 * H, o, m);
+          O::store(sv + 4 * H, cn, m);
+        }
+      } else {
+        V rg = O::sigmoid(O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m)));
+        V z = O::sigmoid(O::load(gx + H + jj, m) + (O::load(ws + hc + jj, m) + O::load(b + H + jj, m)));
+        V hh = O::load(ws + 2 * hc + jj, m) + O::load(b + 2 * H + jj, m);
+        V nn = O::tanh(O::load(gx + 2 * H + jj, m) + rg * hh);
+        h = (1.0f - z) * nn + z * O::load(a.h_prev + r * H + j0 + jj, m);
+        if (a.saved) {
+          auto* sv = a.saved + r * 4 * H + j0 + jj;
+          O::store(sv, rg, m);
+          O::store(sv + H, z, m);
+          O::store(sv + 2 * H, nn, m);
+          O::store(sv + 3 * H, hh, m);
+        }
+      }
+      O::store(hn + jj, h, m);
+      if (y) O::store(y + jj, h, m);
+    }
+  }
+}
+
+template <class O, int CELL>
+void bwd_rows(const BwdChunk<typename O::T>& a) {
+  using V = typename O::V;
+  const int G = n_gates(CELL);
+  const int64_t H = a.H, hc = a.hc, j0 = a.j0, GH = G * H;
+  for (int64_t r = 0; r < a.n; ++r) {
+    auto* dhp = a.dh + r * H + j0;
+    const auto* dy = a.dy_rows ? a.dy_rows[r] + j0 : nullptr;
+    auto* dgx = a.dgx_rows[r] + j0;
+    auto* dgh = a.dgh_rows[r] + j0;
+    auto* da = a.da + r * GH + G * j0;
+    for (int64_t jj = 0; jj < hc; jj += O::W) {
+      const int m = lanes(O::W, hc - jj);
+      V dh = O::load(dhp + jj, m);
+      if (dy) dh = dh + O::load(dy + jj, m);
+      if (CELL == RNN_TANH || CELL == RNN_RELU) {
+        V h = O::load(a.h_rows[r] + j0 + jj, m);
+        // tanh' = 1 - h^2; relu' = [h > 0]
+        V d = CELL == RNN_TANH ? dh * (1.0f - h * h) : O::relu_grad(h, dh);
+        O::store(dgx + jj, d, m);
+        O::store(dgh + jj, d, m);
+        O::store(da + jj, d, m);
+      } else if (CELL == LSTM) {
+        const auto* sv = a.saved + r * 5 * H + j0 + jj;
+        V i = O::load(sv, m), f = O::load(sv + H, m), g = O::load(sv + 2 * H, m);
+        V o = O::load(sv + 3 * H, m), c = O::load(sv + 4 * H, m);
+        V cp = O::load(a.c_prev + r * a.ldc + j0 + jj, m);
+        V tc = O::tanh(c);
+        auto* dcp = a.dc + r * H + j0 + jj;
+        // c = f c_prev + i g, h = o tanh(c); d sigmoid = s (1 - s), d tanh = 1 - t^2
+        V dc = O::load(dcp, m) + dh * o * (1.0f - tc * tc);
+        V di = dc * g * i * (1.0f - i);
+        V df = dc * cp * f * (1.0f - f);
+        V dg = dc * i * (1.0f - g * g);
+        V dout = dh * tc * o * (1.0f - o);
+        O::store(dcp, dc * f, m);
+        O::store(dgx + jj, di, m);
+        O::store(dgx + H + jj, df, m);
+        O::store(dgx + 2 * H + jj, dg, m);
+        O::store(dgx + 3 * H + jj, dout, m);
+        O::store(dgh + jj, di, m);
+        O::store(dgh + H + jj, df, m);
+        O::store(dgh + 2 * H + jj, dg, m);
+        O::store(dgh + 3 * H + jj, dout, m);
+        O::store(da + jj, di, m);
+        O::store(da + hc + jj, df, m);
+        O::store(da + 2 * hc + jj, dg, m);
+        O::store(da + 3 * hc + jj, dout, m);
+        if (a.hraw) O::store(a.hraw + r * H + j0 + jj, o * tc, m);
+      } else {
+        const auto* sv = a.saved + r * 4 * H + j0 + jj;
+        V rg = O::load(sv, m), z = O::load(sv + H, m), nn = O::load(sv + 2 * H, m), hh = O::load(sv + 3 * H, m);
+        V hp = O::load(a.h_rows[r] + j0 + jj, m);
+        // h = (1 - z) n + z h_prev, n = tanh(gx_n + r hh); d sigmoid = s (1 - s), d tanh = 1 - t^2
+        V dn = dh * (1.0f - z) * (1.0f - nn * nn);
+        V dr = dn * hh * rg * (1.0f - rg);
+        V dz = dh * (hp - nn) * z * (1.0f - z);
+        V dnh = dn * rg;
+        O::store(dgx + jj, dr, m);
+        O::store(dgx + H + jj, dz, m);
+        O::store(dgx + 2 * H + jj, dn, m);
+        O::store(dgh + jj, dr, m);
+        O::store(dgh + H + jj, dz, m);
+        O::store(dgh + 2 * H + jj, dnh, m);
+        O::store(da + jj, dr, m);
+        O::store(da + hc + jj, dz, m);
+        O::store(da + 2 * hc + jj, dnh, m);
+        O::store(dhp + jj, dh * z, m);
+      }
+    }
+  }
+}
+
+template <class O>
+void fwd(int cell, const FwdChunk<typename O::T>& a) {
+  switch (cell) {
+    case RNN_TANH: return fwd_rows<O, RNN_TANH>(a);
+    case RNN_RELU: return fwd_rows<O, RNN_RELU>(a);
+    case LSTM: return fwd_rows<O, LSTM>(a);
+    default: return fwd_rows<O, GRU>(a);
+  }
+}
+
+template <class O>
+void bwd(int cell, const BwdChunk<typename O::T>& a) {
+  switch (cell) {
+    case RNN_TANH: return bwd_rows<O, RNN_TANH>(a);
+    case RNN_RELU: return bwd_rows<O, RNN_RELU>(a);
+    case LSTM: return bwd_rows<O, LSTM>(a);
+    default: return bwd_rows<O, GRU>(a);
+  }
+}
+
+constexpr int64_t NR = SEQFAST_NV * OpsF32::W;
+
+inline void pack(int64_t k, int64_t n, const float* src, int64_t ldk, int64_t ldn, float* dst) {
+  for (int64_t j0 = 0; j0 < n; j0 += NR) {
+    float* panel = dst + (j0 / NR) * k * NR;
+    for (int64_t jj = 0; jj < NR; ++jj) {
+      const int64_t j = j0 + jj;
+      for (int64_t kk = 0; kk < k; ++kk) panel[kk * NR + jj] = j < n ? src[kk * ldk + j * ldn] : 0.0f;
+    }
+  }
+}
+
+// One register tile: `C[MR, ncols] = A[MR, k] [panel_0 .. panel_NP-1][k, NP*NR]`, accumulators held in registers
+// over all of `k`. Small `MR` takes several panels at once so enough independent FMA chains are in flight.
+template <int MR, int NP>
+inline void tile(int64_t k, const float* A, int64_t lda, const float* panel, int64_t pstride, bool accumulate,
+                 float* C, int64_t ldc, int64_t ncols) {
+  using O = OpsF32;
+  using V = O::V;
+  constexpr int NB = NP * SEQFAST_NV;
+  V acc[MR][NB];
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+    for (int v = 0; v < NB; ++v) acc[m][v] = V{};
+  for (int64_t p = 0; p < k; ++p) {
+    V b[NB];
+#pragma GCC unroll 8
+    for (int v = 0; v < NB; ++v)
+      std::memcpy(&b[v], panel + (v / SEQFAST_NV) * pstride + p * NR + (v % SEQFAST_NV) * O::W, sizeof(V));
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m) {
+      const V a = V{} + A[m * lda + p];
+#pragma GCC unroll 8
+      for (int v = 0; v < NB; ++v) acc[m][v] += a * b[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int m = 0; m < MR; ++m) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NB; ++v) {
+      const int64_t left = ncols - v * O::W;
+      if (left <= 0) break;
+      const int cols = lanes(O::W, left);
+      float* c = C + m * ldc + v * O::W;
+      O::store(c, accumulate ? acc[m][v] + O::load(c, cols) : acc[m][v], cols);
+    }
+  }
+}
+
+// `tile<rows, NP>` for a run-time `rows <= MR`.
+template <int NP, int MR>
+inline void tile_rows(int64_t rows, int64_t k, const float* A, int64_t lda, const float* panel, int64_t pstride,
+                      bool accumulate, float* C, int64_t ldc, int64_t ncols) {
+  if constexpr (MR > 0) {
+    if (rows == MR) return tile<MR, NP>(k, A, lda, panel, pstride, accumulate, C, ldc, ncols);
+    tile_rows<NP, MR - 1>(rows, k, A, lda, panel, pstride, accumulate, C, ldc, ncols);
+  }
+}
+
+inline void gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* Bp, bool accumulate,
+                 float* C, int64_t ldc) {
+  const int64_t panels = (n + NR - 1) / NR, ps = k * NR;
+  int64_t q = 0;
+  if (m <= SEQFAST_MR / 4) {
+    for (; q + 4 <= panels; q += 4)
+      tile_rows<4, SEQFAST_MR / 4>(m, k, A, lda, Bp + q * ps, ps, accumulate, C + q * NR, ldc, n - q * NR);
+  } else if (m <= SEQFAST_MR / 2) {
+    for (; q + 2 <= panels; q += 2)
+      tile_rows<2, SEQFAST_MR / 2>(m, k, A, lda, Bp + q * ps, ps, accumulate, C + q * NR, ldc, n - q * NR);
+  }
+  for (; q < panels; ++q) {
+    const float* panel = Bp + q * ps;
+    const int64_t j = q * NR, ncols = n - j < NR ? n - j : NR;
+    int64_t i = 0;
+    for (; i + SEQFAST_MR <= m; i += SEQFAST_MR)
+      tile<SEQFAST_MR, 1>(k, A + i * lda, lda, panel, ps, accumulate, C + i * ldc + j, ldc, ncols);
+    if (i < m)
+      tile_rows<1, SEQFAST_MR - 1>(m - i, k, A + i * lda, lda, panel, ps, accumulate, C + i * ldc + j, ldc, ncols);
+  }
+}
+
+inline void fwd_f32(int cell, const FwdChunk<float>& a) { fwd<OpsF32>(cell, a); }
+inline void bwd_f32(int cell, const BwdChunk<float>& a) { bwd<OpsF32>(cell, a); }
+
+inline KernelsF32 kernels() { return {fwd_f32, bwd_f32, NR, pack, gemm}; }
+
+}  // namespace SEQFAST_ISA
+}  // namespace seqfast

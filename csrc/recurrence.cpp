@@ -1,0 +1,543 @@
+// The fused time loops and their Python bindings. Each step is one parallel region over fixed chunks of hidden
+// units: a chunk runs its slice of the recurrent GEMM (BLAS, single-threaded inside the region) and then the cell
+// math on the slice while it is in cache. Chunks do not depend on the thread count, so results are bitwise the
+// same for any `torch.set_num_threads`. Rows are visited in length order (longest first), so the rows still
+// running at a step are a prefix and the GEMMs shrink as sequences end.
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "isa_kernels.h"
+
+#if defined(__linux__) && defined(__GNUC__)
+#define SEQFAST_BLAS 1
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // mkl_set_num_threads_local in mkl.h
+}
+#else
+#define SEQFAST_BLAS 0
+#endif
+
+namespace seqfast {
+namespace {
+
+enum Isa : int { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
+
+int best_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
+    return AVX512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return AVX2;
+#endif
+  return GENERIC;
+}
+
+std::atomic<int> g_isa{best_isa()};
+
+KernelsF32 f32_kernels() {
+  switch (g_isa.load(std::memory_order_relaxed)) {
+    case AVX512: return kernels_f32_avx512();
+    case AVX2: return kernels_f32_avx2();
+    default: return kernels_f32_generic();
+  }
+}
+
+void run_fwd(const KernelsF32& k, int cell, const FwdChunk<float>& a) { k.fwd(cell, a); }
+void run_fwd(const KernelsF32&, int cell, const FwdChunk<double>& a) { cell_f64_fwd(cell, a); }
+void run_bwd(const KernelsF32& k, int cell, const BwdChunk<float>& a) { k.bwd(cell, a); }
+void run_bwd(const KernelsF32&, int cell, const BwdChunk<double>& a) { cell_f64_bwd(cell, a); }
+
+// Keeps MKL single-threaded inside a task of our parallel region (and when the region runs inline).
+struct OneBlasThread {
+#if SEQFAST_BLAS
+  int prev = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+  ~OneBlasThread() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev);
+  }
+#endif
+};
+
+#if SEQFAST_BLAS
+void blas(char ta, char tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+          float beta, float* c, int ldc) {
+  sgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+void blas(char ta, char tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b, int ldb,
+          double beta, double* c, int ldc) {
+  dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
+}
+template <typename T>
+bool have_blas() {
+  return std::is_same<T, float>::value ? sgemm_ != nullptr : dgemm_ != nullptr;
+}
+#endif
+
+// Row-major `C[m, n] = op(A) op(B) + beta C` with leading dimensions; `ta`: A is stored `[k, m]`, `tb`: B is `[n, k]`.
+template <typename T>
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B, int64_t ldb,
+          T beta, T* C, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+#if SEQFAST_BLAS
+  if (have_blas<T>()) {
+    // Column-major view: C^T = op(B)^T op(A)^T.
+    blas(tb ? 'T' : 'N', ta ? 'T' : 'N', static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), T(1), B,
+         static_cast<int>(std::max<int64_t>(ldb, 1)), A, static_cast<int>(std::max<int64_t>(lda, 1)), beta, C,
+         static_cast<int>(ldc));
+    return;
+  }
+#endif
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto a = ta ? at::from_blob(const_cast<T*>(A), {k, m}, {lda, 1}, opts).t()
+              : at::from_blob(const_cast<T*>(A), {m, k}, {lda, 1}, opts);
+  auto b = tb ? at::from_blob(const_cast<T*>(B), {n, k}, {ldb, 1}, opts).t()
+              : at::from_blob(const_cast<T*>(B), {k, n}, {ldb, 1}, opts);
+  auto c = at::from_blob(C, {m, n}, {ldc, 1}, opts);
+  if (beta == T(0)) {
+    c.copy_(at::mm(a, b));
+  } else {
+    c.add_(at::mm(a, b));
+  }
+}
+
+// Visiting order: sorted row `r` is batch entry `perm[r]`; `active[s]` rows (a prefix) run at step `s`.
+struct Order {
+  std::vector<int64_t> perm, len, active;
+  int64_t T = 0;
+  bool reverse = false, ragged = false;
+
+  // Time index of step `s` for sorted row `r`: a reversed sequence starts at its own last step.
+  int64_t time(int64_t s, int64_t r) const {
+    if (!reverse) return s;
+    if (!ragged) return T - 1 - s;
+    return s < len[r] ? len[r] - 1 - s : s;
+  }
+  int64_t last(int64_t r) const { return ragged ? len[r] : T; }
+};
+
+Order make_order(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B, bool reverse) {
+  Order o;
+  o.T = T;
+  o.reverse = reverse;
+  o.ragged = lengths.has_value();
+  o.perm.resize(B);
+  std::iota(o.perm.begin(), o.perm.end(), 0);
+  o.len.assign(B, T);
+  if (o.ragged) {
+    const int64_t* l = lengths->data_ptr<int64_t>();
+    for (int64_t b = 0; b < B; ++b) TORCH_CHECK(l[b] >= 0 && l[b] <= T, "lengths must lie in [0, T]; got ", l[b]);
+    std::stable_sort(o.perm.begin(), o.perm.end(), [l](int64_t a, int64_t b) { return l[a] > l[b]; });
+    for (int64_t r = 0; r < B; ++r) o.len[r] = l[o.perm[r]];
+  }
+  o.active.resize(T);
+  int64_t n = B;
+  for (int64_t s = 0; s < T; ++s) {
+    while (n > 0 && o.len[n - 1] <= s) --n;
+    o.active[s] = n;
+  }
+  return o;
+}
+
+// `w [G*H, P]` with gate rows regrouped chunk by chunk: chunk `[j0, j0 + hc)` holds gates `0..G-1` of its units.
+template <typename T>
+at::Tensor pack_rows(const at::Tensor& w, int64_t G, int64_t H, int64_t hc) {
+  const int64_t P = w.size(1);
+  at::Tensor out = at::empty_like(w);
+  const T* src = w.data_ptr<T>();
+  T* dst = out.data_ptr<T>();
+  for (int64_t j0 = 0; j0 < H; j0 += hc) {
+    const int64_t n = std::min(hc, H - j0);
+    for (int64_t g = 0; g < G; ++g, dst += n * P) std::copy_n(src + (g * H + j0) * P, n * P, dst);
+  }
+  return out;
+}
+
+// The recurrent product of one call, chunk by chunk, from `wp` (`pack_rows`): forward `C[n, G*n_j] = h[n, P]
+// W_c^T` with `W_c` the chunk's gate rows; backward `C[n, n_j] = da[n, G*H] wp[:, j0:j0+n_j]`. float32 runs this
+// CPU's GEMM on weight panels packed once per call; float64 calls BLAS.
+template <typename T>
+class HiddenProduct {
+ public:
+  HiddenProduct(const at::Tensor& wp, int64_t G, int64_t H, int64_t hc, bool backward, const KernelsF32& kern)
+      : wp_(wp), pw_(wp.data_ptr<T>()), G_(G), H_(H), P_(wp.size(1)), hc_(hc), backward_(backward), kern_(kern) {
+    if constexpr (std::is_same_v<T, float>) {
+      const int64_t nch = (H + hc - 1) / hc, K = depth();
+      offsets_.resize(nch + 1, 0);
+      for (int64_t c = 0; c < nch; ++c) offsets_[c + 1] = offsets_[c] + K * round_up(cols(c));
+      packed_ = at::empty({offsets_[nch]}, wp.options());
+      float* dst = packed_.data_ptr<float>();
+      at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t j0 = c * hc_;
+          if (backward_) {
+            kern_.pack(K, cols(c), pw_ + j0, P_, 1, dst + offsets_[c]);
+          } else {
+            kern_.pack(K, cols(c), pw_ + G_ * j0 * P_, 1, P_, dst + offsets_[c]);
+          }
+        }
+      });
+    }
+  }
+
+  void operator()(int64_t c, int64_t n, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
+    const int64_t j0 = c * hc_;
+    if constexpr (std::is_same_v<T, float>) {
+      kern_.gemm(n, cols(c), depth(), A, lda, packed_.data_ptr<float>() + offsets_[c], accumulate, C, ldc);
+    } else if (backward_) {
+      gemm<T>(false, false, n, cols(c), depth(), A, lda, pw_ + j0, P_, T(accumulate), C, ldc);
+    } else {
+      gemm<T>(false, true, n, cols(c), depth(), A, lda, pw_ + G_ * j0 * P_, P_, T(accumulate), C, ldc);
+    }
+  }
+
+ private:
+  int64_t depth() const { return backward_ ? G_ * H_ : P_; }
+  int64_t cols(int64_t c) const {
+    const int64_t n_j = std::min(hc_, H_ - c * hc_);
+    return backward_ ? n_j : G_ * n_j;
+  }
+  int64_t round_up(int64_t n) const { return (n + kern_.nr - 1) / kern_.nr * kern_.nr; }
+
+  at::Tensor wp_, packed_;
+  const T* pw_;
+  int64_t G_, H_, P_, hc_;
+  bool backward_;
+  KernelsF32 kern_;
+  std::vector<int64_t> offsets_;
+};
+
+// `dst[r] = src[perm[r]]` (to sorted order) or `dst[perm[r]] = src[r]` (back), rows of `width`.
+template <typename T>
+void permute_rows(const T* src, T* dst, const Order& o, int64_t width, bool to_sorted) {
+  for (size_t r = 0; r < o.perm.size(); ++r) {
+    const int64_t b = o.perm[r];
+    std::copy_n(src + (to_sorted ? b : r) * width, width, dst + (to_sorted ? r : b) * width);
+  }
+}
+
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef sizes) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+void check_cell(int64_t cell) { TORCH_CHECK(cell >= RNN_TANH && cell <= GRU, "unknown cell id ", cell); }
+
+template <typename scalar_t>
+void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& bias, const at::Tensor& h0,
+              const at::Tensor& c0, const Order& ord, const c10::optional<at::Tensor>& w_hr, int64_t chunk,
+              const at::Tensor& y, const at::Tensor& hT, const at::Tensor& cT, const at::Tensor& saved) {
+  const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
+  const bool proj = w_hr.has_value(), lstm = cell == LSTM;
+  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell) * H;
+  const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
+  const auto opts = gx.options();
+  const KernelsF32 kern = f32_kernels();
+  const HiddenProduct<scalar_t> whh(pack_rows<scalar_t>(w_hh, G, H, hc), G, H, hc, false, kern);
+  at::Tensor hbuf = at::empty({2, B, P}, opts);              // state before / after the step
+  at::Tensor cbuf = at::empty({lstm ? B : 0, H}, opts);      // [B, H]
+  at::Tensor hraw = at::empty({proj ? B : 0, H}, opts);      // [B, H] o * tanh(c) before projecting
+  at::Tensor ws = at::empty({B * GH}, opts);                 // per chunk [B, G*hc]
+  scalar_t* hb = hbuf.data_ptr<scalar_t>();
+  scalar_t* pc = cbuf.data_ptr<scalar_t>();
+  scalar_t* phraw = hraw.data_ptr<scalar_t>();
+  scalar_t* pws = ws.data_ptr<scalar_t>();
+  scalar_t* py = y.data_ptr<scalar_t>();
+  scalar_t* psaved = saved.numel() ? saved.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* pgx = gx.data_ptr<scalar_t>();
+  const scalar_t* pb = bias.data_ptr<scalar_t>();
+  const scalar_t* pwr = proj ? w_hr->data_ptr<scalar_t>() : nullptr;
+  permute_rows(h0.data_ptr<scalar_t>(), hb, ord, P, true);
+  if (lstm) permute_rows(c0.data_ptr<scalar_t>(), pc, ord, H, true);
+  std::vector<const scalar_t*> gx_rows(B);
+  std::vector<scalar_t*> y_rows(B);
+
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t n = ord.active[s];
+    scalar_t* cur = hb + (s % 2) * B * P;
+    scalar_t* nxt = hb + ((s + 1) % 2) * B * P;
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t off = ord.time(s, r) * B + ord.perm[r];
+      gx_rows[r] = pgx + off * GH;
+      y_rows[r] = py + off * P;
+    }
+    for (int64_t r = n; r < B; ++r) {
+      std::fill_n(py + (s * B + ord.perm[r]) * P, P, scalar_t(0));
+      if (psaved) std::fill_n(psaved + (s * B + r) * SW, SW, scalar_t(0));
+    }
+    if (n == 0) continue;
+    at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
+      OneBlasThread one;
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
+        scalar_t* wsc = pws + B * G * j0;
+        whh(c, n, cur, P, wsc, G * n_j, false);
+        FwdChunk<scalar_t> a{n,  H,  j0, n_j, wsc, gx_rows.data(), pb, cur, proj ? phraw : nxt, proj ? H : P, pc,
+                      proj ? nullptr : y_rows.data(), psaved ? psaved + s * B * SW : nullptr};
+        run_fwd(kern, cell, a);
+      }
+    });
+    if (proj) {
+      at::parallel_for(0, npc, 1, [&](int64_t begin, int64_t end) {
+        OneBlasThread one;
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
+          gemm<scalar_t>(false, true, n, n_p, H, phraw, H, pwr + p0 * H, H, scalar_t(0), nxt + p0, P);
+          for (int64_t r = 0; r < n; ++r) std::copy_n(nxt + r * P + p0, n_p, y_rows[r] + p0);
+        }
+      });
+    }
+  }
+  scalar_t* phT = hT.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < B; ++r)
+    std::copy_n(hb + (ord.last(r) % 2) * B * P + r * P, P, phT + ord.perm[r] * P);
+  if (lstm) permute_rows(pc, cT.data_ptr<scalar_t>(), ord, H, false);
+}
+
+template <typename scalar_t>
+void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::Tensor& dcT, const at::Tensor& w_hh,
+              const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0, const Order& ord,
+              const at::Tensor& y, const at::Tensor& saved, int64_t chunk, const at::Tensor& dgx,
+              const at::Tensor& dgh, const at::Tensor& dh0, const at::Tensor& dc0, const at::Tensor& dw_hr) {
+  const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
+  const bool proj = w_hr.has_value(), lstm = cell == LSTM;
+  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell) * H;
+  const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
+  const auto opts = dy.options();
+  const KernelsF32 kern = f32_kernels();
+  const at::Tensor wp = pack_rows<scalar_t>(w_hh, G, H, hc);            // [G*H, P]
+  at::Tensor dhbuf = at::empty({B, P}, opts);                  // gradient reaching h from later steps
+  at::Tensor dcbuf = at::empty({lstm ? B : 0, H}, opts);       // [B, H]
+  at::Tensor h0s = at::empty({B, P}, opts);                    // h0 in sorted order
+  at::Tensor c0s = at::empty({lstm ? B : 0, H}, opts);         // c0 in sorted order
+  at::Tensor dabuf = at::empty({proj ? 1 : 2, B * GH}, opts);  // packed dgh of the step, double-buffered
+  at::Tensor dhs = at::empty({proj ? B : 0, P}, opts);         // [B, P] dh at the step (projection)
+  at::Tensor dhraw = at::empty({proj ? B : 0, H}, opts);       // [B, H] dhs @ w_hr
+  at::Tensor hraw = at::empty({proj ? B : 0, H}, opts);        // [B, H] o * tanh(c)
+  scalar_t* pdh = dhbuf.data_ptr<scalar_t>();
+  scalar_t* pdc = dcbuf.data_ptr<scalar_t>();
+  scalar_t* pda = dabuf.data_ptr<scalar_t>();
+  scalar_t* pdhs = dhs.data_ptr<scalar_t>();
+  scalar_t* pdhraw = dhraw.data_ptr<scalar_t>();
+  scalar_t* phraw = hraw.data_ptr<scalar_t>();
+  scalar_t* pdgx = dgx.data_ptr<scalar_t>();
+  scalar_t* pdgh = dgh.data_ptr<scalar_t>();
+  const scalar_t* ph0 = h0s.data_ptr<scalar_t>();
+  const scalar_t* pc0 = c0s.data_ptr<scalar_t>();
+  const scalar_t* pdy = dy.data_ptr<scalar_t>();
+  const scalar_t* py = y.data_ptr<scalar_t>();
+  const scalar_t* psaved = saved.data_ptr<scalar_t>();
+  const scalar_t* pw = wp.data_ptr<scalar_t>();
+  const scalar_t* pwr = proj ? w_hr->data_ptr<scalar_t>() : nullptr;
+  scalar_t* pdw = proj ? dw_hr.data_ptr<scalar_t>() : nullptr;
+  permute_rows(dhT.data_ptr<scalar_t>(), pdh, ord, P, true);
+  permute_rows(h0.data_ptr<scalar_t>(), h0s.data_ptr<scalar_t>(), ord, P, true);
+  if (lstm) {
+    permute_rows(dcT.data_ptr<scalar_t>(), pdc, ord, H, true);
+    permute_rows(c0.data_ptr<scalar_t>(), c0s.data_ptr<scalar_t>(), ord, H, true);
+  }
+  if (proj) std::fill_n(pdw, P * H, scalar_t(0));
+  std::vector<const scalar_t*> dy_rows(B), h_rows(B);
+  std::vector<scalar_t*> dgx_rows(B), dgh_rows(B);
+  // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
+  const std::optional<HiddenProduct<scalar_t>> whh =
+      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(wp, G, H, hc, true, kern);
+  auto dh_prev = [&](int64_t c, int64_t n, const scalar_t* da) { (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU); };
+
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t n = ord.active[s], n_next = s + 1 < T ? ord.active[s + 1] : 0;
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t off = ord.time(s, r) * B + ord.perm[r];
+      dy_rows[r] = pdy + off * P;
+      dgx_rows[r] = pdgx + off * GH;
+      dgh_rows[r] = pdgh + off * GH;
+      if (cell == GRU) {
+        h_rows[r] = s > 0 ? py + (ord.time(s - 1, r) * B + ord.perm[r]) * P : ph0 + r * P;
+      } else {
+        h_rows[r] = py + off * P;
+      }
+    }
+    for (int64_t r = n; r < B; ++r) {
+      std::fill_n(pdgx + (s * B + ord.perm[r]) * GH, GH, scalar_t(0));
+      std::fill_n(pdgh + (s * B + ord.perm[r]) * GH, GH, scalar_t(0));
+    }
+    if (n == 0) continue;
+    const scalar_t* c_prev = s > 0 ? psaved + (s - 1) * B * SW + 4 * H : pc0;
+    const int64_t ldc = s > 0 ? SW : H;
+    const scalar_t* sv = psaved + s * B * SW;
+    if (!proj) {
+      scalar_t* da = pda + (s % 2) * B * GH;
+      const scalar_t* da_next = pda + ((s + 1) % 2) * B * GH;
+      at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
+        OneBlasThread one;
+        for (int64_t c = begin; c < end; ++c) {
+          if (n_next > 0) dh_prev(c, n_next, da_next);
+          const int64_t j0 = c * hc;
+          BwdChunk<scalar_t> a{n,  H,   j0,  std::min(hc, H - j0), pdh, dy_rows.data(), pdc, sv, c_prev, ldc, h_rows.data(),
+                        dgx_rows.data(), dgh_rows.data(), da, nullptr};
+          run_bwd(kern, cell, a);
+        }
+      });
+      continue;
+    }
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t p = 0; p < P; ++p) pdhs[r * P + p] = pdh[r * P + p] + dy_rows[r][p];
+    at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
+      OneBlasThread one;
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
+        gemm<scalar_t>(false, false, n, n_j, P, pdhs, P, pwr + j0, H, scalar_t(0), pdhraw + j0, H);
+        BwdChunk<scalar_t> a{n,     H,   j0,     n_j,           pdhraw,          nullptr,         pdc, sv,
+                      c_prev, ldc, h_rows.data(), dgx_rows.data(), dgh_rows.data(), pda, phraw};
+        run_bwd(kern, cell, a);
+      }
+    });
+    at::parallel_for(0, npc, 1, [&](int64_t begin, int64_t end) {
+      OneBlasThread one;
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
+        gemm<scalar_t>(false, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(0), pdh + p0, P);
+        gemm<scalar_t>(true, false, n_p, H, n, pdhs + p0, P, phraw, H, scalar_t(1), pdw + p0 * H, H);
+      }
+    });
+  }
+  if (!proj && T > 0 && ord.active[0] > 0) {
+    at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
+      OneBlasThread one;
+      for (int64_t c = begin; c < end; ++c) dh_prev(c, ord.active[0], pda);
+    });
+  }
+  permute_rows(pdh, dh0.data_ptr<scalar_t>(), ord, P, false);
+  if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);
+}
+
+void fwd(int64_t cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+         const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
+         const c10::optional<at::Tensor>& w_hr, bool reverse, int64_t chunk, const at::Tensor& y,
+         const at::Tensor& hT, const c10::optional<at::Tensor>& cT, const at::Tensor& saved) {
+  check_cell(cell);
+  TORCH_CHECK(gx.dim() == 3, "gx must be [T, B, G*H]");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const auto dt = gx.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "gx must be float32 or float64, got ", dt);
+  const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G;
+  TORCH_CHECK(H > 0 && GH == G * H, "gx's last dimension must be a positive multiple of ", G);
+  TORCH_CHECK(T < INT_MAX && B < INT_MAX && GH < INT_MAX, "sizes must fit BLAS's 32-bit integers");
+  const bool lstm = cell == LSTM, proj = w_hr.has_value();
+  TORCH_CHECK(!proj || lstm, "w_hr (projection) needs the lstm cell");
+  const int64_t P = proj ? w_hr->size(0) : H;
+  check(gx, "gx", dt, {T, B, GH});
+  check(w_hh, "w_hh", dt, {GH, P});
+  if (b_hh) check(*b_hh, "b_hh", dt, {GH});
+  check(h0, "h0", dt, {B, P});
+  if (proj) check(*w_hr, "w_hr", dt, {P, H});
+  TORCH_CHECK(c0.has_value() == lstm && cT.has_value() == lstm, "c0 and cT are given exactly for lstm");
+  if (lstm) {
+    check(*c0, "c0", dt, {B, H});
+    check(*cT, "cT", dt, {B, H});
+  }
+  if (lengths) check(*lengths, "lengths", at::kLong, {B});
+  check(y, "y", dt, {T, B, P});
+  check(hT, "hT", dt, {B, P});
+  const int64_t SW = saved_width(cell) * H;
+  if (saved.numel()) check(saved, "saved", dt, {T, B, SW});
+  const Order ord = make_order(lengths, T, B, reverse);
+  const at::Tensor bias = b_hh ? *b_hh : at::zeros({GH}, gx.options());
+  const at::Tensor none;
+  AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
+    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, bias, h0, lstm ? *c0 : none, ord, w_hr, chunk, y, hT,
+                       lstm ? *cT : none, saved);
+  });
+}
+
+void bwd(int64_t cell, const at::Tensor& dy, const at::Tensor& dhT, const c10::optional<at::Tensor>& dcT,
+         const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0,
+         const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& y,
+         const at::Tensor& saved, bool reverse, int64_t chunk, const at::Tensor& dgx, const at::Tensor& dgh,
+         const at::Tensor& dh0, const c10::optional<at::Tensor>& dc0, const c10::optional<at::Tensor>& dw_hr) {
+  check_cell(cell);
+  TORCH_CHECK(dy.dim() == 3 && w_hh.dim() == 2, "dy must be [T, B, P] and w_hh [G*H, P]");
+  TORCH_CHECK(chunk > 0, "chunk must be positive");
+  const auto dt = dy.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "dy must be float32 or float64, got ", dt);
+  const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
+  TORCH_CHECK(H > 0 && GH == G * H, "w_hh's first dimension must be a positive multiple of ", G);
+  TORCH_CHECK(T < INT_MAX && B < INT_MAX && GH < INT_MAX, "sizes must fit BLAS's 32-bit integers");
+  const bool lstm = cell == LSTM, proj = w_hr.has_value();
+  TORCH_CHECK(!proj || lstm, "w_hr (projection) needs the lstm cell");
+  TORCH_CHECK(proj || P == H, "without projection dy's last dimension must be H");
+  check(dy, "dy", dt, {T, B, P});
+  check(dhT, "dhT", dt, {B, P});
+  check(w_hh, "w_hh", dt, {GH, P});
+  check(h0, "h0", dt, {B, P});
+  check(y, "y", dt, {T, B, P});
+  check(saved, "saved", dt, {T, B, saved_width(cell) * H});
+  check(dgx, "dgx", dt, {T, B, GH});
+  check(dgh, "dgh", dt, {T, B, GH});
+  check(dh0, "dh0", dt, {B, P});
+  TORCH_CHECK(dcT.has_value() == lstm && c0.has_value() == lstm && dc0.has_value() == lstm,
+              "dcT, c0 and dc0 are given exactly for lstm");
+  if (lstm) {
+    check(*dcT, "dcT", dt, {B, H});
+    check(*c0, "c0", dt, {B, H});
+    check(*dc0, "dc0", dt, {B, H});
+  }
+  TORCH_CHECK(dw_hr.has_value() == proj, "dw_hr is given exactly with w_hr");
+  if (proj) {
+    check(*w_hr, "w_hr", dt, {P, H});
+    check(*dw_hr, "dw_hr", dt, {P, H});
+  }
+  if (lengths) check(*lengths, "lengths", at::kLong, {B});
+  const Order ord = make_order(lengths, T, B, reverse);
+  const at::Tensor none;
+  AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_bwd", [&] {
+    bwd_loop<scalar_t>(static_cast<int>(cell), dy, dhT, lstm ? *dcT : none, w_hh, w_hr, h0, lstm ? *c0 : none, ord,
+                       y, saved, chunk, dgx, dgh, dh0, lstm ? *dc0 : none, proj ? *dw_hr : none);
+  });
+}
+
+std::string isa() { return kIsaNames[g_isa.load()]; }
+
+std::string set_isa(const std::string& name) {
+  const int best = best_isa();
+  for (int i = GENERIC; i <= AVX512; ++i) {
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(i <= best, "this CPU does not support ", name, "; the best is ", kIsaNames[best]);
+      return kIsaNames[g_isa.exchange(i)];
+    }
+  }
+  TORCH_CHECK(false, "unknown instruction set ", name, "; choose generic, avx2 or avx512");
+}
+
+}  // namespace
+}  // namespace seqfast
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "seqfast C++ CPU recurrences (see seqfast.kernels.cpp for the contract)";
+  namespace py = pybind11;
+  m.def("fwd", &seqfast::fwd, "Recurrence forward into preallocated y, hT, cT, saved.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("bwd", &seqfast::bwd, "Recurrence backward into preallocated dgx, dgh, dh0, dc0, dw_hr.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("isa", &seqfast::isa, "The instruction set of the float32 cell math in use.");
+  m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` float32 cell math; returns the previous.");
+  m.def("has_blas", [] {
+#if SEQFAST_BLAS
+    return seqfast::have_blas<float>() && seqfast::have_blas<double>();
+#else
+    return false;
+#endif
+  }, "Whether the GEMMs call torch's BLAS directly (else they go through at::mm).");
+}

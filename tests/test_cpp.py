@@ -1,0 +1,242 @@
+"""The C++ CPU backend (`seqfast.kernels.cpp` over `seqfast._C`): kernel contract against the float64 reference,
+float32 accuracy on every instruction-set path, bitwise repeatability across runs and thread counts, and an
+install without the extension."""
+
+import os
+import shutil
+import site
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from seqfast.kernels import reference
+from seqfast.kernels.common import GATES
+
+ROOT = Path(__file__).resolve().parent.parent
+CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
+NAMES = ["y", "hT", "cT", "dgx", "dgh", "dh0", "dc0", "dw_hr"]
+
+# float64: both sides compute the same expressions in a different summation order; measured max abs error
+# <= 5e-15 over this file's shapes, bound 1e-12. float32 vs the float64 reference: the loops carry float32 state
+# (u = 6e-8) and use ~2-ulp polynomial exp/tanh; measured relative RMS <= 5e-7 at T = 40 to 100, the bound 1e-5 is the
+# float32 tolerance of the module parity tests (tests/helpers.py).
+F64_ATOL = 1e-12
+F32_RTOL = 1e-5
+
+# (T, B, H, P): P = 0 without projection. H = 70 spans two 64-unit chunks, the last one ragged.
+SHAPES = [(1, 1, 1, 0), (7, 3, 33, 0), (5, 4, 70, 0), (6, 3, 20, 7)]
+
+
+def shape_id(shape):
+    T, B, H, P = shape
+    return f"B{B}-T{T}-H{H}" + (f"-P{P}" if P else "")
+
+
+@pytest.fixture(scope="module")
+def cpp():
+    return pytest.importorskip("seqfast.kernels.cpp", reason="seqfast._C is not built")
+
+
+def mixed_lengths(T, B):
+    """Lengths covering T, 0, 1 and a middle value (batch order not sorted)."""
+    return torch.tensor([[T, 0, 1, max(T // 2, 1)][b % 4] if b else T for b in range(B)][::-1])
+
+
+def problem(cell, T, B, H, P, dtype, lengths, bias=True):
+    """Random `(gx, w_hh, b_hh, h0, c0, lengths, w_hr)` and cotangents `(dy, dhT, dcT)` for one call."""
+    G, width = GATES[cell] * H, P or H
+    lstm = cell == "lstm"
+    args = (
+        torch.randn(T, B, G, dtype=dtype),
+        torch.randn(G, width, dtype=dtype) / width**0.5,
+        torch.randn(G, dtype=dtype) if bias else None,
+        torch.randn(B, width, dtype=dtype),
+        torch.randn(B, H, dtype=dtype) if lstm else None,
+        lengths,
+        torch.randn(P, H, dtype=dtype) / H**0.5 if P else None,
+    )
+    cot = (
+        torch.randn(T, B, width, dtype=dtype),
+        torch.randn(B, width, dtype=dtype),
+        torch.randn(B, H, dtype=dtype) if lstm else None,
+    )
+    return args, cot
+
+
+def run(backend, cell, args, cot, reverse):
+    """`[y, hT, cT, dgx, dgh, dh0, dc0, dw_hr]` of one forward + backward."""
+    gx, w_hh, b_hh, h0, c0, lengths, w_hr = args
+    y, hT, cT, saved = backend.fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse)
+    grads = backend.bwd(cell, *cot, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse)
+    return [y, hT, cT, *grads]
+
+
+def run_reference(cell, args, cot, reverse):
+    """`run` on the reference, single-threaded: its many tiny ops only pay for thread hand-offs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(reference, cell, args, cot, reverse)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def cast(tensors, dtype):
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("ragged", [False, True], ids=["full", "lengths"])
+@pytest.mark.parametrize(
+    "cell, shape",
+    [(c, s) for c in CELLS for s in SHAPES if c == "lstm" or not s[3]],
+    ids=[f"{c}-{shape_id(s)}" for c in CELLS for s in SHAPES if c == "lstm" or not s[3]],
+)
+def test_contract_float64(cpp, cell, shape, ragged, reverse):
+    T, B, H, P = shape
+    lengths = mixed_lengths(T, B) if ragged else None
+    args, cot = problem(cell, T, B, H, P, torch.float64, lengths, bias=H != 33)
+    ours = run(cpp, cell, args, cot, reverse)
+    ref = run_reference(cell, args, cot, reverse)
+    for name, a, b in zip(NAMES, ours, ref, strict=True):
+        if b is None:
+            assert a is None, name
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        err = (a - b).abs().max().item() if a.numel() else 0.0
+        assert err <= F64_ATOL, f"{name}: max abs error {err:.2e}"
+
+
+def isas(cpp):
+    """Instruction-set paths this CPU can run, best last."""
+    order = ["generic", "avx2", "avx512"]
+    return order[: order.index(cpp._C.isa()) + 1]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_accuracy(cpp, cell):
+    T, B, H = 40, 6, 70
+    P = 9 if cell == "lstm" else 0
+    previous = cpp._C.isa()
+    try:
+        for isa in isas(cpp):
+            cpp._C.set_isa(isa)
+            for reverse, lengths in [(False, None), (True, mixed_lengths(T, B))]:
+                args, cot = problem(cell, T, B, H, P, torch.float64, lengths)
+                ref = run_reference(cell, args, cot, reverse)
+                ours = run(cpp, cell, cast(args, torch.float32), cast(cot, torch.float32), reverse)
+                for name, a, b in zip(NAMES, ours, ref, strict=True):
+                    if b is None:
+                        continue
+                    assert a.dtype == torch.float32, name
+                    rel = ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
+                    assert rel <= F32_RTOL, f"{isa} reverse={reverse} {name}: relative RMS {rel:.2e}"
+    finally:
+        cpp._C.set_isa(previous)
+
+
+def outputs_f32(cpp, cell, P=0):
+    """A float32 problem spanning several chunks and panels, with lengths and reverse."""
+    T, B, H = 9, 20, 200
+    args, cot = problem(cell, T, B, H, P, torch.float32, torch.tensor([9, 3, 0, 7, 9] * 4))
+    return [t for t in run(cpp, cell, args, cot, True) if t is not None]
+
+
+@pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
+def test_thread_count_independent(cpp, cell):
+    P = 40 if cell == "lstm_proj" else 0
+    cell = cell.removesuffix("_proj")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            torch.manual_seed(1)
+            results.append(outputs_f32(cpp, cell, P))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
+            assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_repeatable(cpp, cell):
+    torch.manual_seed(2)
+    first = outputs_f32(cpp, cell)
+    torch.manual_seed(2)
+    second = outputs_f32(cpp, cell)
+    for a, b in zip(first, second, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_need_saved_false(cpp):
+    args, _ = problem("lstm", 4, 2, 8, 0, torch.float32, None)
+    y, hT, cT, saved = cpp.fwd("lstm", *args, need_saved=False)
+    y_ref, hT_ref, cT_ref, _ = cpp.fwd("lstm", *args)
+    assert saved.shape == (0,)
+    assert torch.equal(y, y_ref) and torch.equal(hT, hT_ref) and torch.equal(cT, cT_ref)
+
+
+def test_saved_shape(cpp):
+    assert cpp.saved_shape("lstm", 3, 2, 5, 4) == (3, 2, 25)
+    assert cpp.saved_shape("gru", 3, 2, 5, 5) == (3, 2, 20)
+    assert cpp.saved_shape("rnn_tanh", 3, 2, 5, 5) == (3, 2, 0)
+
+
+def test_unsupported_reasons(cpp):
+    gx, w, h0 = torch.zeros(2, 1, 4), torch.zeros(4, 4), torch.zeros(1, 4)
+    assert cpp.unsupported("rnn_tanh", gx, w, h0) is None
+    assert "float32 and float64" in cpp.unsupported("rnn_tanh", gx.half(), w, h0)
+    assert "CPU" in cpp.unsupported("rnn_tanh", gx.to("meta"), w, h0)
+    assert "unknown cell" in cpp.unsupported("lstm2", gx, w, h0)
+
+
+def test_bad_lengths_raise(cpp):
+    args, _ = problem("gru", 3, 2, 4, 0, torch.float32, torch.tensor([4, 1]))
+    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\]"):
+        cpp.fwd("gru", *args)
+
+
+def _copy_source(dst):
+    ignore = shutil.ignore_patterns(".git", "build", "dist", "*.so", "__pycache__", "*.egg-info", ".pytest_cache")
+    for name in ["setup.py", "pyproject.toml", "README.md", "seqfast", "kernels", "csrc"]:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=ignore)
+        elif src.exists():
+            shutil.copy2(src, dst / name)
+    if not (dst / "README.md").exists():
+        (dst / "README.md").write_text("seqfast\n")
+
+
+@pytest.mark.slow
+def test_install_without_extension(tmp_path):
+    src, target = tmp_path / "src", tmp_path / "target"
+    src.mkdir()
+    _copy_source(src)
+    env = {**os.environ, "SEQFAST_NO_EXTENSION": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--target", str(target), "."]
+    done = subprocess.run(cmd, cwd=src, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert not list(target.glob("seqfast/_C*")), "the extension was installed"
+    probe = (
+        "import seqfast, seqfast.kernels.reference\n"
+        f"assert seqfast.__file__.startswith({str(target)!r}), seqfast.__file__\n"
+        "try:\n"
+        "    import seqfast.kernels.cpp\n"
+        "except ImportError as e:\n"
+        "    print('ImportError:', e)\n"
+        "else:\n"
+        "    raise SystemExit('seqfast.kernels.cpp imported without _C')\n"
+        "from seqfast import dispatch\n"
+        "print([(b.name, b.available) for b in dispatch.backends()])\n"
+    )
+    # `-S` skips .pth files, so a development (editable) install of seqfast cannot supply `_C`.
+    env = {k: v for k, v in os.environ.items() if k != "SEQFAST_NO_EXTENSION"}
+    env["PYTHONPATH"] = os.pathsep.join([str(target), *site.getsitepackages()])
+    done = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "ImportError:" in done.stdout and "_C" in done.stdout, done.stdout
