@@ -24,12 +24,13 @@ class Backend(NamedTuple):
 
 _TABLE = (
     Backend("cpp", "seqfast.kernels.cpp", ("cpu",)),
+    Backend("numba", "seqfast.kernels.numba", ("cpu",)),
     Backend("reference", "seqfast.kernels.reference", ("cpu", "cuda")),
     Backend("triton", "seqfast.kernels.triton", ("cuda",)),
 )
 
 _PRIORITY = {
-    "cpu": ("cpp", "reference"),
+    "cpu": ("cpp", "numba", "reference"),
     "cuda": ("triton", "reference"),
 }
 

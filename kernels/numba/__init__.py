@@ -1,0 +1,192 @@
+"""The numba backend: @njit forward and backward time loops on CPU, on the contract of `seqfast.kernels.reference`.
+
+Importing it imports numba, so a missing or broken numba raises ImportError here and the dispatcher reports the
+backend unavailable with that reason. The loops compile on first use per dtype and are cached on disk.
+"""
+
+import numba
+import numpy as np
+import torch
+from seqfast.kernels.common import GATES, active_mask, compute_dtype, empty, hidden_size
+
+from . import loops
+
+DEVICES = ("cpu",)
+
+_SAVED_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 5}
+_DTYPES = (torch.float32, torch.float64)
+
+
+def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
+    """Why this backend cannot run the call, or None.
+
+    Args:
+        cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
+        gx, w_hh, h0, c0, lengths, w_hr: the call's tensors (see `seqfast.kernels.reference`); `c0`, `lengths`,
+            `w_hr` default to None.
+
+    Returns:
+        None, or the reason as a string.
+    """
+    if cell not in GATES:
+        return f"unknown cell {cell!r}"
+    if gx.dtype not in _DTYPES:
+        return f"computes in float32 and float64 only, not {gx.dtype}"
+    named = {"gx": gx, "w_hh": w_hh, "h0": h0, "c0": c0, "w_hr": w_hr}
+    for name, t in named.items():
+        if t is not None and t.device.type != "cpu":
+            return f"runs on cpu only; {name} is on {t.device}"
+        if t is not None and t.dtype != gx.dtype:
+            return f"needs one dtype for all tensors; gx is {gx.dtype} but {name} is {t.dtype}"
+    if lengths is not None and lengths.device.type != "cpu":
+        return f"runs on cpu only; lengths is on {lengths.device}"
+    if cell == "lstm" and c0 is None:
+        return "lstm needs c0"
+    if w_hr is not None and cell != "lstm":
+        return f"a projection (w_hr) is only defined for lstm, not {cell}"
+    return None
+
+
+def saved_shape(cell, T, B, H, P):
+    """Shape of `saved`: per step `h` (RNN), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
+    return (T, B, _SAVED_WIDTH[cell] * H)
+
+
+def _np(t, dtype):
+    """The numpy view the loops read and write: zero-copy for a contiguous tensor of `dtype`, else a converted copy.
+
+    Outputs always come from `common.empty` (contiguous, compute dtype), so the loops write into them directly.
+    """
+    t = t.detach()
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t.numpy()
+
+
+def _lens(lengths, T, B):
+    """`lengths` as `[B]` int64 numpy (all `T` when None), checked to lie in `[0, T]`."""
+    if lengths is None:
+        return np.full(B, T, dtype=np.int64)
+    lens = _np(lengths, torch.int64)
+    if lens.shape != (B,):
+        raise ValueError(f"lengths must have shape ({B},), got {tuple(lens.shape)}")
+    if B and (lens.min() < 0 or lens.max() > T):
+        raise ValueError(f"lengths must lie in [0, {T}], got min {lens.min()} and max {lens.max()}")
+    return lens
+
+
+def _launch(H):
+    """Run numba's loops on torch's thread count; return the number of unit chunks per parallel region (`nc`)."""
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    return max(1, min(threads, H))
+
+
+def _kernels(ct):
+    """The loops for compute dtype `ct`: threaded for float32, the serial twins for float64."""
+    return loops if ct == torch.float32 else loops.SERIAL
+
+
+def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
+    """Run the recurrence forward; see `seqfast.kernels.reference` for shapes.
+
+    Args:
+        cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr: as in the reference (`b_hh`, `c0`, `lengths`, `w_hr` may
+            be None).
+        reverse: walk each sequence from its own last step (default False).
+        need_saved: keep what `bwd` needs (default True).
+
+    Returns:
+        `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
+    """
+    T, B, G = gx.shape
+    H = hidden_size(cell, w_hh)
+    P = w_hh.shape[1]
+    ct = compute_dtype(gx.dtype)
+    nc = _launch(H)
+    k = _kernels(ct)
+    lens, reverse = _lens(lengths, T, B), bool(reverse)
+    x, w = _np(gx, ct), _np(w_hh, ct)
+    bias = _np(b_hh, ct) if b_hh is not None else np.zeros(G, dtype=x.dtype)
+    y = empty((T, B, P), ct, gx.device)
+    hT = empty((B, P), ct, gx.device)
+    hT.copy_(h0)
+    saved = empty(saved_shape(cell, T, B, H, P) if need_saved else (0,), ct, gx.device)
+    scratch = saved.numpy() if need_saved else np.empty((1,) + saved_shape(cell, 1, B, H, P)[1:], dtype=x.dtype)
+    cT = None
+    if cell == "lstm":
+        cT = empty((B, H), ct, gx.device)
+        cT.copy_(c0)
+        proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
+        k.lstm_fwd(x, w, bias, proj, lens, reverse, hT.numpy(), cT.numpy(), y.numpy(), scratch, nc)
+    elif cell == "gru":
+        k.gru_fwd(x, w, bias, lens, reverse, hT.numpy(), y.numpy(), scratch, nc)
+    else:
+        k.rnn_fwd(x, w, bias, lens, reverse, cell == "rnn_relu", hT.numpy(), y.numpy(), scratch, nc)
+    if need_saved and lengths is not None:
+        # the loops skip steps past a sequence's length; zeros keep the op's outputs deterministic
+        saved.masked_fill_(~active_mask(T, lengths, gx.device), 0)
+    return y, hT, cT, saved
+
+
+def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False):
+    """Backward of `fwd` from its `saved`; see `seqfast.kernels.reference` for shapes.
+
+    Args:
+        cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved: as in the reference (`dcT`, `w_hr`,
+            `c0`, `lengths` may be None; `b_hh` and `y` are not needed).
+        reverse: as passed to `fwd` (default False).
+
+    Returns:
+        `dgx`, `dgh` (`[T, B, G*H]`), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
+    """
+    T, B, P = dy.shape
+    G = w_hh.shape[0]
+    H = hidden_size(cell, w_hh)
+    ct = saved.dtype
+    nc = _launch(H)
+    k = _kernels(ct)
+    lens, reverse = _lens(lengths, T, B), bool(reverse)
+    d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
+    dgx = empty((T, B, G), ct, dy.device)
+    dgh = empty((T, B, G), ct, dy.device)
+    dh0 = empty((B, P), ct, dy.device)
+    dh0.copy_(dhT)
+    dc0 = dw_hr = None
+    if cell == "lstm":
+        dc0 = empty((B, H), ct, dy.device)
+        dc0.copy_(dcT)
+        if w_hr is not None:
+            hraw = empty((T, B, H), ct, dy.device)
+            dh_out = empty((T, B, P), ct, dy.device)
+            proj_t, hraw_np, dh_out_np = _np(w_hr.t(), ct), hraw.numpy(), dh_out.numpy()
+        else:
+            proj_t = np.empty((0, P), dtype=d_out.dtype)
+            hraw_np = dh_out_np = np.empty((0, 0, 0), dtype=d_out.dtype)
+        k.lstm_bwd(
+            d_out,
+            w_t,
+            proj_t,
+            lens,
+            reverse,
+            _np(c0, ct),
+            saved.numpy(),
+            dh0.numpy(),
+            dc0.numpy(),
+            dgx.numpy(),
+            dgh.numpy(),
+            hraw_np,
+            dh_out_np,
+            nc,
+        )
+        if w_hr is not None:
+            dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
+    elif cell == "gru":
+        k.gru_bwd(d_out, w_t, lens, reverse, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh.numpy(), nc)
+    else:
+        k.rnn_bwd(
+            d_out, w_t, lens, reverse, cell == "rnn_relu", saved.numpy(), dh0.numpy(), dgx.numpy(), dgh.numpy(), nc
+        )
+    return dgx, dgh, dh0, dc0, dw_hr
