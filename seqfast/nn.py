@@ -18,6 +18,22 @@ def _type_name(dtype):
     return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
+# torch.nn's recurrent layers and cells are on CUDA autocast's lower-precision list (on CPU it is op by op)
+_AUTOCAST_DEVICES = ("cuda",)
+
+
+def _autocast_dtype(device):
+    """The dtype autocast runs recurrent layers in on `device`, or None when it leaves them alone."""
+    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _cast(dtype, *tensors):
+    """`tensors` in `dtype` (differentiably), None kept; unchanged when `dtype` is None."""
+    return tuple(t if t is None or dtype is None else t.to(dtype) for t in tensors)
+
+
 def _check_same_dtype(state, weight, bias=None):
     """Raise torch's own error for `state @ weight.T (+ bias)` with mismatched dtypes (its text depends on `bias`)."""
     if state.dtype != weight.dtype and not torch.is_autocast_enabled(state.device.type):
@@ -130,6 +146,9 @@ class _Recurrent(torch.nn.RNNBase):
             x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        dtype = _autocast_dtype(x.device)
+        x, *states = _cast(dtype, x, *states)
+        weights = [_cast(dtype, *w) for w in weights]
         y, hn, cn = functional.rnn(
             CELL_OF_MODE[self.mode],
             x,
@@ -280,13 +299,16 @@ class _Cell(torch.nn.RNNCellBase):
         _check_same_dtype(input, self.weight_ih, self.bias_ih)
         for state in states:
             _check_same_dtype(state, self.weight_hh, self.bias_hh)
+        dtype = _autocast_dtype(input.device)
+        input, *states = _cast(dtype, input, *states)
+        w_ih, w_hh, b_ih, b_hh = _cast(dtype, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
         y, hT, cT = functional.layer(
             cell,
             input.unsqueeze(0),
-            self.weight_ih,
-            self.weight_hh,
-            self.bias_ih,
-            self.bias_hh,
+            w_ih,
+            w_hh,
+            b_ih,
+            b_hh,
             states[0],
             states[1] if is_lstm else None,
             backend=self.backend,

@@ -472,3 +472,24 @@ def test_gradcheck_rnn_unbatched_and_cells(backend):
             return tuple(flatten(cell(xc, tuple(s) if len(s) == 2 else s[0])))
 
         assert torch.autograd.gradcheck(step, (xc, *states))
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_autocast_runs_in_the_autocast_dtype(monkeypatch, name):
+    """As torch.nn under CUDA autocast: inputs, state and weights cast, outputs in that dtype, fp32 gradients.
+
+    Checked on CPU by treating CPU autocast like CUDA's (torch.nn's own CPU autocast rules differ op by op).
+    """
+    from seqfast import nn as seqfast_nn
+
+    monkeypatch.setattr(seqfast_nn, "_AUTOCAST_DEVICES", ("cpu",))
+    module = getattr(seqfast, name)(4, 6, backend="reference")
+    x = torch.randn(5, 3, 4) if name in MODULES else torch.randn(3, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = flatten(module(x))
+    assert all(t.dtype == torch.bfloat16 for t in out)
+    sum(t.float().sum() for t in out).backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
+    expected = flatten(module(x))
+    for a, e in zip(out, expected, strict=True):
+        assert_close(a.float(), e, 3e-2, "bfloat16 output")
