@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from seqfast.kernels import common, reference
@@ -187,3 +188,27 @@ def test_unavailable_without_numba():
         if line.startswith("table:"):
             assert line.startswith("table: False") and "numba" in line, line
             assert "ImportError" in line or "ModuleNotFoundError" in line, line
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cell", CELLS)
+def test_more_chunks_than_threads(cell, threads, monkeypatch):
+    """Five chunks per phase on fewer threads: a prange iteration that runs late or after another on the same thread
+    finds its chunks taken, so the loops neither deadlock nor change the result."""
+    numba = pytest.importorskip("numba")
+    T, B, H, P = PROJ_SHAPES[1] if cell == "lstm" else SHAPES[2]
+    args, grads, lengths = problem(cell, T, B, H, P, True)
+    expected = run(reference, cell, args, grads, lengths, True)
+    nc = 5
+
+    def launch(H):
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        return nc, np.zeros(nb.loops.LINE * (nc + 1), dtype=np.int64)
+
+    monkeypatch.setattr(nb, "_launch", launch)
+    f32 = {k: None if v is None else v.float() for k, v in args.items()}
+    g32 = {k: None if v is None else v.float() for k, v in grads.items()}
+    actual = run(nb, cell, f32, g32, lengths, True)
+    for a, e, name in zip(actual, expected, NAMES, strict=True):
+        check(a, e, 1e-4, torch.float32, name)

@@ -78,10 +78,15 @@ def _lens(lengths, T, B):
 
 
 def _launch(H):
-    """Run numba's loops on torch's thread count; return the number of unit chunks per parallel region (`nc`)."""
+    """Run numba's loops on torch's thread count.
+
+    Returns:
+        `nc`, the number of threads and of unit chunks per phase, and the loops' fresh `sync` counters.
+    """
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
-    return max(1, min(threads, H))
+    nc = max(1, min(threads, H))
+    return nc, np.zeros(loops.LINE * (nc + 1), dtype=np.int64)
 
 
 def _kernels(ct):
@@ -105,7 +110,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     H = hidden_size(cell, w_hh)
     P = w_hh.shape[1]
     ct = compute_dtype(gx.dtype)
-    nc = _launch(H)
+    nc, sync = _launch(H)
     k = _kernels(ct)
     lens, reverse = _lens(lengths, T, B), bool(reverse)
     x, w = _np(gx, ct), _np(w_hh, ct)
@@ -120,11 +125,11 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         cT = empty((B, H), ct, gx.device)
         cT.copy_(c0)
         proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
-        k.lstm_fwd(x, w, bias, proj, lens, reverse, hT.numpy(), cT.numpy(), y.numpy(), scratch, nc)
+        k.lstm_fwd(x, w, bias, proj, lens, reverse, hT.numpy(), cT.numpy(), y.numpy(), scratch, sync, nc)
     elif cell == "gru":
-        k.gru_fwd(x, w, bias, lens, reverse, hT.numpy(), y.numpy(), scratch, nc)
+        k.gru_fwd(x, w, bias, lens, reverse, hT.numpy(), y.numpy(), scratch, sync, nc)
     else:
-        k.rnn_fwd(x, w, bias, lens, reverse, cell == "rnn_relu", hT.numpy(), y.numpy(), scratch, nc)
+        k.rnn_fwd(x, w, bias, lens, reverse, cell == "rnn_relu", hT.numpy(), y.numpy(), scratch, sync, nc)
     if need_saved and lengths is not None:
         # the loops skip steps past a sequence's length; zeros keep the op's outputs deterministic
         saved.masked_fill_(~active_mask(T, lengths, gx.device), 0)
@@ -146,7 +151,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     G = w_hh.shape[0]
     H = hidden_size(cell, w_hh)
     ct = saved.dtype
-    nc = _launch(H)
+    nc, sync = _launch(H)
     k = _kernels(ct)
     lens, reverse = _lens(lengths, T, B), bool(reverse)
     d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
@@ -179,14 +184,25 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
             dgh.numpy(),
             hraw_np,
             dh_out_np,
+            sync,
             nc,
         )
         if w_hr is not None:
             dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
     elif cell == "gru":
-        k.gru_bwd(d_out, w_t, lens, reverse, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh.numpy(), nc)
+        k.gru_bwd(d_out, w_t, lens, reverse, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh.numpy(), sync, nc)
     else:
         k.rnn_bwd(
-            d_out, w_t, lens, reverse, cell == "rnn_relu", saved.numpy(), dh0.numpy(), dgx.numpy(), dgh.numpy(), nc
+            d_out,
+            w_t,
+            lens,
+            reverse,
+            cell == "rnn_relu",
+            saved.numpy(),
+            dh0.numpy(),
+            dgx.numpy(),
+            dgh.numpy(),
+            sync,
+            nc,
         )
     return dgx, dgh, dh0, dc0, dw_hr

@@ -4,19 +4,27 @@ Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the ti
 (`lens[b] - 1 - s` when reversed). Steps at or past `lens[b]` keep the state and write zeros. `saved` is kept in
 processing order with the reference's layout. State buffers (`h`, `c`, `dh`, `dc`) come in holding the initial
 value and leave holding the final one. Each parallel region splits hidden units (or state columns) into `nc`
-contiguous chunks and does both the recurrent product for its rows of the weights and the pointwise math for its
-units, so a forward step is one region (two with a projection) and a backward step two. Each function is
-compiled once per dtype; `proj`, `rev`, `relu` and `nc` are runtime arguments, so no flag adds a variant.
+contiguous chunks; a chunk does both the recurrent product for its rows of the weights and the pointwise math for its
+units. The whole time loop is one parallel region of `nc` threads: each phase of a step (one per forward step, two
+with a projection; two per backward step, three with one) is `nc` chunks that threads claim with a compare-and-swap,
+own chunk first, and a claimed chunk starts once every chunk of the earlier phases is done (`sync`). A thread that
+never runs only leaves its chunks to the others, so the loop cannot deadlock however many threads the pool gives.
+Each function is compiled once per dtype; `proj`, `rev`, `relu` and `nc` are runtime arguments, so no flag adds a
+variant.
 """
 
 import math
+import platform
 from types import SimpleNamespace
 
 import numpy as np
+from llvmlite import ir
 from numba import njit, prange, types
-from numba.extending import overload
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
 
-_OPTS = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}}
+# error_model="numpy": no ZeroDivisionError branch around each division, which would keep the cell math scalar
+_OPTS = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}, "error_model": "numpy"}
 
 
 def _parallel():
@@ -44,6 +52,11 @@ _B6, _B4, _B2, _B0 = (
     np.float32(b) for b in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
 )
 _HALF32 = np.float32(0.5)
+# `sync [LINE * (nc + 1)]` int64: chunks done at 0, phases claimed of chunk `q` at `LINE * (q + 1)`, a cache line apart
+LINE = 8
+# pause-spins before a waiting thread starts yielding its core (another process may hold the thread it waits on)
+_SPINS = 1 << 12
+_PAUSE = "llvm.x86.sse2.pause" if platform.machine().lower() in ("x86_64", "amd64") else None
 
 
 def tanh(x):
@@ -84,6 +97,81 @@ def _sigmoid_impl(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
         return lambda x: _HALF32 * _tanh32(_HALF32 * x) + _HALF32
     return lambda x: 1.0 / (1.0 + math.exp(-x))
+
+
+def _item(context, builder, aryty, ary, idx):
+    # pointer to element `idx` of a 1-D array, for the atomics below
+    return cgutils.get_item_pointer(context, builder, aryty, context.make_array(aryty)(context, builder, ary), [idx])
+
+
+@intrinsic
+def _fetch_add(typingctx, a, i, v):
+    def codegen(context, builder, sig, args):
+        return builder.atomic_rmw("add", _item(context, builder, sig.args[0], args[0], args[1]), args[2], "seq_cst")
+
+    return types.int64(a, types.intp, types.int64), codegen
+
+
+@intrinsic
+def _load_acquire(typingctx, a, i):
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_item(context, builder, sig.args[0], args[0], args[1]), "acquire", 8)
+
+    return types.int64(a, types.intp), codegen
+
+
+@intrinsic
+def _cas(typingctx, a, i, old, new):
+    def codegen(context, builder, sig, args):
+        ptr = _item(context, builder, sig.args[0], args[0], args[1])
+        return builder.extract_value(builder.cmpxchg(ptr, args[2], args[3], "seq_cst", "seq_cst"), 1)
+
+    return types.boolean(a, types.intp, types.int64, types.int64), codegen
+
+
+def _call_no_args(builder, name, ret):
+    # an external function or LLVM intrinsic, resolved at load time, so the cached object code stays valid
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, []), name)
+    builder.call(fn, [])
+
+
+@intrinsic
+def _pause(typingctx):
+    def codegen(context, builder, sig, args):
+        if _PAUSE:
+            _call_no_args(builder, _PAUSE, ir.VoidType())
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@intrinsic
+def _yield(typingctx):
+    def codegen(context, builder, sig, args):
+        _call_no_args(builder, "sched_yield", ir.IntType(32))
+        return context.get_dummy_value()
+
+    return types.none(), codegen
+
+
+@njit(**_OPTS)
+def _begin(sync, q, ph, nc):
+    # claim chunk `q` of phase `ph`; once claimed, wait until all `ph * nc` chunks of the earlier phases are done
+    if not _cas(sync, LINE * (q + 1), ph, ph + 1):
+        return False
+    n = 0
+    while _load_acquire(sync, 0) < ph * nc:
+        n += 1
+        if n < _SPINS:
+            _pause()
+        else:
+            _yield()
+    return True
+
+
+@njit(**_OPTS)
+def _end(sync):
+    _fetch_add(sync, 0, 1)
 
 
 @njit(**_OPTS)
@@ -156,108 +244,283 @@ def _fill(row, j0, j1):
         row[j] = zero
 
 
+# The row helpers loop from 0 over slices: a loop over `range(j0, j1)` keeps numba's negative-index wraparound, with
+# which LLVM vectorises through gathers, if at all.
+@njit(**_OPTS)
+def _copy(src, dst, j0, j1):
+    s, d = src[j0:j1], dst[j0:j1]
+    for j in range(j1 - j0):
+        d[j] = s[j]
+
+
+@njit(**_OPTS)
+def _add(x, z, out, j0, j1):
+    # `out = x + z` on `j0 <= j < j1`
+    a, b, o = x[j0:j1], z[j0:j1], out[j0:j1]
+    for j in range(j1 - j0):
+        o[j] = a[j] + b[j]
+
+
+@njit(**_OPTS)
+def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1):
+    """Units `j0 <= j < j1`: the activated gates `i, f, g, o` of the recurrent product `a [4H]` plus `gxr [4H]` and
+    `bias [4H]` into `svr [5H]`, then the new cell state into `cr [H]` and `svr`. Activations go out of place: an
+    in-place one stays scalar."""
+    n = j1 - j0
+    for g in range(4):
+        ag, xg, bg, sg = (
+            a[g * H + j0 : g * H + j1],
+            gxr[g * H + j0 : g * H + j1],
+            bias[g * H + j0 : g * H + j1],
+            svr[g * H + j0 : g * H + j1],
+        )
+        for j in range(n):
+            ag[j] += xg[j] + bg[j]
+        if g == 2:
+            for j in range(n):
+                sg[j] = tanh(ag[j])
+        else:
+            for j in range(n):
+                sg[j] = sigmoid(ag[j])
+    si, sf, sg, sc, c = (
+        svr[j0:j1],
+        svr[H + j0 : H + j1],
+        svr[2 * H + j0 : 2 * H + j1],
+        svr[4 * H + j0 : 4 * H + j1],
+        cr[j0:j1],
+    )
+    for j in range(n):
+        cn = sf[j] * c[j] + si[j] * sg[j]
+        c[j] = cn
+        sc[j] = cn
+
+
+@njit(**_OPTS)
+def _lstm_out(svr, hr, H, j0, j1):
+    # `h = o * tanh(c)` from the saved row `svr [5H]` into `hr [H]`
+    so, sc, h = svr[3 * H + j0 : 3 * H + j1], svr[4 * H + j0 : 4 * H + j1], hr[j0:j1]
+    for j in range(j1 - j0):
+        h[j] = so[j] * tanh(sc[j])
+
+
+@njit(**_OPTS)
+def _lstm_grads(svr, cpr, dhr, dcr, dcs, dar, H, j0, j1):
+    """Units `j0 <= j < j1` of one step's backward from the saved row `svr [5H]`, the previous cell state `cpr [H]`
+    and the state gradient `dhr [H]`: the gate gradients into `dar [4H]`, `dcr [H]` back one step (`dcs [H]`:
+    scratch)."""
+    one = dcr.dtype.type(1)
+    n = j1 - j0
+    i, f, g, o, c = (
+        svr[j0:j1],
+        svr[H + j0 : H + j1],
+        svr[2 * H + j0 : 2 * H + j1],
+        svr[3 * H + j0 : 3 * H + j1],
+        svr[4 * H + j0 : 4 * H + j1],
+    )
+    dai, daf, dag, dao = (
+        dar[j0:j1],
+        dar[H + j0 : H + j1],
+        dar[2 * H + j0 : 2 * H + j1],
+        dar[3 * H + j0 : 3 * H + j1],
+    )
+    cp, dh, dc, d = cpr[j0:j1], dhr[j0:j1], dcr[j0:j1], dcs[j0:j1]
+    # d sigmoid = s (1 - s); d tanh = 1 - t^2
+    for j in range(n):
+        tc = tanh(c[j])
+        d[j] = dc[j] + dh[j] * o[j] * (one - tc * tc)
+        dao[j] = dh[j] * tc * o[j] * (one - o[j])
+    for j in range(n):
+        dai[j] = d[j] * g[j] * i[j] * (one - i[j])
+        daf[j] = d[j] * cp[j] * f[j] * (one - f[j])
+        dag[j] = d[j] * i[j] * (one - g[j] * g[j])
+        dc[j] = d[j] * f[j]
+
+
+@njit(**_OPTS)
+def _rnn_act(gxr, a, bias, relu, hr, j0, j1):
+    # units `j0 <= j < j1` of `h = act(gx + W_hh h + b_hh)` from the recurrent product `a [H]` into `hr [H]`
+    x, p, bb, h = gxr[j0:j1], a[j0:j1], bias[j0:j1], hr[j0:j1]
+    zero = h.dtype.type(0)
+    for j in range(j1 - j0):
+        v = x[j] + p[j] + bb[j]
+        h[j] = max(v, zero) if relu else tanh(v)
+
+
+@njit(**_OPTS)
+def _rnn_grad(hsr, dhr, dyr, relu, dar, j0, j1):
+    # units `j0 <= j < j1` of the pre-activation gradient `act'(h) (dh + dy)` into `dar [H]`; relu' = [h > 0],
+    # tanh' = 1 - h^2
+    hs, dh, dy, da = hsr[j0:j1], dhr[j0:j1], dyr[j0:j1], dar[j0:j1]
+    zero, one = da.dtype.type(0), da.dtype.type(1)
+    for j in range(j1 - j0):
+        d = dh[j] + dy[j]
+        da[j] = (d if hs[j] > zero else zero) if relu else d * (one - hs[j] * hs[j])
+
+
+@njit(**_OPTS)
+def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1):
+    """Units `j0 <= j < j1`: from the recurrent product `a [3H]`, `gxr`, `bias [3H]` and the previous state `hpr [H]`,
+    `r, z, n, W_hn h + b_hn, h_prev` into `svr [5H]` and the new state into `hr [H]`."""
+    n = j1 - j0
+    for g in range(3):
+        ag, bg = a[g * H + j0 : g * H + j1], bias[g * H + j0 : g * H + j1]
+        for j in range(n):
+            ag[j] += bg[j]
+    for g in range(2):
+        ag, xg, sg = a[g * H + j0 : g * H + j1], gxr[g * H + j0 : g * H + j1], svr[g * H + j0 : g * H + j1]
+        for j in range(n):
+            sg[j] = sigmoid(ag[j] + xg[j])
+    r, z, sn, shn, shp = (
+        svr[j0:j1],
+        svr[H + j0 : H + j1],
+        svr[2 * H + j0 : 2 * H + j1],
+        svr[3 * H + j0 : 3 * H + j1],
+        svr[4 * H + j0 : 4 * H + j1],
+    )
+    ahn, xn, hp, h = a[2 * H + j0 : 2 * H + j1], gxr[2 * H + j0 : 2 * H + j1], hpr[j0:j1], hr[j0:j1]
+    one = h.dtype.type(1)
+    for j in range(n):
+        nj = tanh(xn[j] + r[j] * ahn[j])
+        sn[j], shn[j], shp[j] = nj, ahn[j], hp[j]
+        h[j] = (one - z[j]) * nj + z[j] * hp[j]
+
+
+@njit(**_OPTS)
+def _gru_grads(svr, d, dar, dgxr, dhz, H, j0, j1):
+    """Units `j0 <= j < j1` of one step's backward from the saved row `svr [5H]` and the state gradient `d [H]`:
+    `dar [3H]` (the gradient of the recurrent pre-activations), the n gate of `dgxr [3H]`, and `dhz = d * z`."""
+    one = dhz.dtype.type(1)
+    n = j1 - j0
+    r, z, ng, hn, hp = (
+        svr[j0:j1],
+        svr[H + j0 : H + j1],
+        svr[2 * H + j0 : 2 * H + j1],
+        svr[3 * H + j0 : 3 * H + j1],
+        svr[4 * H + j0 : 4 * H + j1],
+    )
+    dar_, daz, dahn, dan, dd, dz = (
+        dar[j0:j1],
+        dar[H + j0 : H + j1],
+        dar[2 * H + j0 : 2 * H + j1],
+        dgxr[2 * H + j0 : 2 * H + j1],
+        d[j0:j1],
+        dhz[j0:j1],
+    )
+    for j in range(n):
+        an = dd[j] * (one - z[j]) * (one - ng[j] * ng[j])
+        dan[j], dahn[j] = an, an * r[j]
+        dar_[j] = an * hn[j] * r[j] * (one - r[j])
+        daz[j] = dd[j] * (hp[j] - ng[j]) * z[j] * (one - z[j])
+        dz[j] = dd[j] * z[j]
+
+
 @njit(parallel=_parallel(), **_OPTS)
-def rnn_fwd(gx, w_hh, b_hh, lens, rev, relu, h, y, saved, nc):
+def rnn_fwd(gx, w_hh, b_hh, lens, rev, relu, h, y, saved, sync, nc):
     """`gx [T, B, H]`, `w_hh [H, H]`, `b_hh [H]`, `lens [B]`; `h [B, H]`; `y [T, B, H]`; `saved [T or 1, B, H]`."""
     T, B, H = gx.shape
-    zero = h.dtype.type(0)
     gh = np.empty((B, H), h.dtype)
     h2 = np.empty_like(h)
-    for s in range(T):
-        cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
-        sv = saved[min(s, saved.shape[0] - 1)]
-        for q in prange(nc):
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            mm_rows(cur, w_hh, gh, j0, j1)
-            for b in range(B):
-                if s >= lens[b]:
-                    _copy_state(cur, nxt, y[s, b], b, j0, j1)
+    for tid in prange(nc):
+        for s in range(T):
+            cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
+            sv = saved[min(s, saved.shape[0] - 1)]
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, s, nc):
                     continue
-                t = _step_time(s, lens[b], rev)
-                for j in range(j0, j1):
-                    a = gx[t, b, j] + gh[b, j] + b_hh[j]
-                    hn = max(a, zero) if relu else tanh(a)
-                    nxt[b, j] = hn
-                    y[t, b, j] = hn
-                    sv[b, j] = hn
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                mm_rows(cur, w_hh, gh, j0, j1)
+                for b in range(B):
+                    if s >= lens[b]:
+                        _copy_state(cur, nxt, y[s, b], b, j0, j1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
+                    _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
+                    _copy(nxt[b], y[t, b], j0, j1)
+                    _copy(nxt[b], sv[b], j0, j1)
+                _end(sync)
     if T % 2 == 1:
         h[:] = h2
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def rnn_bwd(dy, w_hh_t, lens, rev, relu, saved, dh, dgx, dgh, nc):
+def rnn_bwd(dy, w_hh_t, lens, rev, relu, saved, dh, dgx, dgh, sync, nc):
     """`dy [T, B, H]`, `w_hh_t [H, H]` (`w_hh^T`), `saved [T, B, H]`; `dh [B, H]`; `dgx`, `dgh [T, B, H]`."""
     T, B, H = dy.shape
-    zero, one = dh.dtype.type(0), dh.dtype.type(1)
     da = np.zeros((B, H), dh.dtype)
     dhp = np.empty((B, H), dh.dtype)
-    for s in range(T - 1, -1, -1):
-        for q in prange(nc):
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            for b in range(B):
-                if s >= lens[b]:
-                    _fill(dgx[s, b], j0, j1)
-                    _fill(dgh[s, b], j0, j1)
+    for tid in prange(nc):
+        for s in range(T - 1, -1, -1):
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, 2 * (T - 1 - s), nc):
                     continue
-                t = _step_time(s, lens[b], rev)
-                for j in range(j0, j1):
-                    hs = saved[s, b, j]
-                    d = dh[b, j] + dy[t, b, j]
-                    # relu' = [h > 0]; tanh' = 1 - h^2
-                    g = (d if hs > zero else zero) if relu else d * (one - hs * hs)
-                    da[b, j] = g
-                    dgx[t, b, j] = g
-                    dgh[t, b, j] = g
-        for q in prange(nc):
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            mm_rows(da, w_hh_t, dhp, j0, j1)
-            for b in range(B):
-                if s < lens[b]:
-                    for j in range(j0, j1):
-                        dh[b, j] = dhp[b, j]
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                for b in range(B):
+                    if s >= lens[b]:
+                        _fill(dgx[s, b], j0, j1)
+                        _fill(dgh[s, b], j0, j1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
+                    _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, da[b], j0, j1)
+                    _copy(da[b], dgx[t, b], j0, j1)
+                    _copy(da[b], dgh[t, b], j0, j1)
+                _end(sync)
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, 2 * (T - 1 - s) + 1, nc):
+                    continue
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                mm_rows(da, w_hh_t, dhp, j0, j1)
+                for b in range(B):
+                    if s < lens[b]:
+                        for j in range(j0, j1):
+                            dh[b, j] = dhp[b, j]
+                _end(sync)
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, nc):
+def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, sync, nc):
     """`gx [T, B, 4H]`, `w_hh [4H, P]`, `b_hh [4H]`, `w_hr [P, H]` (`[0, H]`: no projection), `lens [B]`;
     `h [B, P]`, `c [B, H]`; `y [T, B, P]`; `saved [T or 1, B, 5H]` (`i, f, g, o, c`)."""
     T, B, _ = gx.shape
     H = c.shape[1]
     P = h.shape[1]
     proj = w_hr.shape[0] > 0
+    nph = 2 if proj else 1
     gh = np.empty((B, 4 * H), h.dtype)
     hraw = np.empty((B, H), h.dtype)
     h2 = np.empty_like(h)
-    ncp = min(nc, P)
-    for s in range(T):
-        cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
-        sv = saved[min(s, saved.shape[0] - 1)]
-        for q in prange(nc):
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            _gate_rows(cur, w_hh, gh, 4, H, j0, j1)
-            for b in range(B):
-                if s >= lens[b]:
-                    if not proj:
-                        _copy_state(cur, nxt, y[s, b], b, j0, j1)
+    for tid in prange(nc):
+        for s in range(T):
+            cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
+            sv = saved[min(s, saved.shape[0] - 1)]
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, nph * s, nc):
                     continue
-                t = _step_time(s, lens[b], rev)
-                for j in range(j0, j1):
-                    i = sigmoid(gx[t, b, j] + gh[b, j] + b_hh[j])
-                    f = sigmoid(gx[t, b, H + j] + gh[b, H + j] + b_hh[H + j])
-                    g = tanh(gx[t, b, 2 * H + j] + gh[b, 2 * H + j] + b_hh[2 * H + j])
-                    o = sigmoid(gx[t, b, 3 * H + j] + gh[b, 3 * H + j] + b_hh[3 * H + j])
-                    cn = f * c[b, j] + i * g
-                    hn = o * tanh(cn)
-                    c[b, j] = cn
-                    sv[b, j], sv[b, H + j], sv[b, 2 * H + j], sv[b, 3 * H + j], sv[b, 4 * H + j] = i, f, g, o, cn
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                _gate_rows(cur, w_hh, gh, 4, H, j0, j1)
+                for b in range(B):
+                    if s >= lens[b]:
+                        if not proj:
+                            _copy_state(cur, nxt, y[s, b], b, j0, j1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
+                    _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
                     if proj:
-                        hraw[b, j] = hn
+                        _lstm_out(sv[b], hraw[b], H, j0, j1)
                     else:
-                        nxt[b, j] = hn
-                        y[t, b, j] = hn
-        if proj:
-            for q in prange(ncp):
-                p0, p1 = q * P // ncp, (q + 1) * P // ncp
+                        _lstm_out(sv[b], nxt[b], H, j0, j1)
+                        _copy(nxt[b], y[t, b], j0, j1)
+                _end(sync)
+            if not proj:
+                continue
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, nph * s + 1, nc):
+                    continue
+                p0, p1 = q * P // nc, (q + 1) * P // nc
                 mm_rows(hraw, w_hr, nxt, p0, p1)
                 for b in range(B):
                     if s >= lens[b]:
@@ -266,145 +529,152 @@ def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, nc):
                     t = _step_time(s, lens[b], rev)
                     for p in range(p0, p1):
                         y[t, b, p] = nxt[b, p]
+                _end(sync)
     if T % 2 == 1:
         h[:] = h2
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, nc):
+def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, sync, nc):
     """`dy [T, B, P]`, `w_hh_t [P, 4H]`, `w_hr_t [H, P]` (`[0, P]`: no projection), `c0 [B, H]`,
     `saved [T, B, 5H]`; `dh [B, P]`, `dc [B, H]`; `dgx`, `dgh [T, B, 4H]`; with projection `hraw [T, B, H]`
     and `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero when inactive)."""
     T, B, P = dy.shape
     H = dc.shape[1]
     proj = w_hr_t.shape[0] > 0
-    one = dh.dtype.type(1)
+    nph = 3 if proj else 2
     da = np.zeros((B, 4 * H), dh.dtype)
     dhraw = np.empty((B, H), dh.dtype)
+    dcs = np.empty((B, H), dh.dtype)
     dhp = np.empty((B, P), dh.dtype)
-    ncp = min(nc, P)
-    for s in range(T - 1, -1, -1):
-        if proj:
-            # the projection's product needs the whole state gradient `dh + dy` first
-            for b in range(B):
-                if s < lens[b]:
-                    t = _step_time(s, lens[b], rev)
-                    for p in range(P):
-                        dh[b, p] += dy[t, b, p]
-                        dh_out[s, b, p] = dh[b, p]
-                else:
-                    _fill(dh_out[s, b], 0, P)
-                    _fill(hraw[s, b], 0, H)
-        for q in prange(nc):
-            j0, j1 = q * H // nc, (q + 1) * H // nc
+    for tid in prange(nc):
+        for s in range(T - 1, -1, -1):
+            ph = nph * (T - 1 - s)
             if proj:
-                mm_rows(dh, w_hr_t, dhraw, j0, j1)
-            for b in range(B):
-                if s >= lens[b]:
-                    for g in range(4):
-                        _fill(dgx[s, b], g * H + j0, g * H + j1)
-                        _fill(dgh[s, b], g * H + j0, g * H + j1)
+                # the projection's product needs the whole state gradient `dh + dy` first
+                for k in range(nc):
+                    q = (tid + k) % nc
+                    if not _begin(sync, q, ph, nc):
+                        continue
+                    p0, p1 = q * P // nc, (q + 1) * P // nc
+                    for b in range(B):
+                        if s < lens[b]:
+                            t = _step_time(s, lens[b], rev)
+                            for p in range(p0, p1):
+                                dh[b, p] += dy[t, b, p]
+                                dh_out[s, b, p] = dh[b, p]
+                        else:
+                            _fill(dh_out[s, b], p0, p1)
+                            _fill(hraw[s, b], q * H // nc, (q + 1) * H // nc)
+                    _end(sync)
+                ph += 1
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, ph, nc):
                     continue
-                t = _step_time(s, lens[b], rev)
-                for j in range(j0, j1):
-                    i, f, g, o = saved[s, b, j], saved[s, b, H + j], saved[s, b, 2 * H + j], saved[s, b, 3 * H + j]
-                    cs = saved[s, b, 4 * H + j]
-                    cp = saved[s - 1, b, 4 * H + j] if s > 0 else c0[b, j]
-                    tc = tanh(cs)
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                if proj:
+                    mm_rows(dh, w_hr_t, dhraw, j0, j1)
+                for b in range(B):
+                    if s >= lens[b]:
+                        for g in range(4):
+                            _fill(dgx[s, b], g * H + j0, g * H + j1)
+                            _fill(dgh[s, b], g * H + j0, g * H + j1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
                     if proj:
-                        dhr = dhraw[b, j]
-                        hraw[s, b, j] = o * tc
+                        _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
                     else:
-                        dhr = dh[b, j] + dy[t, b, j]
-                    dcs = dc[b, j] + dhr * o * (one - tc * tc)
-                    # d sigmoid = s (1 - s); d tanh = 1 - t^2
-                    dai = dcs * g * i * (one - i)
-                    daf = dcs * cp * f * (one - f)
-                    dag = dcs * i * (one - g * g)
-                    dao = dhr * tc * o * (one - o)
-                    dc[b, j] = dcs * f
-                    da[b, j], da[b, H + j], da[b, 2 * H + j], da[b, 3 * H + j] = dai, daf, dag, dao
-                    dgx[t, b, j], dgx[t, b, H + j], dgx[t, b, 2 * H + j], dgx[t, b, 3 * H + j] = dai, daf, dag, dao
-                    dgh[t, b, j], dgh[t, b, H + j], dgh[t, b, 2 * H + j], dgh[t, b, 3 * H + j] = dai, daf, dag, dao
-        for q in prange(ncp):
-            p0, p1 = q * P // ncp, (q + 1) * P // ncp
-            mm_rows(da, w_hh_t, dhp, p0, p1)
-            for b in range(B):
-                if s < lens[b]:
-                    for p in range(p0, p1):
-                        dh[b, p] = dhp[b, p]
+                        _add(dh[b], dy[t, b], dhraw[b], j0, j1)
+                    cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
+                    _lstm_grads(saved[s, b], cp, dhraw[b], dc[b], dcs[b], da[b], H, j0, j1)
+                    for g in range(4):
+                        _copy(da[b], dgx[t, b], g * H + j0, g * H + j1)
+                        _copy(da[b], dgh[t, b], g * H + j0, g * H + j1)
+                _end(sync)
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, ph + 1, nc):
+                    continue
+                p0, p1 = q * P // nc, (q + 1) * P // nc
+                mm_rows(da, w_hh_t, dhp, p0, p1)
+                for b in range(B):
+                    if s < lens[b]:
+                        for p in range(p0, p1):
+                            dh[b, p] = dhp[b, p]
+                _end(sync)
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def gru_fwd(gx, w_hh, b_hh, lens, rev, h, y, saved, nc):
+def gru_fwd(gx, w_hh, b_hh, lens, rev, h, y, saved, sync, nc):
     """`gx [T, B, 3H]`, `w_hh [3H, H]`, `b_hh [3H]`, `lens [B]`; `h [B, H]`; `y [T, B, H]`;
     `saved [T or 1, B, 5H]` (`r, z, n, W_hn h + b_hn, h_prev`)."""
     T, B, _ = gx.shape
     H = h.shape[1]
-    one = h.dtype.type(1)
     gh = np.empty((B, 3 * H), h.dtype)
     h2 = np.empty_like(h)
-    for s in range(T):
-        cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
-        sv = saved[min(s, saved.shape[0] - 1)]
-        for q in prange(nc):
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            _gate_rows(cur, w_hh, gh, 3, H, j0, j1)
-            for b in range(B):
-                if s >= lens[b]:
-                    _copy_state(cur, nxt, y[s, b], b, j0, j1)
+    for tid in prange(nc):
+        for s in range(T):
+            cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
+            sv = saved[min(s, saved.shape[0] - 1)]
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, s, nc):
                     continue
-                t = _step_time(s, lens[b], rev)
-                for j in range(j0, j1):
-                    r = sigmoid(gx[t, b, j] + gh[b, j] + b_hh[j])
-                    z = sigmoid(gx[t, b, H + j] + gh[b, H + j] + b_hh[H + j])
-                    hn = gh[b, 2 * H + j] + b_hh[2 * H + j]
-                    n = tanh(gx[t, b, 2 * H + j] + r * hn)
-                    hprev = cur[b, j]
-                    hnew = (one - z) * n + z * hprev
-                    sv[b, j], sv[b, H + j], sv[b, 2 * H + j], sv[b, 3 * H + j], sv[b, 4 * H + j] = r, z, n, hn, hprev
-                    nxt[b, j] = hnew
-                    y[t, b, j] = hnew
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                _gate_rows(cur, w_hh, gh, 3, H, j0, j1)
+                for b in range(B):
+                    if s >= lens[b]:
+                        _copy_state(cur, nxt, y[s, b], b, j0, j1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
+                    _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
+                    _copy(nxt[b], y[t, b], j0, j1)
+                _end(sync)
     if T % 2 == 1:
         h[:] = h2
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def gru_bwd(dy, w_hh_t, lens, rev, saved, dh, dgx, dgh, nc):
+def gru_bwd(dy, w_hh_t, lens, rev, saved, dh, dgx, dgh, sync, nc):
     """`dy [T, B, H]`, `w_hh_t [H, 3H]`, `saved [T, B, 5H]`; `dh [B, H]`; `dgx`, `dgh [T, B, 3H]`."""
     T, B, H = dy.shape
-    one = dh.dtype.type(1)
     da = np.zeros((B, 3 * H), dh.dtype)
+    dd = np.empty((B, H), dh.dtype)
     dhz = np.empty((B, H), dh.dtype)
     dhp = np.empty((B, H), dh.dtype)
-    for s in range(T - 1, -1, -1):
-        for q in prange(nc):
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            for b in range(B):
-                if s >= lens[b]:
-                    for g in range(3):
-                        _fill(dgx[s, b], g * H + j0, g * H + j1)
-                        _fill(dgh[s, b], g * H + j0, g * H + j1)
+    for tid in prange(nc):
+        for s in range(T - 1, -1, -1):
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, 2 * (T - 1 - s), nc):
                     continue
-                t = _step_time(s, lens[b], rev)
-                for j in range(j0, j1):
-                    r, z, n = saved[s, b, j], saved[s, b, H + j], saved[s, b, 2 * H + j]
-                    hn, hprev = saved[s, b, 3 * H + j], saved[s, b, 4 * H + j]
-                    d = dh[b, j] + dy[t, b, j]
-                    dan = d * (one - z) * (one - n * n)
-                    dar = dan * hn * r * (one - r)
-                    daz = d * (hprev - n) * z * (one - z)
-                    dhz[b, j] = d * z
-                    da[b, j], da[b, H + j], da[b, 2 * H + j] = dar, daz, dan * r
-                    dgx[t, b, j], dgx[t, b, H + j], dgx[t, b, 2 * H + j] = dar, daz, dan
-                    dgh[t, b, j], dgh[t, b, H + j], dgh[t, b, 2 * H + j] = dar, daz, dan * r
-        for q in prange(nc):
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            mm_rows(da, w_hh_t, dhp, j0, j1)
-            for b in range(B):
-                if s < lens[b]:
-                    for j in range(j0, j1):
-                        dh[b, j] = dhz[b, j] + dhp[b, j]
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                for b in range(B):
+                    if s >= lens[b]:
+                        for g in range(3):
+                            _fill(dgx[s, b], g * H + j0, g * H + j1)
+                            _fill(dgh[s, b], g * H + j0, g * H + j1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
+                    _add(dh[b], dy[t, b], dd[b], j0, j1)
+                    _gru_grads(saved[s, b], dd[b], da[b], dgx[t, b], dhz[b], H, j0, j1)
+                    for g in range(3):
+                        _copy(da[b], dgh[t, b], g * H + j0, g * H + j1)
+                    for g in range(2):
+                        _copy(da[b], dgx[t, b], g * H + j0, g * H + j1)
+                _end(sync)
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, 2 * (T - 1 - s) + 1, nc):
+                    continue
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                mm_rows(da, w_hh_t, dhp, j0, j1)
+                for b in range(B):
+                    if s < lens[b]:
+                        for j in range(j0, j1):
+                            dh[b, j] = dhz[b, j] + dhp[b, j]
+                _end(sync)
 
 
 # float64 (checks, gradcheck) runs these single-threaded twins: a serial compile costs a fraction of a parallel one
