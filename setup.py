@@ -15,7 +15,9 @@ def _extensions():
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
         return [], {}
-    ext = CppExtension("seqfast._C", sources, extra_compile_args=["-O3", "-ffp-contract=fast"])
+    # -fopenmp: at::parallel_for is an inline header that runs serially unless _OPENMP is defined
+    flags = ["-O3", "-ffp-contract=fast", "-fopenmp"]
+    ext = CppExtension("seqfast._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"])
 
     class OptionalBuildExt(BuildExtension.with_options(no_python_abi_suffix=False)):
         """A failed build (no compiler, bad toolchain) installs seqfast without `_C` instead of failing."""

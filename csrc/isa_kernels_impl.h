@@ -23,12 +23,23 @@ struct OpsF32 {
   typedef int32_t I __attribute__((vector_size(SEQFAST_VBYTES)));
 
   static V splat(float x) { return V{} + x; }
+  // The full-width branch has a constant size, so it compiles to one vector move instead of a memcpy call.
   static V load(const float* p, int m) {
     V v = {};
-    std::memcpy(&v, p, m == W ? sizeof(V) : sizeof(float) * m);
+    if (m == W) {
+      std::memcpy(&v, p, sizeof(V));
+    } else {
+      std::memcpy(&v, p, sizeof(float) * m);
+    }
     return v;
   }
-  static void store(float* p, V v, int m) { std::memcpy(p, &v, m == W ? sizeof(V) : sizeof(float) * m); }
+  static void store(float* p, V v, int m) {
+    if (m == W) {
+      std::memcpy(p, &v, sizeof(V));
+    } else {
+      std::memcpy(p, &v, sizeof(float) * m);
+    }
+  }
 
   // Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n from the exponent bits.
   static V exp(V x) {
@@ -243,19 +254,23 @@ inline void pack(int64_t k, int64_t n, const float* src, int64_t ldk, int64_t ld
 }
 
 // One register tile: `C[MR, ncols] = A[MR, k] [panel_0 .. panel_NP-1][k, NP*NR]`, accumulators held in registers
-// over all of `k`. Small `MR` takes several panels at once so enough independent FMA chains are in flight.
+// over all of `k`. Small tiles also split `k` into `KS` interleaved partial sums so that at least 8 independent FMA
+// chains are in flight (a fixed order: the result does not depend on the caller).
 template <int MR, int NP>
 inline void tile(int64_t k, const float* A, int64_t lda, const float* panel, int64_t pstride, bool accumulate,
                  float* C, int64_t ldc, int64_t ncols) {
   using O = OpsF32;
   using V = O::V;
   constexpr int NB = NP * SEQFAST_NV;
-  V acc[MR][NB];
+  constexpr int KS = MR * NB >= 8 ? 1 : (8 + MR * NB - 1) / (MR * NB);
+  V acc[KS][MR][NB];
+#pragma GCC unroll 4
+  for (int s = 0; s < KS; ++s)
 #pragma GCC unroll 16
-  for (int m = 0; m < MR; ++m)
+    for (int m = 0; m < MR; ++m)
 #pragma GCC unroll 8
-    for (int v = 0; v < NB; ++v) acc[m][v] = V{};
-  for (int64_t p = 0; p < k; ++p) {
+      for (int v = 0; v < NB; ++v) acc[s][m][v] = V{};
+  auto step = [&](int s, int64_t p) {
     V b[NB];
 #pragma GCC unroll 8
     for (int v = 0; v < NB; ++v)
@@ -264,9 +279,21 @@ inline void tile(int64_t k, const float* A, int64_t lda, const float* panel, int
     for (int m = 0; m < MR; ++m) {
       const V a = V{} + A[m * lda + p];
 #pragma GCC unroll 8
-      for (int v = 0; v < NB; ++v) acc[m][v] += a * b[v];
+      for (int v = 0; v < NB; ++v) acc[s][m][v] += a * b[v];
     }
+  };
+  int64_t p = 0;
+  for (; p + KS <= k; p += KS) {
+#pragma GCC unroll 4
+    for (int s = 0; s < KS; ++s) step(s, p + s);
   }
+  for (; p < k; ++p) step(0, p);
+#pragma GCC unroll 4
+  for (int s = 1; s < KS; ++s)
+#pragma GCC unroll 16
+    for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 8
+      for (int v = 0; v < NB; ++v) acc[0][m][v] += acc[s][m][v];
 #pragma GCC unroll 16
   for (int m = 0; m < MR; ++m) {
 #pragma GCC unroll 8
@@ -275,7 +302,7 @@ inline void tile(int64_t k, const float* A, int64_t lda, const float* panel, int
       if (left <= 0) break;
       const int cols = lanes(O::W, left);
       float* c = C + m * ldc + v * O::W;
-      O::store(c, accumulate ? acc[m][v] + O::load(c, cols) : acc[m][v], cols);
+      O::store(c, accumulate ? acc[0][m][v] + O::load(c, cols) : acc[0][m][v], cols);
     }
   }
 }
@@ -297,7 +324,8 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, c
   if (m <= SEQFAST_MR / 4) {
     for (; q + 4 <= panels; q += 4)
       tile_rows<4, SEQFAST_MR / 4>(m, k, A, lda, Bp + q * ps, ps, accumulate, C + q * NR, ldc, n - q * NR);
-  } else if (m <= SEQFAST_MR / 2) {
+  }
+  if (m <= SEQFAST_MR / 2) {
     for (; q + 2 <= panels; q += 2)
       tile_rows<2, SEQFAST_MR / 2>(m, k, A, lda, Bp + q * ps, ps, accumulate, C + q * NR, ldc, n - q * NR);
   }

@@ -1,16 +1,19 @@
-// The fused time loops and their Python bindings. Each step is one parallel region over fixed chunks of hidden
-// units: a chunk runs its slice of the recurrent GEMM (BLAS, single-threaded inside the region) and then the cell
-// math on the slice while it is in cache. Chunks do not depend on the thread count, so results are bitwise the
-// same for any `torch.set_num_threads`. Rows are visited in length order (longest first), so the rows still
-// running at a step are a prefix and the GEMMs shrink as sequences end.
+// The fused time loops and their Python bindings. A step is split into fixed chunks of hidden units: a chunk runs its
+// slice of the recurrent GEMM and then the cell math on the slice while it is in cache. The whole loop is one parallel
+// region in which each thread keeps its own chunks (so their weights stay in its cache) and waits for the other
+// threads only at the end of a step. Chunks do not depend on the thread count, so results are bitwise the same for
+// any `torch.set_num_threads`. Rows are visited in length order (longest first), so the rows still running at a step
+// are a prefix and the GEMMs shrink as sequences end.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <exception>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "isa_kernels.h"
@@ -109,6 +112,58 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
   } else {
     c.add_(at::mm(a, b));
   }
+}
+
+void spin_pause() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Runs `task(k, c)` for every step `k < steps` and chunk `c < nch`, all chunks of a step before any of the next, in
+// one `at::parallel_for` over torch's threads. A thread first runs its own block of chunks, then claims any chunk
+// still unclaimed (so a thread that never starts, e.g. inline in a nested region, is never waited for), then waits
+// for the step to complete (spinning briefly, then yielding). Which thread runs a chunk does not change its result;
+// a task's exception is rethrown after the loop.
+template <class F>
+void run_steps(int64_t steps, int64_t nch, const F& task) {
+  struct alignas(64) Claim {
+    std::atomic<int64_t> steps{0};  // steps whose chunk has been claimed
+  };
+  std::vector<Claim> claims(nch);
+  alignas(64) std::atomic<int64_t> done{0};
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+  std::exception_ptr error;
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nch));
+  at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+    OneBlasThread one;
+    const int64_t c0 = begin * nch / nt, c1 = end * nch / nt;
+    for (int64_t k = 0; k < steps; ++k) {
+      auto take = [&](int64_t c) {
+        int64_t expect = k;
+        if (claims[c].steps.load(std::memory_order_relaxed) != k ||
+            !claims[c].steps.compare_exchange_strong(expect, k + 1, std::memory_order_acq_rel))
+          return;
+        try {
+          task(k, c);
+        } catch (...) {
+          if (!failed.test_and_set()) error = std::current_exception();
+        }
+        done.fetch_add(1, std::memory_order_acq_rel);
+      };
+      for (int64_t c = c0; c < c1; ++c) take(c);
+      for (int64_t c = c0 - 1; c >= 0; --c) take(c);
+      for (int64_t c = nch - 1; c >= c1; --c) take(c);
+      for (int64_t spins = 0; done.load(std::memory_order_acquire) < (k + 1) * nch; ++spins) {
+        if (spins < (1 << 11)) {
+          spin_pause();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+    }
+  });
+  if (error) std::rethrow_exception(error);
 }
 
 // Visiting order: sorted row `r` is batch entry `perm[r]`; `active[s]` rows (a prefix) run at step `s`.
@@ -261,41 +316,50 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const at::
   const scalar_t* pwr = proj ? w_hr->data_ptr<scalar_t>() : nullptr;
   permute_rows(h0.data_ptr<scalar_t>(), hb, ord, P, true);
   if (lstm) permute_rows(c0.data_ptr<scalar_t>(), pc, ord, H, true);
-  std::vector<const scalar_t*> gx_rows(B);
-  std::vector<scalar_t*> y_rows(B);
-
+  std::vector<const scalar_t*> gx_rows(T * B);  // [T, B] step s's rows, in sorted order
+  std::vector<scalar_t*> y_rows(T * B);
   for (int64_t s = 0; s < T; ++s) {
     const int64_t n = ord.active[s];
-    scalar_t* cur = hb + (s % 2) * B * P;
-    scalar_t* nxt = hb + ((s + 1) % 2) * B * P;
     for (int64_t r = 0; r < n; ++r) {
       const int64_t off = ord.time(s, r) * B + ord.perm[r];
-      gx_rows[r] = pgx + off * GH;
-      y_rows[r] = py + off * P;
+      gx_rows[s * B + r] = pgx + off * GH;
+      y_rows[s * B + r] = py + off * P;
     }
     for (int64_t r = n; r < B; ++r) {
       std::fill_n(py + (s * B + ord.perm[r]) * P, P, scalar_t(0));
       if (psaved) std::fill_n(psaved + (s * B + r) * SW, SW, scalar_t(0));
     }
-    if (n == 0) continue;
-    at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
-      OneBlasThread one;
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
-        scalar_t* wsc = pws + B * G * j0;
-        whh(c, n, cur, P, wsc, G * n_j, false);
-        FwdChunk<scalar_t> a{n,  H,  j0, n_j, wsc, gx_rows.data(), pb, cur, proj ? phraw : nxt, proj ? H : P, pc,
-                      proj ? nullptr : y_rows.data(), psaved ? psaved + s * B * SW : nullptr};
-        run_fwd(kern, cell, a);
-      }
-    });
-    if (proj) {
+  }
+  auto cell_step = [&](int64_t s, int64_t c) {
+    const int64_t n = ord.active[s];
+    if (n == 0) return;
+    const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
+    scalar_t* cur = hb + (s % 2) * B * P;
+    scalar_t* nxt = hb + ((s + 1) % 2) * B * P;
+    scalar_t* wsc = pws + B * G * j0;
+    whh(c, n, cur, P, wsc, G * n_j, false);
+    FwdChunk<scalar_t> a{n,  H,  j0, n_j, wsc, gx_rows.data() + s * B, pb, cur, proj ? phraw : nxt, proj ? H : P, pc,
+                         proj ? nullptr : y_rows.data() + s * B, psaved ? psaved + s * B * SW : nullptr};
+    run_fwd(kern, cell, a);
+  };
+  if (!proj) {
+    run_steps(T, nch, cell_step);
+  } else {
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t n = ord.active[s];
+      if (n == 0) break;
+      at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
+        OneBlasThread one;
+        for (int64_t c = begin; c < end; ++c) cell_step(s, c);
+      });
+      scalar_t* nxt = hb + ((s + 1) % 2) * B * P;
+      scalar_t* const* ys = y_rows.data() + s * B;
       at::parallel_for(0, npc, 1, [&](int64_t begin, int64_t end) {
         OneBlasThread one;
         for (int64_t c = begin; c < end; ++c) {
           const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
           gemm<scalar_t>(false, true, n, n_p, H, phraw, H, pwr + p0 * H, H, scalar_t(0), nxt + p0, P);
-          for (int64_t r = 0; r < n; ++r) std::copy_n(nxt + r * P + p0, n_p, y_rows[r] + p0);
+          for (int64_t r = 0; r < n; ++r) std::copy_n(nxt + r * P + p0, n_p, ys[r] + p0);
         }
       });
     }
@@ -349,75 +413,77 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
     permute_rows(c0.data_ptr<scalar_t>(), c0s.data_ptr<scalar_t>(), ord, H, true);
   }
   if (proj) std::fill_n(pdw, P * H, scalar_t(0));
-  std::vector<const scalar_t*> dy_rows(B), h_rows(B);
-  std::vector<scalar_t*> dgx_rows(B), dgh_rows(B);
-  // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
-  const std::optional<HiddenProduct<scalar_t>> whh =
-      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(wp, G, H, hc, true, kern);
-  auto dh_prev = [&](int64_t c, int64_t n, const scalar_t* da) { (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU); };
-
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t n = ord.active[s], n_next = s + 1 < T ? ord.active[s + 1] : 0;
+  std::vector<const scalar_t*> dy_rows(T * B), h_rows(T * B);  // [T, B] step s's rows, in sorted order
+  std::vector<scalar_t*> dgx_rows(T * B), dgh_rows(T * B);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t n = ord.active[s];
     for (int64_t r = 0; r < n; ++r) {
-      const int64_t off = ord.time(s, r) * B + ord.perm[r];
-      dy_rows[r] = pdy + off * P;
-      dgx_rows[r] = pdgx + off * GH;
-      dgh_rows[r] = pdgh + off * GH;
+      const int64_t off = ord.time(s, r) * B + ord.perm[r], i = s * B + r;
+      dy_rows[i] = pdy + off * P;
+      dgx_rows[i] = pdgx + off * GH;
+      dgh_rows[i] = pdgh + off * GH;
       if (cell == GRU) {
-        h_rows[r] = s > 0 ? py + (ord.time(s - 1, r) * B + ord.perm[r]) * P : ph0 + r * P;
+        h_rows[i] = s > 0 ? py + (ord.time(s - 1, r) * B + ord.perm[r]) * P : ph0 + r * P;
       } else {
-        h_rows[r] = py + off * P;
+        h_rows[i] = py + off * P;
       }
     }
     for (int64_t r = n; r < B; ++r) {
       std::fill_n(pdgx + (s * B + ord.perm[r]) * GH, GH, scalar_t(0));
       std::fill_n(pdgh + (s * B + ord.perm[r]) * GH, GH, scalar_t(0));
     }
-    if (n == 0) continue;
-    const scalar_t* c_prev = s > 0 ? psaved + (s - 1) * B * SW + 4 * H : pc0;
-    const int64_t ldc = s > 0 ? SW : H;
-    const scalar_t* sv = psaved + s * B * SW;
-    if (!proj) {
+  }
+  // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
+  const std::optional<HiddenProduct<scalar_t>> whh =
+      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(wp, G, H, hc, true, kern);
+  auto dh_prev = [&](int64_t c, int64_t n, const scalar_t* da) { (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU); };
+  auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + 4 * H : pc0; };
+  auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };
+
+  if (!proj) {
+    // Step k runs time step T - 1 - k; step T forms dh0 from the last da.
+    run_steps(T + 1, nch, [&](int64_t k, int64_t c) {
+      const int64_t s = T - 1 - k;
+      if (s < 0) {
+        if (ord.active[0] > 0) dh_prev(c, ord.active[0], pda);
+        return;
+      }
+      const int64_t n = ord.active[s], n_next = s + 1 < T ? ord.active[s + 1] : 0;
+      if (n == 0) return;
       scalar_t* da = pda + (s % 2) * B * GH;
-      const scalar_t* da_next = pda + ((s + 1) % 2) * B * GH;
+      if (n_next > 0) dh_prev(c, n_next, pda + ((s + 1) % 2) * B * GH);
+      const int64_t j0 = c * hc, i = s * B;
+      BwdChunk<scalar_t> a{n,        H,      j0,  std::min(hc, H - j0), pdh,           dy_rows.data() + i,
+                           pdc,      psaved + s * B * SW, c_prev(s), ldc(s), h_rows.data() + i, dgx_rows.data() + i,
+                           dgh_rows.data() + i, da, nullptr};
+      run_bwd(kern, cell, a);
+    });
+  } else {
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t n = ord.active[s], i = s * B;
+      if (n == 0) continue;
+      const scalar_t* sv = psaved + s * B * SW;
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t p = 0; p < P; ++p) pdhs[r * P + p] = pdh[r * P + p] + dy_rows[i + r][p];
       at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
         OneBlasThread one;
         for (int64_t c = begin; c < end; ++c) {
-          if (n_next > 0) dh_prev(c, n_next, da_next);
-          const int64_t j0 = c * hc;
-          BwdChunk<scalar_t> a{n,  H,   j0,  std::min(hc, H - j0), pdh, dy_rows.data(), pdc, sv, c_prev, ldc, h_rows.data(),
-                        dgx_rows.data(), dgh_rows.data(), da, nullptr};
+          const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
+          gemm<scalar_t>(false, false, n, n_j, P, pdhs, P, pwr + j0, H, scalar_t(0), pdhraw + j0, H);
+          BwdChunk<scalar_t> a{n,         H,      j0,  n_j, pdhraw, nullptr, pdc, sv, c_prev(s), ldc(s),
+                               h_rows.data() + i, dgx_rows.data() + i, dgh_rows.data() + i, pda, phraw};
           run_bwd(kern, cell, a);
         }
       });
-      continue;
+      at::parallel_for(0, npc, 1, [&](int64_t begin, int64_t end) {
+        OneBlasThread one;
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
+          gemm<scalar_t>(false, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(0), pdh + p0, P);
+          gemm<scalar_t>(true, false, n_p, H, n, pdhs + p0, P, phraw, H, scalar_t(1), pdw + p0 * H, H);
+        }
+      });
     }
-    for (int64_t r = 0; r < n; ++r)
-      for (int64_t p = 0; p < P; ++p) pdhs[r * P + p] = pdh[r * P + p] + dy_rows[r][p];
-    at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
-      OneBlasThread one;
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
-        gemm<scalar_t>(false, false, n, n_j, P, pdhs, P, pwr + j0, H, scalar_t(0), pdhraw + j0, H);
-        BwdChunk<scalar_t> a{n,     H,   j0,     n_j,           pdhraw,          nullptr,         pdc, sv,
-                      c_prev, ldc, h_rows.data(), dgx_rows.data(), dgh_rows.data(), pda, phraw};
-        run_bwd(kern, cell, a);
-      }
-    });
-    at::parallel_for(0, npc, 1, [&](int64_t begin, int64_t end) {
-      OneBlasThread one;
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
-        gemm<scalar_t>(false, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(0), pdh + p0, P);
-        gemm<scalar_t>(true, false, n_p, H, n, pdhs + p0, P, phraw, H, scalar_t(1), pdw + p0 * H, H);
-      }
-    });
-  }
-  if (!proj && T > 0 && ord.active[0] > 0) {
-    at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
-      OneBlasThread one;
-      for (int64_t c = begin; c < end; ++c) dh_prev(c, ord.active[0], pda);
-    });
   }
   permute_rows(pdh, dh0.data_ptr<scalar_t>(), ord, P, false);
   if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);

@@ -116,6 +116,7 @@ def _setup_context(ctx, inputs, output):
     y, _, _, saved = output
     ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved = backend, cell, reverse, need_saved
     ctx.save_for_backward(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved)
+    ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(saved, *(() if cell == "lstm" else (output[2],)))
 
 

@@ -137,15 +137,18 @@ def test_float32_accuracy(cpp, cell):
         cpp._C.set_isa(previous)
 
 
-def outputs_f32(cpp, cell, P=0):
-    """A float32 problem spanning several chunks and panels, with lengths and reverse."""
-    T, B, H = 9, 20, 200
-    args, cot = problem(cell, T, B, H, P, torch.float32, torch.tensor([9, 3, 0, 7, 9] * 4))
+def outputs_f32(cpp, cell, P=0, B=20):
+    """A float32 problem spanning several chunks and panels, with lengths (B = 20) and reverse."""
+    T, H = 9, 200
+    lengths = torch.tensor([9, 3, 0, 7, 9] * 4) if B == 20 else None
+    args, cot = problem(cell, T, B, H, P, torch.float32, lengths)
     return [t for t in run(cpp, cell, args, cot, True) if t is not None]
 
 
+# B = 1 and 2 take the k-split GEMM tiles; B = 20 the full ones.
+@pytest.mark.parametrize("B", [1, 2, 20])
 @pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
-def test_thread_count_independent(cpp, cell):
+def test_thread_count_independent(cpp, cell, B):
     P = 40 if cell == "lstm_proj" else 0
     cell = cell.removesuffix("_proj")
     threads = torch.get_num_threads()
@@ -154,7 +157,7 @@ def test_thread_count_independent(cpp, cell):
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             torch.manual_seed(1)
-            results.append(outputs_f32(cpp, cell, P))
+            results.append(outputs_f32(cpp, cell, P, B))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
