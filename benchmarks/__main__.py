@@ -169,7 +169,8 @@ def main(argv=None):
         f"set {args.set}, {len(rows)} rows in {elapsed:.0f} s"
     )
     for (n, dtype), rate in gemm.items():
-        print(f"gemm rate ({harness.GEMM_SIZE}^3 torch.mm, {dtype}, {n} threads): {rate:.1f} GFLOP/s")
+        size = f"{harness.GEMM_SIZE}^3"
+        print(f"gemm rate ({size}, best of torch.mm and oneDNN, {dtype}, {n} threads): {rate:.1f} GFLOP/s")
     for name, reason in unusable:
         print(f"not usable: {name}: {reason}")
     if not args.no_csv:
