@@ -218,15 +218,20 @@ at::Tensor pack_rows(const at::Tensor& w, int64_t G, int64_t H, int64_t hc) {
   return out;
 }
 
+constexpr int64_t kPackMinSteps = 4;
+
 // The recurrent product of one call, chunk by chunk, from `wp` (`pack_rows`): forward `C[n, G*n_j] = h[n, P]
 // W_c^T` with `W_c` the chunk's gate rows; backward `C[n, n_j] = da[n, G*H] wp[:, j0:j0+n_j]`. float32 runs this
-// CPU's GEMM on weight panels packed once per call; float64 calls BLAS.
+// CPU's GEMM on weight panels packed once per call when `steps` repay the packing; otherwise (and float64) BLAS.
 template <typename T>
 class HiddenProduct {
  public:
-  HiddenProduct(const at::Tensor& wp, int64_t G, int64_t H, int64_t hc, bool backward, const KernelsF32& kern)
+  HiddenProduct(const at::Tensor& wp, int64_t G, int64_t H, int64_t hc, bool backward, int64_t steps,
+                const KernelsF32& kern)
       : wp_(wp), pw_(wp.data_ptr<T>()), G_(G), H_(H), P_(wp.size(1)), hc_(hc), backward_(backward), kern_(kern) {
+    // packing reads and rewrites every weight once: one step-by-step call (T = 1) would pay it for one product
     if constexpr (std::is_same_v<T, float>) {
+      if (steps < kPackMinSteps) return;
       const int64_t nch = (H + hc - 1) / hc, K = depth();
       offsets_.resize(nch + 1, 0);
       for (int64_t c = 0; c < nch; ++c) offsets_[c + 1] = offsets_[c] + K * round_up(cols(c));
@@ -248,8 +253,12 @@ class HiddenProduct {
   void operator()(int64_t c, int64_t n, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
     const int64_t j0 = c * hc_;
     if constexpr (std::is_same_v<T, float>) {
-      kern_.gemm(n, cols(c), depth(), A, lda, packed_.data_ptr<float>() + offsets_[c], accumulate, C, ldc);
-    } else if (backward_) {
+      if (packed_.defined()) {
+        kern_.gemm(n, cols(c), depth(), A, lda, packed_.data_ptr<float>() + offsets_[c], accumulate, C, ldc);
+        return;
+      }
+    }
+    if (backward_) {
       gemm<T>(false, false, n, cols(c), depth(), A, lda, pw_ + j0, P_, T(accumulate), C, ldc);
     } else {
       gemm<T>(false, true, n, cols(c), depth(), A, lda, pw_ + G_ * j0 * P_, P_, T(accumulate), C, ldc);
@@ -300,7 +309,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const at::
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
   const auto opts = gx.options();
   const KernelsF32 kern = f32_kernels();
-  const HiddenProduct<scalar_t> whh(pack_rows<scalar_t>(w_hh, G, H, hc), G, H, hc, false, kern);
+  const HiddenProduct<scalar_t> whh(pack_rows<scalar_t>(w_hh, G, H, hc), G, H, hc, false, T, kern);
   at::Tensor hbuf = at::empty({2, B, P}, opts);              // state before / after the step
   at::Tensor cbuf = at::empty({lstm ? B : 0, H}, opts);      // [B, H]
   at::Tensor hraw = at::empty({proj ? B : 0, H}, opts);      // [B, H] o * tanh(c) before projecting
@@ -435,7 +444,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   }
   // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
   const std::optional<HiddenProduct<scalar_t>> whh =
-      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(wp, G, H, hc, true, kern);
+      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(wp, G, H, hc, true, T, kern);
   auto dh_prev = [&](int64_t c, int64_t n, const scalar_t* da) { (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU); };
   auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + 4 * H : pc0; };
   auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };
