@@ -31,7 +31,8 @@ from .common import GATES, active_mask, compute_dtype, empty, hidden_size, reord
 
 DEVICES = None
 
-_SAVED_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 5}
+# `saved` per step and hidden unit; the numba and triton backends keep this layout too
+SAVED_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 5}
 
 
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
@@ -45,7 +46,7 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
 
 def saved_shape(cell, T, B, H, P):
     """Shape of `saved`: per step `h` (RNN), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
-    return (T, B, _SAVED_WIDTH[cell] * H)
+    return (T, B, SAVED_WIDTH[cell] * H)
 
 
 def _step(cell, gx_t, h, c, w_hh, b_hh, w_hr):

@@ -8,12 +8,12 @@ import numba
 import numpy as np
 import torch
 from seqfast.kernels.common import GATES, active_mask, compute_dtype, empty, hidden_size
+from seqfast.kernels.reference import saved_shape
 
 from . import loops
 
 DEVICES = ("cpu",)
 
-_SAVED_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 5}
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -46,10 +46,6 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
         return f"a projection (w_hr) is only defined for lstm, not {cell}"
     return None
 
-
-def saved_shape(cell, T, B, H, P):
-    """Shape of `saved`: per step `h` (RNN), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
-    return (T, B, _SAVED_WIDTH[cell] * H)
 
 
 def _np(t, dtype):

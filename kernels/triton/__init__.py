@@ -10,13 +10,13 @@ import torch
 import triton
 
 from ..common import GATES, active_mask, empty, hidden_size
+from ..reference import SAVED_WIDTH, saved_shape
 from .recurrence import CELLS, bwd_kernel, fwd_kernel
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 DEVICES = ("cuda", "cpu") if INTERPRET else ("cuda",)
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SAVED_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 5}
 _BH = (16, 32, 64, 128)
 _SINGLE_MAX_H = 128
 
@@ -74,16 +74,12 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     return None
 
 
-def saved_shape(cell, T, B, H, P):
-    """Shape of `saved`: per step `h` (RNN), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
-    return (T, B, _SAVED_WIDTH[cell] * H)
-
 
 def _meta(cell, cfg, dtype, device):
     return dict(
         CELL=CELLS[cell],
         G=GATES[cell],
-        SW=_SAVED_WIDTH[cell],
+        SW=SAVED_WIDTH[cell],
         UPCAST=INTERPRET,
         BB=cfg["BB"],
         BH=cfg["BH"],
