@@ -9,7 +9,9 @@ from seqfast.kernels import common, reference
 from seqfast import dispatch
 from seqfast.autograd import h_prev
 
-SHAPES = [(3, 7, 9), (1, 1, 1), (2, 5, 17), (4, 3, 33)]  # (B, T, H)
+# (B, T, H): H33 runs without b_hh; H70 spans two 64-unit chunks of the cpp backend, the last ragged; B17 covers
+# the numba backend's 4-row tiles and a remainder row
+SHAPES = [(3, 7, 9), (1, 1, 1), (2, 5, 17), (4, 3, 33), (4, 5, 70), (17, 9, 20)]
 SHAPE_IDS = [f"B{b}-T{t}-H{h}" for b, t, h in SHAPES]
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
 LENGTHS = ["full", "mixed"]
@@ -28,7 +30,7 @@ def make_args(cell, B, T, H, lengths, dtype=torch.float64, requires_grad=False):
     args = dict(
         gx=rand(T, B, G),
         w_hh=(torch.randn(G, P, dtype=dtype) / P**0.5).requires_grad_(requires_grad),
-        b_hh=rand(G),
+        b_hh=rand(G) if H != 33 else None,
         h0=rand(B, P),
         c0=rand(B, H) if cell == "lstm" else None,
         lengths=None,

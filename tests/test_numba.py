@@ -1,4 +1,4 @@
-"""The numba backend against the float64 reference: every output of `fwd` and `bwd`, lengths, reverse, projection."""
+"""What is particular to the numba backend; its float64/float32 contract is tests/test_contract.py's."""
 
 import subprocess
 import sys
@@ -17,22 +17,11 @@ else:
 
 needs_numba = pytest.mark.skipif(nb is None, reason=_why or "")
 
-# (dtype, relative RMS tolerance against the float64 reference). float64: the same math in another summation order,
-# a few ulps per step over at most 9 steps, so 1e-12 leaves a wide margin. float32: unit roundoff 6e-8 through dot
-# products of up to 40 terms, up to 9 dependent steps and a rational tanh of a few ulp; `1 - h^2` of a saturated
-# unit amplifies its rounding by `1 / (1 - h^2)` (about 100 at |a| = 3) in a tensor of one element (B1-T1-H1).
-# Measured worst 2e-5, bound 1e-4.
-DTYPES = [(torch.float64, 1e-12), (torch.float32, 1e-4)]
-DTYPE_IDS = ["f64", "f32"]
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 # (T, B, H, P): B17 covers the 4-row tiles of the recurrent product and a remainder row, H33 an odd row count
 SHAPES = [(7, 3, 33, None), (1, 1, 1, None), (9, 17, 20, None)]
 PROJ_SHAPES = [(5, 4, 8, 3), (6, 17, 12, 5)]
 NAMES = ("y", "hT", "cT", "dgx", "dgh", "dh0", "dc0", "dw_hr")
-
-
-def shape_id(T, B, H, P):
-    return f"B{B}-T{T}-H{H}" + (f"-P{P}" if P else "")
 
 
 def problem(cell, T, B, H, P, mixed):
@@ -102,30 +91,6 @@ def check(actual, expected, tol, dtype, what):
         raise AssertionError(
             f"{what}: rel RMS {err:.3e} > {tol:.0e}; max abs err {diff.abs().max().item():.3e}; first bad index {first}"
         )
-
-
-def contract_cases():
-    for cell in CELLS:
-        for T, B, H, P in SHAPES + (PROJ_SHAPES if cell == "lstm" else []):
-            for mixed in (False, True):
-                for reverse in (False, True):
-                    sid = f"{cell}-{shape_id(T, B, H, P)}-{'mixed' if mixed else 'full'}{'-rev' if reverse else ''}"
-                    yield pytest.param(cell, T, B, H, P, mixed, reverse, id=sid)
-
-
-@needs_numba
-@pytest.mark.parametrize("dtype,tol", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("cell,T,B,H,P,mixed,reverse", list(contract_cases()))
-def test_contract(cell, T, B, H, P, mixed, reverse, dtype, tol):
-    args, grads, lengths = problem(cell, T, B, H, P, mixed)
-    expected = run(reference, cell, args, grads, lengths, reverse)
-
-    def cast(d):
-        return {k: None if v is None else v.to(dtype) for k, v in d.items()}
-
-    actual = run(nb, cell, cast(args), cast(grads), lengths, reverse)
-    for a, e, name in zip(actual, expected, NAMES, strict=True):
-        check(a, e, tol, dtype, name)
 
 
 @needs_numba
@@ -211,4 +176,5 @@ def test_more_chunks_than_threads(cell, threads, monkeypatch):
     g32 = {k: None if v is None else v.float() for k, v in grads.items()}
     actual = run(nb, cell, f32, g32, lengths, True)
     for a, e, name in zip(actual, expected, NAMES, strict=True):
+        # float32 with a rational tanh of a few ulp over 6-9 steps: measured <= 2e-5 relative RMS
         check(a, e, 1e-4, torch.float32, name)
