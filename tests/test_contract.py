@@ -75,7 +75,8 @@ def test_backend_matches_float64_reference(backend, cell, shape, lengths, revers
     module = dispatch.load(backend)
     cell, args = make_args(cell, *shape, lengths)
     expected = run_backend(reference, cell, args, reverse)
-    _compare(run_backend(module, cell, args, reverse), expected, 1e-12)
+    if module is not reference:  # the reference's own float64 check is against autograd, below
+        _compare(run_backend(module, cell, args, reverse), expected, 1e-12)
     if module.unsupported(cell, args["gx"].float(), args["w_hh"].float(), args["h0"].float()) is None:
         single = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in args.items()}
         # float32 over <= 7 steps of length <= 33 dot products: a few hundred ulps of 6e-8
