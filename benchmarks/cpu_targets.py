@@ -3,8 +3,8 @@
 Usage: `python benchmarks/cpu_targets.py --backend cpp` (or `--backend numba`).
 
 Every row goes through the benchmark harness (`benchmarks.harness`): the seqfast module forced onto the backend
-under `SEQFAST_STRICT=1` against torch.nn from the same `state_dict`, one layer, float32, each gated against torch.nn
-before it is timed (a failing gate fails the row), timed at the process's thread count.
+under `SEQFAST_STRICT=1` against torch.nn from the same `state_dict`, one layer, `batch_first`, float32, each gated
+against torch.nn before it is timed (a failing gate fails the row), timed at the process's thread count.
 """
 
 import argparse
@@ -26,7 +26,7 @@ NAMES = {"rnn_tanh": "RNN", "gru": "GRU", "lstm": "LSTM"}
 
 def speedup(cell, mode, B, T, n_in, H, target):
     """A row passing when `t_torch / t_seqfast >= target`."""
-    return dict(kind="speedup", shape=Shape(cell, H, B, T, n_in), mode=mode, target=target)
+    return dict(kind="speedup", shape=Shape(cell, H, B, T, n_in, batch_first=True), mode=mode, target=target)
 
 
 # Rows per backend: the issues' targets.
@@ -43,8 +43,10 @@ TARGETS = {
         speedup("lstm", "infer", 1, 200, 256, 512, 3.0),
         speedup("gru", "infer", 1, 200, 256, 512, 3.0),
         speedup("rnn_tanh", "infer", 1, 200, 256, 512, 3.0),
-        dict(kind="packed", shape=Shape("lstm", 256, 32, 100, packed=True), mode="fwdbwd", target=1.2),
-        dict(kind="gemm", shape=Shape("lstm", 512, 256, 50), mode="fwdbwd", target=0.85),
+        dict(
+            kind="packed", shape=Shape("lstm", 256, 32, 100, packed=True, batch_first=True), mode="fwdbwd", target=1.2
+        ),
+        dict(kind="gemm", shape=Shape("lstm", 512, 256, 50, batch_first=True), mode="fwdbwd", target=0.85),
     ],
     "numba": [
         speedup("gru", "fwdbwd", 1, 200, 256, 512, 1.5),
@@ -82,7 +84,7 @@ def run(row, provider, min_run_time):
     if t_ours is None:
         return None, gate
     if row["kind"] == "packed":
-        padded = Shape(shape.cell, shape.hidden, shape.batch, shape.time, shape.input)
+        padded = Shape(shape.cell, shape.hidden, shape.batch, shape.time, shape.input, batch_first=shape.batch_first)
         t_padded = harness.time_provider(padded, provider, mode, min_run_time=min_run_time).median
         return t_ours / t_padded, f"packed {t_ours * 1e3:.2f} ms, padded T={shape.time} {t_padded * 1e3:.2f} ms"
     if row["kind"] == "gemm":

@@ -162,7 +162,7 @@ def flops(shape, mode):
 
 
 def _module_kwargs(shape):
-    kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional)
+    kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional, batch_first=shape.batch_first)
     if shape.cell.startswith("rnn_"):
         kwargs["nonlinearity"] = shape.cell[4:]
     return kwargs
@@ -194,17 +194,19 @@ def _build(shape, provider, dtype, device, state_dict):
 
 
 def _input(shape, dtype, device, requires_grad, seed, rounding=None):
-    """`(leaf, arg)`: what the module is called with, `[T, B, I]` or a `PackedSequence` of it, and its leaf tensor
+    """`(leaf, arg)`: what the module is called with, `[T, B, I]` (`[B, T, I]` when `batch_first`) or a
+    `PackedSequence` of it, and its leaf tensor
     (`arg` itself, or the packed data `[sum(lengths), I]`).
 
     The values are drawn in float32 and rounded through `rounding` (default `dtype`) before the cast to `dtype`.
     """
     generator = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(shape.time, shape.batch, shape.input_size, generator=generator)
+    size = (shape.batch, shape.time) if shape.batch_first else (shape.time, shape.batch)
+    x = torch.randn(*size, shape.input_size, generator=generator)
     x = x.to(rounding or dtype).to(dtype=dtype, device=device)
     if not shape.packed:
         return x.requires_grad_(requires_grad), x
-    packed = pack_padded_sequence(x, shape.lengths(seed), enforce_sorted=False)
+    packed = pack_padded_sequence(x, shape.lengths(seed), batch_first=shape.batch_first, enforce_sorted=False)
     leaf = packed.data.requires_grad_(requires_grad)
     return leaf, PackedSequence(leaf, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
 

@@ -30,6 +30,7 @@ class Shape:
         bidirectional: two directions per layer (default False).
         packed: feed a `PackedSequence` of lengths drawn uniformly from `[T // 4, T]`, one of them `T`
             (default False).
+        batch_first: modules built with `batch_first=True` and fed `[B, T, I]` (default False).
     """
 
     cell: str
@@ -40,6 +41,7 @@ class Shape:
     layers: int = 1
     bidirectional: bool = False
     packed: bool = False
+    batch_first: bool = False
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -68,6 +70,8 @@ class Shape:
             parts.append("bi")
         if self.packed:
             parts.append("packed")
+        if self.batch_first:
+            parts.append("bf")
         return "-".join(parts)
 
     def lengths(self, seed=0):
