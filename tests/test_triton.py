@@ -138,8 +138,8 @@ def test_several_batch_blocks_and_launches(tb, kind, monkeypatch):
     """B = 37 spans three 16-row blocks; one block per launch exercises the launch offset `i_b0`."""
     config = tb._config
 
-    def one_block_per_launch(B, H, device):
-        return dict(config(B, H, device), BB=16, per_launch=1)
+    def one_block_per_launch(B, H, device, dtype):
+        return dict(config(B, H, device, dtype), BB=16, per_launch=1)
 
     monkeypatch.setattr(tb, "_config", one_block_per_launch)
     check(tb, kind, 37, 4, 9, 5 if kind == "lstm-proj" else None, "mixed", True, "f32")

@@ -104,7 +104,11 @@ def test_batch_over_several_launches(monkeypatch):
     """Split mode with one batch block per launch (the path taken when blocks x NH exceed the SM count)."""
     tb = _tb()
     config = tb._config
-    monkeypatch.setattr(tb, "_config", lambda B, H, device: dict(config(B, H, device), BB=16, per_launch=1))
+
+    def one_block_per_launch(B, H, device, dtype):
+        return dict(config(B, H, device, dtype), BB=16, per_launch=1)
+
+    monkeypatch.setattr(tb, "_config", one_block_per_launch)
     cell, args = make_args("lstm", 40, 7, 300, "mixed", torch.float32)
     actual, expected = run(tb, cell, args, True), run(reference, cell, args, True)
     for a, e, name in zip(actual, expected, NAMES, strict=True):

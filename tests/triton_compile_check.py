@@ -49,7 +49,7 @@ def compile_variant(rec, variant, arch, bb=None, bh=None, num_warps=4):
         REVERSE=has_len,
         BB=bb or (64 if split else 16),
         BH=bh or (16 if split else 128),
-        BK=32 if dt == "fp32" else 64,
+        BK=128 if split else 32 if dt == "fp32" else 64,
         NH=64 if split else 1,
         SPLIT=split,
         HAS_LEN=has_len,

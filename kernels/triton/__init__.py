@@ -25,28 +25,26 @@ def _sm_count(device):
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _config(B, H, device):
-    """Block sizes and split for `B` rows and `H` hidden units on `device`.
+def _config(B, H, device, dtype):
+    """Block sizes and split for `B` rows and `H` hidden units in `dtype` on `device`.
 
     Returns:
-        `dict(BB, BH, NH, SPLIT, per_launch, num_warps)`: `NH` programs share a batch block; at most
-        `per_launch` batch blocks go in one launch, so that every program of a launch is resident at once.
+        `dict(BB, BH, BK, NH, SPLIT, per_launch, num_warps, num_stages)`: `NH` programs share a batch block; at
+        most `per_launch` batch blocks go in one launch, so that every program of a launch is resident at once.
     """
     BB = min(64, max(16, triton.next_power_of_2(B)))
     NB = triton.cdiv(B, BB)
-    if device.type != "cuda" or H <= _SINGLE_MAX_H:
-        BH = max(16, triton.next_power_of_2(H))
-        return dict(BB=BB, BH=BH, NH=1, SPLIT=False, per_launch=max(NB, 1), num_warps=4 if BB * BH <= 2048 else 8)
+    single = dict(BB=BB, BH=max(16, triton.next_power_of_2(H)), NH=1, SPLIT=False, per_launch=max(NB, 1))
+    if INTERPRET:
+        return dict(single, BK=64, num_warps=4, num_stages=1)
+    if H <= _SINGLE_MAX_H:
+        BK = 32 if dtype == torch.float32 else 64
+        return dict(single, BK=BK, num_warps=4 if BB * single["BH"] <= 2048 else 8, num_stages=3)
+    # BK 128 with 3 stages: fastest of the configurations benchmarks/triton_sweep.py tried on an H200.
     n_sm = _sm_count(device)
     BH = next(bh for bh in _BH if triton.cdiv(H, bh) <= n_sm)
     NH = triton.cdiv(H, BH)
-    return dict(BB=BB, BH=BH, NH=NH, SPLIT=NH > 1, per_launch=max(1, n_sm // NH), num_warps=4)
-
-
-def _bk(device, dtype):
-    if device.type != "cuda":
-        return 64
-    return 32 if dtype == torch.float32 else 64
+    return dict(BB=BB, BH=BH, BK=128, NH=NH, SPLIT=NH > 1, per_launch=max(1, n_sm // NH), num_warps=4, num_stages=3)
 
 
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
@@ -75,7 +73,7 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
 
 
 
-def _meta(cell, cfg, dtype, device):
+def _meta(cell, cfg):
     return dict(
         CELL=CELLS[cell],
         G=GATES[cell],
@@ -83,10 +81,11 @@ def _meta(cell, cfg, dtype, device):
         UPCAST=INTERPRET,
         BB=cfg["BB"],
         BH=cfg["BH"],
-        BK=_bk(device, dtype),
+        BK=cfg["BK"],
         NH=cfg["NH"],
         SPLIT=cfg["SPLIT"],
         num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
 
 
@@ -121,11 +120,11 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     hT = empty((B, P), h0.dtype, dev)
     cT = empty((B, H), c0.dtype, dev) if lstm else None
     saved = empty(saved_shape(cell, T, B, H, P) if need_saved else (0,), torch.float32, dev)
-    cfg = _config(B, H, dev)
+    cfg = _config(B, H, dev, w_hh.dtype)
     hbuf = torch.empty((2, B, P), dtype=w_hh.dtype, device=dev)
     rbuf = None if w_hr is None else torch.empty((B, H), dtype=w_hr.dtype, device=dev)
     sync = torch.zeros(triton.cdiv(B, cfg["BB"]), dtype=torch.int32, device=dev)
-    meta = _meta(cell, cfg, w_hh.dtype, dev)
+    meta = _meta(cell, cfg)
     args = (gx, w_hh, b_hh, h0, c0, lengths, w_hr, y, hT, cT, saved, hbuf, rbuf, sync, T, B, H, P)
     _launch(fwd_kernel, cfg, B, args, dict(meta, REVERSE=reverse, SAVE=need_saved, NS=1 if w_hr is None else 2))
     return y, hT, cT, saved
@@ -158,11 +157,11 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     dh0 = empty((B, P), h0.dtype, dev)
     dc0 = empty((B, H), c0.dtype, dev) if lstm else None
     dhs = None if w_hr is None else torch.empty((T, B, P), dtype=torch.float32, device=dev)
-    cfg = _config(B, H, dev)
+    cfg = _config(B, H, dev, w_hh.dtype)
     dbuf = torch.empty((2, B, G * H), dtype=w_hh.dtype, device=dev)
     pbuf = None if w_hr is None else torch.empty((B, P), dtype=w_hr.dtype, device=dev)
     sync = torch.zeros(triton.cdiv(B, cfg["BB"]), dtype=torch.int32, device=dev)
-    meta = _meta(cell, cfg, w_hh.dtype, dev)
+    meta = _meta(cell, cfg)
     args = (dy, dhT, dcT if lstm else None, w_hh, w_hr, c0 if lstm else None, lengths, saved)
     args += (dgx, dgh, dh0, dc0, dhs, dbuf, pbuf, sync, T, B, H, P)
     _launch(bwd_kernel, cfg, B, args, dict(meta, REVERSE=reverse, NS=1 if w_hr is None else 2))
