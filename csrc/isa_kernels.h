@@ -39,7 +39,7 @@ struct BwdChunk {
   int64_t ldc;
   const T* const* h_rows;   // [n] -> [H] RNN: h after the step; GRU: h before it
   T* const* dgx_rows;       // [n] -> [G*H]
-  T* const* dgh_rows;       // [n] -> [G*H]
+  T* const* dgh_rows;       // [n] -> [G*H], GRU only (the other cells' dgh is dgx)
   T* da;                    // [B, G*H] dgh in packed chunk order, the operand of the dh_prev GEMM
   T* hraw;                  // [B, H] o * tanh(c) for dw_hr, or nullptr
 };

@@ -157,7 +157,6 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
     auto* dhp = a.dh + r * H + j0;
     const auto* dy = a.dy_rows ? a.dy_rows[r] + j0 : nullptr;
     auto* dgx = a.dgx_rows[r] + j0;
-    auto* dgh = a.dgh_rows[r] + j0;
     auto* da = a.da + r * GH + G * j0;
     for (int64_t jj = 0; jj < hc; jj += O::W) {
       const int m = lanes(O::W, hc - jj);
@@ -168,7 +167,6 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         // tanh' = 1 - h^2; relu' = [h > 0]
         V d = CELL == RNN_TANH ? dh * (1.0f - h * h) : O::relu_grad(h, dh);
         O::store(dgx + jj, d, m);
-        O::store(dgh + jj, d, m);
         O::store(da + jj, d, m);
       } else if (CELL == LSTM) {
         const auto* sv = a.saved + r * 5 * H + j0 + jj;
@@ -188,10 +186,6 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         O::store(dgx + H + jj, df, m);
         O::store(dgx + 2 * H + jj, dg, m);
         O::store(dgx + 3 * H + jj, dout, m);
-        O::store(dgh + jj, di, m);
-        O::store(dgh + H + jj, df, m);
-        O::store(dgh + 2 * H + jj, dg, m);
-        O::store(dgh + 3 * H + jj, dout, m);
         O::store(da + jj, di, m);
         O::store(da + hc + jj, df, m);
         O::store(da + 2 * hc + jj, dg, m);
@@ -209,6 +203,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         O::store(dgx + jj, dr, m);
         O::store(dgx + H + jj, dz, m);
         O::store(dgx + 2 * H + jj, dn, m);
+        auto* dgh = a.dgh_rows[r] + j0;
         O::store(dgh + jj, dr, m);
         O::store(dgh + H + jj, dz, m);
         O::store(dgh + 2 * H + jj, dnh, m);

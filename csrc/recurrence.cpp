@@ -406,7 +406,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   scalar_t* pdhraw = dhraw.data_ptr<scalar_t>();
   scalar_t* phraw = hraw.data_ptr<scalar_t>();
   scalar_t* pdgx = dgx.data_ptr<scalar_t>();
-  scalar_t* pdgh = dgh.data_ptr<scalar_t>();
+  scalar_t* pdgh = cell == GRU ? dgh.data_ptr<scalar_t>() : nullptr;  // the other cells' dgh is dgx
   const scalar_t* ph0 = h0s.data_ptr<scalar_t>();
   const scalar_t* pc0 = c0s.data_ptr<scalar_t>();
   const scalar_t* pdy = dy.data_ptr<scalar_t>();
@@ -430,7 +430,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
       const int64_t off = ord.time(s, r) * B + ord.perm[r], i = s * B + r;
       dy_rows[i] = pdy + off * P;
       dgx_rows[i] = pdgx + off * GH;
-      dgh_rows[i] = pdgh + off * GH;
+      dgh_rows[i] = pdgh ? pdgh + off * GH : nullptr;
       if (cell == GRU) {
         h_rows[i] = s > 0 ? py + (ord.time(s - 1, r) * B + ord.perm[r]) * P : ph0 + r * P;
       } else {
@@ -439,7 +439,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
     }
     for (int64_t r = n; r < B; ++r) {
       std::fill_n(pdgx + (s * B + ord.perm[r]) * GH, GH, scalar_t(0));
-      std::fill_n(pdgh + (s * B + ord.perm[r]) * GH, GH, scalar_t(0));
+      if (pdgh) std::fill_n(pdgh + (s * B + ord.perm[r]) * GH, GH, scalar_t(0));
     }
   }
   // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
@@ -540,8 +540,8 @@ void fwd(int64_t cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10::
 void bwd(int64_t cell, const at::Tensor& dy, const at::Tensor& dhT, const c10::optional<at::Tensor>& dcT,
          const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0,
          const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& y,
-         const at::Tensor& saved, bool reverse, int64_t chunk, const at::Tensor& dgx, const at::Tensor& dgh,
-         const at::Tensor& dh0, const c10::optional<at::Tensor>& dc0, const c10::optional<at::Tensor>& dw_hr) {
+         const at::Tensor& saved, bool reverse, int64_t chunk, const at::Tensor& dgx,
+         const c10::optional<at::Tensor>& dgh, const at::Tensor& dh0, const c10::optional<at::Tensor>& dc0, const c10::optional<at::Tensor>& dw_hr) {
   check_cell(cell);
   TORCH_CHECK(dy.dim() == 3 && w_hh.dim() == 2, "dy must be [T, B, P] and w_hh [G*H, P]");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
@@ -560,7 +560,8 @@ void bwd(int64_t cell, const at::Tensor& dy, const at::Tensor& dhT, const c10::o
   check(y, "y", dt, {T, B, P});
   check(saved, "saved", dt, {T, B, saved_width(cell) * H});
   check(dgx, "dgx", dt, {T, B, GH});
-  check(dgh, "dgh", dt, {T, B, GH});
+  TORCH_CHECK(dgh.has_value() == (cell == GRU), "dgh is given exactly for gru (for the other cells it is dgx)");
+  if (dgh) check(*dgh, "dgh", dt, {T, B, GH});
   check(dh0, "dh0", dt, {B, P});
   TORCH_CHECK(dcT.has_value() == lstm && c0.has_value() == lstm && dc0.has_value() == lstm,
               "dcT, c0 and dc0 are given exactly for lstm");
@@ -579,7 +580,7 @@ void bwd(int64_t cell, const at::Tensor& dy, const at::Tensor& dhT, const c10::o
   const at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_bwd", [&] {
     bwd_loop<scalar_t>(static_cast<int>(cell), dy, dhT, lstm ? *dcT : none, w_hh, w_hr, h0, lstm ? *c0 : none, ord,
-                       y, saved, chunk, dgx, dgh, dh0, lstm ? *dc0 : none, proj ? *dw_hr : none);
+                       y, saved, chunk, dgx, dgh ? *dgh : none, dh0, lstm ? *dc0 : none, proj ? *dw_hr : none);
   });
 }
 
@@ -604,7 +605,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("fwd", &seqfast::fwd, "Recurrence forward into preallocated y, hT, cT, saved.",
         py::call_guard<py::gil_scoped_release>());
-  m.def("bwd", &seqfast::bwd, "Recurrence backward into preallocated dgx, dgh, dh0, dc0, dw_hr.",
+  m.def("bwd", &seqfast::bwd, "Recurrence backward into preallocated dgx, dgh (GRU), dh0, dc0, dw_hr.",
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &seqfast::isa, "The instruction set of the float32 cell math in use.");
   m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` float32 cell math; returns the previous.");

@@ -96,7 +96,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     """Backward of `fwd` from its `saved`; see `seqfast.kernels.reference` for shapes.
 
     Returns:
-        `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
+        `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
     """
     T, B, P = dy.shape
     ct = saved.dtype
@@ -104,7 +104,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     H = hidden_size(cell, w_hh)
     lstm = cell == "lstm"
     dgx = empty((T, B, G), ct, dy.device)
-    dgh = empty((T, B, G), ct, dy.device)
+    dgh = empty((T, B, G), ct, dy.device) if cell == "gru" else None
     dh0 = empty((B, P), ct, dy.device)
     dc0 = empty((B, H), ct, dy.device) if lstm else None
     dw_hr = empty((P, H), ct, dy.device) if w_hr is not None else None
@@ -130,7 +130,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     )
     return (
         dgx.to(dy.dtype),
-        dgh.to(dy.dtype),
+        None if dgh is None else dgh.to(dy.dtype),
         dh0.to(h0.dtype),
         None if dc0 is None else dc0.to(c0.dtype),
         None if dw_hr is None else dw_hr.to(w_hr.dtype),

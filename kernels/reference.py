@@ -19,10 +19,10 @@ which is `proj_size` for a projected LSTM and `H` otherwise):
   dtype, `saved` of `saved_shape(...)` in the compute dtype (an empty tensor when `need_saved` is False).
   State is carried in float32, or float64 for float64 input.
 - Backward: `dy [T, B, P]`, `dhT [B, P]`, `dcT [B, H]` (LSTM) in; `dgx` is the gradient of the x-side
-  pre-activations `gx`, `dgh` of `h @ w_hh.T + b_hh` (they differ only in GRU's n gate), both
-  `[T, B, G*H]` and zero at inactive steps; `dh0`, `dc0` (None unless LSTM); `dw_hr [P, H]` (None without
-  projection). Weight gradients of `w_ih`, `w_hh`, `b_ih`, `b_hh` are computed by the caller from
-  `dgx`/`dgh` as one GEMM each.
+  pre-activations `gx`, `dgh` of `h @ w_hh.T + b_hh`, both `[T, B, G*H]` and zero at inactive steps. They
+  differ only in GRU's n gate: for the other cells `dgh` is None (it equals `dgx`). `dh0`, `dc0` (None unless
+  LSTM); `dw_hr [P, H]` (None without projection). Weight gradients of `w_ih`, `w_hh`, `b_ih`, `b_hh` are
+  computed by the caller from `dgx`/`dgh` as one GEMM each.
 """
 
 import torch
@@ -147,7 +147,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     """Backward of `fwd` from its `saved`; see the module docstring for shapes.
 
     Returns:
-        `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
+        `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
     """
     T, B, P = dy.shape
     ct, io_dtype = saved.dtype, dy.dtype
@@ -184,6 +184,6 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         h_raw = o * torch.tanh(c)
         dw_hr = (dh_out.reshape(-1, P).T @ h_raw.reshape(-1, H)).to(w_hr_dtype)
     dgx = reorder(dgx, lengths, reverse).to(io_dtype)
-    dgh = reorder(dgh, lengths, reverse).to(io_dtype)
+    dgh = reorder(dgh, lengths, reverse).to(io_dtype) if cell == "gru" else None
     dc0 = None if dc is None else dc.to(c0.dtype)
     return dgx, dgh, dh.to(h0.dtype), dc0, dw_hr

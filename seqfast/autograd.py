@@ -78,11 +78,12 @@ def recurrence_backward(
     """One layer-direction backward on the backend that ran the forward.
 
     Returns:
-        `dgx`, `dgh` (`[T, B, G*H]`), `dh0 [B, P]`, `dc0 [B, H]` (`[0]` unless LSTM), `dw_hr [P, H]` (`[0]` without
-        projection).
+        `dgx`, `dgh` (`[T, B, G*H]`; `[0]` unless GRU, where it equals `dgx`), `dh0 [B, P]`, `dc0 [B, H]` (`[0]`
+        unless LSTM), `dw_hr [P, H]` (`[0]` without projection).
     """
     module = dispatch.load(backend)
     dgx, dgh, dh0, dc0, dw_hr = module.bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse)
+    dgh = dy.new_empty(0) if dgh is None else dgh
     return dgx, dgh, dh0, h0.new_empty(0) if dc0 is None else dc0, w_hh.new_empty(0) if dw_hr is None else dw_hr
 
 
@@ -92,7 +93,8 @@ def _(backend, cell, reverse, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y
     G = w_hh.shape[0]
     dc0 = c0.new_empty(c0.shape) if cell == "lstm" else h0.new_empty(0)
     dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty(0)
-    return dy.new_empty((T, B, G)), dy.new_empty((T, B, G)), h0.new_empty(h0.shape), dc0, dw_hr
+    dgh = dy.new_empty((T, B, G)) if cell == "gru" else dy.new_empty(0)
+    return dy.new_empty((T, B, G)), dgh, h0.new_empty(h0.shape), dc0, dw_hr
 
 
 def h_prev(y, h0, lengths, reverse):
@@ -136,6 +138,7 @@ def _backward(ctx, dy, dhT, dcT, _dsaved):
         ctx.backend, ctx.cell, ctx.reverse, dy, dhT, dcT if is_lstm else None,
         w_hh, b_hh, w_hr, h0, c0, lengths, y, saved,
     )
+    dgh = dgh if ctx.cell == "gru" else dgx
     _, dw_hh, db_hh = linear_backward(dgh, h_prev(y, h0, lengths, ctx.reverse), w_hh, False, True, b_hh is not None)
     return (
         None, None, None, None,

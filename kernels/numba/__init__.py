@@ -141,7 +141,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         reverse: as passed to `fwd` (default False).
 
     Returns:
-        `dgx`, `dgh` (`[T, B, G*H]`), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
+        `dgx`, `dgh` (`[T, B, G*H]`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
     """
     T, B, P = dy.shape
     G = w_hh.shape[0]
@@ -152,7 +152,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     lens, reverse = _lens(lengths, T, B), bool(reverse)
     d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
     dgx = empty((T, B, G), ct, dy.device)
-    dgh = empty((T, B, G), ct, dy.device)
+    dgh = empty((T, B, G), ct, dy.device) if cell == "gru" else None
     dh0 = empty((B, P), ct, dy.device)
     dh0.copy_(dhT)
     dc0 = dw_hr = None
@@ -177,7 +177,6 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
             dh0.numpy(),
             dc0.numpy(),
             dgx.numpy(),
-            dgh.numpy(),
             hraw_np,
             dh_out_np,
             sync,
@@ -197,7 +196,6 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
             saved.numpy(),
             dh0.numpy(),
             dgx.numpy(),
-            dgh.numpy(),
             sync,
             nc,
         )

@@ -444,8 +444,8 @@ def rnn_fwd(gx, w_hh, b_hh, lens, rev, relu, h, y, saved, sync, nc):
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def rnn_bwd(dy, w_hh_t, lens, rev, relu, saved, dh, dgx, dgh, sync, nc):
-    """`dy [T, B, H]`, `w_hh_t [H, H]` (`w_hh^T`), `saved [T, B, H]`; `dh [B, H]`; `dgx`, `dgh [T, B, H]`."""
+def rnn_bwd(dy, w_hh_t, lens, rev, relu, saved, dh, dgx, sync, nc):
+    """`dy [T, B, H]`, `w_hh_t [H, H]` (`w_hh^T`), `saved [T, B, H]`; `dh [B, H]`; `dgx [T, B, H]` (also dgh)."""
     T, B, H = dy.shape
     da = np.zeros((B, H), dh.dtype)
     dhp = np.empty((B, H), dh.dtype)
@@ -459,12 +459,10 @@ def rnn_bwd(dy, w_hh_t, lens, rev, relu, saved, dh, dgx, dgh, sync, nc):
                 for b in range(B):
                     if s >= lens[b]:
                         _fill(dgx[s, b], j0, j1)
-                        _fill(dgh[s, b], j0, j1)
                         continue
                     t = _step_time(s, lens[b], rev)
                     _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, da[b], j0, j1)
                     _copy(da[b], dgx[t, b], j0, j1)
-                    _copy(da[b], dgh[t, b], j0, j1)
                 _end(sync)
             for k in range(nc):
                 q = (tid + k) % nc
@@ -535,9 +533,9 @@ def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, sync, nc):
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, sync, nc):
+def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out, sync, nc):
     """`dy [T, B, P]`, `w_hh_t [P, 4H]`, `w_hr_t [H, P]` (`[0, P]`: no projection), `c0 [B, H]`,
-    `saved [T, B, 5H]`; `dh [B, P]`, `dc [B, H]`; `dgx`, `dgh [T, B, 4H]`; with projection `hraw [T, B, H]`
+    `saved [T, B, 5H]`; `dh [B, P]`, `dc [B, H]`; `dgx [T, B, 4H]` (also dgh); with projection `hraw [T, B, H]`
     and `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero when inactive)."""
     T, B, P = dy.shape
     H = dc.shape[1]
@@ -579,7 +577,6 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, dgh, hraw, d
                     if s >= lens[b]:
                         for g in range(4):
                             _fill(dgx[s, b], g * H + j0, g * H + j1)
-                            _fill(dgh[s, b], g * H + j0, g * H + j1)
                         continue
                     t = _step_time(s, lens[b], rev)
                     if proj:
@@ -590,7 +587,6 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, dgh, hraw, d
                     _lstm_grads(saved[s, b], cp, dhraw[b], dc[b], dcs[b], da[b], H, j0, j1)
                     for g in range(4):
                         _copy(da[b], dgx[t, b], g * H + j0, g * H + j1)
-                        _copy(da[b], dgh[t, b], g * H + j0, g * H + j1)
                 _end(sync)
             for k in range(nc):
                 q = (tid + k) % nc
