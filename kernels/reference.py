@@ -147,7 +147,8 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     """Backward of `fwd` from its `saved`; see the module docstring for shapes.
 
     Returns:
-        `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
+        `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None,
+        `dw_hr [P, H]` or None.
     """
     T, B, P = dy.shape
     ct, io_dtype = saved.dtype, dy.dtype
