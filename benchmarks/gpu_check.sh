@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU check for the triton backend (no network needed): editable install, CUDA parity tests, benchmark.
 #   benchmarks/gpu_check.sh OUTDIR        (BENCH_BUDGET_S, default 240: seconds of shapes the benchmark visits)
-# Writes OUTDIR/{versions.txt,install.log,pytest_gpu.log,bench.log,gpu_bench.csv}; about 8 minutes on an H100.
+# Writes OUTDIR/{versions.txt,install.log,pytest_gpu.log,bench.log,gpu_bench.csv}; about 4 minutes on an H200.
 set -euo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
