@@ -60,6 +60,7 @@ def compile_variant(rec, variant, arch, bb=None, bh=None, num_warps=4):
     absent = set() if has_len else {"p_len"}
     absent |= set() if proj else {"p_whr", "p_rbuf", "p_dhs", "p_pbuf"}
     absent |= set() if cell == "lstm" else {"p_c0", "p_cT", "p_dcT", "p_dc0"}
+    absent |= set() if cell == "gru" else {"p_dgh"}
     results = []
     for kernel in (rec.fwd_kernel, rec.bwd_kernel):
         fn = kernel.fn

@@ -154,7 +154,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     w_hr = None if w_hr is None else w_hr.contiguous()
     lengths = None if lengths is None else lengths.to(device=dev, dtype=torch.int64).contiguous()
     dgx = empty((T, B, G * H), dy.dtype, dev)
-    dgh = empty((T, B, G * H), dy.dtype, dev) if cell == "gru" else dgx  # other cells: the kernel writes it twice
+    dgh = empty((T, B, G * H), dy.dtype, dev) if cell == "gru" else None
     dh0 = empty((B, P), h0.dtype, dev)
     dc0 = empty((B, H), c0.dtype, dev) if lstm else None
     dhs = None if w_hr is None else torch.empty((T, B, P), dtype=torch.float32, device=dev)
@@ -174,4 +174,4 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         if active is not None:
             h_raw = torch.where(active, h_raw, 0)
         dw_hr = (dhs.reshape(-1, P).T @ h_raw.reshape(-1, H)).to(w_hr.dtype)
-    return dgx, dgh if cell == "gru" else None, dh0, dc0, dw_hr
+    return dgx, dgh, dh0, dc0, dw_hr

@@ -294,8 +294,8 @@ def bwd_kernel(
     HAS_LEN: tl.constexpr,
     PROJ: tl.constexpr,
 ):
-    """Reverse-time loop of `fwd_kernel`: `dgx`, `dgh` at time order, `dh0`, `dc0`, and (projection) every step's
-    `dh` into `p_dhs [T, B, P]` fp32 at processing order for the caller's `dw_hr` GEMM."""
+    """Reverse-time loop of `fwd_kernel`: `dgx`, `dgh` (GRU only) at time order, `dh0`, `dc0`, and (projection)
+    every step's `dh` into `p_dhs [T, B, P]` fp32 at processing order for the caller's `dw_hr` GEMM."""
     i_b = tl.program_id(0) + i_b0
     i_h = tl.program_id(1)
     o_b = i_b.to(tl.int64) * BB + tl.arange(0, BB)  # [BB]
@@ -385,22 +385,23 @@ def bwd_kernel(
         d3 = tl.where(m_a2, d3, 0.0)
         x2 = tl.where(m_a2, x2, 0.0)
         p_gx = p_dgx + r_x[:, None] + o_h[None, :]
-        p_gh = p_dgh + r_x[:, None] + o_h[None, :]
         p_db = p_dbuf + r_d[:, None] + o_h[None, :]
         tl.store(p_gx, d0.to(p_dgx.dtype.element_ty), mask=m_bh)
-        tl.store(p_gh, d0.to(p_dgh.dtype.element_ty), mask=m_bh)
         tl.store(p_db, d0.to(p_dbuf.dtype.element_ty), mask=m_bh)
         if G > 1:
             tl.store(p_gx + H, d1.to(p_dgx.dtype.element_ty), mask=m_bh)
-            tl.store(p_gh + H, d1.to(p_dgh.dtype.element_ty), mask=m_bh)
             tl.store(p_db + H, d1.to(p_dbuf.dtype.element_ty), mask=m_bh)
             tl.store(p_gx + 2 * H, x2.to(p_dgx.dtype.element_ty), mask=m_bh)
-            tl.store(p_gh + 2 * H, d2.to(p_dgh.dtype.element_ty), mask=m_bh)
             tl.store(p_db + 2 * H, d2.to(p_dbuf.dtype.element_ty), mask=m_bh)
         if G > 3:
             tl.store(p_gx + 3 * H, d3.to(p_dgx.dtype.element_ty), mask=m_bh)
-            tl.store(p_gh + 3 * H, d3.to(p_dgh.dtype.element_ty), mask=m_bh)
             tl.store(p_db + 3 * H, d3.to(p_dbuf.dtype.element_ty), mask=m_bh)
+        if CELL == 3:
+            # GRU's dgh differs from dgx in the n gate; the other cells have no dgh (it is dgx)
+            p_gh = p_dgh + r_x[:, None] + o_h[None, :]
+            tl.store(p_gh, d0.to(p_dgh.dtype.element_ty), mask=m_bh)
+            tl.store(p_gh + H, d1.to(p_dgh.dtype.element_ty), mask=m_bh)
+            tl.store(p_gh + 2 * H, d2.to(p_dgh.dtype.element_ty), mask=m_bh)
         _sync(p_sync, NS * (j + 1), NH, SPLIT)
         b_acc = tl.zeros([BB, BH], tl.float32)  # [BB, BH] dgh @ w_hh for this program's range of P
         if CELL == 3:
@@ -415,10 +416,11 @@ def bwd_kernel(
 
     for s in range(T_blk, T):
         p_gx = p_dgx + (s * B + o_b)[:, None] * GH + o_h[None, :]
-        p_gh = p_dgh + (s * B + o_b)[:, None] * GH + o_h[None, :]
         for q in range(G):
             tl.store(p_gx + q * H, tl.zeros([BB, BH], p_dgx.dtype.element_ty), mask=m_bh)
-            tl.store(p_gh + q * H, tl.zeros([BB, BH], p_dgh.dtype.element_ty), mask=m_bh)
+            if CELL == 3:
+                p_gh = p_dgh + (s * B + o_b)[:, None] * GH + o_h[None, :]
+                tl.store(p_gh + q * H, tl.zeros([BB, BH], p_dgh.dtype.element_ty), mask=m_bh)
         if PROJ:
             tl.store(p_dhs + (s * B + o_b)[:, None] * P + o_h[None, :], tl.zeros([BB, BH], tl.float32), mask=m_bp)
     tl.store(p_dh0 + o_b[:, None] * P + o_h[None, :], b_dh.to(p_dh0.dtype.element_ty), mask=m_bp)
