@@ -9,43 +9,44 @@ from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-COLUMNS = (
-    "timestamp",
-    "device",
-    "threads",
-    "torch",
-    "python",
-    "seqfast",
-    "git_sha",
-    "loadavg",
-    "set",
-    "shape",
-    "cell",
-    "hidden",
-    "input",
-    "batch",
-    "time",
-    "layers",
-    "bidirectional",
-    "packed",
-    "tokens",
-    "dtype",
-    "mode",
-    "provider",
-    "status",
-    "median_ms",
-    "p20_ms",
-    "p80_ms",
-    "samples",
-    "tokens_per_s",
-    "gflops",
-    "speedup",
-    "gemm_gflops",
-    "gemm_frac",
-    "gate_err",
-    "gate_tol",
-    "message",
-)
+# Column name -> its type when read back (`read_csv`); the order is the CSV's.
+COLUMNS = {
+    "timestamp": str,
+    "device": str,
+    "threads": float,
+    "torch": str,
+    "python": str,
+    "seqfast": str,
+    "git_sha": str,
+    "loadavg": float,
+    "set": str,
+    "shape": str,
+    "cell": str,
+    "hidden": float,
+    "input": float,
+    "batch": float,
+    "time": float,
+    "layers": float,
+    "bidirectional": str,
+    "packed": str,
+    "tokens": float,
+    "dtype": str,
+    "mode": str,
+    "provider": str,
+    "status": str,
+    "median_ms": float,
+    "p20_ms": float,
+    "p80_ms": float,
+    "samples": float,
+    "tokens_per_s": float,
+    "gflops": float,
+    "speedup": float,
+    "gemm_gflops": float,
+    "gemm_frac": float,
+    "gate_err": float,
+    "gate_tol": float,
+    "message": str,
+}
 
 
 def csv_path(device):
@@ -72,10 +73,10 @@ def append_csv(path, rows):
     if exists:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-        if tuple(header) != COLUMNS:
+        if tuple(header) != tuple(COLUMNS):
             raise ValueError(f"{path} has other columns than this version writes; move it away or choose another file")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
+        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), restval="")
         if not exists:
             writer.writeheader()
         for row in rows:
@@ -91,27 +92,7 @@ def _cell(value):
     return value
 
 
-_NUMERIC = {
-    "threads",
-    "loadavg",
-    "hidden",
-    "input",
-    "batch",
-    "time",
-    "layers",
-    "tokens",
-    "median_ms",
-    "p20_ms",
-    "p80_ms",
-    "samples",
-    "tokens_per_s",
-    "gflops",
-    "speedup",
-    "gemm_gflops",
-    "gemm_frac",
-    "gate_err",
-    "gate_tol",
-}
+_NUMERIC = {name for name, kind in COLUMNS.items() if kind is float}
 
 
 def read_csv(path):
