@@ -72,6 +72,19 @@ def _mma(acc, b_x, p_w, o_n, m_n, o_k, m_k, LD_N, LD_K, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _rows_mma(acc, p_rows, r_x, m_b, K, p_w, o_n, m_n, LD_N, LD_K, BK: tl.constexpr, UPCAST: tl.constexpr):
+    """`acc + X @ W` over `K` for `X [BB, K]` the exchange-buffer rows at `p_rows + r_x` (read through L2), `W` as
+    in `_mma`."""
+    for k in range(0, K, BK):
+        o_k = k + tl.arange(0, BK)  # [BK]
+        m_k = o_k < K
+        p_x = p_rows + r_x[:, None] + o_k[None, :]
+        b_x = tl.load(p_x, mask=m_b[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")  # [BB, BK]
+        acc = _mma(acc, b_x, p_w, o_n, m_n, o_k, m_k, LD_N, LD_K, UPCAST)
+    return acc
+
+
+@triton.jit
 def _bias(p_bhh, o, m, HAS_BIAS: tl.constexpr):
     if HAS_BIAS:
         return tl.load(p_bhh + o, mask=m, other=0.0).to(tl.float32)  # [BH]
@@ -84,6 +97,18 @@ def _lengths(p_len, o_b, m_b, T, BB: tl.constexpr, HAS_LEN: tl.constexpr):
     if HAS_LEN:
         return tl.load(p_len + o_b, mask=m_b, other=0).to(tl.int64)
     return tl.where(m_b, tl.zeros([BB], tl.int64) + T, 0)
+
+
+@triton.jit
+def _block(p_len, i_b0, T, B, H, P, BB: tl.constexpr, BH: tl.constexpr, HAS_LEN: tl.constexpr):
+    """This program's batch block `i_b`, rows `o_b [BB]`, hidden units `o_h [BH]` (also that range of `P`), their
+    masks `m_b`, `m_h`, `m_p`, each row's length `[BB]` and the longest."""
+    i_b = tl.program_id(0) + i_b0
+    o_b = i_b.to(tl.int64) * BB + tl.arange(0, BB)
+    o_h = tl.program_id(1) * BH + tl.arange(0, BH)
+    m_b = o_b < B
+    b_len = _lengths(p_len, o_b, m_b, T, BB, HAS_LEN)
+    return i_b, o_b, o_h, m_b, o_h < H, o_h < P, b_len, tl.max(b_len, axis=0)
 
 
 @triton.jit
@@ -139,19 +164,11 @@ def fwd_kernel(
     PROJ: tl.constexpr,
 ):
     """Forward time loop; see the module docstring. `saved` row layout per step as in `reference.saved_shape`."""
-    i_b = tl.program_id(0) + i_b0
-    i_h = tl.program_id(1)
-    o_b = i_b.to(tl.int64) * BB + tl.arange(0, BB)  # [BB]
-    o_h = i_h * BH + tl.arange(0, BH)  # [BH] hidden units, and the same range of P
-    m_b = o_b < B
-    m_h = o_h < H
-    m_p = o_h < P
+    i_b, o_b, o_h, m_b, m_h, m_p, b_len, T_blk = _block(p_len, i_b0, T, B, H, P, BB, BH, HAS_LEN)  # [BB], [BH]
     m_bh = m_b[:, None] & m_h[None, :]  # [BB, BH]
     m_bp = m_b[:, None] & m_p[None, :]
     GH = G * H
     p_sync = p_sync + i_b
-    b_len = _lengths(p_len, o_b, m_b, T, BB, HAS_LEN)  # [BB]
-    T_blk = tl.max(b_len, axis=0)
 
     b_bias0 = _bias(p_bhh, o_h, m_h, HAS_BIAS)  # [BH]
     b_bias1 = b_bias0 * 0.0
@@ -231,12 +248,7 @@ def fwd_kernel(
             tl.store(p_rbuf + o_b[:, None] * H + o_h[None, :], h_new.to(p_rbuf.dtype.element_ty), mask=m_bh)
             _sync(p_sync, 2 + NS * s, NH, SPLIT)
             h_new = tl.zeros([BB, BH], tl.float32)
-            for k in range(0, H, BK):
-                o_k = k + tl.arange(0, BK)
-                m_k = o_k < H
-                p_x = p_rbuf + o_b[:, None] * H + o_k[None, :]
-                b_x = tl.load(p_x, mask=m_b[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")  # [BB, BK]
-                h_new = _mma(h_new, b_x, p_whr, o_h, m_p, o_k, m_k, H, 1, UPCAST)
+            h_new = _rows_mma(h_new, p_rbuf, o_b * H, m_b, H, p_whr, o_h, m_p, H, 1, BK, UPCAST)
         b_h = tl.where(m_a[:, None], h_new, b_h)
         p_o = p_y + (o_t * B + o_b)[:, None] * P + o_h[None, :]
         tl.store(p_o, tl.where(m_a[:, None], h_new, 0.0).to(p_y.dtype.element_ty), mask=m_bp)
@@ -296,19 +308,11 @@ def bwd_kernel(
 ):
     """Reverse-time loop of `fwd_kernel`: `dgx`, `dgh` (GRU only) at time order, `dh0`, `dc0`, and (projection)
     every step's `dh` into `p_dhs [T, B, P]` fp32 at processing order for the caller's `dw_hr` GEMM."""
-    i_b = tl.program_id(0) + i_b0
-    i_h = tl.program_id(1)
-    o_b = i_b.to(tl.int64) * BB + tl.arange(0, BB)  # [BB]
-    o_h = i_h * BH + tl.arange(0, BH)  # [BH]
-    m_b = o_b < B
-    m_h = o_h < H
-    m_p = o_h < P
+    i_b, o_b, o_h, m_b, m_h, m_p, b_len, T_blk = _block(p_len, i_b0, T, B, H, P, BB, BH, HAS_LEN)  # [BB], [BH]
     m_bh = m_b[:, None] & m_h[None, :]  # [BB, BH]
     m_bp = m_b[:, None] & m_p[None, :]
     GH = G * H
     p_sync = p_sync + i_b
-    b_len = _lengths(p_len, o_b, m_b, T, BB, HAS_LEN)  # [BB]
-    T_blk = tl.max(b_len, axis=0)
 
     b_dh = tl.load(p_dhT + o_b[:, None] * P + o_h[None, :], mask=m_bp, other=0.0).to(tl.float32)  # [BB, BH]
     b_dc = tl.zeros([BB, BH], tl.float32)
@@ -332,13 +336,7 @@ def bwd_kernel(
             p_d = p_dhs + (s * B + o_b)[:, None] * P + o_h[None, :]
             tl.store(p_d, tl.where(m_a2, b_dhs, 0.0), mask=m_bp)
             _sync(p_sync, 1 + NS * j, NH, SPLIT)
-            b_dr = tl.zeros([BB, BH], tl.float32)
-            for k in range(0, P, BK):
-                o_k = k + tl.arange(0, BK)  # [BK]
-                m_k = o_k < P
-                p_x = p_pbuf + o_b[:, None] * P + o_k[None, :]
-                b_x = tl.load(p_x, mask=m_b[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")  # [BB, BK]
-                b_dr = _mma(b_dr, b_x, p_whr, o_h, m_h, o_k, m_k, 1, H, UPCAST)
+            b_dr = _rows_mma(tl.zeros([BB, BH], tl.float32), p_pbuf, o_b * P, m_b, P, p_whr, o_h, m_h, 1, H, BK, UPCAST)
         p_s = p_saved + (s * B + o_b)[:, None] * (SW * H) + o_h[None, :]
         m_sv = m_a2 & m_h[None, :]
         d1 = tl.zeros([BB, BH], tl.float32)
@@ -406,12 +404,7 @@ def bwd_kernel(
         b_acc = tl.zeros([BB, BH], tl.float32)  # [BB, BH] dgh @ w_hh for this program's range of P
         if CELL == 3:
             b_acc = b_dhs * z
-        for k in range(0, GH, BK):
-            o_k = k + tl.arange(0, BK)  # [BK]
-            m_k = o_k < GH
-            p_x = p_dbuf + r_d[:, None] + o_k[None, :]
-            b_x = tl.load(p_x, mask=m_b[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")  # [BB, BK]
-            b_acc = _mma(b_acc, b_x, p_whh, o_h, m_p, o_k, m_k, 1, P, UPCAST)
+        b_acc = _rows_mma(b_acc, p_dbuf, r_d, m_b, GH, p_whh, o_h, m_p, 1, P, BK, UPCAST)
         b_dh = tl.where(m_a2, b_acc, b_dhs)
 
     for s in range(T_blk, T):
