@@ -1,6 +1,8 @@
-"""Shared test helpers: twin modules from one state_dict, outputs with all gradients, error metrics."""
+"""Shared test helpers: twin modules from one state_dict, outputs with all gradients, error metrics, and random
+problems of the backend contract (`seqfast.kernels.reference`)."""
 
 import torch
+from seqfast.kernels.common import GATES
 from torch.nn.utils.rnn import PackedSequence
 
 import seqfast
@@ -77,4 +79,87 @@ def assert_close(actual, expected, tol, what):
 def assert_all_close(actual, expected, tol, names):
     assert len(actual) == len(expected), f"{len(actual)} tensors != {len(expected)}"
     for a, e, name in zip(actual, expected, names, strict=True):
+        assert_close(a, e, tol, name)
+
+
+# The outputs of one forward + backward of the backend contract, in `run_contract`'s order.
+CONTRACT_OUTPUTS = ("y", "hT", "cT", "dgx", "dgh", "dh0", "dc0", "dw_hr")
+
+
+def mixed_lengths(T, B):
+    """Lengths covering T, 0, 1 and a middle value, not sorted, the last row full."""
+    return torch.tensor([[T, 0, 1, max(T // 2, 1)][b % 4] if b else T for b in range(B)][::-1])
+
+
+def contract_problem(cell, T, B, H, P=None, *, lengths=None, bias=True, dtype=torch.float64, device="cpu", seed=0):
+    """Random inputs and cotangents of one layer-direction call of the backend contract.
+
+    Weights are scaled by `1/sqrt(fan-in)`; `P` (LSTM, `< H`) adds the projection `w_hr [P, H]`. Values are drawn in
+    float64 from `seed`, then cast to `dtype` on `device`.
+
+    Returns:
+        `args`, the keyword arguments of `fwd` (`gx, w_hh, b_hh, h0, c0, lengths, w_hr`), and the cotangents
+        `(dy, dhT, dcT)`.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    G, width, lstm = GATES[cell] * H, P or H, cell == "lstm"
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+    args = dict(
+        gx=rand(T, B, G),
+        w_hh=rand(G, width, scale=width**-0.5),
+        b_hh=rand(G) if bias else None,
+        h0=rand(B, width),
+        c0=rand(B, H) if lstm else None,
+        lengths=None if lengths is None else torch.as_tensor(lengths, dtype=torch.int64, device=device),
+        w_hr=rand(P, H, scale=H**-0.5) if P else None,
+    )
+    return args, (rand(T, B, width), rand(B, width), rand(B, H) if lstm else None)
+
+
+def kind_problem(kind, T, B, H, P=None, *, lengths=None, **kwargs):
+    """`contract_problem` of a test kind: a cell, or `lstm-proj` (an LSTM projecting to `P`); `lengths` may also
+    be "full" (None) or "mixed" (`mixed_lengths`).
+
+    Returns:
+        `(cell, args, cot)`.
+    """
+    cell = "lstm" if kind == "lstm-proj" else kind
+    if isinstance(lengths, str):
+        lengths = mixed_lengths(T, B) if lengths == "mixed" else None
+    args, cot = contract_problem(cell, T, B, H, P if kind == "lstm-proj" else None, lengths=lengths, **kwargs)
+    return cell, args, cot
+
+
+def cast(args, cot, dtype):
+    """`contract_problem`'s `args` and `cot` with their floating tensors in `dtype`."""
+
+    def to(t):
+        return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+    return {k: to(v) for k, v in args.items()}, tuple(to(t) for t in cot)
+
+
+def run_contract(module, cell, args, cot, reverse):
+    """`fwd` then `bwd` of the backend `module`: the outputs named by `CONTRACT_OUTPUTS`."""
+    y, hT, cT, saved = module.fwd(cell, **args, reverse=reverse)
+    a = args
+    grads = module.bwd(cell, *cot, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y, saved, reverse)
+    return [y, hT, cT, *grads]
+
+
+def assert_outputs_close(actual, expected, tol, dtype=None):
+    """`run_contract` outputs against expected ones: present alike, each within relative RMS `tol`.
+
+    With `dtype`, `actual` must be in it and is compared in float64 with `expected` of any dtype.
+    """
+    for a, e, name in zip(actual, expected, CONTRACT_OUTPUTS, strict=True):
+        assert (a is None) == (e is None), f"{name}: {a is None=} {e is None=}"
+        if e is None:
+            continue
+        if dtype is not None:
+            assert a.dtype == dtype, f"{name}: dtype {a.dtype} != {dtype}"
+            a, e = a.double(), e.double()
         assert_close(a, e, tol, name)

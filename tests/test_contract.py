@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import CPU_BACKENDS
-from helpers import assert_close
+from helpers import assert_close, assert_outputs_close, cast, kind_problem, run_contract
 from seqfast.kernels import common, reference
 
 from seqfast import dispatch
@@ -17,53 +17,9 @@ CELLS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
 LENGTHS = ["full", "mixed"]
 
 
-def make_args(cell, B, T, H, lengths, dtype=torch.float64, requires_grad=False):
-    """Random contract inputs: `gx, w_hh, b_hh, h0, c0, lengths, w_hr` for one layer-direction."""
-    proj = cell == "lstm-proj" and H > 1
-    cell = "lstm" if cell == "lstm-proj" else cell
-    G = common.GATES[cell] * H
-    P = H // 2 if proj else H
-
-    def rand(*shape):
-        return torch.randn(*shape, dtype=dtype).requires_grad_(requires_grad)
-
-    args = dict(
-        gx=rand(T, B, G),
-        w_hh=(torch.randn(G, P, dtype=dtype) / P**0.5).requires_grad_(requires_grad),
-        b_hh=rand(G) if H != 33 else None,
-        h0=rand(B, P),
-        c0=rand(B, H) if cell == "lstm" else None,
-        lengths=None,
-        w_hr=(torch.randn(P, H, dtype=dtype) / H**0.5).requires_grad_(requires_grad) if proj else None,
-    )
-    if lengths == "mixed":
-        args["lengths"] = torch.tensor([(T - b) % (T + 1) for b in range(B)], dtype=torch.int64)
-    return cell, args
-
-
-def run_backend(module, cell, args, reverse, seed=3):
-    """fwd then bwd of `module` with random cotangents; every contract output, float64, in a fixed order."""
-    a = {k: (v.detach() if v is not None else None) for k, v in args.items()}
-    y, hT, cT, saved = module.fwd(
-        cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], a["w_hr"], reverse
-    )
-    gen = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=gen, dtype=torch.float64).to(y.dtype)
-    dhT = torch.randn(hT.shape, generator=gen, dtype=torch.float64).to(hT.dtype)
-    dcT = None if cT is None else torch.randn(cT.shape, generator=gen, dtype=torch.float64).to(cT.dtype)
-    grads = module.bwd(cell, dy, dhT, dcT, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y, saved,
-                       reverse)
-    return [y, hT, cT, *grads]
-
-
-NAMES = ["y", "hT", "cT", "dgx", "dgh", "dh0", "dc0", "dw_hr"]
-
-
-def _compare(actual, expected, tol):
-    for a, e, name in zip(actual, expected, NAMES, strict=True):
-        assert (a is None) == (e is None), f"{name}: {a is None=} {e is None=}"
-        if e is not None:
-            assert_close(a.double(), e.double(), tol, name)
+def make_problem(kind, B, T, H, lengths):
+    """`kind_problem` of one case: `lstm-proj` projects to `H // 2`, H33 runs without `b_hh`."""
+    return kind_problem(kind, T, B, H, H // 2, lengths=lengths, bias=H != 33)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -73,14 +29,14 @@ def _compare(actual, expected, tol):
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_backend_matches_float64_reference(backend, cell, shape, lengths, reverse):
     module = dispatch.load(backend)
-    cell, args = make_args(cell, *shape, lengths)
-    expected = run_backend(reference, cell, args, reverse)
+    cell, args, cot = make_problem(cell, *shape, lengths)
+    expected = run_contract(reference, cell, args, cot, reverse)
     if module is not reference:  # the reference's own float64 check is against autograd, below
-        _compare(run_backend(module, cell, args, reverse), expected, 1e-12)
+        assert_outputs_close(run_contract(module, cell, args, cot, reverse), expected, 1e-12, torch.float64)
     if module.unsupported(cell, args["gx"].float(), args["w_hh"].float(), args["h0"].float()) is None:
-        single = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in args.items()}
-        # float32 over <= 7 steps of length <= 33 dot products: a few hundred ulps of 6e-8
-        _compare(run_backend(module, cell, single, reverse), expected, 1e-5)
+        # float32 over <= 9 steps of length <= 70 dot products: a few hundred ulps of 6e-8
+        single = run_contract(module, cell, *cast(args, cot, torch.float32), reverse)
+        assert_outputs_close(single, expected, 1e-5, torch.float32)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -89,18 +45,17 @@ def test_backend_matches_float64_reference(backend, cell, shape, lengths, revers
 @pytest.mark.parametrize("cell", CELLS)
 def test_reference_backward_matches_autograd(cell, shape, lengths, reverse):
     """The hand-written backward equals autograd through the reference forward, `w_hh`/`b_hh` via `h_prev`."""
-    cell, args = make_args(cell, *shape, lengths, requires_grad=True)
+    cell, args, cot = make_problem(cell, *shape, lengths)
+    leaves = {k: v.requires_grad_() for k, v in args.items() if v is not None and v.is_floating_point()}
     y, hT, cT, _ = reference.fwd(cell, **args, reverse=reverse)
     outputs = [y, hT] + ([cT] if cT is not None else [])
-    cotangents = [torch.randn_like(o) for o in outputs]
-    wrt = {k: v for k, v in args.items() if v is not None and v.requires_grad}
-    expected = dict(zip(wrt, torch.autograd.grad(outputs, list(wrt.values()), cotangents), strict=True))
+    grads = torch.autograd.grad(outputs, list(leaves.values()), [c for c in cot if c is not None])
+    expected = dict(zip(leaves, grads, strict=True))
 
     a = {k: (v.detach() if v is not None else None) for k, v in args.items()}
     _, _, _, saved = reference.fwd(cell, **a, reverse=reverse)
-    dcT = cotangents[2] if cT is not None else None
-    dgx, dgh, dh0, dc0, dw_hr = reference.bwd(cell, cotangents[0], cotangents[1], dcT, a["w_hh"], a["b_hh"], a["w_hr"],
-                                              a["h0"], a["c0"], a["lengths"], y.detach(), saved, reverse)
+    dgx, dgh, dh0, dc0, dw_hr = reference.bwd(cell, *cot, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"],
+                                              a["lengths"], y.detach(), saved, reverse)
     assert (dgh is None) == (cell != "gru"), "dgh is returned exactly where it differs from dgx (GRU)"
     dgh = dgx if dgh is None else dgh
     G, P = a["w_hh"].shape
@@ -114,8 +69,8 @@ def test_reference_backward_matches_autograd(cell, shape, lengths, reverse):
 def test_padded_steps_write_zeros_and_keep_state(backend):
     """Past its length a sequence writes zeros to y and its final state is the one at its own last step."""
     module = dispatch.load(backend)
-    cell, args = make_args("gru", 3, 6, 5, "mixed")
-    y, hT, _, _ = module.fwd(cell, args["gx"], args["w_hh"], args["b_hh"], args["h0"], None, args["lengths"], None)
+    cell, args, _ = make_problem("gru", 3, 6, 5, "mixed")
+    y, hT, _, _ = module.fwd(cell, **args)
     for b, length in enumerate(args["lengths"].tolist()):
         assert torch.all(y[length:, b] == 0)
         expected = args["h0"][b] if length == 0 else y[length - 1, b]

@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract
 from seqfast.kernels import reference
-from seqfast.kernels.common import GATES
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
-NAMES = ["y", "hT", "cT", "dgx", "dgh", "dh0", "dc0", "dw_hr"]
 
 # float32 vs the float64 reference: the loops carry float32 state (u = 6e-8) and use ~2-ulp polynomial exp/tanh;
 # measured relative RMS <= 5e-7 at T = 40 to 100, the bound 1e-5 is the float32 tolerance of the module parity tests
@@ -29,52 +28,14 @@ def cpp():
     return pytest.importorskip("seqfast.kernels.cpp", reason="seqfast._C is not built")
 
 
-def mixed_lengths(T, B):
-    """Lengths covering T, 0, 1 and a middle value (batch order not sorted)."""
-    return torch.tensor([[T, 0, 1, max(T // 2, 1)][b % 4] if b else T for b in range(B)][::-1])
-
-
-def problem(cell, T, B, H, P, dtype, lengths, bias=True):
-    """Random `(gx, w_hh, b_hh, h0, c0, lengths, w_hr)` and cotangents `(dy, dhT, dcT)` for one call."""
-    G, width = GATES[cell] * H, P or H
-    lstm = cell == "lstm"
-    args = (
-        torch.randn(T, B, G, dtype=dtype),
-        torch.randn(G, width, dtype=dtype) / width**0.5,
-        torch.randn(G, dtype=dtype) if bias else None,
-        torch.randn(B, width, dtype=dtype),
-        torch.randn(B, H, dtype=dtype) if lstm else None,
-        lengths,
-        torch.randn(P, H, dtype=dtype) / H**0.5 if P else None,
-    )
-    cot = (
-        torch.randn(T, B, width, dtype=dtype),
-        torch.randn(B, width, dtype=dtype),
-        torch.randn(B, H, dtype=dtype) if lstm else None,
-    )
-    return args, cot
-
-
-def run(backend, cell, args, cot, reverse):
-    """`[y, hT, cT, dgx, dgh, dh0, dc0, dw_hr]` of one forward + backward."""
-    gx, w_hh, b_hh, h0, c0, lengths, w_hr = args
-    y, hT, cT, saved = backend.fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse)
-    grads = backend.bwd(cell, *cot, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse)
-    return [y, hT, cT, *grads]
-
-
 def run_reference(cell, args, cot, reverse):
-    """`run` on the reference, single-threaded: its many tiny ops only pay for thread hand-offs."""
+    """`run_contract` on the reference, single-threaded: its many tiny ops only pay for thread hand-offs."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run(reference, cell, args, cot, reverse)
+        return run_contract(reference, cell, args, cot, reverse)
     finally:
         torch.set_num_threads(threads)
-
-
-def cast(tensors, dtype):
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
 
 
 def isas(cpp):
@@ -86,45 +47,39 @@ def isas(cpp):
 @pytest.mark.parametrize("cell", CELLS)
 def test_float32_accuracy(cpp, cell):
     T, B, H = 40, 6, 70
-    P = 9 if cell == "lstm" else 0
+    P = 9 if cell == "lstm" else None
     previous = cpp._C.isa()
     try:
         for isa in isas(cpp):
             cpp._C.set_isa(isa)
             for reverse, lengths in [(False, None), (True, mixed_lengths(T, B))]:
-                args, cot = problem(cell, T, B, H, P, torch.float64, lengths)
+                args, cot = contract_problem(cell, T, B, H, P, lengths=lengths)
                 ref = run_reference(cell, args, cot, reverse)
-                ours = run(cpp, cell, cast(args, torch.float32), cast(cot, torch.float32), reverse)
-                for name, a, b in zip(NAMES, ours, ref, strict=True):
-                    if b is None:
-                        continue
-                    assert a.dtype == torch.float32, name
-                    rel = ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()
-                    assert rel <= F32_RTOL, f"{isa} reverse={reverse} {name}: relative RMS {rel:.2e}"
+                ours = run_contract(cpp, cell, *cast(args, cot, torch.float32), reverse)
+                assert_outputs_close(ours, ref, F32_RTOL, torch.float32)
     finally:
         cpp._C.set_isa(previous)
 
 
-def outputs_f32(cpp, cell, P=0, B=20):
+def outputs_f32(cpp, cell, P=None, B=20):
     """A float32 problem spanning several chunks and panels, with lengths (B = 20) and reverse."""
     T, H = 9, 200
     lengths = torch.tensor([9, 3, 0, 7, 9] * 4) if B == 20 else None
-    args, cot = problem(cell, T, B, H, P, torch.float32, lengths)
-    return [t for t in run(cpp, cell, args, cot, True) if t is not None]
+    args, cot = contract_problem(cell, T, B, H, P, lengths=lengths, dtype=torch.float32, seed=1)
+    return [t for t in run_contract(cpp, cell, args, cot, True) if t is not None]
 
 
 # B = 1 and 2 take the k-split GEMM tiles; B = 20 the full ones.
 @pytest.mark.parametrize("B", [1, 2, 20])
 @pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
 def test_thread_count_independent(cpp, cell, B):
-    P = 40 if cell == "lstm_proj" else 0
+    P = 40 if cell == "lstm_proj" else None
     cell = cell.removesuffix("_proj")
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            torch.manual_seed(1)
             results.append(outputs_f32(cpp, cell, P, B))
     finally:
         torch.set_num_threads(threads)
@@ -135,18 +90,16 @@ def test_thread_count_independent(cpp, cell, B):
 
 @pytest.mark.parametrize("cell", CELLS)
 def test_repeatable(cpp, cell):
-    torch.manual_seed(2)
     first = outputs_f32(cpp, cell)
-    torch.manual_seed(2)
     second = outputs_f32(cpp, cell)
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b)
 
 
 def test_need_saved_false(cpp):
-    args, _ = problem("lstm", 4, 2, 8, 0, torch.float32, None)
-    y, hT, cT, saved = cpp.fwd("lstm", *args, need_saved=False)
-    y_ref, hT_ref, cT_ref, _ = cpp.fwd("lstm", *args)
+    args, _ = contract_problem("lstm", 4, 2, 8, dtype=torch.float32)
+    y, hT, cT, saved = cpp.fwd("lstm", **args, need_saved=False)
+    y_ref, hT_ref, cT_ref, _ = cpp.fwd("lstm", **args)
     assert saved.shape == (0,)
     assert torch.equal(y, y_ref) and torch.equal(hT, hT_ref) and torch.equal(cT, cT_ref)
 
@@ -166,9 +119,9 @@ def test_unsupported_reasons(cpp):
 
 
 def test_bad_lengths_raise(cpp):
-    args, _ = problem("gru", 3, 2, 4, 0, torch.float32, torch.tensor([4, 1]))
+    args, _ = contract_problem("gru", 3, 2, 4, lengths=[4, 1], dtype=torch.float32)
     with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\]"):
-        cpp.fwd("gru", *args)
+        cpp.fwd("gru", **args)
 
 
 def _copy_source(dst):

@@ -19,12 +19,10 @@ import torch
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from helpers import assert_close  # noqa: E402
-from seqfast.kernels import common, reference  # noqa: E402
+from helpers import assert_outputs_close, kind_problem, run_contract  # noqa: E402
+from seqfast.kernels import reference  # noqa: E402
 
 triton = pytest.importorskip("triton")
-
-NAMES = ["y", "hT", "cT", "dgx", "dgh", "dh0", "dc0", "dw_hr"]
 
 # (dtype, relative RMS tolerance). float32 differs from the reference only in summation order: measured <= 3.5e-7
 # over this matrix. 16-bit inputs: the reference multiplies in fp32, the kernel rounds h (and dgh in backward) to
@@ -57,65 +55,12 @@ def tb():
     return module
 
 
-def make_args(kind, B, T, H, P, lengths, dtype, seed=0):
-    """Contract inputs for `kind` (`lstm-proj` is an LSTM with `w_hr [P, H]`)."""
-    cell = "lstm" if kind == "lstm-proj" else kind
-    G = common.GATES[cell] * H
-    P = P or H
-    gen = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype)
-
-    args = dict(
-        gx=rand(T, B, G),
-        w_hh=rand(G, P, scale=P**-0.5),
-        b_hh=rand(G),
-        h0=rand(B, P),
-        c0=rand(B, H) if cell == "lstm" else None,
-        lengths=None,
-        w_hr=rand(P, H, scale=H**-0.5) if kind == "lstm-proj" else None,
-    )
-    if lengths == "mixed":
-        args["lengths"] = torch.tensor([T - (2 * b) % T for b in range(B)][:-1] + [1], dtype=torch.int64)
-    return cell, args
-
-
-def run(module, cell, args, reverse, zero_out_grads=False, seed=3):
-    """fwd then bwd with random `dy`: `[y, hT, cT, dgx, dgh, dh0, dc0, dw_hr]`.
-
-    `zero_out_grads` passes `dhT`/`dcT` as None to the triton backend and as zeros to the reference.
-    """
-    a = args
-    y, hT, cT, saved = module.fwd(
-        cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], a["w_hr"], reverse
-    )
-    gen = torch.Generator().manual_seed(seed)
-    dy = torch.randn(y.shape, generator=gen).to(y.dtype)
-    dhT = torch.randn(hT.shape, generator=gen).to(hT.dtype)
-    dcT = None if cT is None else torch.randn(cT.shape, generator=gen).to(cT.dtype)
-    if zero_out_grads:
-        dhT, dcT = None, None
-        if module is reference:
-            dhT, dcT = torch.zeros_like(hT), (None if cT is None else torch.zeros_like(cT))
-    grads = module.bwd(
-        cell, dy, dhT, dcT, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y, saved, reverse
-    )
-    return [y, hT, cT, *grads]
-
-
-def compare(actual, expected, tol):
-    for a, e, name in zip(actual, expected, NAMES, strict=True):
-        assert (a is None) == (e is None), f"{name}: {a is None=} {e is None=}"
-        if a is not None:
-            assert_close(a, e, tol, name)
-
-
 def check(tb, kind, B, T, H, P, lengths, reverse, dtype_id):
     dtype, tol = DTYPES[dtype_id]
-    cell, args = make_args(kind, B, T, H, P, lengths, dtype)
+    cell, args, cot = kind_problem(kind, T, B, H, P, lengths=lengths, dtype=dtype)
     assert tb.unsupported(cell, args["gx"], args["w_hh"], args["h0"], args["c0"], args["lengths"], args["w_hr"]) is None
-    compare(run(tb, cell, args, reverse), run(reference, cell, args, reverse), tol)
+    expected = run_contract(reference, cell, args, cot, reverse)
+    assert_outputs_close(run_contract(tb, cell, args, cot, reverse), expected, tol)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -149,35 +94,31 @@ def test_several_batch_blocks_and_launches(tb, kind, monkeypatch):
 def test_edge_lengths(tb, kind):
     """Zero-length and full-length sequences, T = 1."""
     for T, lengths in ((1, [1, 0]), (3, [0, 3])):
-        cell, args = make_args(kind, 2, T, 6, None, None, torch.float32)
-        args["lengths"] = torch.tensor(lengths)
+        cell, args, cot = kind_problem(kind, T, 2, 6, lengths=lengths, dtype=torch.float32)
         for reverse in (False, True):
-            compare(run(tb, cell, args, reverse), run(reference, cell, args, reverse), 1e-5)
+            expected = run_contract(reference, cell, args, cot, reverse)
+            assert_outputs_close(run_contract(tb, cell, args, cot, reverse), expected, 1e-5)
 
 
 def test_no_saved_and_no_output_gradients(tb):
     """`need_saved=False` gives the same outputs; `dhT`/`dcT` of None mean zero."""
-    cell, args = make_args("lstm", 3, 4, 11, None, "mixed", torch.float32)
-    a = args
-    full = tb.fwd(cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], None, False, True)
-    lean = tb.fwd(cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], None, False, False)
+    cell, args, (dy, dhT, dcT) = kind_problem("lstm", 4, 3, 11, lengths="mixed", dtype=torch.float32)
+    full = tb.fwd(cell, **args, need_saved=True)
+    lean = tb.fwd(cell, **args, need_saved=False)
     assert lean[3].numel() == 0 and full[3].shape == tb.saved_shape(cell, 4, 3, 11, 11)
     for x, y in zip(full[:3], lean[:3], strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
-    compare(
-        run(tb, cell, args, False, zero_out_grads=True), run(reference, cell, args, False, zero_out_grads=True), 1e-5
-    )
+    expected = run_contract(reference, cell, args, (dy, torch.zeros_like(dhT), torch.zeros_like(dcT)), False)
+    assert_outputs_close(run_contract(tb, cell, args, (dy, None, None), False), expected, 1e-5)
 
 
 def test_no_bias(tb):
-    cell, args = make_args("gru", 2, 3, 7, None, None, torch.float32)
-    args["b_hh"] = None
-    compare(run(tb, cell, args, True), run(reference, cell, args, True), 1e-5)
+    cell, args, cot = kind_problem("gru", 3, 2, 7, bias=False, dtype=torch.float32)
+    assert_outputs_close(run_contract(tb, cell, args, cot, True), run_contract(reference, cell, args, cot, True), 1e-5)
 
 
 def test_unsupported(tb):
-    cell, args = make_args("lstm", 2, 3, 5, None, None, torch.float32)
-    a = args
+    _, a, _ = kind_problem("lstm", 3, 2, 5, dtype=torch.float32)
     assert tb.unsupported("lstm", a["gx"], a["w_hh"], a["h0"], a["c0"]) is None
     assert "float64" in tb.unsupported("lstm", a["gx"].double(), a["w_hh"].double(), a["h0"].double(), a["c0"].double())
     assert "unknown cell" in tb.unsupported("lstm2", a["gx"], a["w_hh"], a["h0"])

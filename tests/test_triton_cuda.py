@@ -6,12 +6,10 @@ with the per-step grid barrier (`H > 128`), several batch blocks, and a batch sp
 
 import pytest
 import torch
-from helpers import assert_all_close, assert_close, run_with_grads, twins
-from seqfast.kernels import common, reference
+from helpers import assert_all_close, assert_outputs_close, kind_problem, run_contract, run_with_grads, twins
+from seqfast.kernels import reference
 
 pytestmark = pytest.mark.gpu
-
-NAMES = ["y", "hT", "cT", "dgx", "dgh", "dh0", "dc0", "dw_hr"]
 
 # (dtype, relative RMS tolerance) against the reference on the same inputs; see tests/test_triton.py for the
 # 16-bit reasoning. Longer sequences and larger H than the interpreter tests, hence the wider 16-bit bounds.
@@ -34,56 +32,13 @@ def _tb():
     return module
 
 
-def make_args(kind, B, T, H, lengths, dtype, device="cuda"):
-    cell = "lstm" if kind == "lstm-proj" else kind
-    G = common.GATES[cell] * H
-    P = H // 3 if kind == "lstm-proj" else H
-    gen = torch.Generator().manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
-
-    args = dict(
-        gx=rand(T, B, G),
-        w_hh=rand(G, P, scale=P**-0.5),
-        b_hh=rand(G),
-        h0=rand(B, P),
-        c0=rand(B, H) if cell == "lstm" else None,
-        lengths=None,
-        w_hr=rand(P, H, scale=H**-0.5) if kind == "lstm-proj" else None,
-    )
-    if lengths == "mixed":
-        lens = torch.randint(0, T + 1, (B,), generator=gen)
-        lens[0] = T
-        args["lengths"] = lens.to(device)
-    return cell, args
-
-
-def run(module, cell, args, reverse):
-    a = args
-    y, hT, cT, saved = module.fwd(
-        cell, a["gx"], a["w_hh"], a["b_hh"], a["h0"], a["c0"], a["lengths"], a["w_hr"], reverse
-    )
-    gen = torch.Generator().manual_seed(3)
-    dy = torch.randn(y.shape, generator=gen).to(y)
-    dhT = torch.randn(hT.shape, generator=gen).to(hT)
-    dcT = None if cT is None else torch.randn(cT.shape, generator=gen).to(cT)
-    grads = module.bwd(
-        cell, dy, dhT, dcT, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y, saved, reverse
-    )
-    return [y, hT, cT, *grads]
-
-
 def check(tb, shape, kind, lengths, reverse, dtype_id):
     B, T, H = shape
     dtype, tol = DTYPES[dtype_id]
-    cell, args = make_args(kind, B, T, H, lengths, dtype)
+    cell, args, cot = kind_problem(kind, T, B, H, H // 3, lengths=lengths, dtype=dtype, device="cuda")
     assert tb.unsupported(cell, args["gx"], args["w_hh"], args["h0"], args["c0"], args["lengths"], args["w_hr"]) is None
-    actual, expected = run(tb, cell, args, reverse), run(reference, cell, args, reverse)
-    for a, e, name in zip(actual, expected, NAMES, strict=True):
-        assert (a is None) == (e is None), name
-        if a is not None:
-            assert_close(a, e, tol, name)
+    expected = run_contract(reference, cell, args, cot, reverse)
+    assert_outputs_close(run_contract(tb, cell, args, cot, reverse), expected, tol)
 
 
 @pytest.mark.parametrize("options", [("full", False), ("mixed", True)], ids=["full-fwd", "mixed-rev"])
@@ -109,20 +64,18 @@ def test_batch_over_several_launches(monkeypatch):
         return dict(config(B, H, device, dtype), BB=16, per_launch=1)
 
     monkeypatch.setattr(tb, "_config", one_block_per_launch)
-    cell, args = make_args("lstm", 40, 7, 300, "mixed", torch.float32)
-    actual, expected = run(tb, cell, args, True), run(reference, cell, args, True)
-    for a, e, name in zip(actual, expected, NAMES, strict=True):
-        if a is not None:
-            assert_close(a, e, 2e-5, name)
+    cell, args, cot = kind_problem("lstm", 7, 40, 300, lengths="mixed", dtype=torch.float32, device="cuda")
+    expected = run_contract(reference, cell, args, cot, True)
+    assert_outputs_close(run_contract(tb, cell, args, cot, True), expected, 2e-5)
 
 
 def test_repeated_launches_are_deterministic():
     """The split mode's exchange is race-free: 20 runs give bit-identical outputs."""
     tb = _tb()
-    cell, args = make_args("gru", 64, 25, 1024, "full", torch.float32)
-    first = run(tb, cell, args, False)
+    cell, args, cot = kind_problem("gru", 25, 64, 1024, dtype=torch.float32, device="cuda")
+    first = run_contract(tb, cell, args, cot, False)
     for _ in range(19):
-        for a, b in zip(run(tb, cell, args, False), first, strict=True):
+        for a, b in zip(run_contract(tb, cell, args, cot, False), first, strict=True):
             if a is not None:
                 assert torch.equal(a, b)
 
