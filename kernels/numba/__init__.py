@@ -7,7 +7,7 @@ backend unavailable with that reason. The loops compile on first use per dtype a
 import numba
 import numpy as np
 import torch
-from seqfast.kernels.common import GATES, active_mask, compute_dtype, empty, hidden_size
+from seqfast.kernels.common import GATES, compute_dtype, empty, hidden_size
 from seqfast.kernels.reference import saved_shape
 
 from . import loops
@@ -122,13 +122,9 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         cT.copy_(c0)
         proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
         k.lstm_fwd(x, w, bias, proj, lens, reverse, hT.numpy(), cT.numpy(), y.numpy(), scratch, sync, nc)
-    elif cell == "gru":
-        k.gru_fwd(x, w, bias, lens, reverse, hT.numpy(), y.numpy(), scratch, sync, nc)
     else:
-        k.rnn_fwd(x, w, bias, lens, reverse, cell == "rnn_relu", hT.numpy(), y.numpy(), scratch, sync, nc)
-    if need_saved and lengths is not None:
-        # the loops skip steps past a sequence's length; zeros keep the op's outputs deterministic
-        saved.masked_fill_(~active_mask(T, lengths, gx.device), 0)
+        gru, relu = cell == "gru", cell == "rnn_relu"
+        k.rnn_gru_fwd(x, w, bias, lens, reverse, gru, relu, hT.numpy(), y.numpy(), scratch, sync, nc)
     return y, hT, cT, saved
 
 
@@ -184,19 +180,8 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         )
         if w_hr is not None:
             dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
-    elif cell == "gru":
-        k.gru_bwd(d_out, w_t, lens, reverse, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh.numpy(), sync, nc)
     else:
-        k.rnn_bwd(
-            d_out,
-            w_t,
-            lens,
-            reverse,
-            cell == "rnn_relu",
-            saved.numpy(),
-            dh0.numpy(),
-            dgx.numpy(),
-            sync,
-            nc,
-        )
+        gru, relu = cell == "gru", cell == "rnn_relu"
+        dgh_np = dgh.numpy() if gru else np.empty((0, 0, 0), dtype=d_out.dtype)
+        k.rnn_gru_bwd(d_out, w_t, lens, reverse, gru, relu, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh_np, sync, nc)
     return dgx, dgh, dh0, dc0, dw_hr

@@ -1,16 +1,16 @@
-"""@njit time loops of the numba backend, one forward and one backward per cell family.
+"""@njit time loops of the numba backend: one forward and one backward for RNN and GRU, one of each for LSTM.
 
 Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the time step it reads and writes
 (`lens[b] - 1 - s` when reversed). Steps at or past `lens[b]` keep the state and write zeros. `saved` is kept in
-processing order with the reference's layout. State buffers (`h`, `c`, `dh`, `dc`) come in holding the initial
-value and leave holding the final one. Each parallel region splits hidden units (or state columns) into `nc`
-contiguous chunks; a chunk does both the recurrent product for its rows of the weights and the pointwise math for its
-units. The whole time loop is one parallel region of `nc` threads: each phase of a step (one per forward step, two
-with a projection; two per backward step, three with one) is `nc` chunks that threads claim with a compare-and-swap,
-own chunk first, and a claimed chunk starts once every chunk of the earlier phases is done (`sync`). A thread that
-never runs only leaves its chunks to the others, so the loop cannot deadlock however many threads the pool gives.
-Each function is compiled once per dtype; `proj`, `rev`, `relu` and `nc` are runtime arguments, so no flag adds a
-variant.
+processing order with the reference's layout (zeros past a sequence's length). State buffers (`h`, `c`, `dh`, `dc`)
+come in holding the initial value and leave holding the final one. Each parallel region splits hidden units (or
+state columns) into `nc` contiguous chunks; a chunk does both the recurrent product for its rows of the weights and
+the pointwise math for its units. The whole time loop is one parallel region of `nc` threads: each phase of a step
+(one per forward step, two with a projection; two per backward step, three with one) is `nc` chunks that threads
+claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of the earlier phases is
+done (`sync`). A thread that never runs only leaves its chunks to the others, so the loop cannot deadlock however
+many threads the pool gives. Each function is compiled once per dtype; `gru`, `proj`, `rev`, `relu` and `nc` are
+runtime arguments, so no flag adds a variant.
 """
 
 import math
@@ -244,6 +244,13 @@ def _fill(row, j0, j1):
         row[j] = zero
 
 
+@njit(**_OPTS)
+def _fill_units(row, H, j0, j1):
+    # units `j0 <= j < j1` of every `H`-wide segment of a saved row: zeros at a step past the sequence's length
+    for g in range(row.shape[0] // H):
+        _fill(row, g * H + j0, g * H + j1)
+
+
 # The row helpers loop from 0 over slices: a loop over `range(j0, j1)` keeps numba's negative-index wraparound, with
 # which LLVM vectorises through gathers, if at all.
 @njit(**_OPTS)
@@ -415,10 +422,12 @@ def _gru_grads(svr, d, dar, dgxr, dhz, H, j0, j1):
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def rnn_fwd(gx, w_hh, b_hh, lens, rev, relu, h, y, saved, sync, nc):
-    """`gx [T, B, H]`, `w_hh [H, H]`, `b_hh [H]`, `lens [B]`; `h [B, H]`; `y [T, B, H]`; `saved [T or 1, B, H]`."""
-    T, B, H = gx.shape
-    gh = np.empty((B, H), h.dtype)
+def rnn_gru_fwd(gx, w_hh, b_hh, lens, rev, gru, relu, h, y, saved, sync, nc):
+    """RNN (`G = 1`) or GRU (`gru`, `G = 3`): `gx [T, B, G*H]`, `w_hh [G*H, H]`, `b_hh [G*H]`, `lens [B]`; `h [B, H]`;
+    `y [T, B, H]`; `saved [T or 1, B, SW]`: the new state (RNN), or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
+    T, B, GH = gx.shape
+    H = h.shape[1]
+    gh = np.empty((B, GH), h.dtype)
     h2 = np.empty_like(h)
     for tid in prange(nc):
         for s in range(T):
@@ -429,25 +438,33 @@ def rnn_fwd(gx, w_hh, b_hh, lens, rev, relu, h, y, saved, sync, nc):
                 if not _begin(sync, q, s, nc):
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
-                mm_rows(cur, w_hh, gh, j0, j1)
+                _gate_rows(cur, w_hh, gh, GH // H, H, j0, j1)
                 for b in range(B):
                     if s >= lens[b]:
                         _copy_state(cur, nxt, y[s, b], b, j0, j1)
+                        _fill_units(sv[b], H, j0, j1)
                         continue
                     t = _step_time(s, lens[b], rev)
-                    _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
+                    if gru:
+                        _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
+                    else:
+                        _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
+                        _copy(nxt[b], sv[b], j0, j1)
                     _copy(nxt[b], y[t, b], j0, j1)
-                    _copy(nxt[b], sv[b], j0, j1)
                 _end(sync)
     if T % 2 == 1:
         h[:] = h2
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def rnn_bwd(dy, w_hh_t, lens, rev, relu, saved, dh, dgx, sync, nc):
-    """`dy [T, B, H]`, `w_hh_t [H, H]` (`w_hh^T`), `saved [T, B, H]`; `dh [B, H]`; `dgx [T, B, H]` (also dgh)."""
+def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, sync, nc):
+    """Backward of `rnn_gru_fwd`: `dy [T, B, H]`, `w_hh_t [H, G*H]` (`w_hh^T`), `saved [T, B, SW]`; `dh [B, H]`;
+    `dgx [T, B, G*H]` (also dgh for RNN), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]` for RNN)."""
     T, B, H = dy.shape
-    da = np.zeros((B, H), dh.dtype)
+    G = w_hh_t.shape[1] // H
+    da = np.zeros((B, G * H), dh.dtype)
+    dd = np.empty((B, H), dh.dtype)
+    dhz = np.zeros((B, H), dh.dtype)
     dhp = np.empty((B, H), dh.dtype)
     for tid in prange(nc):
         for s in range(T - 1, -1, -1):
@@ -458,11 +475,22 @@ def rnn_bwd(dy, w_hh_t, lens, rev, relu, saved, dh, dgx, sync, nc):
                 j0, j1 = q * H // nc, (q + 1) * H // nc
                 for b in range(B):
                     if s >= lens[b]:
-                        _fill(dgx[s, b], j0, j1)
+                        for g in range(G):
+                            _fill(dgx[s, b], g * H + j0, g * H + j1)
+                            if gru:
+                                _fill(dgh[s, b], g * H + j0, g * H + j1)
                         continue
                     t = _step_time(s, lens[b], rev)
-                    _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, da[b], j0, j1)
-                    _copy(da[b], dgx[t, b], j0, j1)
+                    if gru:
+                        _add(dh[b], dy[t, b], dd[b], j0, j1)
+                        _gru_grads(saved[s, b], dd[b], da[b], dgx[t, b], dhz[b], H, j0, j1)
+                        for g in range(3):
+                            _copy(da[b], dgh[t, b], g * H + j0, g * H + j1)
+                        for g in range(2):
+                            _copy(da[b], dgx[t, b], g * H + j0, g * H + j1)
+                    else:
+                        _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, da[b], j0, j1)
+                        _copy(da[b], dgx[t, b], j0, j1)
                 _end(sync)
             for k in range(nc):
                 q = (tid + k) % nc
@@ -472,8 +500,9 @@ def rnn_bwd(dy, w_hh_t, lens, rev, relu, saved, dh, dgx, sync, nc):
                 mm_rows(da, w_hh_t, dhp, j0, j1)
                 for b in range(B):
                     if s < lens[b]:
+                        # GRU: dh_prev = dh z + da @ w_hh; RNN: dhz stays zero
                         for j in range(j0, j1):
-                            dh[b, j] = dhp[b, j]
+                            dh[b, j] = dhz[b, j] + dhp[b, j]
                 _end(sync)
 
 
@@ -503,6 +532,7 @@ def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, sync, nc):
                     if s >= lens[b]:
                         if not proj:
                             _copy_state(cur, nxt, y[s, b], b, j0, j1)
+                        _fill_units(sv[b], H, j0, j1)
                         continue
                     t = _step_time(s, lens[b], rev)
                     _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
@@ -601,79 +631,7 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
                 _end(sync)
 
 
-@njit(parallel=_parallel(), **_OPTS)
-def gru_fwd(gx, w_hh, b_hh, lens, rev, h, y, saved, sync, nc):
-    """`gx [T, B, 3H]`, `w_hh [3H, H]`, `b_hh [3H]`, `lens [B]`; `h [B, H]`; `y [T, B, H]`;
-    `saved [T or 1, B, 5H]` (`r, z, n, W_hn h + b_hn, h_prev`)."""
-    T, B, _ = gx.shape
-    H = h.shape[1]
-    gh = np.empty((B, 3 * H), h.dtype)
-    h2 = np.empty_like(h)
-    for tid in prange(nc):
-        for s in range(T):
-            cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
-            sv = saved[min(s, saved.shape[0] - 1)]
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, s, nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                _gate_rows(cur, w_hh, gh, 3, H, j0, j1)
-                for b in range(B):
-                    if s >= lens[b]:
-                        _copy_state(cur, nxt, y[s, b], b, j0, j1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
-                    _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
-                    _copy(nxt[b], y[t, b], j0, j1)
-                _end(sync)
-    if T % 2 == 1:
-        h[:] = h2
-
-
-@njit(parallel=_parallel(), **_OPTS)
-def gru_bwd(dy, w_hh_t, lens, rev, saved, dh, dgx, dgh, sync, nc):
-    """`dy [T, B, H]`, `w_hh_t [H, 3H]`, `saved [T, B, 5H]`; `dh [B, H]`; `dgx`, `dgh [T, B, 3H]`."""
-    T, B, H = dy.shape
-    da = np.zeros((B, 3 * H), dh.dtype)
-    dd = np.empty((B, H), dh.dtype)
-    dhz = np.empty((B, H), dh.dtype)
-    dhp = np.empty((B, H), dh.dtype)
-    for tid in prange(nc):
-        for s in range(T - 1, -1, -1):
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 2 * (T - 1 - s), nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                for b in range(B):
-                    if s >= lens[b]:
-                        for g in range(3):
-                            _fill(dgx[s, b], g * H + j0, g * H + j1)
-                            _fill(dgh[s, b], g * H + j0, g * H + j1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
-                    _add(dh[b], dy[t, b], dd[b], j0, j1)
-                    _gru_grads(saved[s, b], dd[b], da[b], dgx[t, b], dhz[b], H, j0, j1)
-                    for g in range(3):
-                        _copy(da[b], dgh[t, b], g * H + j0, g * H + j1)
-                    for g in range(2):
-                        _copy(da[b], dgx[t, b], g * H + j0, g * H + j1)
-                _end(sync)
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 2 * (T - 1 - s) + 1, nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                mm_rows(da, w_hh_t, dhp, j0, j1)
-                for b in range(B):
-                    if s < lens[b]:
-                        for j in range(j0, j1):
-                            dh[b, j] = dhz[b, j] + dhp[b, j]
-                _end(sync)
-
-
 # float64 (checks, gradcheck) runs these single-threaded twins: a serial compile costs a fraction of a parallel one
 SERIAL = SimpleNamespace(
-    **{f.__name__: njit(**_OPTS)(f.py_func) for f in (rnn_fwd, rnn_bwd, lstm_fwd, lstm_bwd, gru_fwd, gru_bwd)}
+    **{f.__name__: njit(**_OPTS)(f.py_func) for f in (rnn_gru_fwd, rnn_gru_bwd, lstm_fwd, lstm_bwd)}
 )
