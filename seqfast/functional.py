@@ -30,6 +30,9 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
     Returns:
         `y [T, B, P]` (zeros past each length), `hT [B, P]`, `cT [B, H]` or None.
     """
+    if cell != "gru" and b_hh is not None:
+        # outside GRU's n gate b_hh adds where b_ih does: fold it in, so one reduction gives both bias gradients
+        b_ih, b_hh = (b_hh if b_ih is None else b_ih + b_hh), None
     gx = linear(x, w_ih, b_ih)
     name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
     need_saved = torch.is_grad_enabled() and any(
