@@ -1,4 +1,8 @@
-"""Test setup: strict dispatch, NaN-poisoned outputs, fixed seeds, no TF32, backends from the dispatch table."""
+"""Test setup: strict dispatch, NaN-poisoned outputs, fixed seeds, no TF32, backends from the dispatch table.
+
+A backend that cannot load shows as skipped tests, unless `SEQFAST_REQUIRE` (comma-separated names, as CI sets it)
+names it: then collection fails with the reason, so a broken build cannot pass as skips.
+"""
 
 import os
 
@@ -16,6 +20,9 @@ torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
 
+REQUIRED = {name for name in os.environ.get("SEQFAST_REQUIRE", "").split(",") if name}
+
+
 def backend_params(device_type):
     """Backends for `device_type` in priority order; one that cannot load shows as a skip with its reason."""
     params = []
@@ -24,6 +31,8 @@ def backend_params(device_type):
             dispatch.load(name)
             marks = []
         except RuntimeError as e:
+            if name in REQUIRED:
+                raise RuntimeError(f"SEQFAST_REQUIRE names {name}, which cannot load: {e}") from e
             marks = [pytest.mark.skip(reason=str(e))]
         if device_type == "cuda":
             marks.append(pytest.mark.gpu)
