@@ -123,8 +123,9 @@ void spin_pause() {
 // Runs `task(k, c)` for every step `k < steps` and chunk `c < nch`, all chunks of a step before any of the next, in
 // one `at::parallel_for` over torch's threads. A thread first runs its own block of chunks, then claims any chunk
 // still unclaimed (so a thread that never starts, e.g. inline in a nested region, is never waited for), then waits
-// for the step to complete (spinning briefly, then yielding). Which thread runs a chunk does not change its result;
-// a task's exception is rethrown after the loop.
+// for the step to complete (spinning briefly, then yielding). A thread walks its own block forward on even steps and
+// backward on odd ones, so the weights it read last (still in its L2) are the first it reads again. Which thread
+// runs a chunk does not change its result; a task's exception is rethrown after the loop.
 template <class F>
 void run_steps(int64_t steps, int64_t nch, const F& task) {
   struct alignas(64) Claim {
@@ -151,7 +152,11 @@ void run_steps(int64_t steps, int64_t nch, const F& task) {
         }
         done.fetch_add(1, std::memory_order_acq_rel);
       };
-      for (int64_t c = c0; c < c1; ++c) take(c);
+      if (k % 2 == 0) {
+        for (int64_t c = c0; c < c1; ++c) take(c);
+      } else {
+        for (int64_t c = c1 - 1; c >= c0; --c) take(c);
+      }
       for (int64_t c = c0 - 1; c >= 0; --c) take(c);
       for (int64_t c = nch - 1; c >= c1; --c) take(c);
       for (int64_t spins = 0; done.load(std::memory_order_acquire) < (k + 1) * nch; ++spins) {
