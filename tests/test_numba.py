@@ -104,3 +104,19 @@ def test_more_chunks_than_threads(cell, threads, monkeypatch):
     actual = run_contract(nb, cell, *cast(args, cot, torch.float32), True)
     # float32 with a rational tanh of a few ulp over 6-9 steps: measured <= 2e-5 relative RMS
     assert_outputs_close(actual, expected, 1e-4, torch.float32)
+
+
+@needs_numba
+@pytest.mark.parametrize("B", [1, 3, 4, 9])
+@pytest.mark.parametrize("K", [1, 7, 33])
+@pytest.mark.parametrize("rows", [(0, 19), (1, 14), (5, 6), (7, 7)])
+def test_mm_rows_tiles_and_remainders(B, K, rows):
+    """The recurrent product on every mix of whole 6 x 4 tiles and leftover rows of `a` and `w`; rows of `out`
+    outside `[j0, j1)` stay untouched."""
+    j0, j1 = rows
+    rng = np.random.default_rng(B * 100 + K)
+    a, w = rng.standard_normal((B, K)), rng.standard_normal((19, K))
+    out = np.full((B, 19), np.nan)
+    nb.loops.mm_rows(a, w, out, j0, j1)
+    np.testing.assert_allclose(out[:, j0:j1], a @ w[j0:j1].T, rtol=1e-12, atol=1e-12)
+    assert np.isnan(np.delete(out, np.s_[j0:j1], axis=1)).all()

@@ -176,43 +176,47 @@ def _end(sync):
 
 @njit(**_OPTS)
 def mm_rows(a, w, out, j0, j1):
-    """`out[:, j] = a [B, K] @ w[j]` for rows `j0 <= j < j1` of `w [N, K]`."""
+    """`out[:, j] = a [B, K] @ w[j]` for rows `j0 <= j < j1` of `w [N, K]`, six rows of `w` at a time."""
     B, K = a.shape
     zero = out.dtype.type(0)
+    z6 = (zero, zero, zero, zero, zero, zero)
     j = j0
-    while j + 2 <= j1:
+    while j + 6 <= j1:
         b = 0
         while b + 4 <= B:
-            # a 2 x 4 tile: each load of `w` feeds four rows of `a`, each load of `a` two rows of `w`
-            s0, s1, s2, s3, r0, r1, r2, r3 = zero, zero, zero, zero, zero, zero, zero, zero
+            # a 6 x 4 tile of sums vectorised along k: each load of `w` feeds four rows of `a`, each of `a` six of `w`
+            s0, s1, s2, s3 = z6, z6, z6, z6
             for k in range(K):
-                w0, w1 = w[j, k], w[j + 1, k]
-                a0, a1, a2, a3 = a[b, k], a[b + 1, k], a[b + 2, k], a[b + 3, k]
-                s0 += a0 * w0
-                s1 += a1 * w0
-                s2 += a2 * w0
-                s3 += a3 * w0
-                r0 += a0 * w1
-                r1 += a1 * w1
-                r2 += a2 * w1
-                r3 += a3 * w1
-            out[b, j], out[b + 1, j], out[b + 2, j], out[b + 3, j] = s0, s1, s2, s3
-            out[b, j + 1], out[b + 1, j + 1], out[b + 2, j + 1], out[b + 3, j + 1] = r0, r1, r2, r3
+                wk = (w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k], w[j + 4, k], w[j + 5, k])
+                s0, s1 = _fma6(s0, a[b, k], wk), _fma6(s1, a[b + 1, k], wk)
+                s2, s3 = _fma6(s2, a[b + 2, k], wk), _fma6(s3, a[b + 3, k], wk)
+            _store6(out, b, j, s0)
+            _store6(out, b + 1, j, s1)
+            _store6(out, b + 2, j, s2)
+            _store6(out, b + 3, j, s3)
             b += 4
-        while b < B:
-            s0, r0 = zero, zero
+        for r in range(b, B):
+            s0 = z6
             for k in range(K):
-                s0 += a[b, k] * w[j, k]
-                r0 += a[b, k] * w[j + 1, k]
-            out[b, j], out[b, j + 1] = s0, r0
-            b += 1
-        j += 2
-    if j < j1:
-        for b in range(B):
-            s0 = zero
+                s0 = _fma6(s0, a[r, k], (w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k], w[j + 4, k], w[j + 5, k]))
+            _store6(out, r, j, s0)
+        j += 6
+    for b in range(B):
+        for jj in range(j, j1):
+            s = zero
             for k in range(K):
-                s0 += a[b, k] * w[j, k]
-            out[b, j] = s0
+                s += a[b, k] * w[jj, k]
+            out[b, jj] = s
+
+
+@njit(inline="always", **_OPTS)
+def _fma6(s, x, w):
+    return s[0] + x * w[0], s[1] + x * w[1], s[2] + x * w[2], s[3] + x * w[3], s[4] + x * w[4], s[5] + x * w[5]
+
+
+@njit(inline="always", **_OPTS)
+def _store6(out, b, j, s):
+    out[b, j], out[b, j + 1], out[b, j + 2], out[b, j + 3], out[b, j + 4], out[b, j + 5] = s
 
 
 @njit(**_OPTS)
