@@ -92,7 +92,7 @@ def main(argv=None):
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds per blocked_autorange (default 1)")
     args = parser.parse_args(argv)
     harness.configure()
-    threads = torch.get_num_threads()
+    threads = min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)
     env = harness.environment()
     peak = harness.gemm_rate(min_run_time=args.min_run_time) * 1e9
     print(
