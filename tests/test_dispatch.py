@@ -395,5 +395,5 @@ def test_opcheck_linear_and_backward(dtype, bias):
     b = torch.randn(7, dtype=dtype, requires_grad=True) if bias else None
     torch.library.opcheck(torch.ops.seqfast.linear.default, (x, w, b))
     dy = torch.randn(4, 3, 7, dtype=dtype)
-    for needs in [(True, True, bias), (False, True, False), (True, False, False)]:
+    for needs in [(True, True, bias), (False, True, False), (True, False, False), (False, False, bias)]:
         torch.library.opcheck(torch.ops.seqfast.linear_backward.default, (dy, x.detach(), w.detach(), *needs))
