@@ -40,7 +40,7 @@ struct BwdChunk {
   const T* const* h_rows;   // [n] -> [H] RNN: h after the step; GRU: h before it
   T* const* dgx_rows;       // [n] -> [G*H]
   T* const* dgh_rows;       // [n] -> [G*H], GRU only (the other cells' dgh is dgx)
-  T* da;                    // [B, G*H] dgh in packed chunk order, the operand of the dh_prev GEMM
+  T* da;                    // [B, G*H] dgh of the rows, the operand of the dh_prev GEMM
   T* hraw;                  // [B, H] o * tanh(c) for dw_hr, or nullptr
 };
 

@@ -157,7 +157,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
     auto* dhp = a.dh + r * H + j0;
     const auto* dy = a.dy_rows ? a.dy_rows[r] + j0 : nullptr;
     auto* dgx = a.dgx_rows[r] + j0;
-    auto* da = a.da + r * GH + G * j0;
+    auto* da = a.da + r * GH + j0;
     for (int64_t jj = 0; jj < hc; jj += O::W) {
       const int m = lanes(O::W, hc - jj);
       V dh = O::load(dhp + jj, m);
@@ -187,9 +187,9 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         O::store(dgx + 2 * H + jj, dg, m);
         O::store(dgx + 3 * H + jj, dout, m);
         O::store(da + jj, di, m);
-        O::store(da + hc + jj, df, m);
-        O::store(da + 2 * hc + jj, dg, m);
-        O::store(da + 3 * hc + jj, dout, m);
+        O::store(da + H + jj, df, m);
+        O::store(da + 2 * H + jj, dg, m);
+        O::store(da + 3 * H + jj, dout, m);
         if (a.hraw) O::store(a.hraw + r * H + j0 + jj, o * tc, m);
       } else {
         const auto* sv = a.saved + r * 4 * H + j0 + jj;
@@ -208,8 +208,8 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         O::store(dgh + H + jj, dz, m);
         O::store(dgh + 2 * H + jj, dnh, m);
         O::store(da + jj, dr, m);
-        O::store(da + hc + jj, dz, m);
-        O::store(da + 2 * hc + jj, dnh, m);
+        O::store(da + H + jj, dz, m);
+        O::store(da + 2 * H + jj, dnh, m);
         O::store(dhp + jj, dh * z, m);
       }
     }

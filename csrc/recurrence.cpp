@@ -10,8 +10,10 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cstdlib>
 #include <exception>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -209,46 +211,82 @@ Order make_order(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B,
   return o;
 }
 
-// `w [G*H, P]` with gate rows regrouped chunk by chunk: chunk `[j0, j0 + hc)` holds gates `0..G-1` of its units.
-template <typename T>
-at::Tensor pack_rows(const at::Tensor& w, int64_t G, int64_t H, int64_t hc) {
-  const int64_t P = w.size(1);
-  at::Tensor out = at::empty_like(w);
-  const T* src = w.data_ptr<T>();
-  T* dst = out.data_ptr<T>();
-  for (int64_t j0 = 0; j0 < H; j0 += hc) {
-    const int64_t n = std::min(hc, H - j0);
-    for (int64_t g = 0; g < G; ++g, dst += n * P) std::copy_n(src + (g * H + j0) * P, n * P, dst);
+// Packing pays once a call runs at least this many steps and this many rows in all (one row at small T reads the
+// weights faster through BLAS than it could pack them).
+constexpr int64_t kPackMinSteps = 4, kPackMinRows = 16;
+// Packed weights up to this size stay allocated in the calling thread between calls.
+constexpr int64_t kKeepPackedBytes = int64_t(32) << 20;
+
+// Memory for one call's packed weights. Up to `kKeepPackedBytes` it is a buffer the calling thread keeps for its next
+// call, so repeated calls do not fault fresh pages in (glibc hands large freed blocks back to the system); a larger
+// request, or one while the thread's buffer is in use, gets its own allocation.
+class PackBuffer {
+ public:
+  explicit PackBuffer(int64_t n) {
+    Kept& k = kept();
+    if (k.busy || n * int64_t(sizeof(float)) > kKeepPackedBytes) {
+      own_ = at::empty({n}, at::kFloat);
+      data_ = own_.data_ptr<float>();
+      return;
+    }
+    if (n > k.n) {
+      std::free(k.p);
+      k.p = static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64));
+      k.n = k.p ? n : 0;
+      TORCH_CHECK(k.p, "out of memory packing ", n, " weights");
+    }
+    k.busy = true;
+    kept_ = &k;
+    data_ = k.p;
   }
-  return out;
-}
+  ~PackBuffer() {
+    if (kept_) kept_->busy = false;
+  }
+  PackBuffer(const PackBuffer&) = delete;
+  PackBuffer& operator=(const PackBuffer&) = delete;
+  float* data() const { return data_; }
 
-constexpr int64_t kPackMinSteps = 4;
+ private:
+  struct Kept {
+    float* p = nullptr;
+    int64_t n = 0;
+    bool busy = false;
+    ~Kept() { std::free(p); }
+  };
+  static Kept& kept() {
+    thread_local Kept k;
+    return k;
+  }
+  Kept* kept_ = nullptr;
+  float* data_ = nullptr;
+  at::Tensor own_;
+};
 
-// The recurrent product of one call, chunk by chunk, from `wp` (`pack_rows`): forward `C[n, G*n_j] = h[n, P]
-// W_c^T` with `W_c` the chunk's gate rows; backward `C[n, n_j] = da[n, G*H] wp[:, j0:j0+n_j]`. float32 runs this
-// CPU's GEMM on weight panels packed once per call when `steps` repay the packing; otherwise (and float64) BLAS.
+// The recurrent product of one call, chunk by chunk, straight from `w [G*H, P]`: forward, gate by gate,
+// `C[n, g*n_j : (g+1)*n_j] = h[n, P] w[g*H + j0 : g*H + j0 + n_j]^T`; backward `C[n, n_j] = da[n, G*H]
+// w[:, j0 : j0 + n_j]`. float32 runs this CPU's GEMM on weight panels packed once per call when the call repays the
+// packing (`kPackMinSteps`, `kPackMinRows`); otherwise (and float64) BLAS.
 template <typename T>
 class HiddenProduct {
  public:
-  HiddenProduct(const at::Tensor& wp, int64_t G, int64_t H, int64_t hc, bool backward, int64_t steps,
+  HiddenProduct(const at::Tensor& w, int64_t G, int64_t H, int64_t hc, bool backward, const Order& ord,
                 const KernelsF32& kern)
-      : wp_(wp), pw_(wp.data_ptr<T>()), G_(G), H_(H), P_(wp.size(1)), hc_(hc), backward_(backward), kern_(kern) {
-    // packing reads and rewrites every weight once: one step-by-step call (T = 1) would pay it for one product
+      : w_(w.data_ptr<T>()), G_(G), H_(H), P_(w.size(1)), hc_(hc), backward_(backward), kern_(kern) {
     if constexpr (std::is_same_v<T, float>) {
-      if (steps < kPackMinSteps) return;
-      const int64_t nch = (H + hc - 1) / hc, K = depth();
-      offsets_.resize(nch + 1, 0);
-      for (int64_t c = 0; c < nch; ++c) offsets_[c + 1] = offsets_[c] + K * round_up(cols(c));
-      packed_ = at::empty({offsets_[nch]}, wp.options());
-      float* dst = packed_.data_ptr<float>();
+      const int64_t rows = std::accumulate(ord.active.begin(), ord.active.end(), int64_t(0));
+      if (ord.T < kPackMinSteps || rows < kPackMinRows) return;
+      const int64_t nch = (H + hc - 1) / hc, nb = blocks(), K = depth();
+      offsets_.resize(nch * nb + 1, 0);
+      for (int64_t i = 0; i < nch * nb; ++i) offsets_[i + 1] = offsets_[i] + K * round_up(width(i / nb));
+      packed_ = buffer_.emplace(offsets_.back()).data();
       at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
-          const int64_t j0 = c * hc_;
-          if (backward_) {
-            kern_.pack(K, cols(c), pw_ + j0, P_, 1, dst + offsets_[c]);
-          } else {
-            kern_.pack(K, cols(c), pw_ + G_ * j0 * P_, 1, P_, dst + offsets_[c]);
+          for (int64_t b = 0; b < nb; ++b) {
+            if (backward_) {
+              kern_.pack(K, width(c), w_ + c * hc_, P_, 1, packed_ + offsets_[c]);
+            } else {
+              kern_.pack(K, width(c), w_ + (b * H_ + c * hc_) * P_, 1, P_, packed_ + offsets_[c * nb + b]);
+            }
           }
         }
       });
@@ -256,34 +294,33 @@ class HiddenProduct {
   }
 
   void operator()(int64_t c, int64_t n, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
-    const int64_t j0 = c * hc_;
-    if constexpr (std::is_same_v<T, float>) {
-      if (packed_.defined()) {
-        kern_.gemm(n, cols(c), depth(), A, lda, packed_.data_ptr<float>() + offsets_[c], accumulate, C, ldc);
-        return;
-      }
-    }
-    if (backward_) {
-      gemm<T>(false, false, n, cols(c), depth(), A, lda, pw_ + j0, P_, T(accumulate), C, ldc);
-    } else {
-      gemm<T>(false, true, n, cols(c), depth(), A, lda, pw_ + G_ * j0 * P_, P_, T(accumulate), C, ldc);
-    }
+    const int64_t j0 = c * hc_, n_j = width(c);
+    if (backward_) return product(c, n, n_j, A, lda, w_ + j0, false, C, ldc, accumulate);
+    for (int64_t g = 0; g < G_; ++g)
+      product(c * G_ + g, n, n_j, A, lda, w_ + (g * H_ + j0) * P_, true, C + g * n_j, ldc, accumulate);
   }
 
  private:
-  int64_t depth() const { return backward_ ? G_ * H_ : P_; }
-  int64_t cols(int64_t c) const {
-    const int64_t n_j = std::min(hc_, H_ - c * hc_);
-    return backward_ ? n_j : G_ * n_j;
+  // `C[n, n_j] = A B`: block `i` of the packed panels, else BLAS on `B` (`[K, n_j]`, or `[n_j, K]` when `tb`).
+  void product(int64_t i, int64_t n, int64_t n_j, const T* A, int64_t lda, const T* B, bool tb, T* C, int64_t ldc,
+               bool accumulate) const {
+    if constexpr (std::is_same_v<T, float>) {
+      if (packed_) return kern_.gemm(n, n_j, depth(), A, lda, packed_ + offsets_[i], accumulate, C, ldc);
+    }
+    gemm<T>(false, tb, n, n_j, depth(), A, lda, B, P_, T(accumulate), C, ldc);
   }
+  int64_t blocks() const { return backward_ ? 1 : G_; }
+  int64_t depth() const { return backward_ ? G_ * H_ : P_; }
+  int64_t width(int64_t c) const { return std::min(hc_, H_ - c * hc_); }
   int64_t round_up(int64_t n) const { return (n + kern_.nr - 1) / kern_.nr * kern_.nr; }
 
-  at::Tensor wp_, packed_;
-  const T* pw_;
+  const T* w_;
   int64_t G_, H_, P_, hc_;
   bool backward_;
   KernelsF32 kern_;
   std::vector<int64_t> offsets_;
+  std::optional<PackBuffer> buffer_;
+  float* packed_ = nullptr;
 };
 
 // `dst[r] = src[perm[r]]` (to sorted order) or `dst[perm[r]] = src[r]` (back), rows of `width`.
@@ -314,7 +351,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const at::
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
   const auto opts = gx.options();
   const KernelsF32 kern = f32_kernels();
-  const HiddenProduct<scalar_t> whh(pack_rows<scalar_t>(w_hh, G, H, hc), G, H, hc, false, T, kern);
+  const HiddenProduct<scalar_t> whh(w_hh, G, H, hc, false, ord, kern);
   at::Tensor hbuf = at::empty({2, B, P}, opts);              // state before / after the step
   at::Tensor cbuf = at::empty({lstm ? B : 0, H}, opts);      // [B, H]
   at::Tensor hraw = at::empty({proj ? B : 0, H}, opts);      // [B, H] o * tanh(c) before projecting
@@ -395,7 +432,6 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
   const auto opts = dy.options();
   const KernelsF32 kern = f32_kernels();
-  const at::Tensor wp = pack_rows<scalar_t>(w_hh, G, H, hc);            // [G*H, P]
   at::Tensor dhbuf = at::empty({B, P}, opts);                  // gradient reaching h from later steps
   at::Tensor dcbuf = at::empty({lstm ? B : 0, H}, opts);       // [B, H]
   at::Tensor h0s = at::empty({B, P}, opts);                    // h0 in sorted order
@@ -417,7 +453,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const scalar_t* pdy = dy.data_ptr<scalar_t>();
   const scalar_t* py = y.data_ptr<scalar_t>();
   const scalar_t* psaved = saved.data_ptr<scalar_t>();
-  const scalar_t* pw = wp.data_ptr<scalar_t>();
+  const scalar_t* pw = w_hh.data_ptr<scalar_t>();
   const scalar_t* pwr = proj ? w_hr->data_ptr<scalar_t>() : nullptr;
   scalar_t* pdw = proj ? dw_hr.data_ptr<scalar_t>() : nullptr;
   permute_rows(dhT.data_ptr<scalar_t>(), pdh, ord, P, true);
@@ -449,7 +485,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   }
   // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
   const std::optional<HiddenProduct<scalar_t>> whh =
-      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(wp, G, H, hc, true, T, kern);
+      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(w_hh, G, H, hc, true, ord, kern);
   auto dh_prev = [&](int64_t c, int64_t n, const scalar_t* da) { (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU); };
   auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + 4 * H : pc0; };
   auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };

@@ -61,18 +61,19 @@ def test_float32_accuracy(cpp, cell):
         cpp._C.set_isa(previous)
 
 
-def outputs_f32(cpp, cell, P=None, B=20):
+def outputs_f32(cpp, cell, P=None, B=20, T=9):
     """A float32 problem spanning several chunks and panels, with lengths (B = 20) and reverse."""
-    T, H = 9, 200
+    H = 200
     lengths = torch.tensor([9, 3, 0, 7, 9] * 4) if B == 20 else None
     args, cot = contract_problem(cell, T, B, H, P, lengths=lengths, dtype=torch.float32, seed=1)
     return [t for t in run_contract(cpp, cell, args, cot, True) if t is not None]
 
 
-# B = 1 and 2 take the k-split GEMM tiles; B = 20 the full ones.
-@pytest.mark.parametrize("B", [1, 2, 20])
+# B = 1 (T = 16) and 2 take the k-split GEMM tiles of the packed weights, B = 20 the full ones; B = 1 at T = 9 is too
+# little work to pack the weights for and runs BLAS.
+@pytest.mark.parametrize("B, T", [(1, 16), (2, 9), (20, 9), (1, 9)])
 @pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
-def test_thread_count_independent(cpp, cell, B):
+def test_thread_count_independent(cpp, cell, B, T):
     P = 40 if cell == "lstm_proj" else None
     cell = cell.removesuffix("_proj")
     threads = torch.get_num_threads()
@@ -80,12 +81,22 @@ def test_thread_count_independent(cpp, cell, B):
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(outputs_f32(cpp, cell, P, B))
+            results.append(outputs_f32(cpp, cell, P, B, T))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
             assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+
+def test_packed_weights_across_calls(cpp):
+    """Each thread keeps its packed weights' memory for the next call: calls that grow, shrink and change cells in
+    turn still match the reference."""
+    for cell, H in [("lstm", 48), ("gru", 200), ("rnn_tanh", 24), ("lstm", 200), ("gru", 40)]:
+        args, cot = contract_problem(cell, 8, 5, H, lengths=mixed_lengths(8, 5), seed=H)
+        ref = run_reference(cell, args, cot, False)
+        ours = run_contract(cpp, cell, *cast(args, cot, torch.float32), False)
+        assert_outputs_close(ours, ref, F32_RTOL, torch.float32)
 
 
 @pytest.mark.parametrize("cell", CELLS)
