@@ -238,12 +238,20 @@ void bwd(int cell, const BwdChunk<typename O::T>& a) {
 
 constexpr int64_t NR = SEQFAST_NV * OpsF32::W;
 
+// Walks `src` along its unit stride: down a column when `ldk == 1`, along a row when `ldn == 1` (a power-of-two `ldk`
+// walked down a column would map every element to one cache set).
 inline void pack(int64_t k, int64_t n, const float* src, int64_t ldk, int64_t ldn, float* dst) {
   for (int64_t j0 = 0; j0 < n; j0 += NR) {
     float* panel = dst + (j0 / NR) * k * NR;
-    for (int64_t jj = 0; jj < NR; ++jj) {
-      const int64_t j = j0 + jj;
-      for (int64_t kk = 0; kk < k; ++kk) panel[kk * NR + jj] = j < n ? src[kk * ldk + j * ldn] : 0.0f;
+    const int64_t cols = n - j0 < NR ? n - j0 : NR;
+    if (ldn == 1) {
+      for (int64_t kk = 0; kk < k; ++kk) {
+        for (int64_t jj = 0; jj < NR; ++jj) panel[kk * NR + jj] = jj < cols ? src[kk * ldk + j0 + jj] : 0.0f;
+      }
+    } else {
+      for (int64_t jj = 0; jj < NR; ++jj) {
+        for (int64_t kk = 0; kk < k; ++kk) panel[kk * NR + jj] = jj < cols ? src[kk * ldk + (j0 + jj) * ldn] : 0.0f;
+      }
     }
   }
 }

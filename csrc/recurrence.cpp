@@ -436,7 +436,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   at::Tensor dcbuf = at::empty({lstm ? B : 0, H}, opts);       // [B, H]
   at::Tensor h0s = at::empty({B, P}, opts);                    // h0 in sorted order
   at::Tensor c0s = at::empty({lstm ? B : 0, H}, opts);         // c0 in sorted order
-  at::Tensor dabuf = at::empty({proj ? 1 : 2, B * GH}, opts);  // packed dgh of the step, double-buffered
+  at::Tensor dabuf = at::empty({proj ? 1 : 2, B * GH}, opts);  // dgh of the step, double-buffered
   at::Tensor dhs = at::empty({proj ? B : 0, P}, opts);         // [B, P] dh at the step (projection)
   at::Tensor dhraw = at::empty({proj ? B : 0, H}, opts);       // [B, H] dhs @ w_hr
   at::Tensor hraw = at::empty({proj ? B : 0, H}, opts);        // [B, H] o * tanh(c)
