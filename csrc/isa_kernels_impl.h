@@ -72,8 +72,7 @@ struct OpsF32 {
     p = p * z + 1.33314422036e-1f;
     p = p * z - 3.33332819422e-1f;
     V small = p * z * x + x;
-    V axc = ax > 9.0f ? splat(9.0f) : ax;
-    V big = 1.0f - 2.0f / (exp(axc + axc) + 1.0f);
+    V big = 1.0f - 2.0f / (exp(ax + ax) + 1.0f);
     big = x < 0.0f ? -big : big;
     return ax < 0.625f ? small : big;
   }

@@ -52,6 +52,7 @@ _B6, _B4, _B2, _B0 = (
     np.float32(b) for b in (1.19825839466702e-06, 1.18534705686654e-04, 2.26843463243900e-03, 4.89352518554385e-03)
 )
 _HALF32 = np.float32(0.5)
+_ONE32, _SATURATED = np.float32(1.0), np.float32(9.0)
 # `sync [LINE * (nc + 1)]` int64: chunks done at 0, phases claimed of chunk `q` at `LINE * (q + 1)`, a cache line apart
 LINE = 8
 # pause-spins before a waiting thread starts yielding its core (another process may hold the thread it waits on)
@@ -70,8 +71,8 @@ def sigmoid(x):
 
 
 @njit(**_OPTS)
-def _tanh32(x):
-    x = max(-_CLAMP, min(_CLAMP, x))
+def _tanh32(x0):
+    x = max(-_CLAMP, min(_CLAMP, x0))
     x2 = x * x
     p = x2 * _A13 + _A11
     p = x2 * p + _A9
@@ -82,7 +83,8 @@ def _tanh32(x):
     q = x2 * _B6 + _B4
     q = x2 * q + _B2
     q = x2 * q + _B0
-    return x * p / q
+    # float32 tanh rounds to +-1 from |x| = 8.7 on, where the clamped fit stops 4 ulp short; NaN stays NaN
+    return x * p / q if abs(x0) < _SATURATED else (math.copysign(_ONE32, x0) if x0 == x0 else x0)
 
 
 @overload(tanh, jit_options=_OPTS)
