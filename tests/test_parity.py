@@ -132,3 +132,21 @@ def test_dropout_only_in_training(backend):
     assert_all_close(ours(x)[0:1], ref(x)[0:1], 1e-10, ["output"])
     ours.train()
     assert (ours(x)[0] - ref(x)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_saturation_and_non_finite_match_torch(backend, cell):
+    """float32 activations of huge, infinite and NaN pre-activations: exactly torch's (tanh is +-1 and sigmoid 0 or 1
+    once float32 rounds them there, so their gradients vanish exactly), NaN stays NaN."""
+    ref, ours = twins(cell, 1, 1, backend, bias=False)
+    with torch.no_grad():
+        for module in (ref, ours):
+            module.weight_ih_l0.fill_(1.0)
+            module.weight_hh_l0.fill_(0.0)
+    x = torch.tensor([20.0, -30.0, 9.5, -1e20, float("inf"), float("-inf"), float("nan"), 0.5]).view(1, -1, 1)
+    expected, actual = ref(x)[0], ours(x)[0]
+    finite = expected.isfinite()
+    assert torch.equal(actual.isnan(), expected.isnan())
+    torch.testing.assert_close(actual[finite], expected[finite], rtol=0, atol=2e-7)
+    assert torch.equal(actual[expected.abs() == 1], expected[expected.abs() == 1])
