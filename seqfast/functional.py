@@ -35,8 +35,9 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
         b_ih, b_hh = (b_hh if b_ih is None else b_ih + b_hh), None
     gx = linear(x, w_ih, b_ih)
     name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
-    need_saved = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (gx, w_hh, b_hh, h0, c0, w_hr)
+    # a trace keeps the flag as a constant, so a traced module saves the workspace whether or not it will need it
+    need_saved = torch.jit.is_tracing() or (
+        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gx, w_hh, b_hh, h0, c0, w_hr))
     )
     y, hT, cT, _ = torch.ops.seqfast.recurrence(name, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr)
     return y, hT, cT if cell == "lstm" else None

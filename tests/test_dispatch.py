@@ -326,6 +326,23 @@ def test_compile_fullgraph_inductor_matches_eager():
     assert_all_close(results[1], results[0], 2e-5, [f"t{i}" for i in range(len(results[0]))])
 
 
+@pytest.mark.parametrize("name", ["GRU", "LSTM", "LSTMCell"])
+def test_jit_trace_checks_and_differentiates(name):
+    """`torch.jit.trace` with its default check (a second run under `no_grad`), then backward through the trace."""
+    torch.manual_seed(0)
+    ours = getattr(seqfast, name)(3, 4)
+    ref = getattr(torch.nn, name)(3, 4)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(5, 2, 3) if name != "LSTMCell" else torch.randn(2, 3)
+    traced = torch.jit.trace(TakeOutput(ours), x)
+    results = []
+    for fn, module in ((traced, ours), (TakeOutput(ref), ref)):
+        xg = x.clone().requires_grad_()
+        y = fn(xg)
+        results.append([y.detach(), *torch.autograd.grad(y.square().sum(), [xg, *module.parameters()])])
+    assert_all_close(results[0], results[1], 2e-5, [f"t{i}" for i in range(len(results[0]))])
+
+
 class TakeOutput(torch.nn.Module):
     def __init__(self, rnn):
         super().__init__()
