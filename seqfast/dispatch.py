@@ -25,13 +25,15 @@ class Backend(NamedTuple):
 _TABLE = (
     Backend("cpp", "seqfast.kernels.cpp", ("cpu",)),
     Backend("numba", "seqfast.kernels.numba", ("cpu",)),
-    Backend("reference", "seqfast.kernels.reference", ("cpu", "cuda")),
+    Backend("reference", "seqfast.kernels.reference", ("cpu", "cuda", "meta")),
     Backend("triton", "seqfast.kernels.triton", ("cuda",)),
 )
 
 _PRIORITY = {
     "cpu": ("cpp", "numba", "reference"),
     "cuda": ("triton", "reference"),
+    # meta tensors (shape inference) run the ops' fake kernels; the reference only names the saved layout
+    "meta": ("reference",),
 }
 
 _BY_NAME = {b.name: b for b in _TABLE}

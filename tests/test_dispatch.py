@@ -343,6 +343,21 @@ def test_jit_trace_checks_and_differentiates(name):
     assert_all_close(results[0], results[1], 2e-5, [f"t{i}" for i in range(len(results[0]))])
 
 
+@pytest.mark.parametrize("name", ["RNN", "GRU", "LSTM", "LSTMCell"])
+def test_meta_device_shapes(name):
+    """Shape inference on the meta device, as torch.nn allows: outputs and gradients have torch.nn's shapes."""
+    kwargs = {} if name == "LSTMCell" else dict(num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(*((2, 3) if name == "LSTMCell" else (2, 5, 3)), device="meta", requires_grad=True)
+    shapes = []
+    for lib in (seqfast, torch.nn):
+        module = getattr(lib, name)(3, 4, device="meta", **kwargs)
+        out = torch.utils._pytree.tree_leaves(module(x))
+        grads = torch.autograd.grad(out[0].sum(), [x, *module.parameters()])
+        assert all(t.device.type == "meta" for t in out + list(grads))
+        shapes.append([t.shape for t in out + list(grads)])
+    assert shapes[0] == shapes[1]
+
+
 class TakeOutput(torch.nn.Module):
     def __init__(self, rnn):
         super().__init__()
