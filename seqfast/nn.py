@@ -43,6 +43,16 @@ def _check_same_dtype(state, weight, bias=None):
         )
 
 
+def _check_packed_lstm_state(hx):
+    """torch.nn checks a packed LSTM's `hx` only in its C++ loop; the same failures raise the same exception types."""
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"LSTM: hx for a PackedSequence must be a tuple (h_0, c_0) of tensors, got {type(hx).__name__}")
+    if len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
+    if hx[0].dim() != 3 or hx[1].dim() != 3:
+        raise IndexError(f"LSTM: h_0 and c_0 for a PackedSequence must be 3-D, got ({hx[0].dim()}-D, {hx[1].dim()}-D)")
+
+
 def _check_same_device(input, states, weight):
     for state in states:
         if state.device != input.device:
@@ -114,6 +124,8 @@ class _Recurrent(torch.nn.RNNBase):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
+                if is_lstm:
+                    _check_packed_lstm_state(hx)
             is_batched = True
         else:
             if input.dim() not in (2, 3):

@@ -39,7 +39,6 @@ TYPE_ONLY = {
 PACKED_LSTM_UNCHECKED = {
     "h-layers": "torch.nn.LSTM segfaults",
     "c-layers": "torch.nn.LSTM accepts it and reads only the first layers",
-    "hx-2d": "torch.nn.LSTM raises an IndexError from C++",
     "input-size": "torch.nn.LSTM raises from its input GEMM",
     "x-f64": "torch.nn.LSTM raises a RuntimeError from its input GEMM, not check_forward_args' ValueError",
 }
@@ -257,12 +256,39 @@ def test_packed_lstm_checked_as_torch_checks_rnn_and_gru(name, sorted_, module):
     hx = {
         "h-layers": (g.h(g.L + 1, B, g.P), g.h(g.L, B, g.H)),
         "c-layers": (g.h(g.L, B, g.P), g.h(g.L + 1, B, g.H)),
-        "hx-2d": (g.h(g.L, g.P), g.h(g.L, g.H)),
     }.get(name)
     state = g.hx(B) if hx is None else ref.permute_hidden(hx, x.sorted_indices)
     expected = _raised(lambda: ref.check_forward_args(x.data, state, x.batch_sizes))
     actual = _raised(lambda: ours(x, hx))
     assert_same_error(expected, actual, f"packed-lstm-{name}")
+
+
+PACKED_LSTM_STATE = {
+    "hx-2d": lambda g: (g.h(g.L, g.P), g.h(g.L, g.H)),
+    "h-2d": lambda g: (g.h(g.L, g.P), g.h(g.L, B, g.H)),
+    "hx-1tuple": lambda g: (g.h(g.L, B, g.P),),
+    "hx-tensor": lambda g: g.h(g.L, B, g.P),
+    "hx-3tuple": lambda g: (g.h(g.L, B, g.P),) * 3,
+}
+
+
+@pytest.mark.parametrize("name", list(PACKED_LSTM_STATE))
+@pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "unsorted"])
+def test_packed_lstm_state_structure_error_types(name, sorted_):
+    """A packed LSTM's `hx` of the wrong structure: torch.nn's C++ loop raises (a TypeError, IndexError or
+    RuntimeError, depending also on whether the batch was sorted); seqfast raises the same type with its own message."""
+    ref, ours = twins("lstm", IN, 6)
+    g = Geo.of(ref)
+    x = g.packed(SORTED if sorted_ else UNSORTED, sorted_)
+    hx = PACKED_LSTM_STATE[name](g)
+    expected, actual = _raised(lambda: ref(x, hx)), _raised(lambda: ours(x, hx))
+    if expected is None:
+        assert actual is None, f"packed-lstm-{name}: seqfast raised {_describe(actual)}; torch.nn accepted it"
+        return
+    assert actual is not None and type(actual) is type(expected), (
+        f"packed-lstm-{name}: seqfast raised {_describe(actual) if actual else 'nothing'}; torch.nn raised "
+        f"{_describe(expected)}"
+    )
 
 
 # Unusual arguments torch.nn accepts: seqfast accepts them too and gives torch's outputs.
