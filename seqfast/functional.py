@@ -76,5 +76,14 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, traini
             cn.append(cT)
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and i < num_layers - 1:
-            x = F.dropout(x, dropout, training=True)
+            x = F.dropout(x, dropout, training=True) if lengths is None else _dropout_packed(x, lengths, dropout)
     return x, torch.stack(hn), None if c0 is None else torch.stack(cn)
+
+
+def _dropout_packed(x, lengths, p):
+    """Dropout on the valid steps of `x [T, B, F]` (batch sorted by length, longest first) in `PackedSequence` data
+    order, the tensor torch.nn drops out, so the same seed draws the same mask; padding stays zero."""
+    valid = (torch.arange(x.shape[0], device=x.device)[:, None] < lengths[None, :]).unsqueeze(2).expand_as(x)
+    data = F.dropout(x[valid].view(-1, x.shape[2]), p, training=True)
+    return x.new_zeros(x.shape).masked_scatter(valid, data)
+

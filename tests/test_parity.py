@@ -123,6 +123,31 @@ def test_dropout_between_layers_matches_torch(backend, cell):
     assert_all_close(actual_grads, expected_grads, 1e-10, [f"grad{i}" for i in range(len(expected_grads))])
 
 
+@pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_dropout_on_packed_input_matches_torch(backend, cell, sorted_):
+    """torch.nn drops out a packed batch's data (valid steps only, packed order): same seed, same masks, same
+    outputs and gradients, and the generator left where torch.nn leaves it."""
+    ref, ours = twins(cell, 6, 10, backend, torch.float64, num_layers=3, dropout=0.4, bidirectional=True)
+    x = torch.randn(8, 4, 6, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([8, 6, 3, 1] if sorted_ else [3, 8, 1, 6])
+
+    def call(module):
+        out, state = module(pack_padded_sequence(x, lengths, enforce_sorted=sorted_))
+        return out.data, state
+
+    results, after = [], []
+    for module in (ref, ours):
+        torch.manual_seed(7)
+        results.append(run_with_grads(module, call, [x]))
+        after.append(torch.rand(3))
+    (expected, expected_grads), (actual, actual_grads) = results
+    assert_all_close(actual, expected, 1e-10, ["output", "h_n", "c_n"][: len(expected)])
+    assert_all_close(actual_grads, expected_grads, 1e-10, [f"grad{i}" for i in range(len(expected_grads))])
+    assert torch.equal(after[0], after[1])
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_dropout_only_in_training(backend):
     ref, ours = twins("lstm", 6, 10, backend, torch.float64, num_layers=2, dropout=0.9)
