@@ -281,13 +281,12 @@ class HiddenProduct {
       packed_ = buffer_.emplace(offsets_.back()).data();
       at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
-          for (int64_t b = 0; b < nb; ++b) {
-            if (backward_) {
-              kern_.pack(K, width(c), w_ + c * hc_, P_, 1, packed_ + offsets_[c]);
-            } else {
-              kern_.pack(K, width(c), w_ + (b * H_ + c * hc_) * P_, 1, P_, packed_ + offsets_[c * nb + b]);
-            }
+          if (backward_) {
+            kern_.pack(K, width(c), w_ + c * hc_, P_, 1, packed_ + offsets_[c]);
+            continue;
           }
+          for (int64_t g = 0; g < G_; ++g)
+            kern_.pack(K, width(c), w_ + (g * H_ + c * hc_) * P_, 1, P_, packed_ + offsets_[c * G_ + g]);
         }
       });
     }

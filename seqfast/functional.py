@@ -86,4 +86,3 @@ def _dropout_packed(x, lengths, p):
     valid = (torch.arange(x.shape[0], device=x.device)[:, None] < lengths[None, :]).unsqueeze(2).expand_as(x)
     data = F.dropout(x[valid].view(-1, x.shape[2]), p, training=True)
     return x.new_zeros(x.shape).masked_scatter(valid, data)
-
