@@ -2,7 +2,8 @@
 
 `seqfast::linear` is `x @ w.T + b` with registered autograd; its backward and the recurrent weight gradient share
 `seqfast::linear_backward`. On CPU float32 both run on oneDNN's GEMM, which torch.nn's own LSTM uses and which
-measures about twice MKL's rate (torch's default for `F.linear`) on AMD CPUs; elsewhere they are torch's GEMMs.
+measures about twice MKL's rate (torch's default for `F.linear`) on AMD CPUs; tiny products and other devices
+and dtypes use torch's GEMMs.
 """
 
 import torch
@@ -10,6 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# Below this many multiply-adds oneDNN's ~15 us per call exceeds what it saves (one step of a small cell)
+_ONEDNN_MIN_MACS = 1 << 20
 
 
 def dense(a, w, b=None):
@@ -18,7 +21,12 @@ def dense(a, w, b=None):
     Returns:
         `[M, N]`.
     """
-    onednn = _ONEDNN and a.device.type == "cpu" and a.dtype == w.dtype == torch.float32 and a.numel() and w.numel()
+    onednn = (
+        _ONEDNN
+        and a.device.type == "cpu"
+        and a.dtype == w.dtype == torch.float32
+        and a.numel() * w.shape[0] >= _ONEDNN_MIN_MACS
+    )
     if onednn and (b is None or b.dtype == torch.float32):
         return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
     return F.linear(a, w, b)
