@@ -211,12 +211,12 @@ def mm_rows(a, w, out, j0, j1):
             out[b, jj] = s
 
 
-@njit(inline="always", **_OPTS)
+@njit(**_OPTS)
 def _fma6(s, x, w):
     return s[0] + x * w[0], s[1] + x * w[1], s[2] + x * w[2], s[3] + x * w[3], s[4] + x * w[4], s[5] + x * w[5]
 
 
-@njit(inline="always", **_OPTS)
+@njit(**_OPTS)
 def _store6(out, b, j, s):
     out[b, j], out[b, j + 1], out[b, j + 2], out[b, j + 3], out[b, j + 4], out[b, j + 5] = s
 
