@@ -275,6 +275,24 @@ def _add(x, z, out, j0, j1):
 
 
 @njit(**_OPTS)
+def _seg(row, g, H, j0, j1):
+    # units `j0 <= j < j1` of the `g`-th `H`-wide segment of `row` (gates side by side, or a saved row)
+    return row[g * H + j0 : g * H + j1]
+
+
+@njit(**_OPTS)
+def _segs(row, H, j0, j1):
+    # `_seg` of segments 0 to 4: a saved row's five; segments past a shorter row's end come back empty
+    return (
+        _seg(row, 0, H, j0, j1),
+        _seg(row, 1, H, j0, j1),
+        _seg(row, 2, H, j0, j1),
+        _seg(row, 3, H, j0, j1),
+        _seg(row, 4, H, j0, j1),
+    )
+
+
+@njit(**_OPTS)
 def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1):
     """Units `j0 <= j < j1`: the activated gates `i, f, g, o` of the recurrent product `a [4H]` plus `gxr [4H]` and
     `bias [4H]` into `svr [5H]`, then the new cell state into `cr [H]` and `svr`. Activations go out of place: an
@@ -282,10 +300,10 @@ def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1):
     n = j1 - j0
     for g in range(4):
         ag, xg, bg, sg = (
-            a[g * H + j0 : g * H + j1],
-            gxr[g * H + j0 : g * H + j1],
-            bias[g * H + j0 : g * H + j1],
-            svr[g * H + j0 : g * H + j1],
+            _seg(a, g, H, j0, j1),
+            _seg(gxr, g, H, j0, j1),
+            _seg(bias, g, H, j0, j1),
+            _seg(svr, g, H, j0, j1),
         )
         for j in range(n):
             ag[j] += xg[j] + bg[j]
@@ -295,13 +313,8 @@ def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1):
         else:
             for j in range(n):
                 sg[j] = sigmoid(ag[j])
-    si, sf, sg, sc, c = (
-        svr[j0:j1],
-        svr[H + j0 : H + j1],
-        svr[2 * H + j0 : 2 * H + j1],
-        svr[4 * H + j0 : 4 * H + j1],
-        cr[j0:j1],
-    )
+    si, sf, sg, _, sc = _segs(svr, H, j0, j1)
+    c = cr[j0:j1]
     for j in range(n):
         cn = sf[j] * c[j] + si[j] * sg[j]
         c[j] = cn
@@ -311,7 +324,7 @@ def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1):
 @njit(**_OPTS)
 def _lstm_out(svr, hr, H, j0, j1):
     # `h = o * tanh(c)` from the saved row `svr [5H]` into `hr [H]`
-    so, sc, h = svr[3 * H + j0 : 3 * H + j1], svr[4 * H + j0 : 4 * H + j1], hr[j0:j1]
+    so, sc, h = _seg(svr, 3, H, j0, j1), _seg(svr, 4, H, j0, j1), hr[j0:j1]
     for j in range(j1 - j0):
         h[j] = so[j] * tanh(sc[j])
 
@@ -323,19 +336,8 @@ def _lstm_grads(svr, cpr, dhr, dcr, dcs, dar, H, j0, j1):
     scratch)."""
     one = dcr.dtype.type(1)
     n = j1 - j0
-    i, f, g, o, c = (
-        svr[j0:j1],
-        svr[H + j0 : H + j1],
-        svr[2 * H + j0 : 2 * H + j1],
-        svr[3 * H + j0 : 3 * H + j1],
-        svr[4 * H + j0 : 4 * H + j1],
-    )
-    dai, daf, dag, dao = (
-        dar[j0:j1],
-        dar[H + j0 : H + j1],
-        dar[2 * H + j0 : 2 * H + j1],
-        dar[3 * H + j0 : 3 * H + j1],
-    )
+    i, f, g, o, c = _segs(svr, H, j0, j1)
+    dai, daf, dag, dao, _ = _segs(dar, H, j0, j1)
     cp, dh, dc, d = cpr[j0:j1], dhr[j0:j1], dcr[j0:j1], dcs[j0:j1]
     # d sigmoid = s (1 - s); d tanh = 1 - t^2
     for j in range(n):
@@ -376,21 +378,15 @@ def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1):
     `r, z, n, W_hn h + b_hn, h_prev` into `svr [5H]` and the new state into `hr [H]`."""
     n = j1 - j0
     for g in range(3):
-        ag, bg = a[g * H + j0 : g * H + j1], bias[g * H + j0 : g * H + j1]
+        ag, bg = _seg(a, g, H, j0, j1), _seg(bias, g, H, j0, j1)
         for j in range(n):
             ag[j] += bg[j]
     for g in range(2):
-        ag, xg, sg = a[g * H + j0 : g * H + j1], gxr[g * H + j0 : g * H + j1], svr[g * H + j0 : g * H + j1]
+        ag, xg, sg = _seg(a, g, H, j0, j1), _seg(gxr, g, H, j0, j1), _seg(svr, g, H, j0, j1)
         for j in range(n):
             sg[j] = sigmoid(ag[j] + xg[j])
-    r, z, sn, shn, shp = (
-        svr[j0:j1],
-        svr[H + j0 : H + j1],
-        svr[2 * H + j0 : 2 * H + j1],
-        svr[3 * H + j0 : 3 * H + j1],
-        svr[4 * H + j0 : 4 * H + j1],
-    )
-    ahn, xn, hp, h = a[2 * H + j0 : 2 * H + j1], gxr[2 * H + j0 : 2 * H + j1], hpr[j0:j1], hr[j0:j1]
+    r, z, sn, shn, shp = _segs(svr, H, j0, j1)
+    ahn, xn, hp, h = _seg(a, 2, H, j0, j1), _seg(gxr, 2, H, j0, j1), hpr[j0:j1], hr[j0:j1]
     one = h.dtype.type(1)
     for j in range(n):
         nj = tanh(xn[j] + r[j] * ahn[j])
@@ -404,21 +400,9 @@ def _gru_grads(svr, d, dar, dgxr, dhz, H, j0, j1):
     `dar [3H]` (the gradient of the recurrent pre-activations), the n gate of `dgxr [3H]`, and `dhz = d * z`."""
     one = dhz.dtype.type(1)
     n = j1 - j0
-    r, z, ng, hn, hp = (
-        svr[j0:j1],
-        svr[H + j0 : H + j1],
-        svr[2 * H + j0 : 2 * H + j1],
-        svr[3 * H + j0 : 3 * H + j1],
-        svr[4 * H + j0 : 4 * H + j1],
-    )
-    dar_, daz, dahn, dan, dd, dz = (
-        dar[j0:j1],
-        dar[H + j0 : H + j1],
-        dar[2 * H + j0 : 2 * H + j1],
-        dgxr[2 * H + j0 : 2 * H + j1],
-        d[j0:j1],
-        dhz[j0:j1],
-    )
+    r, z, ng, hn, hp = _segs(svr, H, j0, j1)
+    dar_, daz, dahn, _, _ = _segs(dar, H, j0, j1)
+    dan, dd, dz = _seg(dgxr, 2, H, j0, j1), d[j0:j1], dhz[j0:j1]
     for j in range(n):
         an = dd[j] * (one - z[j]) * (one - ng[j] * ng[j])
         dan[j], dahn[j] = an, an * r[j]
