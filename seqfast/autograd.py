@@ -78,8 +78,8 @@ def recurrence_backward(
     """One layer-direction backward on the backend that ran the forward.
 
     Returns:
-        `dgx`, `dgh` (`[T, B, G*H]`; `[0]` unless GRU, where it equals `dgx`), `dh0 [B, P]`, `dc0 [B, H]` (`[0]`
-        unless LSTM), `dw_hr [P, H]` (`[0]` without projection).
+        `dgx`, `dgh` (`[T, B, G*H]`; `[0]` unless GRU: for the other cells it is `dgx`), `dh0 [B, P]`, `dc0 [B, H]`
+        (`[0]` unless LSTM), `dw_hr [P, H]` (`[0]` without projection).
     """
     module = dispatch.load(backend)
     dgx, dgh, dh0, dc0, dw_hr = module.bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse)

@@ -47,7 +47,6 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     return None
 
 
-
 def _np(t, dtype):
     """The numpy view the loops read and write: zero-copy for a contiguous tensor of `dtype`, else a converted copy.
 

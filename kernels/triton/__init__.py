@@ -72,7 +72,6 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     return None
 
 
-
 def _meta(cell, cfg):
     return dict(
         CELL=CELLS[cell],
