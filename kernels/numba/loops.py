@@ -17,7 +17,9 @@ import math
 import platform
 from types import SimpleNamespace
 
+import numba
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
@@ -176,15 +178,176 @@ def _end(sync):
     _fetch_add(sync, 0, 1)
 
 
+def _vector_bytes():
+    # widest SIMD register of the machine numba compiles for (honouring NUMBA_CPU_FEATURES)
+    try:
+        features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
+    except RuntimeError:
+        return 16
+    return 64 if "+avx512f" in features else 32 if "+avx" in features else 16
+
+
+# The GEMM's register tile: TILE_ROWS rows of `a` by three vectors of columns, 24 (or 12) accumulators
+VECTOR_BYTES = _vector_bytes()
+TILE_ROWS = 8 if VECTOR_BYTES == 64 else 4
+TILE_VECTORS = 3
+
+
+def _at(builder, ary, offset, ty):
+    # pointer to `ty` at `offset` bytes into the data of the array struct `ary`; accesses through it give `align`, as
+    # a vector's own alignment is more than its elements'
+    i8p = ir.IntType(8).as_pointer()
+    return builder.bitcast(builder.gep(builder.bitcast(ary.data, i8p), [offset]), ty.as_pointer())
+
+
+def _splat(builder, x, vec):
+    # `x` in every lane of `vec`
+    lane0 = builder.insert_element(ir.Constant(vec, ir.Undefined), x, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(lane0, lane0, ir.Constant(ir.VectorType(ir.IntType(32), vec.count), None))
+
+
+def _keep_loop(builder, latch):
+    # loop metadata on the back edge `latch`: neither unrolled nor interleaved, which would spill the accumulators
+    module = builder.module
+    hints = [
+        module.add_metadata([ir.MetaDataString(module, "llvm.loop.unroll.disable")]),
+        module.add_metadata([ir.MetaDataString(module, "llvm.loop.vectorize.enable"), ir.IntType(1)(0)]),
+    ]
+    loop_id = ir.values.MDValue(module, [], name=str(len(module.metadata)))
+    loop_id.operands = (loop_id, *hints)
+    latch.set_metadata("llvm.loop", loop_id)
+
+
+@intrinsic
+def _tile(typingctx, a, wp, out, b, panel, j, n, rows, vecs):
+    """`out[b : b + rows, j : j + n] = a[b : b + rows] @ wp[panel][:, :n]` for `a [B, K]` and a packed panel
+    `wp [*, K, W]`, with `rows` x `vecs` vectors of sums held in registers over `k`: per `k`, `vecs` loads of the
+    panel and `rows` broadcasts of `a` feed `rows * vecs` fused multiply-adds. `n <= vecs * lanes`."""
+    if not isinstance(rows, types.IntegerLiteral) or not isinstance(vecs, types.IntegerLiteral):
+        return None
+    R, V = rows.literal_value, vecs.literal_value
+
+    def codegen(context, builder, sig, args):
+        a_ary, wp_ary, out_ary = (context.make_array(sig.args[i])(context, builder, args[i]) for i in range(3))
+        b, panel, j, n = args[3:7]
+        el = context.get_data_type(sig.args[0].dtype)
+        size = context.get_abi_sizeof(el)
+        vec = ir.VectorType(el, VECTOR_BYTES // size)
+        intp = b.type
+
+        def const(v):
+            return ir.Constant(intp, v)
+
+        K = cgutils.unpack_tuple(builder, a_ary.shape)[1]
+        sa = cgutils.unpack_tuple(builder, a_ary.strides)[0]
+        swp = cgutils.unpack_tuple(builder, wp_ary.strides)[:2]
+        sout = cgutils.unpack_tuple(builder, out_ary.strides)[0]
+        o_a = [builder.mul(builder.add(b, const(r)), sa) for r in range(R)]
+        o_wp = builder.mul(panel, swp[0])
+        o_j = builder.mul(j, const(size))
+        o_out = [builder.add(builder.mul(builder.add(b, const(r)), sout), o_j) for r in range(R)]
+        fma_ty = ir.FunctionType(vec, [vec] * 3)
+        fma = cgutils.get_or_insert_function(builder.module, fma_ty, f"llvm.fmuladd.v{vec.count}f{8 * size}")
+        # for k in range(K): acc[r][v] += a[b + r, k] * wp[panel, k, v * lanes : (v + 1) * lanes]
+        entry = builder.block
+        head, body, done = (builder.append_basic_block(f"tile.{x}") for x in ("head", "body", "done"))
+        builder.branch(head)
+        builder.position_at_end(head)
+        k = builder.phi(intp)
+        acc = [[builder.phi(vec) for _ in range(V)] for _ in range(R)]
+        builder.cbranch(builder.icmp_signed("<", k, K), body, done)
+        builder.position_at_end(body)
+        o_k = builder.add(o_wp, builder.mul(k, swp[1]))
+        w_k = [
+            builder.load(_at(builder, wp_ary, builder.add(o_k, const(v * VECTOR_BYTES)), vec), align=size)
+            for v in range(V)
+        ]
+        summed = []
+        for r in range(R):
+            x = builder.load(_at(builder, a_ary, builder.add(o_a[r], builder.mul(k, const(size))), el))
+            summed.append([builder.call(fma, [_splat(builder, x, vec), w_k[v], acc[r][v]]) for v in range(V)])
+        k.add_incoming(const(0), entry)
+        k.add_incoming(builder.add(k, const(1)), body)
+        for r in range(R):
+            for v in range(V):
+                acc[r][v].add_incoming(ir.Constant(vec, None), entry)
+                acc[r][v].add_incoming(summed[r][v], body)
+        _keep_loop(builder, builder.branch(head))
+        builder.position_at_end(done)
+        # the last vector may hold fewer than `lanes` of the `n` columns: it goes out lane by lane
+        tail = builder.sub(n, const((V - 1) * vec.count))
+        last = cgutils.alloca_once(builder, vec)
+        for r in range(R):
+            for v in range(V - 1):
+                p_v = _at(builder, out_ary, builder.add(o_out[r], const(v * VECTOR_BYTES)), vec)
+                builder.store(acc[r][v], p_v, align=size)
+            builder.store(acc[r][V - 1], last)
+            o_tail = builder.add(o_out[r], const((V - 1) * VECTOR_BYTES))
+            with cgutils.for_range(builder, tail) as lane:
+                x = builder.load(builder.gep(builder.bitcast(last, el.as_pointer()), [lane.index]))
+                builder.store(x, _at(builder, out_ary, builder.add(o_tail, builder.mul(lane.index, const(size))), el))
+        return context.get_dummy_value()
+
+    return types.none(a, wp, out, types.intp, types.intp, types.intp, types.intp, rows, vecs), codegen
+
+
 @njit(**_OPTS)
-def mm_rows(a, w, out, j0, j1):
-    """`out[:, j] = a [B, K] @ w[j]` for rows `j0 <= j < j1` of `w [N, K]`, six rows of `w` at a time."""
+def panel_count(n, W):
+    """Panels of `W` rows that hold `n` rows of a weight."""
+    return (n + W - 1) // W
+
+
+@njit(**_OPTS)
+def pack(w, wp, panel, j0, j1):
+    """Rows `j0 <= j < j1` of `w [N, K]` into the panels `wp[panel:] [*, K, W]`, transposed so that each `k` reads
+    `W` consecutive values; columns past `j1` are zero. Nothing when `wp` has no panels."""
+    K, W = wp.shape[1], wp.shape[2]
+    zero = wp.dtype.type(0)
+    for p in range(panel_count(j1 - j0, W) if wp.shape[0] else 0):
+        dst = wp[panel + p]
+        jp = j0 + p * W
+        for c in range(W):
+            if jp + c < j1:
+                src = w[jp + c]
+                for k in range(K):
+                    dst[k, c] = src[k]
+            else:
+                for k in range(K):
+                    dst[k, c] = zero
+
+
+@njit(**_OPTS)
+def mm_rows(a, w, wp, out, j0, j1, panel):
+    """`out[:, j] = a [B, K] @ w[j]` for rows `j0 <= j < j1` of `w [N, K]`. Whole tiles of `TILE_ROWS` rows of `a`
+    run on the panels `wp[panel:]` that `pack` made of those rows; leftover rows of `a` (all of them when `wp` has
+    no panels) take dot products with the rows of `w`."""
+    B = a.shape[0]
+    W = wp.shape[2]
+    lanes = W // TILE_VECTORS
+    whole = B - B % TILE_ROWS if wp.shape[0] else 0
+    for p in range(panel_count(j1 - j0, W) if whole else 0):
+        j = j0 + p * W
+        n = min(W, j1 - j)
+        nv = panel_count(n, lanes)
+        for b in range(0, whole, TILE_ROWS):
+            if nv == 3:
+                _tile(a, wp, out, b, panel + p, j, n, TILE_ROWS, 3)
+            elif nv == 2:
+                _tile(a, wp, out, b, panel + p, j, n, TILE_ROWS, 2)
+            else:
+                _tile(a, wp, out, b, panel + p, j, n, TILE_ROWS, 1)
+    _dot_rows(a, w, out, whole, j0, j1)
+
+
+@njit(**_OPTS)
+def _dot_rows(a, w, out, b0, j0, j1):
+    # `out[b, j] = a[b] . w[j]` for rows `b >= b0` of `a`, six rows of `w` at a time
     B, K = a.shape
     zero = out.dtype.type(0)
     z6 = (zero, zero, zero, zero, zero, zero)
     j = j0
     while j + 6 <= j1:
-        b = 0
+        b = b0
         while b + 4 <= B:
             # a 6 x 4 tile of sums vectorised along k: each load of `w` feeds four rows of `a`, each of `a` six of `w`
             s0, s1, s2, s3 = z6, z6, z6, z6
@@ -203,7 +366,7 @@ def mm_rows(a, w, out, j0, j1):
                 s0 = _fma6(s0, a[r, k], (w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k], w[j + 4, k], w[j + 5, k]))
             _store6(out, r, j, s0)
         j += 6
-    for b in range(B):
+    for b in range(b0, B):
         for jj in range(j, j1):
             s = zero
             for k in range(K):
@@ -222,10 +385,33 @@ def _store6(out, b, j, s):
 
 
 @njit(**_OPTS)
-def _gate_rows(a, w, out, G, H, j0, j1):
-    # rows `g * H + j` of the product for every gate `g` and unit `j0 <= j < j1`
+def _gate_rows(a, w, wp, out, G, H, j0, j1, panel):
+    # rows `g * H + j` of the product for every gate `g` and unit `j0 <= j < j1`; gate `g`'s panels from
+    # `panel + g * panel_count(j1 - j0, W)` on
+    step = panel_count(j1 - j0, wp.shape[2])
     for g in range(G):
-        mm_rows(a, w, out, g * H + j0, g * H + j1)
+        mm_rows(a, w, wp, out, g * H + j0, g * H + j1, panel + g * step)
+
+
+@njit(**_OPTS)
+def _pack_gates(w, wp, G, H, j0, j1, panel):
+    # `pack` of the rows `_gate_rows` reads
+    step = panel_count(j1 - j0, wp.shape[2])
+    for g in range(G):
+        pack(w, wp, panel + g * step, g * H + j0, g * H + j1)
+
+
+@njit(**_OPTS)
+def panels(w, B, G, n, nc):
+    """Room for `pack` to hold, per chunk, `G` segments of up to `ceil(n / nc)` rows of `w [N, K]`; none when the
+    `B` rows of `a` make no whole tile.
+
+    Returns:
+        the panels `[*, K, W]` and the number of them per chunk.
+    """
+    W = TILE_VECTORS * VECTOR_BYTES // w.itemsize
+    span = G * panel_count((n + nc - 1) // nc, W)
+    return np.empty((nc * span if B >= TILE_ROWS else 0, w.shape[1], W), w.dtype), span
 
 
 @njit(**_OPTS)
@@ -417,18 +603,25 @@ def rnn_gru_fwd(gx, w_hh, b_hh, lens, rev, gru, relu, h, y, saved, sync, nc):
     `y [T, B, H]`; `saved [T or 1, B, SW]`: the new state (RNN), or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
     T, B, GH = gx.shape
     H = h.shape[1]
+    G = GH // H
     gh = np.empty((B, GH), h.dtype)
     h2 = np.empty_like(h)
+    wp, span = panels(w_hh, B, G, H, nc)
     for tid in prange(nc):
+        for k in range(nc):
+            q = (tid + k) % nc
+            if _begin(sync, q, 0, nc):
+                _pack_gates(w_hh, wp, G, H, q * H // nc, (q + 1) * H // nc, q * span)
+                _end(sync)
         for s in range(T):
             cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
             sv = saved[min(s, saved.shape[0] - 1)]
             for k in range(nc):
                 q = (tid + k) % nc
-                if not _begin(sync, q, s, nc):
+                if not _begin(sync, q, 1 + s, nc):
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
-                _gate_rows(cur, w_hh, gh, GH // H, H, j0, j1)
+                _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span)
                 for b in range(B):
                     if s >= lens[b]:
                         _copy_state(cur, nxt, y[s, b], b, j0, j1)
@@ -456,11 +649,17 @@ def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, sync, nc)
     dd = np.empty((B, H), dh.dtype)
     dhz = np.zeros((B, H), dh.dtype)
     dhp = np.empty((B, H), dh.dtype)
+    wp, span = panels(w_hh_t, B, 1, H, nc)
     for tid in prange(nc):
+        for k in range(nc):
+            q = (tid + k) % nc
+            if _begin(sync, q, 0, nc):
+                pack(w_hh_t, wp, q * span, q * H // nc, (q + 1) * H // nc)
+                _end(sync)
         for s in range(T - 1, -1, -1):
             for k in range(nc):
                 q = (tid + k) % nc
-                if not _begin(sync, q, 2 * (T - 1 - s), nc):
+                if not _begin(sync, q, 1 + 2 * (T - 1 - s), nc):
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
                 for b in range(B):
@@ -484,10 +683,10 @@ def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, sync, nc)
                 _end(sync)
             for k in range(nc):
                 q = (tid + k) % nc
-                if not _begin(sync, q, 2 * (T - 1 - s) + 1, nc):
+                if not _begin(sync, q, 2 + 2 * (T - 1 - s), nc):
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
-                mm_rows(da, w_hh_t, dhp, j0, j1)
+                mm_rows(da, w_hh_t, wp, dhp, j0, j1, q * span)
                 for b in range(B):
                     if s < lens[b]:
                         # GRU: dh_prev = dh z + da @ w_hh; RNN: dhz stays zero
@@ -508,16 +707,25 @@ def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, sync, nc):
     gh = np.empty((B, 4 * H), h.dtype)
     hraw = np.empty((B, H), h.dtype)
     h2 = np.empty_like(h)
+    wp, span = panels(w_hh, B, 4, H, nc)
+    wr, span_r = panels(w_hr, B, 1, P, nc)
     for tid in prange(nc):
+        for k in range(nc):
+            q = (tid + k) % nc
+            if _begin(sync, q, 0, nc):
+                _pack_gates(w_hh, wp, 4, H, q * H // nc, (q + 1) * H // nc, q * span)
+                if proj:
+                    pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
+                _end(sync)
         for s in range(T):
             cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
             sv = saved[min(s, saved.shape[0] - 1)]
             for k in range(nc):
                 q = (tid + k) % nc
-                if not _begin(sync, q, nph * s, nc):
+                if not _begin(sync, q, 1 + nph * s, nc):
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
-                _gate_rows(cur, w_hh, gh, 4, H, j0, j1)
+                _gate_rows(cur, w_hh, wp, gh, 4, H, j0, j1, q * span)
                 for b in range(B):
                     if s >= lens[b]:
                         if not proj:
@@ -536,10 +744,10 @@ def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, sync, nc):
                 continue
             for k in range(nc):
                 q = (tid + k) % nc
-                if not _begin(sync, q, nph * s + 1, nc):
+                if not _begin(sync, q, 2 + nph * s, nc):
                     continue
                 p0, p1 = q * P // nc, (q + 1) * P // nc
-                mm_rows(hraw, w_hr, nxt, p0, p1)
+                mm_rows(hraw, w_hr, wr, nxt, p0, p1, q * span_r)
                 for b in range(B):
                     if s >= lens[b]:
                         _copy_state(cur, nxt, y[s, b], b, p0, p1)
@@ -565,9 +773,18 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
     dhraw = np.empty((B, H), dh.dtype)
     dcs = np.empty((B, H), dh.dtype)
     dhp = np.empty((B, P), dh.dtype)
+    wp, span = panels(w_hh_t, B, 1, P, nc)
+    wr, span_r = panels(w_hr_t, B, 1, H, nc)
     for tid in prange(nc):
+        for k in range(nc):
+            q = (tid + k) % nc
+            if _begin(sync, q, 0, nc):
+                pack(w_hh_t, wp, q * span, q * P // nc, (q + 1) * P // nc)
+                if proj:
+                    pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
+                _end(sync)
         for s in range(T - 1, -1, -1):
-            ph = nph * (T - 1 - s)
+            ph = 1 + nph * (T - 1 - s)
             if proj:
                 # the projection's product needs the whole state gradient `dh + dy` first
                 for k in range(nc):
@@ -592,7 +809,7 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
                 if proj:
-                    mm_rows(dh, w_hr_t, dhraw, j0, j1)
+                    mm_rows(dh, w_hr_t, wr, dhraw, j0, j1, q * span_r)
                 for b in range(B):
                     if s >= lens[b]:
                         for g in range(4):
@@ -613,7 +830,7 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
                 if not _begin(sync, q, ph + 1, nc):
                     continue
                 p0, p1 = q * P // nc, (q + 1) * P // nc
-                mm_rows(da, w_hh_t, dhp, p0, p1)
+                mm_rows(da, w_hh_t, wp, dhp, p0, p1, q * span)
                 for b in range(B):
                     if s < lens[b]:
                         for p in range(p0, p1):
