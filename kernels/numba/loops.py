@@ -161,31 +161,28 @@ def _yield(typingctx):
 
 
 @intrinsic
-def _prefetch(typingctx, a, i, write):
-    # hint that element `i` of the 1-D array `a` is read (or written) soon: fetch its line into every cache level
+def _prefetch(typingctx, a, i):
+    # hint that element `i` of the 1-D array `a` is used soon: fetch its line into every cache level
     def codegen(context, builder, sig, args):
         i8p = ir.IntType(8).as_pointer()
         fn_ty = ir.FunctionType(ir.VoidType(), [i8p] + [ir.IntType(32)] * 3)
         fn = cgutils.get_or_insert_function(builder.module, fn_ty, "llvm.prefetch")
         ptr = builder.bitcast(_item(context, builder, sig.args[0], args[0], args[1]), i8p)
-        with builder.if_else(args[2]) as (then, otherwise):
-            for rw, block in ((1, then), (0, otherwise)):
-                with block:
-                    builder.call(fn, [ptr] + [ir.Constant(ir.IntType(32), v) for v in (rw, 3, 1)])
+        builder.call(fn, [ptr] + [ir.Constant(ir.IntType(32), v) for v in (0, 3, 1)])
         return context.get_dummy_value()
 
-    return types.none(a, types.intp, types.boolean), codegen
+    return types.none(a, types.intp), codegen
 
 
 @njit(**_OPTS)
-def _prefetch_units(row, H, j0, j1, write):
+def _prefetch_units(row, H, j0, j1):
     # every cache line of units `j0 <= j < j1` in each `H`-wide segment of `row`; the rows of a chunk's units are
     # runs too short for the hardware prefetcher to pick up in time
     step = 64 // row.itemsize
     for g in range(row.shape[0] // H if j1 > j0 else 0):
         for j in range(g * H + j0, g * H + j1, step):
-            _prefetch(row, j, write)
-        _prefetch(row, g * H + j1 - 1, write)
+            _prefetch(row, j)
+        _prefetch(row, g * H + j1 - 1)
 
 
 @njit(**_OPTS)
@@ -654,8 +651,8 @@ def rnn_gru_fwd(gx, w_hh, b_hh, lens, rev, gru, relu, h, y, saved, sync, nc):
                 _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span)
                 for b in range(B):
                     if b + AHEAD < B and s < lens[b + AHEAD]:
-                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1, False)
-                        _prefetch_units(sv[b + AHEAD], H, j0, j1, True)
+                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
+                        _prefetch_units(sv[b + AHEAD], H, j0, j1)
                     if s >= lens[b]:
                         _copy_state(cur, nxt, y[s, b], b, j0, j1)
                         _fill_units(sv[b], H, j0, j1)
@@ -698,11 +695,11 @@ def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, sync, nc)
                 for b in range(B):
                     if b + AHEAD < B and s < lens[b + AHEAD]:
                         t2 = _step_time(s, lens[b + AHEAD], rev)
-                        _prefetch_units(saved[s, b + AHEAD], H, j0, j1, False)
-                        _prefetch_units(dy[t2, b + AHEAD], H, j0, j1, False)
-                        _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1, True)
+                        _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
+                        _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
+                        _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
                         if gru:
-                            _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1, True)
+                            _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
                     if s >= lens[b]:
                         for g in range(G):
                             _fill(dgx[s, b], g * H + j0, g * H + j1)
@@ -768,8 +765,8 @@ def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, sync, nc):
                 _gate_rows(cur, w_hh, wp, gh, 4, H, j0, j1, q * span)
                 for b in range(B):
                     if b + AHEAD < B and s < lens[b + AHEAD]:
-                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1, False)
-                        _prefetch_units(sv[b + AHEAD], H, j0, j1, True)
+                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
+                        _prefetch_units(sv[b + AHEAD], H, j0, j1)
                     if s >= lens[b]:
                         if not proj:
                             _copy_state(cur, nxt, y[s, b], b, j0, j1)
@@ -856,12 +853,12 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
                 for b in range(B):
                     if b + AHEAD < B and s < lens[b + AHEAD]:
                         t2 = _step_time(s, lens[b + AHEAD], rev)
-                        _prefetch_units(saved[s, b + AHEAD], H, j0, j1, False)
-                        _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1, True)
+                        _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
+                        _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
                         if s > 0:
-                            _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1, False)
+                            _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
                         if not proj:
-                            _prefetch_units(dy[t2, b + AHEAD], H, j0, j1, False)
+                            _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
                     if s >= lens[b]:
                         for g in range(4):
                             _fill(dgx[s, b], g * H + j0, g * H + j1)
