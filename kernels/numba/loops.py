@@ -624,6 +624,17 @@ def _gru_grads(svr, d, dar, dgxr, dhz, H, j0, j1):
         dz[j] = dd[j] * z[j]
 
 
+@njit(**_OPTS)
+def _dh_prev(da, w_t, wp, dhp, carried, lens, s, dh, p0, p1, panel):
+    """Columns `p0 <= p < p1` of the state gradient that step `s` passes back, `dh = carried + da @ w_hh`, for the
+    rows active at step `s`, from the step's gate gradients `da [B, G*H]` (`carried`: GRU's `dh z`, else zeros)."""
+    mm_rows(da, w_t, wp, dhp, p0, p1, panel)
+    for b in range(da.shape[0]):
+        if s < lens[b]:
+            for p in range(p0, p1):
+                dh[b, p] = carried[b, p] + dhp[b, p]
+
+
 @njit(parallel=_parallel(), **_OPTS)
 def rnn_gru_fwd(gx, w_hh, b_hh, lens, rev, gru, relu, h, y, saved, sync, nc):
     """RNN (`G = 1`) or GRU (`gru`, `G = 3`): `gx [T, B, G*H]`, `w_hh [G*H, H]`, `b_hh [G*H]`, `lens [B]`; `h [B, H]`;
@@ -675,7 +686,8 @@ def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, sync, nc)
     `dgx [T, B, G*H]` (also dgh for RNN), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]` for RNN)."""
     T, B, H = dy.shape
     G = w_hh_t.shape[1] // H
-    da = np.zeros((B, G * H), dh.dtype)
+    # step s's gate gradients go to da[s % 2]: the product of the step after reads the other while they are written
+    da = np.zeros((2, B, G * H), dh.dtype)
     dd = np.empty((B, H), dh.dtype)
     dhz = np.zeros((B, H), dh.dtype)
     dhp = np.empty((B, H), dh.dtype)
@@ -686,13 +698,19 @@ def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, sync, nc)
             if _begin(sync, q, 0, nc):
                 pack(w_hh_t, wp, q * span, q * H // nc, (q + 1) * H // nc)
                 _end(sync)
-        for s in range(T - 1, -1, -1):
+        # phase 1 + i: a chunk's units of the state gradient from step s + 1 (none for i = 0), then its units of step s
+        for i in range(T + 1):
+            s = T - 1 - i
             for k in range(nc):
                 q = (tid + k) % nc
-                if not _begin(sync, q, 1 + 2 * (T - 1 - s), nc):
+                if not _begin(sync, q, 1 + i, nc):
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
-                for b in range(B):
+                if i > 0:
+                    # GRU: dh_prev = dh z + da @ w_hh; RNN: dhz stays zero
+                    _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhz, lens, s + 1, dh, j0, j1, q * span)
+                das = da[s % 2]
+                for b in range(B if s >= 0 else 0):
                     if b + AHEAD < B and s < lens[b + AHEAD]:
                         t2 = _step_time(s, lens[b + AHEAD], rev)
                         _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
@@ -709,26 +727,14 @@ def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, sync, nc)
                     t = _step_time(s, lens[b], rev)
                     if gru:
                         _add(dh[b], dy[t, b], dd[b], j0, j1)
-                        _gru_grads(saved[s, b], dd[b], da[b], dgx[t, b], dhz[b], H, j0, j1)
+                        _gru_grads(saved[s, b], dd[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
                         for g in range(3):
-                            _copy(da[b], dgh[t, b], g * H + j0, g * H + j1)
+                            _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
                         for g in range(2):
-                            _copy(da[b], dgx[t, b], g * H + j0, g * H + j1)
+                            _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
                     else:
-                        _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, da[b], j0, j1)
-                        _copy(da[b], dgx[t, b], j0, j1)
-                _end(sync)
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 2 + 2 * (T - 1 - s), nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                mm_rows(da, w_hh_t, wp, dhp, j0, j1, q * span)
-                for b in range(B):
-                    if s < lens[b]:
-                        # GRU: dh_prev = dh z + da @ w_hh; RNN: dhz stays zero
-                        for j in range(j0, j1):
-                            dh[b, j] = dhz[b, j] + dhp[b, j]
+                        _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, das[b], j0, j1)
+                        _copy(das[b], dgx[t, b], j0, j1)
                 _end(sync)
 
 
@@ -808,11 +814,14 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
     T, B, P = dy.shape
     H = dc.shape[1]
     proj = w_hr_t.shape[0] > 0
-    nph = 3 if proj else 2
-    da = np.zeros((B, 4 * H), dh.dtype)
+    # the projection's product needs the whole state gradient `dh + dy` of a step first: a phase of its own
+    nph = 2 if proj else 1
+    # step s's gate gradients go to da[s % 2]: the product of the step after reads the other while they are written
+    da = np.zeros((2, B, 4 * H), dh.dtype)
     dhraw = np.empty((B, H), dh.dtype)
     dcs = np.empty((B, H), dh.dtype)
     dhp = np.empty((B, P), dh.dtype)
+    no_dhz = np.zeros((B, P), dh.dtype)
     wp, span = panels(w_hh_t, B, 1, P, nc)
     wr, span_r = panels(w_hr_t, B, 1, H, nc)
     for tid in prange(nc):
@@ -823,67 +832,56 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
                 if proj:
                     pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
                 _end(sync)
-        for s in range(T - 1, -1, -1):
-            ph = 1 + nph * (T - 1 - s)
-            if proj:
-                # the projection's product needs the whole state gradient `dh + dy` first
+        # phases 1 + nph * i + ph: a chunk's columns of the state gradient from step s + 1 (none for i = 0), then
+        # its units of step s
+        for i in range(T + 1):
+            s = T - 1 - i
+            for ph in range(nph if s >= 0 else 1):
                 for k in range(nc):
                     q = (tid + k) % nc
-                    if not _begin(sync, q, ph, nc):
+                    if not _begin(sync, q, 1 + nph * i + ph, nc):
                         continue
+                    j0, j1 = q * H // nc, (q + 1) * H // nc
                     p0, p1 = q * P // nc, (q + 1) * P // nc
-                    for b in range(B):
-                        if s < lens[b]:
+                    if ph == 0 and i > 0:
+                        _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, no_dhz, lens, s + 1, dh, p0, p1, q * span)
+                    if ph == 0 and proj and s >= 0:
+                        for b in range(B):
+                            if s < lens[b]:
+                                t = _step_time(s, lens[b], rev)
+                                for p in range(p0, p1):
+                                    dh[b, p] += dy[t, b, p]
+                                    dh_out[s, b, p] = dh[b, p]
+                            else:
+                                _fill(dh_out[s, b], p0, p1)
+                                _fill(hraw[s, b], j0, j1)
+                    if ph == nph - 1 and s >= 0:
+                        if proj:
+                            mm_rows(dh, w_hr_t, wr, dhraw, j0, j1, q * span_r)
+                        das = da[s % 2]
+                        for b in range(B):
+                            if b + AHEAD < B and s < lens[b + AHEAD]:
+                                t2 = _step_time(s, lens[b + AHEAD], rev)
+                                _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
+                                _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
+                                if s > 0:
+                                    _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
+                                if not proj:
+                                    _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
+                            if s >= lens[b]:
+                                for g in range(4):
+                                    _fill(dgx[s, b], g * H + j0, g * H + j1)
+                                continue
                             t = _step_time(s, lens[b], rev)
-                            for p in range(p0, p1):
-                                dh[b, p] += dy[t, b, p]
-                                dh_out[s, b, p] = dh[b, p]
-                        else:
-                            _fill(dh_out[s, b], p0, p1)
-                            _fill(hraw[s, b], q * H // nc, (q + 1) * H // nc)
+                            if proj:
+                                _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
+                            else:
+                                _add(dh[b], dy[t, b], dhraw[b], j0, j1)
+                            cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
+                            _lstm_grads(saved[s, b], cp, dhraw[b], dc[b], dcs[b], das[b], H, j0, j1)
+                            for g in range(4):
+                                _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
                     _end(sync)
-                ph += 1
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, ph, nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                if proj:
-                    mm_rows(dh, w_hr_t, wr, dhraw, j0, j1, q * span_r)
-                for b in range(B):
-                    if b + AHEAD < B and s < lens[b + AHEAD]:
-                        t2 = _step_time(s, lens[b + AHEAD], rev)
-                        _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
-                        _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
-                        if s > 0:
-                            _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
-                        if not proj:
-                            _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
-                    if s >= lens[b]:
-                        for g in range(4):
-                            _fill(dgx[s, b], g * H + j0, g * H + j1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
-                    if proj:
-                        _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
-                    else:
-                        _add(dh[b], dy[t, b], dhraw[b], j0, j1)
-                    cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
-                    _lstm_grads(saved[s, b], cp, dhraw[b], dc[b], dcs[b], da[b], H, j0, j1)
-                    for g in range(4):
-                        _copy(da[b], dgx[t, b], g * H + j0, g * H + j1)
-                _end(sync)
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, ph + 1, nc):
-                    continue
-                p0, p1 = q * P // nc, (q + 1) * P // nc
-                mm_rows(da, w_hh_t, wp, dhp, p0, p1, q * span)
-                for b in range(B):
-                    if s < lens[b]:
-                        for p in range(p0, p1):
-                            dh[b, p] = dhp[b, p]
-                _end(sync)
 
 
 # float64 (checks, gradcheck) runs these single-threaded twins: a serial compile costs a fraction of a parallel one
