@@ -72,21 +72,29 @@ def _lens(lengths, T, B):
     return lens
 
 
-def _launch(H):
-    """Run numba's loops on torch's thread count.
-
-    Returns:
-        `nc`, the number of threads and of unit chunks per phase, and the loops' fresh `sync` counters.
-    """
+def _chunks(H):
+    """Chunks of hidden units per phase: one per thread of numba's pool that torch's thread count allows, at most one
+    per unit."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
-    nc = max(1, min(threads, H))
-    return nc, np.zeros(loops.LINE * (nc + 1), dtype=np.int64)
+    return max(1, min(threads, H))
 
 
-def _kernels(ct):
-    """The loops for compute dtype `ct`: threaded for float32, the serial twins for float64."""
-    return loops if ct == torch.float32 else loops.SERIAL
+# compiled entry point of each float32 loop: its arguments' numba types follow from the loop (contiguous float32
+# arrays of fixed rank, Python bools and ints), and looking the address up costs ~85 us a call
+_entry = {}
+
+
+def _run(loop, args, work, nc):
+    """Run `loop(*args, work, sync, tid, nc)` on `nc` chunks per phase: float32 on numba's threads through the loop's
+    parallel launcher, float64 (checks, gradcheck) on the calling thread alone, which then claims every chunk."""
+    sync = np.zeros(loops.LINE * (nc + 1), dtype=np.int64)
+    if args[0].dtype != np.float32:
+        loop(*args, work, sync, 0, nc)
+        return
+    if loop not in _entry:
+        _entry[loop] = loops.entry_point(loop, (*args, work, sync, 0, nc))
+    loops.LAUNCHERS[loop](_entry[loop], args, work, sync, nc)
 
 
 def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
@@ -105,8 +113,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     H = hidden_size(cell, w_hh)
     P = w_hh.shape[1]
     ct = compute_dtype(gx.dtype)
-    nc, sync = _launch(H)
-    k = _kernels(ct)
+    nc = _chunks(H)
     lens, reverse = _lens(lengths, T, B), bool(reverse)
     x, w = _np(gx, ct), _np(w_hh, ct)
     bias = _np(b_hh, ct) if b_hh is not None else np.zeros(G, dtype=x.dtype)
@@ -120,10 +127,12 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         cT = empty((B, H), ct, gx.device)
         cT.copy_(c0)
         proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
-        k.lstm_fwd(x, w, bias, proj, lens, reverse, hT.numpy(), cT.numpy(), y.numpy(), scratch, sync, nc)
+        args = (x, w, bias, proj, lens, reverse, hT.numpy(), cT.numpy(), y.numpy(), scratch)
+        _run(loops.lstm_fwd, args, loops.lstm_fwd_work(w, proj, B, nc), nc)
     else:
         gru, relu = cell == "gru", cell == "rnn_relu"
-        k.rnn_gru_fwd(x, w, bias, lens, reverse, gru, relu, hT.numpy(), y.numpy(), scratch, sync, nc)
+        args = (x, w, bias, lens, reverse, gru, relu, hT.numpy(), y.numpy(), scratch)
+        _run(loops.rnn_gru_fwd, args, loops.rnn_gru_fwd_work(w, B, H, nc), nc)
     return y, hT, cT, saved
 
 
@@ -142,8 +151,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     G = w_hh.shape[0]
     H = hidden_size(cell, w_hh)
     ct = saved.dtype
-    nc, sync = _launch(H)
-    k = _kernels(ct)
+    nc = _chunks(H)
     lens, reverse = _lens(lengths, T, B), bool(reverse)
     d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
     dgx = empty((T, B, G), ct, dy.device)
@@ -161,26 +169,13 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         else:
             proj_t = np.empty((0, P), dtype=d_out.dtype)
             hraw_np = dh_out_np = np.empty((0, 0, 0), dtype=d_out.dtype)
-        k.lstm_bwd(
-            d_out,
-            w_t,
-            proj_t,
-            lens,
-            reverse,
-            _np(c0, ct),
-            saved.numpy(),
-            dh0.numpy(),
-            dc0.numpy(),
-            dgx.numpy(),
-            hraw_np,
-            dh_out_np,
-            sync,
-            nc,
-        )
+        args = (d_out, w_t, proj_t, lens, reverse, _np(c0, ct), saved.numpy(), dh0.numpy(), dc0.numpy(), dgx.numpy())
+        _run(loops.lstm_bwd, (*args, hraw_np, dh_out_np), loops.lstm_bwd_work(w_t, proj_t, B, nc), nc)
         if w_hr is not None:
             dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
     else:
         gru, relu = cell == "gru", cell == "rnn_relu"
         dgh_np = dgh.numpy() if gru else np.empty((0, 0, 0), dtype=d_out.dtype)
-        k.rnn_gru_bwd(d_out, w_t, lens, reverse, gru, relu, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh_np, sync, nc)
+        args = (d_out, w_t, lens, reverse, gru, relu, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh_np)
+        _run(loops.rnn_gru_bwd, args, loops.rnn_gru_bwd_work(w_t, B, H, nc), nc)
     return dgx, dgh, dh0, dc0, dw_hr

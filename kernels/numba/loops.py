@@ -3,19 +3,19 @@
 Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the time step it reads and writes
 (`lens[b] - 1 - s` when reversed). Steps at or past `lens[b]` keep the state and write zeros. `saved` is kept in
 processing order with the reference's layout (zeros past a sequence's length). State buffers (`h`, `c`, `dh`, `dc`)
-come in holding the initial value and leave holding the final one. Each parallel region splits hidden units (or
-state columns) into `nc` contiguous chunks; a chunk does both the recurrent product for its rows of the weights and
-the pointwise math for its units. The whole time loop is one parallel region of `nc` threads: each phase of a step
-(one per forward step, two with a projection; two per backward step, three with one) is `nc` chunks that threads
-claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of the earlier phases is
-done (`sync`). A thread that never runs only leaves its chunks to the others, so the loop cannot deadlock however
-many threads the pool gives. Each function is compiled once per dtype; `gru`, `proj`, `rev`, `relu` and `nc` are
-runtime arguments, so no flag adds a variant.
+come in holding the initial value and leave holding the final one. Each phase splits hidden units (or state
+columns) into `nc` contiguous chunks; a chunk does both the recurrent product for its rows of the weights and the
+pointwise math for its units. A loop is a serial function that every thread runs whole with its own `tid`: each
+phase of a step (one per step, two with a projection) is `nc` chunks that threads claim with a compare-and-swap, own
+chunk first, and a claimed chunk starts once every chunk of the earlier phases is done (`sync`); `tid` 0 returns once
+the last is. A thread that never runs only leaves its chunks to the others, so the loop cannot deadlock however many
+threads run it. A small parallel launcher per loop runs it on numba's threads through its compiled entry point, so
+the loop itself compiles once, serially. Each loop compiles once per dtype; `gru`, `proj`, `rev`, `relu` and `nc`
+are runtime arguments, so no flag adds a variant. `work` holds a loop's scratch (`*_work`).
 """
 
 import math
 import platform
-from types import SimpleNamespace
 
 import numba
 import numpy as np
@@ -30,8 +30,8 @@ _OPTS = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}, "err
 
 
 def _parallel():
-    """Options for `njit(parallel=...)`: explicit `prange` loops only; array expressions stay serial, which halves
-    compile time. A fresh dict each time, as numba consumes it."""
+    """Options for `njit(parallel=...)`: explicit `prange` loops only, array expressions stay serial. A fresh dict each
+    time, as numba consumes it."""
     return {k: False for k in ("comprehension", "reduction", "inplace_binop", "setitem", "numpy", "stencil", "fusion")}
 
 
@@ -190,14 +190,20 @@ def _begin(sync, q, ph, nc):
     # claim chunk `q` of phase `ph`; once claimed, wait until all `ph * nc` chunks of the earlier phases are done
     if not _cas(sync, LINE * (q + 1), ph, ph + 1):
         return False
+    _wait(sync, ph * nc)
+    return True
+
+
+@njit(**_OPTS)
+def _wait(sync, done):
+    # until `done` chunks are done
     n = 0
-    while _load_acquire(sync, 0) < ph * nc:
+    while _load_acquire(sync, 0) < done:
         n += 1
         if n < _SPINS:
             _pause()
         else:
             _yield()
-    return True
 
 
 @njit(**_OPTS)
@@ -428,7 +434,6 @@ def _pack_gates(w, wp, G, H, j0, j1, panel):
         pack(w, wp, panel + g * step, g * H + j0, g * H + j1)
 
 
-@njit(**_OPTS)
 def panels(w, B, G, n, nc):
     """Room for `pack` to hold, per chunk, `G` segments of up to `ceil(n / nc)` rows of `w [N, K]`; none when the
     `B` rows of `a` make no whole tile.
@@ -437,7 +442,8 @@ def panels(w, B, G, n, nc):
         the panels `[*, K, W]` and the number of them per chunk.
     """
     W = TILE_VECTORS * VECTOR_BYTES // w.itemsize
-    span = G * panel_count((n + nc - 1) // nc, W)
+    per_chunk = -(-n // nc)
+    span = G * -(-per_chunk // W)
     return np.empty((nc * span if B >= TILE_ROWS else 0, w.shape[1], W), w.dtype), span
 
 
@@ -635,111 +641,130 @@ def _dh_prev(da, w_t, wp, dhp, carried, lens, s, dh, p0, p1, panel):
                 dh[b, p] = carried[b, p] + dhp[b, p]
 
 
-@njit(parallel=_parallel(), **_OPTS)
-def rnn_gru_fwd(gx, w_hh, b_hh, lens, rev, gru, relu, h, y, saved, sync, nc):
+def rnn_gru_fwd_work(w_hh, B, H, nc):
+    """`rnn_gru_fwd`'s `work` for `w_hh [G*H, H]`: the recurrent product `[B, G*H]`, the other state buffer
+    `[B, H]`, and `panels` of `w_hh`."""
+    GH, dt = w_hh.shape[0], w_hh.dtype
+    return (np.empty((B, GH), dt), np.empty((B, H), dt), *panels(w_hh, B, GH // H, H, nc))
+
+
+@njit(**_OPTS)
+def rnn_gru_fwd(gx, w_hh, b_hh, lens, rev, gru, relu, h, y, saved, work, sync, tid, nc):
     """RNN (`G = 1`) or GRU (`gru`, `G = 3`): `gx [T, B, G*H]`, `w_hh [G*H, H]`, `b_hh [G*H]`, `lens [B]`; `h [B, H]`;
     `y [T, B, H]`; `saved [T or 1, B, SW]`: the new state (RNN), or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
     T, B, GH = gx.shape
     H = h.shape[1]
     G = GH // H
-    gh = np.empty((B, GH), h.dtype)
-    h2 = np.empty_like(h)
-    wp, span = panels(w_hh, B, G, H, nc)
-    for tid in prange(nc):
+    gh, h2, wp, span = work
+    for k in range(nc):
+        q = (tid + k) % nc
+        if _begin(sync, q, 0, nc):
+            _pack_gates(w_hh, wp, G, H, q * H // nc, (q + 1) * H // nc, q * span)
+            _end(sync)
+    for s in range(T):
+        cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
+        sv = saved[min(s, saved.shape[0] - 1)]
         for k in range(nc):
             q = (tid + k) % nc
-            if _begin(sync, q, 0, nc):
-                _pack_gates(w_hh, wp, G, H, q * H // nc, (q + 1) * H // nc, q * span)
-                _end(sync)
-        for s in range(T):
-            cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
-            sv = saved[min(s, saved.shape[0] - 1)]
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 1 + s, nc):
+            if not _begin(sync, q, 1 + s, nc):
+                continue
+            j0, j1 = q * H // nc, (q + 1) * H // nc
+            _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span)
+            for b in range(B):
+                if b + AHEAD < B and s < lens[b + AHEAD]:
+                    _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
+                    _prefetch_units(sv[b + AHEAD], H, j0, j1)
+                if s >= lens[b]:
+                    _copy_state(cur, nxt, y[s, b], b, j0, j1)
+                    _fill_units(sv[b], H, j0, j1)
                     continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span)
-                for b in range(B):
-                    if b + AHEAD < B and s < lens[b + AHEAD]:
-                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
-                        _prefetch_units(sv[b + AHEAD], H, j0, j1)
-                    if s >= lens[b]:
-                        _copy_state(cur, nxt, y[s, b], b, j0, j1)
-                        _fill_units(sv[b], H, j0, j1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
-                    if gru:
-                        _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
-                    else:
-                        _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
-                        _copy(nxt[b], sv[b], j0, j1)
-                    _copy(nxt[b], y[t, b], j0, j1)
-                _end(sync)
-    if T % 2 == 1:
-        h[:] = h2
+                t = _step_time(s, lens[b], rev)
+                if gru:
+                    _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
+                else:
+                    _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
+                    _copy(nxt[b], sv[b], j0, j1)
+                _copy(nxt[b], y[t, b], j0, j1)
+            _end(sync)
+    if tid == 0:
+        _wait(sync, (1 + T) * nc)
+        if T % 2 == 1:
+            h[:] = h2
 
 
-@njit(parallel=_parallel(), **_OPTS)
-def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, sync, nc):
+def rnn_gru_bwd_work(w_hh_t, B, H, nc):
+    """`rnn_gru_bwd`'s `work` for `w_hh_t [H, G*H]`: the gate gradients of two steps `[2, B, G*H]` (step s's in
+    `[s % 2]`: the product of the step after reads the other meanwhile), three `[B, H]` buffers (`dh + dy`, GRU's
+    `dh z`, the product) and `panels` of `w_hh_t`."""
+    dt = w_hh_t.dtype
+    bufs = np.zeros((2, B, w_hh_t.shape[1]), dt), np.empty((B, H), dt), np.zeros((B, H), dt), np.empty((B, H), dt)
+    return (*bufs, *panels(w_hh_t, B, 1, H, nc))
+
+
+@njit(**_OPTS)
+def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, work, sync, tid, nc):
     """Backward of `rnn_gru_fwd`: `dy [T, B, H]`, `w_hh_t [H, G*H]` (`w_hh^T`), `saved [T, B, SW]`; `dh [B, H]`;
     `dgx [T, B, G*H]` (also dgh for RNN), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]` for RNN)."""
     T, B, H = dy.shape
     G = w_hh_t.shape[1] // H
-    # step s's gate gradients go to da[s % 2]: the product of the step after reads the other while they are written
-    da = np.zeros((2, B, G * H), dh.dtype)
-    dd = np.empty((B, H), dh.dtype)
-    dhz = np.zeros((B, H), dh.dtype)
-    dhp = np.empty((B, H), dh.dtype)
-    wp, span = panels(w_hh_t, B, 1, H, nc)
-    for tid in prange(nc):
+    da, dd, dhz, dhp, wp, span = work
+    for k in range(nc):
+        q = (tid + k) % nc
+        if _begin(sync, q, 0, nc):
+            pack(w_hh_t, wp, q * span, q * H // nc, (q + 1) * H // nc)
+            _end(sync)
+    # phase 1 + i: a chunk's units of the state gradient from step s + 1 (none for i = 0), then its units of step s
+    for i in range(T + 1):
+        s = T - 1 - i
         for k in range(nc):
             q = (tid + k) % nc
-            if _begin(sync, q, 0, nc):
-                pack(w_hh_t, wp, q * span, q * H // nc, (q + 1) * H // nc)
-                _end(sync)
-        # phase 1 + i: a chunk's units of the state gradient from step s + 1 (none for i = 0), then its units of step s
-        for i in range(T + 1):
-            s = T - 1 - i
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 1 + i, nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                if i > 0:
-                    # GRU: dh_prev = dh z + da @ w_hh; RNN: dhz stays zero
-                    _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhz, lens, s + 1, dh, j0, j1, q * span)
-                das = da[s % 2]
-                for b in range(B if s >= 0 else 0):
-                    if b + AHEAD < B and s < lens[b + AHEAD]:
-                        t2 = _step_time(s, lens[b + AHEAD], rev)
-                        _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
-                        _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
-                        _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
-                        if gru:
-                            _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
-                    if s >= lens[b]:
-                        for g in range(G):
-                            _fill(dgx[s, b], g * H + j0, g * H + j1)
-                            if gru:
-                                _fill(dgh[s, b], g * H + j0, g * H + j1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
+            if not _begin(sync, q, 1 + i, nc):
+                continue
+            j0, j1 = q * H // nc, (q + 1) * H // nc
+            if i > 0:
+                # GRU: dh_prev = dh z + da @ w_hh; RNN: dhz stays zero
+                _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhz, lens, s + 1, dh, j0, j1, q * span)
+            das = da[s % 2]
+            for b in range(B if s >= 0 else 0):
+                if b + AHEAD < B and s < lens[b + AHEAD]:
+                    t2 = _step_time(s, lens[b + AHEAD], rev)
+                    _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
+                    _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
+                    _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
                     if gru:
-                        _add(dh[b], dy[t, b], dd[b], j0, j1)
-                        _gru_grads(saved[s, b], dd[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
-                        for g in range(3):
-                            _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
-                        for g in range(2):
-                            _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
-                    else:
-                        _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, das[b], j0, j1)
-                        _copy(das[b], dgx[t, b], j0, j1)
-                _end(sync)
+                        _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
+                if s >= lens[b]:
+                    for g in range(G):
+                        _fill(dgx[s, b], g * H + j0, g * H + j1)
+                        if gru:
+                            _fill(dgh[s, b], g * H + j0, g * H + j1)
+                    continue
+                t = _step_time(s, lens[b], rev)
+                if gru:
+                    _add(dh[b], dy[t, b], dd[b], j0, j1)
+                    _gru_grads(saved[s, b], dd[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
+                    for g in range(3):
+                        _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
+                    for g in range(2):
+                        _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
+                else:
+                    _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, das[b], j0, j1)
+                    _copy(das[b], dgx[t, b], j0, j1)
+            _end(sync)
+    if tid == 0:
+        _wait(sync, (2 + T) * nc)
 
 
-@njit(parallel=_parallel(), **_OPTS)
-def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, sync, nc):
+def lstm_fwd_work(w_hh, w_hr, B, nc):
+    """`lstm_fwd`'s `work` for `w_hh [4H, P]` and `w_hr [P or 0, H]`: the recurrent product `[B, 4H]`, `o * tanh(c)`
+    `[B, H]`, the other state buffer `[B, P]`, and `panels` of `w_hh` and of `w_hr`."""
+    (G4, P), dt = w_hh.shape, w_hh.dtype
+    bufs = np.empty((B, G4), dt), np.empty((B, G4 // 4), dt), np.empty((B, P), dt)
+    return (*bufs, *panels(w_hh, B, 4, G4 // 4, nc), *panels(w_hr, B, 1, P, nc))
+
+
+@njit(**_OPTS)
+def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, work, sync, tid, nc):
     """`gx [T, B, 4H]`, `w_hh [4H, P]`, `b_hh [4H]`, `w_hr [P, H]` (`[0, H]`: no projection), `lens [B]`;
     `h [B, P]`, `c [B, H]`; `y [T, B, P]`; `saved [T or 1, B, 5H]` (`i, f, g, o, c`)."""
     T, B, _ = gx.shape
@@ -747,67 +772,74 @@ def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, sync, nc):
     P = h.shape[1]
     proj = w_hr.shape[0] > 0
     nph = 2 if proj else 1
-    gh = np.empty((B, 4 * H), h.dtype)
-    hraw = np.empty((B, H), h.dtype)
-    h2 = np.empty_like(h)
-    wp, span = panels(w_hh, B, 4, H, nc)
-    wr, span_r = panels(w_hr, B, 1, P, nc)
-    for tid in prange(nc):
+    gh, hraw, h2, wp, span, wr, span_r = work
+    for k in range(nc):
+        q = (tid + k) % nc
+        if _begin(sync, q, 0, nc):
+            _pack_gates(w_hh, wp, 4, H, q * H // nc, (q + 1) * H // nc, q * span)
+            if proj:
+                pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
+            _end(sync)
+    for s in range(T):
+        cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
+        sv = saved[min(s, saved.shape[0] - 1)]
         for k in range(nc):
             q = (tid + k) % nc
-            if _begin(sync, q, 0, nc):
-                _pack_gates(w_hh, wp, 4, H, q * H // nc, (q + 1) * H // nc, q * span)
-                if proj:
-                    pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
-                _end(sync)
-        for s in range(T):
-            cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
-            sv = saved[min(s, saved.shape[0] - 1)]
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 1 + nph * s, nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                _gate_rows(cur, w_hh, wp, gh, 4, H, j0, j1, q * span)
-                for b in range(B):
-                    if b + AHEAD < B and s < lens[b + AHEAD]:
-                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
-                        _prefetch_units(sv[b + AHEAD], H, j0, j1)
-                    if s >= lens[b]:
-                        if not proj:
-                            _copy_state(cur, nxt, y[s, b], b, j0, j1)
-                        _fill_units(sv[b], H, j0, j1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
-                    _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
-                    if proj:
-                        _lstm_out(sv[b], hraw[b], H, j0, j1)
-                    else:
-                        _lstm_out(sv[b], nxt[b], H, j0, j1)
-                        _copy(nxt[b], y[t, b], j0, j1)
-                _end(sync)
-            if not proj:
+            if not _begin(sync, q, 1 + nph * s, nc):
                 continue
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 2 + nph * s, nc):
+            j0, j1 = q * H // nc, (q + 1) * H // nc
+            _gate_rows(cur, w_hh, wp, gh, 4, H, j0, j1, q * span)
+            for b in range(B):
+                if b + AHEAD < B and s < lens[b + AHEAD]:
+                    _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
+                    _prefetch_units(sv[b + AHEAD], H, j0, j1)
+                if s >= lens[b]:
+                    if not proj:
+                        _copy_state(cur, nxt, y[s, b], b, j0, j1)
+                    _fill_units(sv[b], H, j0, j1)
                     continue
-                p0, p1 = q * P // nc, (q + 1) * P // nc
-                mm_rows(hraw, w_hr, wr, nxt, p0, p1, q * span_r)
-                for b in range(B):
-                    if s >= lens[b]:
-                        _copy_state(cur, nxt, y[s, b], b, p0, p1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
-                    for p in range(p0, p1):
-                        y[t, b, p] = nxt[b, p]
-                _end(sync)
-    if T % 2 == 1:
-        h[:] = h2
+                t = _step_time(s, lens[b], rev)
+                _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
+                if proj:
+                    _lstm_out(sv[b], hraw[b], H, j0, j1)
+                else:
+                    _lstm_out(sv[b], nxt[b], H, j0, j1)
+                    _copy(nxt[b], y[t, b], j0, j1)
+            _end(sync)
+        if not proj:
+            continue
+        for k in range(nc):
+            q = (tid + k) % nc
+            if not _begin(sync, q, 2 + nph * s, nc):
+                continue
+            p0, p1 = q * P // nc, (q + 1) * P // nc
+            mm_rows(hraw, w_hr, wr, nxt, p0, p1, q * span_r)
+            for b in range(B):
+                if s >= lens[b]:
+                    _copy_state(cur, nxt, y[s, b], b, p0, p1)
+                    continue
+                t = _step_time(s, lens[b], rev)
+                for p in range(p0, p1):
+                    y[t, b, p] = nxt[b, p]
+            _end(sync)
+    if tid == 0:
+        _wait(sync, (1 + nph * T) * nc)
+        if T % 2 == 1:
+            h[:] = h2
 
 
-@njit(parallel=_parallel(), **_OPTS)
-def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out, sync, nc):
+def lstm_bwd_work(w_hh_t, w_hr_t, B, nc):
+    """`lstm_bwd`'s `work` for `w_hh_t [P, 4H]` and `w_hr_t [H or 0, P]`: the gate gradients of two steps
+    `[2, B, 4H]` (as in `rnn_gru_bwd_work`), `[B, H]` buffers for the state gradient at `o * tanh(c)` and for `dc`,
+    the product `[B, P]`, zeros `[B, P]` (no GRU term), and `panels` of `w_hh_t` and of `w_hr_t`."""
+    (P, G4), dt = w_hh_t.shape, w_hh_t.dtype
+    H = G4 // 4
+    bufs = np.zeros((2, B, G4), dt), np.empty((B, H), dt), np.empty((B, H), dt), np.empty((B, P), dt)
+    return (*bufs, np.zeros((B, P), dt), *panels(w_hh_t, B, 1, P, nc), *panels(w_hr_t, B, 1, H, nc))
+
+
+@njit(**_OPTS)
+def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out, work, sync, tid, nc):
     """`dy [T, B, P]`, `w_hh_t [P, 4H]`, `w_hr_t [H, P]` (`[0, P]`: no projection), `c0 [B, H]`,
     `saved [T, B, 5H]`; `dh [B, P]`, `dc [B, H]`; `dgx [T, B, 4H]` (also dgh); with projection `hraw [T, B, H]`
     and `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero when inactive)."""
@@ -816,75 +848,127 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
     proj = w_hr_t.shape[0] > 0
     # the projection's product needs the whole state gradient `dh + dy` of a step first: a phase of its own
     nph = 2 if proj else 1
-    # step s's gate gradients go to da[s % 2]: the product of the step after reads the other while they are written
-    da = np.zeros((2, B, 4 * H), dh.dtype)
-    dhraw = np.empty((B, H), dh.dtype)
-    dcs = np.empty((B, H), dh.dtype)
-    dhp = np.empty((B, P), dh.dtype)
-    no_dhz = np.zeros((B, P), dh.dtype)
-    wp, span = panels(w_hh_t, B, 1, P, nc)
-    wr, span_r = panels(w_hr_t, B, 1, H, nc)
-    for tid in prange(nc):
-        for k in range(nc):
-            q = (tid + k) % nc
-            if _begin(sync, q, 0, nc):
-                pack(w_hh_t, wp, q * span, q * P // nc, (q + 1) * P // nc)
-                if proj:
-                    pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
-                _end(sync)
-        # phases 1 + nph * i + ph: a chunk's columns of the state gradient from step s + 1 (none for i = 0), then
-        # its units of step s
-        for i in range(T + 1):
-            s = T - 1 - i
-            for ph in range(nph if s >= 0 else 1):
-                for k in range(nc):
-                    q = (tid + k) % nc
-                    if not _begin(sync, q, 1 + nph * i + ph, nc):
-                        continue
-                    j0, j1 = q * H // nc, (q + 1) * H // nc
-                    p0, p1 = q * P // nc, (q + 1) * P // nc
-                    if ph == 0 and i > 0:
-                        _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, no_dhz, lens, s + 1, dh, p0, p1, q * span)
-                    if ph == 0 and proj and s >= 0:
-                        for b in range(B):
-                            if s < lens[b]:
-                                t = _step_time(s, lens[b], rev)
-                                for p in range(p0, p1):
-                                    dh[b, p] += dy[t, b, p]
-                                    dh_out[s, b, p] = dh[b, p]
-                            else:
-                                _fill(dh_out[s, b], p0, p1)
-                                _fill(hraw[s, b], j0, j1)
-                    if ph == nph - 1 and s >= 0:
-                        if proj:
-                            mm_rows(dh, w_hr_t, wr, dhraw, j0, j1, q * span_r)
-                        das = da[s % 2]
-                        for b in range(B):
-                            if b + AHEAD < B and s < lens[b + AHEAD]:
-                                t2 = _step_time(s, lens[b + AHEAD], rev)
-                                _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
-                                _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
-                                if s > 0:
-                                    _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
-                                if not proj:
-                                    _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
-                            if s >= lens[b]:
-                                for g in range(4):
-                                    _fill(dgx[s, b], g * H + j0, g * H + j1)
-                                continue
+    da, dhraw, dcs, dhp, no_dhz, wp, span, wr, span_r = work
+    for k in range(nc):
+        q = (tid + k) % nc
+        if _begin(sync, q, 0, nc):
+            pack(w_hh_t, wp, q * span, q * P // nc, (q + 1) * P // nc)
+            if proj:
+                pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
+            _end(sync)
+    # phases 1 + nph * i + ph: a chunk's columns of the state gradient from step s + 1 (none for i = 0), then
+    # its units of step s
+    for i in range(T + 1):
+        s = T - 1 - i
+        for ph in range(nph if s >= 0 else 1):
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, 1 + nph * i + ph, nc):
+                    continue
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                p0, p1 = q * P // nc, (q + 1) * P // nc
+                if ph == 0 and i > 0:
+                    _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, no_dhz, lens, s + 1, dh, p0, p1, q * span)
+                if ph == 0 and proj and s >= 0:
+                    for b in range(B):
+                        if s < lens[b]:
                             t = _step_time(s, lens[b], rev)
-                            if proj:
-                                _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
-                            else:
-                                _add(dh[b], dy[t, b], dhraw[b], j0, j1)
-                            cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
-                            _lstm_grads(saved[s, b], cp, dhraw[b], dc[b], dcs[b], das[b], H, j0, j1)
+                            for p in range(p0, p1):
+                                dh[b, p] += dy[t, b, p]
+                                dh_out[s, b, p] = dh[b, p]
+                        else:
+                            _fill(dh_out[s, b], p0, p1)
+                            _fill(hraw[s, b], j0, j1)
+                if ph == nph - 1 and s >= 0:
+                    if proj:
+                        mm_rows(dh, w_hr_t, wr, dhraw, j0, j1, q * span_r)
+                    das = da[s % 2]
+                    for b in range(B):
+                        if b + AHEAD < B and s < lens[b + AHEAD]:
+                            t2 = _step_time(s, lens[b + AHEAD], rev)
+                            _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
+                            _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
+                            if s > 0:
+                                _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
+                            if not proj:
+                                _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
+                        if s >= lens[b]:
                             for g in range(4):
-                                _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
-                    _end(sync)
+                                _fill(dgx[s, b], g * H + j0, g * H + j1)
+                            continue
+                        t = _step_time(s, lens[b], rev)
+                        if proj:
+                            _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
+                        else:
+                            _add(dh[b], dy[t, b], dhraw[b], j0, j1)
+                        cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
+                        _lstm_grads(saved[s, b], cp, dhraw[b], dc[b], dcs[b], das[b], H, j0, j1)
+                        for g in range(4):
+                            _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
+                _end(sync)
+    if tid == 0:
+        _wait(sync, (2 + nph * T) * nc)
 
 
-# float64 (checks, gradcheck) runs these single-threaded twins: a serial compile costs a fraction of a parallel one
-SERIAL = SimpleNamespace(
-    **{f.__name__: njit(**_OPTS)(f.py_func) for f in (rnn_gru_fwd, rnn_gru_bwd, lstm_fwd, lstm_bwd)}
-)
+@intrinsic
+def _call_at(typingctx, addr, loop, args, work, sync, tid, nc):
+    # `loop(*args, work, sync, tid, nc)` through its compiled entry point at `addr`: the launcher neither links nor
+    # recompiles the loop
+    inner = typingctx.resolve_function_type(loop, (*args.types, work, sync, types.int64, nc), {})
+
+    def codegen(context, builder, sig, llargs):
+        fnty = context.call_conv.get_function_type(inner.return_type, inner.args)
+        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
+        flat = [*cgutils.unpack_tuple(builder, llargs[2]), *llargs[3:7]]
+        context.call_conv.call_function(builder, fn, inner.return_type, inner.args, flat)
+        return context.get_dummy_value()
+
+    return types.none(types.int64, loop, args, work, sync, types.int64, nc), codegen
+
+
+# One parallel launcher per loop, each the only function compiled parallel for it; the loop is a global, not an
+# argument: numba's on-disk cache cannot keep a function whose signature holds a dispatcher.
+@njit(parallel=_parallel(), **_OPTS)
+def launch_rnn_gru_fwd(addr, args, work, sync, nc):
+    """`rnn_gru_fwd(*args, work, sync, tid, nc)` for every `tid < nc` on numba's threads, through its compiled entry
+    point `addr` (`entry_point`)."""
+    for tid in prange(nc):
+        _call_at(addr, rnn_gru_fwd, args, work, sync, np.int64(tid), nc)
+
+
+@njit(parallel=_parallel(), **_OPTS)
+def launch_rnn_gru_bwd(addr, args, work, sync, nc):
+    """As `launch_rnn_gru_fwd`, for `rnn_gru_bwd`."""
+    for tid in prange(nc):
+        _call_at(addr, rnn_gru_bwd, args, work, sync, np.int64(tid), nc)
+
+
+@njit(parallel=_parallel(), **_OPTS)
+def launch_lstm_fwd(addr, args, work, sync, nc):
+    """As `launch_rnn_gru_fwd`, for `lstm_fwd`."""
+    for tid in prange(nc):
+        _call_at(addr, lstm_fwd, args, work, sync, np.int64(tid), nc)
+
+
+@njit(parallel=_parallel(), **_OPTS)
+def launch_lstm_bwd(addr, args, work, sync, nc):
+    """As `launch_rnn_gru_fwd`, for `lstm_bwd`."""
+    for tid in prange(nc):
+        _call_at(addr, lstm_bwd, args, work, sync, np.int64(tid), nc)
+
+
+LAUNCHERS = {
+    rnn_gru_fwd: launch_rnn_gru_fwd,
+    rnn_gru_bwd: launch_rnn_gru_bwd,
+    lstm_fwd: launch_lstm_fwd,
+    lstm_bwd: launch_lstm_bwd,
+}
+
+
+def entry_point(loop, args):
+    """Address of `loop`'s native entry point for the argument values `args`, compiled first if need be."""
+    sig = tuple(numba.typeof(v) for v in args)
+    if sig not in loop.overloads:
+        loop.compile(sig)
+    cres = loop.overloads[sig]
+    return cres.library.get_pointer_to_function(cres.fndesc.llvm_func_name)
