@@ -926,8 +926,9 @@ def _call_at(typingctx, addr, loop, args, work, sync, tid, nc):
     return types.none(types.int64, loop, args, work, sync, types.int64, nc), codegen
 
 
-# One parallel launcher per loop, each the only function compiled parallel for it; the loop is a global, not an
-# argument: numba's on-disk cache cannot keep a function whose signature holds a dispatcher.
+# One parallel launcher per loop, each the only function compiled parallel for it. The loop is a global, written out
+# in each: numba's on-disk cache cannot keep a function whose signature holds a dispatcher, and misses every time
+# for one made by a factory that closes over it.
 @njit(parallel=_parallel(), **_OPTS)
 def launch_rnn_gru_fwd(addr, args, work, sync, nc):
     """`rnn_gru_fwd(*args, work, sync, tid, nc)` for every `tid < nc` on numba's threads, through its compiled entry
