@@ -112,7 +112,8 @@ def test_more_chunks_than_threads(cell, threads, monkeypatch):
 @pytest.mark.parametrize("cols", ["one", "lanes+1", "panel", "2 panels+1"])
 def test_mm_rows_tiles_and_remainders(dtype, extra_rows, K, cols):
     """The recurrent product on whole register tiles of packed panels (full, one vector short, one lane long) and
-    leftover rows of `a`; columns of `out` outside `[j0, j1)` stay untouched, panels outside the call's too."""
+    leftover rows of `a`, and with no panels at all; columns of `out` outside `[j0, j1)` stay untouched, panels
+    outside the call's too."""
     loops = nb.loops
     W = loops.TILE_VECTORS * loops.VECTOR_BYTES // np.dtype(dtype).itemsize
     lanes = W // loops.TILE_VECTORS
@@ -129,6 +130,11 @@ def test_mm_rows_tiles_and_remainders(dtype, extra_rows, K, cols):
     np.testing.assert_allclose(out[:, j0:j1], a @ w[j0:j1].T, rtol=tol, atol=tol)
     assert np.isnan(np.delete(out, np.s_[j0:j1], axis=1)).all()
     assert np.isnan(wp[0]).all() and np.isnan(wp[-1]).all()
+    # without panels (too few rows or steps to pack) every row takes the dot products
+    unpacked = np.full_like(out, np.nan)
+    loops.mm_rows(a, w, wp[:0], unpacked, j0, j1, 0)
+    np.testing.assert_allclose(unpacked[:, j0:j1], a @ w[j0:j1].T, rtol=tol, atol=tol)
+    assert np.isnan(np.delete(unpacked, np.s_[j0:j1], axis=1)).all()
 
 
 @needs_numba
