@@ -212,11 +212,15 @@ def _end(sync):
 
 
 def _vector_bytes():
-    # widest SIMD register of the machine numba compiles for (honouring NUMBA_CPU_FEATURES)
-    try:
-        features = numba.config.CPU_FEATURES or llvm.get_host_cpu_features().flatten()
-    except RuntimeError:
-        return 16
+    # widest SIMD register of the machine numba compiles for: NUMBA_CPU_FEATURES, else the host's unless NUMBA_CPU_NAME
+    # names another CPU (`generic` for a portable cache), whose features it leaves unknown
+    features = numba.config.CPU_FEATURES
+    if not features and numba.config.CPU_NAME in (None, "host"):
+        try:
+            features = llvm.get_host_cpu_features().flatten()
+        except RuntimeError:
+            features = ""
+    features = features or ""
     return 64 if "+avx512f" in features else 32 if "+avx" in features else 16
 
 
