@@ -425,11 +425,13 @@ def _store6(out, b, j, s):
 
 
 @njit(**_OPTS)
-def _gate_rows(a, w, wp, out, G, H, j0, j1, panel):
+def _gate_rows(a, w, wp, out, G, H, j0, j1, panel, last_first):
     # rows `g * H + j` of the product for every gate `g` and unit `j0 <= j < j1`; gate `g`'s panels from
-    # `panel + g * panel_count(j1 - j0, W)` on
+    # `panel + g * panel_count(j1 - j0, W)` on; `last_first` walks the gates from the last, so that alternate steps
+    # start on the rows the one before read last, still in cache
     step = panel_count(j1 - j0, wp.shape[2])
-    for g in range(G):
+    for i in range(G):
+        g = G - 1 - i if last_first else i
         mm_rows(a, w, wp, out, g * H + j0, g * H + j1, panel + g * step)
 
 
@@ -677,7 +679,7 @@ def rnn_gru_fwd(gx, w_hh, b_hh, lens, rev, gru, relu, h, y, saved, work, sync, t
             if not _begin(sync, q, 1 + s, nc):
                 continue
             j0, j1 = q * H // nc, (q + 1) * H // nc
-            _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span)
+            _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span, s % 2 == 1)
             for b in range(B):
                 if b + AHEAD < B and s < lens[b + AHEAD]:
                     _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
@@ -796,7 +798,7 @@ def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, work, sync, tid, n
             if not _begin(sync, q, 1 + nph * s, nc):
                 continue
             j0, j1 = q * H // nc, (q + 1) * H // nc
-            _gate_rows(cur, w_hh, wp, gh, 4, H, j0, j1, q * span)
+            _gate_rows(cur, w_hh, wp, gh, 4, H, j0, j1, q * span, s % 2 == 1)
             for b in range(B):
                 if b + AHEAD < B and s < lens[b + AHEAD]:
                     _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
