@@ -451,8 +451,7 @@ def panels(w, B, T, G, n, nc):
         the panels `[*, K, W]` and the number of them per chunk.
     """
     W = TILE_VECTORS * VECTOR_BYTES // w.itemsize
-    per_chunk = -(-n // nc)
-    span = G * -(-per_chunk // W)
+    span = G * panel_count(-(-n // nc), W)
     use = B >= TILE_ROWS and B * T >= PACK_MIN_ROWS
     return np.empty((nc * span if use else 0, w.shape[1], W), w.dtype), span
 
@@ -642,13 +641,14 @@ def _gru_grads(svr, d, dar, dgxr, dhz, H, j0, j1):
 
 @njit(**_OPTS)
 def _dh_prev(da, w_t, wp, dhp, carried, lens, s, dh, p0, p1, panel):
-    """Columns `p0 <= p < p1` of the state gradient that step `s` passes back, `dh = carried + da @ w_hh`, for the
-    rows active at step `s`, from the step's gate gradients `da [B, G*H]` (`carried`: GRU's `dh z`, else zeros)."""
+    """Columns `p0 <= p < p1` of the state gradient that step `s` passes back, `dh = da @ w_hh` (plus GRU's `dh z`,
+    `carried [B, P]`; `[0, P]` for the other cells), for the rows active at step `s`, from the step's gate gradients
+    `da [B, G*H]`."""
     mm_rows(da, w_t, wp, dhp, p0, p1, panel)
     for b in range(da.shape[0]):
         if s < lens[b]:
             for p in range(p0, p1):
-                dh[b, p] = carried[b, p] + dhp[b, p]
+                dh[b, p] = carried[b, p] + dhp[b, p] if carried.shape[0] else dhp[b, p]
 
 
 def rnn_gru_fwd_work(w_hh, B, T, H, nc):
@@ -732,8 +732,7 @@ def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, work, syn
                 continue
             j0, j1 = q * H // nc, (q + 1) * H // nc
             if i > 0:
-                # GRU: dh_prev = dh z + da @ w_hh; RNN: dhz stays zero
-                _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhz, lens, s + 1, dh, j0, j1, q * span)
+                _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhz if gru else dhz[:0], lens, s + 1, dh, j0, j1, q * span)
             das = da[s % 2]
             for b in range(B if s >= 0 else 0):
                 if b + AHEAD < B and s < lens[b + AHEAD]:
@@ -841,11 +840,11 @@ def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, work, sync, tid, n
 def lstm_bwd_work(w_hh_t, w_hr_t, B, T, nc):
     """`lstm_bwd`'s `work` for `w_hh_t [P, 4H]` and `w_hr_t [H or 0, P]`: the gate gradients of two steps
     `[2, B, 4H]` (as in `rnn_gru_bwd_work`), `[B, H]` buffers for the state gradient at `o * tanh(c)` and for `dc`,
-    the product `[B, P]`, zeros `[B, P]` (no GRU term), and `panels` of `w_hh_t` and of `w_hr_t`."""
+    the product `[B, P]`, and `panels` of `w_hh_t` and of `w_hr_t`."""
     (P, G4), dt = w_hh_t.shape, w_hh_t.dtype
     H = G4 // 4
     bufs = np.zeros((2, B, G4), dt), np.empty((B, H), dt), np.empty((B, H), dt), np.empty((B, P), dt)
-    return (*bufs, np.zeros((B, P), dt), *panels(w_hh_t, B, T, 1, P, nc), *panels(w_hr_t, B, T, 1, H, nc))
+    return (*bufs, *panels(w_hh_t, B, T, 1, P, nc), *panels(w_hr_t, B, T, 1, H, nc))
 
 
 @njit(**_OPTS)
@@ -858,7 +857,7 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
     proj = w_hr_t.shape[0] > 0
     # the projection's product needs the whole state gradient `dh + dy` of a step first: a phase of its own
     nph = 2 if proj else 1
-    da, dhraw, dcs, dhp, no_dhz, wp, span, wr, span_r = work
+    da, dhraw, dcs, dhp, wp, span, wr, span_r = work
     for k in range(nc):
         q = (tid + k) % nc
         if _begin(sync, q, 0, nc):
@@ -878,7 +877,7 @@ def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out
                 j0, j1 = q * H // nc, (q + 1) * H // nc
                 p0, p1 = q * P // nc, (q + 1) * P // nc
                 if ph == 0 and i > 0:
-                    _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, no_dhz, lens, s + 1, dh, p0, p1, q * span)
+                    _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhp[:0], lens, s + 1, dh, p0, p1, q * span)
                 if ph == 0 and proj and s >= 0:
                     for b in range(B):
                         if s < lens[b]:
