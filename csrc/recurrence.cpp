@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <limits>
 #include <cstdlib>
 #include <exception>
 #include <numeric>
@@ -538,90 +539,112 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);
 }
 
-void fwd(int64_t cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
-         const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
-         const c10::optional<at::Tensor>& w_hr, bool reverse, int64_t chunk, const at::Tensor& y,
-         const at::Tensor& hT, const c10::optional<at::Tensor>& cT, const at::Tensor& saved) {
+// An output of `sizes`, NaN-filled when `poison` (so an element the loop leaves unwritten fails loudly).
+at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) {
+  at::Tensor t = at::empty(sizes, opts);
+  if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+at::Tensor as(const at::Tensor& t, at::ScalarType dt) { return t.to(dt).contiguous(); }
+
+c10::optional<at::Tensor> as(const c10::optional<at::Tensor>& t, at::ScalarType dt) {
+  if (!t) return c10::nullopt;
+  return as(*t, dt);
+}
+
+// The forward loop on `gx`'s dtype (float32 or float64); other inputs are converted to it. Returns `y [T, B, P]`,
+// `hT [B, P]` in h0's dtype, `cT [B, H]` in c0's dtype (LSTM), `saved [T, B, W*H]` (`[0]` unless `need_saved`).
+std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
+    int64_t cell, const at::Tensor& gx_in, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_hh_in,
+    const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
+    const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, bool poison) {
   check_cell(cell);
-  TORCH_CHECK(gx.dim() == 3, "gx must be [T, B, G*H]");
+  TORCH_CHECK(gx_in.dim() == 3, "gx must be [T, B, G*H]");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
-  const auto dt = gx.scalar_type();
+  const auto dt = gx_in.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "gx must be float32 or float64, got ", dt);
-  const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G;
+  const int64_t T = gx_in.size(0), B = gx_in.size(1), GH = gx_in.size(2), G = gates(cell), H = GH / G;
   TORCH_CHECK(H > 0 && GH == G * H, "gx's last dimension must be a positive multiple of ", G);
   TORCH_CHECK(T < INT_MAX && B < INT_MAX && GH < INT_MAX, "sizes must fit BLAS's 32-bit integers");
-  const bool lstm = cell == LSTM, proj = w_hr.has_value();
+  const bool lstm = cell == LSTM, proj = w_hr_in.has_value();
   TORCH_CHECK(!proj || lstm, "w_hr (projection) needs the lstm cell");
-  const int64_t P = proj ? w_hr->size(0) : H;
-  check(gx, "gx", dt, {T, B, GH});
+  TORCH_CHECK(c0_in.has_value() == lstm, "c0 is given exactly for lstm");
+  const int64_t P = proj ? w_hr_in->size(0) : H;
+  const at::Tensor gx = gx_in.contiguous(), w_hh = as(w_hh_in, dt), h0 = as(h0_in, dt);
+  const auto b_hh = as(b_hh_in, dt), c0 = as(c0_in, dt), w_hr = as(w_hr_in, dt);
+  const auto lengths = as(lengths_in, at::kLong);
   check(w_hh, "w_hh", dt, {GH, P});
   if (b_hh) check(*b_hh, "b_hh", dt, {GH});
   check(h0, "h0", dt, {B, P});
   if (proj) check(*w_hr, "w_hr", dt, {P, H});
-  TORCH_CHECK(c0.has_value() == lstm && cT.has_value() == lstm, "c0 and cT are given exactly for lstm");
-  if (lstm) {
-    check(*c0, "c0", dt, {B, H});
-    check(*cT, "cT", dt, {B, H});
-  }
+  if (lstm) check(*c0, "c0", dt, {B, H});
   if (lengths) check(*lengths, "lengths", at::kLong, {B});
-  check(y, "y", dt, {T, B, P});
-  check(hT, "hT", dt, {B, P});
-  const int64_t SW = saved_width(cell) * H;
-  if (saved.numel()) check(saved, "saved", dt, {T, B, SW});
+  const auto opts = gx.options();
+  const at::Tensor y = output({T, B, P}, opts, poison), hT = output({B, P}, opts, poison);
+  const at::Tensor cT = lstm ? output({B, H}, opts, poison) : at::Tensor();
+  const at::Tensor saved = need_saved ? output({T, B, saved_width(cell) * H}, opts, poison) : at::empty({0}, opts);
   const Order ord = make_order(lengths, T, B, reverse);
-  const at::Tensor bias = b_hh ? *b_hh : at::zeros({GH}, gx.options());
-  const at::Tensor none;
+  const at::Tensor bias = b_hh ? *b_hh : at::zeros({GH}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
-    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, bias, h0, lstm ? *c0 : none, ord, w_hr, chunk, y, hT,
-                       lstm ? *cT : none, saved);
+    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, bias, h0, lstm ? *c0 : cT, ord, w_hr, chunk, y, hT, cT,
+                       saved);
   });
+  return {y, hT.to(h0_in.scalar_type()), lstm ? c10::make_optional(cT.to(c0_in->scalar_type())) : c10::nullopt,
+          saved};
 }
 
-void bwd(int64_t cell, const at::Tensor& dy, const at::Tensor& dhT, const c10::optional<at::Tensor>& dcT,
-         const at::Tensor& w_hh, const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0,
-         const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths, const at::Tensor& y,
-         const at::Tensor& saved, bool reverse, int64_t chunk, const at::Tensor& dgx,
-         const c10::optional<at::Tensor>& dgh, const at::Tensor& dh0, const c10::optional<at::Tensor>& dc0, const c10::optional<at::Tensor>& dw_hr) {
+// The backward loop on `saved`'s dtype. Returns `dgx [T, B, G*H]` and `dgh` (GRU; the other cells' is dgx) in dy's
+// dtype, `dh0 [B, P]` in h0's, `dc0 [B, H]` in c0's (LSTM), `dw_hr [P, H]` in w_hr's (projection).
+std::tuple<at::Tensor, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>>
+bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::optional<at::Tensor>& dcT_in,
+    const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& w_hr_in, const at::Tensor& h0_in,
+    const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in, const at::Tensor& y_in,
+    const at::Tensor& saved, bool reverse, int64_t chunk, bool poison) {
   check_cell(cell);
-  TORCH_CHECK(dy.dim() == 3 && w_hh.dim() == 2, "dy must be [T, B, P] and w_hh [G*H, P]");
+  TORCH_CHECK(dy_in.dim() == 3 && w_hh_in.dim() == 2, "dy must be [T, B, P] and w_hh [G*H, P]");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
-  const auto dt = dy.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "dy must be float32 or float64, got ", dt);
-  const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
+  const auto dt = saved.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "saved must be float32 or float64, got ", dt);
+  const int64_t T = dy_in.size(0), B = dy_in.size(1), P = dy_in.size(2), G = gates(cell), GH = w_hh_in.size(0);
+  const int64_t H = GH / G;
   TORCH_CHECK(H > 0 && GH == G * H, "w_hh's first dimension must be a positive multiple of ", G);
   TORCH_CHECK(T < INT_MAX && B < INT_MAX && GH < INT_MAX, "sizes must fit BLAS's 32-bit integers");
-  const bool lstm = cell == LSTM, proj = w_hr.has_value();
+  const bool lstm = cell == LSTM, proj = w_hr_in.has_value();
   TORCH_CHECK(!proj || lstm, "w_hr (projection) needs the lstm cell");
   TORCH_CHECK(proj || P == H, "without projection dy's last dimension must be H");
-  check(dy, "dy", dt, {T, B, P});
+  TORCH_CHECK(dcT_in.has_value() == lstm && c0_in.has_value() == lstm, "dcT and c0 are given exactly for lstm");
+  const at::Tensor dy = as(dy_in, dt), dhT = as(dhT_in, dt), w_hh = as(w_hh_in, dt), h0 = as(h0_in, dt);
+  const at::Tensor y = as(y_in, dt);
+  const auto dcT = as(dcT_in, dt), c0 = as(c0_in, dt), w_hr = as(w_hr_in, dt);
+  const auto lengths = as(lengths_in, at::kLong);
   check(dhT, "dhT", dt, {B, P});
   check(w_hh, "w_hh", dt, {GH, P});
   check(h0, "h0", dt, {B, P});
   check(y, "y", dt, {T, B, P});
   check(saved, "saved", dt, {T, B, saved_width(cell) * H});
-  check(dgx, "dgx", dt, {T, B, GH});
-  TORCH_CHECK(dgh.has_value() == (cell == GRU), "dgh is given exactly for gru (for the other cells it is dgx)");
-  if (dgh) check(*dgh, "dgh", dt, {T, B, GH});
-  check(dh0, "dh0", dt, {B, P});
-  TORCH_CHECK(dcT.has_value() == lstm && c0.has_value() == lstm && dc0.has_value() == lstm,
-              "dcT, c0 and dc0 are given exactly for lstm");
   if (lstm) {
     check(*dcT, "dcT", dt, {B, H});
     check(*c0, "c0", dt, {B, H});
-    check(*dc0, "dc0", dt, {B, H});
   }
-  TORCH_CHECK(dw_hr.has_value() == proj, "dw_hr is given exactly with w_hr");
-  if (proj) {
-    check(*w_hr, "w_hr", dt, {P, H});
-    check(*dw_hr, "dw_hr", dt, {P, H});
-  }
+  if (proj) check(*w_hr, "w_hr", dt, {P, H});
   if (lengths) check(*lengths, "lengths", at::kLong, {B});
+  const auto opts = dy.options();
+  const at::Tensor dgx = output({T, B, GH}, opts, poison), dh0 = output({B, P}, opts, poison);
+  const at::Tensor dgh = cell == GRU ? output({T, B, GH}, opts, poison) : at::Tensor();
+  const at::Tensor dc0 = lstm ? output({B, H}, opts, poison) : at::Tensor();
+  const at::Tensor dw_hr = proj ? output({P, H}, opts, poison) : at::Tensor();
   const Order ord = make_order(lengths, T, B, reverse);
-  const at::Tensor none;
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_bwd", [&] {
-    bwd_loop<scalar_t>(static_cast<int>(cell), dy, dhT, lstm ? *dcT : none, w_hh, w_hr, h0, lstm ? *c0 : none, ord,
-                       y, saved, chunk, dgx, dgh ? *dgh : none, dh0, lstm ? *dc0 : none, proj ? *dw_hr : none);
+    bwd_loop<scalar_t>(static_cast<int>(cell), dy, dhT, lstm ? *dcT : dc0, w_hh, w_hr, h0, lstm ? *c0 : dc0, ord,
+                       y, saved, chunk, dgx, dgh, dh0, dc0, dw_hr);
   });
+  auto maybe = [](const at::Tensor& t, const c10::optional<at::Tensor>& like) {
+    return t.defined() ? c10::make_optional(t.to(like->scalar_type())) : c10::nullopt;
+  };
+  const auto io = c10::make_optional(dy_in);
+  return {dgx.to(dy_in.scalar_type()), maybe(dgh, io), dh0.to(h0_in.scalar_type()), maybe(dc0, c0_in),
+          maybe(dw_hr, w_hr_in)};
 }
 
 std::string isa() { return kIsaNames[g_isa.load()]; }
@@ -643,9 +666,9 @@ std::string set_isa(const std::string& name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "seqfast C++ CPU recurrences (see seqfast.kernels.cpp for the contract)";
   namespace py = pybind11;
-  m.def("fwd", &seqfast::fwd, "Recurrence forward into preallocated y, hT, cT, saved.",
+  m.def("fwd", &seqfast::fwd, "Recurrence forward: (y, hT, cT or None, saved).",
         py::call_guard<py::gil_scoped_release>());
-  m.def("bwd", &seqfast::bwd, "Recurrence backward into preallocated dgx, dgh (GRU), dh0, dc0, dw_hr.",
+  m.def("bwd", &seqfast::bwd, "Recurrence backward: (dgx, dgh or None, dh0, dc0 or None, dw_hr or None).",
         py::call_guard<py::gil_scoped_release>());
   m.def("isa", &seqfast::isa, "The instruction set of the float32 cell math in use.");
   m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` float32 cell math; returns the previous.");

@@ -23,6 +23,11 @@ def set_poison(enabled):
     return previous
 
 
+def poisoning():
+    """Whether kernel outputs are NaN-filled before the kernel writes them (see `set_poison`)."""
+    return _poison
+
+
 def empty(shape, dtype, device):
     """Allocate a kernel output; NaN-filled when poisoning is on, so an unwritten element fails loudly."""
     out = torch.empty(shape, dtype=dtype, device=device)

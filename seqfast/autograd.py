@@ -1,9 +1,13 @@
-"""The recurrence as `torch.library` custom ops: forward, backward, fake kernels and autograd.
+"""The recurrence as `torch.library` custom ops (forward, backward, fake kernels, autograd) and its eager twin.
 
 `seqfast::recurrence` runs one layer-direction's time loop on a named backend; its backward runs
 `seqfast::recurrence_backward` on the same backend, then forms the `w_hh`/`b_hh` gradients as one GEMM and one
 reduction over all steps (`seqfast::linear_backward`). The ops are opaque to `torch.compile`, which traces them
 through their fake kernels.
+
+`Layer` is the same layer-direction (input projection included) as a `torch.autograd.Function` that calls the
+backend and the GEMMs directly: eager calls that need none of the custom ops' machinery take it (see
+`seqfast.functional`), at a fraction of the custom ops' per-call cost, with bitwise the same results.
 """
 
 import torch
@@ -11,11 +15,10 @@ from torch import Tensor
 
 from . import dispatch
 from .kernels.common import GATES, compute_dtype
-from .linear import linear_backward
+from .linear import linear_backward, project, project_backward
 
 
-@torch.library.custom_op("seqfast::recurrence", mutates_args=())
-def recurrence(
+def _recurrence(
     backend: str,
     cell: str,
     reverse: bool,
@@ -48,6 +51,9 @@ def recurrence(
     return y, hT, cT, saved
 
 
+recurrence = torch.library.custom_op("seqfast::recurrence", _recurrence, mutates_args=())
+
+
 @recurrence.register_fake
 def _(backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr):
     T, B, _ = gx.shape
@@ -58,8 +64,7 @@ def _(backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr)
     return y, h0.new_empty((B, P)), cT, gx.new_empty(saved_shape, dtype=compute_dtype(gx.dtype))
 
 
-@torch.library.custom_op("seqfast::recurrence_backward", mutates_args=())
-def recurrence_backward(
+def _recurrence_backward(
     backend: str,
     cell: str,
     reverse: bool,
@@ -85,6 +90,9 @@ def recurrence_backward(
     dgx, dgh, dh0, dc0, dw_hr = module.bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse)
     dgh = dy.new_empty(0) if dgh is None else dgh
     return dgx, dgh, dh0, h0.new_empty(0) if dc0 is None else dc0, w_hh.new_empty(0) if dw_hr is None else dw_hr
+
+
+recurrence_backward = torch.library.custom_op("seqfast::recurrence_backward", _recurrence_backward, mutates_args=())
 
 
 @recurrence_backward.register_fake
@@ -113,6 +121,39 @@ def h_prev(y, h0, lengths, reverse):
     return torch.index_put(prev, (last, torch.arange(y.shape[1], device=y.device)), h0[0])
 
 
+def _grads(run_backward, run_linear_backward, backend, cell, reverse, saved_tensors, dy, dhT, dcT):
+    """The recurrence's input gradients from its output gradients (None where not given).
+
+    Args:
+        run_backward, run_linear_backward: `recurrence_backward` and `linear_backward`, as custom ops or as the
+            plain functions behind them.
+        saved_tensors: `(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved)` kept by the forward.
+
+    Returns:
+        `dgx [T, B, G*H]`, `dw_hh`, `db_hh` (None without `b_hh`), `dh0`, `dc0` (None unless LSTM), `dw_hr` (None
+        without projection).
+    """
+    w_hh, b_hh, h0, c0, lengths, w_hr, y, saved = saved_tensors
+    is_lstm = cell == "lstm"
+    dy = torch.zeros_like(y) if dy is None else dy
+    dhT = torch.zeros_like(h0) if dhT is None else dhT
+    if is_lstm and dcT is None:
+        dcT = torch.zeros_like(c0)
+    dgx, dgh, dh0, dc0, dw_hr = run_backward(
+        backend, cell, reverse, dy, dhT, dcT if is_lstm else None, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved
+    )
+    dgh = dgh if cell == "gru" else dgx
+    _, dw_hh, db_hh = run_linear_backward(dgh, h_prev(y, h0, lengths, reverse), w_hh, False, True, b_hh is not None)
+    return (
+        dgx,
+        dw_hh,
+        db_hh if b_hh is not None else None,
+        dh0,
+        dc0 if is_lstm else None,
+        dw_hr if w_hr is not None else None,
+    )
+
+
 def _setup_context(ctx, inputs, output):
     backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr = inputs
     y, _, _, saved = output
@@ -122,31 +163,71 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(saved, *(() if cell == "lstm" else (output[2],)))
 
 
+def _no_workspace():
+    raise RuntimeError(
+        "seqfast: this recurrence ran without saving its workspace (no input required grad when it ran); "
+        "run the forward with gradients enabled to differentiate it"
+    )
+
+
 def _backward(ctx, dy, dhT, dcT, _dsaved):
     if not ctx.need_saved:
-        raise RuntimeError(
-            "seqfast: this recurrence ran without saving its workspace (no input required grad when it ran); "
-            "run the forward with gradients enabled to differentiate it"
-        )
-    w_hh, b_hh, h0, c0, lengths, w_hr, y, saved = ctx.saved_tensors
-    is_lstm = ctx.cell == "lstm"
-    dy = torch.zeros_like(y) if dy is None else dy
-    dhT = torch.zeros_like(h0) if dhT is None else dhT
-    if is_lstm and dcT is None:
-        dcT = torch.zeros_like(c0)
-    dgx, dgh, dh0, dc0, dw_hr = recurrence_backward(
-        ctx.backend, ctx.cell, ctx.reverse, dy, dhT, dcT if is_lstm else None,
-        w_hh, b_hh, w_hr, h0, c0, lengths, y, saved,
+        _no_workspace()
+    dgx, dw_hh, db_hh, dh0, dc0, dw_hr = _grads(
+        recurrence_backward, linear_backward, ctx.backend, ctx.cell, ctx.reverse, ctx.saved_tensors, dy, dhT, dcT
     )
-    dgh = dgh if ctx.cell == "gru" else dgx
-    _, dw_hh, db_hh = linear_backward(dgh, h_prev(y, h0, lengths, ctx.reverse), w_hh, False, True, b_hh is not None)
-    return (
-        None, None, None, None,
-        dgx, dw_hh, db_hh if b_hh is not None else None, dh0,
-        dc0 if is_lstm else None,
-        None,
-        dw_hr if w_hr is not None else None,
-    )
+    return None, None, None, None, dgx, dw_hh, db_hh, dh0, dc0, None, dw_hr
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
+
+
+def folded_biases(cell, b_ih, b_hh):
+    """`(b_x, b_h)`: the bias added to the input projection and the one left to the recurrence. Outside GRU's n gate
+    `b_hh` adds where `b_ih` does, so it is folded in and one reduction gives both bias gradients."""
+    if cell == "gru" or b_hh is None:
+        return b_ih, b_hh
+    return (b_hh if b_ih is None else b_ih + b_hh), None
+
+
+class Layer(torch.autograd.Function):
+    """One layer-direction, input projection included, without the custom ops: the eager path.
+
+    `apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)` with the arguments of
+    `seqfast.functional.layer` (`backend` as requested: the backend is selected once `gx` exists, as the custom ops'
+    path does); returns `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (None unless LSTM).
+    """
+
+    @staticmethod
+    def forward(ctx, backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr):
+        b_x, b_h = folded_biases(cell, b_ih, b_hh)
+        gx = project(x, w_ih, b_x)
+        backend = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend, remember=True)
+        y, hT, cT, saved = dispatch.load(backend).fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True)
+        ctx.backend, ctx.cell, ctx.reverse = backend, cell, reverse
+        ctx.biases = (b_ih is not None, b_hh is not None, b_h is not None)
+        ctx.save_for_backward(x, w_ih, w_hh, b_h, h0, c0, lengths, w_hr, y, saved)
+        ctx.set_materialize_grads(False)
+        return y, hT, cT
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dhT, dcT):
+        x, w_ih, *saved_tensors = ctx.saved_tensors
+        dgx, dw_hh, db_h, dh0, dc0, dw_hr = _grads(
+            _recurrence_backward, project_backward, ctx.backend, ctx.cell, ctx.reverse, saved_tensors, dy, dhT, dcT
+        )
+        has_b_ih, has_b_hh, separate_b_hh = ctx.biases
+        need_x, need_w_ih, need_b_ih, _, need_b_hh = ctx.needs_input_grad[3:8]
+        need_db_x = need_b_ih or (need_b_hh and not separate_b_hh)
+        dx, dw_ih, db_x = project_backward(dgx, x, w_ih, need_x, need_w_ih, need_db_x)
+        db_hh = db_h if separate_b_hh else db_x
+        return (
+            None, None, None,
+            dx if need_x else None,
+            dw_ih if need_w_ih else None,
+            db_x if has_b_ih and need_b_ih else None,
+            dw_hh,
+            db_hh if has_b_hh and need_b_hh else None,
+            dh0, dc0, None, dw_hr,
+        )

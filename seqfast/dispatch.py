@@ -120,13 +120,16 @@ def _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr):
     return load(name).unsupported(cell, gx, w_hh, h0, c0, lengths, w_hr)
 
 
-def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
+def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None, remember=False):
     """Pick the backend for one recurrence call.
 
     Args:
         cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
         gx, w_hh, h0, c0, lengths, w_hr: the call's tensors (see `seqfast.kernels.reference`).
         backend: explicit backend name, or None for `SEQFAST_BACKEND`, then automatic.
+        remember: reuse the choice made for an earlier call of the same signature (eager calls; default False).
+            A backend's answer depends only on the cell, dtypes, devices and weight shapes (see
+            `seqfast.kernels.reference`), so the signature is those, the request and, after a fall-through, strictness.
 
     Returns:
         The chosen backend's name.
@@ -134,13 +137,40 @@ def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
     Raises:
         RuntimeError: an explicit backend cannot run this call, no backend can, or strict mode forbids a fall-through.
     """
-    device_type = gx.device.type
     requested = backend or os.environ.get("SEQFAST_BACKEND") or None
+    if not remember:
+        return _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested)[0]
+    key = (cell, requested, gx.device, gx.dtype, w_hh.dtype, w_hh.shape, h0.device, h0.dtype)
+    if c0 is not None or lengths is not None or w_hr is not None:
+        key += tuple(None if t is None else (t.device, t.dtype, t.shape) for t in (c0, lengths, w_hr))
+    chosen = _chosen.get(key) if _chosen_for is _loaded else None
+    if chosen is None or (chosen[1] and strict()):
+        chosen = _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested)
+        _remember(key, chosen)
+    return chosen[0]
+
+
+_chosen = {}
+_chosen_for = None
+
+
+def _remember(key, chosen):
+    """Keep `chosen` for `key`, forgetting every choice made under another backend table (tests swap `_loaded`)."""
+    global _chosen_for
+    if _chosen_for is not _loaded:
+        _chosen.clear()
+        _chosen_for = _loaded
+    _chosen[key] = chosen
+
+
+def _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested):
+    """`select` without the memory: `(name, fell_through)`."""
+    device_type = gx.device.type
     if requested is not None:
         reason = _why_not(requested, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr)
         if reason is not None:
             raise RuntimeError(f"seqfast backend {requested!r} cannot run this {cell} call: {reason}")
-        return requested
+        return requested, False
     reasons = []
     for name in names(device_type):
         try:
@@ -152,7 +182,7 @@ def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
                 raise RuntimeError(
                     f"seqfast: strict mode forbids falling back to {name!r} for {cell}: " + "; ".join(reasons)
                 )
-            return name
+            return name, bool(reasons)
         reasons.append(f"{name}: {reason}")
         key = (cell, name, reason)
         if key not in _logged:

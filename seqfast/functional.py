@@ -7,11 +7,28 @@ each); the sequential part runs in the `seqfast::recurrence` custom op on the se
 import torch
 import torch.nn.functional as F
 
-from . import autograd as _autograd  # noqa: F401 - registers the seqfast custom ops
 from . import dispatch
-from .linear import linear
+from .autograd import Layer, folded_biases
+from .linear import linear, project
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+
+
+def eager(*tensors):
+    """True when a call can take the eager path (`seqfast.autograd.Layer` or the kernels directly) instead of the
+    custom ops: not compiling, tracing or exporting, no functorch transform, no `TorchDispatchMode` or
+    `TorchFunctionMode`, and plain tensors (or parameters) off the meta device. `tensors` may hold None."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    if _function_mode_on() or _dispatch_modes() or _transform():
+        return False
+    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_function_mode_on = torch._C._is_torch_function_mode_enabled
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_transform = torch._C._functorch.peek_interpreter_stack
 
 
 def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None, reverse=False, backend=None):
@@ -30,16 +47,28 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
     Returns:
         `y [T, B, P]` (zeros past each length), `hT [B, P]`, `cT [B, H]` or None.
     """
-    if cell != "gru" and b_hh is not None:
-        # outside GRU's n gate b_hh adds where b_ih does: fold it in, so one reduction gives both bias gradients
-        b_ih, b_hh = (b_hh if b_ih is None else b_ih + b_hh), None
-    gx = linear(x, w_ih, b_ih)
-    name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
+    fast = eager(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths)
+    return _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend)
+
+
+def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend):
+    """`layer`, on the eager path when `fast` (see `eager`), else through the custom ops."""
+    b_x, b_h = folded_biases(cell, b_ih, b_hh)
     # a trace keeps the flag as a constant, so a traced module saves the workspace whether or not it will need it
     need_saved = torch.jit.is_tracing() or (
-        torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gx, w_hh, b_hh, h0, c0, w_hr))
+        torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr))
     )
-    y, hT, cT, _ = torch.ops.seqfast.recurrence(name, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr)
+    if fast:
+        if need_saved:
+            return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
+        gx = project(x, w_ih, b_x)
+        name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend, remember=True)
+        y, hT, cT, _ = dispatch.load(name).fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)
+        return y, hT, cT
+    gx = linear(x, w_ih, b_x)
+    name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
+    y, hT, cT, _ = torch.ops.seqfast.recurrence(name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr)
     return y, hT, cT if cell == "lstm" else None
 
 
@@ -62,15 +91,15 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, traini
     directions = 2 if bidirectional else 1
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int64)
+    fast = eager(x, h0, c0, lengths, *(t for w in weights for t in w))
     hn, cn = [], []
     for i in range(num_layers):
         outputs = []
         for d in range(directions):
             k = i * directions + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-            y, hT, cT = layer(
-                cell, x, w_ih, w_hh, b_ih, b_hh, h0[k], None if c0 is None else c0[k], w_hr, lengths, d == 1, backend
-            )
+            c0_k = None if c0 is None else c0[k]
+            y, hT, cT = _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0[k], c0_k, w_hr, lengths, d == 1, backend)
             outputs.append(y)
             hn.append(hT)
             cn.append(cT)

@@ -1,7 +1,8 @@
 """The large GEMMs around the recurrence: the input projection and the weight gradients, over all steps at once.
 
-`seqfast::linear` is `x @ w.T + b` with registered autograd; its backward and the recurrent weight gradient share
-`seqfast::linear_backward`. On CPU float32 both run on oneDNN's GEMM, which torch.nn's own LSTM uses and which
+`seqfast::linear` is `x @ w.T + b` (`project`) with registered autograd; its backward and the recurrent weight
+gradient share `seqfast::linear_backward` (`project_backward`); the eager path calls the plain functions. On CPU
+float32 both run on oneDNN's GEMM, which torch.nn's own LSTM uses and which
 measures about twice MKL's rate (torch's default for `F.linear`) on AMD CPUs; tiny products and other devices
 and dtypes use torch's GEMMs.
 """
@@ -15,25 +16,29 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 _ONEDNN_MIN_MACS = 1 << 20
 
 
+def _onednn(a, w, b):
+    """Whether `a @ w.T + b` runs on oneDNN: float32 on CPU, at least `_ONEDNN_MIN_MACS` multiply-adds."""
+    return (
+        _ONEDNN
+        and a.numel() * w.shape[0] >= _ONEDNN_MIN_MACS
+        and a.dtype == w.dtype == torch.float32
+        and a.is_cpu
+        and (b is None or b.dtype == torch.float32)
+    )
+
+
 def dense(a, w, b=None):
     """`a @ w.T + b` for `a [M, K]`, `w [N, K]` (either may be a transposed view), `b [N]` or None.
 
     Returns:
         `[M, N]`.
     """
-    onednn = (
-        _ONEDNN
-        and a.device.type == "cpu"
-        and a.dtype == w.dtype == torch.float32
-        and a.numel() * w.shape[0] >= _ONEDNN_MIN_MACS
-    )
-    if onednn and (b is None or b.dtype == torch.float32):
+    if _onednn(a, w, b):
         return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
     return F.linear(a, w, b)
 
 
-@torch.library.custom_op("seqfast::linear", mutates_args=())
-def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     """`x @ w.T + b` over every leading index.
 
     Args:
@@ -42,7 +47,12 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     Returns:
         `[..., N]`.
     """
+    if x.is_contiguous() and not _onednn(x, w, b):
+        return F.linear(x, w, b)  # folds the leading dimensions into the one GEMM dense would run
     return dense(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
+
+
+linear = torch.library.custom_op("seqfast::linear", project, mutates_args=())
 
 
 @linear.register_fake
@@ -50,8 +60,7 @@ def _(x, w, b):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-@torch.library.custom_op("seqfast::linear_backward", mutates_args=())
-def linear_backward(
+def project_backward(
     dy: Tensor, x: Tensor, w: Tensor, need_dx: bool, need_dw: bool, need_db: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients of `y = x @ w.T + b` from `dy [..., N]`, `x [..., K]`, `w [N, K]`.
@@ -76,6 +85,9 @@ def linear_backward(
     elif need_db:
         db = torch.mv(dy2.T, dy2.new_ones(dy2.shape[0])).to(w.dtype)
     return dx, dw, db
+
+
+linear_backward = torch.library.custom_op("seqfast::linear_backward", project_backward, mutates_args=())
 
 
 @linear_backward.register_fake

@@ -30,8 +30,8 @@ def _autocast_dtype(device):
 
 
 def _cast(dtype, *tensors):
-    """`tensors` in `dtype` (differentiably), None kept; unchanged when `dtype` is None."""
-    return tuple(t if t is None or dtype is None else t.to(dtype) for t in tensors)
+    """`tensors` in `dtype` (differentiably), None kept."""
+    return tuple(t if t is None else t.to(dtype) for t in tensors)
 
 
 def _check_same_dtype(state, weight, bias=None):
@@ -54,17 +54,25 @@ def _check_packed_lstm_state(hx):
 
 
 def _check_same_device(input, states, weight):
+    device = input.device
     for state in states:
-        if state.device != input.device:
+        if state.device != device:
             raise RuntimeError(
                 "Input and hidden tensors are not at the same device, found input tensor at "
-                f"{input.device} and hidden tensor at {state.device}"
+                f"{device} and hidden tensor at {state.device}"
             )
-    if weight.device != input.device:
+    if weight.device != device:
         raise RuntimeError(
             "Input and parameter tensors are not at the same device, found input tensor at "
-            f"{input.device} and parameter tensor at {weight.device}"
+            f"{device} and parameter tensor at {weight.device}"
         )
+
+
+def _live(module, names):
+    """The module's tensors named `names`, read now: from `_parameters` (where `torch.func.functional_call` swaps
+    them in too), else through `getattr` (a parametrized or otherwise computed attribute)."""
+    params = module._parameters
+    return [params[n] if n in params else getattr(module, n) for n in names]
 
 
 class _Recurrent(torch.nn.RNNBase):
@@ -76,10 +84,11 @@ class _Recurrent(torch.nn.RNNBase):
     def _layer_weights(self):
         """`(w_ih, w_hh, b_ih, b_hh, w_hr)` per layer-direction, read live from the module."""
         weights = []
+        bias, proj = self.bias, self.proj_size > 0
         for names in self._all_weights:
-            params = [getattr(self, n) for n in names]
-            biases = (params[2], params[3]) if self.bias else (None, None)
-            weights.append((params[0], params[1], *biases, params[-1] if self.proj_size > 0 else None))
+            params = _live(self, names)
+            biases = (params[2], params[3]) if bias else (None, None)
+            weights.append((params[0], params[1], *biases, params[-1] if proj else None))
         return weights
 
     def _hx_to_batched(self, hx, is_batched):
@@ -159,8 +168,9 @@ class _Recurrent(torch.nn.RNNBase):
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         dtype = _autocast_dtype(x.device)
-        x, *states = _cast(dtype, x, *states)
-        weights = [_cast(dtype, *w) for w in weights]
+        if dtype is not None:
+            x, *states = _cast(dtype, x, *states)
+            weights = [_cast(dtype, *w) for w in weights]
         y, hn, cn = functional.rnn(
             CELL_OF_MODE[self.mode],
             x,
@@ -250,6 +260,9 @@ class GRU(_Recurrent):
         self.backend = backend
 
 
+_CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
 class _Cell(torch.nn.RNNCellBase):
     """Shared forward of the cells: one step of the same recurrence, `T = 1`."""
 
@@ -269,20 +282,22 @@ class _Cell(torch.nn.RNNCellBase):
         Returns:
             `h' [B, H]` (`[H]` unbatched), or `(h', c')` for `LSTMCell`.
         """
-        name = type(self).__name__
         is_lstm = self._cell_name == "lstm"
-        if input.dim() not in (1, 2):
-            raise ValueError(f"{name}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        dim = input.dim()
+        if dim not in (1, 2):
+            raise ValueError(f"{type(self).__name__}: Expected input to be 1D or 2D, got {dim}D instead")
         if hx is not None:
             for i, state in enumerate(hx if is_lstm else (hx,)):
                 if state.dim() not in (1, 2):
                     which = f"hx[{i}]" if is_lstm else "hidden"
-                    raise ValueError(f"{name}: Expected {which} to be 1D or 2D, got {state.dim()}D instead")
-        is_batched = input.dim() == 2
+                    raise ValueError(
+                        f"{type(self).__name__}: Expected {which} to be 1D or 2D, got {state.dim()}D instead"
+                    )
+        is_batched = dim == 2
         if not is_batched:
             input = input.unsqueeze(0)
         if hx is None:
-            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            zeros = input.new_zeros((input.size(0), self.hidden_size))
             states = (zeros, zeros) if is_lstm else (zeros,)
         else:
             if is_lstm and is_batched:
@@ -296,33 +311,27 @@ class _Cell(torch.nn.RNNCellBase):
             if not is_batched:
                 states = tuple(s.unsqueeze(0) for s in states)
         cell = self._cell()
+        w_ih, w_hh, b_ih, b_hh = _live(self, _CELL_PARAMETERS)
+        batch = input.size(0)
         if input.size(1) != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
         for i, state in enumerate(states):
-            if input.size(0) != state.size(0):
-                raise RuntimeError(
-                    f"Input batch size {input.size(0)} doesn't match hidden{i} batch size {state.size(0)}"
-                )
+            if batch != state.size(0):
+                raise RuntimeError(f"Input batch size {batch} doesn't match hidden{i} batch size {state.size(0)}")
             if state.size(1) != self.hidden_size:
                 raise RuntimeError(
                     f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, expected {self.hidden_size}"
                 )
-        _check_same_device(input, states, self.weight_ih)
-        _check_same_dtype(input, self.weight_ih, self.bias_ih)
+        _check_same_device(input, states, w_ih)
+        _check_same_dtype(input, w_ih, b_ih)
         for state in states:
-            _check_same_dtype(state, self.weight_hh, self.bias_hh)
+            _check_same_dtype(state, w_hh, b_hh)
         dtype = _autocast_dtype(input.device)
-        input, *states = _cast(dtype, input, *states)
-        w_ih, w_hh, b_ih, b_hh = _cast(dtype, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if dtype is not None:
+            input, *states = _cast(dtype, input, *states)
+            w_ih, w_hh, b_ih, b_hh = _cast(dtype, w_ih, w_hh, b_ih, b_hh)
         y, hT, cT = functional.layer(
-            cell,
-            input.unsqueeze(0),
-            w_ih,
-            w_hh,
-            b_ih,
-            b_hh,
-            states[0],
-            states[1] if is_lstm else None,
+            cell, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, states[0], states[1] if is_lstm else None,
             backend=self.backend,
         )
         if is_lstm:
