@@ -18,14 +18,17 @@ def eager(*tensors):
     """True when a call can take the eager path (`seqfast.autograd.Layer` or the kernels directly) instead of the
     custom ops: not compiling, tracing or exporting, no functorch transform, no `TorchDispatchMode` or
     `TorchFunctionMode`, and plain tensors (or parameters) off the meta device. `tensors` may hold None."""
-    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+    if _compiling() or _tracing() or _function_mode_on() or _dispatch_modes() or _transform() is not None:
         return False
-    if _function_mode_on() or _dispatch_modes() or _transform():
-        return False
-    return all(t is None or (type(t) in _PLAIN and not t.is_meta) for t in tensors)
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or t.is_meta):
+            return False
+    return True
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
+_compiling = torch.compiler.is_compiling
+_tracing = torch.jit.is_tracing
 _function_mode_on = torch._C._is_torch_function_mode_enabled
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _transform = torch._C._functorch.peek_interpreter_stack
@@ -53,14 +56,12 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
 
 def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend):
     """`layer`, on the eager path when `fast` (see `eager`), else through the custom ops."""
-    b_x, b_h = folded_biases(cell, b_ih, b_hh)
-    # a trace keeps the flag as a constant, so a traced module saves the workspace whether or not it will need it
-    need_saved = torch.jit.is_tracing() or (
-        torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr))
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     )
+    b_x, b_h = folded_biases(cell, b_ih, b_hh)
     if fast:
-        if need_saved:
+        if need_grad:
             return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
         gx = project(x, w_ih, b_x)
         name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend, remember=True)
@@ -68,6 +69,8 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
         return y, hT, cT
     gx = linear(x, w_ih, b_x)
     name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
+    # a trace keeps the flag as a constant, so a traced module saves the workspace whether or not it will need it
+    need_saved = need_grad or torch.jit.is_tracing()
     y, hT, cT, _ = torch.ops.seqfast.recurrence(name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr)
     return y, hT, cT if cell == "lstm" else None
 
