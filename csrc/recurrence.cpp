@@ -215,42 +215,46 @@ Order make_order(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B,
 // Packing pays once a call runs at least this many steps and this many rows in all (one row at small T reads the
 // weights faster through BLAS than it could pack them).
 constexpr int64_t kPackMinSteps = 4, kPackMinRows = 16;
-// Packed weights up to this size stay allocated in the calling thread between calls.
-constexpr int64_t kKeepPackedBytes = int64_t(32) << 20;
+// Memory up to this size a calling thread keeps between calls, per use (packed weights; a loop's state buffers).
+constexpr int64_t kKeepBytes = int64_t(32) << 20;
 
-// Memory for one call's packed weights. Up to `kKeepPackedBytes` it is a buffer the calling thread keeps for its next
-// call, so repeated calls do not fault fresh pages in (glibc hands large freed blocks back to the system); a larger
-// request, or one while the thread's buffer is in use, gets its own allocation.
-class PackBuffer {
+// `n` elements of `T` for one call. Up to `kKeepBytes` they live in a block the calling thread keeps for its next call
+// of the same `Use`, so repeated calls neither allocate nor fault fresh pages in (glibc hands large freed blocks back
+// to the system); a larger request, or one while the thread's block is in use, gets its own allocation.
+enum class Use { kPackedWeights, kLoopState };
+
+template <Use use, typename T>
+class KeptBuffer {
  public:
-  explicit PackBuffer(int64_t n) {
+  explicit KeptBuffer(int64_t n) {
     Kept& k = kept();
-    if (k.busy || n * int64_t(sizeof(float)) > kKeepPackedBytes) {
-      own_ = at::empty({n}, at::kFloat);
-      data_ = own_.data_ptr<float>();
+    const int64_t bytes = n * int64_t(sizeof(T));
+    if (k.busy || bytes > kKeepBytes) {
+      own_ = at::empty({bytes}, at::kByte);
+      data_ = reinterpret_cast<T*>(own_.data_ptr<uint8_t>());
       return;
     }
-    if (n > k.n) {
+    if (bytes > k.bytes) {
       std::free(k.p);
-      k.p = static_cast<float*>(std::aligned_alloc(64, (n * sizeof(float) + 63) / 64 * 64));
-      k.n = k.p ? n : 0;
-      TORCH_CHECK(k.p, "out of memory packing ", n, " weights");
+      k.p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      k.bytes = k.p ? bytes : 0;
+      TORCH_CHECK(k.p, "out of memory allocating ", bytes, " bytes");
     }
     k.busy = true;
     kept_ = &k;
-    data_ = k.p;
+    data_ = static_cast<T*>(k.p);
   }
-  ~PackBuffer() {
+  ~KeptBuffer() {
     if (kept_) kept_->busy = false;
   }
-  PackBuffer(const PackBuffer&) = delete;
-  PackBuffer& operator=(const PackBuffer&) = delete;
-  float* data() const { return data_; }
+  KeptBuffer(const KeptBuffer&) = delete;
+  KeptBuffer& operator=(const KeptBuffer&) = delete;
+  T* data() const { return data_; }
 
  private:
   struct Kept {
-    float* p = nullptr;
-    int64_t n = 0;
+    void* p = nullptr;
+    int64_t bytes = 0;
     bool busy = false;
     ~Kept() { std::free(p); }
   };
@@ -259,8 +263,23 @@ class PackBuffer {
     return k;
   }
   Kept* kept_ = nullptr;
-  float* data_ = nullptr;
+  T* data_ = nullptr;
   at::Tensor own_;
+};
+
+// Consecutive arrays carved from one block: `take(n)` returns the next `n` elements.
+template <typename T>
+class Carve {
+ public:
+  explicit Carve(T* p) : p_(p) {}
+  T* take(int64_t n) {
+    T* q = p_;
+    p_ += n;
+    return q;
+  }
+
+ private:
+  T* p_;
 };
 
 // The recurrent product of one call, chunk by chunk, straight from `w [G*H, P]`: forward, gate by gate,
@@ -319,7 +338,7 @@ class HiddenProduct {
   bool backward_;
   KernelsF32 kern_;
   std::vector<int64_t> offsets_;
-  std::optional<PackBuffer> buffer_;
+  std::optional<KeptBuffer<Use::kPackedWeights, float>> buffer_;
   float* packed_ = nullptr;
 };
 
@@ -342,28 +361,28 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntA
 void check_cell(int64_t cell) { TORCH_CHECK(cell >= RNN_TANH && cell <= GRU, "unknown cell id ", cell); }
 
 template <typename scalar_t>
-void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const at::Tensor& bias, const at::Tensor& h0,
-              const at::Tensor& c0, const Order& ord, const c10::optional<at::Tensor>& w_hr, int64_t chunk,
-              const at::Tensor& y, const at::Tensor& hT, const at::Tensor& cT, const at::Tensor& saved) {
+void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
+              const at::Tensor& h0, const at::Tensor& c0, const Order& ord, const c10::optional<at::Tensor>& w_hr,
+              int64_t chunk, const at::Tensor& y, const at::Tensor& hT, const at::Tensor& cT, const at::Tensor& saved) {
   const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
   const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell) * H;
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
-  const auto opts = gx.options();
   const KernelsF32 kern = f32_kernels();
   const HiddenProduct<scalar_t> whh(w_hh, G, H, hc, false, ord, kern);
-  at::Tensor hbuf = at::empty({2, B, P}, opts);              // state before / after the step
-  at::Tensor cbuf = at::empty({lstm ? B : 0, H}, opts);      // [B, H]
-  at::Tensor hraw = at::empty({proj ? B : 0, H}, opts);      // [B, H] o * tanh(c) before projecting
-  at::Tensor ws = at::empty({B * GH}, opts);                 // per chunk [B, G*hc]
-  scalar_t* hb = hbuf.data_ptr<scalar_t>();
-  scalar_t* pc = cbuf.data_ptr<scalar_t>();
-  scalar_t* phraw = hraw.data_ptr<scalar_t>();
-  scalar_t* pws = ws.data_ptr<scalar_t>();
+  const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0;
+  const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + BC + BR + B * GH + (bias ? 0 : GH));
+  Carve<scalar_t> carve(state.data());
+  scalar_t* hb = carve.take(2 * B * P);  // [2, B, P] state before / after the step
+  scalar_t* pc = carve.take(BC);         // [B, H]
+  scalar_t* phraw = carve.take(BR);      // [B, H] o * tanh(c) before projecting
+  scalar_t* pws = carve.take(B * GH);    // per chunk [B, G*hc]
+  scalar_t* zeros = bias ? nullptr : carve.take(GH);
+  if (zeros) std::fill_n(zeros, GH, scalar_t(0));
   scalar_t* py = y.data_ptr<scalar_t>();
   scalar_t* psaved = saved.numel() ? saved.data_ptr<scalar_t>() : nullptr;
   const scalar_t* pgx = gx.data_ptr<scalar_t>();
-  const scalar_t* pb = bias.data_ptr<scalar_t>();
+  const scalar_t* pb = bias ? bias->data_ptr<scalar_t>() : zeros;
   const scalar_t* pwr = proj ? w_hr->data_ptr<scalar_t>() : nullptr;
   permute_rows(h0.data_ptr<scalar_t>(), hb, ord, P, true);
   if (lstm) permute_rows(c0.data_ptr<scalar_t>(), pc, ord, H, true);
@@ -430,26 +449,22 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
   const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell) * H;
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
-  const auto opts = dy.options();
   const KernelsF32 kern = f32_kernels();
-  at::Tensor dhbuf = at::empty({B, P}, opts);                  // gradient reaching h from later steps
-  at::Tensor dcbuf = at::empty({lstm ? B : 0, H}, opts);       // [B, H]
-  at::Tensor h0s = at::empty({B, P}, opts);                    // h0 in sorted order
-  at::Tensor c0s = at::empty({lstm ? B : 0, H}, opts);         // c0 in sorted order
-  at::Tensor dabuf = at::empty({proj ? 1 : 2, B * GH}, opts);  // dgh of the step, double-buffered
-  at::Tensor dhs = at::empty({proj ? B : 0, P}, opts);         // [B, P] dh at the step (projection)
-  at::Tensor dhraw = at::empty({proj ? B : 0, H}, opts);       // [B, H] dhs @ w_hr
-  at::Tensor hraw = at::empty({proj ? B : 0, H}, opts);        // [B, H] o * tanh(c)
-  scalar_t* pdh = dhbuf.data_ptr<scalar_t>();
-  scalar_t* pdc = dcbuf.data_ptr<scalar_t>();
-  scalar_t* pda = dabuf.data_ptr<scalar_t>();
-  scalar_t* pdhs = dhs.data_ptr<scalar_t>();
-  scalar_t* pdhraw = dhraw.data_ptr<scalar_t>();
-  scalar_t* phraw = hraw.data_ptr<scalar_t>();
+  const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0, BP = proj ? B * P : 0;
+  const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + 2 * BC + (proj ? 1 : 2) * B * GH + BP + 2 * BR);
+  Carve<scalar_t> carve(state.data());
+  scalar_t* pdh = carve.take(B * P);                 // [B, P] gradient reaching h from later steps
+  scalar_t* pdc = carve.take(BC);                    // [B, H]
+  scalar_t* ph0s = carve.take(B * P);                // [B, P] h0 in sorted order
+  scalar_t* pc0s = carve.take(BC);                   // [B, H] c0 in sorted order
+  scalar_t* pda = carve.take((proj ? 1 : 2) * B * GH);  // dgh of the step, double-buffered
+  scalar_t* pdhs = carve.take(BP);                   // [B, P] dh at the step (projection)
+  scalar_t* pdhraw = carve.take(BR);                 // [B, H] dhs @ w_hr
+  scalar_t* phraw = carve.take(BR);                  // [B, H] o * tanh(c)
   scalar_t* pdgx = dgx.data_ptr<scalar_t>();
   scalar_t* pdgh = cell == GRU ? dgh.data_ptr<scalar_t>() : nullptr;  // the other cells' dgh is dgx
-  const scalar_t* ph0 = h0s.data_ptr<scalar_t>();
-  const scalar_t* pc0 = c0s.data_ptr<scalar_t>();
+  const scalar_t* ph0 = ph0s;
+  const scalar_t* pc0 = pc0s;
   const scalar_t* pdy = dy.data_ptr<scalar_t>();
   const scalar_t* py = y.data_ptr<scalar_t>();
   const scalar_t* psaved = saved.data_ptr<scalar_t>();
@@ -457,10 +472,10 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const scalar_t* pwr = proj ? w_hr->data_ptr<scalar_t>() : nullptr;
   scalar_t* pdw = proj ? dw_hr.data_ptr<scalar_t>() : nullptr;
   permute_rows(dhT.data_ptr<scalar_t>(), pdh, ord, P, true);
-  permute_rows(h0.data_ptr<scalar_t>(), h0s.data_ptr<scalar_t>(), ord, P, true);
+  permute_rows(h0.data_ptr<scalar_t>(), ph0s, ord, P, true);
   if (lstm) {
     permute_rows(dcT.data_ptr<scalar_t>(), pdc, ord, H, true);
-    permute_rows(c0.data_ptr<scalar_t>(), c0s.data_ptr<scalar_t>(), ord, H, true);
+    permute_rows(c0.data_ptr<scalar_t>(), pc0s, ord, H, true);
   }
   if (proj) std::fill_n(pdw, P * H, scalar_t(0));
   std::vector<const scalar_t*> dy_rows(T * B), h_rows(T * B);  // [T, B] step s's rows, in sorted order
@@ -546,7 +561,11 @@ at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poi
   return t;
 }
 
-at::Tensor as(const at::Tensor& t, at::ScalarType dt) { return t.to(dt).contiguous(); }
+at::Tensor as(const at::Tensor& t, at::ScalarType dt) {
+  return t.scalar_type() == dt ? t.contiguous() : t.to(dt).contiguous();
+}
+
+at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
 c10::optional<at::Tensor> as(const c10::optional<at::Tensor>& t, at::ScalarType dt) {
   if (!t) return c10::nullopt;
@@ -585,13 +604,12 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
   const at::Tensor cT = lstm ? output({B, H}, opts, poison) : at::Tensor();
   const at::Tensor saved = need_saved ? output({T, B, saved_width(cell) * H}, opts, poison) : at::empty({0}, opts);
   const Order ord = make_order(lengths, T, B, reverse);
-  const at::Tensor bias = b_hh ? *b_hh : at::zeros({GH}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
-    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, bias, h0, lstm ? *c0 : cT, ord, w_hr, chunk, y, hT, cT,
+    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, chunk, y, hT, cT,
                        saved);
   });
-  return {y, hT.to(h0_in.scalar_type()), lstm ? c10::make_optional(cT.to(c0_in->scalar_type())) : c10::nullopt,
-          saved};
+  return {y, in_dtype(hT, h0_in.scalar_type()),
+          lstm ? c10::make_optional(in_dtype(cT, c0_in->scalar_type())) : c10::nullopt, saved};
 }
 
 // The backward loop on `saved`'s dtype. Returns `dgx [T, B, G*H]` and `dgh` (GRU; the other cells' is dgx) in dy's
@@ -640,10 +658,10 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
                        y, saved, chunk, dgx, dgh, dh0, dc0, dw_hr);
   });
   auto maybe = [](const at::Tensor& t, const c10::optional<at::Tensor>& like) {
-    return t.defined() ? c10::make_optional(t.to(like->scalar_type())) : c10::nullopt;
+    return t.defined() ? c10::make_optional(in_dtype(t, like->scalar_type())) : c10::nullopt;
   };
   const auto io = c10::make_optional(dy_in);
-  return {dgx.to(dy_in.scalar_type()), maybe(dgh, io), dh0.to(h0_in.scalar_type()), maybe(dc0, c0_in),
+  return {in_dtype(dgx, dy_in.scalar_type()), maybe(dgh, io), in_dtype(dh0, h0_in.scalar_type()), maybe(dc0, c0_in),
           maybe(dw_hr, w_hr_in)};
 }
 
