@@ -574,11 +574,25 @@ c10::optional<at::Tensor> as(const c10::optional<at::Tensor>& t, at::ScalarType 
 
 // The forward loop on `gx`'s dtype (float32 or float64); other inputs are converted to it. Returns `y [T, B, P]`,
 // `hT [B, P]` in h0's dtype, `cT [B, H]` in c0's dtype (LSTM), `saved [T, B, W*H]` (`[0]` unless `need_saved`).
+// `F.linear(x, w, b_ih + b_fold)` (either bias may be None) with the ops `seqfast.linear.project` runs for it.
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b_ih,
+                   const c10::optional<at::Tensor>& b_fold) {
+  const c10::optional<at::Tensor> b = b_ih && b_fold ? c10::make_optional(at::add(*b_ih, *b_fold)) : b_ih ? b_ih : b_fold;
+  if (x.is_contiguous()) return at::linear(x, w, b);
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = w.size(0);
+  return at::linear(x.reshape({-1, x.size(-1)}), w, b).reshape(sizes);
+}
+
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
-    int64_t cell, const at::Tensor& gx_in, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_hh_in,
+    int64_t cell, const c10::optional<at::Tensor>& gx_given, const c10::optional<at::Tensor>& x,
+    const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_hh_in,
     const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
     const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, bool poison) {
   check_cell(cell);
+  TORCH_CHECK(gx_given.has_value() != (x.has_value() && w_ih.has_value()), "give gx, or x and w_ih to form it");
+  const at::Tensor gx_in = gx_given ? *gx_given : project(*x, *w_ih, b_ih, b_fold);
   TORCH_CHECK(gx_in.dim() == 3, "gx must be [T, B, G*H]");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const auto dt = gx_in.scalar_type();
@@ -684,7 +698,7 @@ std::string set_isa(const std::string& name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "seqfast C++ CPU recurrences (see seqfast.kernels.cpp for the contract)";
   namespace py = pybind11;
-  m.def("fwd", &seqfast::fwd, "Recurrence forward: (y, hT, cT or None, saved).",
+  m.def("fwd", &seqfast::fwd, "Recurrence forward from gx, or from x, w_ih, b_ih, b_fold: (y, hT, cT or None, saved).",
         py::call_guard<py::gil_scoped_release>());
   m.def("bwd", &seqfast::bwd, "Recurrence backward: (dgx, dgh or None, dh0, dc0 or None, dw_hr or None).",
         py::call_guard<py::gil_scoped_release>());

@@ -1,6 +1,7 @@
 """Facts every backend shares: cell names, gate counts, compute dtype, output allocation."""
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +40,20 @@ def empty(shape, dtype, device):
 def compute_dtype(dtype):
     """State and accumulation dtype for inputs of `dtype`: float64 stays float64, everything else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class Projection(NamedTuple):
+    """Input pre-activations not yet formed: `gx = F.linear(x, w, b)` with `b = b_ih + b_fold` (either may be None).
+
+    A backend that sets `FUSES_PROJECTION = True` may receive this instead of the `gx` tensor and forms it inside its
+    forward call with those same torch ops (`F.linear` of `x`, or of `x` flattened to 2-D when `x` is not contiguous,
+    exactly as `seqfast.linear.project` does), so the results are bitwise those of the unfused call.
+    """
+
+    x: torch.Tensor
+    w: torch.Tensor
+    b_ih: torch.Tensor | None
+    b_fold: torch.Tensor | None
 
 
 def hidden_size(cell, w_hh):

@@ -8,7 +8,7 @@ the extension's length-sorted order.
 
 import torch
 
-from .common import poisoning
+from .common import Projection, poisoning
 
 try:
     from seqfast import _C
@@ -18,6 +18,7 @@ except ImportError as e:
     ) from e
 
 DEVICES = ("cpu",)
+FUSES_PROJECTION = True
 
 _CELL = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 _SAVED_WIDTH = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 5, "gru": 4}
@@ -57,12 +58,18 @@ def saved_shape(cell, T, B, H, P):
 def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
     """Run the recurrence forward; see `seqfast.kernels.reference` for shapes.
 
+    Args:
+        gx: `[T, B, G*H]`, or a `Projection` the extension forms.
+
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
     """
+    projection = (None,) * 4
+    if isinstance(gx, Projection):
+        projection, gx = gx, None
     return _C.fwd(
-        _CELL[cell], gx, w_hh, b_hh, h0, c0 if cell == "lstm" else None, lengths, w_hr, reverse, need_saved, _CHUNK,
-        poisoning(),
+        _CELL[cell], gx, *projection, w_hh, b_hh, h0, c0 if cell == "lstm" else None, lengths, w_hr, reverse,
+        need_saved, _CHUNK, poisoning(),
     )
 
 

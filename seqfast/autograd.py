@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import dispatch
 from .kernels.common import GATES, compute_dtype
-from .linear import linear_backward, project, project_backward
+from .linear import linear_backward, preactivations, project_backward
 
 
 def _recurrence(
@@ -182,28 +182,29 @@ def _backward(ctx, dy, dhT, dcT, _dsaved):
 recurrence.register_autograd(_backward, setup_context=_setup_context)
 
 
-def folded_biases(cell, b_ih, b_hh):
-    """`(b_x, b_h)`: the bias added to the input projection and the one left to the recurrence. Outside GRU's n gate
-    `b_hh` adds where `b_ih` does, so it is folded in and one reduction gives both bias gradients."""
-    if cell == "gru" or b_hh is None:
-        return b_ih, b_hh
-    return (b_hh if b_ih is None else b_ih + b_hh), None
+def folded_biases(cell, b_hh):
+    """`(b_fold, b_h)`: the part of `b_hh` added to the input projection (with `b_ih`) and the part left to the
+    recurrence. Outside GRU's n gate `b_hh` adds where `b_ih` does, so it is folded in and one reduction gives both
+    bias gradients."""
+    return (None, b_hh) if cell == "gru" else (b_hh, None)
 
 
 class Layer(torch.autograd.Function):
     """One layer-direction, input projection included, without the custom ops: the eager path.
 
     `apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)` with the arguments of
-    `seqfast.functional.layer` (`backend` as requested: the backend is selected once `gx` exists, as the custom ops'
-    path does); returns `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (None unless LSTM).
+    `seqfast.functional.layer` (`backend` as requested); returns `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (None
+    unless LSTM).
     """
 
     @staticmethod
     def forward(ctx, backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr):
-        b_x, b_h = folded_biases(cell, b_ih, b_hh)
-        gx = project(x, w_ih, b_x)
-        backend = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend, remember=True)
-        y, hT, cT, saved = dispatch.load(backend).fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True)
+        b_fold, b_h = folded_biases(cell, b_hh)
+        # x stands for gx in the choice: same dtype and device (the eager path runs without autocast)
+        backend = dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, remember=True)
+        kernels = dispatch.load(backend)
+        gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
+        y, hT, cT, saved = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True)
         ctx.backend, ctx.cell, ctx.reverse = backend, cell, reverse
         ctx.biases = (b_ih is not None, b_hh is not None, b_h is not None)
         ctx.save_for_backward(x, w_ih, w_hh, b_h, h0, c0, lengths, w_hr, y, saved)

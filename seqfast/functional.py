@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .autograd import Layer, folded_biases
-from .linear import linear, project
+from .linear import bias_sum, linear, preactivations
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
@@ -17,8 +17,11 @@ CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", 
 def eager(*tensors):
     """True when a call can take the eager path (`seqfast.autograd.Layer` or the kernels directly) instead of the
     custom ops: not compiling, tracing or exporting, no functorch transform, no `TorchDispatchMode` or
-    `TorchFunctionMode`, and plain tensors (or parameters) off the meta device. `tensors` may hold None."""
+    `TorchFunctionMode`, no autocast, and plain tensors (or parameters) off the meta device. `tensors` may hold
+    None."""
     if _compiling() or _tracing() or _function_mode_on() or _dispatch_modes() or _transform() is not None:
+        return False
+    if _autocast():
         return False
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or t.is_meta):
@@ -32,6 +35,7 @@ _tracing = torch.jit.is_tracing
 _function_mode_on = torch._C._is_torch_function_mode_enabled
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _transform = torch._C._functorch.peek_interpreter_stack
+_autocast = torch._C._is_any_autocast_enabled
 
 
 def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None, reverse=False, backend=None):
@@ -59,15 +63,16 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     )
-    b_x, b_h = folded_biases(cell, b_ih, b_hh)
+    if fast and need_grad:
+        return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
+    b_fold, b_h = folded_biases(cell, b_hh)
     if fast:
-        if need_grad:
-            return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
-        gx = project(x, w_ih, b_x)
-        name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend, remember=True)
-        y, hT, cT, _ = dispatch.load(name).fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)
+        # x stands for gx in the choice: same dtype and device (the eager path runs without autocast)
+        kernels = dispatch.load(dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, remember=True))
+        gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
+        y, hT, cT, _ = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)
         return y, hT, cT
-    gx = linear(x, w_ih, b_x)
+    gx = linear(x, w_ih, bias_sum(b_ih, b_fold))
     name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
     # a trace keeps the flag as a constant, so a traced module saves the workspace whether or not it will need it
     need_saved = need_grad or torch.jit.is_tracing()

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels.common import Projection
+
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Below this many multiply-adds oneDNN's ~15 us per call exceeds what it saves (one step of a small cell)
 _ONEDNN_MIN_MACS = 1 << 20
@@ -53,6 +55,21 @@ def project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 
 
 linear = torch.library.custom_op("seqfast::linear", project, mutates_args=())
+
+
+def bias_sum(b_ih, b_fold):
+    """`b_ih + b_fold`, either may be None."""
+    if b_fold is None:
+        return b_ih
+    return b_fold if b_ih is None else b_ih + b_fold
+
+
+def preactivations(backend, x, w, b_ih, b_fold):
+    """`x @ w.T + b_ih + b_fold` for `backend` (a backend module): a `Projection` it forms itself when it fuses
+    projections and `project` would run `F.linear`, else the tensor from `project`."""
+    if getattr(backend, "FUSES_PROJECTION", False) and not _onednn(x, w, b_ih if b_fold is None else b_fold):
+        return Projection(x, w, b_ih, b_fold)
+    return project(x, w, bias_sum(b_ih, b_fold))
 
 
 @linear.register_fake
