@@ -4,6 +4,8 @@ The input projection of every step is one GEMM (`seqfast::linear`, whose backwar
 each); the sequential part runs in the `seqfast::recurrence` custom op on the selected backend.
 """
 
+from itertools import chain
+
 import torch
 import torch.nn.functional as F
 
@@ -99,7 +101,7 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, traini
     directions = 2 if bidirectional else 1
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int64)
-    fast = eager(x, h0, c0, lengths, *(t for w in weights for t in w))
+    fast = eager(x, h0, c0, lengths, *chain.from_iterable(weights))
     hn, cn = [], []
     for i in range(num_layers):
         outputs = []

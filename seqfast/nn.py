@@ -111,10 +111,10 @@ class _Recurrent(torch.nn.RNNBase):
         directions = 2 if self.bidirectional else 1
         shape = (self.num_layers * directions, batch)
         real = self.proj_size if self.proj_size > 0 else self.hidden_size
-        h = torch.zeros(*shape, real, dtype=input.dtype, device=input.device)
+        h = input.new_zeros((*shape, real))
         if self.mode != "LSTM":
             return h
-        return h, torch.zeros(*shape, self.hidden_size, dtype=input.dtype, device=input.device)
+        return h, input.new_zeros((*shape, self.hidden_size))
 
     def forward(self, input, hx=None):
         """Run the stack over a sequence.
