@@ -1,20 +1,23 @@
 """Time every provider on a named shape set, each gated against torch.nn first; print a table, append the rows to
 `benchmarks/results/<device>.csv`.
 
-Run as `python -m benchmarks`; exit status 1 when a provider failed its gate or its timing.
+Run as `python -m benchmarks`; exit status 1 when a provider failed its gate or its timing. With `--first-call`,
+measure each provider's cold start in fresh processes instead (`<device>-first-call.csv`).
 
-Example: `python -m benchmarks --set quick --threads 1,2 --modes fwd,fwdbwd`.
+Examples: `python -m benchmarks --set quick --threads 1,2 --modes fwd,fwdbwd`, `python -m benchmarks --first-call`.
 """
 
 import argparse
 import os
+import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
-from . import harness, report
-from .shapes import SETS
+from . import first_call, harness, report
+from .shapes import DTYPES, SETS
 
 
 def _csv_list(text):
@@ -33,7 +36,7 @@ def parse_args(argv=None):
         "--dtype",
         type=_csv_list,
         default=["float32"],
-        help="comma list from " + ", ".join(harness.DTYPES) + " (default float32)",
+        help="comma list from " + ", ".join(DTYPES) + " (default float32; a shape naming its own dtype runs in that)",
     )
     parser.add_argument("--threads", type=_csv_list, help="CPU thread counts, e.g. 1,2 (default: torch's current)")
     parser.add_argument(
@@ -46,13 +49,24 @@ def parse_args(argv=None):
     parser.add_argument("--csv", help="results file (default benchmarks/results/<device>.csv)")
     parser.add_argument("--no-csv", action="store_true", help="do not write results")
     parser.add_argument("--list", action="store_true", help="list shape sets and providers, then exit")
+    parser.add_argument(
+        "--first-call",
+        action="store_true",
+        help="instead of a shape set: each provider's import, first forward+backward and memory in fresh processes",
+    )
+    parser.add_argument(
+        "--first-call-runs",
+        type=int,
+        default=3,
+        help="fresh processes per provider and cache state for --first-call (default 3, medians reported)",
+    )
     args = parser.parse_args(argv)
     for mode in args.modes:
         if mode not in harness.MODES:
             parser.error(f"unknown mode {mode!r}; choose from {', '.join(harness.MODES)}")
     for dtype in args.dtype:
-        if dtype not in harness.DTYPES:
-            parser.error(f"unknown dtype {dtype!r}; choose from {', '.join(harness.DTYPES)}")
+        if dtype not in DTYPES:
+            parser.error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     args.threads = [int(t) for t in args.threads] if args.threads else [torch.get_num_threads()]
     return args
 
@@ -64,6 +78,27 @@ def _shapes(args):
     if args.shapes:
         shapes = tuple(s for s in shapes if any(part in s.id for part in args.shapes))
     return shapes
+
+
+def _dtype_groups(shapes, dtype_names):
+    """`[(dtype_name, shapes)]`: the shapes each dtype runs, in the order of `dtype_names` and then of the shapes'
+    own dtypes; a shape naming its own dtype runs only in that one."""
+    groups = {name: [] for name in dtype_names}
+    for shape in shapes:
+        for name in shape.dtypes(dtype_names):
+            groups.setdefault(name, []).append(shape)
+    return [(name, tuple(group)) for name, group in groups.items() if group]
+
+
+def _usable_providers(args, device):
+    """`(usable, unusable)` providers for `device`, `usable` narrowed to `--providers`."""
+    usable, unusable = harness.providers(device.type, compile=args.compile)
+    if args.providers:
+        unknown = set(args.providers) - {p.name for p in usable}
+        if unknown:
+            raise SystemExit(f"unusable or unknown providers: {', '.join(sorted(unknown))}")
+        usable = [p for p in usable if p.name in args.providers]
+    return usable, unusable
 
 
 def _speedups(rows):
@@ -91,22 +126,17 @@ def run(args):
     """
     harness.configure()
     device = torch.device(args.device)
-    usable, unusable = harness.providers(device.type, compile=args.compile)
-    if args.providers:
-        unknown = set(args.providers) - {p.name for p in usable}
-        if unknown:
-            raise SystemExit(f"unusable or unknown providers: {', '.join(sorted(unknown))}")
-        usable = [p for p in usable if p.name in args.providers]
-    shapes = _shapes(args)
+    usable, unusable = _usable_providers(args, device)
+    groups = _dtype_groups(_shapes(args), args.dtype)
     env = harness.environment(device)
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
-    per_threads = len(args.dtype) * (1 + len(shapes) * len(args.modes) * len(usable))
+    per_threads = sum(1 + len(shapes) * len(args.modes) * len(usable) for _, shapes in groups)
     progress = report.Progress(len(threads) * per_threads)
     rows = []
     for n in threads:
         harness.set_threads(n)
-        for dtype_name in args.dtype:
-            dtype = harness.DTYPES[dtype_name]
+        for dtype_name, shapes in groups:
+            dtype = DTYPES[dtype_name]
             progress.step(f"{n} thr {dtype_name} gemm")
             gemm = harness.gemm_rate(dtype, device, n, args.min_run_time)
             for shape in shapes:
@@ -144,6 +174,73 @@ def run(args):
     return rows, unusable
 
 
+def _first_call_row(runs, failure):
+    """One `report.FIRST_CALL_COLUMNS` row (without the run environment) from the `first_call` results of fresh
+    processes: medians, the range of `first_ms`, a module counted as loaded when any process loaded it, the worst
+    gate error; status `ERROR` when a process failed, `FAILED-GATE` when the worst error is over float32's
+    tolerance."""
+    tol = harness.TOLERANCES[torch.float32]
+    row = dict(runs=len(runs), status="ok", message="", gate_tol=tol)
+    if runs:
+        for key in ("import_torch_ms", "import_seqfast_ms", "first_ms", "first_cell_ms", "second_ms", "maxrss_mb"):
+            row[key] = statistics.median(run[key] for run in runs)
+        rss = [run["rss_mb"] for run in runs if run["rss_mb"] is not None]
+        row["rss_mb"] = statistics.median(rss) if rss else None
+        row["first_min_ms"] = min(run["first_ms"] for run in runs)
+        row["first_max_ms"] = max(run["first_ms"] for run in runs)
+        row |= {key: any(run["modules"][key] for run in runs) for key in first_call.WATCHED_MODULES}
+        row["gate_err"] = max(run["err"] for run in runs)
+        row["threads"] = runs[0]["threads"]
+        if row["gate_err"] > tol:
+            row |= dict(status="FAILED-GATE", message=f"rel RMS {row['gate_err']:.2e} > {tol:.0e}")
+    if failure is not None:
+        row |= dict(status="ERROR", message=failure)
+    return row
+
+
+def run_first_call(args):
+    """Measure every provider's cold start (`harness.first_call`) in `args.first_call_runs` fresh processes per
+    thread count; a backend with an on-disk compile cache (numba, triton) is measured cold, each process with a new
+    empty cache folder, then warm, on the folder the last cold process filled.
+
+    Args:
+        args: `argparse.Namespace` from `parse_args`.
+
+    Returns:
+        `(rows, unusable)`: `dict`s keyed by `report.FIRST_CALL_COLUMNS`, and `(provider, reason)` for backends
+        that do not load here.
+    """
+    harness.configure()
+    device = torch.device(args.device)
+    usable, unusable = _usable_providers(args, device)
+    usable = [p for p in usable if not p.compiled]
+    env = harness.environment(device)
+    threads = args.threads if device.type == "cpu" else [None]
+    cases = [(p, cache) for p in usable for cache in (("cold", "warm") if harness.compile_cache_variable(p) else ("",))]
+    progress = report.Progress(len(threads) * len(cases) * args.first_call_runs)
+    rows = []
+    filled_caches = {}
+    with tempfile.TemporaryDirectory(prefix="seqfast-first-call-") as scratch:
+        for n in threads:
+            for provider, cache in cases:
+                runs, failure = [], None
+                for i in range(args.first_call_runs):
+                    progress.step(f"{n} thr {provider.name} {cache or 'first call'} {i + 1}/{args.first_call_runs}")
+                    if cache == "cold":
+                        filled_caches[provider.name] = tempfile.mkdtemp(dir=scratch)
+                    cache_dir = filled_caches[provider.name] if cache else None
+                    try:
+                        runs.append(harness.first_call(provider, device, n, cache_dir))
+                    except (RuntimeError, OSError, ValueError) as e:
+                        failure = str(e)
+                        break
+                loadavg = os.getloadavg()[0]
+                row = env | dict(threads=n, provider=provider.name, cache=cache, loadavg=loadavg)
+                rows.append(row | _first_call_row(runs, failure))
+    progress.close()
+    return rows, unusable
+
+
 def main(argv=None):
     """Entry point of `python -m benchmarks`; returns the exit status (1 when a gate failed)."""
     args = parse_args(argv)
@@ -158,6 +255,8 @@ def main(argv=None):
         for name, reason in unusable:
             print(f"not usable: {name}: {reason}")
         return 0
+    if args.first_call:
+        return _main_first_call(args)
     start = time.perf_counter()
     rows, unusable = run(args)
     elapsed = time.perf_counter() - start
@@ -175,6 +274,29 @@ def main(argv=None):
         print(f"not usable: {name}: {reason}")
     if not args.no_csv:
         path = report.append_csv(args.csv or report.csv_path(env["device"]), rows)
+        print(f"appended {len(rows)} rows to {path}")
+    return 1 if any(r["status"] in ("FAILED-GATE", "ERROR") for r in rows) else 0
+
+
+def _main_first_call(args):
+    """`main` for `--first-call`: run, print the table, append the rows; returns the exit status."""
+    start = time.perf_counter()
+    rows, unusable = run_first_call(args)
+    elapsed = time.perf_counter() - start
+    print(report.format_first_call_table(rows))
+    env = harness.environment(args.device)
+    hidden, sequence, cell = first_call.HIDDEN, list(first_call.SEQUENCE_SHAPE), list(first_call.CELL_SHAPE)
+    print(
+        f"\n{env['device']}, torch {env['torch']}, python {env['python']}, git {env['git_sha']}; first call of "
+        f"LSTM({hidden}, {hidden}) on [T, B, I] = {sequence}, then LSTMCell({hidden}, {hidden}) on [B, I] = {cell}, "
+        f"forward and backward; medians of {args.first_call_runs} fresh processes each, {len(rows)} rows in "
+        f"{elapsed:.0f} s"
+    )
+    for name, reason in unusable:
+        print(f"not usable: {name}: {reason}")
+    if not args.no_csv:
+        path = args.csv or report.csv_path(env["device"], "-first-call")
+        path = report.append_csv(path, rows, report.FIRST_CALL_COLUMNS)
         print(f"appended {len(rows)} rows to {path}")
     return 1 if any(r["status"] in ("FAILED-GATE", "ERROR") for r in rows) else 0
 

@@ -1,21 +1,39 @@
-"""pytest set-up of the benchmark suite: strict dispatch, no TF32, and the shape set, dtype and device options.
+"""pytest set-up of the benchmark suite: strict dispatch, no TF32, and the shape sets, dtype and device options.
 
 The suite is parametrised as shape x mode x provider (providers innermost, so the gate's torch.nn oracle is computed
-once per shape and mode) from `benchmarks.shapes.SETS` and the dispatch table; a backend that does not load here
-shows as a skip with its reason.
+once per shape and mode) from `benchmarks.shapes.SETS` (by default the `quick` and `overhead` sets) and the dispatch
+table; a backend that does not load here shows as a skip with its reason. A shape naming its own dtype runs in that
+one instead of `--bench-dtype`.
 """
+
+import argparse
 
 import pytest
 import torch
 
 from . import harness
-from .shapes import SETS
+from .shapes import DTYPES, SETS
+
+
+def _set_names(text):
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in SETS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown shape set {', '.join(unknown)}; choose from {', '.join(sorted(SETS))}"
+        )
+    return names
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("seqfast benchmarks")
-    group.addoption("--bench-set", default="quick", choices=sorted(SETS), help="shape set (default quick)")
-    group.addoption("--bench-dtype", default="float32", choices=sorted(harness.DTYPES), help="default float32")
+    group.addoption(
+        "--bench-set",
+        default="quick,overhead",
+        type=_set_names,
+        help="comma list of shape sets from " + ", ".join(sorted(SETS)) + " (default quick,overhead)",
+    )
+    group.addoption("--bench-dtype", default="float32", choices=sorted(DTYPES), help="default float32")
     group.addoption("--bench-device", default="cpu", help="cpu (default) or cuda")
     group.addoption("--bench-compile", action="store_true", help="add the torch-compile provider")
 
@@ -27,7 +45,7 @@ def pytest_configure(config):
 def pytest_generate_tests(metafunc):
     config = metafunc.config
     if "shape" in metafunc.fixturenames:
-        shapes = SETS[config.getoption("--bench-set")]
+        shapes = list({s.id: s for name in config.getoption("--bench-set") for s in SETS[name]}.values())
         metafunc.parametrize("shape", shapes, ids=[s.id for s in shapes])
     if "mode" in metafunc.fixturenames:
         metafunc.parametrize("mode", harness.MODES)
@@ -40,8 +58,9 @@ def pytest_generate_tests(metafunc):
 
 
 @pytest.fixture
-def dtype(request):
-    return harness.DTYPES[request.config.getoption("--bench-dtype")]
+def dtype(request, shape):
+    (name,) = shape.dtypes([request.config.getoption("--bench-dtype")])
+    return DTYPES[name]
 
 
 @pytest.fixture

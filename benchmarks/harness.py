@@ -5,12 +5,19 @@ Providers: `torch` (torch.nn), `seqfast-<backend>` for every backend of the devi
 (forced with `backend=` under `SEQFAST_STRICT=1`), and optionally `torch-compile` (`torch.compile` of the torch.nn
 module with Dynamo's `allow_rnn`, which unrolls the recurrence; compiling takes minutes per shape on a CPU).
 
+Modules: the sequence modules (`RNN`, `LSTM`, `GRU`) or, for a shape with `module="cell"`, the cells (`RNNCell`,
+`LSTMCell`, `GRUCell`), fed `[B, I]` for one step.
+
 Modes: `fwd` (forward with autograd recording), `fwdbwd` (forward, then the gradients of the input and every
 parameter for fixed random cotangents on every output), `infer` (forward under `torch.no_grad`).
+
+`first_call` runs `benchmarks.first_call` in a fresh interpreter: the cold start a user meets (imports, backend
+loading, numba's compile or on-disk cache, the first forward and backward).
 """
 
 import datetime
 import functools
+import json
 import os
 import platform
 import re
@@ -30,8 +37,6 @@ from seqfast.linear import dense
 
 MODES = ("fwd", "fwdbwd", "infer")
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 # Relative RMS tolerance of the gate per benchmark dtype; the oracle is torch.nn in float64 for float64 input and in
 # float32 otherwise, built from the same (rounded) weights and inputs. float64: the two sides differ only in
 # summation order, u = 1.1e-16 times sqrt(I + H) <= 1e2 per dot product, kept over T steps of a contractive
@@ -46,6 +51,22 @@ GEMM_MIN_RUN_TIME = 1.0
 
 _TORCH_MODULES = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 _SEQFAST_MODULES = {"rnn_tanh": seqfast.RNN, "rnn_relu": seqfast.RNN, "lstm": seqfast.LSTM, "gru": seqfast.GRU}
+_TORCH_CELLS = {
+    "rnn_tanh": torch.nn.RNNCell,
+    "rnn_relu": torch.nn.RNNCell,
+    "lstm": torch.nn.LSTMCell,
+    "gru": torch.nn.GRUCell,
+}
+_SEQFAST_CELLS = {
+    "rnn_tanh": seqfast.RNNCell,
+    "rnn_relu": seqfast.RNNCell,
+    "lstm": seqfast.LSTMCell,
+    "gru": seqfast.GRUCell,
+}
+
+_COMPILE_CACHES = {"numba": "NUMBA_CACHE_DIR", "triton": "TRITON_CACHE_DIR"}
+
+_ROOT = Path(__file__).resolve().parent.parent
 
 
 class Provider(NamedTuple):
@@ -91,7 +112,7 @@ class Problem:
 
     Attributes:
         module: the provider's module (compiled for `torch-compile`).
-        arg: its input, `[T, B, I]` or a `PackedSequence` of it.
+        arg: its input, `[T, B, I]` (`[B, I]` for a cell) or a `PackedSequence` of it.
         x: the leaf tensor behind `arg`: `arg` itself, or the packed data `[sum(lengths), I]`.
         step: zero-argument callable running one call in the requested mode.
     """
@@ -161,8 +182,17 @@ def flops(shape, mode):
     return (3 if mode == "fwdbwd" else 1) * per_token * shape.tokens()
 
 
+def _module_class(shape, provider):
+    """The class `shape` runs through for `provider`: torch.nn's or seqfast's sequence module or cell."""
+    if shape.is_cell:
+        return (_TORCH_CELLS if provider.backend is None else _SEQFAST_CELLS)[shape.cell]
+    return (_TORCH_MODULES if provider.backend is None else _SEQFAST_MODULES)[shape.cell]
+
+
 def _module_kwargs(shape):
-    kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional, batch_first=shape.batch_first)
+    kwargs = {}
+    if not shape.is_cell:
+        kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional, batch_first=shape.batch_first)
     if shape.cell.startswith("rnn_"):
         kwargs["nonlinearity"] = shape.cell[4:]
     return kwargs
@@ -172,18 +202,15 @@ def _state_dict(shape, seed):
     """torch.nn's default initialisation for `shape` in float32 on the CPU, reproducible from `seed`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _TORCH_MODULES[shape.cell](shape.input_size, shape.hidden, **_module_kwargs(shape)).state_dict()
+        return _module_class(shape, TORCH)(shape.input_size, shape.hidden, **_module_kwargs(shape)).state_dict()
 
 
 def _build(shape, provider, dtype, device, state_dict):
     """The provider's module for `shape` in `dtype` on `device`, loaded (strictly) from `state_dict`."""
     kwargs = _module_kwargs(shape)
-    if provider.backend is None:
-        module = _TORCH_MODULES[shape.cell](shape.input_size, shape.hidden, dtype=dtype, device=device, **kwargs)
-    else:
-        module = _SEQFAST_MODULES[shape.cell](
-            shape.input_size, shape.hidden, dtype=dtype, device=device, backend=provider.backend, **kwargs
-        )
+    if provider.backend is not None:
+        kwargs["backend"] = provider.backend
+    module = _module_class(shape, provider)(shape.input_size, shape.hidden, dtype=dtype, device=device, **kwargs)
     module.load_state_dict(state_dict, strict=True)
     if provider.compiled:
         import torch._dynamo
@@ -194,14 +221,18 @@ def _build(shape, provider, dtype, device, state_dict):
 
 
 def _input(shape, dtype, device, requires_grad, seed, rounding=None):
-    """`(leaf, arg)`: what the module is called with, `[T, B, I]` (`[B, T, I]` when `batch_first`) or a
-    `PackedSequence` of it, and its leaf tensor
-    (`arg` itself, or the packed data `[sum(lengths), I]`).
+    """`(leaf, arg)`: what the module is called with, `[T, B, I]` (`[B, T, I]` when `batch_first`, `[B, I]` for a
+    cell) or a `PackedSequence` of it, and its leaf tensor (`arg` itself, or the packed data `[sum(lengths), I]`).
 
     The values are drawn in float32 and rounded through `rounding` (default `dtype`) before the cast to `dtype`.
     """
     generator = torch.Generator().manual_seed(seed + 1)
-    size = (shape.batch, shape.time) if shape.batch_first else (shape.time, shape.batch)
+    if shape.is_cell:
+        size = (shape.batch,)
+    elif shape.batch_first:
+        size = (shape.batch, shape.time)
+    else:
+        size = (shape.time, shape.batch)
     x = torch.randn(*size, shape.input_size, generator=generator)
     x = x.to(rounding or dtype).to(dtype=dtype, device=device)
     if not shape.packed:
@@ -303,7 +334,7 @@ def _gate_values(shape, provider, mode, dtype, device, seed, rounding):
     x, arg = _input(shape, dtype, device, mode == "fwdbwd", seed, rounding)
     with torch.set_grad_enabled(mode != "infer"):
         outputs = _flatten(module(arg))
-    names = ["output", "h_n", "c_n"][: len(outputs)]
+    names = (["h'", "c'"] if shape.is_cell else ["output", "h_n", "c_n"])[: len(outputs)]
     if mode != "fwdbwd":
         return [o.detach() for o in outputs], names
     params = list(module.named_parameters())
@@ -323,7 +354,8 @@ def gate(shape, provider, mode, dtype=torch.float32, device="cpu", seed=0):
 
     The oracle is torch.nn in float64 for float64 and in float32 otherwise, built from the same weights and fed the
     same input and cotangents, rounded to `dtype` first. Compared by relative RMS error against `TOLERANCES[dtype]`:
-    the outputs (`output`, `h_n`, `c_n`), and for `fwdbwd` also the gradients of the input and every parameter.
+    the outputs (`output`, `h_n`, `c_n`; a cell's `h'`, `c'`), and for `fwdbwd` also the gradients of the input and
+    every parameter.
 
     Args:
         shape: `Shape`; provider: `Provider`; mode: `fwd`, `fwdbwd` or `infer`.
@@ -444,13 +476,12 @@ def device_name(device="cpu"):
 
 def _git_sha():
     """Short HEAD commit of the checkout holding this file, `+dirty` with uncommitted tracked changes."""
-    root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=_ROOT, capture_output=True, text=True
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -508,3 +539,44 @@ def measure(shape, provider, mode, dtype=torch.float32, device="cpu", threads=No
         tokens_per_s=shape.tokens() / timing.median,
         gflops=flops(shape, mode) / timing.median / 1e9,
     )
+
+
+def compile_cache_variable(provider):
+    """The environment variable naming the on-disk compile cache of the provider's backend (`NUMBA_CACHE_DIR`,
+    `TRITON_CACHE_DIR`), None for a provider that compiles nothing at run time."""
+    return _COMPILE_CACHES.get(provider.backend)
+
+
+def first_call(provider, device="cpu", threads=None, cache_dir=None, timeout=900):
+    """One cold start of `provider` in a fresh interpreter (`python -m benchmarks.first_call`), under strict
+    dispatch.
+
+    Args:
+        provider: `Provider` (`torch` or `seqfast-<backend>`; `torch-compile` is not measured).
+        device: `cpu` (default) or `cuda`.
+        threads: torch intra-op threads in that process, None (default) for its default.
+        cache_dir: the backend's compile cache folder for that process (`compile_cache_variable`): a fresh one for
+            a cold start, one filled by an earlier run for a warm one; None (default) inherits this process's.
+        timeout: seconds before the process is killed (default 900).
+
+    Returns:
+        The `dict` of `benchmarks.first_call.measure`.
+
+    Raises:
+        RuntimeError: the process failed or timed out; the message ends with its last line of stderr.
+    """
+    env = os.environ | {"SEQFAST_STRICT": "1"}
+    if cache_dir is not None:
+        env[compile_cache_variable(provider)] = str(cache_dir)
+    device = torch.device(device)
+    command = [sys.executable, "-m", "benchmarks.first_call", "--provider", provider.name, "--device", str(device)]
+    if threads is not None:
+        command += ["--threads", str(threads)]
+    try:
+        process = subprocess.run(command, cwd=_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise RuntimeError(f"{provider.name} first call still running after {timeout} s") from e
+    if process.returncode != 0:
+        last = (process.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{provider.name} first call exited with {process.returncode}: {last}")
+    return json.loads(process.stdout.strip().splitlines()[-1])

@@ -1,11 +1,13 @@
-"""Result rows: the CSV schema, appending and reading `benchmarks/results/<device>.csv`, the end-of-run table and
-a minimal progress bar."""
+"""Result rows: the CSV schemas, appending and reading `benchmarks/results/<device>.csv` (timed shapes) and
+`<device>-first-call.csv` (cold starts), the end-of-run tables and a minimal progress bar."""
 
 import csv
 import math
 import sys
 import time
 from pathlib import Path
+
+from .first_call import WATCHED_MODULES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -48,18 +50,58 @@ COLUMNS = {
     "message": str,
 }
 
+# The first-call file's columns (`python -m benchmarks --first-call`): one row per provider, thread count and compile
+# cache state, summarising `runs` fresh processes by their medians (`first_min_ms` / `first_max_ms`: the range); one
+# True/False column per key of `first_call.WATCHED_MODULES`: loaded in any of those processes.
+FIRST_CALL_COLUMNS = {
+    "timestamp": str,
+    "device": str,
+    "threads": float,
+    "torch": str,
+    "python": str,
+    "seqfast": str,
+    "git_sha": str,
+    "loadavg": float,
+    "provider": str,
+    "cache": str,
+    "runs": float,
+    "status": str,
+    "import_torch_ms": float,
+    "import_seqfast_ms": float,
+    "first_ms": float,
+    "first_min_ms": float,
+    "first_max_ms": float,
+    "first_cell_ms": float,
+    "second_ms": float,
+    "rss_mb": float,
+    "maxrss_mb": float,
+    **dict.fromkeys(WATCHED_MODULES, str),
+    "gate_err": float,
+    "gate_tol": float,
+    "message": str,
+}
 
-def csv_path(device):
-    """Default results file of a device name, `benchmarks/results/<device>.csv`."""
-    return RESULTS_DIR / f"{device}.csv"
+
+def csv_path(device, suffix=""):
+    """Default results file of a device name, `benchmarks/results/<device><suffix>.csv`.
+
+    Args:
+        device: device name (`harness.device_name`).
+        suffix: `""` (default) for the timed shapes, `"-first-call"` for the cold starts.
+
+    Returns:
+        `Path`.
+    """
+    return RESULTS_DIR / f"{device}{suffix}.csv"
 
 
-def append_csv(path, rows):
+def append_csv(path, rows, columns=COLUMNS):
     """Append result rows to a CSV file, writing the header when the file is new.
 
     Args:
         path: file path; its folder is created if missing.
-        rows: `list[dict]` keyed by `COLUMNS` (missing keys are written empty).
+        rows: `list[dict]` keyed by `columns` (missing keys are written empty).
+        columns: the schema, `COLUMNS` (default) or `FIRST_CALL_COLUMNS`.
 
     Returns:
         The `Path` written.
@@ -73,14 +115,14 @@ def append_csv(path, rows):
     if exists:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-        if tuple(header) != tuple(COLUMNS):
+        if tuple(header) != tuple(columns):
             raise ValueError(f"{path} has other columns than this version writes; move it away or choose another file")
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS), restval="")
+        writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
         if not exists:
             writer.writeheader()
         for row in rows:
-            writer.writerow({k: _cell(row.get(k)) for k in COLUMNS})
+            writer.writerow({k: _cell(row.get(k)) for k in columns})
     return path
 
 
@@ -120,6 +162,13 @@ def _si(value):
 
 def _num(value, fmt):
     return "-" if value is None else format(value, fmt)
+
+
+def _ms(value):
+    """Milliseconds to 4 significant digits, whole milliseconds from 1000 on (no exponent)."""
+    if value is None:
+        return "-"
+    return f"{value:.0f}" if value >= 1000 else f"{value:.4g}"
 
 
 def _percent(fraction):
@@ -172,8 +221,66 @@ def format_table(rows):
                 status,
             )
         )
+    return _columns(header, lines, right={5, 6, 7, 8, 9, 10})
+
+
+def format_first_call_table(rows):
+    """The human-readable table of a `--first-call` run.
+
+    Args:
+        rows: `dict`s keyed by `FIRST_CALL_COLUMNS`.
+
+    Returns:
+        `str`: one line per row with provider, threads, compile cache, runs, the median import times of torch and
+        seqfast, the first `LSTM` forward and backward (median, min-max), the first `LSTMCell` one after it, the
+        second `LSTM` call, RSS and peak RSS in MB, which of torch._dynamo, torch._inductor, sympy and numba were
+        loaded, and the status; failures carry their message.
+    """
+    header = (
+        "provider",
+        "thr",
+        "cache",
+        "runs",
+        "import torch ms",
+        "import seqfast ms",
+        "first fwd+bwd ms",
+        "min-max ms",
+        "first cell ms",
+        "2nd call ms",
+        "RSS MB",
+        "peak MB",
+        "loaded",
+        "status",
+    )
+    lines = []
+    for r in rows:
+        ok = r["status"] == "ok"
+        loaded = [key for key in WATCHED_MODULES if r.get(key) is True]
+        lines.append(
+            (
+                r["provider"],
+                str(r["threads"]),
+                r["cache"] or "-",
+                str(r["runs"]),
+                _num(r.get("import_torch_ms"), ".0f"),
+                _num(r.get("import_seqfast_ms"), ".1f"),
+                _ms(r.get("first_ms")),
+                f"{_ms(r['first_min_ms'])}-{_ms(r['first_max_ms'])}" if r.get("first_ms") is not None else "-",
+                _ms(r.get("first_cell_ms")),
+                _ms(r.get("second_ms")),
+                _num(r.get("rss_mb"), ".0f"),
+                _num(r.get("maxrss_mb"), ".0f"),
+                ",".join(loaded) or "-",
+                r["status"] if ok else f"{r['status']}: {r['message']}"[:120],
+            )
+        )
+    return _columns(header, lines, right=set(range(3, 12)))
+
+
+def _columns(header, lines, right):
+    """Lines of space-separated columns padded to their widest cell, the header underlined; columns in `right`
+    right-aligned, the last one never padded."""
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
-    right = {5, 6, 7, 8, 9, 10}
 
     def fmt(cells):
         out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]

@@ -2,7 +2,12 @@
 
 Every set is a tuple of `Shape`s in `SETS`; the runner (`python -m benchmarks --set NAME`) and the pytest-benchmark
 suite (`pytest benchmarks --bench-set NAME`) read them from here. Input size equals hidden size unless a shape says
-otherwise, inputs are time-major, and `hx` is left to the module's zero default.
+otherwise, inputs are time-major, `hx` is left to the module's zero default, and a shape runs in the runner's dtypes
+unless it names its own.
+
+The `overhead` set times what users call one small step at a time, where per-call cost rather than arithmetic
+decides: the cells at `B = 1`, one generation step of a 2-layer model, the `LSTMCell(51, 51)` float64 batch of
+PyTorch's time-sequence-prediction example, and the fixed cost of a module call on a tiny problem.
 
 The DeepBench sets follow `code/kernels/rnn_problems.h` of baidu-research/DeepBench: `training_set`,
 `inference_server_set` and `inference_device_set` as `(hidden, batch, timesteps, type)`, where DeepBench's
@@ -14,6 +19,10 @@ from dataclasses import dataclass
 import torch
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+MODULES = ("sequence", "cell")
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,9 @@ class Shape:
         packed: feed a `PackedSequence` of lengths drawn uniformly from `[T // 4, T]`, one of them `T`
             (default False).
         batch_first: modules built with `batch_first=True` and fed `[B, T, I]` (default False).
+        module: `sequence` (default): `RNN` / `LSTM` / `GRU` over `T` steps; `cell`: `RNNCell` / `LSTMCell` /
+            `GRUCell`, one step of input `[B, I]`, which needs `T = 1` and one layer, one direction, unpacked.
+        dtype: the one dtype this shape runs in, a key of `DTYPES`; None (default): the runner's dtypes.
     """
 
     cell: str
@@ -42,10 +54,36 @@ class Shape:
     bidirectional: bool = False
     packed: bool = False
     batch_first: bool = False
+    module: str = "sequence"
+    dtype: str | None = None
 
     def __post_init__(self):
         if self.cell not in CELLS:
             raise ValueError(f"unknown cell {self.cell!r}; choose from {', '.join(CELLS)}")
+        if self.module not in MODULES:
+            raise ValueError(f"unknown module {self.module!r}; choose from {', '.join(MODULES)}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose from {', '.join(DTYPES)}")
+        if self.is_cell and (
+            self.time != 1 or self.layers != 1 or self.bidirectional or self.packed or self.batch_first
+        ):
+            raise ValueError(f"{self.cell} cell: one step of one layer, one direction, unpacked (T = 1)")
+
+    @property
+    def is_cell(self):
+        """True for a cell module (`module="cell"`)."""
+        return self.module == "cell"
+
+    def dtypes(self, default):
+        """Names of the dtypes this shape runs in.
+
+        Args:
+            default: `list[str]`, the runner's dtype names (keys of `DTYPES`).
+
+        Returns:
+            `[self.dtype]` when the shape names its own, else `default`.
+        """
+        return [self.dtype] if self.dtype is not None else list(default)
 
     @property
     def input_size(self):
@@ -59,11 +97,14 @@ class Shape:
 
     @property
     def id(self):
-        """A stable readable id such as `lstm-H512-B16-T25` or `gru-H256-I128-B8-T64-L2-bi-packed`."""
-        parts = [self.cell, f"H{self.hidden}"]
+        """A stable readable id such as `lstm-H512-B16-T25`, `gru-H256-I128-B8-T64-L2-bi-packed` or, for a cell
+        with its own dtype, `lstm-cell-H51-B97-float64`."""
+        parts = [self.cell, "cell", f"H{self.hidden}"] if self.is_cell else [self.cell, f"H{self.hidden}"]
         if self.input is not None and self.input != self.hidden:
             parts.append(f"I{self.input}")
-        parts += [f"B{self.batch}", f"T{self.time}"]
+        parts.append(f"B{self.batch}")
+        if not self.is_cell:
+            parts.append(f"T{self.time}")
         if self.layers > 1:
             parts.append(f"L{self.layers}")
         if self.bidirectional:
@@ -72,6 +113,8 @@ class Shape:
             parts.append("packed")
         if self.batch_first:
             parts.append("bf")
+        if self.dtype is not None:
+            parts.append(self.dtype)
         return "-".join(parts)
 
     def lengths(self, seed=0):
@@ -147,4 +190,8 @@ SETS = {
     "multilayer": _grid(("lstm", "gru"), (256, 512), (16,), (64,), layers=2, bidirectional=True)
     + _grid(("lstm", "gru"), (512,), (16,), (64,), layers=4)
     + _grid(("lstm",), (1024,), (32,), (32,), layers=3, bidirectional=True),
+    "overhead": _grid(("rnn_tanh", "lstm", "gru"), (8, 32, 128), (1,), (1,), module="cell")
+    + _grid(("rnn_tanh", "lstm", "gru"), (200,), (1,), (1,), layers=2)
+    + (Shape("lstm", 51, 97, 1, module="cell", dtype="float64"),)
+    + _grid(("rnn_tanh", "lstm", "gru"), (8,), (1,), (1,)),
 }

@@ -1,12 +1,14 @@
 """pytest-benchmark suite over the shape registry: every provider, shape and mode, gated against torch.nn first.
 
 `pytest benchmarks --benchmark-only` times them (add `--benchmark-autosave` / `--benchmark-compare` to track
-regressions); `pytest benchmarks --benchmark-disable` is the smoke run: the gates plus one untimed call each.
+regressions); `pytest benchmarks --benchmark-disable` is the smoke run: the gates plus one untimed call each, and one
+first-call measurement of torch.nn in a fresh process.
 """
 
 import pytest
+import torch
 
-from . import harness
+from . import first_call, harness
 
 
 def test_bench(benchmark, shape, provider, mode, dtype, device):
@@ -23,3 +25,15 @@ def test_bench(benchmark, shape, provider, mode, dtype, device):
         tokens=shape.tokens(), flops=harness.flops(shape, mode), gate_err=result.error, gate_tol=result.tol
     )
     benchmark(step)
+
+
+def test_first_call_torch():
+    result = harness.first_call(harness.TORCH, threads=1)
+    assert result["provider"] == "torch" and result["threads"] == 1
+    for key in ("import_torch_ms", "first_ms", "first_cell_ms", "second_ms", "maxrss_mb"):
+        assert 0 < result[key] < 600e3, (key, result[key])
+    assert 0 <= result["import_seqfast_ms"] < result["import_torch_ms"] + 60e3
+    assert result["rss_mb"] is None or 50 < result["rss_mb"] < 64e3
+    assert set(result["modules"]) == set(first_call.WATCHED_MODULES)
+    assert all(isinstance(loaded, bool) for loaded in result["modules"].values())
+    assert result["err"] <= harness.TOLERANCES[torch.float32]
