@@ -88,7 +88,12 @@ def project_backward(
     dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
     dx = dense(dy2, w.T).reshape(x.shape) if need_dx else dy.new_empty(0)
     dw, db = dy.new_empty(0), dy.new_empty(0)
-    if need_dw:
+    if need_dw and dy2.numel() * x2.shape[1] < _ONEDNN_MIN_MACS:
+        # a small product: forming [x | 1] below costs more than the GEMM it saves
+        dw = torch.mm(dy2.T, x2).to(w.dtype)
+        if need_db:
+            db = dy2.sum(0).to(w.dtype)
+    elif need_dw:
         # [dw | db]^T = [x | 1]^T dy in one GEMM: transposing the narrow x costs far less than transposing dy, and the
         # row of ones turns a separate pass over dy for db into one more output row
         K = x2.shape[1]
