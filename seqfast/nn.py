@@ -22,10 +22,13 @@ def _type_name(dtype):
 _AUTOCAST_DEVICES = ("cuda",)
 
 
-def _autocast_dtype(device):
-    """The dtype autocast runs recurrent layers in on `device`, or None when it leaves them alone."""
-    if device.type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
+def _autocast_dtype(tensor):
+    """The dtype autocast runs recurrent layers in for `tensor`'s device, or None when it leaves them alone."""
+    if not torch._C._is_any_autocast_enabled():
+        return None
+    device = tensor.device.type
+    if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
     return None
 
 
@@ -111,10 +114,10 @@ class _Recurrent(torch.nn.RNNBase):
         directions = 2 if self.bidirectional else 1
         shape = (self.num_layers * directions, batch)
         real = self.proj_size if self.proj_size > 0 else self.hidden_size
-        h = input.new_zeros((*shape, real))
+        h = input.new_zeros(*shape, real)
         if self.mode != "LSTM":
             return h
-        return h, input.new_zeros((*shape, self.hidden_size))
+        return h, input.new_zeros(*shape, self.hidden_size)
 
     def forward(self, input, hx=None):
         """Run the stack over a sequence.
@@ -167,7 +170,7 @@ class _Recurrent(torch.nn.RNNBase):
             x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        dtype = _autocast_dtype(x.device)
+        dtype = _autocast_dtype(x)
         if dtype is not None:
             x, *states = _cast(dtype, x, *states)
             weights = [_cast(dtype, *w) for w in weights]
@@ -297,7 +300,7 @@ class _Cell(torch.nn.RNNCellBase):
         if not is_batched:
             input = input.unsqueeze(0)
         if hx is None:
-            zeros = input.new_zeros((input.size(0), self.hidden_size))
+            zeros = input.new_zeros(input.size(0), self.hidden_size)
             states = (zeros, zeros) if is_lstm else (zeros,)
         else:
             if is_lstm and is_batched:
@@ -326,7 +329,7 @@ class _Cell(torch.nn.RNNCellBase):
         _check_same_dtype(input, w_ih, b_ih)
         for state in states:
             _check_same_dtype(state, w_hh, b_hh)
-        dtype = _autocast_dtype(input.device)
+        dtype = _autocast_dtype(input)
         if dtype is not None:
             input, *states = _cast(dtype, input, *states)
             w_ih, w_hh, b_ih, b_hh = _cast(dtype, w_ih, w_hh, b_ih, b_hh)
