@@ -1,7 +1,9 @@
 """Recurrent layers as functions: one layer-direction, and the multi-layer (bi)directional stack.
 
-The input projection of every step is one GEMM (`seqfast::linear`, whose backward forms `dx` and `dW_ih` as one GEMM
-each); the sequential part runs in the `seqfast::recurrence` custom op on the selected backend.
+The input projection of every step is one GEMM, whose backward forms `dx` and `dW_ih` as one GEMM each; the
+sequential part runs on the selected backend. Eager calls reach both through `seqfast.autograd.Layer` (or, without
+grad, directly); calls that need torch's op machinery (see `eager`) go through the `seqfast::linear` and
+`seqfast::recurrence` custom ops.
 """
 
 from itertools import chain
