@@ -163,16 +163,12 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(saved, *(() if cell == "lstm" else (output[2],)))
 
 
-def _no_workspace():
-    raise RuntimeError(
-        "seqfast: this recurrence ran without saving its workspace (no input required grad when it ran); "
-        "run the forward with gradients enabled to differentiate it"
-    )
-
-
 def _backward(ctx, dy, dhT, dcT, _dsaved):
     if not ctx.need_saved:
-        _no_workspace()
+        raise RuntimeError(
+            "seqfast: this recurrence ran without saving its workspace (no input required grad when it ran); "
+            "run the forward with gradients enabled to differentiate it"
+        )
     dgx, dw_hh, db_hh, dh0, dc0, dw_hr = _grads(
         recurrence_backward, linear_backward, ctx.backend, ctx.cell, ctx.reverse, ctx.saved_tensors, dy, dhT, dcT
     )
