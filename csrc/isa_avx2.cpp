@@ -1,5 +1,4 @@
-// The float32 kernels for AVX2 + FMA, chosen at run time when the CPU has them.
-#include <cmath>
+// The kernels for AVX2 + FMA, chosen at run time when the CPU has them.
 #include <cstdint>
 #include <cstring>
 
@@ -14,10 +13,10 @@
 #include "isa_kernels_impl.h"
 
 namespace seqfast {
-KernelsF32 kernels_f32_avx2() { return avx2::kernels(); }
+IsaKernels kernels_avx2() { return avx2::kernels(); }
 }  // namespace seqfast
 #else
 namespace seqfast {
-KernelsF32 kernels_f32_avx2() { return kernels_f32_generic(); }
+IsaKernels kernels_avx2() { return kernels_generic(); }
 }  // namespace seqfast
 #endif

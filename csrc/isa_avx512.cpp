@@ -1,5 +1,4 @@
-// The float32 kernels for AVX-512, chosen at run time when the CPU has it.
-#include <cmath>
+// The kernels for AVX-512, chosen at run time when the CPU has it.
 #include <cstdint>
 #include <cstring>
 
@@ -14,10 +13,10 @@
 #include "isa_kernels_impl.h"
 
 namespace seqfast {
-KernelsF32 kernels_f32_avx512() { return avx512::kernels(); }
+IsaKernels kernels_avx512() { return avx512::kernels(); }
 }  // namespace seqfast
 #else
 namespace seqfast {
-KernelsF32 kernels_f32_avx512() { return kernels_f32_generic(); }
+IsaKernels kernels_avx512() { return kernels_generic(); }
 }  // namespace seqfast
 #endif

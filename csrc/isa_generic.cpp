@@ -1,5 +1,4 @@
-// The kernels compiled for the baseline instruction set, and the float64 cell math.
-#include <cmath>
+// The kernels compiled for the baseline instruction set.
 #include <cstdint>
 #include <cstring>
 
@@ -11,9 +10,6 @@
 
 namespace seqfast {
 
-KernelsF32 kernels_f32_generic() { return generic::kernels(); }
-
-void cell_f64_fwd(int cell, const FwdChunk<double>& a) { generic::fwd<generic::OpsF64>(cell, a); }
-void cell_f64_bwd(int cell, const BwdChunk<double>& a) { generic::bwd<generic::OpsF64>(cell, a); }
+IsaKernels kernels_generic() { return generic::kernels(); }
 
 }  // namespace seqfast

@@ -1,6 +1,6 @@
-// The per-instruction-set kernels of a fused step: the cell math over rows `[0, n)` of the batch (sorted by
-// length, longest first) and hidden units `[j0, j0 + hc)`, and a float32 GEMM on packed weight panels. Plain C++
-// without torch headers, so it is compiled once per instruction set (see isa_kernels_impl.h).
+// The per-instruction-set kernels of a fused step: the float32 and float64 cell math over rows `[0, n)` of the batch
+// (sorted by length, longest first) and hidden units `[j0, j0 + hc)`, and a float32 GEMM on packed weight panels.
+// Plain C++ without torch headers, so it is compiled once per instruction set (see isa_kernels_impl.h).
 #pragma once
 
 #include <cstdint>
@@ -44,9 +44,11 @@ struct BwdChunk {
   T* hraw;                  // [B, H] o * tanh(c) for dw_hr, or nullptr
 };
 
-struct KernelsF32 {
-  void (*fwd)(int cell, const FwdChunk<float>& a);
-  void (*bwd)(int cell, const BwdChunk<float>& a);
+struct IsaKernels {
+  void (*fwd_f32)(int cell, const FwdChunk<float>& a);
+  void (*bwd_f32)(int cell, const BwdChunk<float>& a);
+  void (*fwd_f64)(int cell, const FwdChunk<double>& a);
+  void (*bwd_f64)(int cell, const BwdChunk<double>& a);
   // Panel width of the packed GEMM operand.
   int64_t nr;
   // `dst [ceil(n / nr), k, nr]` from `B[kk, j] = src[kk * ldk + j * ldn]` (`[k, n]`), zero-padded columns.
@@ -56,10 +58,8 @@ struct KernelsF32 {
                float* C, int64_t ldc);
 };
 
-KernelsF32 kernels_f32_generic();
-KernelsF32 kernels_f32_avx2();
-KernelsF32 kernels_f32_avx512();
-void cell_f64_fwd(int cell, const FwdChunk<double>& a);
-void cell_f64_bwd(int cell, const BwdChunk<double>& a);
+IsaKernels kernels_generic();
+IsaKernels kernels_avx2();
+IsaKernels kernels_avx512();
 
 }  // namespace seqfast

@@ -1,9 +1,8 @@
 // Kernels templated on a vector type. Each isa_*.cpp includes this once with its own instruction-set pragma,
-// `SEQFAST_ISA` namespace, vector width and GEMM register tile (`SEQFAST_MR` rows x `SEQFAST_NV` vectors); float32
-// uses GCC vector extensions and polynomial exp/tanh (about 2 ulp), float64 uses scalar libm.
+// `SEQFAST_ISA` namespace, vector width and GEMM register tile (`SEQFAST_MR` rows x `SEQFAST_NV` vectors). The cell
+// math uses GCC vector extensions of that width and Cephes' exp/tanh, about 2 ulp in float32 and float64 alike.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -82,15 +81,77 @@ struct OpsF32 {
 
 struct OpsF64 {
   using T = double;
-  using V = double;
-  static constexpr int W = 1;
-  static V splat(double x) { return x; }
-  static V load(const double* p, int) { return *p; }
-  static void store(double* p, V v, int) { *p = v; }
-  static V sigmoid(V x) { return 1.0 / (1.0 + std::exp(-x)); }
-  static V tanh(V x) { return std::tanh(x); }
-  static V relu(V x) { return x < 0.0 ? 0.0 : x; }
-  static V relu_grad(V h, V dh) { return h > 0.0 ? dh : 0.0; }
+  static constexpr int W = SEQFAST_VBYTES / 8;
+  typedef double V __attribute__((vector_size(SEQFAST_VBYTES)));
+  typedef int64_t I __attribute__((vector_size(SEQFAST_VBYTES)));
+
+  static V splat(double x) { return V{} + x; }
+  static V load(const double* p, int m) {
+    V v = {};
+    if (m == W) {
+      std::memcpy(&v, p, sizeof(V));
+    } else {
+      std::memcpy(&v, p, sizeof(double) * m);
+    }
+    return v;
+  }
+  static void store(double* p, V v, int m) {
+    if (m == W) {
+      std::memcpy(p, &v, sizeof(V));
+    } else {
+      std::memcpy(p, &v, sizeof(double) * m);
+    }
+  }
+
+  // x + 1.5 * 2^52: x rounded to an integer (ties to even, |x| < 2^51), which then fills the low mantissa bits.
+  static V round_shifted(V x) { return x + 6755399441055744.0; }
+  // 2^k for integral k in [-1022, 1023]: the exponent field of `k + 1.5 * 2^52` shifted into place.
+  static V pow2(V k) { return (V)(((I)round_shifted(k) + 1023) << 52); }
+  // Cephes: x = n ln2 + r (ln2 in two parts), p = r P(r^2), q = Q(r^2), exp(r) = (q + p) / (q - p) = 1 + 2p / (q - p).
+  static void exp_core(V x, V& n, V& p, V& q) {
+    n = round_shifted(x * 1.4426950408889634073599) - 6755399441055744.0;
+    V r = x - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    const V z = r * r;
+    p = splat(1.26177193074810590878e-4);
+    p = p * z + 3.02994407707441961300e-2;
+    p = (p * z + 9.99999999999999999910e-1) * r;
+    q = splat(3.00198505138664455042e-6);
+    q = q * z + 2.52448340349684104192e-3;
+    q = q * z + 2.27265548208155028766e-1;
+    q = q * z + 2.00000000000000000009e0;
+  }
+  // Cephes exp; 2^n as two factors so that subnormal results round once; beyond [-746, 710] exactly 0 or +inf.
+  static V exp(V x) {
+    x = x > 710.0 ? splat(710.0) : x;
+    x = x < -746.0 ? splat(-746.0) : x;
+    V n, p, q;
+    exp_core(x, n, p, q);
+    const V n1 = round_shifted(n * 0.5) - 6755399441055744.0;
+    return (1.0 + 2.0 * (p / (q - p))) * pow2(n1) * pow2(n - n1);
+  }
+  static V sigmoid(V x) { return 1.0 / (1.0 + exp(-x)); }
+  // Cephes tanh of |x|, sign bit restored: x + x^3 P(x^2) / Q(x^2) below 0.625, else 1 - 2 / (exp(2|x|) + 1).
+  static V tanh(V x) {
+    const I sign = (I)x & INT64_MIN;
+    const V ax = (V)((I)x ^ sign);
+    const V z = ax * ax;
+    V tp = splat(-9.64399179425052238628e-1);
+    tp = tp * z - 9.92877231001918586564e1;
+    tp = tp * z - 1.61468768441708447952e3;
+    V tq = z + 1.12811678491632931402e2;
+    tq = tq * z + 2.23548839060100448583e3;
+    tq = tq * z + 4.84406305325125486048e3;
+    V n, p, q;
+    exp_core(ax > 20.0 ? splat(40.0) : ax + ax, n, p, q);  // tanh rounds to 1 beyond 20
+    // One division for both: exp(2|x|) + 1 = (2^n (q + p) + (q - p)) / (q - p).
+    const V qm = q - p;
+    const auto small = ax < 0.625;
+    const V ratio = (small ? tp : qm + qm) / (small ? tq : (q + p) * pow2(n) + qm);
+    return (V)((I)(small ? ax + ax * (z * ratio) : 1.0 - ratio) | sign);
+  }
+  static V relu(V x) { return x < 0.0 ? splat(0.0) : x; }
+  static V relu_grad(V h, V dh) { return h > 0.0 ? dh : splat(0.0); }
 };
 
 template <class O, int CELL>
@@ -344,8 +405,10 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, c
 
 inline void fwd_f32(int cell, const FwdChunk<float>& a) { fwd<OpsF32>(cell, a); }
 inline void bwd_f32(int cell, const BwdChunk<float>& a) { bwd<OpsF32>(cell, a); }
+inline void fwd_f64(int cell, const FwdChunk<double>& a) { fwd<OpsF64>(cell, a); }
+inline void bwd_f64(int cell, const BwdChunk<double>& a) { bwd<OpsF64>(cell, a); }
 
-inline KernelsF32 kernels() { return {fwd_f32, bwd_f32, NR, pack, gemm}; }
+inline IsaKernels kernels() { return {fwd_f32, bwd_f32, fwd_f64, bwd_f64, NR, pack, gemm}; }
 
 }  // namespace SEQFAST_ISA
 }  // namespace seqfast

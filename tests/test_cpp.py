@@ -1,6 +1,6 @@
-"""The C++ CPU backend (`seqfast.kernels.cpp` over `seqfast._C`): kernel contract against the float64 reference,
-float32 accuracy on every instruction-set path, bitwise repeatability across runs and thread counts, and an
-install without the extension."""
+"""The C++ CPU backend (`seqfast.kernels.cpp` over `seqfast._C`): kernel contract against the float64 reference and
+float64 saturation against torch.nn on every instruction-set path, bitwise repeatability across runs and thread
+counts, and an install without the extension."""
 
 import os
 import shutil
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract
+from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract, twins
 from seqfast.kernels import reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -19,8 +19,9 @@ CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 
 # float32 vs the float64 reference: the loops carry float32 state (u = 6e-8) and use ~2-ulp polynomial exp/tanh;
 # measured relative RMS <= 5e-7 at T = 40 to 100, the bound 1e-5 is the float32 tolerance of the module parity tests
-# (tests/helpers.py). The float64 contract of every backend is tests/test_contract.py's.
+# (tests/helpers.py). float64 uses Cephes' ~2-ulp exp/tanh too; its bound is tests/test_contract.py's.
 F32_RTOL = 1e-5
+F64_RTOL = 1e-12
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,9 @@ def isas(cpp):
     return order[: order.index(cpp._C.isa()) + 1]
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, F32_RTOL), (torch.float64, F64_RTOL)], ids=["f32", "f64"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_float32_accuracy(cpp, cell):
+def test_accuracy_per_isa(cpp, cell, dtype, rtol):
     T, B, H = 40, 6, 70
     P = 9 if cell == "lstm" else None
     previous = cpp._C.isa()
@@ -55,8 +57,45 @@ def test_float32_accuracy(cpp, cell):
             for reverse, lengths in [(False, None), (True, mixed_lengths(T, B))]:
                 args, cot = contract_problem(cell, T, B, H, P, lengths=lengths)
                 ref = run_reference(cell, args, cot, reverse)
-                ours = run_contract(cpp, cell, *cast(args, cot, torch.float32), reverse)
-                assert_outputs_close(ours, ref, F32_RTOL, torch.float32)
+                ours = run_contract(cpp, cell, *cast(args, cot, dtype), reverse)
+                assert_outputs_close(ours, ref, rtol, dtype)
+    finally:
+        cpp._C.set_isa(previous)
+
+
+def module_outputs(module, x):
+    """`y` and the final states of `module(x)`."""
+    y, state = module(x)
+    return [y, *state] if isinstance(state, tuple) else [y, state]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_float64_saturation_and_non_finite_match_torch(cpp, cell):
+    """float64 activations of huge, infinite and NaN pre-activations on every instruction-set path: exactly torch's
+    where it saturates (tanh +-1, sigmoid 0 or 1 once exp overflows or vanishes), NaN where it is NaN, and within
+    1e-14 relative elsewhere (ordinary, tiny and subnormal values). Every one of the 9 hidden units sees the same
+    pre-activation, in full and partial vectors."""
+    ref, ours = twins(cell, 1, 9, "cpp", torch.float64, bias=False)
+    with torch.no_grad():
+        for module in (ref, ours):
+            module.weight_ih_l0.fill_(1.0)
+            module.weight_hh_l0.fill_(0.0)
+    inf, nan = float("inf"), float("nan")
+    large = [40.0, -40.0, 25.0, -25.0, 710.0, -710.0, -745.5, 800.0, -800.0, 1e300, -1e20, inf, -inf, nan]
+    moderate = [0.5, -0.3, 0.0, -0.0, 1e-310, 3.0]
+    x = torch.tensor(large + moderate, dtype=torch.float64).view(1, -1, 1)
+    expected = torch.cat([t.flatten() for t in module_outputs(ref, x)])
+    previous = cpp._C.isa()
+    try:
+        for isa in isas(cpp):
+            cpp._C.set_isa(isa)
+            actual = torch.cat([t.flatten() for t in module_outputs(ours, x)])
+            assert torch.equal(actual.isnan(), expected.isnan()), isa
+            saturated = (expected.abs() == 1) | (expected == 0) | expected.isinf()
+            assert torch.equal(actual[saturated], expected[saturated]), isa
+            finite = expected.isfinite()
+            tiny = torch.finfo(torch.float64).tiny  # subnormal results carry fewer bits
+            torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-14, atol=tiny, msg=isa)
     finally:
         cpp._C.set_isa(previous)
 
