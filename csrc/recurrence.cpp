@@ -52,18 +52,18 @@ int best_isa() {
 
 std::atomic<int> g_isa{best_isa()};
 
-KernelsF32 f32_kernels() {
+IsaKernels isa_kernels() {
   switch (g_isa.load(std::memory_order_relaxed)) {
-    case AVX512: return kernels_f32_avx512();
-    case AVX2: return kernels_f32_avx2();
-    default: return kernels_f32_generic();
+    case AVX512: return kernels_avx512();
+    case AVX2: return kernels_avx2();
+    default: return kernels_generic();
   }
 }
 
-void run_fwd(const KernelsF32& k, int cell, const FwdChunk<float>& a) { k.fwd(cell, a); }
-void run_fwd(const KernelsF32&, int cell, const FwdChunk<double>& a) { cell_f64_fwd(cell, a); }
-void run_bwd(const KernelsF32& k, int cell, const BwdChunk<float>& a) { k.bwd(cell, a); }
-void run_bwd(const KernelsF32&, int cell, const BwdChunk<double>& a) { cell_f64_bwd(cell, a); }
+void run_fwd(const IsaKernels& k, int cell, const FwdChunk<float>& a) { k.fwd_f32(cell, a); }
+void run_fwd(const IsaKernels& k, int cell, const FwdChunk<double>& a) { k.fwd_f64(cell, a); }
+void run_bwd(const IsaKernels& k, int cell, const BwdChunk<float>& a) { k.bwd_f32(cell, a); }
+void run_bwd(const IsaKernels& k, int cell, const BwdChunk<double>& a) { k.bwd_f64(cell, a); }
 
 // Keeps MKL single-threaded inside a task of our parallel region (and when the region runs inline).
 struct OneBlasThread {
@@ -123,14 +123,18 @@ void spin_pause() {
 #endif
 }
 
+// Multiply-adds per step below which one more thread costs more (waking it, a barrier per step) than it saves.
+constexpr int64_t kMinMacsPerThread = int64_t(1) << 16;
+
 // Runs `task(k, c)` for every step `k < steps` and chunk `c < nch`, all chunks of a step before any of the next, in
-// one `at::parallel_for` over torch's threads. A thread first runs its own block of chunks, then claims any chunk
-// still unclaimed (so a thread that never starts, e.g. inline in a nested region, is never waited for), then waits
-// for the step to complete (spinning briefly, then yielding). A thread walks its own block forward on even steps and
-// backward on odd ones, so the weights it read last (still in its L2) are the first it reads again. Which thread
-// runs a chunk does not change its result; a task's exception is rethrown after the loop.
+// one `at::parallel_for` over as many of torch's threads as `step_macs` multiply-adds per step repay. A thread first
+// runs its own block of chunks, then claims any chunk still unclaimed (so a thread that never starts, e.g. inline in
+// a nested region, is never waited for), then waits for the step to complete (spinning briefly, then yielding). A
+// thread walks its own block forward on even steps and backward on odd ones, so the weights it read last (still in
+// its L2) are the first it reads again. Which thread runs a chunk does not change its result; a task's exception is
+// rethrown after the loop.
 template <class F>
-void run_steps(int64_t steps, int64_t nch, const F& task) {
+void run_steps(int64_t steps, int64_t nch, int64_t step_macs, const F& task) {
   struct alignas(64) Claim {
     std::atomic<int64_t> steps{0};  // steps whose chunk has been claimed
   };
@@ -138,7 +142,8 @@ void run_steps(int64_t steps, int64_t nch, const F& task) {
   alignas(64) std::atomic<int64_t> done{0};
   std::atomic_flag failed = ATOMIC_FLAG_INIT;
   std::exception_ptr error;
-  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nch));
+  const int64_t repaid = step_macs / kMinMacsPerThread;
+  const int64_t nt = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), nch, repaid}));
   at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
     OneBlasThread one;
     const int64_t c0 = begin * nch / nt, c1 = end * nch / nt;
@@ -290,7 +295,7 @@ template <typename T>
 class HiddenProduct {
  public:
   HiddenProduct(const at::Tensor& w, int64_t G, int64_t H, int64_t hc, bool backward, const Order& ord,
-                const KernelsF32& kern)
+                const IsaKernels& kern)
       : w_(w.data_ptr<T>()), G_(G), H_(H), P_(w.size(1)), hc_(hc), backward_(backward), kern_(kern) {
     if constexpr (std::is_same_v<T, float>) {
       const int64_t rows = std::accumulate(ord.active.begin(), ord.active.end(), int64_t(0));
@@ -336,7 +341,7 @@ class HiddenProduct {
   const T* w_;
   int64_t G_, H_, P_, hc_;
   bool backward_;
-  KernelsF32 kern_;
+  IsaKernels kern_;
   std::vector<int64_t> offsets_;
   std::optional<KeptBuffer<Use::kPackedWeights, float>> buffer_;
   float* packed_ = nullptr;
@@ -368,7 +373,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
   const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell) * H;
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
-  const KernelsF32 kern = f32_kernels();
+  const IsaKernels kern = isa_kernels();
   const HiddenProduct<scalar_t> whh(w_hh, G, H, hc, false, ord, kern);
   const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0;
   const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + BC + BR + B * GH + (bias ? 0 : GH));
@@ -413,7 +418,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
     run_fwd(kern, cell, a);
   };
   if (!proj) {
-    run_steps(T, nch, cell_step);
+    run_steps(T, nch, B * GH * P, cell_step);
   } else {
     for (int64_t s = 0; s < T; ++s) {
       const int64_t n = ord.active[s];
@@ -449,7 +454,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
   const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell) * H;
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
-  const KernelsF32 kern = f32_kernels();
+  const IsaKernels kern = isa_kernels();
   const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0, BP = proj ? B * P : 0;
   const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + 2 * BC + (proj ? 1 : 2) * B * GH + BP + 2 * BR);
   Carve<scalar_t> carve(state.data());
@@ -507,7 +512,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
 
   if (!proj) {
     // Step k runs time step T - 1 - k; step T forms dh0 from the last da.
-    run_steps(T + 1, nch, [&](int64_t k, int64_t c) {
+    run_steps(T + 1, nch, B * GH * P, [&](int64_t k, int64_t c) {
       const int64_t s = T - 1 - k;
       if (s < 0) {
         if (ord.active[0] > 0) dh_prev(c, ord.active[0], pda);
@@ -702,8 +707,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("bwd", &seqfast::bwd, "Recurrence backward: (dgx, dgh or None, dh0, dc0 or None, dw_hr or None).",
         py::call_guard<py::gil_scoped_release>());
-  m.def("isa", &seqfast::isa, "The instruction set of the float32 cell math in use.");
-  m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` float32 cell math; returns the previous.");
+  m.def("isa", &seqfast::isa, "The instruction set of the cell math and float32 GEMM in use.");
+  m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` kernels; returns the previous.");
   m.def("has_blas", [] {
 #if SEQFAST_BLAS
     return seqfast::have_blas<float>() && seqfast::have_blas<double>();
