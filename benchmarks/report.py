@@ -11,8 +11,8 @@ from .first_call import WATCHED_MODULES
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# Column name -> its type when read back (`read_csv`); the order is the CSV's.
-COLUMNS = {
+# The run environment every results row starts with: column name -> its type when read back.
+_ENVIRONMENT = {
     "timestamp": str,
     "device": str,
     "threads": float,
@@ -21,6 +21,11 @@ COLUMNS = {
     "seqfast": str,
     "git_sha": str,
     "loadavg": float,
+}
+
+# Column name -> its type when read back (`read_csv`); the order is the CSV's.
+COLUMNS = {
+    **_ENVIRONMENT,
     "set": str,
     "shape": str,
     "cell": str,
@@ -54,14 +59,7 @@ COLUMNS = {
 # cache state, summarising `runs` fresh processes by their medians (`first_min_ms` / `first_max_ms`: the range); one
 # True/False column per key of `first_call.WATCHED_MODULES`: loaded in any of those processes.
 FIRST_CALL_COLUMNS = {
-    "timestamp": str,
-    "device": str,
-    "threads": float,
-    "torch": str,
-    "python": str,
-    "seqfast": str,
-    "git_sha": str,
-    "loadavg": float,
+    **_ENVIRONMENT,
     "provider": str,
     "cache": str,
     "runs": float,
