@@ -8,6 +8,9 @@ which is `proj_size` for a projected LSTM and `H` otherwise):
     fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved) -> y, hT, cT, saved
     bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse) -> dgx, dgh, dh0, dc0, dw_hr
 
+- `unsupported` answers from the cell, the tensors' dtypes and devices and the weights' shapes only (the dispatcher
+  remembers its answer per such signature).
+- A backend with `FUSES_PROJECTION = True` may get `gx` as a `common.Projection` and form it in its own call.
 - `cell` is one of `rnn_tanh`, `rnn_relu`, `lstm`, `gru`; gate order and math are torch's
   (LSTM `i, f, g, o`; GRU `r, z, n` with `n = tanh(gx_n + r * (W_hn h + b_hn))`).
 - `gx [T, B, G*H]` holds `x @ w_ih.T + b_ih` for every step; `w_hh [G*H, P]`, `b_hh [G*H]` or None,
