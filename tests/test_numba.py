@@ -1,5 +1,6 @@
 """What is particular to the numba backend; its float64/float32 contract is tests/test_contract.py's."""
 
+import os
 import subprocess
 import sys
 
@@ -82,6 +83,43 @@ def test_unavailable_without_numba():
         if line.startswith("table:"):
             assert line.startswith("table: False") and "numba" in line, line
             assert "ImportError" in line or "ModuleNotFoundError" in line, line
+
+
+_COMPILES = """
+import torch
+from numba.core import event
+import seqfast.kernels.numba as nb
+
+class Compiled(event.Listener):
+    def on_start(self, ev):
+        pass
+
+    def on_end(self, ev):
+        print("compiled:", ev.data["dispatcher"].py_func.__qualname__)
+
+event.register("numba:compile", Compiled())
+T, B, H = 2, 1, 4
+nb.fwd("rnn_tanh", torch.randn(T, B, H), torch.randn(H, H), torch.randn(H), torch.randn(B, H), need_saved=False)
+"""
+
+
+@needs_numba
+@pytest.mark.slow
+def test_a_cell_compiles_alone_and_loads_from_cache(tmp_path):
+    """A cell's first call compiles its own loop and math alone (here RNN's float32 forward: no GRU or LSTM math, no
+    backward), and a new process loads all of it from numba's on-disk cache, closures and launcher included."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+
+    def compiled():
+        out = subprocess.run([sys.executable, "-c", _COMPILES], env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        return {line.split()[1] for line in out.stdout.splitlines() if line.startswith("compiled:")}
+
+    cold = compiled()
+    assert {"_rnn_gru_loops.<locals>.fwd", "launch", "_rnn_act"} <= cold, cold
+    others = {"_gru_gates", "_gru_grads", "_lstm_gates", "_lstm_grads", "_rnn_grad", "_rnn_gru_loops.<locals>.bwd"}
+    assert not cold & {*others, "_lstm_loops.<locals>.fwd", "_lstm_loops.<locals>.bwd"}, cold
+    assert compiled() == set()
 
 
 @needs_numba

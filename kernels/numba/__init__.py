@@ -1,7 +1,7 @@
 """The numba backend: @njit forward and backward time loops on CPU, on the contract of `seqfast.kernels.reference`.
 
 Importing it imports numba, so a missing or broken numba raises ImportError here and the dispatcher reports the
-backend unavailable with that reason. The loops compile on first use per dtype and are cached on disk.
+backend unavailable with that reason. The loops compile on first use per cell and dtype and are cached on disk.
 """
 
 import numba
@@ -86,15 +86,15 @@ _entry = {}
 
 
 def _run(loop, args, work, nc):
-    """Run `loop(*args, work, sync, tid, nc)` on `nc` chunks per phase: float32 on numba's threads through the loop's
-    parallel launcher, float64 (checks, gradcheck) on the calling thread alone, which then claims every chunk."""
+    """Run `loop(*args, work, sync, tid, nc)` on `nc` chunks per phase: float32 on numba's threads through
+    `loops.launch`, float64 (checks, gradcheck) on the calling thread alone, which then claims every chunk."""
     sync = np.zeros(loops.LINE * (nc + 1), dtype=np.int64)
     if args[0].dtype != np.float32:
         loop(*args, work, sync, 0, nc)
         return
     if loop not in _entry:
         _entry[loop] = loops.entry_point(loop, (*args, work, sync, 0, nc))
-    loops.LAUNCHERS[loop](_entry[loop], args, work, sync, nc)
+    loops.launch(_entry[loop], args, work, sync, nc)
 
 
 def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
@@ -128,11 +128,10 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         cT.copy_(c0)
         proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
         args = (x, w, bias, proj, lens, reverse, hT.numpy(), cT.numpy(), y.numpy(), scratch)
-        _run(loops.lstm_fwd, args, loops.lstm_fwd_work(w, proj, B, T, nc), nc)
+        _run(loops.cell_loops(cell, w_hr is not None)[0], args, loops.lstm_fwd_work(w, proj, B, T, nc), nc)
     else:
-        gru, relu = cell == "gru", cell == "rnn_relu"
-        args = (x, w, bias, lens, reverse, gru, relu, hT.numpy(), y.numpy(), scratch)
-        _run(loops.rnn_gru_fwd, args, loops.rnn_gru_fwd_work(w, B, T, H, nc), nc)
+        args = (x, w, bias, lens, reverse, hT.numpy(), y.numpy(), scratch)
+        _run(loops.cell_loops(cell, False)[0], args, loops.rnn_gru_fwd_work(w, B, T, H, nc), nc)
     return y, hT, cT, saved
 
 
@@ -170,12 +169,12 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
             proj_t = np.empty((0, P), dtype=d_out.dtype)
             hraw_np = dh_out_np = np.empty((0, 0, 0), dtype=d_out.dtype)
         args = (d_out, w_t, proj_t, lens, reverse, _np(c0, ct), saved.numpy(), dh0.numpy(), dc0.numpy(), dgx.numpy())
-        _run(loops.lstm_bwd, (*args, hraw_np, dh_out_np), loops.lstm_bwd_work(w_t, proj_t, B, T, nc), nc)
+        loop = loops.cell_loops(cell, w_hr is not None)[1]
+        _run(loop, (*args, hraw_np, dh_out_np), loops.lstm_bwd_work(w_t, proj_t, B, T, nc), nc)
         if w_hr is not None:
             dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
     else:
-        gru, relu = cell == "gru", cell == "rnn_relu"
-        dgh_np = dgh.numpy() if gru else np.empty((0, 0, 0), dtype=d_out.dtype)
-        args = (d_out, w_t, lens, reverse, gru, relu, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh_np)
-        _run(loops.rnn_gru_bwd, args, loops.rnn_gru_bwd_work(w_t, B, T, H, nc), nc)
+        dgh_np = dgh.numpy() if dgh is not None else np.empty((0, 0, 0), dtype=d_out.dtype)
+        args = (d_out, w_t, lens, reverse, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh_np)
+        _run(loops.cell_loops(cell, False)[1], args, loops.rnn_gru_bwd_work(w_t, B, T, H, nc), nc)
     return dgx, dgh, dh0, dc0, dw_hr

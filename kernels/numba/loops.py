@@ -1,4 +1,5 @@
-"""@njit time loops of the numba backend: one forward and one backward for RNN and GRU, one of each for LSTM.
+"""@njit time loops of the numba backend: one forward and one backward for RNN and GRU, one of each for LSTM, made
+per cell (`cell_loops`).
 
 Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the time step it reads and writes
 (`lens[b] - 1 - s` when reversed). Steps at or past `lens[b]` keep the state and write zeros. `saved` is kept in
@@ -9,11 +10,13 @@ pointwise math for its units. A loop is a serial function that every thread runs
 phase of a step (one per step, two with a projection) is `nc` chunks that threads claim with a compare-and-swap, own
 chunk first, and a claimed chunk starts once every chunk of the earlier phases is done (`sync`); `tid` 0 returns once
 the last is. A thread that never runs only leaves its chunks to the others, so the loop cannot deadlock however many
-threads run it. A small parallel launcher per loop runs it on numba's threads through its compiled entry point, so
-the loop itself compiles once, serially. Each loop compiles once per dtype; `gru`, `proj`, `rev`, `relu` and `nc`
-are runtime arguments, so no flag adds a variant. `work` holds a loop's scratch (`*_work`).
+threads run it. `launch` runs a loop on numba's threads through its compiled entry point and one parallel function
+compiled once, so neither the loop nor a parallel region compiles per loop. A loop compiles on its cell's first call
+per dtype, with the cell (and LSTM's projection) a constant of its closure, so it holds only that cell's math; `rev`
+and `nc` are runtime arguments. `work` holds a loop's scratch (`*_work`).
 """
 
+import functools
 import math
 import platform
 
@@ -495,6 +498,14 @@ def _copy(src, dst, j0, j1):
 
 
 @njit(**_OPTS)
+def _copy_rows(src, dst):
+    # `dst[:] = src` for `[B, P]`, row by row: the slice assignment compiles numba's shape error message (~4 s cold)
+    for b in range(src.shape[0]):
+        for p in range(src.shape[1]):
+            dst[b, p] = src[b, p]
+
+
+@njit(**_OPTS)
 def _add(x, z, out, j0, j1):
     # `out = x + z` on `j0 <= j < j1`
     a, b, o = x[j0:j1], z[j0:j1], out[j0:j1]
@@ -652,193 +663,135 @@ def _dh_prev(da, w_t, wp, dhp, carried, lens, s, dh, p0, p1, panel):
 
 
 def rnn_gru_fwd_work(w_hh, B, T, H, nc):
-    """`rnn_gru_fwd`'s `work` for `w_hh [G*H, H]`: the recurrent product `[B, G*H]`, the other state buffer
-    `[B, H]`, and `panels` of `w_hh`."""
+    """The RNN and GRU forward loop's `work` for `w_hh [G*H, H]`: the recurrent product `[B, G*H]`, the other state
+    buffer `[B, H]`, and `panels` of `w_hh`."""
     GH, dt = w_hh.shape[0], w_hh.dtype
     return (np.empty((B, GH), dt), np.empty((B, H), dt), *panels(w_hh, B, T, GH // H, H, nc))
 
 
-@njit(**_OPTS)
-def rnn_gru_fwd(gx, w_hh, b_hh, lens, rev, gru, relu, h, y, saved, work, sync, tid, nc):
-    """RNN (`G = 1`) or GRU (`gru`, `G = 3`): `gx [T, B, G*H]`, `w_hh [G*H, H]`, `b_hh [G*H]`, `lens [B]`; `h [B, H]`;
-    `y [T, B, H]`; `saved [T or 1, B, SW]`: the new state (RNN), or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
-    T, B, GH = gx.shape
-    H = h.shape[1]
-    G = GH // H
-    gh, h2, wp, span = work
-    for k in range(nc):
-        q = (tid + k) % nc
-        if _begin(sync, q, 0, nc):
-            _pack_gates(w_hh, wp, G, H, q * H // nc, (q + 1) * H // nc, q * span)
-            _end(sync)
-    for s in range(T):
-        cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
-        sv = saved[min(s, saved.shape[0] - 1)]
-        for k in range(nc):
-            q = (tid + k) % nc
-            if not _begin(sync, q, 1 + s, nc):
-                continue
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span, s % 2 == 1)
-            for b in range(B):
-                if b + AHEAD < B and s < lens[b + AHEAD]:
-                    _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
-                    _prefetch_units(sv[b + AHEAD], H, j0, j1)
-                if s >= lens[b]:
-                    _copy_state(cur, nxt, y[s, b], b, j0, j1)
-                    _fill_units(sv[b], H, j0, j1)
-                    continue
-                t = _step_time(s, lens[b], rev)
-                if gru:
-                    _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
-                else:
-                    _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
-                    _copy(nxt[b], sv[b], j0, j1)
-                _copy(nxt[b], y[t, b], j0, j1)
-            _end(sync)
-    if tid == 0:
-        _wait(sync, (1 + T) * nc)
-        if T % 2 == 1:
-            h[:] = h2
-
-
 def rnn_gru_bwd_work(w_hh_t, B, T, H, nc):
-    """`rnn_gru_bwd`'s `work` for `w_hh_t [H, G*H]`: the gate gradients of two steps `[2, B, G*H]` (step s's in
-    `[s % 2]`: the product of the step after reads the other meanwhile), three `[B, H]` buffers (`dh + dy`, GRU's
-    `dh z`, the product) and `panels` of `w_hh_t`."""
+    """The RNN and GRU backward loop's `work` for `w_hh_t [H, G*H]`: the gate gradients of two steps `[2, B, G*H]`
+    (step s's in `[s % 2]`: the product of the step after reads the other meanwhile), three `[B, H]` buffers
+    (`dh + dy`, GRU's `dh z`, the product) and `panels` of `w_hh_t`."""
     dt = w_hh_t.dtype
     bufs = np.zeros((2, B, w_hh_t.shape[1]), dt), np.empty((B, H), dt), np.zeros((B, H), dt), np.empty((B, H), dt)
     return (*bufs, *panels(w_hh_t, B, T, 1, H, nc))
 
 
-@njit(**_OPTS)
-def rnn_gru_bwd(dy, w_hh_t, lens, rev, gru, relu, saved, dh, dgx, dgh, work, sync, tid, nc):
-    """Backward of `rnn_gru_fwd`: `dy [T, B, H]`, `w_hh_t [H, G*H]` (`w_hh^T`), `saved [T, B, SW]`; `dh [B, H]`;
-    `dgx [T, B, G*H]` (also dgh for RNN), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]` for RNN)."""
-    T, B, H = dy.shape
-    G = w_hh_t.shape[1] // H
-    da, dd, dhz, dhp, wp, span = work
-    for k in range(nc):
-        q = (tid + k) % nc
-        if _begin(sync, q, 0, nc):
-            pack(w_hh_t, wp, q * span, q * H // nc, (q + 1) * H // nc)
-            _end(sync)
-    # phase 1 + i: a chunk's units of the state gradient from step s + 1 (none for i = 0), then its units of step s
-    for i in range(T + 1):
-        s = T - 1 - i
+def _rnn_gru_loops(GRU, RELU):
+    """The forward and backward loops of RNN (`G = 1`, relu when `RELU`, else tanh) or GRU (`GRU`, `G = 3`). The flags
+    are constants of the closures, so numba drops the other cells' branches before typing them: a cell compiles
+    and caches only its own math."""
+
+    @njit(**_OPTS)
+    def fwd(gx, w_hh, b_hh, lens, rev, h, y, saved, work, sync, tid, nc):
+        """`gx [T, B, G*H]`, `w_hh [G*H, H]`, `b_hh [G*H]`, `lens [B]`; `h [B, H]`; `y [T, B, H]`; `saved [T or 1, B,
+        SW]`: the new state (RNN), or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
+        T, B, GH = gx.shape
+        H = h.shape[1]
+        G = GH // H
+        gh, h2, wp, span = work
         for k in range(nc):
             q = (tid + k) % nc
-            if not _begin(sync, q, 1 + i, nc):
-                continue
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            if i > 0:
-                _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhz if gru else dhz[:0], lens, s + 1, dh, j0, j1, q * span)
-            das = da[s % 2]
-            for b in range(B if s >= 0 else 0):
-                if b + AHEAD < B and s < lens[b + AHEAD]:
-                    t2 = _step_time(s, lens[b + AHEAD], rev)
-                    _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
-                    _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
-                    _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
-                    if gru:
-                        _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
-                if s >= lens[b]:
-                    for g in range(G):
-                        _fill(dgx[s, b], g * H + j0, g * H + j1)
-                        if gru:
-                            _fill(dgh[s, b], g * H + j0, g * H + j1)
+            if _begin(sync, q, 0, nc):
+                _pack_gates(w_hh, wp, G, H, q * H // nc, (q + 1) * H // nc, q * span)
+                _end(sync)
+        for s in range(T):
+            cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
+            sv = saved[min(s, saved.shape[0] - 1)]
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, 1 + s, nc):
                     continue
-                t = _step_time(s, lens[b], rev)
-                if gru:
-                    _add(dh[b], dy[t, b], dd[b], j0, j1)
-                    _gru_grads(saved[s, b], dd[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
-                    for g in range(3):
-                        _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
-                    for g in range(2):
-                        _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
-                else:
-                    _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, das[b], j0, j1)
-                    _copy(das[b], dgx[t, b], j0, j1)
-            _end(sync)
-    if tid == 0:
-        _wait(sync, (2 + T) * nc)
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span, s % 2 == 1)
+                for b in range(B):
+                    if b + AHEAD < B and s < lens[b + AHEAD]:
+                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
+                        _prefetch_units(sv[b + AHEAD], H, j0, j1)
+                    if s >= lens[b]:
+                        _copy_state(cur, nxt, y[s, b], b, j0, j1)
+                        _fill_units(sv[b], H, j0, j1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
+                    if GRU:
+                        _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
+                    else:
+                        _rnn_act(gx[t, b], gh[b], b_hh, RELU, nxt[b], j0, j1)
+                        _copy(nxt[b], sv[b], j0, j1)
+                    _copy(nxt[b], y[t, b], j0, j1)
+                _end(sync)
+        if tid == 0:
+            _wait(sync, (1 + T) * nc)
+            if T % 2 == 1:
+                _copy_rows(h2, h)
+
+    @njit(**_OPTS)
+    def bwd(dy, w_hh_t, lens, rev, saved, dh, dgx, dgh, work, sync, tid, nc):
+        """Backward of `fwd`: `dy [T, B, H]`, `w_hh_t [H, G*H]` (`w_hh^T`), `saved [T, B, SW]`; `dh [B, H]`;
+        `dgx [T, B, G*H]` (also dgh for RNN), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]` for RNN)."""
+        T, B, H = dy.shape
+        G = w_hh_t.shape[1] // H
+        da, dd, dhz, dhp, wp, span = work
+        carried = dhz if GRU else dhz[:0]
+        for k in range(nc):
+            q = (tid + k) % nc
+            if _begin(sync, q, 0, nc):
+                pack(w_hh_t, wp, q * span, q * H // nc, (q + 1) * H // nc)
+                _end(sync)
+        # phase 1 + i: a chunk's units of the state gradient from step s + 1 (none for i = 0), then its units of step s
+        for i in range(T + 1):
+            s = T - 1 - i
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, 1 + i, nc):
+                    continue
+                j0, j1 = q * H // nc, (q + 1) * H // nc
+                if i > 0:
+                    _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, carried, lens, s + 1, dh, j0, j1, q * span)
+                das = da[s % 2]
+                for b in range(B if s >= 0 else 0):
+                    if b + AHEAD < B and s < lens[b + AHEAD]:
+                        t2 = _step_time(s, lens[b + AHEAD], rev)
+                        _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
+                        _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
+                        _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
+                        if GRU:
+                            _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
+                    if s >= lens[b]:
+                        for g in range(G):
+                            _fill(dgx[s, b], g * H + j0, g * H + j1)
+                            if GRU:
+                                _fill(dgh[s, b], g * H + j0, g * H + j1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
+                    if GRU:
+                        _add(dh[b], dy[t, b], dd[b], j0, j1)
+                        _gru_grads(saved[s, b], dd[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
+                        for g in range(3):
+                            _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
+                        for g in range(2):
+                            _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
+                    else:
+                        _rnn_grad(saved[s, b], dh[b], dy[t, b], RELU, das[b], j0, j1)
+                        _copy(das[b], dgx[t, b], j0, j1)
+                _end(sync)
+        if tid == 0:
+            _wait(sync, (2 + T) * nc)
+
+    return fwd, bwd
 
 
 def lstm_fwd_work(w_hh, w_hr, B, T, nc):
-    """`lstm_fwd`'s `work` for `w_hh [4H, P]` and `w_hr [P or 0, H]`: the recurrent product `[B, 4H]`, `o * tanh(c)`
-    `[B, H]`, the other state buffer `[B, P]`, and `panels` of `w_hh` and of `w_hr`."""
+    """The LSTM forward loop's `work` for `w_hh [4H, P]` and `w_hr [P or 0, H]`: the recurrent product `[B, 4H]`,
+    `o * tanh(c)` `[B, H]`, the other state buffer `[B, P]`, and `panels` of `w_hh` and of `w_hr`."""
     (G4, P), dt = w_hh.shape, w_hh.dtype
     bufs = np.empty((B, G4), dt), np.empty((B, G4 // 4), dt), np.empty((B, P), dt)
     return (*bufs, *panels(w_hh, B, T, 4, G4 // 4, nc), *panels(w_hr, B, T, 1, P, nc))
 
 
-@njit(**_OPTS)
-def lstm_fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, work, sync, tid, nc):
-    """`gx [T, B, 4H]`, `w_hh [4H, P]`, `b_hh [4H]`, `w_hr [P, H]` (`[0, H]`: no projection), `lens [B]`;
-    `h [B, P]`, `c [B, H]`; `y [T, B, P]`; `saved [T or 1, B, 5H]` (`i, f, g, o, c`)."""
-    T, B, _ = gx.shape
-    H = c.shape[1]
-    P = h.shape[1]
-    proj = w_hr.shape[0] > 0
-    nph = 2 if proj else 1
-    gh, hraw, h2, wp, span, wr, span_r = work
-    for k in range(nc):
-        q = (tid + k) % nc
-        if _begin(sync, q, 0, nc):
-            _pack_gates(w_hh, wp, 4, H, q * H // nc, (q + 1) * H // nc, q * span)
-            if proj:
-                pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
-            _end(sync)
-    for s in range(T):
-        cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
-        sv = saved[min(s, saved.shape[0] - 1)]
-        for k in range(nc):
-            q = (tid + k) % nc
-            if not _begin(sync, q, 1 + nph * s, nc):
-                continue
-            j0, j1 = q * H // nc, (q + 1) * H // nc
-            _gate_rows(cur, w_hh, wp, gh, 4, H, j0, j1, q * span, s % 2 == 1)
-            for b in range(B):
-                if b + AHEAD < B and s < lens[b + AHEAD]:
-                    _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
-                    _prefetch_units(sv[b + AHEAD], H, j0, j1)
-                if s >= lens[b]:
-                    if not proj:
-                        _copy_state(cur, nxt, y[s, b], b, j0, j1)
-                    _fill_units(sv[b], H, j0, j1)
-                    continue
-                t = _step_time(s, lens[b], rev)
-                _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
-                if proj:
-                    _lstm_out(sv[b], hraw[b], H, j0, j1)
-                else:
-                    _lstm_out(sv[b], nxt[b], H, j0, j1)
-                    _copy(nxt[b], y[t, b], j0, j1)
-            _end(sync)
-        if not proj:
-            continue
-        for k in range(nc):
-            q = (tid + k) % nc
-            if not _begin(sync, q, 2 + nph * s, nc):
-                continue
-            p0, p1 = q * P // nc, (q + 1) * P // nc
-            mm_rows(hraw, w_hr, wr, nxt, p0, p1, q * span_r)
-            for b in range(B):
-                if s >= lens[b]:
-                    _copy_state(cur, nxt, y[s, b], b, p0, p1)
-                    continue
-                t = _step_time(s, lens[b], rev)
-                for p in range(p0, p1):
-                    y[t, b, p] = nxt[b, p]
-            _end(sync)
-    if tid == 0:
-        _wait(sync, (1 + nph * T) * nc)
-        if T % 2 == 1:
-            h[:] = h2
-
-
 def lstm_bwd_work(w_hh_t, w_hr_t, B, T, nc):
-    """`lstm_bwd`'s `work` for `w_hh_t [P, 4H]` and `w_hr_t [H or 0, P]`: the gate gradients of two steps
+    """The LSTM backward loop's `work` for `w_hh_t [P, 4H]` and `w_hr_t [H or 0, P]`: the gate gradients of two steps
     `[2, B, 4H]` (as in `rnn_gru_bwd_work`), `[B, H]` buffers for the state gradient at `o * tanh(c)` and for `dc`,
     the product `[B, P]`, and `panels` of `w_hh_t` and of `w_hr_t`."""
     (P, G4), dt = w_hh_t.shape, w_hh_t.dtype
@@ -847,132 +800,226 @@ def lstm_bwd_work(w_hh_t, w_hr_t, B, T, nc):
     return (*bufs, *panels(w_hh_t, B, T, 1, P, nc), *panels(w_hr_t, B, T, 1, H, nc))
 
 
-@njit(**_OPTS)
-def lstm_bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out, work, sync, tid, nc):
-    """`dy [T, B, P]`, `w_hh_t [P, 4H]`, `w_hr_t [H, P]` (`[0, P]`: no projection), `c0 [B, H]`,
-    `saved [T, B, 5H]`; `dh [B, P]`, `dc [B, H]`; `dgx [T, B, 4H]` (also dgh); with projection `hraw [T, B, H]`
-    and `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero when inactive)."""
-    T, B, P = dy.shape
-    H = dc.shape[1]
-    proj = w_hr_t.shape[0] > 0
-    # the projection's product needs the whole state gradient `dh + dy` of a step first: a phase of its own
-    nph = 2 if proj else 1
-    da, dhraw, dcs, dhp, wp, span, wr, span_r = work
-    for k in range(nc):
-        q = (tid + k) % nc
-        if _begin(sync, q, 0, nc):
-            pack(w_hh_t, wp, q * span, q * P // nc, (q + 1) * P // nc)
-            if proj:
-                pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
-            _end(sync)
-    # phases 1 + nph * i + ph: a chunk's columns of the state gradient from step s + 1 (none for i = 0), then
-    # its units of step s
-    for i in range(T + 1):
-        s = T - 1 - i
-        for ph in range(nph if s >= 0 else 1):
+def _lstm_loops(PROJ):
+    """The forward and backward loops of LSTM, with the projection `w_hr` when `PROJ`: a constant of the closures, as
+    the flags of `_rnn_gru_loops`."""
+    # the projection's product needs the whole state (backward: state gradient) of a step first: a phase of its own
+    NPH = 2 if PROJ else 1
+
+    @njit(**_OPTS)
+    def fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, work, sync, tid, nc):
+        """`gx [T, B, 4H]`, `w_hh [4H, P]`, `b_hh [4H]`, `w_hr [P, H]` (`[0, H]` without `PROJ`), `lens [B]`;
+        `h [B, P]`, `c [B, H]`; `y [T, B, P]`; `saved [T or 1, B, 5H]` (`i, f, g, o, c`)."""
+        T, B, _ = gx.shape
+        H = c.shape[1]
+        P = h.shape[1]
+        gh, hraw, h2, wp, span, wr, span_r = work
+        for k in range(nc):
+            q = (tid + k) % nc
+            if _begin(sync, q, 0, nc):
+                _pack_gates(w_hh, wp, 4, H, q * H // nc, (q + 1) * H // nc, q * span)
+                if PROJ:
+                    pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
+                _end(sync)
+        for s in range(T):
+            cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
+            sv = saved[min(s, saved.shape[0] - 1)]
             for k in range(nc):
                 q = (tid + k) % nc
-                if not _begin(sync, q, 1 + nph * i + ph, nc):
+                if not _begin(sync, q, 1 + NPH * s, nc):
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
-                p0, p1 = q * P // nc, (q + 1) * P // nc
-                if ph == 0 and i > 0:
-                    _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhp[:0], lens, s + 1, dh, p0, p1, q * span)
-                if ph == 0 and proj and s >= 0:
-                    for b in range(B):
-                        if s < lens[b]:
-                            t = _step_time(s, lens[b], rev)
-                            for p in range(p0, p1):
-                                dh[b, p] += dy[t, b, p]
-                                dh_out[s, b, p] = dh[b, p]
-                        else:
-                            _fill(dh_out[s, b], p0, p1)
-                            _fill(hraw[s, b], j0, j1)
-                if ph == nph - 1 and s >= 0:
-                    if proj:
-                        mm_rows(dh, w_hr_t, wr, dhraw, j0, j1, q * span_r)
-                    das = da[s % 2]
-                    for b in range(B):
-                        if b + AHEAD < B and s < lens[b + AHEAD]:
-                            t2 = _step_time(s, lens[b + AHEAD], rev)
-                            _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
-                            _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
-                            if s > 0:
-                                _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
-                            if not proj:
-                                _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
-                        if s >= lens[b]:
-                            for g in range(4):
-                                _fill(dgx[s, b], g * H + j0, g * H + j1)
-                            continue
-                        t = _step_time(s, lens[b], rev)
-                        if proj:
-                            _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
-                        else:
-                            _add(dh[b], dy[t, b], dhraw[b], j0, j1)
-                        cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
-                        _lstm_grads(saved[s, b], cp, dhraw[b], dc[b], dcs[b], das[b], H, j0, j1)
-                        for g in range(4):
-                            _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
+                _gate_rows(cur, w_hh, wp, gh, 4, H, j0, j1, q * span, s % 2 == 1)
+                for b in range(B):
+                    if b + AHEAD < B and s < lens[b + AHEAD]:
+                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
+                        _prefetch_units(sv[b + AHEAD], H, j0, j1)
+                    if s >= lens[b]:
+                        if not PROJ:
+                            _copy_state(cur, nxt, y[s, b], b, j0, j1)
+                        _fill_units(sv[b], H, j0, j1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
+                    _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
+                    if PROJ:
+                        _lstm_out(sv[b], hraw[b], H, j0, j1)
+                    else:
+                        _lstm_out(sv[b], nxt[b], H, j0, j1)
+                        _copy(nxt[b], y[t, b], j0, j1)
                 _end(sync)
-    if tid == 0:
-        _wait(sync, (2 + nph * T) * nc)
+            if not PROJ:
+                continue
+            for k in range(nc):
+                q = (tid + k) % nc
+                if not _begin(sync, q, 2 + NPH * s, nc):
+                    continue
+                p0, p1 = q * P // nc, (q + 1) * P // nc
+                mm_rows(hraw, w_hr, wr, nxt, p0, p1, q * span_r)
+                for b in range(B):
+                    if s >= lens[b]:
+                        _copy_state(cur, nxt, y[s, b], b, p0, p1)
+                        continue
+                    t = _step_time(s, lens[b], rev)
+                    for p in range(p0, p1):
+                        y[t, b, p] = nxt[b, p]
+                _end(sync)
+        if tid == 0:
+            _wait(sync, (1 + NPH * T) * nc)
+            if T % 2 == 1:
+                _copy_rows(h2, h)
+
+    @njit(**_OPTS)
+    def bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out, work, sync, tid, nc):
+        """`dy [T, B, P]`, `w_hh_t [P, 4H]`, `w_hr_t [H, P]` (`[0, P]` without `PROJ`), `c0 [B, H]`,
+        `saved [T, B, 5H]`; `dh [B, P]`, `dc [B, H]`; `dgx [T, B, 4H]` (also dgh); with `PROJ`, `hraw [T, B, H]` and
+        `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero when inactive)."""
+        T, B, P = dy.shape
+        H = dc.shape[1]
+        da, dhraw, dcs, dhp, wp, span, wr, span_r = work
+        for k in range(nc):
+            q = (tid + k) % nc
+            if _begin(sync, q, 0, nc):
+                pack(w_hh_t, wp, q * span, q * P // nc, (q + 1) * P // nc)
+                if PROJ:
+                    pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
+                _end(sync)
+        # phases 1 + NPH * i + ph: a chunk's columns of the state gradient from step s + 1 (none for i = 0), then
+        # its units of step s
+        for i in range(T + 1):
+            s = T - 1 - i
+            for ph in range(NPH if s >= 0 else 1):
+                for k in range(nc):
+                    q = (tid + k) % nc
+                    if not _begin(sync, q, 1 + NPH * i + ph, nc):
+                        continue
+                    j0, j1 = q * H // nc, (q + 1) * H // nc
+                    p0, p1 = q * P // nc, (q + 1) * P // nc
+                    if ph == 0 and i > 0:
+                        _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhp[:0], lens, s + 1, dh, p0, p1, q * span)
+                    if PROJ and ph == 0 and s >= 0:
+                        for b in range(B):
+                            if s < lens[b]:
+                                t = _step_time(s, lens[b], rev)
+                                for p in range(p0, p1):
+                                    dh[b, p] += dy[t, b, p]
+                                    dh_out[s, b, p] = dh[b, p]
+                            else:
+                                _fill(dh_out[s, b], p0, p1)
+                                _fill(hraw[s, b], j0, j1)
+                    if ph == NPH - 1 and s >= 0:
+                        if PROJ:
+                            mm_rows(dh, w_hr_t, wr, dhraw, j0, j1, q * span_r)
+                        das = da[s % 2]
+                        for b in range(B):
+                            if b + AHEAD < B and s < lens[b + AHEAD]:
+                                t2 = _step_time(s, lens[b + AHEAD], rev)
+                                _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
+                                _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
+                                if s > 0:
+                                    _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
+                                if not PROJ:
+                                    _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
+                            if s >= lens[b]:
+                                for g in range(4):
+                                    _fill(dgx[s, b], g * H + j0, g * H + j1)
+                                continue
+                            t = _step_time(s, lens[b], rev)
+                            if PROJ:
+                                _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
+                            else:
+                                _add(dh[b], dy[t, b], dhraw[b], j0, j1)
+                            cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
+                            _lstm_grads(saved[s, b], cp, dhraw[b], dc[b], dcs[b], das[b], H, j0, j1)
+                            for g in range(4):
+                                _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
+                    _end(sync)
+        if tid == 0:
+            _wait(sync, (2 + NPH * T) * nc)
+
+    return fwd, bwd
+
+
+@functools.cache
+def cell_loops(cell, proj):
+    """The forward and backward loops of `cell` (LSTM's with a projection when `proj`), made on first use; each
+    compiles on its first call per dtype."""
+    if cell == "lstm":
+        return _lstm_loops(proj)
+    return _rnn_gru_loops(cell == "gru", cell == "rnn_relu")
+
+
+def _unowned(context, builder, ty, v):
+    # `v` of numba type `ty` with its arrays' meminfo and parent cleared: the loop's views of them then skip NRT's
+    # atomic reference counts (the caller holds the arrays meanwhile)
+    if isinstance(ty, types.Array):
+        ary = context.make_array(ty)(context, builder, v)
+        ary.meminfo = cgutils.get_null_value(ary.meminfo.type)
+        ary.parent = cgutils.get_null_value(ary.parent.type)
+        return ary._getvalue()
+    if isinstance(ty, types.BaseTuple):
+        items = [_unowned(context, builder, t, builder.extract_value(v, i)) for i, t in enumerate(ty.types)]
+        return context.make_tuple(builder, ty, items)
+    return v
 
 
 @intrinsic
-def _call_at(typingctx, addr, loop, args, work, sync, tid, nc):
-    # `loop(*args, work, sync, tid, nc)` through its compiled entry point at `addr`: the launcher neither links nor
-    # recompiles the loop
-    inner = typingctx.resolve_function_type(loop, (*args.types, work, sync, types.int64, nc), {})
+def _bind(typingctx, addr, args, work, sync, nc):
+    # `(tramp, frame)`: the address of a C function `tramp(frame, tid)` that runs `loop(*args, work, sync, tid, nc)`
+    # through the entry point at `addr` of a loop compiled for exactly these argument types (`entry_point`; loops
+    # return nothing), and the address of `frame`, `addr` and those arguments but `tid` on this function's stack
+    argtys = (*args.types, work, sync, types.int64, nc)
+    kept = (*args.types, work, sync, nc)
 
     def codegen(context, builder, sig, llargs):
-        fnty = context.call_conv.get_function_type(inner.return_type, inner.args)
-        fn = builder.inttoptr(llargs[0], fnty.as_pointer())
-        flat = [*cgutils.unpack_tuple(builder, llargs[2]), *llargs[3:7]]
-        context.call_conv.call_function(builder, fn, inner.return_type, inner.args, flat)
+        i8p, i64 = ir.IntType(8).as_pointer(), ir.IntType(64)
+        values = [*cgutils.unpack_tuple(builder, llargs[1]), *llargs[2:]]
+        saved = [llargs[0], *(_unowned(context, builder, t, v) for t, v in zip(kept, values, strict=True))]
+        frame_ty = ir.LiteralStructType([v.type for v in saved])
+        frame = cgutils.alloca_once(builder, frame_ty)
+        for i, v in enumerate(saved):
+            builder.store(v, cgutils.gep_inbounds(builder, frame, 0, i))
+        tramp = ir.Function(
+            builder.module, ir.FunctionType(ir.VoidType(), [i8p, i64]), builder.module.get_unique_name("tramp")
+        )
+        tramp.linkage = "internal"
+        tb = ir.IRBuilder(tramp.append_basic_block())
+        p_frame = tb.bitcast(tramp.args[0], frame_ty.as_pointer())
+        a_addr, *a, a_nc = (tb.load(cgutils.gep_inbounds(tb, p_frame, 0, i)) for i in range(len(saved)))
+        fn = tb.inttoptr(a_addr, context.call_conv.get_function_type(types.none, argtys).as_pointer())
+        context.call_conv.call_function(tb, fn, types.none, argtys, [*a, tramp.args[1], a_nc])
+        tb.ret_void()
+        addrs = builder.ptrtoint(tramp, i64), builder.ptrtoint(frame, i64)
+        return context.make_tuple(builder, sig.return_type, addrs)
+
+    return types.UniTuple(types.int64, 2)(types.int64, args, work, sync, nc), codegen
+
+
+@intrinsic
+def _call_c(typingctx, fn, frame, tid):
+    # the C function `fn(frame, tid)` of `_bind`
+    def codegen(context, builder, sig, llargs):
+        i8p = ir.IntType(8).as_pointer()
+        ptr = builder.inttoptr(llargs[0], ir.FunctionType(ir.VoidType(), [i8p, llargs[2].type]).as_pointer())
+        builder.call(ptr, [builder.inttoptr(llargs[1], i8p), llargs[2]])
         return context.get_dummy_value()
 
-    return types.none(types.int64, loop, args, work, sync, types.int64, nc), codegen
-
-
-# One parallel launcher per loop, each the only function compiled parallel for it. The loop is a global, written out
-# in each: numba's on-disk cache cannot keep a function whose signature holds a dispatcher, and misses every time
-# for one made by a factory that closes over it.
-@njit(parallel=_parallel(), **_OPTS)
-def launch_rnn_gru_fwd(addr, args, work, sync, nc):
-    """`rnn_gru_fwd(*args, work, sync, tid, nc)` for every `tid < nc` on numba's threads, through its compiled entry
-    point `addr` (`entry_point`)."""
-    for tid in prange(nc):
-        _call_at(addr, rnn_gru_fwd, args, work, sync, np.int64(tid), nc)
+    return types.none(types.int64, types.int64, types.int64), codegen
 
 
 @njit(parallel=_parallel(), **_OPTS)
-def launch_rnn_gru_bwd(addr, args, work, sync, nc):
-    """As `launch_rnn_gru_fwd`, for `rnn_gru_bwd`."""
+def _launch_bound(tramp, frame, nc):
+    # `tramp(frame, tid)` for every `tid < nc` on numba's threads: the only function compiled parallel, once
     for tid in prange(nc):
-        _call_at(addr, rnn_gru_bwd, args, work, sync, np.int64(tid), nc)
+        _call_c(tramp, frame, np.int64(tid))
 
 
-@njit(parallel=_parallel(), **_OPTS)
-def launch_lstm_fwd(addr, args, work, sync, nc):
-    """As `launch_rnn_gru_fwd`, for `lstm_fwd`."""
-    for tid in prange(nc):
-        _call_at(addr, lstm_fwd, args, work, sync, np.int64(tid), nc)
-
-
-@njit(parallel=_parallel(), **_OPTS)
-def launch_lstm_bwd(addr, args, work, sync, nc):
-    """As `launch_rnn_gru_fwd`, for `lstm_bwd`."""
-    for tid in prange(nc):
-        _call_at(addr, lstm_bwd, args, work, sync, np.int64(tid), nc)
-
-
-LAUNCHERS = {
-    rnn_gru_fwd: launch_rnn_gru_fwd,
-    rnn_gru_bwd: launch_rnn_gru_bwd,
-    lstm_fwd: launch_lstm_fwd,
-    lstm_bwd: launch_lstm_bwd,
-}
+@njit(**_OPTS)
+def launch(addr, args, work, sync, nc):
+    """`loop(*args, work, sync, tid, nc)` for every `tid < nc` on numba's threads, through the loop's compiled entry
+    point `addr` (`entry_point`). Compiled serially per loop's argument types: neither the loop nor the parallel part
+    compiles again."""
+    tramp, frame = _bind(addr, args, work, sync, nc)
+    _launch_bound(tramp, frame, nc)
 
 
 def entry_point(loop, args):
