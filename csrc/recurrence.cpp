@@ -577,18 +577,56 @@ c10::optional<at::Tensor> as(const c10::optional<at::Tensor>& t, at::ScalarType 
   return as(*t, dt);
 }
 
-// The forward loop on `gx`'s dtype (float32 or float64); other inputs are converted to it. Returns `y [T, B, P]`,
-// `hT [B, P]` in h0's dtype, `cT [B, H]` in c0's dtype (LSTM), `saved [T, B, W*H]` (`[0]` unless `need_saved`).
-// `F.linear(x, w, b_ih + b_fold)` (either bias may be None) with the ops `seqfast.linear.project` runs for it.
+#if SEQFAST_BLAS
+// Whether `project` can make the BLAS call at::addmm (at::mm without a bias) would make for the product itself.
+bool direct_projection(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b_ih,
+                       const c10::optional<at::Tensor>& b_fold) {
+  const auto dt = x.scalar_type();
+  const bool blas = dt == at::kFloat ? have_blas<float>() : dt == at::kDouble && have_blas<double>();
+  const int64_t K = x.size(-1), M = K ? x.numel() / K : 0;
+  return blas && w.scalar_type() == dt && (!b_ih || b_ih->scalar_type() == dt) &&
+         (!b_fold || b_fold->scalar_type() == dt) && x.is_contiguous() && w.is_contiguous() && w.dim() == 2 &&
+         w.size(1) == K && M > 0 && K > 0 && M < INT_MAX && K < INT_MAX && w.size(0) < INT_MAX;
+}
+
+// `gx [M, N] = x [M, K] w^T + b_ih + b_fold`: the biases' sum copied to every row, then one GEMM adding to it.
+template <typename T>
+void project_blas(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b_ih,
+                  const c10::optional<at::Tensor>& b_fold, const at::Tensor& gx) {
+  const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
+  T* c = gx.data_ptr<T>();
+  const at::Tensor bi = b_ih ? b_ih->contiguous() : at::Tensor(), bf = b_fold ? b_fold->contiguous() : at::Tensor();
+  const T* pi = bi.defined() ? bi.data_ptr<T>() : nullptr;
+  const T* pf = bf.defined() ? bf.data_ptr<T>() : nullptr;
+  if (pi || pf) {
+    for (int64_t n = 0; n < N; ++n) c[n] = pi && pf ? pi[n] + pf[n] : pi ? pi[n] : pf[n];
+    for (int64_t m = 1; m < M; ++m) std::copy_n(c, N, c + m * N);
+  }
+  gemm<T>(false, true, M, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, T(pi || pf), c, N);
+}
+#endif
+
+// `F.linear(x, w, b_ih + b_fold)` (either bias may be None) with the ops `seqfast.linear.project` runs for it. The
+// products it gets (`project` leaves large float32 ones to oneDNN) go straight to the BLAS call at::addmm would make,
+// bitwise the same result without at::linear's dispatch.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b_ih,
                    const c10::optional<at::Tensor>& b_fold) {
-  const c10::optional<at::Tensor> b = b_ih && b_fold ? c10::make_optional(at::add(*b_ih, *b_fold)) : b_ih ? b_ih : b_fold;
-  if (x.is_contiguous()) return at::linear(x, w, b);
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = w.size(0);
+#if SEQFAST_BLAS
+  if (direct_projection(x, w, b_ih, b_fold)) {
+    const at::Tensor gx = at::empty(sizes, x.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast_project", [&] { project_blas<scalar_t>(x, w, b_ih, b_fold, gx); });
+    return gx;
+  }
+#endif
+  const c10::optional<at::Tensor> b = b_ih && b_fold ? c10::make_optional(at::add(*b_ih, *b_fold)) : b_ih ? b_ih : b_fold;
+  if (x.is_contiguous()) return at::linear(x, w, b);
   return at::linear(x.reshape({-1, x.size(-1)}), w, b).reshape(sizes);
 }
 
+// The forward loop on `gx`'s dtype (float32 or float64); other inputs are converted to it. Returns `y [T, B, P]`,
+// `hT [B, P]` in h0's dtype, `cT [B, H]` in c0's dtype (LSTM), `saved [T, B, W*H]` (`[0]` unless `need_saved`).
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
     int64_t cell, const c10::optional<at::Tensor>& gx_given, const c10::optional<at::Tensor>& x,
     const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,

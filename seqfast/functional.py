@@ -21,22 +21,17 @@ CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", 
 def eager(*tensors):
     """True when a call can take the eager path (`seqfast.autograd.Layer` or the kernels directly) instead of the
     custom ops: not compiling, tracing or exporting, no functorch transform, no `TorchDispatchMode` or
-    `TorchFunctionMode`, no autocast, and plain tensors (or parameters) off the meta device. `tensors` may hold
-    None."""
-    if _compiling() or _tracing() or _function_mode_on() or _dispatch_modes() or _transform() is not None:
+    `TorchFunctionMode`, no autocast, `tensors` plain tensors (or parameters, or None), the first (the input) off the
+    meta device (the callers give every tensor the input's device or fail on it)."""
+    if _compiling() or _tracing() or _dispatch_modes() or _transform() is not None or _autocast():
         return False
-    if _autocast():
-        return False
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or t.is_meta):
-            return False
-    return True
+    return not tensors[0].is_meta and set(map(type, tensors)) <= _PLAIN and not _has_torch_function(tensors)
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = {torch.Tensor, torch.nn.Parameter, type(None)}
 _compiling = torch.compiler.is_compiling
-_tracing = torch.jit.is_tracing
-_function_mode_on = torch._C._is_torch_function_mode_enabled
+_tracing = torch._C._is_tracing
+_has_torch_function = torch._C._has_torch_function  # also True under a TorchFunctionMode
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _transform = torch._C._functorch.peek_interpreter_stack
 _autocast = torch._C._is_any_autocast_enabled

@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import CPU_BACKENDS
 from helpers import flatten, run_with_grads, twins
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -42,20 +43,29 @@ def test_eager_only_without_modes_transforms_tracing_or_special_tensors():
     with PassThroughDispatch():
         assert not functional.eager(x)
     assert not functional.eager(x, x.as_subclass(Tagged))
-    assert not functional.eager(x, torch.empty(2, 3, device="meta"))
+    assert not functional.eager(torch.empty(2, 3, device="meta"), x)
+    with FakeTensorMode() as fake_mode:
+        fake = torch.randn(2, 3)
+    assert not functional.eager(x, fake) and not functional.eager(fake_mode.from_tensor(x))
     seen = []
     torch.func.vmap(lambda t: seen.append(functional.eager(t)) or t)(x)
     torch.jit.trace(lambda t: seen.append(functional.eager(t)) or t * 2, (x,), check_trace=False)
     assert seen == [False, False]
 
 
+# (T, B, dtype, bias): a sequence, one step of one row in float64, one step without biases
+_PATH_CASES = [(6, 4, torch.float32, True), (1, 1, torch.float64, True), (1, 3, torch.float32, False)]
+
+
+@pytest.mark.parametrize("case", _PATH_CASES, ids=["T6-B4", "T1-B1-f64", "T1-B3-nobias"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_eager_and_custom_op_paths_give_identical_results(backend, cell):
+def test_eager_and_custom_op_paths_give_identical_results(backend, cell, case):
     """Outputs and every gradient bitwise equal; a pass-through function mode sends the call to the custom ops."""
+    T, B, dtype, bias = case
     extra = {"proj_size": 3} if cell == "lstm" else {}
-    _, ours = twins(cell, 5, 7, backend, num_layers=2, bidirectional=True, **extra)
-    x = torch.randn(6, 4, 5, requires_grad=True)
+    _, ours = twins(cell, 5, 7, backend, dtype, num_layers=2, bidirectional=True, bias=bias, **extra)
+    x = torch.randn(T, B, 5, dtype=dtype, requires_grad=True)
 
     def call(module):
         return module(x)
