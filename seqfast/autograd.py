@@ -197,8 +197,7 @@ class Layer(torch.autograd.Function):
     def forward(ctx, backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr):
         b_fold, b_h = folded_biases(cell, b_hh)
         # x stands for gx in the choice: same dtype and device (the eager path runs without autocast)
-        backend = dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, remember=True)
-        kernels = dispatch.load(backend)
+        backend, kernels = dispatch.select_remembered(cell, x, w_hh, h0, c0, lengths, w_hr, backend)
         gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
         y, hT, cT, saved = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True)
         ctx.backend, ctx.cell, ctx.reverse = backend, cell, reverse

@@ -7,6 +7,7 @@ call, logging the reason once per (cell, backend, reason); with `SEQFAST_STRICT=
 Backends load lazily: `import seqfast` imports none of them.
 """
 
+import functools
 import importlib
 import logging
 import os
@@ -110,11 +111,12 @@ def names(device_type=None):
 def env(name):
     """`os.environ.get(name)`, read without the `KeyError` that `os.environ` raises and catches for an unset name
     (most of a ~4 us read, paid on every call)."""
-    value = _environ_data.get(os.environ.encodekey(name))
+    value = _environ_data.get(_encoded_key(name))
     return None if value is None else os.environ.decodevalue(value)
 
 
 _environ_data = os.environ._data
+_encoded_key = functools.cache(os.environ.encodekey)
 
 
 def strict():
@@ -130,16 +132,13 @@ def _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr):
     return load(name).unsupported(cell, gx, w_hh, h0, c0, lengths, w_hr)
 
 
-def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None, remember=False):
+def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
     """Pick the backend for one recurrence call.
 
     Args:
         cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
         gx, w_hh, h0, c0, lengths, w_hr: the call's tensors (see `seqfast.kernels.reference`).
         backend: explicit backend name, or None for `SEQFAST_BACKEND`, then automatic.
-        remember: reuse the choice made for an earlier call of the same signature (eager calls; default False).
-            A backend's answer depends only on the cell, dtypes, devices and weight shapes (see
-            `seqfast.kernels.reference`), so the signature is those, the request and, after a fall-through, strictness.
 
     Returns:
         The chosen backend's name.
@@ -147,17 +146,32 @@ def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None, r
     Raises:
         RuntimeError: an explicit backend cannot run this call, no backend can, or strict mode forbids a fall-through.
     """
+    return _select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend or env("SEQFAST_BACKEND") or None)[0]
+
+
+def select_remembered(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
+    """`select` for eager calls, remembered per call signature, with the loaded backend.
+
+    A backend's answer depends only on the cell, dtypes, devices and weight shapes (see `seqfast.kernels.reference`),
+    so the signature is those, the request and, after a fall-through, strictness.
+
+    Returns:
+        `(name, module)` of the chosen backend.
+    """
     requested = backend or env("SEQFAST_BACKEND") or None
-    if not remember:
-        return _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested)[0]
     key = (cell, requested, gx.device, gx.dtype, w_hh.dtype, w_hh.shape, h0.device, h0.dtype)
     if c0 is not None or lengths is not None or w_hr is not None:
-        key += tuple(None if t is None else (t.device, t.dtype, t.shape) for t in (c0, lengths, w_hr))
+        key += (_signature(c0), _signature(lengths), _signature(w_hr))
     chosen = _chosen.get(key) if _chosen_for is _loaded else None
-    if chosen is None or (chosen[1] and strict()):
-        chosen = _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested)
+    if chosen is None or (chosen[2] and strict()):
+        name, fell_through = _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested)
+        chosen = (name, load(name), fell_through)
         _remember(key, chosen)
-    return chosen[0]
+    return chosen[0], chosen[1]
+
+
+def _signature(t):
+    return None if t is None else (t.device, t.dtype, t.shape)
 
 
 _chosen = {}

@@ -57,8 +57,16 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
     return _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend)
 
 
-def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend):
-    """`layer`, on the eager path when `fast` (see `eager`), else through the custom ops."""
+def _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend):
+    """The backend module an eager call runs on; `x` stands for `gx` in the choice (same dtype and device, the eager
+    path running without autocast). The choice depends on nothing that differs between the layers of a stack (see
+    `seqfast.kernels.reference`), so one answer serves them all."""
+    return dispatch.select_remembered(cell, x, w_hh, h0, c0, lengths, w_hr, backend)[1]
+
+
+def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, kernels=None):
+    """`layer`, on the eager path when `fast` (see `eager`), else through the custom ops; without grad the eager path
+    runs on `kernels` when given (see `_eager_kernels`)."""
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     )
@@ -66,8 +74,8 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
         return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
     b_fold, b_h = folded_biases(cell, b_hh)
     if fast:
-        # x stands for gx in the choice: same dtype and device (the eager path runs without autocast)
-        kernels = dispatch.load(dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, remember=True))
+        if kernels is None:
+            kernels = _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend)
         gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
         y, hT, cT, _ = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)
         return y, hT, cT
@@ -99,14 +107,20 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, traini
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int64)
     fast = eager(x, h0, c0, lengths, *chain.from_iterable(weights))
+    h0s = h0.unbind(0)
+    c0s = (None,) * len(h0s) if c0 is None else c0.unbind(0)
+    kernels = None
+    if fast and not torch.is_grad_enabled():
+        kernels = _eager_kernels(cell, x, weights[0][1], h0s[0], c0s[0], lengths, weights[0][4], backend)
     hn, cn = [], []
     for i in range(num_layers):
         outputs = []
         for d in range(directions):
             k = i * directions + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-            c0_k = None if c0 is None else c0[k]
-            y, hT, cT = _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0[k], c0_k, w_hr, lengths, d == 1, backend)
+            y, hT, cT = _layer(
+                fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0s[k], c0s[k], w_hr, lengths, d == 1, backend, kernels
+            )
             outputs.append(y)
             hn.append(hT)
             cn.append(cT)

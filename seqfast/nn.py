@@ -299,8 +299,9 @@ class _Cell(torch.nn.RNNCellBase):
         is_batched = dim == 2
         if not is_batched:
             input = input.unsqueeze(0)
+        batch, features = input.shape
         if hx is None:
-            zeros = input.new_zeros(input.size(0), self.hidden_size)
+            zeros = input.new_zeros(batch, self.hidden_size)
             states = (zeros, zeros) if is_lstm else (zeros,)
         else:
             if is_lstm and is_batched:
@@ -315,13 +316,13 @@ class _Cell(torch.nn.RNNCellBase):
                 states = tuple(s.unsqueeze(0) for s in states)
         cell = self._cell()
         w_ih, w_hh, b_ih, b_hh = _live(self, _CELL_PARAMETERS)
-        batch = input.size(0)
-        if input.size(1) != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        if features != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {features} expected {self.input_size}")
+        shape = (batch, self.hidden_size)
         for i, state in enumerate(states):
-            if batch != state.size(0):
-                raise RuntimeError(f"Input batch size {batch} doesn't match hidden{i} batch size {state.size(0)}")
-            if state.size(1) != self.hidden_size:
+            if state.shape != shape:
+                if batch != state.size(0):
+                    raise RuntimeError(f"Input batch size {batch} doesn't match hidden{i} batch size {state.size(0)}")
                 raise RuntimeError(
                     f"hidden{i} has inconsistent hidden_size: got {state.size(1)}, expected {self.hidden_size}"
                 )
@@ -333,10 +334,10 @@ class _Cell(torch.nn.RNNCellBase):
         if dtype is not None:
             input, *states = _cast(dtype, input, *states)
             w_ih, w_hh, b_ih, b_hh = _cast(dtype, w_ih, w_hh, b_ih, b_hh)
-        y, hT, cT = functional.layer(
-            cell, input.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, states[0], states[1] if is_lstm else None,
-            backend=self.backend,
-        )
+        x = input.unsqueeze(0)
+        h0, c0 = states[0], states[1] if is_lstm else None
+        fast = functional.eager(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
+        _, hT, cT = functional._layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, self.backend)
         if is_lstm:
             return (hT, cT) if is_batched else (hT.squeeze(0), cT.squeeze(0))
         return hT if is_batched else hT.squeeze(0)
