@@ -23,6 +23,7 @@ def _extensions():
         """A failed build (no compiler, bad toolchain) installs seqfast without `_C` instead of failing."""
 
         def run(self):
+            print("seqfast: compiling the C++ extension seqfast._C, a few minutes (SEQFAST_NO_EXTENSION=1 skips it)")
             try:
                 super().run()
             except Exception as e:  # noqa: BLE001 - any build failure leaves the pure-Python package

@@ -1,5 +1,6 @@
-"""Time every provider on a named shape set, each gated against torch.nn first; print a table, append the rows to
-`benchmarks/results/<device>.csv`.
+"""Time every provider on a named shape set, each gated against torch.nn first; print each shape's rows as it
+finishes, then warnings about the run's conditions; append the rows to `<device>.csv` in the user's results folder
+(`--out`; the project's `benchmarks/results/` with `--update-project-results`).
 
 Run as `python -m benchmarks`; exit status 1 when a provider failed its gate or its timing. With `--first-call`,
 measure each provider's cold start in fresh processes instead (`<device>-first-call.csv`).
@@ -13,6 +14,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -45,9 +47,22 @@ def parse_args(argv=None):
         help="cpu or cuda (default: cuda when available)",
     )
     parser.add_argument("--compile", action="store_true", help="add the torch-compile provider (slow to compile)")
-    parser.add_argument("--min-run-time", type=float, default=0.2, help="CPU seconds timed per measurement")
-    parser.add_argument("--csv", help="results file (default benchmarks/results/<device>.csv)")
-    parser.add_argument("--no-csv", action="store_true", help="do not write results")
+    parser.add_argument(
+        "--min-run-time",
+        type=float,
+        default=0.2,
+        help=f"CPU seconds timed per measurement, at least {harness.MIN_SAMPLES} samples (default 0.2)",
+    )
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--out", type=Path, help=f"folder the results CSV is appended to (default {report.user_results_dir()})"
+    )
+    where.add_argument(
+        "--update-project-results",
+        action="store_true",
+        help=f"append to the project's committed figures in {report.RESULTS_DIR} instead",
+    )
+    where.add_argument("--no-csv", action="store_true", help="do not write results")
     parser.add_argument("--list", action="store_true", help="list shape sets and providers, then exit")
     parser.add_argument(
         "--first-call",
@@ -115,7 +130,11 @@ def _speedups(rows):
 
 
 def run(args):
-    """Run the benchmark grid described by parsed `args`.
+    """Run the benchmark grid described by parsed `args`, printing the table a shape at a time.
+
+    Per thread count and dtype, the GEMM rate is measured before the shapes (the `%gemm` reference) and after them,
+    and the faster of the two is kept in the machine's record (`harness.record_gemm_rate`) once the rows carry the
+    best one known before.
 
     Args:
         args: `argparse.Namespace` from `parse_args`.
@@ -130,8 +149,10 @@ def run(args):
     groups = _dtype_groups(_shapes(args), args.dtype)
     env = harness.environment(device)
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
-    per_threads = sum(1 + len(shapes) * len(args.modes) * len(usable) for _, shapes in groups)
+    per_threads = sum(2 + len(shapes) * len(args.modes) * len(usable) for _, shapes in groups)
     progress = report.Progress(len(threads) * per_threads)
+    table = report.Table([s.id for _, shapes in groups for s in shapes], [p.name for p in usable])
+    progress.write(table.header())
     rows = []
     for n in threads:
         harness.set_threads(n)
@@ -139,13 +160,15 @@ def run(args):
             dtype = DTYPES[dtype_name]
             progress.step(f"{n} thr {dtype_name} gemm")
             gemm = harness.gemm_rate(dtype, device, n, args.min_run_time)
+            group = []
             for shape in shapes:
+                shape_rows = []
                 for mode in args.modes:
                     for provider in usable:
                         progress.step(f"{n} thr {dtype_name} {shape.id} {mode} {provider.name}")
                         result = harness.measure(shape, provider, mode, dtype, device, n, args.min_run_time)
                         gflops = result.get("gflops")
-                        rows.append(
+                        shape_rows.append(
                             env
                             | result
                             | dict(
@@ -169,8 +192,18 @@ def run(args):
                                 gemm_frac=None if gflops is None else gflops / gemm,
                             )
                         )
+                _speedups(shape_rows)
+                progress.write(table.lines(shape_rows))
+                group += shape_rows
+            progress.step(f"{n} thr {dtype_name} gemm again")
+            gemm_end = harness.gemm_rate(dtype, device, n, args.min_run_time)
+            best = harness.best_gemm_rate(env["device"], n, dtype_name)
+            harness.record_gemm_rate(env["device"], n, dtype_name, max(gemm, gemm_end))
+            for row in group:
+                row |= dict(gemm_end_gflops=gemm_end, gemm_best_gflops=best)
+                row["warning"] = "; ".join(report.row_warnings(row))
+            rows += group
     progress.close()
-    _speedups(rows)
     return rows, unusable
 
 
@@ -236,7 +269,9 @@ def run_first_call(args):
                         break
                 loadavg = os.getloadavg()[0]
                 row = env | dict(threads=n, provider=provider.name, cache=cache, loadavg=loadavg)
-                rows.append(row | _first_call_row(runs, failure))
+                row |= _first_call_row(runs, failure)
+                row["warning"] = "; ".join(report.row_warnings(row))
+                rows.append(row)
     progress.close()
     return rows, unusable
 
@@ -260,22 +295,34 @@ def main(argv=None):
     start = time.perf_counter()
     rows, unusable = run(args)
     elapsed = time.perf_counter() - start
-    print(report.format_table(rows))
     env = harness.environment(args.device)
-    gemm = {(r["threads"], r["dtype"]): r["gemm_gflops"] for r in rows}
     print(
         f"\n{env['device']}, torch {env['torch']}, python {env['python']}, git {env['git_sha']}; "
         f"set {args.set}, {len(rows)} rows in {elapsed:.0f} s"
     )
-    for (n, dtype), rate in gemm.items():
-        size = f"{harness.GEMM_SIZE}^3"
-        print(f"gemm rate ({size}, best of torch.mm and oneDNN, {dtype}, {n} threads): {rate:.1f} GFLOP/s")
+    groups = {(r["threads"], r["dtype"]): r for r in rows}
+    for (n, dtype), r in groups.items():
+        best = "none yet" if r["gemm_best_gflops"] is None else f"{r['gemm_best_gflops']:.1f}"
+        print(
+            f"gemm rate ({harness.GEMM_SIZE}^3, best of torch.mm and oneDNN, {dtype}, {n} threads): "
+            f"{r['gemm_gflops']:.1f} GFLOP/s at the start, {r['gemm_end_gflops']:.1f} at the end; best recorded "
+            f"before in {harness.gemm_record_path()}: {best}"
+        )
+    for line in report.run_warnings(rows):
+        print(line)
     for name, reason in unusable:
         print(f"not usable: {name}: {reason}")
-    if not args.no_csv:
-        path = report.append_csv(args.csv or report.csv_path(env["device"]), rows)
-        print(f"appended {len(rows)} rows to {path}")
+    _write_csv(args, env, rows, report.COLUMNS, "")
     return 1 if any(r["status"] in ("FAILED-GATE", "ERROR") for r in rows) else 0
+
+
+def _write_csv(args, env, rows, columns, suffix):
+    """Append `rows` to `<device><suffix>.csv` in the folder `args` chooses, unless `--no-csv`; say where."""
+    if args.no_csv:
+        return
+    folder = report.RESULTS_DIR if args.update_project_results else args.out or report.user_results_dir()
+    path = report.append_csv(report.csv_path(folder, env["device"], suffix), rows, columns)
+    print(f"appended {len(rows)} rows to {path}")
 
 
 def _main_first_call(args):
@@ -292,12 +339,11 @@ def _main_first_call(args):
         f"forward and backward; medians of {args.first_call_runs} fresh processes each, {len(rows)} rows in "
         f"{elapsed:.0f} s"
     )
+    for line in report.run_warnings(rows):
+        print(line)
     for name, reason in unusable:
         print(f"not usable: {name}: {reason}")
-    if not args.no_csv:
-        path = args.csv or report.csv_path(env["device"], "-first-call")
-        path = report.append_csv(path, rows, report.FIRST_CALL_COLUMNS)
-        print(f"appended {len(rows)} rows to {path}")
+    _write_csv(args, env, rows, report.FIRST_CALL_COLUMNS, "-first-call")
     return 1 if any(r["status"] in ("FAILED-GATE", "ERROR") for r in rows) else 0
 
 

@@ -49,6 +49,9 @@ TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, t
 GEMM_SIZE = 2048
 GEMM_MIN_RUN_TIME = 1.0
 
+# Timed samples per CPU measurement at least: p20 and p80 then fall between the 2nd-3rd and 8th-9th fastest.
+MIN_SAMPLES = 10
+
 _TORCH_MODULES = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}
 _SEQFAST_MODULES = {"rnn_tanh": seqfast.RNN, "rnn_relu": seqfast.RNN, "lstm": seqfast.LSTM, "gru": seqfast.GRU}
 _TORCH_CELLS = {
@@ -88,12 +91,13 @@ TORCH_COMPILE = Provider("torch-compile", compiled=True)
 
 
 class Timing(NamedTuple):
-    """Seconds per call: `median`, `p20`, `p80`, and how many timed samples they summarise."""
+    """Seconds per call: `median`, `p20`, `p80`, and how many timed samples they summarise (None where the timer
+    does not say: `triton.testing.do_bench`)."""
 
     median: float
     p20: float
     p80: float
-    samples: int
+    samples: int | None
 
 
 class GateResult(NamedTuple):
@@ -389,8 +393,9 @@ def gate(shape, provider, mode, dtype=torch.float32, device="cpu", seed=0):
 def time_fn(fn, device="cpu", threads=None, min_run_time=0.2):
     """Time a zero-argument callable after one warm-up call.
 
-    CPU: `torch.utils.benchmark.Timer.blocked_autorange`; its `median`, and the 20th / 80th percentiles of its
-    per-block times. CUDA: `triton.testing.do_bench` with quantiles `(0.5, 0.2, 0.8)`.
+    CPU: `torch.utils.benchmark.Timer.blocked_autorange`, then more blocks of the same size until there are
+    `MIN_SAMPLES`; the median and the 20th / 80th percentiles of the per-block times. CUDA: `triton.testing.do_bench`
+    with quantiles `(0.5, 0.2, 0.8)`.
 
     Args:
         fn: the callable.
@@ -407,13 +412,17 @@ def time_fn(fn, device="cpu", threads=None, min_run_time=0.2):
         import triton.testing
 
         median, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])
-        return Timing(median * 1e-3, p20 * 1e-3, p80 * 1e-3, 0)
+        return Timing(median * 1e-3, p20 * 1e-3, p80 * 1e-3, None)
     from torch.utils.benchmark import Timer
 
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
-    p20, p80 = torch.tensor(m.times, dtype=torch.float64).quantile(torch.tensor([0.2, 0.8], dtype=torch.float64))
-    return Timing(m.median, p20.item(), p80.item(), len(m.times))
+    times = list(m.times)
+    while len(times) < MIN_SAMPLES:
+        times += timer.timeit(m.number_per_run).times
+    quantiles = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
+    median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(quantiles).tolist()
+    return Timing(median, p20, p80, len(times))
 
 
 def time_provider(shape, provider, mode, dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2):
@@ -446,6 +455,61 @@ def gemm_rate(dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2,
     run_time = max(min_run_time, GEMM_MIN_RUN_TIME)
     best = min(time_fn(fn, device, threads, run_time).median for fn in (lambda: torch.mm(a, b), lambda: dense(a, b.T)))
     return 2 * n**3 / best / 1e9
+
+
+def cache_dir():
+    """seqfast's folder in the user's cache: `$XDG_CACHE_HOME/seqfast`, or `~/.cache/seqfast` when that is unset."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "seqfast"
+
+
+def gemm_record_path():
+    """The file keeping the best `gemm_rate` measured on this machine, `cache_dir() / "gemm-rates.json"`."""
+    return cache_dir() / "gemm-rates.json"
+
+
+def _gemm_key(device, threads, dtype_name):
+    return f"{device} {threads} threads {dtype_name} torch {torch.__version__}"
+
+
+def _gemm_records():
+    path = gemm_record_path()
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+
+
+def best_gemm_rate(device, threads, dtype_name):
+    """The best GEMM rate recorded on this machine by `record_gemm_rate`.
+
+    Args:
+        device: device name (`device_name`); threads: thread count; dtype_name: e.g. `float32`.
+
+    Returns:
+        `float` GFLOP/s, or None before the first record for this device, thread count, dtype and torch version.
+    """
+    return _gemm_records().get(_gemm_key(device, threads, dtype_name))
+
+
+def record_gemm_rate(device, threads, dtype_name, rate):
+    """Keep `rate` (GFLOP/s) in `gemm_record_path()` when it beats the best one recorded for this device, thread
+    count, dtype and torch version.
+
+    Args:
+        device: device name (`device_name`); threads: thread count; dtype_name: e.g. `float32`; rate: GFLOP/s.
+    """
+    records = _gemm_records()
+    key = _gemm_key(device, threads, dtype_name)
+    if rate <= records.get(key, 0.0):
+        return
+    records[key] = rate
+    path = gemm_record_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_suffix(f".{os.getpid()}.tmp")
+    scratch.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+    scratch.replace(path)
 
 
 def _slug(text):

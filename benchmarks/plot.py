@@ -110,13 +110,10 @@ def plot(rows, out, title=""):
 def main(argv=None):
     """Entry point of `python -m benchmarks.plot`; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n\n")[0])
-    default_device = harness.device_name("cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "csv",
-        nargs="?",
-        default=str(report.csv_path(default_device)),
-        help=f"results CSV (default {report.csv_path(default_device)})",
+    default_csv = report.csv_path(
+        report.user_results_dir(), harness.device_name("cuda" if torch.cuda.is_available() else "cpu")
     )
+    parser.add_argument("csv", nargs="?", default=str(default_csv), help=f"results CSV (default {default_csv})")
     parser.add_argument("-o", "--output", help="PNG path (default: the CSV's path with .png)")
     parser.add_argument("--set", help="only rows of this shape set")
     parser.add_argument("--dtype", help="only rows of this dtype")

@@ -1,15 +1,20 @@
-"""Result rows: the CSV schemas, appending and reading `benchmarks/results/<device>.csv` (timed shapes) and
-`<device>-first-call.csv` (cold starts), the end-of-run tables and a minimal progress bar."""
+"""Result rows: the CSV schemas, appending and reading `<device>.csv` (timed shapes) and `<device>-first-call.csv`
+(cold starts), the warnings a run's conditions call for, the tables and a progress bar with an ETA."""
 
 import csv
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 from .first_call import WATCHED_MODULES
 
+# The project's committed figures, written only on request (`python -m benchmarks --update-project-results`).
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# A run whose GEMM rate falls under this share of the best one known on the machine is flagged.
+GEMM_FAR_BELOW = 0.7
 
 # The run environment every results row starts with: column name -> its type when read back.
 _ENVIRONMENT = {
@@ -53,6 +58,9 @@ COLUMNS = {
     "gate_err": float,
     "gate_tol": float,
     "message": str,
+    "gemm_end_gflops": float,
+    "gemm_best_gflops": float,
+    "warning": str,
 }
 
 # The first-call file's columns (`python -m benchmarks --first-call`): one row per provider, thread count and compile
@@ -77,24 +85,35 @@ FIRST_CALL_COLUMNS = {
     "gate_err": float,
     "gate_tol": float,
     "message": str,
+    "warning": str,
 }
 
 
-def csv_path(device, suffix=""):
-    """Default results file of a device name, `benchmarks/results/<device><suffix>.csv`.
+def user_results_dir():
+    """Where a run writes by default: `$XDG_DATA_HOME/seqfast/benchmarks`, or `~/.local/share/seqfast/benchmarks`
+    when that is unset."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "seqfast" / "benchmarks"
+
+
+def csv_path(folder, device, suffix=""):
+    """The results file of a device name, `<folder>/<device><suffix>.csv`.
 
     Args:
+        folder: `user_results_dir()`, `RESULTS_DIR` or the runner's `--out`.
         device: device name (`harness.device_name`).
         suffix: `""` (default) for the timed shapes, `"-first-call"` for the cold starts.
 
     Returns:
         `Path`.
     """
-    return RESULTS_DIR / f"{device}{suffix}.csv"
+    return Path(folder) / f"{device}{suffix}.csv"
 
 
 def append_csv(path, rows, columns=COLUMNS):
     """Append result rows to a CSV file, writing the header when the file is new.
+
+    A file written before columns were appended to the schema (its header a prefix of `columns`) is rewritten first
+    with the full header, its rows left empty in the new columns.
 
     Args:
         path: file path; its folder is created if missing.
@@ -113,8 +132,10 @@ def append_csv(path, rows, columns=COLUMNS):
     if exists:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-        if tuple(header) != tuple(columns):
+        if tuple(header) != tuple(columns)[: len(header)]:
             raise ValueError(f"{path} has other columns than this version writes; move it away or choose another file")
+        if len(header) < len(columns):
+            _extend_header(path, list(columns))
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), restval="")
         if not exists:
@@ -122,6 +143,18 @@ def append_csv(path, rows, columns=COLUMNS):
         for row in rows:
             writer.writerow({k: _cell(row.get(k)) for k in columns})
     return path
+
+
+def _extend_header(path, columns):
+    """Rewrite the CSV at `path` with the header `columns`, its rows padded with empty cells."""
+    with path.open(newline="") as f:
+        old = list(csv.reader(f))
+    scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with scratch.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(row + [""] * (len(columns) - len(row)) for row in old[1:])
+    scratch.replace(path)
 
 
 def _cell(value):
@@ -175,17 +208,89 @@ def _percent(fraction):
     return f"{100 * fraction:.0f}" if fraction >= 0.1 else f"{100 * fraction:.1f}"
 
 
-def format_table(rows):
-    """The human-readable table of a run.
+def _overloaded(row):
+    """The row's load average when it exceeds its thread count (its own threads count in the load, so anything
+    above them is another process), else None."""
+    load, threads = row.get("loadavg"), row.get("threads")
+    return load if load is not None and threads and load > threads else None
+
+
+def _gemm_shortfall(row):
+    """`(rate, best)` when the lower of the GEMM rates measured before and after the row's group is under
+    `GEMM_FAR_BELOW` of the best known (recorded on this machine, or measured in this run), else None."""
+    rates = [rate for rate in (row.get("gemm_gflops"), row.get("gemm_end_gflops")) if rate is not None]
+    if not rates:
+        return None
+    best = max(rates + [row.get("gemm_best_gflops") or 0.0])
+    return (min(rates), best) if min(rates) < GEMM_FAR_BELOW * best else None
+
+
+def row_warnings(row):
+    """Why a row's times may not be what this machine does: the load average above its thread count (other
+    processes shared the CPU), or a GEMM rate of its run far below the best known here (busy or throttled).
 
     Args:
-        rows: result `dict`s (see `COLUMNS`).
+        row: a results or first-call `dict` (`loadavg`, `threads`; `gemm_gflops`, `gemm_end_gflops`,
+            `gemm_best_gflops` where present; missing or None values raise nothing).
 
     Returns:
-        `str`: one line per row with shape, dtype, threads, mode, provider, median ms (p20-p80), tokens/s,
-        GFLOP/s, speedup vs torch, percent of the GEMM rate and status; failed gates carry their message.
+        `list[str]`, empty for a clean row.
     """
-    header = (
+    warnings = []
+    load = _overloaded(row)
+    if load is not None:
+        warnings.append(f"load average {load:.2f} > {row['threads']:g} threads")
+    shortfall = _gemm_shortfall(row)
+    if shortfall is not None:
+        warnings.append(
+            f"GEMM {shortfall[0]:.0f} GFLOP/s, {shortfall[0] / shortfall[1]:.0%} of the best {shortfall[1]:.0f}"
+        )
+    return warnings
+
+
+def run_warnings(rows):
+    """The warnings of a run's footer, from its rows: how many ran with the load average above their thread count,
+    and each thread count and dtype whose GEMM rate fell far below the best known on this machine.
+
+    Args:
+        rows: results or first-call `dict`s (see `row_warnings`).
+
+    Returns:
+        `list[str]`, one line per warning, empty for a clean run.
+    """
+    lines = []
+    loaded = [row for row in rows if _overloaded(row) is not None]
+    if loaded:
+        worst = max(loaded, key=lambda row: row["loadavg"])
+        lines.append(
+            f"WARNING: the load average exceeded the thread count in {len(loaded)} of {len(rows)} rows (up to "
+            f"{worst['loadavg']:.2f} with {worst['threads']:g} threads): other processes shared the CPU, so these "
+            "times and ratios are not this machine's"
+        )
+    groups = {(row["threads"], row["dtype"]): row for row in rows if _gemm_shortfall(row) is not None}
+    for (threads, dtype), row in groups.items():
+        rate, best = _gemm_shortfall(row)
+        lines.append(
+            f"WARNING: {dtype}, {threads:g} threads: GEMM rate {rate:.0f} GFLOP/s (start {row['gemm_gflops']:.0f}, "
+            f"end {_num(row.get('gemm_end_gflops'), '.0f')}), {rate / best:.0%} of the best known here ({best:.0f}): "
+            "the machine was busy or throttled: times are inflated, %gemm is measured against a slowed GEMM"
+        )
+    return lines
+
+
+class Table:
+    """The table of a run, printed a shape at a time: the text columns are sized up front from the shapes and
+    providers the run covers, the numeric ones fixed.
+
+    Columns: shape, dtype, threads, mode, provider, median ms, p20-p80 ms, `n` (timed samples), tokens/s, GFLOP/s,
+    speedup vs torch, percent of the GEMM rate and status; failed gates carry their message.
+
+    Args:
+        shapes: the shape ids of the run.
+        providers: the provider names of the run.
+    """
+
+    _HEADER = (
         "shape",
         "dtype",
         "thr",
@@ -193,33 +298,48 @@ def format_table(rows):
         "provider",
         "median ms",
         "p20-p80 ms",
+        "n",
         "tok/s",
         "GFLOP/s",
         "vs torch",
         "%gemm",
         "status",
     )
-    lines = []
-    for r in rows:
-        ok = r["status"] == "ok"
-        status = r["status"] if ok else f"{r['status']}: {r['message']}"[:120]
-        lines.append(
-            (
-                r["shape"],
-                r["dtype"],
-                str(r["threads"]),
-                r["mode"],
-                r["provider"],
-                _num(r.get("median_ms"), ".4g") if ok else "-",
-                f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}" if ok else "-",
-                _si(r.get("tokens_per_s")) if ok else "-",
-                _num(r.get("gflops"), ".3g") if ok else "-",
-                _num(r.get("speedup"), ".2f") + ("x" if r.get("speedup") is not None else ""),
-                _percent(r.get("gemm_frac")),
-                status,
-            )
+    _RIGHT = set(range(5, 12))
+
+    def __init__(self, shapes, providers):
+        content = (max(map(len, shapes), default=0), 8, 3, 6, max(map(len, providers), default=0))
+        content += (9, 17, 4, 6, 7, 8, 5, 0)
+        self.widths = [max(len(name), width) for name, width in zip(self._HEADER, content, strict=True)]
+
+    def header(self):
+        """`str`: the column names, underlined."""
+        return "\n".join(
+            _line(cells, self.widths, self._RIGHT) for cells in (self._HEADER, ["-" * w for w in self.widths])
         )
-    return _columns(header, lines, right={5, 6, 7, 8, 9, 10})
+
+    def lines(self, rows):
+        """`str`: one line per result `dict` (see `COLUMNS`)."""
+        return "\n".join(_line(_table_cells(row), self.widths, self._RIGHT) for row in rows)
+
+
+def _table_cells(r):
+    ok = r["status"] == "ok"
+    return (
+        r["shape"],
+        r["dtype"],
+        f"{r['threads']:g}",
+        r["mode"],
+        r["provider"],
+        _num(r.get("median_ms"), ".4g") if ok else "-",
+        f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}" if ok else "-",
+        _num(r.get("samples"), ".0f") if ok else "-",
+        _si(r.get("tokens_per_s")) if ok else "-",
+        _num(r.get("gflops"), ".3g") if ok else "-",
+        _num(r.get("speedup"), ".2f") + ("x" if r.get("speedup") is not None else ""),
+        _percent(r.get("gemm_frac")),
+        r["status"] if ok else f"{r['status']}: {r['message']}"[:120],
+    )
 
 
 def format_first_call_table(rows):
@@ -279,55 +399,80 @@ def _columns(header, lines, right):
     """Lines of space-separated columns padded to their widest cell, the header underlined; columns in `right`
     right-aligned, the last one never padded."""
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(header)]
+    return "\n".join(_line(cells, widths, right) for cells in [header, tuple("-" * w for w in widths), *lines])
 
-    def fmt(cells):
-        out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
-        return "  ".join(out[:-1]) + "  " + cells[-1]
 
-    return "\n".join([fmt(header), fmt(tuple("-" * w for w in widths))] + [fmt(line) for line in lines])
+def _line(cells, widths, right):
+    """One line of `cells` padded to `widths`, those in `right` right-aligned, the last one never padded."""
+    out = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))]
+    return "  ".join(out[:-1]) + "  " + cells[-1]
+
+
+def _clock(seconds):
+    """`m:ss`, or `h:mm:ss` from an hour on."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
 class Progress:
-    """A progress bar on stderr: tqdm when it is installed, else one redrawn line on a terminal, or a plain line at
-    most every `every` seconds when stderr is not a terminal (CI logs).
+    """A progress bar: steps done, an ETA (the mean time of the finished steps times the steps left) and the current
+    step's label; one line redrawn in place on a terminal, else a plain line at most every `every` seconds (CI logs).
 
     Args:
         total: number of steps.
         every: seconds between plain lines (default 10).
+        stream: where the bar goes (default `sys.stderr`); `write` prints to `sys.stdout`.
     """
 
-    def __init__(self, total, every=10.0):
+    def __init__(self, total, every=10.0, stream=None):
         self.total, self.done, self.every = total, 0, every
-        self._last = time.monotonic()
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self._tqdm = None
-        else:
-            self._tqdm = tqdm(total=total, file=sys.stderr, dynamic_ncols=True)
-        self._tty = sys.stderr.isatty()
+        self.stream = stream or sys.stderr
+        self._tty = self.stream.isatty()
+        self._start = self._last = time.monotonic()
+        self._label = None
+
+    def eta(self):
+        """Seconds left, None before the first step has finished."""
+        if self.done == 0:
+            return None
+        return (time.monotonic() - self._start) / self.done * (self.total - self.done)
+
+    def _status(self):
+        eta = self.eta()
+        return f"{self.done}/{self.total}, ETA {'?' if eta is None else _clock(eta)}"
+
+    def _draw(self):
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        self.stream.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {self._status()} {self._label}")
+        self.stream.flush()
 
     def step(self, label):
-        """Mark the start of the next step, labelled `label`."""
-        if self._tqdm is not None:
-            if self.done:
-                self._tqdm.update(1)
-            self._tqdm.set_description(label)
-        elif self._tty:
-            width = 30
-            filled = width * self.done // max(self.total, 1)
-            sys.stderr.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label}")
-            sys.stderr.flush()
+        """Mark the end of the current step, if any, and the start of the next one, labelled `label`."""
+        if self._label is not None:
+            self.done += 1
+        self._label = label
+        if self._tty:
+            self._draw()
         elif time.monotonic() - self._last >= self.every:
             self._last = time.monotonic()
-            print(f"[{self.done}/{self.total}] {label}", file=sys.stderr, flush=True)
-        self.done += 1
+            print(f"[{self._status()}] {label}", file=self.stream, flush=True)
+
+    def write(self, text):
+        """Print `text` to stdout, above the bar on a terminal."""
+        if self._tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        print(text, flush=True)
+        if self._tty and self._label is not None:
+            self._draw()
 
     def close(self):
-        """Finish the bar."""
-        if self._tqdm is not None:
-            self._tqdm.update(1)
-            self._tqdm.close()
-        elif self._tty:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+        """Finish the last step and clear the bar."""
+        if self._label is not None:
+            self.done += 1
+            self._label = None
+        if self._tty:
+            self.stream.write("\r\033[K")
+            self.stream.flush()

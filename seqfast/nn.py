@@ -212,6 +212,7 @@ class RNN(_Recurrent):
     _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D tensor instead"
 
     def __init__(self, *args, backend=None, **kwargs):
+        """`torch.nn.RNN`'s arguments, and `backend` (see the class docstring)."""
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if len(args) > 3:
@@ -236,13 +237,23 @@ class LSTM(_Recurrent):
     """
 
     _mode_name = "LSTM"
-    get_expected_cell_size = torch.nn.LSTM.get_expected_cell_size
-    check_forward_args = torch.nn.LSTM.check_forward_args
-    permute_hidden = torch.nn.LSTM.permute_hidden
 
     def __init__(self, *args, backend=None, **kwargs):
+        """`torch.nn.LSTM`'s arguments, and `backend` (see the class docstring)."""
         super().__init__("LSTM", *args, **kwargs)
         self.backend = backend
+
+    def get_expected_cell_size(self, input, batch_sizes):
+        """`(L*D, B, H)`, the size `c_0` must have for `input` (`batch_sizes`: a PackedSequence's, else None)."""
+        return torch.nn.LSTM.get_expected_cell_size(self, input, batch_sizes)
+
+    def check_forward_args(self, input, hidden, batch_sizes):
+        """Raise torch.nn.LSTM's error when `input` or `hidden = (h_0, c_0)` has the wrong size."""
+        torch.nn.LSTM.check_forward_args(self, input, hidden, batch_sizes)
+
+    def permute_hidden(self, hx, permutation):
+        """`hx = (h, c)` reordered along the batch dimension by `permutation` (as given when None)."""
+        return torch.nn.LSTM.permute_hidden(self, hx, permutation)
 
 
 class GRU(_Recurrent):
@@ -257,6 +268,7 @@ class GRU(_Recurrent):
     _mode_name = "GRU"
 
     def __init__(self, *args, backend=None, **kwargs):
+        """`torch.nn.GRU`'s arguments, and `backend` (see the class docstring)."""
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
@@ -354,6 +366,7 @@ class RNNCell(_Cell):
     def __init__(
         self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *, backend=None
     ):
+        """`torch.nn.RNNCell`'s arguments, and `backend` (see the class docstring)."""
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
         self.backend = backend
@@ -375,6 +388,7 @@ class LSTMCell(_Cell):
     _cell_name = "lstm"
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
+        """`torch.nn.LSTMCell`'s arguments, and `backend` (see the class docstring)."""
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
         self.backend = backend
 
@@ -390,5 +404,6 @@ class GRUCell(_Cell):
     _cell_name = "gru"
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
+        """`torch.nn.GRUCell`'s arguments, and `backend` (see the class docstring)."""
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
         self.backend = backend

@@ -1,0 +1,184 @@
+"""The runner's reporting: sample counts, warnings about the run's conditions, rows printed as shapes finish, the
+progress bar's ETA, where results go, and CSV files written by earlier versions."""
+
+import csv
+import io
+import os
+import time
+
+import pytest
+
+from . import __main__ as runner
+from . import harness, plot, report
+
+_NEW_COLUMNS = ("gemm_end_gflops", "gemm_best_gflops", "warning")
+
+
+def test_time_fn_takes_enough_samples_for_its_percentiles():
+    timing = harness.time_fn(lambda: time.sleep(0.02), min_run_time=0.01)
+    assert timing.samples >= harness.MIN_SAMPLES
+    assert timing.p20 <= timing.median <= timing.p80
+
+
+def test_row_warnings_name_the_load_and_a_slow_gemm():
+    clean = dict(loadavg=1.5, threads=2, gemm_gflops=95.0, gemm_end_gflops=100.0, gemm_best_gflops=110.0)
+    assert report.row_warnings(clean) == []
+    assert report.row_warnings(clean | dict(loadavg=2.5)) == ["load average 2.50 > 2 threads"]
+    (slow,) = report.row_warnings(clean | dict(gemm_gflops=30.0))
+    assert "GEMM 30 GFLOP/s" in slow and "best 110" in slow
+    (moved,) = report.row_warnings(clean | dict(gemm_best_gflops=None, gemm_gflops=40.0))
+    assert "best 100" in moved
+    assert report.row_warnings(dict(loadavg=9.0, threads=None)) == []
+
+
+def test_run_warnings_summarise_rows():
+    rows = [
+        dict(loadavg=load, threads=2.0, dtype="float32", gemm_gflops=30.0, gemm_end_gflops=100.0, gemm_best_gflops=None)
+        for load in (1.0, 3.2, 2.4)
+    ]
+    load, gemm = report.run_warnings(rows)
+    assert "2 of 3 rows" in load and "3.20 with 2 threads" in load
+    assert gemm.startswith("WARNING: float32, 2 threads: GEMM rate 30 GFLOP/s") and "30%" in gemm
+
+
+def test_table_aligns_streamed_rows_and_shows_samples():
+    table = report.Table(["lstm-H8-B1-T2", "gru-H1024-B64-T100-L2-bi"], ["torch", "seqfast-reference"])
+    row = dict(
+        shape="lstm-H8-B1-T2",
+        dtype="float32",
+        threads=2.0,
+        mode="fwd",
+        provider="torch",
+        status="ok",
+        message="",
+        median_ms=1.5,
+        p20_ms=1.4,
+        p80_ms=1.7,
+        samples=12.0,
+        tokens_per_s=1e4,
+        gflops=3.0,
+        speedup=1.0,
+        gemm_frac=0.01,
+    )
+    header, rule = table.header().splitlines()
+    line = table.lines([row])
+    assert line.index(" ok") == header.index(" status") == rule.rindex(" ")
+    assert line.split()[7] == "12" and header.split()[9] == "n"
+
+
+def test_progress_shows_an_eta():
+    stream = io.StringIO()
+    progress = report.Progress(3, every=0.0, stream=stream)
+    progress.step("first")
+    progress.step("second")
+    progress.close()
+    first, second = stream.getvalue().splitlines()
+    assert first == "[0/3, ETA ?] first"
+    assert second.startswith("[1/3, ETA 0:0") and second.endswith("] second")
+
+
+@pytest.fixture
+def fake_runs(monkeypatch, tmp_path, capsys):
+    """`python -m benchmarks` on two shapes with the GEMM rate (50 GFLOP/s before the shapes, 100 after) and the
+    measurements faked, the thread count left alone, the user folders and the project's results folder under
+    `tmp_path`, a load average of 3.5.
+
+    Returns:
+        `(run, printed, output)`: `run(*argv)` runs with extra options and gives the exit status; `printed[shape]` is
+        what stdout held when that shape's first measurement began; `output` collects all stdout.
+    """
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(report, "RESULTS_DIR", tmp_path / "project")
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.5, 3.0, 2.5))
+    monkeypatch.setattr(harness, "set_threads", lambda threads: None)
+    rates = iter([50.0, 100.0] * 4)
+    monkeypatch.setattr(harness, "gemm_rate", lambda *args: next(rates))
+    output, printed = [], {}
+
+    def measure(shape, provider, mode, *args):
+        output.append(capsys.readouterr().out)
+        printed.setdefault(shape.id, "".join(output))
+        timing = dict(median_ms=2.0, p20_ms=1.9, p80_ms=2.2, samples=harness.MIN_SAMPLES)
+        return dict(status="ok", message="", gate_err=0.0, gate_tol=1e-4, tokens_per_s=1e5, gflops=10.0) | timing
+
+    monkeypatch.setattr(harness, "measure", measure)
+
+    def run(*argv):
+        argv = ["--shapes", "gru-H256-B16-T32,lstm-H512-B1-T32", "--providers", "torch", "--threads", "2", *argv]
+        status = runner.main([*argv, "--modes", "fwd,infer", "--device", "cpu"])
+        output.append(capsys.readouterr().out)
+        return status
+
+    return run, printed, output
+
+
+def test_runner_prints_each_shape_as_it_finishes_and_warns(fake_runs, tmp_path):
+    run, printed, output = fake_runs
+    assert run() == 0
+    assert list(printed) == ["gru-H256-B16-T32", "lstm-H512-B1-T32"]
+    assert "gru-H256-B16-T32" not in printed["gru-H256-B16-T32"]
+    assert "gru-H256-B16-T32" in printed["lstm-H512-B1-T32"]
+    text = "".join(output)
+    assert "WARNING: the load average exceeded the thread count in 4 of 4 rows (up to 3.50 with 2 threads)" in text
+    assert "WARNING: float32, 2 threads: GEMM rate 50 GFLOP/s (start 50, end 100), 50% of the best known here" in text
+    device = harness.device_name("cpu")
+    rows = report.read_csv(tmp_path / "data" / "seqfast" / "benchmarks" / f"{device}.csv")
+    assert [r["samples"] for r in rows] == [harness.MIN_SAMPLES] * 4
+    assert rows[0]["warning"] == "load average 3.50 > 2 threads; GEMM 50 GFLOP/s, 50% of the best 100"
+    assert not (tmp_path / "project").exists()
+    assert harness.best_gemm_rate(device, 2, "float32") == 100.0
+
+
+def test_runner_compares_with_the_recorded_gemm_rate(fake_runs, tmp_path):
+    run, _, output = fake_runs
+    harness.record_gemm_rate(harness.device_name("cpu"), 2, "float32", 400.0)
+    run("--no-csv")
+    assert "50 GFLOP/s (start 50, end 100), 12% of the best known here (400)" in "".join(output)
+    assert "best recorded before in" in "".join(output) and "400.0" in "".join(output)
+
+
+def test_project_results_only_on_request(fake_runs, tmp_path):
+    run, _, _ = fake_runs
+    run("--update-project-results")
+    run("--out", str(tmp_path / "mine"))
+    device = harness.device_name("cpu")
+    assert len(report.read_csv(tmp_path / "project" / f"{device}.csv")) == 4
+    assert len(report.read_csv(tmp_path / "mine" / f"{device}.csv")) == 4
+    assert not (tmp_path / "data").exists()
+
+
+def test_appending_to_a_file_of_the_previous_schema_extends_its_header(tmp_path):
+    old_columns = [c for c in report.COLUMNS if c not in _NEW_COLUMNS]
+    path = tmp_path / "old.csv"
+    old_row = dict(timestamp="2026-01-01T00:00:00+00:00", shape="lstm-H8", status="ok", speedup="1.5", threads="2")
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_columns, restval="")
+        writer.writeheader()
+        writer.writerow(old_row)
+    report.append_csv(path, [dict(shape="gru-H8", status="ok", speedup=2.0, warning="load average 3.00 > 2 threads")])
+    with path.open(newline="") as f:
+        assert next(csv.reader(f)) == list(report.COLUMNS)
+    old, new = report.read_csv(path)
+    assert (old["shape"], old["speedup"], old["threads"], old["gemm_end_gflops"], old["warning"]) == (
+        "lstm-H8",
+        1.5,
+        2.0,
+        None,
+        "",
+    )
+    assert (new["shape"], new["warning"]) == ("gru-H8", "load average 3.00 > 2 threads")
+    with pytest.raises(ValueError, match="other columns"):
+        report.append_csv(path, [], report.FIRST_CALL_COLUMNS)
+
+
+def test_committed_results_still_read_and_plot():
+    for path in report.RESULTS_DIR.glob("cpu-*.csv"):
+        rows = report.read_csv(path)
+        assert rows and plot._latest(rows)
+
+
+def test_plot_reads_the_user_results_by_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    with pytest.raises(SystemExit, match=str(tmp_path / "seqfast" / "benchmarks")):
+        plot.main([])
