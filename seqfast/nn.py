@@ -170,6 +170,9 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
         Returns:
             `(output, h_n)` or, for LSTM, `(output, (h_n, c_n))`, shaped as torch.nn returns them.
         """
+        if functional.onnx_exporting():
+            # the ONNX exporters translate torch.nn's ops (aten::lstm into ONNX's LSTM), not seqfast's custom ops
+            return self._torch_class.forward(self, input, hx)
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -331,6 +334,8 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         Returns:
             `h' [B, H]` (`[H]` unbatched), or `(h', c')` for `LSTMCell`.
         """
+        if functional.onnx_exporting():
+            return self._torch_class.forward(self, input, hx)
         is_lstm = self._cell_name == "lstm"
         dim = input.dim()
         if dim not in (1, 2):
