@@ -28,7 +28,14 @@ def eager(*tensors):
     return not tensors[0].is_meta and set(map(type, tensors)) <= _PLAIN and not _has_torch_function(tensors)
 
 
+def onnx_exporting():
+    """True while `torch.onnx.export` captures the model, with either exporter (`dynamo=True`, the default, runs
+    `torch.export`; `dynamo=False` runs `torch.jit.trace`)."""
+    return (_exporting() or _tracing()) and torch.onnx.is_in_onnx_export()
+
+
 _PLAIN = {torch.Tensor, torch.nn.Parameter, type(None)}
+_exporting = torch.compiler.is_exporting
 _compiling = torch.compiler.is_compiling
 _tracing = torch._C._is_tracing
 _has_torch_function = torch._C._has_torch_function  # also True under a TorchFunctionMode

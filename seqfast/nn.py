@@ -6,6 +6,8 @@ only `forward` is replaced. Weights are read from the module at every call, so i
 parameters, parametrizations and `torch.func.functional_call` take effect.
 """
 
+import copy
+
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
@@ -78,7 +80,45 @@ def _live(module, names):
     return [params[n] if n in params else getattr(module, n) for n in names]
 
 
-class _Recurrent(torch.nn.RNNBase):
+PATCHED = "_seqfast_patched"
+"""Name of the instance attribute `seqfast.patch` sets (True) on a module whose class it swapped."""
+PATCH_ATTRIBUTES = (PATCHED, "backend")
+"""Instance attributes `seqfast.patch` may add, which `unpatch` and saving a patched module drop."""
+
+
+class _TorchTwin:
+    """What the six modules share as twins of a torch.nn class (`_torch_class`).
+
+    A module that `seqfast.patch` made from a torch.nn one pickles (`torch.save`, `pickle`) as that torch.nn module,
+    without the attributes the patch added: its checkpoint loads where seqfast is not installed, and under
+    `weights_only=True` with torch.nn's classes allow-listed; the loaded module is plain torch.nn, to patch again at
+    will. A module built as a seqfast class pickles as itself. Copies (`copy.copy`, `copy.deepcopy`) keep the class
+    either way, so a copy of a patched model is patched.
+
+    pickle writes the usual `cls.__new__(cls)` reduction only with an object's own class, so a patched module pickles
+    as a call of the torch.nn class with `_meta_args` (a placeholder on the meta device: no memory, no random draws)
+    that unpickling then fills with the saved state, as `weights_only` loading allows for an allow-listed class.
+    """
+
+    def __reduce_ex__(self, protocol):
+        if not self.__dict__.get(PATCHED, False):
+            return super().__reduce_ex__(protocol)
+        state = {k: v for k, v in self.__getstate__().items() if k not in PATCH_ATTRIBUTES}
+        return self._torch_class, self._meta_args, state
+
+    def __copy__(self):
+        replica = type(self).__new__(type(self))
+        replica.__setstate__(self.__getstate__())
+        return replica
+
+    def __deepcopy__(self, memo):
+        replica = type(self).__new__(type(self))
+        memo[id(self)] = replica
+        replica.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return replica
+
+
+class _Recurrent(_TorchTwin, torch.nn.RNNBase):
     """Shared forward of `RNN`, `LSTM` and `GRU`; the subclasses fix the mode and torch's messages."""
 
     backend = None
@@ -130,6 +170,9 @@ class _Recurrent(torch.nn.RNNBase):
         Returns:
             `(output, h_n)` or, for LSTM, `(output, (h_n, c_n))`, shaped as torch.nn returns them.
         """
+        if functional.onnx_exporting():
+            # the ONNX exporters translate torch.nn's ops (aten::lstm into ONNX's LSTM), not seqfast's custom ops
+            return self._torch_class.forward(self, input, hx)
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         if packed:
@@ -208,6 +251,8 @@ class RNN(_Recurrent):
         backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
     """
 
+    _torch_class = torch.nn.RNN
+    _meta_args = (1, 1, 1, "tanh", True, False, 0.0, False, 0, "meta")
     _mode_name = "RNN"
     _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D tensor instead"
 
@@ -236,6 +281,8 @@ class LSTM(_Recurrent):
         backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
     """
 
+    _torch_class = torch.nn.LSTM
+    _meta_args = (1, 1, 1, True, False, 0.0, False, 0, "meta")
     _mode_name = "LSTM"
 
     def __init__(self, *args, backend=None, **kwargs):
@@ -265,6 +312,8 @@ class GRU(_Recurrent):
         backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
     """
 
+    _torch_class = torch.nn.GRU
+    _meta_args = (1, 1, 1, True, False, 0.0, False, 0, "meta")
     _mode_name = "GRU"
 
     def __init__(self, *args, backend=None, **kwargs):
@@ -278,7 +327,7 @@ class GRU(_Recurrent):
 _CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 
-class _Cell(torch.nn.RNNCellBase):
+class _Cell(_TorchTwin, torch.nn.RNNCellBase):
     """Shared forward of the cells: one step of the same recurrence, `T = 1`."""
 
     backend = None
@@ -297,6 +346,8 @@ class _Cell(torch.nn.RNNCellBase):
         Returns:
             `h' [B, H]` (`[H]` unbatched), or `(h', c')` for `LSTMCell`.
         """
+        if functional.onnx_exporting():
+            return self._torch_class.forward(self, input, hx)
         is_lstm = self._cell_name == "lstm"
         dim = input.dim()
         if dim not in (1, 2):
@@ -363,6 +414,9 @@ class RNNCell(_Cell):
         backend: seqfast backend name, or None (default).
     """
 
+    _torch_class = torch.nn.RNNCell
+    _meta_args = (1, 1, True, "tanh", "meta")
+
     def __init__(
         self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *, backend=None
     ):
@@ -385,6 +439,8 @@ class LSTMCell(_Cell):
         backend: seqfast backend name, or None (default).
     """
 
+    _torch_class = torch.nn.LSTMCell
+    _meta_args = (1, 1, True, "meta")
     _cell_name = "lstm"
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
@@ -401,6 +457,8 @@ class GRUCell(_Cell):
         backend: seqfast backend name, or None (default).
     """
 
+    _torch_class = torch.nn.GRUCell
+    _meta_args = (1, 1, True, "meta")
     _cell_name = "gru"
 
     def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):

@@ -1,18 +1,10 @@
 """Swap torch.nn's recurrent modules inside a model for their seqfast twins, in place, and back."""
 
-import torch
 from torch.nn.utils import parametrize
 
 from . import nn
 
-_TWINS = {
-    torch.nn.RNN: nn.RNN,
-    torch.nn.LSTM: nn.LSTM,
-    torch.nn.GRU: nn.GRU,
-    torch.nn.RNNCell: nn.RNNCell,
-    torch.nn.LSTMCell: nn.LSTMCell,
-    torch.nn.GRUCell: nn.GRUCell,
-}
+_TWINS = {twin._torch_class: twin for twin in (nn.RNN, nn.LSTM, nn.GRU, nn.RNNCell, nn.LSTMCell, nn.GRUCell)}
 _ORIGINALS = {twin: original for original, twin in _TWINS.items()}
 
 
@@ -40,7 +32,8 @@ def patch(model, backend=None):
 
     Only the class of each module changes: the same Parameter objects, buffers, hooks, parametrizations and
     attributes stay, so optimizer state and registered hooks survive. Subclasses of the torch.nn classes are left
-    alone, since they may override `forward`.
+    alone, since they may override `forward`. A patched module pickles (`torch.save`) as the torch.nn module it was;
+    copies (`copy.deepcopy`) stay patched.
 
     Args:
         model: `torch.nn.Module`; patched in place (the model itself too, if it is one of those modules).
@@ -52,6 +45,8 @@ def patch(model, backend=None):
     """
     for module in model.modules():
         swapped = _swap_class(module, _TWINS)
+        if swapped:
+            setattr(module, nn.PATCHED, True)
         if backend is not None and (swapped or isinstance(module, (nn._Recurrent, nn._Cell))):
             module.backend = backend
     return model
@@ -68,5 +63,6 @@ def unpatch(model):
     """
     for module in model.modules():
         if _swap_class(module, _ORIGINALS):
-            module.__dict__.pop("backend", None)
+            for name in nn.PATCH_ATTRIBUTES:
+                module.__dict__.pop(name, None)
     return model
