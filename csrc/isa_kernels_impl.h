@@ -121,16 +121,18 @@ struct OpsF64 {
     q = q * z + 2.27265548208155028766e-1;
     q = q * z + 2.00000000000000000009e0;
   }
-  // Cephes exp; 2^n as two factors so that subnormal results round once; beyond [-746, 710] exactly 0 or +inf.
-  static V exp(V x) {
-    x = x > 710.0 ? splat(710.0) : x;
-    x = x < -746.0 ? splat(-746.0) : x;
+  // 1 / (1 + exp(-x)) in one division: with exp(-x) = 2^n (q + p) / (q - p) it is (q - p) / (q - p + 2^n (q + p)).
+  // -x is kept within [-40, 746], beyond which the result rounds to 1 or 0 alike; 2^n as two factors (n <= 1076).
+  static V sigmoid(V x) {
+    V t = -x;
+    t = t > 746.0 ? splat(746.0) : t;
+    t = t < -40.0 ? splat(-40.0) : t;
     V n, p, q;
-    exp_core(x, n, p, q);
+    exp_core(t, n, p, q);
     const V n1 = round_shifted(n * 0.5) - 6755399441055744.0;
-    return (1.0 + 2.0 * (p / (q - p))) * pow2(n1) * pow2(n - n1);
+    const V qm = q - p;
+    return qm / (qm + (q + p) * pow2(n1) * pow2(n - n1));
   }
-  static V sigmoid(V x) { return 1.0 / (1.0 + exp(-x)); }
   // Cephes tanh of |x|, sign bit restored: x + x^3 P(x^2) / Q(x^2) below 0.625, else 1 - 2 / (exp(2|x|) + 1).
   static V tanh(V x) {
     const I sign = (I)x & INT64_MIN;

@@ -320,6 +320,8 @@ class HiddenProduct {
   void operator()(int64_t c, int64_t n, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
     const int64_t j0 = c * hc_, n_j = width(c);
     if (backward_) return product(c, n, n_j, A, lda, w_ + j0, false, C, ldc, accumulate);
+    // one chunk holding every unit: its gates side by side are w's rows in order, one product
+    if (n_j == H_ && !packed_) return gemm<T>(false, true, n, G_ * H_, P_, A, lda, w_, P_, T(accumulate), C, ldc);
     for (int64_t g = 0; g < G_; ++g)
       product(c * G_ + g, n, n_j, A, lda, w_ + (g * H_ + j0) * P_, true, C + g * n_j, ldc, accumulate);
   }

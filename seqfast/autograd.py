@@ -112,6 +112,8 @@ def h_prev(y, h0, lengths, reverse):
     steps past a sequence's length are never used (their `dgh` is zero).
     """
     h0 = h0.to(y.dtype).unsqueeze(0)
+    if y.shape[0] == 1:
+        return h0
     if not reverse:
         return torch.cat([h0, y[:-1]])
     prev = torch.cat([y[1:], h0])

@@ -101,17 +101,20 @@ class _TorchTwin:
     """
 
     def __reduce_ex__(self, protocol):
+        """How pickle saves the module: as its torch.nn class when `seqfast.patch` made it, else as itself."""
         if not self.__dict__.get(PATCHED, False):
             return super().__reduce_ex__(protocol)
         state = {k: v for k, v in self.__getstate__().items() if k not in PATCH_ATTRIBUTES}
         return self._torch_class, self._meta_args, state
 
     def __copy__(self):
+        """A shallow copy of the same class (a copy of a patched module is patched)."""
         replica = type(self).__new__(type(self))
         replica.__setstate__(self.__getstate__())
         return replica
 
     def __deepcopy__(self, memo):
+        """A deep copy of the same class (a copy of a patched module is patched)."""
         replica = type(self).__new__(type(self))
         memo[id(self)] = replica
         replica.__setstate__(copy.deepcopy(self.__getstate__(), memo))
