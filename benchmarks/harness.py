@@ -538,6 +538,38 @@ def device_name(device="cpu"):
     return "cpu-" + _slug(model)
 
 
+def cpu_facts():
+    """The CPU as the figures depend on it.
+
+    Returns:
+        `dict` with `cpu_vendor` (`GenuineIntel`, `AuthenticAMD`), `cpu_model` (name, family and model number),
+        `cpu_isa` (`avx512`, `avx2` or `generic`: the widest vector set seqfast's kernels can use) and `cpu_l2_kb`
+        (per core); empty strings and None where the system does not say.
+    """
+    info = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if not key and info:
+                break
+            info.setdefault(key, value.strip())
+    flags = set(info.get("flags", "").split())
+    isa = "generic"
+    if {"avx512f", "avx512vl", "avx512dq"} <= flags:
+        isa = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        isa = "avx2"
+    model = info.get("model name", platform.processor() or platform.machine())
+    if "cpu family" in info:
+        model += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    l2 = Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
+    size = l2.read_text().strip() if l2.exists() else ""
+    l2_kb = int(size[:-1]) * (1024 if size.endswith("M") else 1) if size[:-1].isdigit() else None
+    return dict(cpu_vendor=info.get("vendor_id", ""), cpu_model=model, cpu_isa=isa, cpu_l2_kb=l2_kb)
+
+
 def _git_sha():
     """Short HEAD commit of the checkout holding this file, `+dirty` with uncommitted tracked changes."""
     try:
@@ -559,7 +591,8 @@ def environment(device="cpu"):
         device: `torch.device` or string (default `cpu`).
 
     Returns:
-        `dict` with `timestamp` (UTC, ISO 8601), `device`, `torch`, `python`, `seqfast`, `git_sha`.
+        `dict` with `timestamp` (UTC, ISO 8601), `device`, `torch`, `python`, `seqfast`, `git_sha` and the
+        `cpu_facts()`.
     """
     return dict(
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -568,6 +601,7 @@ def environment(device="cpu"):
         python=platform.python_version(),
         seqfast=seqfast.__version__,
         git_sha=_git_sha(),
+        **cpu_facts(),
     )
 
 

@@ -28,6 +28,9 @@ _ENVIRONMENT = {
     "loadavg": float,
 }
 
+# The CPU every row was measured on (`harness.cpu_facts`), the last columns of both files.
+_CPU = {"cpu_vendor": str, "cpu_model": str, "cpu_isa": str, "cpu_l2_kb": float}
+
 # Column name -> its type when read back (`read_csv`); the order is the CSV's.
 COLUMNS = {
     **_ENVIRONMENT,
@@ -61,6 +64,7 @@ COLUMNS = {
     "gemm_end_gflops": float,
     "gemm_best_gflops": float,
     "warning": str,
+    **_CPU,
 }
 
 # The first-call file's columns (`python -m benchmarks --first-call`): one row per provider, thread count and compile
@@ -86,6 +90,7 @@ FIRST_CALL_COLUMNS = {
     "gate_tol": float,
     "message": str,
     "warning": str,
+    **_CPU,
 }
 
 

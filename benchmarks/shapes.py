@@ -9,6 +9,11 @@ The `overhead` set times what users call one small step at a time, where per-cal
 decides: the cells at `B = 1`, one generation step of a 2-layer model, the `LSTMCell(51, 51)` float64 batch of
 PyTorch's time-sequence-prediction example, and the fixed cost of a module call on a tiny problem.
 
+The `clients` set is the shapes of the classic programs users run: a word-level language model (2 layers, 200 units,
+B = 20, T = 35), an MNIST-row classifier `LSTM(28, 64)`, a time-series `LSTM(8, 32)` at B = 256, a recurrent RL policy
+`GRU(64, 128)` one step and 32 steps at a time, and a 2-layer bidirectional `LSTM(100, 128)` tagger over packed
+mixed lengths. The `small` set is the grid H in {32, 64, 128} x B in {1, 8, 64} x T in {1, 32} for the three cells.
+
 The DeepBench sets follow `code/kernels/rnn_problems.h` of baidu-research/DeepBench: `training_set`,
 `inference_server_set` and `inference_device_set` as `(hidden, batch, timesteps, type)`, where DeepBench's
 `vanilla` RNN is cuDNN's ReLU RNN (`rnn_relu` here).
@@ -190,6 +195,15 @@ SETS = {
     "multilayer": _grid(("lstm", "gru"), (256, 512), (16,), (64,), layers=2, bidirectional=True)
     + _grid(("lstm", "gru"), (512,), (16,), (64,), layers=4)
     + _grid(("lstm",), (1024,), (32,), (32,), layers=3, bidirectional=True),
+    "clients": _grid(("lstm", "gru", "rnn_tanh"), (200,), (20,), (35,), layers=2)
+    + (
+        Shape("lstm", 64, 64, 28, input=28),
+        Shape("lstm", 32, 256, 50, input=8),
+        Shape("gru", 128, 64, 1, input=64),
+        Shape("gru", 128, 64, 32, input=64),
+        Shape("lstm", 128, 32, 40, input=100, layers=2, bidirectional=True, packed=True),
+    ),
+    "small": _grid(("lstm", "gru", "rnn_tanh"), (32, 64, 128), (1, 8, 64), (1, 32)),
     "overhead": _grid(("rnn_tanh", "lstm", "gru"), (8, 32, 128), (1,), (1,), module="cell")
     + _grid(("rnn_tanh", "lstm", "gru"), (200,), (1,), (1,), layers=2)
     + (Shape("lstm", 51, 97, 1, module="cell", dtype="float64"),)

@@ -11,7 +11,8 @@ import pytest
 from . import __main__ as runner
 from . import harness, plot, report
 
-_NEW_COLUMNS = ("gemm_end_gflops", "gemm_best_gflops", "warning")
+# The last column of the schema before the warning and CPU columns were appended
+_LAST_OLD_COLUMN = "message"
 
 
 def test_time_fn_takes_enough_samples_for_its_percentiles():
@@ -149,7 +150,7 @@ def test_project_results_only_on_request(fake_runs, tmp_path):
 
 
 def test_appending_to_a_file_of_the_previous_schema_extends_its_header(tmp_path):
-    old_columns = [c for c in report.COLUMNS if c not in _NEW_COLUMNS]
+    old_columns = list(report.COLUMNS)[: list(report.COLUMNS).index(_LAST_OLD_COLUMN) + 1]
     path = tmp_path / "old.csv"
     old_row = dict(timestamp="2026-01-01T00:00:00+00:00", shape="lstm-H8", status="ok", speedup="1.5", threads="2")
     with path.open("w", newline="") as f:
@@ -182,3 +183,24 @@ def test_plot_reads_the_user_results_by_default(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     with pytest.raises(SystemExit, match=str(tmp_path / "seqfast" / "benchmarks")):
         plot.main([])
+
+
+def test_every_row_names_its_cpu(tmp_path):
+    facts = harness.cpu_facts()
+    assert set(facts) == {"cpu_vendor", "cpu_model", "cpu_isa", "cpu_l2_kb"} and facts["cpu_isa"] in (
+        "avx512",
+        "avx2",
+        "generic",
+    )
+    env = harness.environment()
+    assert {k: env[k] for k in facts} == facts
+    for columns in (report.COLUMNS, report.FIRST_CALL_COLUMNS):
+        assert list(columns)[-len(facts) :] == list(facts)
+    path = tmp_path / "rows.csv"
+    report.append_csv(path, [env | dict(shape="lstm-H8", status="ok")])
+    (row,) = report.read_csv(path)
+    assert (row["cpu_vendor"], row["cpu_model"], row["cpu_isa"]) == (
+        facts["cpu_vendor"],
+        facts["cpu_model"],
+        facts["cpu_isa"],
+    )
