@@ -188,7 +188,17 @@ def _remember(key, chosen):
 
 
 def _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested):
-    """`select` without the memory: `(name, fell_through)`."""
+    """`select` without the memory: `(name, fell_through)`.
+
+    A call without hidden units (`w_hh` has no rows, a cell of hidden size 0) has no loop to run: once a backend
+    accepts it, the reference runs it, whose plain torch ops handle the empty shapes on every device.
+    """
+    name, fell_through = _first_able(cell, gx, w_hh, h0, c0, lengths, w_hr, requested)
+    return ("reference" if w_hh.shape[0] == 0 else name), fell_through
+
+
+def _first_able(cell, gx, w_hh, h0, c0, lengths, w_hr, requested):
+    """The requested backend, else the first of the device's that accepts the call: `(name, fell_through)`."""
     device_type = gx.device.type
     if requested is not None:
         reason = _why_not(requested, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr)

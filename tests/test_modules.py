@@ -413,6 +413,29 @@ def test_cell_matches_torch(backend, cell, unbatched, hx, bias, dtype, tol):
     assert_all_close(actual_grads, expected_grads, tol, names)
 
 
+@pytest.mark.parametrize("hx", [False, True], ids=["hx-none", "hx"])
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cell_without_hidden_units_matches_torch(backend, name, hx):
+    """hidden_size 0, which torch.nn's cells accept: `[B, 0]` states, and every gradient, as torch.nn (zeros)."""
+    ref = getattr(torch.nn, name)(10, 0)
+    ours = getattr(seqfast, name)(10, 0, backend=backend)
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(3, 10, requires_grad=True)
+    states = [torch.randn(3, 0, requires_grad=True) for _ in range(2 if name == "LSTMCell" else 1)] if hx else []
+
+    def call(m):
+        return m(x, (tuple(states) if len(states) == 2 else states[0]) if hx else None)
+
+    with torch.no_grad():
+        assert [t.shape for t in flatten(call(ours))] == [(3, 0)] * (2 if name == "LSTMCell" else 1)
+    expected, expected_grads = run_with_grads(ref, call, [x, *states])
+    actual, actual_grads = run_with_grads(ours, call, [x, *states])
+    assert_all_close(actual, expected, 0, ["h", "c"][: len(expected)])
+    names = ["d_input"] + [f"d_state{i}" for i in range(len(states))] + [n for n, _ in ref.named_parameters()]
+    assert_all_close(actual_grads, expected_grads, 0, names)
+
+
 def _tiny(name, backend, **kwargs):
     torch.manual_seed(11)
     return getattr(seqfast, name)(2, 3, dtype=F64, backend=backend, **kwargs)
