@@ -245,7 +245,13 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
         if hx is None:
             batch = int(batch_sizes[0]) if packed else input.size(0 if self.batch_first else 1)
             hx = self._zero_state(data, batch)
-        self.check_forward_args(data, hx, batch_sizes)
+        try:
+            self.check_forward_args(data, hx, batch_sizes)
+        except ValueError as e:
+            if not (packed and is_lstm):
+                raise
+            # torch.nn's LSTM skips this check on packed input, whose wrong dtype then fails in its input GEMM
+            raise RuntimeError(str(e)) from None
         if is_lstm and len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
         states = hx if is_lstm else (hx,)
