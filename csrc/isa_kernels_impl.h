@@ -40,8 +40,10 @@ struct OpsF32 {
     }
   }
 
-  // Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n from the exponent bits.
+  // Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n from the exponent bits;
+  // +inf above ln(FLT_MAX) as IEEE exp, so that a sigmoid of -inf is exactly 0 and its derivative too.
   static V exp(V x) {
+    const V in = x;
     x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;
     x = x < -87.3365447505531f ? splat(-87.3365447505531f) : x;
     V fx = x * 1.44269504088896341f + 12582912.0f;
@@ -58,7 +60,7 @@ struct OpsF32 {
     I e = (__builtin_convertvector(fx, I) + 127) << 23;
     V scale;
     std::memcpy(&scale, &e, sizeof(V));
-    return p * scale;
+    return in > 88.72283935546875f ? splat(__builtin_inff()) : p * scale;
   }
   static V sigmoid(V x) { return 1.0f / (1.0f + exp(-x)); }
   // Cephes tanhf: odd polynomial below 0.625, else 1 - 2 / (exp(2|x|) + 1) with the sign restored.
@@ -76,7 +78,8 @@ struct OpsF32 {
     return ax < 0.625f ? small : big;
   }
   static V relu(V x) { return x < 0.0f ? splat(0.0f) : x; }
-  static V relu_grad(V h, V dh) { return h > 0.0f ? dh : splat(0.0f); }
+  // relu' as torch's threshold_backward: 0 where h <= 0, else dh (a NaN h passes dh)
+  static V relu_grad(V h, V dh) { return h <= 0.0f ? splat(0.0f) : dh; }
 };
 
 struct OpsF64 {
@@ -153,7 +156,7 @@ struct OpsF64 {
     return (V)((I)(small ? ax + ax * (z * ratio) : 1.0 - ratio) | sign);
   }
   static V relu(V x) { return x < 0.0 ? splat(0.0) : x; }
-  static V relu_grad(V h, V dh) { return h > 0.0 ? dh : splat(0.0); }
+  static V relu_grad(V h, V dh) { return h <= 0.0 ? splat(0.0) : dh; }
 };
 
 template <class O, int CELL>

@@ -84,8 +84,8 @@ def _step_bwd(cell, dh, dc, saved_t, c_prev, w_hh, w_hr):
     """Backward of `_step`. `dh [B, P]` -> `dgx_t`, `dgh_t [B, G*H]`, `dh_prev [B, P]`, `dc_prev`, `dh_raw`."""
     if cell in ("rnn_tanh", "rnn_relu"):
         h = saved_t
-        # tanh' = 1 - h^2; relu' = [h > 0]
-        da = dh * (1 - h * h) if cell == "rnn_tanh" else dh * (h > 0).to(dh.dtype)
+        # tanh' = 1 - h^2; relu' = [h > 0], selecting as torch's threshold_backward does (0 where h <= 0, NaN h passes)
+        da = dh * (1 - h * h) if cell == "rnn_tanh" else torch.where(h <= 0, 0, dh)
         return da, da, da @ w_hh, None
     if cell == "lstm":
         i, f, g, o, c = saved_t.chunk(5, dim=1)

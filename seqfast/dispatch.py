@@ -89,16 +89,24 @@ def backends():
     """The backend table.
 
     Returns:
-        `list[BackendInfo]`: name, device types, whether it loads here, and why not.
+        `list[BackendInfo]`: name, the device types it runs on here, whether it can run here (it loads; triton
+        also needs CUDA or `TRITON_INTERPRET=1`), and why not.
     """
     rows = []
     for b in _TABLE:
         try:
             load(b.name)
-            rows.append(BackendInfo(b.name, b.devices, True, None))
+            rows.append(BackendInfo(b.name, _devices(b.name), True, None))
         except RuntimeError as e:
             rows.append(BackendInfo(b.name, b.devices, False, str(e)))
     return rows
+
+
+def _devices(name):
+    """The device types backend `name` runs on: its module's `DEVICES` once loaded, where it names them (triton
+    adds cpu under `TRITON_INTERPRET=1`), else the table's."""
+    module = _loaded.get(name)
+    return getattr(module, "DEVICES", None) or _BY_NAME[name].devices
 
 
 def names(device_type=None):
@@ -125,11 +133,10 @@ def strict():
 
 
 def _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr):
-    if name not in _BY_NAME:
-        load(name)
-    if device_type not in _BY_NAME[name].devices:
-        return f"runs on {', '.join(_BY_NAME[name].devices)}, not {device_type}"
-    return load(name).unsupported(cell, gx, w_hh, h0, c0, lengths, w_hr)
+    module = load(name)
+    if device_type not in _devices(name):
+        return f"runs on {', '.join(_devices(name))}, not {device_type}"
+    return module.unsupported(cell, gx, w_hh, h0, c0, lengths, w_hr)
 
 
 def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
@@ -188,7 +195,17 @@ def _remember(key, chosen):
 
 
 def _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested):
-    """`select` without the memory: `(name, fell_through)`."""
+    """`select` without the memory: `(name, fell_through)`.
+
+    A call without hidden units (`w_hh` has no rows, a cell of hidden size 0) has no loop to run: once a backend
+    accepts it, the reference runs it, whose plain torch ops handle the empty shapes on every device.
+    """
+    name, fell_through = _first_able(cell, gx, w_hh, h0, c0, lengths, w_hr, requested)
+    return ("reference" if w_hh.shape[0] == 0 else name), fell_through
+
+
+def _first_able(cell, gx, w_hh, h0, c0, lengths, w_hr, requested):
+    """The requested backend, else the first of the device's that accepts the call: `(name, fell_through)`."""
     device_type = gx.device.type
     if requested is not None:
         reason = _why_not(requested, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import dispatch
 from .autograd import Layer, folded_biases
+from .kernels.common import time_index
 from .linear import bias_sum, linear, preactivations
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
@@ -83,15 +84,53 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
     if fast:
         if kernels is None:
             kernels = _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend)
-        gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
-        y, hT, cT, _ = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)
-        return y, hT, cT
+        return _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse)
     gx = linear(x, w_ih, bias_sum(b_ih, b_fold))
     name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
     # a trace keeps the flag as a constant, so a traced module saves the workspace whether or not it will need it
     need_saved = need_grad or torch.jit.is_tracing()
     y, hT, cT, _ = torch.ops.seqfast.recurrence(name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr)
     return y, hT, cT if cell == "lstm" else None
+
+
+# Without grad the input projection is formed about this many bytes at a time, so a long sequence holds one chunk
+# of it, not all T steps' (4x the output for LSTM); a chunk is one backend call of at least `_INFER_MIN_STEPS` steps,
+# so that the backends pick the same per-step product for it as for the whole sequence (they switch on the steps
+# and rows of a call).
+_INFER_CHUNK_BYTES = 16 << 20
+_INFER_MIN_STEPS = 32
+
+
+def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse):
+    """The forward on the eager path without grad, on `kernels` (a backend module): the input projection and the
+    recurrence a chunk of steps at a time, each chunk from the state the one before left, so that every step
+    groups the same rows as one call would. A reversed walk goes chunk by chunk from the end, or, with `lengths`,
+    through each sequence's steps gathered from its own last one (the order the kernels walk it in).
+
+    Returns:
+        `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None.
+    """
+    T, B = x.shape[0], x.shape[1]
+    chunks = min(-(-T * B * w_ih.shape[0] * x.element_size() // _INFER_CHUNK_BYTES), T // _INFER_MIN_STEPS)
+    if chunks < 2:
+        gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
+        return kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)[:3]
+    steps = -(-T // chunks)
+    order = time_index(T, lengths, reverse, x.device)  # [T, B] time of each processing step, or None
+    backwards = reverse and order is None
+    starts = range(0, T, steps)
+    y, h, c = None, h0, c0
+    for s0 in reversed(starts) if backwards else starts:
+        s1 = min(s0 + steps, T)
+        at = slice(s0, s1) if order is None else (order[s0:s1], torch.arange(B, device=x.device))
+        gx = preactivations(kernels, x[at], w_ih, b_ih, b_fold)
+        chunk_lengths = None if lengths is None else (lengths - s0).clamp(0, s1 - s0)
+        y_chunk, h, c, _ = kernels.fwd(cell, gx, w_hh, b_h, h, c, chunk_lengths, w_hr, backwards, False)
+        if y is None:
+            y = y_chunk.new_empty((T, *y_chunk.shape[1:]))
+        y[at] = y_chunk
+        del gx, y_chunk  # before the next chunk's are formed
+    return y, h, c
 
 
 def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, training=False, lengths=None, backend=None):

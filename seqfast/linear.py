@@ -85,7 +85,7 @@ def project_backward(
     Returns:
         `dx [..., K]`, `dw [N, K]`, `db [N]`; each an empty `[0]` tensor when not needed.
     """
-    dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    dy2, x2 = dy.flatten(0, -2), x.flatten(0, -2)
     dx = dense(dy2, w.T).reshape(x.shape) if need_dx else dy.new_empty(0)
     dw, db = dy.new_empty(0), dy.new_empty(0)
     if need_dw and dy2.numel() * x2.shape[1] < _ONEDNN_MIN_MACS:

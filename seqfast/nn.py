@@ -20,13 +20,13 @@ def _type_name(dtype):
     return torch.empty(0, dtype=dtype).type().removeprefix("torch.").removesuffix("Tensor")
 
 
-# torch.nn's recurrent layers and cells are on CUDA autocast's lower-precision list (on CPU it is op by op)
-_AUTOCAST_DEVICES = ("cuda",)
+_AUTOCAST_DEVICES = ("cuda", "cpu")
 
 
 def _autocast_dtype(tensor):
-    """The dtype autocast runs recurrent layers in for `tensor`'s device, or None when it leaves them alone."""
-    if not torch._C._is_any_autocast_enabled():
+    """The dtype autocast casts `tensor` to on its device, or None when autocast is off there or leaves `tensor`
+    alone (as it does float64)."""
+    if not torch._C._is_any_autocast_enabled() or tensor.dtype == torch.float64:
         return None
     device = tensor.device.type
     if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
@@ -37,6 +37,52 @@ def _autocast_dtype(tensor):
 def _cast(dtype, *tensors):
     """`tensors` in `dtype` (differentiably), None kept."""
     return tuple(t if t is None else t.to(dtype) for t in tensors)
+
+
+def _rounded(dtype, *tensors):
+    """`tensors` rounded to `dtype` and back in float32 (differentiably), None kept: the operands autocast gives a
+    GEMM, in the dtype the CPU kernels compute in."""
+    return tuple(t if t is None else t.to(dtype).float() for t in tensors)
+
+
+def _cpu_autocast_dtypes(cell, dtype, states, onednn, proj):
+    """`(h, c)`: the dtypes of torch.nn's outputs and states (`c` for LSTM) under CPU autocast in `dtype`.
+
+    On CPU torch's recurrent ops are not on autocast's lists, only the GEMMs inside them: the gates come out in
+    `dtype` and each state follows type promotion with the one it updates (GRU `h`, LSTM `c`; RNN replaces `h` by
+    its gates, a projection replaces LSTM's `h` by a GEMM). `onednn`: the LSTM runs oneDNN's `mkldnn_rnn_layer`,
+    which is on the list and returns everything in `dtype`.
+    """
+    if cell in ("rnn_tanh", "rnn_relu") or onednn:
+        return dtype, dtype
+    state = torch.promote_types(states[-1].dtype, dtype)
+    return (dtype if proj else state), state
+
+
+def _run_autocast(run, cell, x, states, weights, unpacked=False):
+    """`run(x, states, weights) -> (y, hT, cT)` as torch.nn runs under autocast on `x`'s device.
+
+    CUDA casts the whole recurrent op (every tensor, outputs in the autocast dtype). On CPU the GEMM operands are
+    rounded to it and the kernels run in float32 with CPU autocast off; the outputs take torch.nn's dtypes (see
+    `_cpu_autocast_dtypes`).
+
+    Args:
+        weights: `(w_ih, w_hh, b_ih, b_hh)` per layer-direction, plus LSTM's `w_hr` (or None) for a module.
+        unpacked: a module's unpacked sequence, on which torch.nn runs a float32 LSTM without projection on oneDNN
+            (when enabled); default False (cells, `PackedSequence`).
+    """
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return run(x, states, weights)
+    if x.device.type != "cpu":
+        return run(*_cast(dtype, x), _cast(dtype, *states), [_cast(dtype, *w) for w in weights])
+    proj = len(weights[0]) == 5 and weights[0][4] is not None
+    onednn = cell == "lstm" and unpacked and not proj and x.dtype == torch.float32 and x.numel() != 0
+    onednn = onednn and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    h_dtype, c_dtype = _cpu_autocast_dtypes(cell, dtype, states, onednn, proj)
+    with torch.autocast("cpu", enabled=False):
+        y, hT, cT = run(*_rounded(dtype, x), _cast(torch.float32, *states), [_rounded(dtype, *w) for w in weights])
+    return y.to(h_dtype), hT.to(h_dtype), None if cT is None else cT.to(c_dtype)
 
 
 def _check_same_dtype(state, weight, bias=None):
@@ -199,7 +245,13 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
         if hx is None:
             batch = int(batch_sizes[0]) if packed else input.size(0 if self.batch_first else 1)
             hx = self._zero_state(data, batch)
-        self.check_forward_args(data, hx, batch_sizes)
+        try:
+            self.check_forward_args(data, hx, batch_sizes)
+        except ValueError as e:
+            if not (packed and is_lstm):
+                raise
+            # torch.nn's LSTM skips this check on packed input, whose wrong dtype then fails in its input GEMM
+            raise RuntimeError(str(e)) from None
         if is_lstm and len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
         states = hx if is_lstm else (hx,)
@@ -216,23 +268,16 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
-        dtype = _autocast_dtype(x)
-        if dtype is not None:
-            x, *states = _cast(dtype, x, *states)
-            weights = [_cast(dtype, *w) for w in weights]
-        y, hn, cn = functional.rnn(
-            CELL_OF_MODE[self.mode],
-            x,
-            states[0],
-            states[1] if is_lstm else None,
-            weights,
-            self.num_layers,
-            self.bidirectional,
-            self.dropout,
-            self.training,
-            lengths,
-            self.backend,
-        )
+        cell = CELL_OF_MODE[self.mode]
+
+        def run(x, states, weights):
+            c0 = states[1] if is_lstm else None
+            layers, bidirectional, dropout, training = self.num_layers, self.bidirectional, self.dropout, self.training
+            return functional.rnn(
+                cell, x, states[0], c0, weights, layers, bidirectional, dropout, training, lengths, self.backend
+            )
+
+        y, hn, cn = _run_autocast(run, cell, x, states, weights, unpacked=not packed)
         hidden = (hn, cn) if is_lstm else hn
         if packed:
             data = pack_padded_sequence(y, lengths).data
@@ -396,14 +441,14 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         _check_same_dtype(input, w_ih, b_ih)
         for state in states:
             _check_same_dtype(state, w_hh, b_hh)
-        dtype = _autocast_dtype(input)
-        if dtype is not None:
-            input, *states = _cast(dtype, input, *states)
-            w_ih, w_hh, b_ih, b_hh = _cast(dtype, w_ih, w_hh, b_ih, b_hh)
-        x = input.unsqueeze(0)
-        h0, c0 = states[0], states[1] if is_lstm else None
-        fast = functional.eager(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
-        _, hT, cT = functional._layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, self.backend)
+
+        def run(x, states, weights):
+            x, (w_ih, w_hh, b_ih, b_hh) = x.unsqueeze(0), weights[0]
+            h0, c0 = states[0], states[1] if is_lstm else None
+            fast = functional.eager(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
+            return functional._layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, self.backend)
+
+        _, hT, cT = _run_autocast(run, cell, input, states, [(w_ih, w_hh, b_ih, b_hh)])
         if is_lstm:
             return (hT, cT) if is_batched else (hT.squeeze(0), cT.squeeze(0))
         return hT if is_batched else hT.squeeze(0)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from conftest import CPU_BACKENDS
-from helpers import DTYPE_IDS, DTYPES, assert_all_close, run_with_grads, twins
+from helpers import DTYPE_IDS, DTYPES, assert_all_close, assert_close, run_with_grads, twins
 from torch.nn.utils.rnn import pack_padded_sequence
 
 
@@ -175,3 +175,26 @@ def test_saturation_and_non_finite_match_torch(backend, cell):
     assert torch.equal(actual.isnan(), expected.isnan())
     torch.testing.assert_close(actual[finite], expected[finite], rtol=0, atol=2e-7)
     assert torch.equal(actual[expected.abs() == 1], expected[expected.abs() == 1])
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf")], ids=["+inf", "-inf"])
+@pytest.mark.parametrize(("dtype", "tol"), DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_infinite_input_gives_torchs_non_finite_pattern(backend, cell, dtype, tol, value):
+    """One infinite input element: NaN, +inf and -inf in the outputs and every gradient exactly where torch.nn has
+    them (a gate saturated by it has an exactly zero derivative, so its weight gradient is 0 * inf = NaN; relu's
+    gradient passes through a NaN state), the finite values within the usual tolerance."""
+    ref, ours = twins(cell, 8, 16, backend, dtype)
+    x = torch.randn(5, 3, 8, dtype=dtype)
+    x[2, 1, 3] = value
+    x.requires_grad_()
+    expected, expected_grads = run_with_grads(ref, lambda m: m(x), [x])
+    actual, actual_grads = run_with_grads(ours, lambda m: m(x), [x])
+    names = ["output", "h_n", "c_n"][: len(expected)] + ["d_input"] + [f"d_{n}" for n, _ in ref.named_parameters()]
+    for a, e, name in zip(actual + actual_grads, expected + expected_grads, names, strict=True):
+        for where in (torch.isnan, torch.isposinf, torch.isneginf):
+            differ = (where(a) != where(e)).nonzero()
+            assert len(differ) == 0, f"{name}: {where.__name__} differs first at {differ[0].tolist()}"
+        finite = e.isfinite()
+        assert_close(a[finite], e[finite], tol, name)

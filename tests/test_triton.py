@@ -1,8 +1,10 @@
 """The triton backend under the interpreter (`TRITON_INTERPRET=1`, CPU tensors) against the reference backend.
 
-The interpreter runs one program per batch block owning every hidden unit (`NH == 1`); the split-hidden mode with
-its grid barrier only runs on a GPU (`tests/test_triton_cuda.py`). Here it is compiled for sm_90 instead
-(`tests/triton_compile_check.py`), which checks that it lowers and that the barrier becomes the intended atomics.
+The kernel contract, and the modules on CPU tensors as users run them (`backend="triton"`, `SEQFAST_BACKEND=triton`)
+against torch.nn. The interpreter runs one program per batch block owning every hidden unit (`NH == 1`); the
+split-hidden mode with its grid barrier only runs on a GPU (`tests/test_triton_cuda.py`). Here it is compiled for sm_90
+instead (`tests/triton_compile_check.py`), which checks that it lowers and that the barrier becomes the intended
+atomics.
 
 `TRITON_INTERPRET=1` must be set before triton is imported: this module sets it at collection when nothing has
 imported triton yet and there is no CUDA device (on a GPU machine the compiled kernels are what gets tested).
@@ -19,7 +21,18 @@ import torch
 if "triton" not in sys.modules and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from helpers import assert_outputs_close, kind_problem, run_contract  # noqa: E402
+from helpers import (  # noqa: E402
+    assert_all_close,
+    assert_outputs_close,
+    kind_problem,
+    run_contract,
+    run_with_grads,
+    twins,
+)
+from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+
+import seqfast  # noqa: E402
+from seqfast import dispatch  # noqa: E402
 from seqfast.kernels import reference  # noqa: E402
 
 triton = pytest.importorskip("triton")
@@ -137,3 +150,73 @@ def test_split_mode_compiles_for_sm90(variant):
     if done.returncode != 0 and "ptxas" in done.stdout + done.stderr and "ok " not in done.stdout:
         pytest.skip(f"cannot compile for sm_90 here: {done.stderr[-500:]}")
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+
+
+# id: (cell, constructor kwargs, packed): two layers both ways, a projection, packed input; tiny (the interpreter
+# is slow)
+MODULE_CASES = {
+    "rnn_relu-L2-bi": ("rnn_relu", dict(num_layers=2, bidirectional=True), False),
+    "lstm-proj-batch_first": ("lstm", dict(proj_size=3, batch_first=True), False),
+    "gru-packed-bi": ("gru", dict(bidirectional=True), True),
+}
+
+
+@pytest.mark.parametrize("case", list(MODULE_CASES))
+def test_module_matches_torch(tb, case):
+    """A seqfast module with `backend="triton"` on CPU tensors: outputs, states and every gradient as torch.nn."""
+    cell, kwargs, packed = MODULE_CASES[case]
+    ref, ours = twins(cell, 4, 6, backend="triton", **kwargs)
+    x = torch.randn(*((3, 5) if ref.batch_first else (5, 3)), 4, requires_grad=True)
+    h0 = torch.randn(ref.num_layers * (2 if ref.bidirectional else 1), 3, ref.proj_size or 6, requires_grad=True)
+
+    def call(m):
+        seq = pack_padded_sequence(x, [5, 2, 4], ref.batch_first, enforce_sorted=False) if packed else x
+        return m(seq, (h0, torch.zeros(h0.shape[0], 3, 6)) if cell == "lstm" else h0)
+
+    expected, expected_grads = run_with_grads(ref, call, [x, h0])
+    actual, actual_grads = run_with_grads(ours, call, [x, h0])
+    assert_all_close(actual, expected, 1e-5, ["output", "h_n", "c_n"][: len(expected)])
+    names = ["x", "h0"] + [n for n, _ in ref.named_parameters()]
+    assert_all_close(actual_grads, expected_grads, 1e-5, names)
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell"])
+def test_cell_under_seqfast_backend_env_matches_torch(tb, name, monkeypatch):
+    """`SEQFAST_BACKEND=triton` picks the interpreted kernels for a cell on CPU tensors; results as torch.nn's."""
+    monkeypatch.setenv("SEQFAST_BACKEND", "triton")
+    ref = getattr(torch.nn, name)(4, 5)
+    ours = getattr(seqfast, name)(4, 5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, requires_grad=True)
+    expected, expected_grads = run_with_grads(ref, lambda m: m(x), [x])
+    actual, actual_grads = run_with_grads(ours, lambda m: m(x), [x])
+    assert_all_close(actual, expected, 1e-5, ["h", "c"][: len(expected)])
+    assert_all_close(actual_grads, expected_grads, 1e-5, ["x"] + [n for n, _ in ref.named_parameters()])
+
+
+def test_backends_table_under_the_interpreter(tb):
+    row = {r.name: r for r in seqfast.backends()}["triton"]
+    assert row.available and "cpu" in row.devices
+    assert "triton" not in dispatch.names("cpu"), "the interpreter is a check, never an automatic choice"
+
+
+def test_unavailable_without_cuda_or_interpreter():
+    """Without a CUDA device and without `TRITON_INTERPRET=1` the triton backend can run nothing: `backends()` says
+    so, and asking for it raises with that reason (a fresh process, since triton reads the flag at import)."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    code = (
+        "import torch, seqfast\n"
+        "row = {r.name: r for r in seqfast.backends()}['triton']\n"
+        "print(row.available, row.why_not)\n"
+        "try:\n"
+        "    seqfast.LSTM(3, 4, backend='triton')(torch.randn(2, 1, 3))\n"
+        "except RuntimeError as e:\n"
+        "    print('raised', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    table_line, raised_line = done.stdout.splitlines()
+    assert table_line.startswith("False ") and "TRITON_INTERPRET=1" in table_line
+    assert raised_line.startswith("raised ") and "TRITON_INTERPRET=1" in raised_line

@@ -7,6 +7,8 @@ with the per-step grid barrier (`H > 128`), several batch blocks, and a batch sp
 import pytest
 import torch
 from helpers import assert_all_close, assert_outputs_close, kind_problem, run_contract, run_with_grads, twins
+
+import seqfast
 from seqfast.kernels import reference
 
 pytestmark = pytest.mark.gpu
@@ -101,3 +103,23 @@ def test_module_vs_cudnn(kind_dtype):
     assert_all_close(out_ours, out_ref, tol, [f"out{i}" for i in range(len(out_ref))])
     names = ["x"] + [n for n, _ in ref.named_parameters()]
     assert_all_close(grads_ours, grads_ref, tol, names)
+
+
+@pytest.mark.parametrize("name", ["LSTM", "GRUCell"])
+def test_module_under_cuda_autocast(name):
+    """CUDA autocast casts torch.nn's recurrent ops whole: bfloat16 outputs and states, float32 gradients."""
+    _tb()
+    ref = getattr(torch.nn, name)(24, 40, device="cuda")
+    ours = getattr(seqfast, name)(24, 40, device="cuda", backend="triton")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(*((7,) if name == "LSTM" else ()), 5, 24, device="cuda", requires_grad=True)
+
+    def call(m):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return m(x)
+
+    out_ref, grads_ref = run_with_grads(ref, call, [x])
+    out_ours, grads_ours = run_with_grads(ours, call, [x])
+    assert [t.dtype for t in out_ours] == [t.dtype for t in out_ref] == [torch.bfloat16] * len(out_ref)
+    assert_all_close(out_ours, out_ref, 5e-2, [f"out{i}" for i in range(len(out_ref))])
+    assert_all_close(grads_ours, grads_ref, 5e-2, ["x"] + [n for n, _ in ref.named_parameters()])

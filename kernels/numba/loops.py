@@ -602,13 +602,13 @@ def _rnn_act(gxr, a, bias, relu, hr, j0, j1):
 
 @njit(**_OPTS)
 def _rnn_grad(hsr, dhr, dyr, relu, dar, j0, j1):
-    # units `j0 <= j < j1` of the pre-activation gradient `act'(h) (dh + dy)` into `dar [H]`; relu' = [h > 0],
-    # tanh' = 1 - h^2
+    # units `j0 <= j < j1` of the pre-activation gradient `act'(h) (dh + dy)` into `dar [H]`; relu' = [h > 0]
+    # selecting as torch's threshold_backward does (0 where h <= 0, else passed, NaN h too), tanh' = 1 - h^2
     hs, dh, dy, da = hsr[j0:j1], dhr[j0:j1], dyr[j0:j1], dar[j0:j1]
     zero, one = da.dtype.type(0), da.dtype.type(1)
     for j in range(j1 - j0):
         d = dh[j] + dy[j]
-        da[j] = (d if hs[j] > zero else zero) if relu else d * (one - hs[j] * hs[j])
+        da[j] = (zero if hs[j] <= zero else d) if relu else d * (one - hs[j] * hs[j])
 
 
 @njit(**_OPTS)

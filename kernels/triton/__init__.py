@@ -1,7 +1,8 @@
 """Triton backend: the whole recurrence of one layer-direction in one fused launch (see `recurrence`).
 
 Same contract as `seqfast.kernels.reference`. Runs on CUDA; under `TRITON_INTERPRET=1` (set before this module is
-imported) also on CPU tensors, one program per batch block owning every hidden unit. Inputs may be float32,
+imported) also on CPU tensors, one program per batch block owning every hidden unit. Without either, importing it
+raises ImportError, so that `seqfast.backends()` reports it unavailable with the reason. Inputs may be float32,
 bfloat16 or float16; state and accumulation are float32, recurrent matmuls run in the weights' dtype (float32 as
 exact IEEE products, no TF32); float64 is declined.
 """
@@ -15,6 +16,11 @@ from .recurrence import CELLS, bwd_kernel, fwd_kernel
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 DEVICES = ("cuda", "cpu") if INTERPRET else ("cuda",)
+if not INTERPRET and not torch.cuda.is_available():
+    raise ImportError(
+        "no CUDA device here for triton's kernels (set TRITON_INTERPRET=1 before triton is imported to run them on "
+        "CPU tensors through triton's interpreter)"
+    )
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BH = (16, 32, 64, 128)

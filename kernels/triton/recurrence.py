@@ -348,7 +348,7 @@ def bwd_kernel(
             x2 = d2
         elif CELL == 1:
             h = tl.load(p_s, mask=m_sv, other=0.0)
-            d0 = tl.where(h > 0, b_dr, 0.0)
+            d0 = tl.where(h <= 0, 0.0, b_dr)
             x2 = d2
         elif CELL == 2:
             i = tl.load(p_s, mask=m_sv, other=0.0)
