@@ -38,7 +38,7 @@ def onnx_exporting():
 _PLAIN = {torch.Tensor, torch.nn.Parameter, type(None)}
 _exporting = torch.compiler.is_exporting
 _compiling = torch.compiler.is_compiling
-_tracing = torch._C._is_tracing
+_tracing = torch.jit.is_tracing  # Dynamo knows it (torch._C._is_tracing breaks its graph)
 _has_torch_function = torch._C._has_torch_function  # also True under a TorchFunctionMode
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _transform = torch._C._functorch.peek_interpreter_stack
