@@ -8,7 +8,7 @@ the extension's length-sorted order.
 
 import torch
 
-from .common import Projection, poisoning
+from .common import Projection, hidden_size, poisoning
 
 try:
     from seqfast import _C
@@ -23,8 +23,13 @@ FUSES_PROJECTION = True
 _CELL = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 _SAVED_WIDTH = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 5, "gru": 4}
 _DTYPES = (torch.float32, torch.float64)
-# Hidden units per parallel task: fixed, so results do not depend on the thread count.
-_CHUNK = 64
+
+
+def _chunk(cell, w_hh):
+    """Hidden units per parallel task: 64, or half of a smaller hidden size in multiples of 16, so that two threads
+    can share its steps. A function of the shape only, never of the thread count, so results do not depend on it."""
+    half = -(-hidden_size(cell, w_hh) // 2)
+    return min(64, -(-half // 16) * 16)
 
 
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
@@ -69,7 +74,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         projection, gx = gx, None
     return _C.fwd(
         _CELL[cell], gx, *projection, w_hh, b_hh, h0, c0 if cell == "lstm" else None, lengths, w_hr, reverse,
-        need_saved, _CHUNK, poisoning(),
+        need_saved, _chunk(cell, w_hh), poisoning(),
     )
 
 
@@ -83,5 +88,5 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     lstm = cell == "lstm"
     return _C.bwd(
         _CELL[cell], dy, dhT, dcT if lstm else None, w_hh, w_hr, h0, c0 if lstm else None, lengths, y, saved, reverse,
-        _CHUNK, poisoning(),
+        _chunk(cell, w_hh), poisoning(),
     )

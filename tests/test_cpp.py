@@ -100,19 +100,18 @@ def test_float64_saturation_and_non_finite_match_torch(cpp, cell):
         cpp._C.set_isa(previous)
 
 
-def outputs_f32(cpp, cell, P=None, B=20, T=9):
+def outputs_f32(cpp, cell, P=None, B=20, T=9, H=200):
     """A float32 problem spanning several chunks and panels, with lengths (B = 20) and reverse."""
-    H = 200
     lengths = torch.tensor([9, 3, 0, 7, 9] * 4) if B == 20 else None
     args, cot = contract_problem(cell, T, B, H, P, lengths=lengths, dtype=torch.float32, seed=1)
     return [t for t in run_contract(cpp, cell, args, cot, True) if t is not None]
 
 
 # B = 1 (T = 16) and 2 take the k-split GEMM tiles of the packed weights, B = 20 the full ones; B = 1 at T = 9 is too
-# little work to pack the weights for and runs BLAS.
-@pytest.mark.parametrize("B, T", [(1, 16), (2, 9), (20, 9), (1, 9)])
+# little work to pack the weights for and runs BLAS; H = 48 is split in two chunks of a smaller width.
+@pytest.mark.parametrize("B, T, H", [(1, 16, 200), (2, 9, 200), (20, 9, 200), (1, 9, 200), (20, 9, 48)])
 @pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
-def test_thread_count_independent(cpp, cell, B, T):
+def test_thread_count_independent(cpp, cell, B, T, H):
     P = 40 if cell == "lstm_proj" else None
     cell = cell.removesuffix("_proj")
     threads = torch.get_num_threads()
@@ -120,7 +119,7 @@ def test_thread_count_independent(cpp, cell, B, T):
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(outputs_f32(cpp, cell, P, B, T))
+            results.append(outputs_f32(cpp, cell, P, B, T, H))
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:

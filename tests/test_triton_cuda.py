@@ -7,9 +7,9 @@ with the per-step grid barrier (`H > 128`), several batch blocks, and a batch sp
 import pytest
 import torch
 from helpers import assert_all_close, assert_outputs_close, kind_problem, run_contract, run_with_grads, twins
+from seqfast.kernels import reference
 
 import seqfast
-from seqfast.kernels import reference
 
 pytestmark = pytest.mark.gpu
 
