@@ -25,9 +25,17 @@ _SAVED_WIDTH = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 5, "gru": 4}
 _DTYPES = (torch.float32, torch.float64)
 
 
-def _chunk(cell, w_hh):
-    """Hidden units per parallel task: 64, or half of a smaller hidden size in multiples of 16, so that two threads
-    can share its steps. A function of the shape only, never of the thread count, so results do not depend on it."""
+# Multiply-adds of a step's recurrent product from which two threads may share it (the extension's threshold is half
+# of this per thread).
+_TWO_THREAD_MACS = 1 << 17
+
+
+def _chunk(cell, w_hh, batch):
+    """Hidden units per parallel task: 64, or, when a step of `batch` rows has the work for two threads, half of a
+    smaller hidden size in multiples of 16, so that they can share it. A function of the shape only, never of the
+    thread count, so results do not depend on it."""
+    if batch * w_hh.numel() < _TWO_THREAD_MACS:
+        return 64
     half = -(-hidden_size(cell, w_hh) // 2)
     return min(64, -(-half // 16) * 16)
 
@@ -74,7 +82,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         projection, gx = gx, None
     return _C.fwd(
         _CELL[cell], gx, *projection, w_hh, b_hh, h0, c0 if cell == "lstm" else None, lengths, w_hr, reverse,
-        need_saved, _chunk(cell, w_hh), poisoning(),
+        need_saved, _chunk(cell, w_hh, h0.shape[0]), poisoning(),
     )
 
 
@@ -88,5 +96,5 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     lstm = cell == "lstm"
     return _C.bwd(
         _CELL[cell], dy, dhT, dcT if lstm else None, w_hh, w_hr, h0, c0 if lstm else None, lengths, y, saved, reverse,
-        _chunk(cell, w_hh), poisoning(),
+        _chunk(cell, w_hh, h0.shape[0]), poisoning(),
     )
