@@ -17,6 +17,17 @@ TORCH_MODULES = {"rnn_tanh": torch.nn.RNN, "rnn_relu": torch.nn.RNN, "lstm": tor
 SEQFAST_MODULES = {"rnn_tanh": seqfast.RNN, "rnn_relu": seqfast.RNN, "lstm": seqfast.LSTM, "gru": seqfast.GRU}
 
 
+class Output(torch.nn.Module):
+    """Keeps only the output of a recurrent module, so it can sit in a Sequential."""
+
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
 def twins(cell, input_size, hidden_size, backend=None, dtype=torch.float32, **kwargs):
     """A torch.nn module and its seqfast twin loaded from the same `state_dict` (strict)."""
     if cell.startswith("rnn_"):

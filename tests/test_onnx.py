@@ -8,7 +8,7 @@ import io
 
 import pytest
 import torch
-from helpers import assert_all_close
+from helpers import Output, assert_all_close
 from torch import nn
 
 import seqfast
@@ -99,18 +99,9 @@ def test_onnxruntime_runs_the_export_with_torch_outputs(dynamo, built, batch_fir
     assert_all_close(actual, expected, TOL, OUTPUTS)
 
 
-class LastOutput(nn.Module):
-    def __init__(self, rnn):
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, x):
-        return self.rnn(x)[0]
-
-
 def test_other_captures_keep_seqfast_ops():
     """Only ONNX export switches to torch.nn's ops: `torch.export` and `torch.jit.trace` keep seqfast's."""
-    model, x = LastOutput(seqfast.GRU(3, 4)), torch.randn(5, 2, 3)
+    model, x = Output(seqfast.GRU(3, 4)), torch.randn(5, 2, 3)
     exported = torch.export.export(model, (x,))
     assert "seqfast.recurrence" in str(exported.graph)
     traced = torch.jit.trace(model, (x,))

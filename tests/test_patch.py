@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_all_close, flatten
+from helpers import Output, assert_all_close, flatten
 from torch import nn
 
 import seqfast
@@ -23,17 +23,6 @@ class MyLSTM(nn.LSTM):
     def forward(self, input, hx=None):
         out, state = super().forward(input, hx)
         return out * 2, state
-
-
-class Output(nn.Module):
-    """Keeps only the output of a recurrent module, so it can sit in a Sequential."""
-
-    def __init__(self, rnn):
-        super().__init__()
-        self.rnn = rnn
-
-    def forward(self, x):
-        return self.rnn(x)[0]
 
 
 class Model(nn.Module):
