@@ -50,13 +50,12 @@ def flatten(out):
 def run_with_grads(module, call, inputs, seed=1234):
     """Outputs of `call(module)` and gradients of every input and parameter for random cotangents on every output.
 
-    The cotangents come from `seed`, so two modules called alike get the same ones.
+    The cotangents come from `seed`, drawn in float32 and cast to each output's dtype, so two modules called alike
+    get the same ones, also in different dtypes.
     """
     outputs = flatten(call(module))
     generator = torch.Generator().manual_seed(seed)
-    loss = sum(
-        (o * torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device)).sum() for o in outputs
-    )
+    loss = sum((o * torch.randn(o.shape, generator=generator).to(o.device, o.dtype)).sum() for o in outputs)
     wrt = [t for t in inputs if t.requires_grad] + list(module.parameters())
     grads = torch.autograd.grad(loss, wrt, allow_unused=True)
     return [o.detach() for o in outputs], list(grads)

@@ -24,7 +24,9 @@ if "triton" not in sys.modules and not torch.cuda.is_available():
 from helpers import (  # noqa: E402
     assert_all_close,
     assert_outputs_close,
+    cast,
     kind_problem,
+    rel_rms,
     run_contract,
     run_with_grads,
     twins,
@@ -43,6 +45,10 @@ triton = pytest.importorskip("triton")
 # <= 1.1e-2 for bfloat16 (8-bit mantissa; worst is dh0, eight steps through rounded dgh) and <= 5.6e-4 for float16
 # (11-bit). The bounds leave ~30x, ~3x and ~3.5x.
 DTYPES = {"f32": (torch.float32, 1e-5), "bf16": (torch.bfloat16, 3e-2), "f16": (torch.float16, 2e-3)}
+
+# float32 with TF32 products against float64: each operand rounded to 10 mantissa bits (unit roundoff 2^-11 = 4.9e-4);
+# measured <= 3.8e-4 over the kinds below, so 2e-3 leaves 5x (2.6x should hardware truncate instead of round).
+TF32_TOL = 2e-3
 
 # (B, T, H, P): H and P off multiples of 16 (and one H = 32), one-row and short sequences via mixed lengths.
 SHAPES = {
@@ -141,9 +147,45 @@ def test_unsupported(tb):
     assert "meta" in tb.unsupported("lstm", meta, a["w_hh"], a["h0"], a["c0"])
 
 
-@pytest.mark.parametrize("variant", ["lstm-proj-len-bf16", "gru-fp32"])
+def test_fp32_precision_follows_torchs_rule_for_cudnn_rnns(tb):
+    """TF32 products for float32 on CUDA exactly while torch lets cuDNN's RNNs use TF32 (new and legacy flags)."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    cudnn = torch.backends.cudnn
+    before = cudnn.rnn.fp32_precision
+    try:
+        cudnn.rnn.fp32_precision = "tf32"
+        assert tb._precision(torch.float32, cuda) == "tf32"
+        assert tb._precision(torch.float32, cpu) == "ieee"
+        assert tb._precision(torch.bfloat16, cuda) == tb._precision(torch.float16, cuda) == "ieee"
+        cudnn.rnn.fp32_precision = "ieee"
+        assert tb._precision(torch.float32, cuda) == "ieee"
+        cudnn.rnn.fp32_precision = "none"
+        cudnn.allow_tf32 = False
+        assert tb._precision(torch.float32, cuda) == "ieee"
+        cudnn.allow_tf32 = True
+        assert tb._precision(torch.float32, cuda) == "tf32"
+    finally:
+        cudnn.rnn.fp32_precision = before
+
+
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm-proj", "gru"])
+def test_tf32_products(tb, kind, monkeypatch):
+    """With TF32 asked for, every recurrent product rounds its operands to TF32 (emulated by the interpreter path):
+    the results leave the exact products' (float32 error ~1e-7) and stay within TF32's bound of float64."""
+    cell, args, cot = kind_problem(kind, 6, 4, 40, 9, lengths="mixed", dtype=torch.float32)
+    exact = run_contract(reference, cell, *cast(args, cot, torch.float64), False)
+    ieee = run_contract(tb, cell, args, cot, False)
+    monkeypatch.setattr(tb, "_precision", lambda dtype, device: "tf32")
+    tf32 = run_contract(tb, cell, args, cot, False)
+    assert_outputs_close(tf32, exact, TF32_TOL, torch.float32)
+    moved = [rel_rms(t, i) for t, i in zip(tf32, ieee, strict=True) if t is not None]
+    assert min(moved) > 1e-5, moved
+
+
+@pytest.mark.parametrize("variant", ["lstm-proj-len-bf16", "gru-fp32", "rnn_tanh-single-ieee-fp32"])
 def test_split_mode_compiles_for_sm90(variant):
-    """The grid-barrier mode lowers for sm_90 (in a fresh interpreter-free process): acq_rel add, acquire spin."""
+    """The kernels lower for sm_90 (in a fresh interpreter-free process): TF32 products where asked, and in the
+    grid-barrier mode the acq_rel add and acquire spin."""
     script = pathlib.Path(__file__).with_name("triton_compile_check.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), variant], env=env, capture_output=True, text=True, timeout=300)

@@ -4,9 +4,21 @@ Covers both modes: one program per batch block owning every hidden unit (`H <= 1
 with the per-step grid barrier (`H > 128`), several batch blocks, and a batch split over several launches.
 """
 
+import copy
+
 import pytest
 import torch
-from helpers import assert_all_close, assert_outputs_close, kind_problem, run_contract, run_with_grads, twins
+from helpers import (
+    assert_all_close,
+    assert_close,
+    assert_outputs_close,
+    cast,
+    kind_problem,
+    rel_rms,
+    run_contract,
+    run_with_grads,
+    twins,
+)
 from seqfast.kernels import reference
 
 import seqfast
@@ -17,11 +29,26 @@ pytestmark = pytest.mark.gpu
 # 16-bit reasoning. Longer sequences and larger H than the interpreter tests, hence the wider 16-bit bounds.
 DTYPES = {"f32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 5e-2), "f16": (torch.float16, 5e-3)}
 
+# float32 with TF32 products (torch's default for cuDNN's RNNs) against float64: the interpreter's emulation of
+# rounded TF32 operands measures <= 3.8e-4 (tests/test_triton.py); 3e-3 leaves room for hardware that truncates
+# operands and for these longer sequences.
+TF32_TOL = 3e-3
+
 # (B, T, H): single mode, split mode with H off multiples of 16 and two batch blocks. Kept small in number: every
 # (cell, options, dtype, block sizes) combination is a compilation.
 SHAPES = [(3, 9, 40), (70, 6, 520)]
 SHAPE_IDS = [f"B{b}-T{t}-H{h}" for b, t, h in SHAPES]
 KINDS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
+
+
+@pytest.fixture
+def fp32_precision(request):
+    """Sets torch's float32 precision for cuDNN's RNNs, which the triton backend follows, for one test."""
+    rnn = torch.backends.cudnn.rnn
+    before = rnn.fp32_precision
+    rnn.fp32_precision = request.param
+    yield request.param
+    rnn.fp32_precision = before
 
 
 def _tb():
@@ -34,20 +61,34 @@ def _tb():
     return module
 
 
-def check(tb, shape, kind, lengths, reverse, dtype_id):
+def check(tb, shape, kind, lengths, reverse, dtype_id, tf32=False):
+    """The kernels against the reference on the same inputs; with TF32 products, against the reference in float64."""
     B, T, H = shape
     dtype, tol = DTYPES[dtype_id]
     cell, args, cot = kind_problem(kind, T, B, H, H // 3, lengths=lengths, dtype=dtype, device="cuda")
     assert tb.unsupported(cell, args["gx"], args["w_hh"], args["h0"], args["c0"], args["lengths"], args["w_hr"]) is None
+    if tf32:
+        expected = run_contract(reference, cell, *cast(args, cot, torch.float64), reverse)
+        assert_outputs_close(run_contract(tb, cell, args, cot, reverse), expected, TF32_TOL, dtype)
+        return
     expected = run_contract(reference, cell, args, cot, reverse)
     assert_outputs_close(run_contract(tb, cell, args, cot, reverse), expected, tol)
 
 
+@pytest.mark.parametrize("fp32_precision", ["ieee"], indirect=True)
 @pytest.mark.parametrize("options", [("full", False), ("mixed", True)], ids=["full-fwd", "mixed-rev"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_contract_f32(shape, kind, options):
+def test_contract_f32(shape, kind, options, fp32_precision):
     check(_tb(), shape, kind, *options, "f32")
+
+
+@pytest.mark.parametrize("fp32_precision", ["tf32"], indirect=True)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_contract_tf32(shape, kind, fp32_precision):
+    """torch's default for float32 on CUDA: TF32 products, within TF32's bound of float64."""
+    check(_tb(), shape, kind, "mixed", True, "f32", tf32=True)
 
 
 @pytest.mark.parametrize(
@@ -57,7 +98,8 @@ def test_contract_16bit(kind_dtype):
     check(_tb(), SHAPES[1], kind_dtype[0], "mixed", True, kind_dtype[1])
 
 
-def test_batch_over_several_launches(monkeypatch):
+@pytest.mark.parametrize("fp32_precision", ["ieee"], indirect=True)
+def test_batch_over_several_launches(monkeypatch, fp32_precision):
     """Split mode with one batch block per launch (the path taken when blocks x NH exceed the SM count)."""
     tb = _tb()
     config = tb._config
@@ -82,27 +124,42 @@ def test_repeated_launches_are_deterministic():
                 assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(
-    "kind_dtype",
-    [(k, "f32") for k in ("rnn_tanh", "lstm", "lstm-proj", "gru")] + [("lstm", "bf16")],
-    ids=lambda kd: "-".join(kd),
-)
-def test_module_vs_cudnn(kind_dtype):
-    """seqfast modules on the triton backend against torch.nn (cuDNN): outputs, states and every gradient."""
+@pytest.mark.parametrize("fp32_precision", ["ieee", "tf32"], indirect=True)
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "lstm-proj", "gru"])
+def test_module_vs_cudnn_f32(kind, fp32_precision):
+    """seqfast modules on the triton backend and torch.nn (cuDNN) under the same float32 precision rule, each against
+    torch.nn in float64: outputs, states and every gradient. Each tensor's bound is the larger of the precision's
+    own (2e-5 for exact products, `TF32_TOL`) and twice torch.nn's own error on it (cuDNN may keep exact products
+    at some sizes even when TF32 is allowed)."""
     _tb()
-    kind, dtype_id = kind_dtype
-    dtype, tol = {"f32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 5e-2)}[dtype_id]
     cell = "lstm" if kind == "lstm-proj" else kind
     kwargs = dict(num_layers=2, bidirectional=True, device="cuda")
     if kind == "lstm-proj":
         kwargs["proj_size"] = 64
-    ref, ours = twins(cell, 96, 256, backend="triton", dtype=dtype, **kwargs)
-    x = torch.randn(19, 6, 96, device="cuda", dtype=dtype, requires_grad=True)
+    ref, ours = twins(cell, 96, 256, backend="triton", **kwargs)
+    exact = copy.deepcopy(ref).double()
+    x = torch.randn(19, 6, 96, device="cuda", requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    out_exact, grads_exact = run_with_grads(exact, lambda m: m(x64), [x64])
     out_ref, grads_ref = run_with_grads(ref, lambda m: m(x), [x])
     out_ours, grads_ours = run_with_grads(ours, lambda m: m(x), [x])
-    assert_all_close(out_ours, out_ref, tol, [f"out{i}" for i in range(len(out_ref))])
-    names = ["x"] + [n for n, _ in ref.named_parameters()]
-    assert_all_close(grads_ours, grads_ref, tol, names)
+    floor = TF32_TOL if fp32_precision == "tf32" else 2e-5
+    names = [f"out{i}" for i in range(len(out_ref))] + ["x"] + [n for n, _ in ref.named_parameters()]
+    for name, a, r, e in zip(names, out_ours + grads_ours, out_ref + grads_ref, out_exact + grads_exact, strict=True):
+        assert_close(a.double(), e, max(floor, 2 * rel_rms(r, e)), name)
+
+
+def test_module_vs_cudnn_bf16():
+    """bfloat16 modules on the triton backend against torch.nn (cuDNN) in bfloat16."""
+    _tb()
+    ref, ours = twins(
+        "lstm", 96, 256, backend="triton", dtype=torch.bfloat16, num_layers=2, bidirectional=True, device="cuda"
+    )
+    x = torch.randn(19, 6, 96, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out_ref, grads_ref = run_with_grads(ref, lambda m: m(x), [x])
+    out_ours, grads_ours = run_with_grads(ours, lambda m: m(x), [x])
+    assert_all_close(out_ours, out_ref, 5e-2, [f"out{i}" for i in range(len(out_ref))])
+    assert_all_close(grads_ours, grads_ref, 5e-2, ["x"] + [n for n, _ in ref.named_parameters()])
 
 
 @pytest.mark.parametrize("name", ["LSTM", "GRUCell"])

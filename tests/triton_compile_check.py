@@ -2,9 +2,10 @@
 
     python tests/triton_compile_check.py [VARIANT ...] [--all] [--arch 90] [--bb 64 --bh 128 --warps 8]
 
-A variant is `CELL[-proj][-len][-single]-DTYPE`, e.g. `lstm-proj-len-bf16` (split-hidden mode unless `-single`).
-For each it compiles `fwd_kernel` and `bwd_kernel` and checks the PTX of the split mode: the barrier's acq_rel add
-and acquire spin on the counter. Prints one line per kernel; exits 1 on failure.
+A variant is `CELL[-proj][-len][-single][-ieee]-DTYPE`, e.g. `lstm-proj-len-bf16` (split-hidden mode unless
+`-single`; float32 products in TF32, torch's default for cuDNN's RNNs, unless `-ieee`).
+For each it compiles `fwd_kernel` and `bwd_kernel` and checks the PTX: products in TF32 exactly where asked, and in the
+split mode the barrier's acq_rel add and acquire spin on the counter. Prints one line per kernel; exits 1 on failure.
 Must run without `TRITON_INTERPRET` (the kernels have to be real `JITFunction`s).
 """
 
@@ -46,6 +47,7 @@ def compile_variant(rec, variant, arch, bb=None, bh=None, num_warps=4):
         SW=1 if G == 1 else 5,
         NS=2 if proj else 1,
         UPCAST=False,
+        PRECISION="tf32" if dt == "fp32" and "ieee" not in parts else "ieee",
         REVERSE=has_len,
         BB=bb or (64 if split else 16),
         BH=bh or (16 if split else 128),
@@ -89,6 +91,9 @@ def compile_variant(rec, variant, arch, bb=None, bh=None, num_warps=4):
         problems = []
         if shared > SHARED_LIMIT:
             problems.append(f"{shared} bytes of shared memory exceed {SHARED_LIMIT}")
+        has_tf32 = "tf32" in ptx
+        if (meta["PRECISION"] == "tf32") != has_tf32:
+            problems.append(f"products asked in {meta['PRECISION']}, the PTX {'has' if has_tf32 else 'has no'} tf32")
         if split:
             if "atom.global.gpu.acq_rel.add" not in ptx:
                 problems.append("no acq_rel atomic add")

@@ -3,8 +3,9 @@
 Same contract as `seqfast.kernels.reference`. Runs on CUDA; under `TRITON_INTERPRET=1` (set before this module is
 imported) also on CPU tensors, one program per batch block owning every hidden unit. Without either, importing it
 raises ImportError, so that `seqfast.backends()` reports it unavailable with the reason. Inputs may be float32,
-bfloat16 or float16; state and accumulation are float32, recurrent matmuls run in the weights' dtype (float32 as
-exact IEEE products, no TF32); float64 is declined.
+bfloat16 or float16; state and accumulation are float32, recurrent matmuls run in the weights' dtype; float64 is
+declined. float32 products follow torch's rule for cuDNN's RNNs (`_precision`): TF32 on CUDA unless
+`torch.backends.cudnn.rnn.fp32_precision` (before torch 2.9, `torch.backends.cudnn.allow_tf32`) turns it off.
 """
 
 import torch
@@ -25,6 +26,21 @@ if not INTERPRET and not torch.cuda.is_available():
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BH = (16, 32, 64, 128)
 _SINGLE_MAX_H = 128
+
+
+def _precision(dtype, device):
+    """`tl.dot`'s input precision for operands of `dtype` on `device`, as torch.nn's cuDNN RNNs choose theirs.
+
+    Returns:
+        `"tf32"` for float32 on CUDA while torch allows TF32 in cuDNN's RNNs (its default), else `"ieee"`: exact
+        products for float32 on CPU tensors (torch.nn runs no TF32 there) and 16-bit operands.
+    """
+    if dtype != torch.float32 or device.type != "cuda":
+        return "ieee"
+    rnn = getattr(torch.backends.cudnn, "rnn", None)
+    if hasattr(rnn, "fp32_precision"):
+        return "tf32" if rnn.fp32_precision == "tf32" else "ieee"
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
 
 
 def _sm_count(device):
@@ -78,9 +94,10 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     return None
 
 
-def _meta(cell, cfg):
+def _meta(cell, cfg, precision):
     return dict(
         CELL=CELLS[cell],
+        PRECISION=precision,
         G=GATES[cell],
         SW=SAVED_WIDTH[cell],
         UPCAST=INTERPRET,
@@ -129,7 +146,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     hbuf = torch.empty((2, B, P), dtype=w_hh.dtype, device=dev)
     rbuf = None if w_hr is None else torch.empty((B, H), dtype=w_hr.dtype, device=dev)
     sync = torch.zeros(triton.cdiv(B, cfg["BB"]), dtype=torch.int32, device=dev)
-    meta = _meta(cell, cfg)
+    meta = _meta(cell, cfg, _precision(w_hh.dtype, dev))
     args = (gx, w_hh, b_hh, h0, c0, lengths, w_hr, y, hT, cT, saved, hbuf, rbuf, sync, T, B, H, P)
     _launch(fwd_kernel, cfg, B, args, dict(meta, REVERSE=reverse, SAVE=need_saved, NS=1 if w_hr is None else 2))
     return y, hT, cT, saved
@@ -167,7 +184,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     dbuf = torch.empty((2, B, G * H), dtype=w_hh.dtype, device=dev)
     pbuf = None if w_hr is None else torch.empty((B, P), dtype=w_hr.dtype, device=dev)
     sync = torch.zeros(triton.cdiv(B, cfg["BB"]), dtype=torch.int32, device=dev)
-    meta = _meta(cell, cfg)
+    meta = _meta(cell, cfg, _precision(w_hh.dtype, dev))
     args = (dy, dhT, dcT if lstm else None, w_hh, w_hr, c0 if lstm else None, lengths, saved)
     args += (dgx, dgh, dh0, dc0, dhs, dbuf, pbuf, sync, T, B, H, P)
     _launch(bwd_kernel, cfg, B, args, dict(meta, REVERSE=reverse, NS=1 if w_hr is None else 2))

@@ -57,22 +57,38 @@ def _sync(p_sync, n, NH: tl.constexpr, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _mma(acc, b_x, p_w, o_n, m_n, o_k, m_k, LD_N, LD_K, UPCAST: tl.constexpr):
+def _round_tf32(x):
+    """fp32 `x` rounded to nearest even at TF32's 10 mantissa bits (Inf and NaN kept)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0xFFF + ((bits >> 13) & 1)) & 0xFFFFE000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mma(acc, b_x, p_w, o_n, m_n, o_k, m_k, LD_N, LD_K, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """`acc + b_x @ W` for `W[k, n]` at `p_w + o_n * LD_N + o_k * LD_K`, operands in W's dtype, fp32 accumulation.
 
-    `b_x [BB, BK]`, `acc [BB, BN]`; `UPCAST` multiplies the (already rounded) operands in fp32, the same products:
-    the interpreter's numpy has no bfloat16 matmul.
+    `b_x [BB, BK]`, `acc [BB, BN]`; `PRECISION` is `tl.dot`'s input precision for fp32 operands (`ieee` or `tf32`).
+    `UPCAST` multiplies the (already rounded) operands in fp32, the same products, rounding them to TF32 first when
+    asked: the interpreter's numpy has no bfloat16 matmul and ignores the input precision.
     """
     p = p_w + o_n[None, :].to(tl.int64) * LD_N + o_k[:, None].to(tl.int64) * LD_K
     b_w = tl.load(p, mask=m_k[:, None] & m_n[None, :], other=0.0)  # [BK, BN]
     b_x = b_x.to(b_w.dtype)
     if UPCAST:
-        return tl.dot(b_x.to(tl.float32), b_w.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(b_x, b_w, acc, input_precision="ieee")
+        b_x = b_x.to(tl.float32)
+        b_w = b_w.to(tl.float32)
+        if PRECISION == "tf32":
+            b_x = _round_tf32(b_x)
+            b_w = _round_tf32(b_w)
+        return tl.dot(b_x, b_w, acc, input_precision="ieee")
+    return tl.dot(b_x, b_w, acc, input_precision=PRECISION)
 
 
 @triton.jit
-def _rows_mma(acc, p_rows, r_x, m_b, K, p_w, o_n, m_n, LD_N, LD_K, BK: tl.constexpr, UPCAST: tl.constexpr):
+def _rows_mma(
+    acc, p_rows, r_x, m_b, K, p_w, o_n, m_n, LD_N, LD_K, BK: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr
+):
     """`acc + X @ W` over `K` for `X [BB, K]` the exchange-buffer rows at `p_rows + r_x` (read through L2), `W` as
     in `_mma`."""
     for k in range(0, K, BK):
@@ -80,7 +96,7 @@ def _rows_mma(acc, p_rows, r_x, m_b, K, p_w, o_n, m_n, LD_N, LD_K, BK: tl.conste
         m_k = o_k < K
         p_x = p_rows + r_x[:, None] + o_k[None, :]
         b_x = tl.load(p_x, mask=m_b[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")  # [BB, BK]
-        acc = _mma(acc, b_x, p_w, o_n, m_n, o_k, m_k, LD_N, LD_K, UPCAST)
+        acc = _mma(acc, b_x, p_w, o_n, m_n, o_k, m_k, LD_N, LD_K, UPCAST, PRECISION)
     return acc
 
 
@@ -152,6 +168,7 @@ def fwd_kernel(
     SW: tl.constexpr,
     NS: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     REVERSE: tl.constexpr,
     SAVE: tl.constexpr,
     BB: tl.constexpr,
@@ -202,12 +219,12 @@ def fwd_kernel(
             m_k = o_k < P
             p_x = p_hbuf + r_cur[:, None] + o_k[None, :]
             b_x = tl.load(p_x, mask=m_b[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")  # [BB, BK]
-            a0 = _mma(a0, b_x, p_whh, o_h, m_h, o_k, m_k, P, 1, UPCAST)
+            a0 = _mma(a0, b_x, p_whh, o_h, m_h, o_k, m_k, P, 1, UPCAST, PRECISION)
             if G > 1:
-                a1 = _mma(a1, b_x, p_whh, H + o_h, m_h, o_k, m_k, P, 1, UPCAST)
-                a2 = _mma(a2, b_x, p_whh, 2 * H + o_h, m_h, o_k, m_k, P, 1, UPCAST)
+                a1 = _mma(a1, b_x, p_whh, H + o_h, m_h, o_k, m_k, P, 1, UPCAST, PRECISION)
+                a2 = _mma(a2, b_x, p_whh, 2 * H + o_h, m_h, o_k, m_k, P, 1, UPCAST, PRECISION)
             if G > 3:
-                a3 = _mma(a3, b_x, p_whh, 3 * H + o_h, m_h, o_k, m_k, P, 1, UPCAST)
+                a3 = _mma(a3, b_x, p_whh, 3 * H + o_h, m_h, o_k, m_k, P, 1, UPCAST, PRECISION)
         p_g = p_gx + r_x[:, None] + o_h[None, :]
         x0 = tl.load(p_g, mask=m_ah, other=0.0).to(tl.float32)  # [BB, BH]
         p_s = p_saved + (s * B + o_b)[:, None] * (SW * H) + o_h[None, :]
@@ -248,7 +265,7 @@ def fwd_kernel(
             tl.store(p_rbuf + o_b[:, None] * H + o_h[None, :], h_new.to(p_rbuf.dtype.element_ty), mask=m_bh)
             _sync(p_sync, 2 + NS * s, NH, SPLIT)
             h_new = tl.zeros([BB, BH], tl.float32)
-            h_new = _rows_mma(h_new, p_rbuf, o_b * H, m_b, H, p_whr, o_h, m_p, H, 1, BK, UPCAST)
+            h_new = _rows_mma(h_new, p_rbuf, o_b * H, m_b, H, p_whr, o_h, m_p, H, 1, BK, UPCAST, PRECISION)
         b_h = tl.where(m_a[:, None], h_new, b_h)
         p_o = p_y + (o_t * B + o_b)[:, None] * P + o_h[None, :]
         tl.store(p_o, tl.where(m_a[:, None], h_new, 0.0).to(p_y.dtype.element_ty), mask=m_bp)
@@ -297,6 +314,7 @@ def bwd_kernel(
     SW: tl.constexpr,
     NS: tl.constexpr,
     UPCAST: tl.constexpr,
+    PRECISION: tl.constexpr,
     REVERSE: tl.constexpr,
     BB: tl.constexpr,
     BH: tl.constexpr,
@@ -336,7 +354,9 @@ def bwd_kernel(
             p_d = p_dhs + (s * B + o_b)[:, None] * P + o_h[None, :]
             tl.store(p_d, tl.where(m_a2, b_dhs, 0.0), mask=m_bp)
             _sync(p_sync, 1 + NS * j, NH, SPLIT)
-            b_dr = _rows_mma(tl.zeros([BB, BH], tl.float32), p_pbuf, o_b * P, m_b, P, p_whr, o_h, m_h, 1, H, BK, UPCAST)
+            b_dr = _rows_mma(
+                tl.zeros([BB, BH], tl.float32), p_pbuf, o_b * P, m_b, P, p_whr, o_h, m_h, 1, H, BK, UPCAST, PRECISION
+            )
         p_s = p_saved + (s * B + o_b)[:, None] * (SW * H) + o_h[None, :]
         m_sv = m_a2 & m_h[None, :]
         d1 = tl.zeros([BB, BH], tl.float32)
@@ -404,7 +424,7 @@ def bwd_kernel(
         b_acc = tl.zeros([BB, BH], tl.float32)  # [BB, BH] dgh @ w_hh for this program's range of P
         if CELL == 3:
             b_acc = b_dhs * z
-        b_acc = _rows_mma(b_acc, p_dbuf, r_d, m_b, GH, p_whh, o_h, m_p, 1, P, BK, UPCAST)
+        b_acc = _rows_mma(b_acc, p_dbuf, r_d, m_b, GH, p_whh, o_h, m_p, 1, P, BK, UPCAST, PRECISION)
         b_dh = tl.where(m_a2, b_acc, b_dhs)
 
     for s in range(T_blk, T):
