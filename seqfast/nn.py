@@ -59,15 +59,17 @@ def _cpu_autocast_dtypes(cell, dtype, states, onednn, proj):
     return (dtype if proj else state), state
 
 
-def _run_autocast(run, cell, x, states, weights, unpacked=False):
+def _run_autocast(run, cell, x, states, weights, module=False, unpacked=False):
     """`run(x, states, weights) -> (y, hT, cT)` as torch.nn runs under autocast on `x`'s device.
 
-    CUDA casts the whole recurrent op (every tensor, outputs in the autocast dtype). On CPU the GEMM operands are
-    rounded to it and the kernels run in float32 with CPU autocast off; the outputs take torch.nn's dtypes (see
-    `_cpu_autocast_dtypes`).
+    CUDA casts the whole recurrent op (every tensor, outputs in the autocast dtype); a module's op that runs on cuDNN
+    is cast to float16 whatever the autocast dtype, as torch's autocast wrapper of cuDNN's RNN does. On CPU the GEMM
+    operands are rounded to the autocast dtype and the kernels run in float32 with CPU autocast off; the outputs
+    take torch.nn's dtypes (see `_cpu_autocast_dtypes`).
 
     Args:
         weights: `(w_ih, w_hh, b_ih, b_hh)` per layer-direction, plus LSTM's `w_hr` (or None) for a module.
+        module: a module's call (default False: a cell's).
         unpacked: a module's unpacked sequence, on which torch.nn runs a float32 LSTM without projection on oneDNN
             (when enabled); default False (cells, `PackedSequence`).
     """
@@ -75,6 +77,8 @@ def _run_autocast(run, cell, x, states, weights, unpacked=False):
     if dtype is None:
         return run(x, states, weights)
     if x.device.type != "cpu":
+        if module and x.device.type == "cuda" and torch.backends.cudnn.enabled and torch.backends.cudnn.is_available():
+            dtype = torch.float16
         return run(*_cast(dtype, x), _cast(dtype, *states), [_cast(dtype, *w) for w in weights])
     proj = len(weights[0]) == 5 and weights[0][4] is not None
     onednn = cell == "lstm" and unpacked and not proj and x.dtype == torch.float32 and x.numel() != 0
@@ -277,7 +281,7 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
                 cell, x, states[0], c0, weights, layers, bidirectional, dropout, training, lengths, self.backend
             )
 
-        y, hn, cn = _run_autocast(run, cell, x, states, weights, unpacked=not packed)
+        y, hn, cn = _run_autocast(run, cell, x, states, weights, module=True, unpacked=not packed)
         hidden = (hn, cn) if is_lstm else hn
         if packed:
             data = pack_padded_sequence(y, lengths).data

@@ -84,10 +84,11 @@ def test_contract_f32(shape, kind, options, fp32_precision):
 
 
 @pytest.mark.parametrize("fp32_precision", ["tf32"], indirect=True)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [k for k in KINDS if k != "rnn_relu"])
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_contract_tf32(shape, kind, fp32_precision):
-    """torch's default for float32 on CUDA: TF32 products, within TF32's bound of float64."""
+    """torch's default for float32 on CUDA: TF32 products, within TF32's bound of float64. Not `rnn_relu`: its
+    gradient steps at 0, and units that TF32's rounding moves across it differ by O(1) (dgx 3e-2 on an H200)."""
     check(_tb(), shape, kind, "mixed", True, "f32", tf32=True)
 
 
@@ -162,9 +163,10 @@ def test_module_vs_cudnn_bf16():
     assert_all_close(grads_ours, grads_ref, 5e-2, ["x"] + [n for n, _ in ref.named_parameters()])
 
 
-@pytest.mark.parametrize("name", ["LSTM", "GRUCell"])
-def test_module_under_cuda_autocast(name):
-    """CUDA autocast casts torch.nn's recurrent ops whole: bfloat16 outputs and states, float32 gradients."""
+@pytest.mark.parametrize("name, dtype", [("LSTM", torch.float16), ("GRUCell", torch.bfloat16)])
+def test_module_under_cuda_autocast(name, dtype):
+    """CUDA autocast casts torch.nn's recurrent ops whole, float32 gradients: a cell to the autocast dtype, a module's
+    cuDNN op to float16 whatever that dtype is (seen on an H200, torch 2.11)."""
     _tb()
     ref = getattr(torch.nn, name)(24, 40, device="cuda")
     ours = getattr(seqfast, name)(24, 40, device="cuda", backend="triton")
@@ -177,6 +179,6 @@ def test_module_under_cuda_autocast(name):
 
     out_ref, grads_ref = run_with_grads(ref, call, [x])
     out_ours, grads_ours = run_with_grads(ours, call, [x])
-    assert [t.dtype for t in out_ours] == [t.dtype for t in out_ref] == [torch.bfloat16] * len(out_ref)
+    assert [t.dtype for t in out_ours] == [t.dtype for t in out_ref] == [dtype] * len(out_ref)
     assert_all_close(out_ours, out_ref, 5e-2, [f"out{i}" for i in range(len(out_ref))])
     assert_all_close(grads_ours, grads_ref, 5e-2, ["x"] + [n for n, _ in ref.named_parameters()])
