@@ -3,9 +3,11 @@ finishes, then warnings about the run's conditions; append the rows to `<device>
 (`--out`; the project's `benchmarks/results/` with `--update-project-results`).
 
 Run as `python -m benchmarks`; exit status 1 when a provider failed its gate or its timing. With `--first-call`,
-measure each provider's cold start in fresh processes instead (`<device>-first-call.csv`).
+measure each provider's cold start in fresh processes instead (`<device>-first-call.csv`). `--budget-s` starts no new
+shape once that many seconds have passed; the skipped shapes are listed and the rows kept.
 
-Examples: `python -m benchmarks --set quick --threads 1,2 --modes fwd,fwdbwd`, `python -m benchmarks --first-call`.
+Examples: `python -m benchmarks --set quick --threads 1,2 --modes fwd,fwdbwd`, `python -m benchmarks --first-call`,
+`python -m benchmarks --set decode --modes decode,decode-graph --device cuda --cudnn-fp32 ieee`.
 """
 
 import argparse
@@ -33,7 +35,12 @@ def parse_args(argv=None):
     parser.add_argument("--cells", type=_csv_list, help="only these cells, e.g. lstm,gru")
     parser.add_argument("--shapes", type=_csv_list, help="only shapes whose id contains one of these strings")
     parser.add_argument("--providers", type=_csv_list, help="only these providers (default: every usable one)")
-    parser.add_argument("--modes", type=_csv_list, default=list(harness.MODES), help="default fwd,fwdbwd,infer")
+    parser.add_argument(
+        "--modes",
+        type=_csv_list,
+        default=list(harness.MODES),
+        help="comma list from " + ", ".join(harness.ALL_MODES) + " (default fwd,fwdbwd,infer)",
+    )
     parser.add_argument(
         "--dtype",
         type=_csv_list,
@@ -47,6 +54,17 @@ def parse_args(argv=None):
         help="cpu or cuda (default: cuda when available)",
     )
     parser.add_argument("--compile", action="store_true", help="add the torch-compile provider (slow to compile)")
+    parser.add_argument(
+        "--cudnn-fp32",
+        choices=("tf32", "ieee"),
+        help="torch.backends.cudnn.rnn.fp32_precision for the run, which seqfast's triton backend follows too "
+        "(default: torch's, tf32)",
+    )
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        help="start no new shape after this many seconds of the run; the skipped ones are listed (default: no limit)",
+    )
     parser.add_argument(
         "--min-run-time",
         type=float,
@@ -77,8 +95,8 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
     for mode in args.modes:
-        if mode not in harness.MODES:
-            parser.error(f"unknown mode {mode!r}; choose from {', '.join(harness.MODES)}")
+        if mode not in harness.ALL_MODES:
+            parser.error(f"unknown mode {mode!r}; choose from {', '.join(harness.ALL_MODES)}")
     for dtype in args.dtype:
         if dtype not in DTYPES:
             parser.error(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -134,16 +152,17 @@ def run(args):
 
     Per thread count and dtype, the GEMM rate is measured before the shapes (the `%gemm` reference) and after them,
     and the faster of the two is kept in the machine's record (`harness.record_gemm_rate`) once the rows carry the
-    best one known before.
+    best one known before. Once `args.budget_s` seconds have passed since the start, no new shape starts.
 
     Args:
         args: `argparse.Namespace` from `parse_args`.
 
     Returns:
-        `(rows, unusable)`: result `dict`s keyed by `report.COLUMNS`, and `(provider, reason)` for backends that
-        do not load here.
+        `(rows, unusable, skipped)`: result `dict`s keyed by `report.COLUMNS`, `(provider, reason)` for backends
+        that do not load here, and `(threads, dtype name, shape id)` of the shapes the budget left out.
     """
-    harness.configure()
+    start = time.perf_counter()
+    harness.configure(args.cudnn_fp32)
     device = torch.device(args.device)
     usable, unusable = _usable_providers(args, device)
     groups = _dtype_groups(_shapes(args), args.dtype)
@@ -153,7 +172,7 @@ def run(args):
     progress = report.Progress(len(threads) * per_threads)
     table = report.Table([s.id for _, shapes in groups for s in shapes], [p.name for p in usable])
     progress.write(table.header())
-    rows = []
+    rows, skipped = [], []
     for n in threads:
         harness.set_threads(n)
         for dtype_name, shapes in groups:
@@ -162,6 +181,9 @@ def run(args):
             gemm = harness.gemm_rate(dtype, device, n, args.min_run_time)
             group = []
             for shape in shapes:
+                if args.budget_s is not None and time.perf_counter() - start >= args.budget_s:
+                    skipped.append((n, dtype_name, shape.id))
+                    continue
                 shape_rows = []
                 for mode in args.modes:
                     for provider in usable:
@@ -204,7 +226,7 @@ def run(args):
                 row["warning"] = "; ".join(report.row_warnings(row))
             rows += group
     progress.close()
-    return rows, unusable
+    return rows, unusable, skipped
 
 
 def _first_call_row(runs, failure):
@@ -293,11 +315,17 @@ def main(argv=None):
     if args.first_call:
         return _main_first_call(args)
     start = time.perf_counter()
-    rows, unusable = run(args)
+    rows, unusable, skipped = run(args)
     elapsed = time.perf_counter() - start
     env = harness.environment(args.device)
+    gpu = ""
+    if env["gpu"]:
+        gpu = (
+            f"{env['gpu']}, driver {env['driver']}, CUDA {env['cuda']}, cuDNN {env['cudnn']}, triton {env['triton']}, "
+            f"cuDNN RNN fp32 precision {env['fp32_precision']}; "
+        )
     print(
-        f"\n{env['device']}, torch {env['torch']}, python {env['python']}, git {env['git_sha']}; "
+        f"\n{env['device']}, {gpu}torch {env['torch']}, python {env['python']}, git {env['git_sha']}; "
         f"set {args.set}, {len(rows)} rows in {elapsed:.0f} s"
     )
     groups = {(r["threads"], r["dtype"]): r for r in rows}
@@ -312,6 +340,11 @@ def main(argv=None):
         print(line)
     for name, reason in unusable:
         print(f"not usable: {name}: {reason}")
+    if skipped:
+        print(
+            f"budget spent ({args.budget_s:g} s): skipped "
+            + ", ".join(f"{shape} {dtype} {n} thr" for n, dtype, shape in skipped)
+        )
     _write_csv(args, env, rows, report.COLUMNS, "")
     return 1 if any(r["status"] in ("FAILED-GATE", "ERROR") for r in rows) else 0
 

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# One-shot GPU check for the triton backend (no network needed): editable install, CUDA parity tests, benchmark.
-#   benchmarks/gpu_check.sh OUTDIR        (BENCH_BUDGET_S, default 240: seconds of shapes the benchmark visits)
-# Writes OUTDIR/{versions.txt,install.log,pytest_gpu.log,bench.log,gpu_bench.csv}; about 4 minutes on an H200.
+# One-shot GPU check for the triton backend (no network needed): editable install, CUDA parity tests, then the
+# benchmark runner (`python -m benchmarks`) on the GPU shape sets, most valuable first, and a summary of its CSV.
+#   benchmarks/gpu_check.sh OUTDIR
+# BENCH_BUDGET_S (default 180): seconds of shapes the runner starts, split over its runs below; each run ends its
+# current shape past its share (a triton kernel variant compiles in 5-15 s). About 6 minutes on an H200.
+# Writes OUTDIR/{versions.txt,install.log,pytest_gpu.log,bench.log,cuda-<gpu>.csv}.
 set -euo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUTDIR}
 mkdir -p "$OUT"
@@ -27,10 +30,38 @@ echo "== CUDA parity tests"
 # Most of the time is kernel compilation, which is CPU-bound: spread the tests over processes when xdist is there.
 workers=()
 python -c "import xdist" 2>/dev/null && workers=(-n 8)
-timeout 210 python -m pytest -m gpu tests/test_triton_cuda.py -q -p no:cacheprovider "${workers[@]}" \
+timeout 150 python -m pytest -m gpu tests/test_triton_cuda.py -q -p no:cacheprovider "${workers[@]}" \
   >"$OUT/pytest_gpu.log" 2>&1 || status=1
 tail -n 25 "$OUT/pytest_gpu.log"
 
-echo "== benchmark"
-timeout 330 python benchmarks/gpu_bench.py "$OUT" --budget-s "${BENCH_BUDGET_S:-240}" 2>&1 | tee "$OUT/bench.log" || status=1
+budget=${BENCH_BUDGET_S:-180}
+
+# bench PERCENT ARGS...: one runner run with PERCENT of the budget, killed 90 s past its share; output to bench.log.
+bench() {
+  local share=$((budget * $1 / 100))
+  shift
+  echo "== python -m benchmarks $* --budget-s $share" | tee -a "$OUT/bench.log"
+  PYTHONUNBUFFERED=1 timeout $((share + 90)) python -m benchmarks --device cuda --providers torch,seqfast-triton \
+    --out "$OUT" --budget-s "$share" "$@" >>"$OUT/bench.log" 2>&1 || status=1
+  grep -E "^(budget spent|appended|cuda-)" "$OUT/bench.log" | tail -n 3 || true
+}
+
+echo "== benchmark (BENCH_BUDGET_S=$budget)"
+# FlashRNN's published shape, float32 under torch's default TF32 for cuDNN RNNs (the triton backend follows it).
+bench 25 --set flashrnn --modes fwd,fwdbwd --dtype bfloat16,float16,float32
+# The persistent kernel's cost per step.
+bench 10 --set flashrnn --modes kernel --dtype bfloat16,float32
+# Greedy decoding; torch.compile compiles per shape, so only the small-batch LSTMs.
+bench 15 --set decode --modes decode,decode-graph --dtype float32
+bench 10 --set decode --modes decode-compile --dtype float32 --cells lstm --shapes B1-,B8-
+bench 15 --set gpu-train --modes fwdbwd --dtype bfloat16,float16,float32 \
+  --shapes lstm-H1024-B32-T100,lstm-H2560-B64-T100,gru-H2560-B32-T187
+bench 10 --set gpu-infer --modes infer --dtype bfloat16,float32 --shapes B1-,B4- --cells lstm
+# IEEE float32 on both sides.
+bench 15 --set flashrnn --modes fwdbwd --dtype float32 --cudnn-fp32 ieee
+
+echo "== summary"
+for csv in "$OUT"/cuda-*.csv; do
+  [ -e "$csv" ] && { python -m benchmarks.report "$csv" 2>&1 | tee -a "$OUT/bench.log" || status=1; }
+done
 exit $status

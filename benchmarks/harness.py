@@ -5,11 +5,17 @@ Providers: `torch` (torch.nn), `seqfast-<backend>` for every backend of the devi
 (forced with `backend=` under `SEQFAST_STRICT=1`), and optionally `torch-compile` (`torch.compile` of the torch.nn
 module with Dynamo's `allow_rnn`, which unrolls the recurrence; compiling takes minutes per shape on a CPU).
 
-Modules: the sequence modules (`RNN`, `LSTM`, `GRU`) or, for a shape with `module="cell"`, the cells (`RNNCell`,
-`LSTMCell`, `GRUCell`), fed `[B, I]` for one step.
+Modules: the sequence modules (`RNN`, `LSTM`, `GRU`), for a shape with `module="cell"` the cells (`RNNCell`,
+`LSTMCell`, `GRUCell`), fed `[B, I]` for one step, and for `module="decoder"` a greedy decoder (`Decoder`): an
+embedding, the provider's sequence module and an output head, run one token at a time.
 
-Modes: `fwd` (forward with autograd recording), `fwdbwd` (forward, then the gradients of the input and every
-parameter for fixed random cotangents on every output), `infer` (forward under `torch.no_grad`).
+Modes of the sequence modules and cells (`MODES`): `fwd` (forward with autograd recording), `fwdbwd` (forward, then
+the gradients of the input and every parameter for fixed random cotangents on every output), `infer` (forward under
+`torch.no_grad`). `kernel`: a seqfast backend's forward time loop alone (`fwd(..., need_saved=False)`) on one layer's
+tensors, the persistent kernel's cost per step without the input GEMM and the module around it. Decoder modes
+(`DECODE_MODES`), one call decoding `T` tokens under `torch.no_grad`: `decode` (eager), `decode-graph` (one
+decoding step captured in a CUDA graph, replayed `T` times; CUDA only) and `decode-compile` (the step under
+`torch.compile(mode="reduce-overhead")`, compiled during set-up).
 
 `first_call` runs `benchmarks.first_call` in a fresh interpreter: the cold start a user meets (imports, backend
 loading, numba's compile or on-disk cache, the first forward and backward).
@@ -17,6 +23,7 @@ loading, numba's compile or on-disk cache, the first forward and backward).
 
 import datetime
 import functools
+import importlib.metadata
 import json
 import os
 import platform
@@ -35,10 +42,15 @@ import seqfast
 from seqfast import dispatch
 from seqfast.linear import dense
 
-MODES = ("fwd", "fwdbwd", "infer")
+from .shapes import DECODER_VOCAB
 
-# Relative RMS tolerance of the gate per benchmark dtype; the oracle is torch.nn in float64 for float64 input and in
-# float32 otherwise, built from the same (rounded) weights and inputs. float64: the two sides differ only in
+MODES = ("fwd", "fwdbwd", "infer")
+DECODE_MODES = ("decode", "decode-graph", "decode-compile")
+KERNEL = "kernel"
+ALL_MODES = MODES + (KERNEL,) + DECODE_MODES
+
+# Relative RMS tolerance of the gate per benchmark dtype; the oracle is torch.nn in float64 for float64 input and on
+# CUDA, in float32 otherwise, built from the same (rounded) weights and inputs. float64: the two sides differ only in
 # summation order, u = 1.1e-16 times sqrt(I + H) <= 1e2 per dot product, kept over T steps of a contractive
 # recurrence and the B*T-term weight-gradient sums: ~1e-13, bound 1e-10. float32: the same with u = 6e-8 gives
 # <= 1e-5 at H = 4096 (measured 1e-7 to 7e-7 up to H = 2048, T = 150), bound 1e-4. bfloat16 / float16: outputs and
@@ -115,23 +127,32 @@ class Problem:
     """A ready-to-call benchmark instance (see `setup`).
 
     Attributes:
-        module: the provider's module (compiled for `torch-compile`).
-        arg: its input, `[T, B, I]` (`[B, I]` for a cell) or a `PackedSequence` of it.
+        module: the provider's module (compiled for `torch-compile`), the `Decoder` in the decode modes, None in
+            `kernel` mode.
+        arg: its input, `[T, B, I]` (`[B, I]` for a cell) or a `PackedSequence` of it; the start tokens `[B]` in the
+            decode modes; `gx [T, B, G*H]` in `kernel` mode.
         x: the leaf tensor behind `arg`: `arg` itself, or the packed data `[sum(lengths), I]`.
         step: zero-argument callable running one call in the requested mode.
     """
 
-    module: torch.nn.Module
+    module: torch.nn.Module | None
     arg: torch.Tensor | PackedSequence
     x: torch.Tensor
     step: object
 
 
-def configure():
-    """Settings every benchmark runs under: strict dispatch (`SEQFAST_STRICT=1`) and no TF32."""
+def configure(cudnn_fp32=None):
+    """Settings every benchmark runs under: strict dispatch (`SEQFAST_STRICT=1`), no TF32 in `torch.matmul`, and
+    cuDNN RNNs' float32 precision.
+
+    Args:
+        cudnn_fp32: `tf32` or `ieee`, set as `torch.backends.cudnn.rnn.fp32_precision` (seqfast's triton backend
+            follows the same flag); None (default) leaves torch's default, `tf32`.
+    """
     os.environ["SEQFAST_STRICT"] = "1"
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    if cudnn_fp32 is not None:
+        torch.backends.cudnn.rnn.fp32_precision = cudnn_fp32
 
 
 def providers(device_type, compile=False):
@@ -175,13 +196,22 @@ def flops(shape, mode):
     counted: tokens are the sum of the lengths.
 
     Args:
+    A decoder's token costs its recurrent module's `infer` work for one token plus the head, `2 * H * V`
+    (`V = DECODER_VOCAB`; the embedding is a lookup). `kernel` mode counts the recurrence GEMM of one layer and
+    direction alone, `2 * G * H * H` per token.
+
+    Args:
         shape: `Shape`.
-        mode: `fwd`, `fwdbwd` or `infer`.
+        mode: a mode of `ALL_MODES`.
 
     Returns:
         `float` FLOPs: `factor * sum_l D * 2 * G * H * (I_l + H) * tokens`.
     """
     G, H, D = GATES[shape.cell], shape.hidden, shape.directions
+    if mode == KERNEL:
+        return 2 * G * H * H * shape.tokens()
+    if shape.is_decoder:
+        return (flops(shape.decoder_step(), "infer") / shape.batch + 2 * H * DECODER_VOCAB) * shape.tokens()
     per_token = sum(D * 2 * G * H * ((shape.input_size if layer == 0 else D * H) + H) for layer in range(shape.layers))
     return (3 if mode == "fwdbwd" else 1) * per_token * shape.tokens()
 
@@ -261,24 +291,215 @@ def _cotangents(outputs, seed, rounding):
     return [torch.randn(o.shape, generator=generator).to(rounding).to(dtype=o.dtype, device=o.device) for o in outputs]
 
 
+class Decoder(torch.nn.Module):
+    """A greedy decoder: token embedding, recurrent module, output head.
+
+    Args:
+        embedding: `nn.Embedding(V, I)`.
+        rnn: the sequence module (`RNN`, `LSTM`, `GRU`; torch.nn's or seqfast's), time-major.
+        head: `nn.Linear(H, V)`.
+    """
+
+    def __init__(self, embedding, rnn, head):
+        super().__init__()
+        self.embedding, self.rnn, self.head = embedding, rnn, head
+
+    def forward(self, token, hx):
+        """One decoding step: embed, one `T = 1` call of the recurrent module, the argmax of the head.
+
+        Args:
+            token: `[B]` int64.
+            hx: the recurrent module's state, `[L, B, H]` (a pair of them for LSTM).
+
+        Returns:
+            `(next_token [B], hx)`.
+        """
+        y, hx = self.rnn(self.embedding(token)[None], hx)
+        return self.head(y[0]).argmax(-1), hx
+
+
+def _decoder(shape, provider, dtype, device, seed):
+    """`(decoder, start)`: the `Decoder` of a decoder shape in `dtype` on `device`, its recurrent module the
+    provider's (`_build`), embedding and head drawn from `seed`; the start tokens `[B]`, one per row."""
+    rnn = _build(shape, provider, dtype, device, _state_dict(shape, seed))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        embedding = torch.nn.Embedding(DECODER_VOCAB, shape.input_size)
+        head = torch.nn.Linear(shape.hidden, DECODER_VOCAB)
+        start = torch.randint(DECODER_VOCAB, (shape.batch,))
+    decoder = Decoder(embedding, rnn, head).to(dtype=dtype, device=device)
+    return decoder.eval(), start.to(device)
+
+
+def _zero_state(shape, dtype, device):
+    """The recurrent module's initial state: zeros `[L, B, H]`, a pair of them for LSTM."""
+    h = torch.zeros(shape.layers, shape.batch, shape.hidden, dtype=dtype, device=device)
+    return (h, torch.zeros_like(h)) if shape.cell == "lstm" else h
+
+
+def _clone_state(hx):
+    """A copy of a recurrent state, outside the memory a CUDA graph replay overwrites."""
+    return tuple(h.clone() for h in hx) if isinstance(hx, tuple) else hx.clone()
+
+
+def _states(hx):
+    """The tensors of a recurrent state, `hx` itself or its pair, as a tuple."""
+    return tuple(hx) if isinstance(hx, tuple) else (hx,)
+
+
+def _decode_step(shape, provider, mode, dtype, device, seed):
+    """`(decoder, start, step)` for one of `DECODE_MODES`: `step()` decodes `T` tokens from `start`."""
+    decoder, start = _decoder(shape, provider, dtype, device, seed)
+    state = _zero_state(shape, dtype, device)
+    if mode == "decode":
+
+        def step():
+            with torch.no_grad():
+                token, hx = start, state
+                for _ in range(shape.time):
+                    token, hx = decoder(token, hx)
+            return token
+
+    elif mode == "decode-graph":
+        token_in = start.clone()
+
+        def one():
+            token, hx = decoder(token_in, state)
+            token_in.copy_(token)
+            for dst, src in zip(_states(state), _states(hx), strict=True):
+                dst.copy_(src)
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side), torch.no_grad():
+            for _ in range(3):
+                one()
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            one()
+
+        def step():
+            token_in.copy_(start)
+            for h in _states(state):
+                h.zero_()
+            for _ in range(shape.time):
+                graph.replay()
+            return token_in
+
+    else:
+        from torch._dynamo import config as dynamo_config
+
+        torch.compiler.reset()
+        dynamo_config.allow_rnn = True
+        compiled = torch.compile(decoder, mode="reduce-overhead")
+
+        def step():
+            with torch.no_grad():
+                token, hx = start, state
+                for _ in range(shape.time):
+                    torch.compiler.cudagraph_mark_step_begin()
+                    token, hx = compiled(token, hx)
+                    token, hx = token.clone(), _clone_state(hx)
+            return token
+
+        for _ in range(2):
+            step()
+    return decoder, start, step
+
+
+def _kernel_tensors(shape, dtype, device, seed):
+    """One layer's forward-loop inputs in `dtype` on `device`: `gx [T, B, G*H]`, `w_hh [G*H, H]` and `b_hh [G*H]`
+    uniform in `+-1/sqrt(H)` (torch.nn's initialisation), `h0 [B, H]`, `c0 [B, H]` (LSTM, else None), random
+    normal; `lengths [B]` for a packed shape, else None."""
+    G, H, T, B = GATES[shape.cell], shape.hidden, shape.time, shape.batch
+    generator = torch.Generator().manual_seed(seed + 4)
+    bound = H**-0.5
+
+    def uniform(*size):
+        return ((torch.rand(*size, generator=generator) * 2 - 1) * bound).to(dtype=dtype, device=device)
+
+    def normal(*size):
+        return torch.randn(*size, generator=generator).to(dtype=dtype, device=device)
+
+    c0 = normal(B, H) if shape.cell == "lstm" else None
+    lengths = shape.lengths(seed).to(device) if shape.packed else None
+    return normal(T, B, G * H), uniform(G * H, H), uniform(G * H), normal(B, H), c0, lengths
+
+
+def unfit(shape, provider, mode, device="cpu"):
+    """Why `mode` does not apply to this shape and provider, whatever the backend says (see `unsupported`).
+
+    Args:
+        shape: `Shape`; provider: `Provider`; mode: a mode of `ALL_MODES`; device: default `cpu`.
+
+    Returns:
+        The reason as a string, or None when the mode applies.
+
+    Raises:
+        ValueError: unknown mode.
+    """
+    if mode not in ALL_MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(ALL_MODES)}")
+    if mode in DECODE_MODES and not shape.is_decoder:
+        return f"{mode} decodes with a decoder shape (module='decoder')"
+    if shape.is_decoder and mode not in DECODE_MODES:
+        return f"a decoder shape runs in the modes {', '.join(DECODE_MODES)}"
+    if mode == "decode-graph" and torch.device(device).type != "cuda":
+        return "CUDA graphs need a CUDA device"
+    if mode == KERNEL and provider.backend is None:
+        return "torch.nn's time loop is not a separate call"
+    if mode in DECODE_MODES and provider.compiled:
+        return "the decode modes build their own step (decode-compile compiles it)"
+    return None
+
+
+def gate_problem(shape, mode):
+    """The shape and mode the gate checks before `mode` is timed on `shape`.
+
+    Returns:
+        `(shape, mode)`: a decoder's recurrent module at one step (`shape.decoder_step()`) in `infer`; the shape's
+        module in `fwd` for `kernel`; else `shape` and `mode` themselves.
+    """
+    if shape.is_decoder:
+        return shape.decoder_step(), "infer"
+    return shape, "fwd" if mode == KERNEL else mode
+
+
 def setup(shape, provider, mode, dtype=torch.float32, device="cpu", seed=0):
     """Build a module and input for one benchmark, and the callable that runs one call in `mode`.
 
     Args:
         shape: `Shape`.
         provider: `Provider`.
-        mode: `fwd`, `fwdbwd` or `infer`.
+        mode: a mode of `ALL_MODES` that fits the shape and provider (`unfit` says None).
         dtype: parameter and input dtype (default float32).
         device: `torch.device` or string (default `cpu`).
         seed: weights, input, lengths and cotangents are drawn from it (default 0).
 
     Returns:
-        `Problem`; `step()` runs one forward (`fwd`, `infer`) or forward plus `torch.autograd.grad` of the input and
-        every parameter (`fwdbwd`).
+        `Problem`; `step()` runs one forward (`fwd`, `infer`), forward plus `torch.autograd.grad` of the input and
+        every parameter (`fwdbwd`), the backend's forward loop on one layer (`kernel`), or decodes `T` tokens (the
+        decode modes; `decode-graph` captures its graph and `decode-compile` compiles here, before the first call).
+
+    Raises:
+        ValueError: unknown mode, or one that does not fit (the reason from `unfit`).
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(MODES)}")
+    reason = unfit(shape, provider, mode, device)
+    if reason is not None:
+        raise ValueError(f"{mode} on {shape.id} with {provider.name}: {reason}")
     device = torch.device(device)
+    if mode in DECODE_MODES:
+        decoder, start, step = _decode_step(shape, provider, mode, dtype, device, seed)
+        return Problem(decoder, start, start, step)
+    if mode == KERNEL:
+        gx, w_hh, b_hh, h0, c0, lengths = _kernel_tensors(shape, dtype, device, seed)
+        _, backend = dispatch.select_remembered(shape.cell, gx, w_hh, h0, c0, lengths, backend=provider.backend)
+
+        def step():
+            return backend.fwd(shape.cell, gx, w_hh, b_hh, h0, c0, lengths, need_saved=False)
+
+        return Problem(None, gx, gx, step)
     module = _build(shape, provider, dtype, device, _state_dict(shape, seed))
     x, arg = _input(shape, dtype, device, mode != "infer", seed)
     if mode == "infer":
@@ -346,48 +567,96 @@ def _gate_values(shape, provider, mode, dtype, device, seed, rounding):
     return [o.detach() for o in outputs] + list(grads), names + ["grad input"] + [f"grad {n}" for n, _ in params]
 
 
+def _oracle_dtype(dtype, device):
+    """The oracle's dtype: float64 for float64 and on CUDA (cuDNN in double), float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 or device.type == "cuda" else torch.float32
+
+
 @functools.lru_cache(maxsize=1)
 def _oracle(shape, mode, dtype, device, seed):
-    """torch.nn's `_gate_values` in float64 for float64, else float32; cached for the providers of one problem."""
-    oracle_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    return _gate_values(shape, TORCH, mode, oracle_dtype, device, seed, dtype)
+    """torch.nn's `_gate_values` in `_oracle_dtype`; cached for the providers of one problem."""
+    return _gate_values(shape, TORCH, mode, _oracle_dtype(dtype, device), device, seed, dtype)
+
+
+def _compare(actual, expected, names):
+    """`(error, name, failure)`: the worst relative RMS error of `actual` against `expected` and its tensor's name,
+    or `failure`, a message, when a tensor is missing, of another shape or not finite (then `error` is None)."""
+    worst, worst_name = 0.0, names[0]
+    for a, e, name in zip(actual, expected, names, strict=True):
+        if a is None or a.shape != e.shape:
+            return None, name, f"{name}: {None if a is None else tuple(a.shape)} != {tuple(e.shape)}"
+        if not torch.isfinite(a).all():
+            return None, name, f"{name}: non-finite values"
+        diff = (a.double() - e.double()).norm()
+        scale = e.double().norm()
+        err = (diff / scale).item() if scale > 0 else diff.item()
+        if err > worst:
+            worst, worst_name = err, name
+    return worst, worst_name, None
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_error(shape, mode, dtype, device, seed):
+    """`(error, name, failure)` of `_compare` for torch.nn itself in `dtype` against the oracle (`0.0` without
+    computing when the oracle is torch.nn in `dtype`); cached like `_oracle`."""
+    expected, names = _oracle(shape, mode, dtype, device, seed)
+    if _oracle_dtype(dtype, device) == dtype:
+        return 0.0, names[0], None
+    try:
+        actual, _ = _gate_values(shape, TORCH, mode, dtype, device, seed, dtype)
+    except Exception as e:  # noqa: BLE001 - torch.nn's own failure is the torch provider's gate result
+        return None, names[0], f"{type(e).__name__}: {e}".splitlines()[0]
+    return _compare(actual, expected, names)
 
 
 def gate(shape, provider, mode, dtype=torch.float32, device="cpu", seed=0):
     """Correctness gate: the provider against torch.nn on this shape, before any timing.
 
-    The oracle is torch.nn in float64 for float64 and in float32 otherwise, built from the same weights and fed the
-    same input and cotangents, rounded to `dtype` first. Compared by relative RMS error against `TOLERANCES[dtype]`:
-    the outputs (`output`, `h_n`, `c_n`; a cell's `h'`, `c'`), and for `fwdbwd` also the gradients of the input and
-    every parameter.
+    The oracle is torch.nn in float64 for float64 and on CUDA (cuDNN in double), in float32 otherwise, built from the
+    same weights and fed the same input and cotangents, rounded to `dtype` first. Compared by relative RMS error: the
+    outputs (`output`, `h_n`, `c_n`; a cell's `h'`, `c'`), and for `fwdbwd` also the gradients of the input and every
+    parameter.
+
+    torch.nn itself (the `torch` provider) is always timed; its own error against the oracle is its `error`. Any
+    other provider passes when its error is at most `max(TOLERANCES[dtype], 2 * torch.nn's own error)` on the same
+    problem in the same dtype: float32 on CUDA runs cuDNN's products in TF32 by default and long bfloat16 sequences
+    accumulate rounding, so torch.nn's own error exceeds the fixed tolerances there, and seqfast promises parity
+    with torch.nn, not exact arithmetic. On the CPU in float32 the oracle is torch.nn in float32, its own error 0,
+    so the fixed tolerance applies.
 
     Args:
-        shape: `Shape`; provider: `Provider`; mode: `fwd`, `fwdbwd` or `infer`.
+        shape: `Shape`; provider: `Provider`; mode: `fwd`, `fwdbwd` or `infer` (see `gate_problem` for the others).
         dtype: default float32; device: default `cpu`; seed: default 0.
 
     Returns:
         `GateResult`; a provider whose call raises fails with the exception as its message.
     """
     device = torch.device(device)
-    tol = TOLERANCES[dtype]
+    base = TOLERANCES[dtype]
+    own, own_name, own_failure = _torch_error(shape, mode, dtype, device, seed)
+    if provider == TORCH:
+        if own_failure is not None:
+            return GateResult(False, None, base, own_failure)
+        oracle = str(_oracle_dtype(dtype, device)).removeprefix("torch.")
+        return GateResult(True, own, base, f"torch.nn's own error: {own_name}: rel RMS {own:.2e} vs {oracle}")
+    tol = base if own is None else max(base, 2 * own)
     expected, names = _oracle(shape, mode, dtype, device, seed)
     try:
         actual, _ = _gate_values(shape, provider, mode, dtype, device, seed, dtype)
     except Exception as e:  # noqa: BLE001 - any failure of the provider fails its gate, with the reason
         return GateResult(False, None, tol, f"{type(e).__name__}: {e}".splitlines()[0])
-    worst, worst_name = 0.0, names[0]
-    for a, e, name in zip(actual, expected, names, strict=True):
-        if a is None or a.shape != e.shape:
-            return GateResult(False, None, tol, f"{name}: {None if a is None else tuple(a.shape)} != {tuple(e.shape)}")
-        if not torch.isfinite(a).all():
-            return GateResult(False, None, tol, f"{name}: non-finite values")
-        diff = (a.double() - e.double()).norm()
-        scale = e.double().norm()
-        err = (diff / scale).item() if scale > 0 else diff.item()
-        if err > worst:
-            worst, worst_name = err, name
+    worst, worst_name, failure = _compare(actual, expected, names)
+    if failure is not None:
+        return GateResult(False, None, tol, failure)
     passed = worst <= tol
-    return GateResult(passed, worst, tol, f"{worst_name}: rel RMS {worst:.2e} {'<=' if passed else '>'} {tol:.0e}")
+    own_text = "failed" if own is None else f"{own:.2e}"
+    return GateResult(
+        passed,
+        worst,
+        tol,
+        f"{worst_name}: rel RMS {worst:.2e} {'<=' if passed else '>'} {tol:.2e} = max({base:.0e}, 2 x torch.nn's "
+        f"own {own_text})",
+    )
 
 
 def time_fn(fn, device="cpu", threads=None, min_run_time=0.2):
@@ -429,7 +698,7 @@ def time_provider(shape, provider, mode, dtype=torch.float32, device="cpu", thre
     """Time one provider on one shape and mode (no gate; see `gate`).
 
     Args:
-        shape: `Shape`; provider: `Provider`; mode: `fwd`, `fwdbwd` or `infer`.
+        shape: `Shape`; provider: `Provider`; mode: a mode of `ALL_MODES` that fits them (see `setup`).
         dtype: default float32; device: default `cpu`; threads: default current; min_run_time: default 0.2 s.
 
     Returns:
@@ -584,6 +853,50 @@ def _git_sha():
     return sha + ("+dirty" if dirty else "")
 
 
+@functools.cache
+def _driver_version():
+    """The NVIDIA driver's version from `nvidia-smi`, `""` where it does not answer."""
+    try:
+        process = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = process.stdout.strip().splitlines()
+    return lines[0].strip() if process.returncode == 0 and lines else ""
+
+
+def gpu_facts(device="cpu"):
+    """The GPU and its software as the figures depend on them.
+
+    Args:
+        device: `torch.device` or string (default `cpu`).
+
+    Returns:
+        `dict` with `gpu` (name), `driver`, `cuda` (torch's CUDA version), `cudnn`, `triton` (versions) and
+        `fp32_precision` (`torch.backends.cudnn.rnn.fp32_precision` now: cuDNN RNNs run float32 products in TF32 when
+        it is `tf32`, torch's default); all empty strings on a CPU device.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return dict.fromkeys(("gpu", "driver", "cuda", "cudnn", "triton", "fp32_precision"), "")
+    try:
+        triton = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton = ""
+    return dict(
+        gpu=torch.cuda.get_device_name(device),
+        driver=_driver_version(),
+        cuda=torch.version.cuda or "",
+        cudnn=str(torch.backends.cudnn.version() or ""),
+        triton=triton,
+        fp32_precision=torch.backends.cudnn.rnn.fp32_precision,
+    )
+
+
 def environment(device="cpu"):
     """Facts recorded with every result row.
 
@@ -591,8 +904,8 @@ def environment(device="cpu"):
         device: `torch.device` or string (default `cpu`).
 
     Returns:
-        `dict` with `timestamp` (UTC, ISO 8601), `device`, `torch`, `python`, `seqfast`, `git_sha` and the
-        `cpu_facts()`.
+        `dict` with `timestamp` (UTC, ISO 8601), `device`, `torch`, `python`, `seqfast`, `git_sha`, the
+        `cpu_facts()` and the `gpu_facts(device)`.
     """
     return dict(
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -602,27 +915,33 @@ def environment(device="cpu"):
         seqfast=seqfast.__version__,
         git_sha=_git_sha(),
         **cpu_facts(),
+        **gpu_facts(device),
     )
 
 
 def measure(shape, provider, mode, dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2):
     """Gate, then time, one provider on one shape and mode.
 
+    The gate checks `gate_problem(shape, mode)`: a decoder's recurrent module at one step, the module in `fwd` for
+    `kernel` mode.
+
     Args:
-        shape: `Shape`; provider: `Provider`; mode: `fwd`, `fwdbwd` or `infer`.
+        shape: `Shape`; provider: `Provider`; mode: a mode of `ALL_MODES`.
         dtype: default float32; device: default `cpu`; threads: default current; min_run_time: default 0.2 s.
 
     Returns:
         `dict` with `status` (`ok`, `UNSUPPORTED`, `FAILED-GATE` or `ERROR`), `message`, `gate_err`, `gate_tol`,
-        and when `ok` also `median_ms`, `p20_ms`, `p80_ms`, `samples`, `tokens_per_s` (real tokens per second) and
-        `gflops` (`flops(shape, mode)` per second, in GFLOP/s).
+        and when `ok` also `median_ms`, `p20_ms`, `p80_ms`, `samples`, `tokens_per_s` (real tokens per second),
+        `gflops` (`flops(shape, mode)` per second, in GFLOP/s) and `step_us` (microseconds per time step: per
+        decoded token in the decode modes).
     """
     row = dict(status="ok", message="", gate_err=None, gate_tol=TOLERANCES[dtype])
-    reason = unsupported(shape, provider, dtype, device)
+    reason = unfit(shape, provider, mode, device) or unsupported(shape, provider, dtype, device)
     if reason is not None:
         return row | dict(status="UNSUPPORTED", message=reason)
-    result = gate(shape, provider, mode, dtype, device)
-    row |= dict(gate_err=result.error, message=result.message)
+    gate_shape, gate_mode = gate_problem(shape, mode)
+    result = gate(gate_shape, provider, gate_mode, dtype, device)
+    row |= dict(gate_err=result.error, gate_tol=result.tol, message=result.message)
     if not result.passed:
         return row | dict(status="FAILED-GATE")
     try:
@@ -636,6 +955,7 @@ def measure(shape, provider, mode, dtype=torch.float32, device="cpu", threads=No
         samples=timing.samples,
         tokens_per_s=shape.tokens() / timing.median,
         gflops=flops(shape, mode) / timing.median / 1e9,
+        step_us=timing.median * 1e6 / shape.time,
     )
 
 

@@ -1,6 +1,11 @@
 """Result rows: the CSV schemas, appending and reading `<device>.csv` (timed shapes) and `<device>-first-call.csv`
-(cold starts), the warnings a run's conditions call for, the tables and a progress bar with an ETA."""
+(cold starts), the warnings a run's conditions call for, the tables and a progress bar with an ETA.
 
+`python -m benchmarks.report CSV` prints the summary of a results file (`format_summary`): one line per shape, mode,
+dtype and cuDNN float32 precision, torch.nn against every other provider.
+"""
+
+import argparse
 import csv
 import math
 import os
@@ -8,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import harness
 from .first_call import WATCHED_MODULES
 
 # The project's committed figures, written only on request (`python -m benchmarks --update-project-results`).
@@ -31,7 +37,10 @@ _ENVIRONMENT = {
 # The CPU every row was measured on (`harness.cpu_facts`), the last columns of both files.
 _CPU = {"cpu_vendor": str, "cpu_model": str, "cpu_isa": str, "cpu_l2_kb": float}
 
-# Column name -> its type when read back (`read_csv`); the order is the CSV's.
+# The GPU every row was measured on (`harness.gpu_facts`), empty on the CPU.
+_GPU = {"gpu": str, "driver": str, "cuda": str, "cudnn": str, "triton": str, "fp32_precision": str}
+
+# Column name -> its type when read back (`read_csv`); the order is the CSV's, newer columns appended at the end.
 COLUMNS = {
     **_ENVIRONMENT,
     "set": str,
@@ -65,6 +74,8 @@ COLUMNS = {
     "gemm_best_gflops": float,
     "warning": str,
     **_CPU,
+    "step_us": float,
+    **_GPU,
 }
 
 # The first-call file's columns (`python -m benchmarks --first-call`): one row per provider, thread count and compile
@@ -287,8 +298,9 @@ class Table:
     """The table of a run, printed a shape at a time: the text columns are sized up front from the shapes and
     providers the run covers, the numeric ones fixed.
 
-    Columns: shape, dtype, threads, mode, provider, median ms, p20-p80 ms, `n` (timed samples), tokens/s, GFLOP/s,
-    speedup vs torch, percent of the GEMM rate and status; failed gates carry their message.
+    Columns: shape, dtype, threads, mode, provider, median ms, p20-p80 ms, `n` (timed samples), tokens/s, µs per
+    step (`kernel` and decode rows: per time step, per decoded token), GFLOP/s, speedup vs torch, percent of the GEMM
+    rate and status; failed gates carry their message.
 
     Args:
         shapes: the shape ids of the run.
@@ -305,16 +317,17 @@ class Table:
         "p20-p80 ms",
         "n",
         "tok/s",
+        "µs/step",
         "GFLOP/s",
         "vs torch",
         "%gemm",
         "status",
     )
-    _RIGHT = set(range(5, 12))
+    _RIGHT = set(range(5, 13))
 
     def __init__(self, shapes, providers):
-        content = (max(map(len, shapes), default=0), 8, 3, 6, max(map(len, providers), default=0))
-        content += (9, 17, 4, 6, 7, 8, 5, 0)
+        content = (max(map(len, shapes), default=0), 8, 3, 14, max(map(len, providers), default=0))
+        content += (9, 17, 4, 6, 7, 7, 8, 5, 0)
         self.widths = [max(len(name), width) for name, width in zip(self._HEADER, content, strict=True)]
 
     def header(self):
@@ -326,6 +339,12 @@ class Table:
     def lines(self, rows):
         """`str`: one line per result `dict` (see `COLUMNS`)."""
         return "\n".join(_line(_table_cells(row), self.widths, self._RIGHT) for row in rows)
+
+
+def _per_step(row):
+    """The row's µs per step for a `kernel` or decode row that is `ok`, else None."""
+    per_step = row["mode"] == harness.KERNEL or row["mode"] in harness.DECODE_MODES
+    return row.get("step_us") if per_step and row["status"] == "ok" else None
 
 
 def _table_cells(r):
@@ -340,11 +359,64 @@ def _table_cells(r):
         f"{r['p20_ms']:.4g}-{r['p80_ms']:.4g}" if ok else "-",
         _num(r.get("samples"), ".0f") if ok else "-",
         _si(r.get("tokens_per_s")) if ok else "-",
+        _num(_per_step(r), ".3g"),
         _num(r.get("gflops"), ".3g") if ok else "-",
         _num(r.get("speedup"), ".2f") + ("x" if r.get("speedup") is not None else ""),
         _percent(r.get("gemm_frac")),
         r["status"] if ok else f"{r['status']}: {r['message']}"[:120],
     )
+
+
+def format_summary(rows):
+    """A results file's summary: one line per shape, mode, dtype and cuDNN float32 precision (the latest row of each
+    provider), torch.nn's median against every other provider's.
+
+    Args:
+        rows: `dict`s keyed by `COLUMNS` (`read_csv`).
+
+    Returns:
+        `str`: shape, mode, dtype, fp32 precision (`-` on the CPU), torch ms, then per other provider its ms (or its
+        status) and speedup over torch, then µs per step and tokens/s (`kernel` and decode rows; torch's first where
+        it has them, `/`-separated).
+    """
+    latest = {}
+    for r in rows:
+        key = (r["shape"], r["mode"], r["dtype"], r.get("fp32_precision") or "-")
+        latest.setdefault(key, {})[r["provider"]] = r
+    others = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != harness.TORCH.name))
+    header = ("shape", "mode", "dtype", "fp32", "torch ms")
+    header += tuple(cell for name in others for cell in (f"{name} ms", "vs torch")) + ("µs/step", "tok/s")
+    lines = []
+    for (shape, mode, dtype, precision), by_provider in latest.items():
+        measured = [by_provider[name] for name in [harness.TORCH.name, *others] if name in by_provider]
+        cells = [shape, mode, dtype, precision, _median_or_status(by_provider.get(harness.TORCH.name))]
+        for name in others:
+            row = by_provider.get(name)
+            speedup = None if row is None else row.get("speedup")
+            cells += [_median_or_status(row), _num(speedup, ".2f") + ("x" if speedup is not None else "")]
+        per_step = [_num(_per_step(r), ".3g") for r in measured if _per_step(r) is not None]
+        decoded = [
+            _si(r.get("tokens_per_s")) for r in measured if r["mode"] in harness.DECODE_MODES and r["status"] == "ok"
+        ]
+        lines.append(tuple(cells) + (" / ".join(per_step) or "-", " / ".join(decoded) or "-"))
+    return _columns(header, lines, right=set(range(4, len(header))))
+
+
+def _median_or_status(row):
+    """A row's median ms when `ok`, else its status; `-` without a row."""
+    if row is None:
+        return "-"
+    return _ms(row.get("median_ms")) if row["status"] == "ok" else row["status"]
+
+
+def main(argv=None):
+    """Entry point of `python -m benchmarks.report CSV`: print the file's summary (`format_summary`)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.report", description=format_summary.__doc__.split("\n")[0]
+    )
+    parser.add_argument("csv", type=Path, help="a results file of the runner (`<device>.csv`)")
+    args = parser.parse_args(argv)
+    print(format_summary(read_csv(args.csv)))
 
 
 def format_first_call_table(rows):
@@ -481,3 +553,7 @@ class Progress:
         if self._tty:
             self.stream.write("\r\033[K")
             self.stream.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -17,15 +17,26 @@ mixed lengths. The `small` set is the grid H in {32, 64, 128} x B in {1, 8, 64} 
 The DeepBench sets follow `code/kernels/rnn_problems.h` of baidu-research/DeepBench: `training_set`,
 `inference_server_set` and `inference_device_set` as `(hidden, batch, timesteps, type)`, where DeepBench's
 `vanilla` RNN is cuDNN's ReLU RNN (`rnn_relu` here).
+
+The GPU sets: `flashrnn` is FlashRNN's published shape (H = 768, B = 16, T = 1024, LSTM and GRU); `gpu-train` a
+sample of DeepBench's training set at T >= 100 (LSTM H in {1024, 1536, 2048, 2560} x B in {16, 32, 64} at T = 100,
+GRU H in {1024, 2048, 2560} at B = 32, T = 187); `gpu-infer` inference at B in {1, 2, 4} (LSTM H in {512, 1024,
+2048} at T = 100, GRU H in {1024, 2048} at T = 187); `decode` greedy decoding of T = 256 tokens with a 2-layer
+decoder of H = 1024 (`module="decoder"`, LSTM and GRU, B in {1, 8, 64}), for the modes `decode`, `decode-graph` and
+`decode-compile`. `decode-small` is its CPU-sized counterpart: a 2-layer word-level language model of H = 200
+generating 256 tokens one call each at B = 1 (LSTM, GRU, tanh RNN).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
-MODULES = ("sequence", "cell")
+MODULES = ("sequence", "cell", "decoder")
+
+# Vocabulary of a decoder shape's embedding and output head: a word-level language model's.
+DECODER_VOCAB = 10000
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -46,7 +57,10 @@ class Shape:
             (default False).
         batch_first: modules built with `batch_first=True` and fed `[B, T, I]` (default False).
         module: `sequence` (default): `RNN` / `LSTM` / `GRU` over `T` steps; `cell`: `RNNCell` / `LSTMCell` /
-            `GRUCell`, one step of input `[B, I]`, which needs `T = 1` and one layer, one direction, unpacked.
+            `GRUCell`, one step of input `[B, I]`, which needs `T = 1` and one layer, one direction, unpacked;
+            `decoder`: greedy decoding of `T` tokens, one `T = 1` call of the sequence module per token between an
+            `Embedding(DECODER_VOCAB, I)` and a `Linear(H, DECODER_VOCAB)` head (unidirectional, unpacked,
+            time-major).
         dtype: the one dtype this shape runs in, a key of `DTYPES`; None (default): the runner's dtypes.
     """
 
@@ -73,11 +87,22 @@ class Shape:
             self.time != 1 or self.layers != 1 or self.bidirectional or self.packed or self.batch_first
         ):
             raise ValueError(f"{self.cell} cell: one step of one layer, one direction, unpacked (T = 1)")
+        if self.is_decoder and (self.bidirectional or self.packed or self.batch_first):
+            raise ValueError(f"{self.cell} decoder: one direction, unpacked, time-major")
 
     @property
     def is_cell(self):
         """True for a cell module (`module="cell"`)."""
         return self.module == "cell"
+
+    @property
+    def is_decoder(self):
+        """True for a greedy decoder (`module="decoder"`)."""
+        return self.module == "decoder"
+
+    def decoder_step(self):
+        """The recurrent module's call per decoded token: this shape as a `sequence` shape of `T = 1`."""
+        return replace(self, time=1, module="sequence")
 
     def dtypes(self, default):
         """Names of the dtypes this shape runs in.
@@ -102,9 +127,11 @@ class Shape:
 
     @property
     def id(self):
-        """A stable readable id such as `lstm-H512-B16-T25`, `gru-H256-I128-B8-T64-L2-bi-packed` or, for a cell
-        with its own dtype, `lstm-cell-H51-B97-float64`."""
-        parts = [self.cell, "cell", f"H{self.hidden}"] if self.is_cell else [self.cell, f"H{self.hidden}"]
+        """A stable readable id such as `lstm-H512-B16-T25`, `gru-H256-I128-B8-T64-L2-bi-packed`, for a cell
+        with its own dtype `lstm-cell-H51-B97-float64`, for a decoder `lstm-decoder-H1024-B8-T256-L2`."""
+        parts = [self.cell, f"H{self.hidden}"]
+        if self.module != "sequence":
+            parts.insert(1, self.module)
         if self.input is not None and self.input != self.hidden:
             parts.append(f"I{self.input}")
         parts.append(f"B{self.batch}")
@@ -141,7 +168,8 @@ class Shape:
         return lengths
 
     def tokens(self):
-        """Real (non-padding) tokens of one call: `B * T`, or the sum of the lengths when `packed`."""
+        """Real (non-padding) tokens of one call: `B * T` (tokens decoded, for a decoder), or the sum of the lengths
+        when `packed`."""
         return int(self.lengths().sum()) if self.packed else self.batch * self.time
 
 
@@ -208,4 +236,11 @@ SETS = {
     + _grid(("rnn_tanh", "lstm", "gru"), (200,), (1,), (1,), layers=2)
     + (Shape("lstm", 51, 97, 1, module="cell", dtype="float64"),)
     + _grid(("rnn_tanh", "lstm", "gru"), (8,), (1,), (1,)),
+    "flashrnn": (Shape("lstm", 768, 16, 1024), Shape("gru", 768, 16, 1024)),
+    "gpu-train": _grid(("lstm",), (1024, 1536, 2048, 2560), (16, 32, 64), (100,))
+    + _grid(("gru",), (1024, 2048, 2560), (32,), (187,)),
+    "gpu-infer": _grid(("lstm",), (512, 1024, 2048), (1, 2, 4), (100,))
+    + _grid(("gru",), (1024, 2048), (1, 2, 4), (187,)),
+    "decode": _grid(("lstm", "gru"), (1024,), (1, 8, 64), (256,), layers=2, module="decoder"),
+    "decode-small": _grid(("lstm", "gru", "rnn_tanh"), (200,), (1,), (256,), layers=2, module="decoder"),
 }

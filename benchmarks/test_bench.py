@@ -12,7 +12,7 @@ from . import first_call, harness
 
 
 def test_bench(benchmark, shape, provider, mode, dtype, device):
-    reason = harness.unsupported(shape, provider, dtype, device)
+    reason = harness.unfit(shape, provider, mode, device) or harness.unsupported(shape, provider, dtype, device)
     if reason is not None:
         pytest.skip(reason)
     result = harness.gate(shape, provider, mode, dtype, device)

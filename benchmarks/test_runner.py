@@ -1,15 +1,21 @@
 """The runner's reporting: sample counts, warnings about the run's conditions, rows printed as shapes finish, the
-progress bar's ETA, where results go, and CSV files written by earlier versions."""
+progress bar's ETA, where results go, and CSV files written by earlier versions; the GPU shape sets, the decode and
+kernel modes on the CPU, the gate's tolerance relative to torch.nn's own error, the time budget and the GPU check
+script's syntax."""
 
 import csv
 import io
 import os
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
+import torch
 
 from . import __main__ as runner
 from . import harness, plot, report
+from .shapes import SETS, Shape
 
 # The last column of the schema before the warning and CPU columns were appended
 _LAST_OLD_COLUMN = "message"
@@ -195,7 +201,9 @@ def test_every_row_names_its_cpu(tmp_path):
     env = harness.environment()
     assert {k: env[k] for k in facts} == facts
     for columns in (report.COLUMNS, report.FIRST_CALL_COLUMNS):
-        assert list(columns)[-len(facts) :] == list(facts)
+        names = list(columns)
+        first = names.index("cpu_vendor")
+        assert names[first : first + len(facts)] == list(facts)
     path = tmp_path / "rows.csv"
     report.append_csv(path, [env | dict(shape="lstm-H8", status="ok")])
     (row,) = report.read_csv(path)
@@ -204,3 +212,111 @@ def test_every_row_names_its_cpu(tmp_path):
         facts["cpu_model"],
         facts["cpu_isa"],
     )
+
+
+def test_gpu_sets_and_decoder_shapes():
+    assert [s.id for s in SETS["flashrnn"]] == ["lstm-H768-B16-T1024", "gru-H768-B16-T1024"]
+    assert len(SETS["gpu-train"]) == 15 and all(s.time >= 100 for s in SETS["gpu-train"])
+    assert {s.batch for s in SETS["gpu-infer"]} == {1, 2, 4} and len(SETS["gpu-infer"]) == 15
+    assert len(SETS["decode"]) == 6 and len(SETS["decode-small"]) == 3
+    decoder = Shape("lstm", 1024, 8, 256, layers=2, module="decoder")
+    assert decoder in SETS["decode"] and decoder.id == "lstm-decoder-H1024-B8-T256-L2"
+    assert decoder.tokens() == 8 * 256
+    assert decoder.decoder_step() == Shape("lstm", 1024, 8, 1, layers=2)
+    with pytest.raises(ValueError, match="one direction"):
+        Shape("gru", 8, 1, 4, bidirectional=True, module="decoder")
+
+
+def test_modes_that_do_not_fit_are_unsupported_not_errors():
+    decoder, sequence = Shape("gru", 8, 2, 4, module="decoder"), Shape("gru", 8, 2, 4)
+    reference = harness.Provider("seqfast-reference", "reference")
+    assert "decoder shape" in harness.unfit(sequence, harness.TORCH, "decode")
+    assert "runs in the modes decode" in harness.unfit(decoder, reference, "fwd")
+    assert "runs in the modes decode" in harness.unfit(decoder, reference, "kernel")
+    assert harness.measure(decoder, harness.TORCH, "infer")["status"] == "UNSUPPORTED"
+    with pytest.raises(ValueError, match="decoder shape"):
+        harness.setup(sequence, reference, "decode-compile")
+    assert harness.gate_problem(decoder, "decode") == (Shape("gru", 8, 2, 1), "infer")
+    assert harness.gate_problem(sequence, "kernel") == (sequence, "fwd")
+
+
+@pytest.fixture
+def tiny_set(monkeypatch, tmp_path):
+    """A `tiny` shape set (a 2-layer LSTM decoder of H = 8 at B = 2, T = 4 and a GRU of the same size), the GEMM
+    rate faked, the user folders under `tmp_path`."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setitem(SETS, "tiny", (Shape("lstm", 8, 2, 4, layers=2, module="decoder"), Shape("gru", 8, 2, 4)))
+    monkeypatch.setattr(harness, "gemm_rate", lambda *args: 100.0)
+    return tmp_path / "out"
+
+
+def test_decode_and_kernel_modes_run_through_the_runner(tiny_set, capsys):
+    argv = [
+        "--set",
+        "tiny",
+        "--modes",
+        "decode,decode-graph,kernel",
+        "--providers",
+        "torch,seqfast-reference",
+        "--threads",
+        "1",
+    ]
+    assert runner.main([*argv, "--device", "cpu", "--min-run-time", "0.01", "--out", str(tiny_set)]) == 0
+    printed = capsys.readouterr().out
+    rows = {(r["shape"], r["mode"], r["provider"]): r for r in report.read_csv(next(tiny_set.glob("*.csv")))}
+    assert len(rows) == 12
+    for provider in ("torch", "seqfast-reference"):
+        decoded = rows["lstm-decoder-H8-B2-T4-L2", "decode", provider]
+        assert decoded["status"] == "ok" and decoded["tokens"] == 8
+        assert decoded["step_us"] == pytest.approx(decoded["median_ms"] * 1e3 / 4, rel=1e-4)
+        graph = rows["lstm-decoder-H8-B2-T4-L2", "decode-graph", provider]
+        assert (graph["status"], graph["message"]) == ("UNSUPPORTED", "CUDA graphs need a CUDA device")
+        assert rows["gru-H8-B2-T4", "decode", provider]["status"] == "UNSUPPORTED"
+        assert rows["lstm-decoder-H8-B2-T4-L2", "kernel", provider]["status"] == "UNSUPPORTED"
+    assert rows["gru-H8-B2-T4", "kernel", "torch"]["message"] == "torch.nn's time loop is not a separate call"
+    kernel = rows["gru-H8-B2-T4", "kernel", "seqfast-reference"]
+    assert kernel["status"] == "ok" and kernel["step_us"] > 0 and kernel["gate_err"] <= 1e-4
+    assert rows["lstm-decoder-H8-B2-T4-L2", "decode", "torch"]["message"].startswith("torch.nn's own error")
+    assert all(r["gpu"] == "" and r["fp32_precision"] == "" for r in rows.values())
+    assert "µs/step" in printed and "budget spent" not in printed
+
+
+def test_gate_tolerance_follows_torch_own_error(monkeypatch):
+    shape, reference = Shape("gru", 8, 2, 4), harness.Provider("seqfast-reference", "reference")
+    monkeypatch.setattr(harness, "_compare", lambda *args: (5e-4, "output", None))
+    for own, passed in ((3e-4, True), (1e-4, False)):
+        monkeypatch.setattr(harness, "_torch_error", lambda *args, own=own: (own, "h_n", None))
+        result = harness.gate(shape, reference, "fwd")
+        assert (result.passed, result.tol) == (passed, max(harness.TOLERANCES[torch.float32], 2 * own))
+        assert f"torch.nn's own {own:.2e}" in result.message
+        own_result = harness.gate(shape, harness.TORCH, "fwd")
+        assert own_result.passed and own_result.error == own and "torch.nn's own error" in own_result.message
+
+
+def test_budget_skips_shapes_and_still_writes_the_csv(fake_runs, tmp_path):
+    run, _, output = fake_runs
+    assert run("--budget-s", "0", "--out", str(tmp_path / "mine")) == 0
+    text = "".join(output)
+    assert "budget spent (0 s): skipped gru-H256-B16-T32 float32 2 thr, lstm-H512-B1-T32 float32 2 thr" in text
+    (path,) = (tmp_path / "mine").glob("*.csv")
+    assert report.read_csv(path) == [] and path.read_text().startswith("timestamp,")
+
+
+def test_summary_pairs_torch_with_each_provider():
+    base = dict(shape="lstm-decoder-H8-B2-T4-L2", mode="decode", dtype="float32", fp32_precision="")
+    rows = [
+        base | dict(provider="torch", status="ok", median_ms=2.0, step_us=500.0, tokens_per_s=4e3, speedup=1.0),
+        base
+        | dict(provider="seqfast-triton", status="ok", median_ms=1.0, step_us=250.0, tokens_per_s=8e3, speedup=2.0),
+        base | dict(mode="decode-graph", provider="torch", status="UNSUPPORTED"),
+    ]
+    header, _, decode, graph = report.format_summary(rows).splitlines()
+    assert header.split()[4:8] == ["torch", "ms", "seqfast-triton", "ms"]
+    assert decode.split()[4:] == ["2", "1", "2.00x", "500", "/", "250", "4k", "/", "8k"]
+    assert graph.split()[4:] == ["UNSUPPORTED", "-", "-", "-", "-"]
+
+
+def test_gpu_check_script_parses():
+    script = Path(__file__).resolve().parent / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
