@@ -195,7 +195,6 @@ def flops(shape, mode):
     the weight gradient per forward GEMM). Pointwise gate math is not counted. Padding of a packed batch is not
     counted: tokens are the sum of the lengths.
 
-    Args:
     A decoder's token costs its recurrent module's `infer` work for one token plus the head, `2 * H * V`
     (`V = DECODER_VOCAB`; the embedding is a lookup). `kernel` mode counts the recurrence GEMM of one layer and
     direction alone, `2 * G * H * H` per token.
