@@ -4,13 +4,18 @@ finishes, then warnings about the run's conditions; append the rows to `<device>
 
 Run as `python -m benchmarks`; exit status 1 when a provider failed its gate or its timing. With `--first-call`,
 measure each provider's cold start in fresh processes instead (`<device>-first-call.csv`). `--budget-s` starts no new
-shape once that many seconds have passed; the skipped shapes are listed and the rows kept.
+shape once that many seconds have passed; the skipped shapes are listed and the rows kept. `--warm N` times
+nothing: it runs each seqfast provider once per shape, mode and dtype of the run, two steps long, in N processes, so
+that the kernels the run will use are compiled into the on-disk caches beforehand (triton compiles each variant in
+5-15 s, one at a time within a process).
 
 Examples: `python -m benchmarks --set quick --threads 1,2 --modes fwd,fwdbwd`, `python -m benchmarks --first-call`,
 `python -m benchmarks --set decode --modes decode,decode-graph --device cuda --cudnn-fp32 ieee`.
 """
 
 import argparse
+import concurrent.futures
+import multiprocessing
 import os
 import statistics
 import sys
@@ -64,6 +69,12 @@ def parse_args(argv=None):
         "--budget-s",
         type=float,
         help="start no new shape after this many seconds of the run; the skipped ones are listed (default: no limit)",
+    )
+    parser.add_argument(
+        "--warm",
+        type=int,
+        metavar="N",
+        help="time nothing: compile the seqfast kernels this run would use, in N processes (see above)",
     )
     parser.add_argument(
         "--min-run-time",
@@ -314,6 +325,8 @@ def main(argv=None):
         return 0
     if args.first_call:
         return _main_first_call(args)
+    if args.warm:
+        return warm(args)
     start = time.perf_counter()
     rows, unusable, skipped = run(args)
     elapsed = time.perf_counter() - start
@@ -347,6 +360,30 @@ def main(argv=None):
         )
     _write_csv(args, env, rows, report.COLUMNS, "")
     return 1 if any(r["status"] in ("FAILED-GATE", "ERROR") for r in rows) else 0
+
+
+def warm(args):
+    """`main` for `--warm N`: every (shape, mode, dtype, seqfast provider) of the run once at `T <= 2` in N spawned
+    processes, filling the compile caches the timed run then reads (the kernels' variants do not depend on `T`).
+    Prints failures; returns 0."""
+    device = torch.device(args.device)
+    usable, _ = _usable_providers(args, device)
+    jobs = [
+        (shape, provider, mode, dtype_name)
+        for dtype_name, shapes in _dtype_groups(_shapes(args), args.dtype)
+        for shape in shapes
+        for mode in args.modes
+        for provider in usable
+        if provider.backend is not None
+    ]
+    start = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(args.warm, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(harness.warm, *job, device, args.cudnn_fp32) for job in jobs]
+        for (shape, provider, mode, dtype_name), future in zip(jobs, futures, strict=True):
+            if future.result() is not None:
+                print(f"warm: {shape.id} {mode} {dtype_name} {provider.name}: {future.result()}")
+    print(f"warmed {len(jobs)} cases of set {args.set} in {time.perf_counter() - start:.0f} s")
+    return 0
 
 
 def _write_csv(args, env, rows, columns, suffix):

@@ -21,6 +21,7 @@ decoding step captured in a CUDA graph, replayed `T` times; CUDA only) and `deco
 loading, numba's compile or on-disk cache, the first forward and backward).
 """
 
+import dataclasses
 import datetime
 import functools
 import importlib.metadata
@@ -42,7 +43,7 @@ import seqfast
 from seqfast import dispatch
 from seqfast.linear import dense
 
-from .shapes import DECODER_VOCAB
+from .shapes import DECODER_VOCAB, DTYPES
 
 MODES = ("fwd", "fwdbwd", "infer")
 DECODE_MODES = ("decode", "decode-graph", "decode-compile")
@@ -956,6 +957,30 @@ def measure(shape, provider, mode, dtype=torch.float32, device="cpu", threads=No
         gflops=flops(shape, mode) / timing.median / 1e9,
         step_us=timing.median * 1e6 / shape.time,
     )
+
+
+def warm(shape, provider, mode, dtype_name, device, cudnn_fp32=None):
+    """Run a provider once on a copy of `shape` at most two steps long, timing nothing: it compiles the kernel
+    variants a timed run of `shape` uses (they do not depend on `T`) into the on-disk caches. The runner's `--warm`
+    calls it in worker processes.
+
+    Args:
+        shape: `Shape`; provider: `Provider`; mode: a mode of `ALL_MODES`; dtype_name: a key of `DTYPES`;
+        device: `torch.device` or string; cudnn_fp32: as in `configure` (default None).
+
+    Returns:
+        None, or the failure's text (the timed run gates and reports it again).
+    """
+    configure(cudnn_fp32)
+    short = dataclasses.replace(shape, time=min(shape.time, 2))
+    dtype = DTYPES[dtype_name]
+    if unfit(short, provider, mode, device) or unsupported(short, provider, dtype, device):
+        return None
+    try:
+        setup(short, provider, mode, dtype, device).step()
+    except Exception as e:  # noqa: BLE001 - any failure is reported, not raised, from a worker process
+        return f"{type(e).__name__}: {e}".splitlines()[0]
+    return None
 
 
 def compile_cache_variable(provider):

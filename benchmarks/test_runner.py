@@ -320,3 +320,11 @@ def test_summary_pairs_torch_with_each_provider():
 def test_gpu_check_script_parses():
     script = Path(__file__).resolve().parent / "gpu_check.sh"
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True).returncode == 0
+
+
+def test_warm_runs_each_seqfast_case_once_in_worker_processes(capsys):
+    argv = ["--device", "cpu", "--set", "small", "--cells", "gru", "--shapes", "H32-B1-T1"]
+    assert runner.main([*argv, "--modes", "infer,kernel", "--providers", "torch,seqfast-reference", "--warm", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("warmed 2 cases of set small in ")
+    long = Shape("lstm", 8, 2, 500, layers=2, module="decoder")
+    assert harness.warm(long, harness.Provider("seqfast-reference", "reference"), "decode", "float32", "cpu") is None
