@@ -89,8 +89,8 @@ class Provider(NamedTuple):
     """One implementation under test.
 
     Args:
-        name: `torch`, `torch-compile` or `seqfast-<backend>`.
-        backend: the seqfast backend name, None for the torch providers.
+        name: `torch`, `torch-compile`, `seqfast` (automatic selection) or `seqfast-<backend>`.
+        backend: the seqfast backend name, `auto` for automatic selection, None for the torch providers.
         compiled: wrap the module in `torch.compile`.
     """
 
@@ -101,6 +101,9 @@ class Provider(NamedTuple):
 
 TORCH = Provider("torch")
 TORCH_COMPILE = Provider("torch-compile", compiled=True)
+# seqfast's automatic selection, what a user who names no backend gets (on CPU it may route an LSTM call to torch's
+# own op, see seqfast.native)
+AUTO = Provider("seqfast", "auto")
 
 
 class Timing(NamedTuple):
@@ -157,7 +160,8 @@ def configure(cudnn_fp32=None):
 
 
 def providers(device_type, compile=False):
-    """Providers for `device_type`, torch first, then seqfast's backends in dispatch priority order.
+    """Providers for `device_type`: torch first, then seqfast's automatic selection (`AUTO`) and its backends in
+    dispatch priority order.
 
     Args:
         device_type: `cpu` or `cuda`.
@@ -169,6 +173,7 @@ def providers(device_type, compile=False):
     usable, unusable = [TORCH], []
     if compile:
         usable.append(TORCH_COMPILE)
+    usable.append(AUTO)
     for name in dispatch.names(device_type):
         try:
             dispatch.load(name)
@@ -239,11 +244,16 @@ def _state_dict(shape, seed):
         return _module_class(shape, TORCH)(shape.input_size, shape.hidden, **_module_kwargs(shape)).state_dict()
 
 
+def _requested(provider):
+    """The `backend=` a seqfast provider's modules get: its backend's name, None for automatic selection."""
+    return None if provider == AUTO else provider.backend
+
+
 def _build(shape, provider, dtype, device, state_dict):
     """The provider's module for `shape` in `dtype` on `device`, loaded (strictly) from `state_dict`."""
     kwargs = _module_kwargs(shape)
     if provider.backend is not None:
-        kwargs["backend"] = provider.backend
+        kwargs["backend"] = _requested(provider)
     module = _module_class(shape, provider)(shape.input_size, shape.hidden, dtype=dtype, device=device, **kwargs)
     module.load_state_dict(state_dict, strict=True)
     if provider.compiled:
@@ -494,7 +504,7 @@ def setup(shape, provider, mode, dtype=torch.float32, device="cpu", seed=0):
         return Problem(decoder, start, start, step)
     if mode == KERNEL:
         gx, w_hh, b_hh, h0, c0, lengths = _kernel_tensors(shape, dtype, device, seed)
-        _, backend = dispatch.select_remembered(shape.cell, gx, w_hh, h0, c0, lengths, backend=provider.backend)
+        _, backend = dispatch.select_remembered(shape.cell, gx, w_hh, h0, c0, lengths, backend=_requested(provider))
 
         def step():
             return backend.fwd(shape.cell, gx, w_hh, b_hh, h0, c0, lengths, need_saved=False)
@@ -543,7 +553,7 @@ def unsupported(shape, provider, dtype=torch.float32, device="cpu"):
     c0 = h0 if shape.cell == "lstm" else None
     lengths = shape.lengths().to(device) if shape.packed else None
     try:
-        dispatch.select(shape.cell, gx, w_hh, h0, c0, lengths, None, backend=provider.backend)
+        dispatch.select(shape.cell, gx, w_hh, h0, c0, lengths, None, backend=_requested(provider))
     except RuntimeError as e:
         return str(e)
     return None

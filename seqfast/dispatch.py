@@ -28,6 +28,8 @@ _TABLE = (
     Backend("numba", "seqfast.kernels.numba", ("cpu",)),
     Backend("reference", "seqfast.kernels.reference", ("cpu", "cuda", "meta")),
     Backend("triton", "seqfast.kernels.triton", ("cuda",)),
+    # torch's own op for whole module calls, never a layer's time loop (see seqfast.native)
+    Backend("native", "seqfast.native", ("cpu", "cuda")),
 )
 
 _PRIORITY = {

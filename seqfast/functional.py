@@ -11,7 +11,7 @@ from itertools import chain
 import torch
 import torch.nn.functional as F
 
-from . import dispatch
+from . import dispatch, native
 from .autograd import Layer, folded_biases
 from .kernels.common import time_index
 from .linear import bias_sum, linear, preactivations
@@ -144,15 +144,29 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, traini
         num_layers: `L`; bidirectional: `D = 2` when True.
         dropout: probability applied to every layer's output but the last, only when `training` (default 0).
         lengths: `[B]` int64 per-sequence lengths (any device), or None (default).
-        backend: backend name or None (default).
+        backend: backend name or None (default): `native` runs torch's own op (see `seqfast.native`), which automatic
+            selection also picks for an eager call where it calibrated it faster.
 
     Returns:
         `y [T, B, D*P]`, `hn [L*D, B, P]`, `cn [L*D, B, H]` or None.
     """
-    directions = 2 if bidirectional else 1
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int64)
+    requested = backend or dispatch.env("SEQFAST_BACKEND")
+    if requested == "native":
+        return native.rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
     fast = eager(x, h0, c0, lengths, *chain.from_iterable(weights))
+    args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
+    if fast and requested is None:
+        ours, theirs = (lambda: _stack(fast, *args, None)), (lambda: native.rnn(*args))
+        if native.route(cell, x, h0, weights, num_layers, bidirectional, lengths, ours, theirs):
+            return theirs()
+    return _stack(fast, *args, backend)
+
+
+def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths, backend):
+    """`rnn` on seqfast's kernels, on the eager path when `fast` (see `eager`); `lengths` int64 on `x`'s device."""
+    directions = 2 if bidirectional else 1
     h0s = h0.unbind(0)
     c0s = (None,) * len(h0s) if c0 is None else c0.unbind(0)
     kernels = None

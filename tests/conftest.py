@@ -1,4 +1,6 @@
-"""Test setup: strict dispatch, NaN-poisoned outputs, fixed seeds, no TF32, backends from the dispatch table.
+"""Test setup: strict dispatch, NaN-poisoned outputs, fixed seeds, no TF32, backends from the dispatch table, and
+no automatic routing to torch's own op (`SEQFAST_NATIVE=0`: the tests check seqfast's kernels; tests/test_native.py
+checks the route).
 
 A backend that cannot load shows as skipped tests, unless `SEQFAST_REQUIRE` (comma-separated names, as CI sets it)
 names it: then collection fails with the reason, so a broken build cannot pass as skips.
@@ -8,6 +10,7 @@ import os
 
 os.environ["SEQFAST_STRICT"] = "1"
 os.environ["SEQFAST_POISON"] = "1"
+os.environ["SEQFAST_NATIVE"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,156 @@
+"""The `native` backend (torch's own recurrent op for a whole module call) and the automatic route to it."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import flatten, run_with_grads, twins
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import seqfast
+from seqfast import dispatch, native
+
+# (cell, constructor kwargs, packed): every module kind, two layers both ways, projection, packed, no bias
+CASES = {
+    "lstm-L2-bi": ("lstm", dict(num_layers=2, bidirectional=True), False),
+    "lstm-proj-packed": ("lstm", dict(proj_size=3, batch_first=True), True),
+    "gru-packed-bi-nobias": ("gru", dict(bidirectional=True, bias=False), True),
+    "rnn_relu-L2": ("rnn_relu", dict(num_layers=2), False),
+}
+
+
+def _call(packed, batch_first):
+    x = torch.randn(*((3, 5) if batch_first else (5, 3)), 4, requires_grad=True)
+
+    def call(m):
+        return m(pack_padded_sequence(x, [5, 2, 4], batch_first, enforce_sorted=False) if packed else x)
+
+    return x, call
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_forced_native_is_torch_nn_bitwise(case):
+    """`backend="native"`: outputs, states and every gradient exactly torch.nn's, packed input included."""
+    cell, kwargs, packed = CASES[case]
+    ref, ours = twins(cell, 4, 6, backend="native", **kwargs)
+    x, call = _call(packed, ref.batch_first)
+    expected, expected_grads = run_with_grads(ref, call, [x])
+    actual, actual_grads = run_with_grads(ours, call, [x])
+    for a, e in zip(actual + actual_grads, expected + expected_grads, strict=True):
+        assert torch.equal(a, e)
+
+
+def test_forced_native_dropout_draws_torch_nns_mask():
+    ref, ours = twins("lstm", 4, 6, backend="native", num_layers=3, dropout=0.5)
+    x = torch.randn(5, 3, 4)
+    torch.manual_seed(7)
+    expected = flatten(ref(x))
+    torch.manual_seed(7)
+    actual = flatten(ours(x))
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+
+
+def test_native_declines_cells_and_single_layers_with_its_reason():
+    with pytest.raises(RuntimeError, match="native runs whole module calls"):
+        seqfast.LSTMCell(4, 6, backend="native")(torch.randn(3, 4))
+    w_ih, w_hh, h0 = torch.randn(18, 4), torch.randn(18, 6), torch.zeros(3, 6)
+    with pytest.raises(RuntimeError, match="native runs whole module calls"):
+        seqfast.functional.layer("gru", torch.randn(2, 3, 4), w_ih, w_hh, None, None, h0, backend="native")
+    row = {r.name: r for r in seqfast.backends()}["native"]
+    assert row.available and row.devices == ("cpu", "cuda")
+    assert "native" not in dispatch.names("cpu"), "never a layer's automatic choice"
+
+
+@pytest.fixture
+def calibrations(monkeypatch, tmp_path):
+    """Automatic routing calibrated afresh into `tmp_path`; returns the calls `_calibrate` answered, in order."""
+    monkeypatch.delenv("SEQFAST_NATIVE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_machine_choices", None)
+    return []
+
+
+def _counting(monkeypatch, answer, answers):
+    def calibrate(ours, theirs):
+        ours(), theirs()
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(native, "_calibrate", calibrate)
+
+
+@pytest.mark.parametrize("faster", [True, False], ids=["torch-faster", "seqfast-faster"])
+def test_automatic_route_follows_the_calibration_and_caches_it(calibrations, monkeypatch, faster):
+    _counting(monkeypatch, faster, calibrations)
+    ref, ours = twins("lstm", 4, 6, num_layers=2)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    expected, expected_grads = run_with_grads(ref, lambda m: m(x), [x])
+    for _ in range(2):
+        actual, actual_grads = run_with_grads(ours, lambda m: m(x), [x])
+        same = all(torch.equal(a, e) for a, e in zip(actual + actual_grads, expected + expected_grads, strict=True))
+        assert same == faster
+    ours(torch.randn(7, 4, 4))  # same bucket of T and B: no new calibration
+    assert calibrations == [faster]
+    (entry,) = json.loads(native.cache_path().read_text()).values()
+    assert entry == {f"I4-H6-B4-T8-L2-D1-bias1-threads{torch.get_num_threads()}-grad1": faster}
+    monkeypatch.setattr(native, "_machine_choices", None)
+    ours(torch.randn(5, 3, 4))
+    assert calibrations == [faster], "a new process reads the cache instead of calibrating again"
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["gru", "lstm-f64", "lstm-proj", "lstm-packed", "lstm-explicit-cpp"],
+)
+def test_automatic_route_only_where_torch_runs_onednns_fused_lstm(calibrations, monkeypatch, case):
+    """GRU, float64, projection, packed input or an explicit backend never reach the calibration."""
+    _counting(monkeypatch, True, calibrations)
+    cell = "gru" if case == "gru" else "lstm"
+    kwargs = dict(proj_size=2) if case == "lstm-proj" else {}
+    dtype = torch.float64 if case == "lstm-f64" else torch.float32
+    backend = "cpp" if case == "lstm-explicit-cpp" else None
+    _, ours = twins(cell, 4, 6, backend=backend, dtype=dtype, **kwargs)
+    x = torch.randn(5, 3, 4, dtype=dtype)
+    ours(pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False) if case == "lstm-packed" else x)
+    assert calibrations == []
+
+
+def test_seqfast_native_1_routes_without_calibrating(monkeypatch):
+    monkeypatch.setenv("SEQFAST_NATIVE", "1")
+    monkeypatch.setattr(native, "_calibrate", None)
+    ref, ours = twins("lstm", 4, 6, bidirectional=True)
+    x = torch.randn(5, 3, 4)
+    assert all(torch.equal(a, e) for a, e in zip(flatten(ours(x)), flatten(ref(x)), strict=True))
+
+
+def test_compiled_calls_stay_on_seqfasts_kernels(monkeypatch):
+    """The route is for eager calls: `torch.compile(fullgraph=True)` traces seqfast's custom ops as before."""
+    monkeypatch.setenv("SEQFAST_NATIVE", "1")
+    model = seqfast.LSTM(4, 6)
+    x = torch.randn(5, 3, 4)
+    eager = seqfast.LSTM(4, 6, backend="cpp")
+    eager.load_state_dict(model.state_dict())
+    expected = flatten(eager(x))
+    monkeypatch.setattr(native, "rnn", None)
+    actual = flatten(torch.compile(model, fullgraph=True, backend="aot_eager")(x))
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_calibration_in_a_fresh_process_imports_no_compiler_stack(tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        import torch
+        import seqfast
+        out, _ = seqfast.LSTM(8, 16, 2)(torch.randn(6, 32, 8, requires_grad=True))
+        out.sum().backward()
+        print(sorted(m for m in ("torch._dynamo", "torch._inductor", "sympy") if m in sys.modules))
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "SEQFAST_NATIVE"} | {"XDG_CACHE_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "[]"
+    assert (tmp_path / "seqfast" / "native.json").exists()
