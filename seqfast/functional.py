@@ -159,7 +159,7 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, traini
     args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
     if fast and requested is None:
         ours, theirs = (lambda: _stack(fast, *args, None)), (lambda: native.rnn(*args))
-        if native.route(cell, x, h0, weights, num_layers, bidirectional, lengths, ours, theirs):
+        if native.route(cell, x, h0, c0, weights, num_layers, bidirectional, lengths, ours, theirs):
             return theirs()
     return _stack(fast, *args, backend)
 

@@ -4,8 +4,9 @@ module call, so the results are torch.nn's own.
 Automatic selection routes a module call here only where torch's op is the faster one on this machine: an eager
 call (see `seqfast.functional.eager`) of an LSTM on CPU in float32, without projection, unpacked, with oneDNN
 enabled (the case torch runs on oneDNN's fused kernel), for which a calibration timed both. The calibration runs on
-the first such call of a shape class (`_key`): a warm-up and three forwards without grad each way on the call's own
-tensors, the faster kept when it wins by more than `_MARGIN`. Its answers are kept per machine in
+the first such call of a shape class (`_key`): a warm-up and three runs each way on the call's own tensors (forwards,
+and with grad the backward of the output too, leaving every `.grad` and the random state as they were), the faster
+kept when it wins by more than `_MARGIN`. Its answers are kept per machine in
 `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by CPU model, torch version and thread
 count. `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can run here, unset
 calibrates. `backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call here whatever its shape; the cells
@@ -61,13 +62,13 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, 
     return y, out[1], out[2] if cell == "lstm" else None
 
 
-def route(cell, x, h0, weights, num_layers, bidirectional, lengths, ours, theirs):
+def route(cell, x, h0, c0, weights, num_layers, bidirectional, lengths, ours, theirs):
     """Whether an automatic eager module call runs on torch's own op (see the module docstring).
 
     Args:
-        cell, x, h0, weights, num_layers, bidirectional, lengths: the call's, as in `seqfast.functional.rnn`.
-        ours, theirs: zero-argument callables running the call on seqfast's kernels and on torch's op, used (without
-            grad) when the shape class has not been calibrated yet.
+        cell, x, h0, c0, weights, num_layers, bidirectional, lengths: the call's, as in `seqfast.functional.rnn`.
+        ours, theirs: zero-argument callables running the call on seqfast's kernels and on torch's op, returning its
+            outputs; timed when the shape class has not been calibrated yet.
 
     Returns:
         `bool`.
@@ -80,7 +81,9 @@ def route(cell, x, h0, weights, num_layers, bidirectional, lengths, ours, theirs
     key = _key(x, h0, weights, num_layers, bidirectional)
     choices = _choices()
     if key not in choices:
-        choices[key] = _calibrate(ours, theirs)
+        tensors = (x, h0, c0, *(t for w in weights for t in w))
+        wrt = [t for t in tensors if t is not None and t.requires_grad] if torch.is_grad_enabled() else []
+        choices[key] = _calibrate(ours, theirs, wrt)
         _save(choices)
     return choices[key]
 
@@ -113,19 +116,21 @@ def _key(x, h0, weights, num_layers, bidirectional):
     )
 
 
-def _calibrate(ours, theirs):
-    """True when `theirs` is faster than `ours` by more than `_MARGIN` (best of `_TIMED_RUNS` forwards each, after a
-    warm-up, without grad)."""
-    best = []
-    with torch.no_grad():
-        for run in (ours, theirs):
-            run()
-            times = []
-            for _ in range(_TIMED_RUNS):
-                start = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - start)
-            best.append(min(times))
+def _calibrate(ours, theirs, wrt):
+    """True when `theirs` is faster than `ours` by more than `_MARGIN`: the best of `1 + _TIMED_RUNS` runs each (the
+    first warms up), a run being a forward and, when `wrt` is not empty, the gradients of the output's sum with respect to `wrt` (returned, not
+    accumulated), under a forked random state (dropout draws none of the caller's numbers)."""
+
+    def timed(run):
+        start = time.perf_counter()
+        with torch.set_grad_enabled(bool(wrt)):
+            y = run()[0]
+            if wrt:
+                torch.autograd.grad(y.sum(), wrt, allow_unused=True)
+        return time.perf_counter() - start
+
+    with torch.random.fork_rng(devices=[]):
+        best = [min(timed(run) for _ in range(1 + _TIMED_RUNS)) for run in (ours, theirs)]
     return best[1] < (1 - _MARGIN) * best[0]
 
 

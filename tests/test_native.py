@@ -75,7 +75,7 @@ def calibrations(monkeypatch, tmp_path):
 
 
 def _counting(monkeypatch, answer, answers):
-    def calibrate(ours, theirs):
+    def calibrate(ours, theirs, wrt):
         ours(), theirs()
         answers.append(answer)
         return answer
@@ -100,6 +100,20 @@ def test_automatic_route_follows_the_calibration_and_caches_it(calibrations, mon
     monkeypatch.setattr(native, "_machine_choices", None)
     ours(torch.randn(5, 3, 4))
     assert calibrations == [faster], "a new process reads the cache instead of calibrating again"
+
+
+def test_calibration_leaves_the_random_state_and_grads_alone(calibrations):
+    """A real calibration of a training call with dropout: the call then draws torch.nn's dropout masks from the
+    seed, and no parameter has a `.grad` until the caller's backward."""
+    ref, ours = twins("lstm", 4, 6, num_layers=3, dropout=0.5)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    torch.manual_seed(11)
+    expected = flatten(ref(x))
+    torch.manual_seed(11)
+    actual = flatten(ours(x))
+    assert json.loads(native.cache_path().read_text()), "calibrated"
+    assert all(p.grad is None for p in ours.parameters()) and x.grad is None
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
