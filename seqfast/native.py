@@ -1,16 +1,16 @@
 """The `native` backend: torch's own recurrent op (ATen: oneDNN's fused LSTM on CPU, cuDNN on CUDA) for a whole
 module call, so the results are torch.nn's own.
 
-Automatic selection routes a module call here only where torch's op is the faster one on this machine: an eager
-call (see `seqfast.functional.eager`) of an LSTM on CPU in float32, without projection, unpacked, with oneDNN
-enabled (the case torch runs on oneDNN's fused kernel), for which a calibration timed both. The calibration runs on
-the first such call of a shape class (`_key`): a warm-up and three runs each way on the call's own tensors (forwards,
-and with grad the backward of the output too, leaving every `.grad` and the random state as they were), the faster
-kept when it wins by more than `_MARGIN`. Its answers are kept per machine in
-`$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by CPU model, torch version and thread
-count. `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can run here, unset
-calibrates. `backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call here whatever its shape; the cells
-and single layers run seqfast's kernels only, so this backend declines them.
+Automatic selection routes an eager module call (see `seqfast.functional.eager`) on CPU, unpacked, in float32 or
+float64, here where a calibration found torch's op the faster one on this machine. The calibration runs on the first
+such call of a shape class (`_key`): runs on seqfast's kernels and on torch's op, on the call's own tensors (forwards,
+and with grad the backward of the output too, leaving every `.grad` and the random state as they were), taking
+turns, the best run of each side compared; torch's op is kept when it wins by more
+than `_MARGIN`. Its answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default
+`~/.cache/seqfast/`), keyed by CPU model and torch version. `SEQFAST_NATIVE=0` never routes here,
+`SEQFAST_NATIVE=1` routes every call that can come here, unset calibrates. `backend="native"` (or
+`SEQFAST_BACKEND=native`) runs a module's call here whatever its shape; the cells and single layers run seqfast's
+kernels only, so this backend declines them.
 """
 
 import json
@@ -23,6 +23,7 @@ from torch import _VF
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import dispatch
+from .kernels.common import GATES
 
 DEVICES = ("cpu", "cuda")
 
@@ -30,7 +31,10 @@ _OPS = {"rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu, "lstm": _VF.lstm, "g
 
 # torch's op must beat seqfast's by this share to be chosen: on a tie seqfast's kernels run.
 _MARGIN = 0.05
-_TIMED_RUNS = 3
+# Each side of a calibration runs at least this long and this many times, at most `_MAX_RUNS` times.
+_MIN_CALIBRATION_S = 2e-3
+_MIN_RUNS = 4
+_MAX_RUNS = 50
 
 
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
@@ -74,32 +78,42 @@ def route(cell, x, h0, c0, weights, num_layers, bidirectional, lengths, ours, th
         `bool`.
     """
     setting = dispatch.env("SEQFAST_NATIVE")
-    if setting == "0" or not _torch_is_fused(cell, x, weights, lengths):
+    if setting == "0" or lengths is not None or x.device.type != "cpu" or x.dtype not in _DTYPES or not x.numel():
         return False
     if setting == "1":
         return True
-    key = _key(x, h0, weights, num_layers, bidirectional)
+    w_ih, w_hh, b_ih, _, w_hr = weights[0]
+    grad = torch.is_grad_enabled()
+    signature = (cell, x.dtype, x.shape, w_hh.shape, None if w_hr is None else w_hr.shape, b_ih is None)
+    signature += (num_layers, bidirectional, torch.get_num_threads(), grad)
+    choice = _routes.get(signature)
+    if choice is None:
+        choice = _routes[signature] = _choice(signature, x, h0, c0, weights, ours, theirs)
+    return choice
+
+
+def _choice(signature, x, h0, c0, weights, ours, theirs):
+    """The calibrated answer for the shape class of `signature` (see `route`), calibrating it when no process on
+    this machine has yet."""
+    cell, dtype, (T, B, I), w_hh_shape, w_hr_shape, no_bias, num_layers, bidirectional, threads, grad = signature
+    H = w_hh_shape[0] // GATES[cell]
+    P = 0 if w_hr_shape is None else w_hr_shape[0]
+    key = (
+        f"{cell}-{str(dtype).removeprefix('torch.')}-I{I}-H{H}-P{P}-B{_bucket(B)}-T{_bucket(T)}-L{num_layers}-"
+        f"D{2 if bidirectional else 1}-bias{int(not no_bias)}-threads{threads}-grad{int(grad)}"
+    )
     choices = _choices()
     if key not in choices:
         tensors = (x, h0, c0, *(t for w in weights for t in w))
-        wrt = [t for t in tensors if t is not None and t.requires_grad] if torch.is_grad_enabled() else []
+        wrt = [t for t in tensors if t is not None and t.requires_grad] if grad else []
         choices[key] = _calibrate(ours, theirs, wrt)
         _save(choices)
     return choices[key]
 
 
-def _torch_is_fused(cell, x, weights, lengths):
-    """torch.nn runs this call on oneDNN's fused LSTM: CPU, float32, no projection, unpacked, oneDNN enabled."""
-    return (
-        cell == "lstm"
-        and lengths is None
-        and x.device.type == "cpu"
-        and x.dtype == torch.float32
-        and weights[0][4] is None
-        and x.numel() != 0
-        and torch.backends.mkldnn.enabled
-        and torch.backends.mkldnn.is_available()
-    )
+# route's answer per call signature, so that a repeated call formats no key
+_routes = {}
+_DTYPES = (torch.float32, torch.float64)
 
 
 def _bucket(n):
@@ -107,19 +121,12 @@ def _bucket(n):
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _key(x, h0, weights, num_layers, bidirectional):
-    T, B, I = x.shape
-    H = weights[0][1].shape[1]
-    bias = weights[0][2] is not None
-    return f"I{I}-H{H}-B{_bucket(B)}-T{_bucket(T)}-L{num_layers}-D{2 if bidirectional else 1}-bias{int(bias)}-" + (
-        f"threads{torch.get_num_threads()}-grad{int(torch.is_grad_enabled())}"
-    )
-
-
 def _calibrate(ours, theirs, wrt):
-    """True when `theirs` is faster than `ours` by more than `_MARGIN`: the best of `1 + _TIMED_RUNS` runs each (the
-    first warms up), a run being a forward and, when `wrt` is not empty, the gradients of the output's sum with respect to `wrt` (returned, not
-    accumulated), under a forked random state (dropout draws none of the caller's numbers)."""
+    """True when `theirs` is faster than `ours` by more than `_MARGIN`, comparing each side's best run. A run is a
+    forward and, when `wrt` is not empty, the gradients of the output's sum with respect to `wrt` (returned, not
+    accumulated); the two sides take turns, each at least `_MIN_RUNS` times (the first warms up) and, up to
+    `_MAX_RUNS`, until seqfast's have run `_MIN_CALIBRATION_S`, under a forked random state (dropout draws none of
+    the caller's numbers)."""
 
     def timed(run):
         start = time.perf_counter()
@@ -130,8 +137,11 @@ def _calibrate(ours, theirs, wrt):
         return time.perf_counter() - start
 
     with torch.random.fork_rng(devices=[]):
-        best = [min(timed(run) for _ in range(1 + _TIMED_RUNS)) for run in (ours, theirs)]
-    return best[1] < (1 - _MARGIN) * best[0]
+        times = ([], [])
+        while len(times[0]) < _MIN_RUNS or (sum(times[0]) < _MIN_CALIBRATION_S and len(times[0]) < _MAX_RUNS):
+            for run, kept in zip((ours, theirs), times, strict=True):
+                kept.append(timed(run))
+    return min(times[1]) < (1 - _MARGIN) * min(times[0])
 
 
 def cache_path():

@@ -71,6 +71,7 @@ def calibrations(monkeypatch, tmp_path):
     monkeypatch.delenv("SEQFAST_NATIVE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(native, "_machine_choices", None)
+    monkeypatch.setattr(native, "_routes", {})
     return []
 
 
@@ -96,8 +97,9 @@ def test_automatic_route_follows_the_calibration_and_caches_it(calibrations, mon
     ours(torch.randn(7, 4, 4))  # same bucket of T and B: no new calibration
     assert calibrations == [faster]
     (entry,) = json.loads(native.cache_path().read_text()).values()
-    assert entry == {f"I4-H6-B4-T8-L2-D1-bias1-threads{torch.get_num_threads()}-grad1": faster}
+    assert entry == {f"lstm-float32-I4-H6-P0-B4-T8-L2-D1-bias1-threads{torch.get_num_threads()}-grad1": faster}
     monkeypatch.setattr(native, "_machine_choices", None)
+    monkeypatch.setattr(native, "_routes", {})
     ours(torch.randn(5, 3, 4))
     assert calibrations == [faster], "a new process reads the cache instead of calibrating again"
 
@@ -116,20 +118,33 @@ def test_calibration_leaves_the_random_state_and_grads_alone(calibrations):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["gru", "lstm-f64", "lstm-proj", "lstm-packed", "lstm-explicit-cpp"],
-)
-def test_automatic_route_only_where_torch_runs_onednns_fused_lstm(calibrations, monkeypatch, case):
-    """GRU, float64, projection, packed input or an explicit backend never reach the calibration."""
+# case: (cell, constructor kwargs, dtype, calibrated)
+ROUTED = {
+    "gru-f64": ("gru", {}, torch.float64, True),
+    "rnn_tanh-bi": ("rnn_tanh", dict(bidirectional=True), torch.float32, True),
+    "lstm-proj": ("lstm", dict(proj_size=2), torch.float32, True),
+    "lstm-explicit-cpp": ("lstm", dict(backend="cpp"), torch.float32, False),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTED))
+def test_automatic_route_calibrates_unpacked_cpu_module_calls(calibrations, monkeypatch, case):
+    """Every cell, float32 or float64, with a projection too, is calibrated (and then runs torch.nn's op here); a
+    module with an explicit backend never is."""
     _counting(monkeypatch, True, calibrations)
-    cell = "gru" if case == "gru" else "lstm"
-    kwargs = dict(proj_size=2) if case == "lstm-proj" else {}
-    dtype = torch.float64 if case == "lstm-f64" else torch.float32
-    backend = "cpp" if case == "lstm-explicit-cpp" else None
-    _, ours = twins(cell, 4, 6, backend=backend, dtype=dtype, **kwargs)
+    cell, kwargs, dtype, calibrated = ROUTED[case]
+    backend = kwargs.pop("backend", None)
+    ref, ours = twins(cell, 4, 6, backend=backend, dtype=dtype, **kwargs)
     x = torch.randn(5, 3, 4, dtype=dtype)
-    ours(pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False) if case == "lstm-packed" else x)
+    same = all(torch.equal(a, e) for a, e in zip(flatten(ours(x)), flatten(ref(x)), strict=True))
+    assert (calibrations == [True]) == calibrated == same
+
+
+def test_packed_input_and_cells_are_never_routed(calibrations, monkeypatch):
+    _counting(monkeypatch, True, calibrations)
+    x = torch.randn(5, 3, 4)
+    seqfast.LSTM(4, 6)(pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False))
+    seqfast.LSTMCell(4, 6)(x[0])
     assert calibrations == []
 
 
