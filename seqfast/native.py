@@ -3,7 +3,7 @@ module call, so the results are torch.nn's own.
 
 Automatic selection routes an eager module call (see `seqfast.functional.eager`) on CPU, unpacked, in float32 or
 float64, here where a calibration found torch's op the faster one on this machine. The calibration runs on the first
-such call of a shape class (`_key`): runs on seqfast's kernels and on torch's op, on the call's own tensors (forwards,
+such call of a shape class (see `_choice`): runs on seqfast's kernels and on torch's op, on the call's own tensors (forwards,
 and with grad the backward of the output too, leaving every `.grad` and the random state as they were), taking
 turns, the best run of each side compared; torch's op is kept when it wins by more
 than `_MARGIN`. Its answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default
@@ -83,7 +83,8 @@ def route(cell, x, h0, c0, weights, num_layers, bidirectional, lengths, ours, th
     if setting == "1":
         return True
     w_ih, w_hh, b_ih, _, w_hr = weights[0]
-    grad = torch.is_grad_enabled()
+    # 0: no grad, 1: with grad, 2: with grad of the input too (seqfast then forms dx, which torch's op always does)
+    grad = (1 + x.requires_grad) if torch.is_grad_enabled() else 0
     signature = (cell, x.dtype, x.shape, w_hh.shape, None if w_hr is None else w_hr.shape, b_ih is None)
     signature += (num_layers, bidirectional, torch.get_num_threads(), grad)
     choice = _routes.get(signature)
@@ -100,7 +101,7 @@ def _choice(signature, x, h0, c0, weights, ours, theirs):
     P = 0 if w_hr_shape is None else w_hr_shape[0]
     key = (
         f"{cell}-{str(dtype).removeprefix('torch.')}-I{I}-H{H}-P{P}-B{_bucket(B)}-T{_bucket(T)}-L{num_layers}-"
-        f"D{2 if bidirectional else 1}-bias{int(not no_bias)}-threads{threads}-grad{int(grad)}"
+        f"D{2 if bidirectional else 1}-bias{int(not no_bias)}-threads{threads}-grad{grad}"
     )
     choices = _choices()
     if key not in choices:

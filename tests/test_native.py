@@ -94,13 +94,13 @@ def test_automatic_route_follows_the_calibration_and_caches_it(calibrations, mon
         actual, actual_grads = run_with_grads(ours, lambda m: m(x), [x])
         same = all(torch.equal(a, e) for a, e in zip(actual + actual_grads, expected + expected_grads, strict=True))
         assert same == faster
-    ours(torch.randn(7, 4, 4))  # same bucket of T and B: no new calibration
+    ours(torch.randn(7, 4, 4, requires_grad=True))  # same bucket of T and B: no new calibration
     assert calibrations == [faster]
     (entry,) = json.loads(native.cache_path().read_text()).values()
-    assert entry == {f"lstm-float32-I4-H6-P0-B4-T8-L2-D1-bias1-threads{torch.get_num_threads()}-grad1": faster}
+    assert entry == {f"lstm-float32-I4-H6-P0-B4-T8-L2-D1-bias1-threads{torch.get_num_threads()}-grad2": faster}
     monkeypatch.setattr(native, "_machine_choices", None)
     monkeypatch.setattr(native, "_routes", {})
-    ours(torch.randn(5, 3, 4))
+    ours(torch.randn(5, 3, 4, requires_grad=True))
     assert calibrations == [faster], "a new process reads the cache instead of calibrating again"
 
 
