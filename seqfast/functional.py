@@ -65,6 +65,32 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
     return _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend)
 
 
+def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend):
+    """One step of a cell, on the eager path when `fast` (see `eager`): torch's own op (`seqfast.native`) when
+    `backend` (or `SEQFAST_BACKEND`) is `native` or automatic selection routes it there, else `layer` over one step.
+
+    Args:
+        x: `[B, I]`; h0: `[B, H]`; c0: `[B, H]` for `lstm`, else None; the rest as in `layer`.
+
+    Returns:
+        `(h [B, H], c [B, H] or None)`.
+    """
+    requested = backend or dispatch.env("SEQFAST_BACKEND")
+    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    if requested == "native":
+        return native.step(*args)
+    x1 = x.unsqueeze(0)
+    if fast and requested is None:
+        weights = [(w_ih, w_hh, b_ih, b_hh, None)]
+
+        def ours():
+            return _layer(fast, cell, x1, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, None)[1:]
+
+        if native.route(cell, x1, h0, c0, weights, 0, False, None, ours, lambda: native.step(*args)):
+            return native.step(*args)
+    return _layer(fast, cell, x1, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend)[1:]
+
+
 def _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend):
     """The backend module an eager call runs on; `x` stands for `gx` in the choice (same dtype and device, the eager
     path running without autocast). The choice depends on nothing that differs between the layers of a stack (see

@@ -1,16 +1,15 @@
 """The `native` backend: torch's own recurrent op (ATen: oneDNN's fused LSTM on CPU, cuDNN on CUDA) for a whole
-module call, so the results are torch.nn's own.
+module call or a cell's step, so the results are torch.nn's own.
 
-Automatic selection routes an eager module call (see `seqfast.functional.eager`) on CPU, unpacked, in float32 or
-float64, here where a calibration found torch's op the faster one on this machine. The calibration runs on the first
-such call of a shape class (see `_choice`): runs on seqfast's kernels and on torch's op, on the call's own tensors (forwards,
-and with grad the backward of the output too, leaving every `.grad` and the random state as they were), taking
-turns, the best run of each side compared; torch's op is kept when it wins by more
-than `_MARGIN`. Its answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default
-`~/.cache/seqfast/`), keyed by CPU model and torch version. `SEQFAST_NATIVE=0` never routes here,
-`SEQFAST_NATIVE=1` routes every call that can come here, unset calibrates. `backend="native"` (or
-`SEQFAST_BACKEND=native`) runs a module's call here whatever its shape; the cells and single layers run seqfast's
-kernels only, so this backend declines them.
+Automatic selection routes an eager module call (see `seqfast.functional.eager`) on CPU, unpacked, or a cell's step,
+in float32 or float64, here where a calibration found torch's op the faster one on this machine. The calibration
+runs on the first such call of a shape class (see `_choice`): seqfast's kernels and torch's op take turns on the
+call's own tensors (a forward, with grad also the backward of the output, leaving every `.grad` and the random state
+as they were), and torch's op is kept when its best run beats seqfast's by more than `_MARGIN`. The answers are kept
+per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by CPU model and torch
+version. `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can come here, unset
+calibrates. `backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call or a cell's step here whatever its
+shape; a single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this backend declines it.
 """
 
 import json
@@ -28,6 +27,7 @@ from .kernels.common import GATES
 DEVICES = ("cpu", "cuda")
 
 _OPS = {"rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu, "lstm": _VF.lstm, "gru": _VF.gru}
+_CELL_OPS = {"rnn_tanh": _VF.rnn_tanh_cell, "rnn_relu": _VF.rnn_relu_cell, "lstm": _VF.lstm_cell, "gru": _VF.gru_cell}
 
 # torch's op must beat seqfast's by this share to be chosen: on a tie seqfast's kernels run.
 _MARGIN = 0.05
@@ -43,7 +43,7 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     Returns:
         The reason, always.
     """
-    return "native runs whole module calls (RNN, LSTM, GRU) through torch's own op, not one layer's time loop"
+    return "native runs whole module calls and cell steps through torch's own op, not one layer's time loop"
 
 
 def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths):
@@ -66,11 +66,27 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, 
     return y, out[1], out[2] if cell == "lstm" else None
 
 
+def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    """One step of a cell through torch's own op.
+
+    Args:
+        cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`; x: `[B, I]`; h0: `[B, H]`; c0: `[B, H]` for `lstm`, else None;
+        w_ih, w_hh, b_ih, b_hh: the cell's parameters (biases may be None).
+
+    Returns:
+        `(h [B, H], c [B, H] or None)`.
+    """
+    if cell == "lstm":
+        return _VF.lstm_cell(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    return _CELL_OPS[cell](x, h0, w_ih, w_hh, b_ih, b_hh), None
+
+
 def route(cell, x, h0, c0, weights, num_layers, bidirectional, lengths, ours, theirs):
     """Whether an automatic eager module call runs on torch's own op (see the module docstring).
 
     Args:
-        cell, x, h0, c0, weights, num_layers, bidirectional, lengths: the call's, as in `seqfast.functional.rnn`.
+        cell, x, h0, c0, weights, num_layers, bidirectional, lengths: the call's, as in `seqfast.functional.rnn`; a
+            cell's step passes `x [1, B, I]` and `num_layers` 0.
         ours, theirs: zero-argument callables running the call on seqfast's kernels and on torch's op, returning its
             outputs; timed when the shape class has not been calibrated yet.
 
@@ -99,10 +115,9 @@ def _choice(signature, x, h0, c0, weights, ours, theirs):
     cell, dtype, (T, B, I), w_hh_shape, w_hr_shape, no_bias, num_layers, bidirectional, threads, grad = signature
     H = w_hh_shape[0] // GATES[cell]
     P = 0 if w_hr_shape is None else w_hr_shape[0]
-    key = (
-        f"{cell}-{str(dtype).removeprefix('torch.')}-I{I}-H{H}-P{P}-B{_bucket(B)}-T{_bucket(T)}-L{num_layers}-"
-        f"D{2 if bidirectional else 1}-bias{int(not no_bias)}-threads{threads}-grad{grad}"
-    )
+    kind = cell if num_layers else f"{cell}_cell"
+    sizes = f"I{I}-H{H}-P{P}-B{_bucket(B)}-T{_bucket(T)}-L{num_layers}-D{2 if bidirectional else 1}"
+    key = f"{kind}-{str(dtype).removeprefix('torch.')}-{sizes}-bias{int(not no_bias)}-threads{threads}-grad{grad}"
     choices = _choices()
     if key not in choices:
         tensors = (x, h0, c0, *(t for w in weights for t in w))

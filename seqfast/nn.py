@@ -60,7 +60,7 @@ def _cpu_autocast_dtypes(cell, dtype, states, onednn, proj):
 
 
 def _run_autocast(run, cell, x, states, weights, module=False, unpacked=False):
-    """`run(x, states, weights) -> (y, hT, cT)` as torch.nn runs under autocast on `x`'s device.
+    """`run(x, states, weights) -> (y, hT, cT)` (`y` None for a cell) as torch.nn runs under autocast on `x`'s device.
 
     CUDA casts the whole recurrent op (every tensor, outputs in the autocast dtype); a module's op that runs on cuDNN
     is cast to float16 whatever the autocast dtype, as torch's autocast wrapper of cuDNN's RNN does. On CPU the GEMM
@@ -86,7 +86,7 @@ def _run_autocast(run, cell, x, states, weights, module=False, unpacked=False):
     h_dtype, c_dtype = _cpu_autocast_dtypes(cell, dtype, states, onednn, proj)
     with torch.autocast("cpu", enabled=False):
         y, hT, cT = run(*_rounded(dtype, x), _cast(torch.float32, *states), [_rounded(dtype, *w) for w in weights])
-    return y.to(h_dtype), hT.to(h_dtype), None if cT is None else cT.to(c_dtype)
+    return None if y is None else y.to(h_dtype), hT.to(h_dtype), None if cT is None else cT.to(c_dtype)
 
 
 def _check_same_dtype(state, weight, bias=None):
@@ -447,10 +447,9 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
             _check_same_dtype(state, w_hh, b_hh)
 
         def run(x, states, weights):
-            x, (w_ih, w_hh, b_ih, b_hh) = x.unsqueeze(0), weights[0]
-            h0, c0 = states[0], states[1] if is_lstm else None
+            (w_ih, w_hh, b_ih, b_hh), h0, c0 = weights[0], states[0], states[1] if is_lstm else None
             fast = functional.eager(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
-            return functional._layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, self.backend)
+            return None, *functional.step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, self.backend)
 
         _, hT, cT = _run_autocast(run, cell, input, states, [(w_ih, w_hh, b_ih, b_hh)])
         if is_lstm:

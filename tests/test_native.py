@@ -54,11 +54,22 @@ def test_forced_native_dropout_draws_torch_nns_mask():
     assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
 
 
-def test_native_declines_cells_and_single_layers_with_its_reason():
-    with pytest.raises(RuntimeError, match="native runs whole module calls"):
-        seqfast.LSTMCell(4, 6, backend="native")(torch.randn(3, 4))
+@pytest.mark.parametrize("name", ["RNNCell", "LSTMCell", "GRUCell"])
+def test_forced_native_cells_are_torch_nn_bitwise(name):
+    kwargs = dict(nonlinearity="relu") if name == "RNNCell" else {}
+    ref = getattr(torch.nn, name)(4, 6, bias=name != "GRUCell", **kwargs)
+    ours = getattr(seqfast, name)(4, 6, bias=name != "GRUCell", backend="native", **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4, requires_grad=True)
+    expected, expected_grads = run_with_grads(ref, lambda m: m(x), [x])
+    actual, actual_grads = run_with_grads(ours, lambda m: m(x), [x])
+    for a, e in zip(actual + actual_grads, expected + expected_grads, strict=True):
+        assert torch.equal(a, e)
+
+
+def test_native_declines_a_single_layer_with_its_reason():
     w_ih, w_hh, h0 = torch.randn(18, 4), torch.randn(18, 6), torch.zeros(3, 6)
-    with pytest.raises(RuntimeError, match="native runs whole module calls"):
+    with pytest.raises(RuntimeError, match="native runs whole module calls and cell steps"):
         seqfast.functional.layer("gru", torch.randn(2, 3, 4), w_ih, w_hh, None, None, h0, backend="native")
     row = {r.name: r for r in seqfast.backends()}["native"]
     assert row.available and row.devices == ("cpu", "cuda")
@@ -140,12 +151,17 @@ def test_automatic_route_calibrates_unpacked_cpu_module_calls(calibrations, monk
     assert (calibrations == [True]) == calibrated == same
 
 
-def test_packed_input_and_cells_are_never_routed(calibrations, monkeypatch):
+def test_packed_input_is_never_routed_and_cells_are_calibrated_apart(calibrations, monkeypatch):
     _counting(monkeypatch, True, calibrations)
     x = torch.randn(5, 3, 4)
     seqfast.LSTM(4, 6)(pack_padded_sequence(x, [5, 2, 4], enforce_sorted=False))
-    seqfast.LSTMCell(4, 6)(x[0])
     assert calibrations == []
+    ref, ours = torch.nn.LSTMCell(4, 6), seqfast.LSTMCell(4, 6)
+    ours.load_state_dict(ref.state_dict())
+    with torch.no_grad():
+        assert all(torch.equal(a, e) for a, e in zip(ours(x[0]), ref(x[0]), strict=True))
+    (entry,) = json.loads(native.cache_path().read_text()).values()
+    assert list(entry) == [f"lstm_cell-float32-I4-H6-P0-B4-T1-L0-D1-bias1-threads{torch.get_num_threads()}-grad0"]
 
 
 def test_seqfast_native_1_routes_without_calibrating(monkeypatch):
