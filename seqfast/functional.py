@@ -76,19 +76,11 @@ def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend):
         `(h [B, H], c [B, H] or None)`.
     """
     requested = backend or dispatch.env("SEQFAST_BACKEND")
-    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    if requested == "native":
-        return native.step(*args)
-    x1 = x.unsqueeze(0)
-    if fast and requested is None:
-        weights = [(w_ih, w_hh, b_ih, b_hh, None)]
-
-        def ours():
-            return _layer(fast, cell, x1, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, None)[1:]
-
-        if native.route(cell, x1, h0, c0, weights, 0, False, None, ours, lambda: native.step(*args)):
-            return native.step(*args)
-    return _layer(fast, cell, x1, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend)[1:]
+    if requested == "native" or (
+        fast and requested is None and native.route_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    ):
+        return native.step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    return _layer(fast, cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend)[1:]
 
 
 def _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend):
@@ -183,10 +175,8 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, traini
         return native.rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
     fast = eager(x, h0, c0, lengths, *chain.from_iterable(weights))
     args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
-    if fast and requested is None:
-        ours, theirs = (lambda: _stack(fast, *args, None)), (lambda: native.rnn(*args))
-        if native.route(cell, x, h0, c0, weights, num_layers, bidirectional, lengths, ours, theirs):
-            return theirs()
+    if fast and requested is None and native.route(*args):
+        return native.rnn(*args)
     return _stack(fast, *args, backend)
 
 

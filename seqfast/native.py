@@ -5,11 +5,12 @@ Automatic selection routes an eager module call (see `seqfast.functional.eager`)
 in float32 or float64, here where a calibration found torch's op the faster one on this machine. The calibration
 runs on the first such call of a shape class (see `_choice`): seqfast's kernels and torch's op take turns on the
 call's own tensors (a forward, with grad also the backward of the output, leaving every `.grad` and the random state
-as they were), and torch's op is kept when its best run beats seqfast's by more than `_MARGIN`. The answers are kept
-per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by CPU model and torch
-version. `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can come here, unset
-calibrates. `backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call or a cell's step here whatever its
-shape; a single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this backend declines it.
+as they were), and torch's op is kept when its best run beats seqfast's by more than `_MARGIN` and `_MIN_GAIN_S`.
+The answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by
+CPU model and torch version. `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can
+come here, unset calibrates. `backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call or a cell's step
+here whatever its shape; a single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this backend
+declines it.
 """
 
 import json
@@ -29,8 +30,10 @@ DEVICES = ("cpu", "cuda")
 _OPS = {"rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu, "lstm": _VF.lstm, "gru": _VF.gru}
 _CELL_OPS = {"rnn_tanh": _VF.rnn_tanh_cell, "rnn_relu": _VF.rnn_relu_cell, "lstm": _VF.lstm_cell, "gru": _VF.gru_cell}
 
-# torch's op must beat seqfast's by this share to be chosen: on a tie seqfast's kernels run.
+# torch's op must beat seqfast's by this share and this many seconds to be chosen (the route itself costs a few
+# microseconds): on a tie seqfast's kernels run.
 _MARGIN = 0.05
+_MIN_GAIN_S = 10e-6
 # Each side of a calibration runs at least this long and this many times, at most `_MAX_RUNS` times.
 _MIN_CALIBRATION_S = 2e-3
 _MIN_RUNS = 4
@@ -81,14 +84,11 @@ def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     return _CELL_OPS[cell](x, h0, w_ih, w_hh, b_ih, b_hh), None
 
 
-def route(cell, x, h0, c0, weights, num_layers, bidirectional, lengths, ours, theirs):
+def route(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths):
     """Whether an automatic eager module call runs on torch's own op (see the module docstring).
 
     Args:
-        cell, x, h0, c0, weights, num_layers, bidirectional, lengths: the call's, as in `seqfast.functional.rnn`; a
-            cell's step passes `x [1, B, I]` and `num_layers` 0.
-        ours, theirs: zero-argument callables running the call on seqfast's kernels and on torch's op, returning its
-            outputs; timed when the shape class has not been calibrated yet.
+        the call's, as in `seqfast.functional.rnn`.
 
     Returns:
         `bool`.
@@ -98,21 +98,54 @@ def route(cell, x, h0, c0, weights, num_layers, bidirectional, lengths, ours, th
         return False
     if setting == "1":
         return True
-    w_ih, w_hh, b_ih, _, w_hr = weights[0]
-    # 0: no grad, 1: with grad, 2: with grad of the input too (seqfast then forms dx, which torch's op always does)
-    grad = (1 + x.requires_grad) if torch.is_grad_enabled() else 0
+    w_hh, b_ih, w_hr = weights[0][1], weights[0][2], weights[0][4]
     signature = (cell, x.dtype, x.shape, w_hh.shape, None if w_hr is None else w_hr.shape, b_ih is None)
-    signature += (num_layers, bidirectional, torch.get_num_threads(), grad)
+    signature += (num_layers, bidirectional, torch.get_num_threads(), _grad(x))
     choice = _routes.get(signature)
     if choice is None:
-        choice = _routes[signature] = _choice(signature, x, h0, c0, weights, ours, theirs)
+        from .functional import _stack
+
+        args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
+        tensors = (x, h0, c0, *(t for w in weights for t in w))
+        ours, theirs = (lambda: _stack(True, *args, None)), (lambda: rnn(*args))
+        choice = _routes[signature] = _choice(signature, tensors, ours, theirs)
     return choice
 
 
-def _choice(signature, x, h0, c0, weights, ours, theirs):
-    """The calibrated answer for the shape class of `signature` (see `route`), calibrating it when no process on
-    this machine has yet."""
-    cell, dtype, (T, B, I), w_hh_shape, w_hr_shape, no_bias, num_layers, bidirectional, threads, grad = signature
+def route_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    """Whether an automatic eager cell step runs on torch's own op; arguments as `step`'s."""
+    setting = dispatch.env("SEQFAST_NATIVE")
+    if setting == "0" or x.device.type != "cpu" or x.dtype not in _DTYPES or not x.numel():
+        return False
+    if setting == "1":
+        return True
+    signature = (cell, x.dtype, x.shape, w_hh.shape, None, b_ih is None, 0, False, torch.get_num_threads(), _grad(x))
+    choice = _routes.get(signature)
+    if choice is None:
+        from .functional import _layer
+
+        args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        x1 = x.unsqueeze(0)
+
+        def ours():
+            return _layer(True, cell, x1, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, None)[1:]
+
+        tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        choice = _routes[signature] = _choice(signature, tensors, ours, lambda: step(*args))
+    return choice
+
+
+def _grad(x):
+    """0: no grad, 1: with grad, 2: with grad of the input too (seqfast then forms dx, which torch's op always does)."""
+    return (1 + x.requires_grad) if torch.is_grad_enabled() else 0
+
+
+def _choice(signature, tensors, ours, theirs):
+    """The calibrated answer for the shape class of `signature` (see `route`), calibrating it (`ours`, `theirs` and
+    the gradients with respect to `tensors`) when no process on this machine has yet."""
+    cell, dtype, shape, w_hh_shape, w_hr_shape, no_bias, num_layers, bidirectional, threads, grad = signature
+    *_, B, I = shape
+    T = shape[0] if num_layers else 1
     H = w_hh_shape[0] // GATES[cell]
     P = 0 if w_hr_shape is None else w_hr_shape[0]
     kind = cell if num_layers else f"{cell}_cell"
@@ -120,7 +153,6 @@ def _choice(signature, x, h0, c0, weights, ours, theirs):
     key = f"{kind}-{str(dtype).removeprefix('torch.')}-{sizes}-bias{int(not no_bias)}-threads{threads}-grad{grad}"
     choices = _choices()
     if key not in choices:
-        tensors = (x, h0, c0, *(t for w in weights for t in w))
         wrt = [t for t in tensors if t is not None and t.requires_grad] if grad else []
         choices[key] = _calibrate(ours, theirs, wrt)
         _save(choices)
@@ -138,7 +170,8 @@ def _bucket(n):
 
 
 def _calibrate(ours, theirs, wrt):
-    """True when `theirs` is faster than `ours` by more than `_MARGIN`, comparing each side's best run. A run is a
+    """True when `theirs` is faster than `ours` by more than `_MARGIN` and `_MIN_GAIN_S`, comparing each side's best
+    run. A run is a
     forward and, when `wrt` is not empty, the gradients of the output's sum with respect to `wrt` (returned, not
     accumulated); the two sides take turns, each at least `_MIN_RUNS` times (the first warms up) and, up to
     `_MAX_RUNS`, until seqfast's have run `_MIN_CALIBRATION_S`, under a forked random state (dropout draws none of
@@ -157,7 +190,7 @@ def _calibrate(ours, theirs, wrt):
         while len(times[0]) < _MIN_RUNS or (sum(times[0]) < _MIN_CALIBRATION_S and len(times[0]) < _MAX_RUNS):
             for run, kept in zip((ours, theirs), times, strict=True):
                 kept.append(timed(run))
-    return min(times[1]) < (1 - _MARGIN) * min(times[0])
+    return min(times[1]) < min((1 - _MARGIN) * min(times[0]), min(times[0]) - _MIN_GAIN_S)
 
 
 def cache_path():
