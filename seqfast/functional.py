@@ -43,6 +43,7 @@ _has_torch_function = torch._C._has_torch_function  # also True under a TorchFun
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _transform = torch._C._functorch.peek_interpreter_stack
 _autocast = torch._C._is_any_autocast_enabled
+_grad_enabled = torch.is_grad_enabled
 
 
 def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None, reverse=False, backend=None):
@@ -67,7 +68,8 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
 
 def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend):
     """One step of a cell, on the eager path when `fast` (see `eager`): torch's own op (`seqfast.native`) when
-    `backend` (or `SEQFAST_BACKEND`) is `native` or automatic selection routes it there, else `layer` over one step.
+    `backend` (or `SEQFAST_BACKEND`) is `native` or automatic selection routes a step with grad there, else `layer`
+    over one step.
 
     Args:
         x: `[B, I]`; h0: `[B, H]`; c0: `[B, H]` for `lstm`, else None; the rest as in `layer`.
@@ -76,10 +78,10 @@ def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend):
         `(h [B, H], c [B, H] or None)`.
     """
     requested = backend or dispatch.env("SEQFAST_BACKEND")
-    if requested == "native" or (
-        fast and requested is None and native.route_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    ):
-        return native.step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    # without grad a step is too small for the choice to pay for itself (and seqfast's is the faster there)
+    if requested == "native" or (fast and requested is None and _grad_enabled() and native.route_step(*args)):
+        return native.step(*args)
     return _layer(fast, cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend)[1:]
 
 
