@@ -38,6 +38,10 @@ _MIN_GAIN_S = 10e-6
 _MIN_CALIBRATION_S = 2e-3
 _MIN_RUNS = 4
 _MAX_RUNS = 50
+_DTYPES = (torch.float32, torch.float64)
+
+# the route's answer per call signature, so that a repeated call formats no key
+_routes = {}
 
 
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
@@ -159,11 +163,6 @@ def _choice(signature, tensors, ours, theirs):
     return choices[key]
 
 
-# route's answer per call signature, so that a repeated call formats no key
-_routes = {}
-_DTYPES = (torch.float32, torch.float64)
-
-
 def _bucket(n):
     """`n` rounded up to a power of two: shapes in one bucket share a calibration."""
     return 1 << max(n - 1, 0).bit_length()
@@ -171,11 +170,10 @@ def _bucket(n):
 
 def _calibrate(ours, theirs, wrt):
     """True when `theirs` is faster than `ours` by more than `_MARGIN` and `_MIN_GAIN_S`, comparing each side's best
-    run. A run is a
-    forward and, when `wrt` is not empty, the gradients of the output's sum with respect to `wrt` (returned, not
-    accumulated); the two sides take turns, each at least `_MIN_RUNS` times (the first warms up) and, up to
-    `_MAX_RUNS`, until seqfast's have run `_MIN_CALIBRATION_S`, under a forked random state (dropout draws none of
-    the caller's numbers)."""
+    run. A run is a forward and, when `wrt` is not empty, the gradients of the output's sum with respect to `wrt`
+    (returned, not accumulated); the two sides take turns, each at least `_MIN_RUNS` times (the first warms up) and,
+    up to `_MAX_RUNS`, until seqfast's have run `_MIN_CALIBRATION_S`, under a forked random state (dropout draws none
+    of the caller's numbers)."""
 
     def timed(run):
         start = time.perf_counter()
