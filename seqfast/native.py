@@ -97,35 +97,31 @@ def route(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training
     Returns:
         `bool`.
     """
-    setting = dispatch.env("SEQFAST_NATIVE")
-    if setting == "0" or lengths is not None or x.device.type != "cpu" or x.dtype not in _DTYPES or not x.numel():
-        return False
-    if setting == "1":
-        return True
+    decided = False if lengths is not None else _decided(x)
+    if decided is not None:
+        return decided
     w_hh, b_ih, w_hr = weights[0][1], weights[0][2], weights[0][4]
     signature = (cell, x.dtype, x.shape, w_hh.shape, None if w_hr is None else w_hr.shape, b_ih is None)
     signature += (num_layers, bidirectional, torch.get_num_threads(), _grad(x))
-    choice = _routes.get(signature)
-    if choice is None:
+
+    def calibration():
         from .functional import _stack
 
         args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
         tensors = (x, h0, c0, *(t for w in weights for t in w))
-        ours, theirs = (lambda: _stack(True, *args, None)), (lambda: rnn(*args))
-        choice = _routes[signature] = _choice(signature, tensors, ours, theirs)
-    return choice
+        return tensors, (lambda: _stack(True, *args, None)), (lambda: rnn(*args))
+
+    return _remembered(signature, calibration)
 
 
 def route_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     """Whether an automatic eager cell step runs on torch's own op; arguments as `step`'s."""
-    setting = dispatch.env("SEQFAST_NATIVE")
-    if setting == "0" or x.device.type != "cpu" or x.dtype not in _DTYPES or not x.numel():
-        return False
-    if setting == "1":
-        return True
+    decided = _decided(x)
+    if decided is not None:
+        return decided
     signature = (cell, x.dtype, x.shape, w_hh.shape, None, b_ih is None, 0, False, torch.get_num_threads(), _grad(x))
-    choice = _routes.get(signature)
-    if choice is None:
+
+    def calibration():
         from .functional import _layer
 
         args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
@@ -134,8 +130,26 @@ def route_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         def ours():
             return _layer(True, cell, x1, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, None)[1:]
 
-        tensors = (x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        choice = _routes[signature] = _choice(signature, tensors, ours, lambda: step(*args))
+        return (x, h0, c0, w_ih, w_hh, b_ih, b_hh), ours, (lambda: step(*args))
+
+    return _remembered(signature, calibration)
+
+
+def _decided(x):
+    """The answer that needs no calibration: False under `SEQFAST_NATIVE=0` or where torch's op cannot take the call
+    here (not on CPU, not float32 or float64, empty), True under `SEQFAST_NATIVE=1`; else None."""
+    setting = dispatch.env("SEQFAST_NATIVE")
+    if setting == "0" or x.device.type != "cpu" or x.dtype not in _DTYPES or not x.numel():
+        return False
+    return True if setting == "1" else None
+
+
+def _remembered(signature, calibration):
+    """The answer for `signature`, from this process's memory or else `_choice` with `calibration()`'s
+    `(tensors, ours, theirs)`, built only when a calibration may run."""
+    choice = _routes.get(signature)
+    if choice is None:
+        choice = _routes[signature] = _choice(signature, *calibration())
     return choice
 
 
