@@ -671,6 +671,52 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
           lstm ? c10::make_optional(in_dtype(cT, c0_in->scalar_type())) : c10::nullopt, saved};
 }
 
+// A stack's forward without grad, each layer-direction a `fwd` from its input (GRU keeps `b_hh` in the recurrence,
+// the other cells fold it into the projection), the directions' outputs side by side as the next layer's input.
+// `weights`: `w_ih, w_hh, b_ih, b_hh, w_hr` of each layer-direction in turn. Returns `y [T, B, D*P]`, `hn [L*D, B, P]`,
+// `cn [L*D, B, H]` (LSTM).
+std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
+    int64_t cell, const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+    const std::vector<c10::optional<at::Tensor>>& weights, bool bidirectional, int64_t chunk, bool poison) {
+  const int64_t D = bidirectional ? 2 : 1, layers = static_cast<int64_t>(weights.size()) / (5 * D);
+  TORCH_CHECK(layers > 0 && layers * 5 * D == static_cast<int64_t>(weights.size()),
+              "weights must hold 5 tensors (or None) per layer-direction");
+  TORCH_CHECK(h0.dim() == 3 && h0.size(0) == layers * D, "h0 must be [L*D, B, P]");
+  const bool lstm = cell == LSTM, gru = cell == GRU;
+  TORCH_CHECK(c0.has_value() == lstm && (!c0 || c0->dim() == 3), "c0 [L*D, B, H] is given exactly for lstm");
+  at::Tensor input = x;
+  std::vector<at::Tensor> hn, cn, outputs;
+  for (int64_t l = 0; l < layers; ++l) {
+    outputs.clear();
+    for (int64_t d = 0; d < D; ++d) {
+      const auto* w = &weights[5 * (l * D + d)];
+      TORCH_CHECK(w[0] && w[1], "a layer-direction's w_ih and w_hh are tensors");
+      const auto c0k = lstm ? c10::make_optional(c0->select(0, l * D + d)) : c10::nullopt;
+      auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, input, w[0], w[2], gru ? c10::nullopt : w[3], *w[1],
+                                    gru ? w[3] : c10::nullopt, h0.select(0, l * D + d), c0k, c10::nullopt, w[4],
+                                    d == 1, false, chunk, poison);
+      outputs.push_back(y);
+      hn.push_back(hT);
+      if (lstm) cn.push_back(*cT);
+    }
+    input = D == 1 ? outputs[0] : at::cat(outputs, 2);
+  }
+  return {input, at::stack(hn), lstm ? c10::make_optional(at::stack(cn)) : c10::nullopt};
+}
+
+// One step of a cell without grad: `stack`'s layer over `x [B, I]` from `h0 [B, H]` (and `c0`). Returns
+// `(h [B, H], c [B, H] or None)`.
+std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
+    int64_t cell, const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+    const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_hh, int64_t chunk, bool poison) {
+  const bool gru = cell == GRU;
+  auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_ih, gru ? c10::nullopt : b_hh, w_hh,
+                                gru ? b_hh : c10::nullopt, h0, c0, c10::nullopt, c10::nullopt, false, false, chunk,
+                                poison);
+  return {hT, cT};
+}
+
 // The backward loop on `saved`'s dtype. Returns `dgx [T, B, G*H]` and `dgh` (GRU; the other cells' is dgx) in dy's
 // dtype, `dh0 [B, P]` in h0's, `dc0 [B, H]` in c0's (LSTM), `dw_hr [P, H]` in w_hr's (projection).
 std::tuple<at::Tensor, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>>
@@ -747,6 +793,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("bwd", &seqfast::bwd, "Recurrence backward: (dgx, dgh or None, dh0, dc0 or None, dw_hr or None).",
         py::call_guard<py::gil_scoped_release>());
+  m.def("stack", &seqfast::stack, "A stack's forward without grad: (y, hn, cn or None).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("step", &seqfast::step, "A cell's step without grad: (h, c or None).", py::call_guard<py::gil_scoped_release>());
   m.def("isa", &seqfast::isa, "The instruction set of the cell math and float32 GEMM in use.");
   m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` kernels; returns the previous.");
   m.def("has_blas", [] {

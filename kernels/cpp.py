@@ -86,6 +86,29 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     )
 
 
+def stack(cell, x, h0, c0, weights, bidirectional):
+    """A stack's forward without grad in one call: what `fwd` gives layer by layer from `Projection`s of each layer's
+    input; `x`, `h0`, `c0`, `weights` (`(w_ih, w_hh, b_ih, b_hh, w_hr)` per layer-direction) as in
+    `seqfast.functional.rnn`.
+
+    Returns:
+        `y [T, B, D*P]`, `hn [L*D, B, P]`, `cn [L*D, B, H]` or None.
+    """
+    chunk = _chunk(cell, weights[0][1], h0.shape[1])
+    flat = [t for w in weights for t in w]
+    return _C.stack(_CELL[cell], x, h0, c0 if cell == "lstm" else None, flat, bidirectional, chunk, poisoning())
+
+
+def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    """`stack` of one layer over one step: `x [B, I]`, `h0 [B, H]`, `c0 [B, H]` or None.
+
+    Returns:
+        `(h [B, H], c [B, H] or None)`.
+    """
+    chunk = _chunk(cell, w_hh, h0.shape[0])
+    return _C.step(_CELL[cell], x, h0, c0 if cell == "lstm" else None, w_ih, w_hh, b_ih, b_hh, chunk, poisoning())
+
+
 def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False):
     """Backward of `fwd` from its `saved`; see `seqfast.kernels.reference` for shapes.
 

@@ -11,6 +11,10 @@ which is `proj_size` for a projected LSTM and `H` otherwise):
 - `unsupported` answers from the cell, the tensors' dtypes and devices and the weights' shapes only (the dispatcher
   remembers its answer per such signature).
 - A backend with `FUSES_PROJECTION = True` may get `gx` as a `common.Projection` and form it in its own call.
+- A backend may also offer `stack(cell, x, h0, c0, weights, bidirectional) -> y, hn, cn` and
+  `step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> h, c`: a whole stack without grad in one call (arguments as in
+  `seqfast.functional.rnn`, projections formed from its `Projection`s), and one cell step, for the calls whose
+  per-call cost matters; they give what `fwd` gives layer by layer.
 - `cell` is one of `rnn_tanh`, `rnn_relu`, `lstm`, `gru`; gate order and math are torch's
   (LSTM `i, f, g, o`; GRU `r, z, n` with `n = tanh(gx_n + r * (W_hn h + b_hn))`).
 - `gx [T, B, G*H]` holds `x @ w_ih.T + b_ih` for every step; `w_hh [G*H, P]`, `b_hh [G*H]` or None,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import dispatch, native
 from .autograd import Layer, folded_biases
 from .kernels.common import time_index
-from .linear import bias_sum, linear, preactivations
+from .linear import bias_sum, fused, linear, preactivations
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
@@ -79,8 +79,14 @@ def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend):
     """
     requested = backend or dispatch.env("SEQFAST_BACKEND")
     args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    # without grad a step is too small for the choice to pay for itself (and seqfast's is the faster there)
-    if requested == "native" or (fast and requested is None and _grad_enabled() and native.route_step(*args)):
+    if requested == "native":
+        return native.step(*args)
+    if fast and not _grad_enabled():
+        # without grad a step is too small for the native choice to pay for itself (and seqfast's is the faster)
+        kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, None, backend)
+        if hasattr(kernels, "step") and fused(kernels, x, w_ih, b_ih, folded_biases(cell, b_hh)[0]):
+            return kernels.step(*args)
+    elif fast and requested is None and native.route_step(*args):
         return native.step(*args)
     return _layer(fast, cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend)[1:]
 
@@ -121,6 +127,12 @@ _INFER_CHUNK_BYTES = 16 << 20
 _INFER_MIN_STEPS = 32
 
 
+def _infer_chunks(x, w_ih):
+    """How many chunks of steps `_infer` runs `x [T, B, I]` in (below 2: one call)."""
+    T = x.shape[0]
+    return min(-(-T * x.shape[1] * w_ih.shape[0] * x.element_size() // _INFER_CHUNK_BYTES), T // _INFER_MIN_STEPS)
+
+
 def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse):
     """The forward on the eager path without grad, on `kernels` (a backend module): the input projection and the
     recurrence a chunk of steps at a time, each chunk from the state the one before left, so that every step
@@ -131,7 +143,7 @@ def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, length
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None.
     """
     T, B = x.shape[0], x.shape[1]
-    chunks = min(-(-T * B * w_ih.shape[0] * x.element_size() // _INFER_CHUNK_BYTES), T // _INFER_MIN_STEPS)
+    chunks = _infer_chunks(x, w_ih)
     if chunks < 2:
         gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
         return kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)[:3]
@@ -185,11 +197,14 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, traini
 def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths, backend):
     """`rnn` on seqfast's kernels, on the eager path when `fast` (see `eager`); `lengths` int64 on `x`'s device."""
     directions = 2 if bidirectional else 1
-    h0s = h0.unbind(0)
-    c0s = (None,) * len(h0s) if c0 is None else c0.unbind(0)
     kernels = None
     if fast and not torch.is_grad_enabled():
-        kernels = _eager_kernels(cell, x, weights[0][1], h0s[0], c0s[0], lengths, weights[0][4], backend)
+        # the stacked states stand for each layer's in the choice: same dtypes and devices
+        kernels = _eager_kernels(cell, x, weights[0][1], h0, c0, lengths, weights[0][4], backend)
+        if _one_call(kernels, cell, x, weights, directions, lengths, num_layers > 1 and dropout > 0 and training):
+            return kernels.stack(cell, x, h0, c0, weights, bidirectional)
+    h0s = h0.unbind(0)
+    c0s = (None,) * len(h0s) if c0 is None else c0.unbind(0)
     hn, cn = [], []
     for i in range(num_layers):
         outputs = []
@@ -206,6 +221,17 @@ def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, t
         if dropout > 0 and training and i < num_layers - 1:
             x = F.dropout(x, dropout, training=True) if lengths is None else _dropout_packed(x, lengths, dropout)
     return x, torch.stack(hn), None if c0 is None else torch.stack(cn)
+
+
+def _one_call(kernels, cell, x, weights, directions, lengths, dropped):
+    """Whether `kernels.stack` runs a stack without grad as `_layer` would layer by layer: the backend has one, and no
+    `lengths`, no dropout between layers (`dropped`), every layer's input projection formed by the backend, in one
+    chunk (see `_infer`)."""
+    if dropped or lengths is not None or not hasattr(kernels, "stack"):
+        return False
+    w_ih, w_hh, b_ih, b_hh, _ = weights[0]
+    widest = x.shape[0] * x.shape[1] * max(x.shape[2], directions * w_hh.shape[1])
+    return fused(kernels, x, w_ih, b_ih, folded_biases(cell, b_hh)[0], widest) and _infer_chunks(x, w_ih) < 2
 
 
 def _dropout_packed(x, lengths, p):

@@ -18,11 +18,12 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 _ONEDNN_MIN_MACS = 1 << 20
 
 
-def _onednn(a, w, b):
-    """Whether `a @ w.T + b` runs on oneDNN: float32 on CPU, at least `_ONEDNN_MIN_MACS` multiply-adds."""
+def _onednn(a, w, b, numel=None):
+    """Whether `a @ w.T + b` runs on oneDNN: float32 on CPU, at least `_ONEDNN_MIN_MACS` multiply-adds (for an `a` of
+    `numel` elements when given, default `a`'s own)."""
     return (
         _ONEDNN
-        and a.numel() * w.shape[0] >= _ONEDNN_MIN_MACS
+        and (a.numel() if numel is None else numel) * w.shape[0] >= _ONEDNN_MIN_MACS
         and a.dtype == w.dtype == torch.float32
         and a.is_cpu
         and (b is None or b.dtype == torch.float32)
@@ -64,10 +65,16 @@ def bias_sum(b_ih, b_fold):
     return b_fold if b_ih is None else b_ih + b_fold
 
 
+def fused(backend, x, w, b_ih, b_fold, numel=None):
+    """Whether `backend` (a backend module) forms `x @ w.T + b_ih + b_fold` itself, from a `Projection`: when it fuses
+    projections and `project` would run `F.linear` for them (`numel` as in `_onednn`)."""
+    return getattr(backend, "FUSES_PROJECTION", False) and not _onednn(x, w, b_ih if b_fold is None else b_fold, numel)
+
+
 def preactivations(backend, x, w, b_ih, b_fold):
-    """`x @ w.T + b_ih + b_fold` for `backend` (a backend module): a `Projection` it forms itself when it fuses
-    projections and `project` would run `F.linear`, else the tensor from `project`."""
-    if getattr(backend, "FUSES_PROJECTION", False) and not _onednn(x, w, b_ih if b_fold is None else b_fold):
+    """`x @ w.T + b_ih + b_fold` for `backend` (a backend module): a `Projection` when it forms it itself (see
+    `fused`), else the tensor from `project`."""
+    if fused(backend, x, w, b_ih, b_fold):
         return Projection(x, w, b_ih, b_fold)
     return project(x, w, bias_sum(b_ih, b_fold))
 

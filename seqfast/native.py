@@ -7,7 +7,7 @@ runs on the first such call of a shape class (see `_choice`): seqfast's kernels 
 call's own tensors (a forward, with grad also the backward of the output, leaving every `.grad` and the random state
 as they were), and torch's op is kept when its best run beats seqfast's by more than `_MARGIN` and `_MIN_GAIN_S`.
 The answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by
-CPU model and torch version. `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can
+CPU model, torch's version and seqfast's. `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can
 come here, unset calibrates. `backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call or a cell's step
 here whatever its shape; a single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this backend
 declines it.
@@ -214,7 +214,9 @@ _machine_choices = None
 
 
 def _machine():
-    """This machine's entry in the cache file: CPU model and torch version."""
+    """This machine's entry in the cache file: CPU model, torch's version and seqfast's (whose kernels it timed)."""
+    from . import __version__
+
     model = ""
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -222,7 +224,7 @@ def _machine():
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    return f"{model or os.uname().machine} torch {torch.__version__}"
+    return f"{model or os.uname().machine} torch {torch.__version__} seqfast {__version__}"
 
 
 def _choices():

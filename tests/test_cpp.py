@@ -213,3 +213,56 @@ def test_install_without_extension(tmp_path):
     done = subprocess.run([sys.executable, "-S", "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ImportError:" in done.stdout and "_C" in done.stdout, done.stdout
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_stack_and_step_equal_layer_by_layer(cpp, cell, dtype):
+    """The one-call forwards without grad give bitwise what `fwd` gives layer-direction by layer-direction."""
+    from seqfast.autograd import folded_biases
+    from seqfast.kernels.common import Projection
+
+    g = torch.Generator().manual_seed(3)
+    G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
+    for T, B, I, H, layers, bidirectional, P, bias in [
+        (1, 1, 1, 1, 1, False, None, True),
+        (3, 4, 10, 20, 1, False, None, False),
+        (7, 3, 5, 17, 2, True, None, True),
+        (4, 2, 6, 9, 3, False, 4, False),
+        (2, 5, 33, 70, 2, True, 7, True),
+    ]:
+        if P is not None and cell != "lstm":
+            continue
+        D = 2 if bidirectional else 1
+        width = P or H
+
+        def randn(*shape):
+            return torch.randn(*shape, generator=g, dtype=dtype)
+
+        weights = []
+        for k in range(layers * D):
+            fan_in = I if k < D else D * width
+            b_ih, b_hh = (randn(G * H), randn(G * H)) if bias else (None, None)
+            weights.append((randn(G * H, fan_in), randn(G * H, width), b_ih, b_hh, None if P is None else randn(P, H)))
+        x, h0 = randn(T, B, I), randn(layers * D, B, width)
+        c0 = randn(layers * D, B, H) if cell == "lstm" else None
+        inputs, hn, cn = x, [], []
+        for k, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(weights):
+            b_fold, b_h = folded_biases(cell, b_hh)
+            state = None if c0 is None else c0[k]
+            y, hT, cT, _ = cpp.fwd(cell, Projection(inputs, w_ih, b_ih, b_fold), w_hh, b_h, h0[k], state, None, w_hr,
+                                   k % D == 1, False)
+            hn.append(hT)
+            cn.append(cT)
+            ys = [y] if k % D == 0 else [ys[0], y]
+            if k % D == D - 1:
+                inputs = torch.cat(ys, 2)
+        y, hT, cT = cpp.stack(cell, x, h0, c0, weights, bidirectional)
+        assert torch.equal(y, inputs) and torch.equal(hT, torch.stack(hn))
+        assert cT is None if c0 is None else torch.equal(cT, torch.stack(cn))
+        if layers == 1 and not bidirectional and P is None:
+            w_ih, w_hh, b_ih, b_hh, _ = weights[0]
+            h, c = cpp.step(cell, x[0], h0[0], None if c0 is None else c0[0], w_ih, w_hh, b_ih, b_hh)
+            expected = cpp.stack(cell, x[:1], h0, c0, weights, False)
+            assert torch.equal(h, expected[1][0])
+            assert c is None if c0 is None else torch.equal(c, expected[2][0])
