@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract, twins
+from seqfast.autograd import folded_biases
 from seqfast.kernels import reference
+from seqfast.kernels.common import Projection
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
@@ -219,9 +221,6 @@ def test_install_without_extension(tmp_path):
 @pytest.mark.parametrize("cell", CELLS)
 def test_stack_and_step_equal_layer_by_layer(cpp, cell, dtype):
     """The one-call forwards without grad give bitwise what `fwd` gives layer-direction by layer-direction."""
-    from seqfast.autograd import folded_biases
-    from seqfast.kernels.common import Projection
-
     g = torch.Generator().manual_seed(3)
     G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
     for T, B, I, H, layers, bidirectional, P, bias in [
