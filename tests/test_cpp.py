@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract, twins
-from seqfast.autograd import folded_biases
 from seqfast.kernels import reference
 from seqfast.kernels.common import Projection
+
+from seqfast.autograd import folded_biases
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
@@ -246,16 +247,18 @@ def test_stack_and_step_equal_layer_by_layer(cpp, cell, dtype):
         x, h0 = randn(T, B, I), randn(layers * D, B, width)
         c0 = randn(layers * D, B, H) if cell == "lstm" else None
         inputs, hn, cn = x, [], []
-        for k, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(weights):
-            b_fold, b_h = folded_biases(cell, b_hh)
-            state = None if c0 is None else c0[k]
-            y, hT, cT, _ = cpp.fwd(cell, Projection(inputs, w_ih, b_ih, b_fold), w_hh, b_h, h0[k], state, None, w_hr,
-                                   k % D == 1, False)
-            hn.append(hT)
-            cn.append(cT)
-            ys = [y] if k % D == 0 else [ys[0], y]
-            if k % D == D - 1:
-                inputs = torch.cat(ys, 2)
+        for layer in range(layers):
+            ys = []
+            for k in range(layer * D, layer * D + D):
+                w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+                b_fold, b_h = folded_biases(cell, b_hh)
+                gx = Projection(inputs, w_ih, b_ih, b_fold)
+                state = None if c0 is None else c0[k]
+                y, hT, cT, _ = cpp.fwd(cell, gx, w_hh, b_h, h0[k], state, None, w_hr, k % D == 1, False)
+                ys.append(y)
+                hn.append(hT)
+                cn.append(cT)
+            inputs = torch.cat(ys, 2)
         y, hT, cT = cpp.stack(cell, x, h0, c0, weights, bidirectional)
         assert torch.equal(y, inputs) and torch.equal(hT, torch.stack(hn))
         assert cT is None if c0 is None else torch.equal(cT, torch.stack(cn))
