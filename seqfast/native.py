@@ -100,9 +100,10 @@ def route(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training
     decided = False if lengths is not None else _decided(x)
     if decided is not None:
         return decided
-    w_hh, b_ih, w_hr = weights[0][1], weights[0][2], weights[0][4]
-    signature = (cell, x.dtype, x.shape, w_hh.shape, None if w_hr is None else w_hr.shape, b_ih is None)
-    signature += (num_layers, bidirectional, torch.get_num_threads(), _grad(x))
+    _, w_hh, b_ih, _, w_hr = weights[0]
+    w_hr_shape = None if w_hr is None else w_hr.shape
+    threads, grad = torch.get_num_threads(), _grad(x)
+    signature = (cell, x.dtype, x.shape, w_hh.shape, w_hr_shape, b_ih is None, num_layers, bidirectional, threads, grad)
 
     def calibration():
         from .functional import _stack
@@ -139,7 +140,7 @@ def _decided(x):
     """The answer that needs no calibration: False under `SEQFAST_NATIVE=0` or where torch's op cannot take the call
     here (not on CPU, not float32 or float64, empty), True under `SEQFAST_NATIVE=1`; else None."""
     setting = dispatch.env("SEQFAST_NATIVE")
-    if setting == "0" or x.device.type != "cpu" or x.dtype not in _DTYPES or not x.numel():
+    if setting == "0" or not x.is_cpu or x.dtype not in _DTYPES or not x.numel():
         return False
     return True if setting == "1" else None
 

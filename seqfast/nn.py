@@ -21,12 +21,13 @@ def _type_name(dtype):
 
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")
+_autocast = torch._C._is_any_autocast_enabled
 
 
 def _autocast_dtype(tensor):
     """The dtype autocast casts `tensor` to on its device, or None when autocast is off there or leaves `tensor`
     alone (as it does float64)."""
-    if not torch._C._is_any_autocast_enabled() or tensor.dtype == torch.float64:
+    if not _autocast() or tensor.dtype == torch.float64:
         return None
     device = tensor.device.type
     if device in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device):
@@ -281,7 +282,10 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
                 cell, x, states[0], c0, weights, layers, bidirectional, dropout, training, lengths, self.backend
             )
 
-        y, hn, cn = _run_autocast(run, cell, x, states, weights, module=True, unpacked=not packed)
+        if _autocast():
+            y, hn, cn = _run_autocast(run, cell, x, states, weights, module=True, unpacked=not packed)
+        else:
+            y, hn, cn = run(x, states, weights)
         hidden = (hn, cn) if is_lstm else hn
         if packed:
             data = pack_padded_sequence(y, lengths).data
@@ -451,7 +455,10 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
             fast = functional.eager(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
             return None, *functional.step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, self.backend)
 
-        _, hT, cT = _run_autocast(run, cell, input, states, [(w_ih, w_hh, b_ih, b_hh)])
+        if _autocast():
+            _, hT, cT = _run_autocast(run, cell, input, states, [(w_ih, w_hh, b_ih, b_hh)])
+        else:
+            _, hT, cT = run(input, states, [(w_ih, w_hh, b_ih, b_hh)])
         if is_lstm:
             return (hT, cT) if is_batched else (hT.squeeze(0), cT.squeeze(0))
         return hT if is_batched else hT.squeeze(0)
