@@ -33,10 +33,12 @@ def test_backend_matches_float64_reference(backend, cell, shape, lengths, revers
     expected = run_contract(reference, cell, args, cot, reverse)
     if module is not reference:  # the reference's own float64 check is against autograd, below
         assert_outputs_close(run_contract(module, cell, args, cot, reverse), expected, 1e-12, torch.float64)
-    if module.unsupported(cell, args["gx"].float(), args["w_hh"].float(), args["h0"].float()) is None:
-        # float32 over <= 9 steps of length <= 70 dot products: a few hundred ulps of 6e-8
-        single = run_contract(module, cell, *cast(args, cot, torch.float32), reverse)
-        assert_outputs_close(single, expected, 1e-5, torch.float32)
+    # every CPU backend runs float32: over <= 9 steps of length <= 70 dot products, a few hundred ulps of 6e-8
+    args32, cot32 = cast(args, cot, torch.float32)
+    names = ("gx", "w_hh", "h0", "c0", "lengths", "w_hr")
+    reason = module.unsupported(cell, *(args32[n] for n in names))
+    assert reason is None, f"{backend} declines float32 {cell}: {reason}"
+    assert_outputs_close(run_contract(module, cell, args32, cot32, reverse), expected, 1e-5, torch.float32)
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
