@@ -81,8 +81,19 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     if isinstance(gx, Projection):
         projection, gx = gx, None
     return _C.fwd(
-        _CELL[cell], gx, *projection, w_hh, b_hh, h0, c0 if cell == "lstm" else None, lengths, w_hr, reverse,
-        need_saved, _chunk(cell, w_hh, h0.shape[0]), poisoning(),
+        _CELL[cell],
+        gx,
+        *projection,
+        w_hh,
+        b_hh,
+        h0,
+        c0 if cell == "lstm" else None,
+        lengths,
+        w_hr,
+        reverse,
+        need_saved,
+        _chunk(cell, w_hh, h0.shape[0]),
+        poisoning(),
     )
 
 
@@ -118,6 +129,18 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     """
     lstm = cell == "lstm"
     return _C.bwd(
-        _CELL[cell], dy, dhT, dcT if lstm else None, w_hh, w_hr, h0, c0 if lstm else None, lengths, y, saved, reverse,
-        _chunk(cell, w_hh, h0.shape[0]), poisoning(),
+        _CELL[cell],
+        dy,
+        dhT,
+        dcT if lstm else None,
+        w_hh,
+        w_hr,
+        h0,
+        c0 if lstm else None,
+        lengths,
+        y,
+        saved,
+        reverse,
+        _chunk(cell, w_hh, h0.shape[0]),
+        poisoning(),
     )

@@ -221,11 +221,16 @@ class Layer(torch.autograd.Function):
         dx, dw_ih, db_x = project_backward(dgx, x, w_ih, need_x, need_w_ih, need_db_x)
         db_hh = db_h if separate_b_hh else db_x
         return (
-            None, None, None,
+            None,
+            None,
+            None,
             dx if need_x else None,
             dw_ih if need_w_ih else None,
             db_x if has_b_ih and need_b_ih else None,
             dw_hh,
             db_hh if has_b_hh and need_b_hh else None,
-            dh0, dc0, None, dw_hr,
+            dh0,
+            dc0,
+            None,
+            dw_hr,
         )

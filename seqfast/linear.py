@@ -121,8 +121,11 @@ linear_backward = torch.library.custom_op("seqfast::linear_backward", project_ba
 
 @linear_backward.register_fake
 def _(dy, x, w, need_dx, need_dw, need_db):
-    return (x.new_empty(x.shape) if need_dx else dy.new_empty(0), w.new_empty(w.shape) if need_dw else dy.new_empty(0),
-            w.new_empty(w.shape[0]) if need_db else dy.new_empty(0))
+    return (
+        x.new_empty(x.shape) if need_dx else dy.new_empty(0),
+        w.new_empty(w.shape) if need_dw else dy.new_empty(0),
+        w.new_empty(w.shape[0]) if need_db else dy.new_empty(0),
+    )
 
 
 def _setup_context(ctx, inputs, output):

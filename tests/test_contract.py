@@ -56,13 +56,20 @@ def test_reference_backward_matches_autograd(cell, shape, lengths, reverse):
 
     a = {k: (v.detach() if v is not None else None) for k, v in args.items()}
     _, _, _, saved = reference.fwd(cell, **a, reverse=reverse)
-    dgx, dgh, dh0, dc0, dw_hr = reference.bwd(cell, *cot, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"],
-                                              a["lengths"], y.detach(), saved, reverse)
+    dgx, dgh, dh0, dc0, dw_hr = reference.bwd(
+        cell, *cot, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y.detach(), saved, reverse
+    )
     assert (dgh is None) == (cell != "gru"), "dgh is returned exactly where it differs from dgx (GRU)"
     dgh = dgx if dgh is None else dgh
     G, P = a["w_hh"].shape
-    actual = dict(gx=dgx, w_hh=dgh.reshape(-1, G).T @ h_prev(y.detach(), a["h0"], a["lengths"], reverse).reshape(-1, P),
-                  b_hh=dgh.sum((0, 1)), h0=dh0, c0=dc0, w_hr=dw_hr)
+    actual = dict(
+        gx=dgx,
+        w_hh=dgh.reshape(-1, G).T @ h_prev(y.detach(), a["h0"], a["lengths"], reverse).reshape(-1, P),
+        b_hh=dgh.sum((0, 1)),
+        h0=dh0,
+        c0=dc0,
+        w_hr=dw_hr,
+    )
     for name, grad in expected.items():
         assert_close(actual[name], grad, 1e-12, f"d_{name}")
 

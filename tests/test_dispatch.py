@@ -178,8 +178,10 @@ def test_explicit_backend_that_cannot_run_raises_with_reason(table, monkeypatch,
 
 def test_automatic_fall_through_logs_once_per_cell_backend_reason(table, monkeypatch, caplog):
     log = []
-    table({"picky": (_fake("picky", log, _odd_hidden), ["cpu"]), "plain": (_fake("plain", log), ["cpu"])},
-          {"cpu": ["picky", "plain"]})
+    table(
+        {"picky": (_fake("picky", log, _odd_hidden), ["cpu"]), "plain": (_fake("plain", log), ["cpu"])},
+        {"cpu": ["picky", "plain"]},
+    )
     monkeypatch.setenv("SEQFAST_STRICT", "0")
     caplog.set_level(logging.WARNING, logger="seqfast")
     ref, ours = twins("lstm", 3, 5, None, torch.float64, num_layers=2)
@@ -207,8 +209,10 @@ def test_automatic_fall_through_logs_once_per_cell_backend_reason(table, monkeyp
 
 def test_strict_mode_turns_fall_through_into_error(table, monkeypatch, caplog):
     log = []
-    table({"picky": (_fake("picky", log, _odd_hidden), ["cpu"]), "plain": (_fake("plain", log), ["cpu"])},
-          {"cpu": ["picky", "plain"]})
+    table(
+        {"picky": (_fake("picky", log, _odd_hidden), ["cpu"]), "plain": (_fake("plain", log), ["cpu"])},
+        {"cpu": ["picky", "plain"]},
+    )
     monkeypatch.setenv("SEQFAST_STRICT", "1")
     _, ours = twins("rnn_relu", 3, 5)
     with pytest.raises(RuntimeError, match="strict.*'plain'.*picky: hidden size 5 is odd"):
@@ -220,8 +224,10 @@ def test_strict_mode_turns_fall_through_into_error(table, monkeypatch, caplog):
 
 
 def test_no_backend_can_run_lists_every_reason(table, monkeypatch):
-    table({"picky": (_fake("picky", [], _odd_hidden), ["cpu"]), "gone": ("seqfast_test_no_such_module", ["cpu"])},
-          {"cpu": ["picky", "gone"]})
+    table(
+        {"picky": (_fake("picky", [], _odd_hidden), ["cpu"]), "gone": ("seqfast_test_no_such_module", ["cpu"])},
+        {"cpu": ["picky", "gone"]},
+    )
     monkeypatch.setenv("SEQFAST_STRICT", "0")
     _, ours = twins("gru", 3, 5)
     reasons = "no backend can run.*picky: hidden size 5 is odd.*gone: .*ModuleNotFoundError"
@@ -299,8 +305,7 @@ def _compiled_matches_eager(model, compiled, x):
         results.append(([o.detach() for o in out], list(grads)))
     (actual, actual_grads), (expected, expected_grads) = results
     assert_all_close(actual, expected, 2e-5, [f"out{i}" for i in range(len(expected))])
-    assert_all_close(actual_grads, expected_grads, 2e-5,
-                     ["d_input"] + [n for n, _ in model.named_parameters()])
+    assert_all_close(actual_grads, expected_grads, 2e-5, ["d_input"] + [n for n, _ in model.named_parameters()])
 
 
 def test_compile_fullgraph_matches_eager_even_before_backends_load(monkeypatch):
@@ -382,8 +387,19 @@ def _op_args(backend, cell, lengths, reverse):
         return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
 
     lens = None if lengths is None else torch.tensor(lengths)
-    return (backend, cell, reverse, True, rand(T, B, G), rand(G, P), None if proj else rand(G), rand(B, P),
-            rand(B, H) if cell == "lstm" else None, lens, rand(P, H) if proj else None)
+    return (
+        backend,
+        cell,
+        reverse,
+        True,
+        rand(T, B, G),
+        rand(G, P),
+        None if proj else rand(G),
+        rand(B, P),
+        rand(B, H) if cell == "lstm" else None,
+        lens,
+        rand(P, H) if proj else None,
+    )
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -403,8 +419,20 @@ def test_opcheck_recurrence_and_backward(backend, cell, lengths, reverse):
 
     dcT = torch.randn_like(cT) if cell == "lstm" else None
     backward_args = (
-        backend, cell, reverse, torch.randn_like(y), torch.randn_like(hT), dcT,
-        detached(w_hh), detached(b_hh), detached(w_hr), detached(h0), detached(c0), lens, y.detach(), saved,
+        backend,
+        cell,
+        reverse,
+        torch.randn_like(y),
+        torch.randn_like(hT),
+        dcT,
+        detached(w_hh),
+        detached(b_hh),
+        detached(w_hr),
+        detached(h0),
+        detached(c0),
+        lens,
+        y.detach(),
+        saved,
     )
     torch.library.opcheck(torch.ops.seqfast.recurrence_backward.default, backward_args)
 

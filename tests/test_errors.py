@@ -91,8 +91,9 @@ class Geo:
     @classmethod
     def of(cls, m):
         directions = 2 if m.bidirectional else 1
-        return cls(m.num_layers * directions, m.proj_size or m.hidden_size, m.hidden_size, m.mode == "LSTM",
-                   m.batch_first)
+        return cls(
+            m.num_layers * directions, m.proj_size or m.hidden_size, m.hidden_size, m.mode == "LSTM", m.batch_first
+        )
 
     def x(self, batch=B, steps=T, size=IN, dtype=torch.float32):
         shape = (batch, steps, size) if self.batch_first else (steps, batch, size)
@@ -208,15 +209,23 @@ CONFIGS = [
     ("rnn_relu-bf", "rnn_relu", dict(batch_first=True), [COMMON, PACKED_INPUT, SINGLE_STATE]),
     ("rnn_tanh-nobias", "rnn_tanh", dict(bias=False), [STATE_DTYPE]),
     ("gru", "gru", {}, [COMMON, PACKED_INPUT, SINGLE_STATE, STATE_DTYPE]),
-    ("gru-L2-bi-bf", "gru", dict(num_layers=2, bidirectional=True, batch_first=True),
-     [COMMON, PACKED_INPUT, SINGLE_STATE]),
+    (
+        "gru-L2-bi-bf",
+        "gru",
+        dict(num_layers=2, bidirectional=True, batch_first=True),
+        [COMMON, PACKED_INPUT, SINGLE_STATE],
+    ),
     ("gru-nobias", "gru", dict(bias=False), [STATE_DTYPE]),
     ("lstm", "lstm", {}, [COMMON, LSTM_STATE, STATE_DTYPE, LSTM_STATE_DTYPE, PACKED_LSTM]),
     ("lstm-nobias", "lstm", dict(bias=False), [STATE_DTYPE, LSTM_STATE_DTYPE]),
     ("lstm-proj", "lstm", dict(proj_size=3), [COMMON, LSTM_STATE, PROJ_STATE, STATE_DTYPE, LSTM_STATE_DTYPE]),
     ("lstm-proj-nobias", "lstm", dict(proj_size=3, bias=False), [STATE_DTYPE, LSTM_STATE_DTYPE]),
-    ("lstm-proj-L2-bi-bf", "lstm", dict(proj_size=3, num_layers=2, bidirectional=True, batch_first=True),
-     [COMMON, LSTM_STATE, PROJ_STATE]),
+    (
+        "lstm-proj-L2-bi-bf",
+        "lstm",
+        dict(proj_size=3, num_layers=2, bidirectional=True, batch_first=True),
+        [COMMON, LSTM_STATE, PROJ_STATE],
+    ),
 ]
 
 FORWARD_CASES = [
@@ -244,8 +253,9 @@ def test_forward_error_matches_torch(request, cell, module, build):
 
 @pytest.mark.parametrize("name", list(PACKED_LSTM_UNCHECKED))
 @pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "unsorted"])
-@pytest.mark.parametrize("module", [{}, dict(proj_size=3, num_layers=2, bidirectional=True)],
-                         ids=["plain", "proj-L2-bi"])
+@pytest.mark.parametrize(
+    "module", [{}, dict(proj_size=3, num_layers=2, bidirectional=True)], ids=["plain", "proj-L2-bi"]
+)
 def test_packed_lstm_checked_as_torch_checks_rnn_and_gru(name, sorted_, module):
     """torch.nn.LSTM runs no `check_forward_args` on packed input (see PACKED_LSTM_UNCHECKED); seqfast does, as
     torch.nn.RNN and GRU do: the expectation is torch's own check on the permuted state, run live."""

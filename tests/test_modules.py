@@ -21,8 +21,17 @@ F64 = torch.float64
 
 # A non-default value for every documented constructor argument.
 NON_DEFAULT = dict(
-    input_size=5, hidden_size=6, num_layers=2, nonlinearity="relu", bias=False, batch_first=True, dropout=0.25,
-    bidirectional=True, proj_size=3, device="cpu", dtype=F64,
+    input_size=5,
+    hidden_size=6,
+    num_layers=2,
+    nonlinearity="relu",
+    bias=False,
+    batch_first=True,
+    dropout=0.25,
+    bidirectional=True,
+    proj_size=3,
+    device="cpu",
+    dtype=F64,
 )
 
 
@@ -284,8 +293,9 @@ def test_recurrence_op_without_need_saved_returns_empty_workspace(cell):
     gx, w_hh, h0 = torch.randn(5, 2, G), torch.randn(G, 4), torch.randn(2, 4)
     c0 = torch.randn(2, 4) if cell == "lstm" else None
     for need_saved in (False, True):
-        y, hT, cT, saved = torch.ops.seqfast.recurrence("reference", cell, False, need_saved, gx, w_hh, None, h0, c0,
-                                                        None, None)
+        y, hT, cT, saved = torch.ops.seqfast.recurrence(
+            "reference", cell, False, need_saved, gx, w_hh, None, h0, c0, None, None
+        )
         assert (saved.numel() == 0) != need_saved
         assert y.shape == (5, 2, 4) and hT.shape == (2, 4)
 

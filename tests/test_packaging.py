@@ -19,9 +19,21 @@ def installed(tmp_path_factory):
     target = tmp_path_factory.mktemp("site")
     env = dict(os.environ, SEQFAST_NO_EXTENSION="1")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-build-isolation", "--no-deps", "--target",
-         str(target), str(ROOT)],
-        check=True, env=env, cwd=target,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-build-isolation",
+            "--no-deps",
+            "--target",
+            str(target),
+            str(ROOT),
+        ],
+        check=True,
+        env=env,
+        cwd=target,
     )
     return target
 

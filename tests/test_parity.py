@@ -36,10 +36,22 @@ CASES = [
     Case("unbatched-hx-bi", unbatched=True, hx=True, module=dict(bidirectional=True)),
     Case("unbatched-batch_first-hx", unbatched=True, hx=True, module=dict(batch_first=True)),
     Case("packed-sorted", B=4, packed="sorted", lengths=[7, 5, 5, 2]),
-    Case("packed-sorted-hx-batch_first", B=4, hx=True, packed="sorted", lengths=[7, 6, 3, 1],
-         module=dict(batch_first=True)),
-    Case("packed-unsorted-hx-L2-bi", B=5, hx=True, packed="unsorted", lengths=[3, 7, 1, 5, 7],
-         module=dict(num_layers=2, bidirectional=True)),
+    Case(
+        "packed-sorted-hx-batch_first",
+        B=4,
+        hx=True,
+        packed="sorted",
+        lengths=[7, 6, 3, 1],
+        module=dict(batch_first=True),
+    ),
+    Case(
+        "packed-unsorted-hx-L2-bi",
+        B=5,
+        hx=True,
+        packed="unsorted",
+        lengths=[3, 7, 1, 5, 7],
+        module=dict(num_layers=2, bidirectional=True),
+    ),
     Case("packed-B1", B=1, hx=True, packed="unsorted", lengths=[4]),
     Case("B0", B=0, hx=True, module=dict(num_layers=2, bidirectional=True)),
     Case("T200-H8", B=2, T=200, I=3, H=8, hx=True),
@@ -72,8 +84,9 @@ def _inputs(cell, case, ref, dtype):
     if case.hx:
         hx.append(torch.randn(ref.num_layers * directions, *state_batch, P, dtype=dtype, requires_grad=True))
         if cell == "lstm":
-            hx.append(torch.randn(ref.num_layers * directions, *state_batch, ref.hidden_size, dtype=dtype,
-                                  requires_grad=True))
+            hx.append(
+                torch.randn(ref.num_layers * directions, *state_batch, ref.hidden_size, dtype=dtype, requires_grad=True)
+            )
     return x, hx
 
 
@@ -81,8 +94,9 @@ def _call(x, hx, cell, case, batch_first):
     def call(module):
         inp = x
         if case.packed:
-            inp = pack_padded_sequence(x, torch.tensor(case.lengths), batch_first=batch_first,
-                                       enforce_sorted=case.packed == "sorted")
+            inp = pack_padded_sequence(
+                x, torch.tensor(case.lengths), batch_first=batch_first, enforce_sorted=case.packed == "sorted"
+            )
         state = None
         if hx:
             state = tuple(hx) if cell == "lstm" else hx[0]

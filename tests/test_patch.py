@@ -12,8 +12,12 @@ import seqfast
 
 F64 = torch.float64
 TORCH_TO_SEQFAST = {
-    nn.RNN: seqfast.RNN, nn.LSTM: seqfast.LSTM, nn.GRU: seqfast.GRU,
-    nn.RNNCell: seqfast.RNNCell, nn.LSTMCell: seqfast.LSTMCell, nn.GRUCell: seqfast.GRUCell,
+    nn.RNN: seqfast.RNN,
+    nn.LSTM: seqfast.LSTM,
+    nn.GRU: seqfast.GRU,
+    nn.RNNCell: seqfast.RNNCell,
+    nn.LSTMCell: seqfast.LSTMCell,
+    nn.GRUCell: seqfast.GRUCell,
 }
 
 
@@ -29,10 +33,12 @@ class Model(nn.Module):
     def __init__(self):
         super().__init__()
         self.inp = nn.Linear(4, 5)
-        self.stack = nn.ModuleList([
-            nn.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True, proj_size=3),
-            nn.GRU(6, 6, batch_first=True),
-        ])
+        self.stack = nn.ModuleList(
+            [
+                nn.LSTM(5, 6, num_layers=2, bidirectional=True, batch_first=True, proj_size=3),
+                nn.GRU(6, 6, batch_first=True),
+            ]
+        )
         self.cells = nn.ModuleDict(
             dict(lstm=nn.LSTMCell(6, 5), gru=nn.GRUCell(5, 4), rnn=nn.RNNCell(4, 4, nonlinearity="relu"))
         )
@@ -93,8 +99,9 @@ def test_patched_outputs_and_gradients_match_torch_and_unpatch_restores():
     actual = model(x)
     actual.sum().backward()
     assert_all_close([actual.detach()], [expected.detach()], 1e-10, ["output"])
-    assert_all_close([p.grad for p in model.parameters()], expected_grads, 1e-10,
-                     [n for n, _ in model.named_parameters()])
+    assert_all_close(
+        [p.grad for p in model.parameters()], expected_grads, 1e-10, [n for n, _ in model.named_parameters()]
+    )
     assert seqfast.unpatch(model) is model
     assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
     assert all(not hasattr(m, "backend") for m in _recurrent(model))
@@ -128,8 +135,7 @@ def test_optimizer_state_carries_across_patch():
             opt.step()
     state = optimizers[0].state
     assert all(state[p]["step"].item() == 2 for p in model.parameters())
-    assert_all_close(list(model.parameters()), list(twin.parameters()), 1e-10,
-                     [n for n, _ in model.named_parameters()])
+    assert_all_close(list(model.parameters()), list(twin.parameters()), 1e-10, [n for n, _ in model.named_parameters()])
 
 
 def test_hooks_registered_before_patch_still_fire():
