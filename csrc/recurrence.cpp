@@ -796,6 +796,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stack", &seqfast::stack, "A stack's forward without grad: (y, hn, cn or None).",
         py::call_guard<py::gil_scoped_release>());
   m.def("step", &seqfast::step, "A cell's step without grad: (h, c or None).", py::call_guard<py::gil_scoped_release>());
+  m.def("cells", [] {
+    std::vector<std::pair<int, int>> table;
+    for (int cell = seqfast::RNN_TANH; cell <= seqfast::GRU; ++cell)
+      table.emplace_back(seqfast::gates(cell), seqfast::saved_width(cell));
+    return table;
+  }, "(gates, width of `saved` per hidden unit) of each cell id.");
   m.def("isa", &seqfast::isa, "The instruction set of the cell math and float32 GEMM in use.");
   m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` kernels; returns the previous.");
   m.def("has_blas", [] {

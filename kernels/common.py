@@ -6,6 +6,8 @@ from typing import NamedTuple
 import torch
 
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+CELL_IDS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+"""The number the compiled kernels (`csrc/isa_kernels.h`'s `Cell`, the Triton kernels' `CELL`) know each cell by."""
 
 _poison = os.environ.get("SEQFAST_POISON", "0") == "1"
 

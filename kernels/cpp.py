@@ -8,7 +8,7 @@ the extension's length-sorted order.
 
 import torch
 
-from .common import Projection, hidden_size, poisoning
+from .common import CELL_IDS, Projection, hidden_size, poisoning
 
 try:
     from seqfast import _C
@@ -20,8 +20,8 @@ except ImportError as e:
 DEVICES = ("cpu",)
 FUSES_PROJECTION = True
 
-_CELL = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
-_SAVED_WIDTH = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 5, "gru": 4}
+# width of `saved` per hidden unit, by cell id, as the extension lays it out
+_SAVED_WIDTH = [width for _, width in _C.cells()]
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -51,7 +51,7 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
         None when the call can run, else a reason: unknown cell, a non-CPU tensor, or a dtype other than
         float32/float64.
     """
-    if cell not in _CELL:
+    if cell not in CELL_IDS:
         return f"unknown cell {cell!r}"
     for name, t in (("gx", gx), ("w_hh", w_hh), ("h0", h0), ("c0", c0), ("lengths", lengths), ("w_hr", w_hr)):
         if t is not None and t.device.type != "cpu":
@@ -65,7 +65,7 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
 
 def saved_shape(cell, T, B, H, P):
     """Shape of `saved`: `[T, B, W*H]` with `W` 5 (LSTM), 4 (GRU) or 0 (RNN)."""
-    return (T, B, _SAVED_WIDTH[cell] * H)
+    return (T, B, _SAVED_WIDTH[CELL_IDS[cell]] * H)
 
 
 def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
@@ -81,7 +81,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     if isinstance(gx, Projection):
         projection, gx = gx, None
     return _C.fwd(
-        _CELL[cell],
+        CELL_IDS[cell],
         gx,
         *projection,
         w_hh,
@@ -107,7 +107,7 @@ def stack(cell, x, h0, c0, weights, bidirectional):
     """
     chunk = _chunk(cell, weights[0][1], h0.shape[1])
     flat = [t for w in weights for t in w]
-    return _C.stack(_CELL[cell], x, h0, c0 if cell == "lstm" else None, flat, bidirectional, chunk, poisoning())
+    return _C.stack(CELL_IDS[cell], x, h0, c0 if cell == "lstm" else None, flat, bidirectional, chunk, poisoning())
 
 
 def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
@@ -117,7 +117,7 @@ def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         `(h [B, H], c [B, H] or None)`.
     """
     chunk = _chunk(cell, w_hh, h0.shape[0])
-    return _C.step(_CELL[cell], x, h0, c0 if cell == "lstm" else None, w_ih, w_hh, b_ih, b_hh, chunk, poisoning())
+    return _C.step(CELL_IDS[cell], x, h0, c0 if cell == "lstm" else None, w_ih, w_hh, b_ih, b_hh, chunk, poisoning())
 
 
 def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False):
@@ -129,7 +129,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     """
     lstm = cell == "lstm"
     return _C.bwd(
-        _CELL[cell],
+        CELL_IDS[cell],
         dy,
         dhT,
         dcT if lstm else None,

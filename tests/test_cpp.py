@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract, twins
-from seqfast.kernels import reference
+from seqfast.kernels import common, reference
 from seqfast.kernels.common import Projection
 
 from seqfast.autograd import folded_biases
@@ -160,6 +160,13 @@ def test_saved_shape(cpp):
     assert cpp.saved_shape("lstm", 3, 2, 5, 4) == (3, 2, 25)
     assert cpp.saved_shape("gru", 3, 2, 5, 5) == (3, 2, 20)
     assert cpp.saved_shape("rnn_tanh", 3, 2, 5, 5) == (3, 2, 0)
+
+
+def test_cell_table_is_the_contracts(cpp):
+    """The extension numbers the cells as `common.CELL_IDS` does, with `common.GATES`' gate counts."""
+    ids = sorted(common.CELL_IDS, key=common.CELL_IDS.get)
+    assert [common.CELL_IDS[c] for c in ids] == list(range(len(ids)))
+    assert [gates for gates, _ in cpp._C.cells()] == [common.GATES[c] for c in ids]
 
 
 def test_unsupported_reasons(cpp):

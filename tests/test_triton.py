@@ -31,7 +31,7 @@ from helpers import (  # noqa: E402
     run_with_grads,
     twins,
 )
-from seqfast.kernels import reference  # noqa: E402
+from seqfast.kernels import common, reference  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 import seqfast  # noqa: E402
@@ -145,6 +145,13 @@ def test_unsupported(tb):
     assert "proj_size" in tb.unsupported("lstm", a["gx"], torch.randn(20, 7), torch.randn(2, 7), a["c0"], None, w_hr)
     meta = torch.empty(3, 2, 20, device="meta")
     assert "meta" in tb.unsupported("lstm", meta, a["w_hh"], a["h0"], a["c0"])
+
+
+def test_cell_ids_are_the_contracts():
+    from seqfast.kernels.triton import recurrence
+
+    assert recurrence.CELLS == common.CELL_IDS
+    assert [recurrence.RNN_TANH, recurrence.RNN_RELU, recurrence.LSTM, recurrence.GRU] == [0, 1, 2, 3]
 
 
 def test_fp32_precision_follows_torchs_rule_for_cudnn_rnns(tb):

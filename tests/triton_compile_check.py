@@ -15,7 +15,8 @@ import itertools
 import pathlib
 import sys
 
-GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+from seqfast.kernels.common import GATES
+
 SHARED_LIMIT = 232448  # bytes per block on sm_90 (227 KiB)
 RECURRENCE = pathlib.Path(__file__).resolve().parent.parent / "kernels" / "triton" / "recurrence.py"
 

@@ -29,7 +29,12 @@ Synchronisation, correct by construction:
 import triton
 import triton.language as tl
 
+# `seqfast.kernels.common.CELL_IDS` (a test checks the copy; this file also compiles standalone, without seqfast)
 CELLS = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+RNN_TANH = tl.constexpr(CELLS["rnn_tanh"])
+RNN_RELU = tl.constexpr(CELLS["rnn_relu"])
+LSTM = tl.constexpr(CELLS["lstm"])
+GRU = tl.constexpr(CELLS["gru"])
 
 
 @triton.jit
@@ -198,7 +203,7 @@ def fwd_kernel(
         b_bias3 = _bias(p_bhh, 3 * H + o_h, m_h, HAS_BIAS)
     b_h = tl.load(p_h0 + o_b[:, None] * P + o_h[None, :], mask=m_bp, other=0.0).to(tl.float32)  # [BB, BH]
     b_c = tl.zeros([BB, BH], tl.float32)
-    if CELL == 2:
+    if CELL == LSTM:
         b_c = tl.load(p_c0 + o_b[:, None] * H + o_h[None, :], mask=m_bh, other=0.0).to(tl.float32)
     tl.store(p_hbuf + o_b[:, None] * P + o_h[None, :], b_h.to(p_hbuf.dtype.element_ty), mask=m_bp)
     _sync(p_sync, 1, NH, SPLIT)
@@ -228,15 +233,15 @@ def fwd_kernel(
         p_g = p_gx + r_x[:, None] + o_h[None, :]
         x0 = tl.load(p_g, mask=m_ah, other=0.0).to(tl.float32)  # [BB, BH]
         p_s = p_saved + (s * B + o_b)[:, None] * (SW * H) + o_h[None, :]
-        if CELL == 0:
+        if CELL == RNN_TANH:
             h_new = _tanh(x0 + a0)
             if SAVE:
                 tl.store(p_s, h_new, mask=m_bh)
-        elif CELL == 1:
+        elif CELL == RNN_RELU:
             h_new = tl.maximum(x0 + a0, 0.0)
             if SAVE:
                 tl.store(p_s, h_new, mask=m_bh)
-        elif CELL == 2:
+        elif CELL == LSTM:
             i = _sigmoid(x0 + a0)
             f = _sigmoid(tl.load(p_g + H, mask=m_ah, other=0.0).to(tl.float32) + a1)
             g = _tanh(tl.load(p_g + 2 * H, mask=m_ah, other=0.0).to(tl.float32) + a2)
@@ -276,7 +281,7 @@ def fwd_kernel(
         p_o = p_y + (s * B + o_b)[:, None] * P + o_h[None, :]
         tl.store(p_o, tl.zeros([BB, BH], p_y.dtype.element_ty), mask=m_bp)
     tl.store(p_hT + o_b[:, None] * P + o_h[None, :], b_h.to(p_hT.dtype.element_ty), mask=m_bp)
-    if CELL == 2:
+    if CELL == LSTM:
         tl.store(p_cT + o_b[:, None] * H + o_h[None, :], b_c.to(p_cT.dtype.element_ty), mask=m_bh)
 
 
@@ -335,7 +340,7 @@ def bwd_kernel(
     b_dh = tl.load(p_dhT + o_b[:, None] * P + o_h[None, :], mask=m_bp, other=0.0).to(tl.float32)  # [BB, BH]
     b_dc = tl.zeros([BB, BH], tl.float32)
     b_c0 = tl.zeros([BB, BH], tl.float32)
-    if CELL == 2:
+    if CELL == LSTM:
         b_dc = tl.load(p_dcT + o_b[:, None] * H + o_h[None, :], mask=m_bh, other=0.0).to(tl.float32)
         b_c0 = tl.load(p_c0 + o_b[:, None] * H + o_h[None, :], mask=m_bh, other=0.0).to(tl.float32)
 
@@ -362,15 +367,15 @@ def bwd_kernel(
         d1 = tl.zeros([BB, BH], tl.float32)
         d2 = tl.zeros([BB, BH], tl.float32)
         d3 = tl.zeros([BB, BH], tl.float32)
-        if CELL == 0:
+        if CELL == RNN_TANH:
             h = tl.load(p_s, mask=m_sv, other=0.0)
             d0 = b_dr * (1.0 - h * h)
             x2 = d2
-        elif CELL == 1:
+        elif CELL == RNN_RELU:
             h = tl.load(p_s, mask=m_sv, other=0.0)
             d0 = tl.where(h <= 0, 0.0, b_dr)
             x2 = d2
-        elif CELL == 2:
+        elif CELL == LSTM:
             i = tl.load(p_s, mask=m_sv, other=0.0)
             f = tl.load(p_s + H, mask=m_sv, other=0.0)
             g = tl.load(p_s + 2 * H, mask=m_sv, other=0.0)
@@ -414,7 +419,7 @@ def bwd_kernel(
         if G > 3:
             tl.store(p_gx + 3 * H, d3.to(p_dgx.dtype.element_ty), mask=m_bh)
             tl.store(p_db + 3 * H, d3.to(p_dbuf.dtype.element_ty), mask=m_bh)
-        if CELL == 3:
+        if CELL == GRU:
             # GRU's dgh differs from dgx in the n gate; the other cells have no dgh (it is dgx)
             p_gh = p_dgh + r_x[:, None] + o_h[None, :]
             tl.store(p_gh, d0.to(p_dgh.dtype.element_ty), mask=m_bh)
@@ -422,7 +427,7 @@ def bwd_kernel(
             tl.store(p_gh + 2 * H, d2.to(p_dgh.dtype.element_ty), mask=m_bh)
         _sync(p_sync, NS * (j + 1), NH, SPLIT)
         b_acc = tl.zeros([BB, BH], tl.float32)  # [BB, BH] dgh @ w_hh for this program's range of P
-        if CELL == 3:
+        if CELL == GRU:
             b_acc = b_dhs * z
         b_acc = _rows_mma(b_acc, p_dbuf, r_d, m_b, GH, p_whh, o_h, m_p, 1, P, BK, UPCAST, PRECISION)
         b_dh = tl.where(m_a2, b_acc, b_dhs)
@@ -431,11 +436,11 @@ def bwd_kernel(
         p_gx = p_dgx + (s * B + o_b)[:, None] * GH + o_h[None, :]
         for q in range(G):
             tl.store(p_gx + q * H, tl.zeros([BB, BH], p_dgx.dtype.element_ty), mask=m_bh)
-            if CELL == 3:
+            if CELL == GRU:
                 p_gh = p_dgh + (s * B + o_b)[:, None] * GH + o_h[None, :]
                 tl.store(p_gh + q * H, tl.zeros([BB, BH], p_dgh.dtype.element_ty), mask=m_bh)
         if PROJ:
             tl.store(p_dhs + (s * B + o_b)[:, None] * P + o_h[None, :], tl.zeros([BB, BH], tl.float32), mask=m_bp)
     tl.store(p_dh0 + o_b[:, None] * P + o_h[None, :], b_dh.to(p_dh0.dtype.element_ty), mask=m_bp)
-    if CELL == 2:
+    if CELL == LSTM:
         tl.store(p_dc0 + o_b[:, None] * H + o_h[None, :], b_dc.to(p_dc0.dtype.element_ty), mask=m_bh)
