@@ -15,10 +15,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from seqfast.kernels.common import GATES  # noqa: E402
-
 from benchmarks import harness  # noqa: E402
 from benchmarks.shapes import Shape  # noqa: E402
+from seqfast.kernels.common import GATES  # noqa: E402
 from seqfast.linear import dense  # noqa: E402
 
 NAMES = {"rnn_tanh": "RNN", "gru": "GRU", "lstm": "LSTM"}

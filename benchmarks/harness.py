@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from seqfast.kernels.common import GATES
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import seqfast
 from seqfast import dispatch
+from seqfast.kernels.common import GATES
 from seqfast.linear import dense
 
 from .shapes import DECODER_VOCAB, DTYPES

@@ -16,10 +16,11 @@ import sys
 import time
 from pathlib import Path
 
-import seqfast.kernels.triton as tb
 import torch
 import triton
 import triton.testing
+
+import seqfast.kernels.triton as tb
 from seqfast.kernels import common
 
 # (name, cell, B, H, T, dtype, kernel)

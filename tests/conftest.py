@@ -14,9 +14,9 @@ os.environ["SEQFAST_NATIVE"] = "0"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from seqfast.kernels import common  # noqa: E402
 
 from seqfast import dispatch  # noqa: E402
+from seqfast.kernels import common  # noqa: E402
 
 common.set_poison(True)
 torch.backends.cuda.matmul.allow_tf32 = False

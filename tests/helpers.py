@@ -2,10 +2,10 @@
 problems of the backend contract (`seqfast.kernels.reference`)."""
 
 import torch
-from seqfast.kernels.common import GATES
 from torch.nn.utils.rnn import PackedSequence
 
 import seqfast
+from seqfast.kernels.common import GATES
 
 # (dtype, relative RMS tolerance). Both sides differ only in summation order and the order of elementwise ops.
 # Measured against torch.nn over tests/test_parity.py's matrix with the reference backend: float64 <= 3.5e-15,

@@ -4,10 +4,10 @@ import pytest
 import torch
 from conftest import CPU_BACKENDS
 from helpers import assert_close, assert_outputs_close, cast, kind_problem, run_contract
-from seqfast.kernels import common, reference
 
 from seqfast import dispatch
 from seqfast.autograd import h_prev
+from seqfast.kernels import common, reference
 
 # (B, T, H): H33 runs without b_hh; H70 spans two 64-unit chunks of the cpp backend, the last ragged; B17 covers
 # the numba backend's 4-row tiles and a remainder row

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract, twins
-from seqfast.kernels import common, reference
-from seqfast.kernels.common import Projection
 
 from seqfast.autograd import folded_biases
+from seqfast.kernels import common, reference
+from seqfast.kernels.common import Projection
 
 ROOT = Path(__file__).resolve().parent.parent
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]

@@ -13,10 +13,10 @@ import pytest
 import torch
 from conftest import CPU_BACKENDS
 from helpers import assert_all_close, flatten, twins
-from seqfast.kernels.common import GATES
 
 import seqfast
 from seqfast import dispatch
+from seqfast.kernels.common import GATES
 
 reference = importlib.import_module("seqfast.kernels.reference")
 

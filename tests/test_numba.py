@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract
+
 from seqfast.kernels import reference
 
 try:

@@ -31,11 +31,11 @@ from helpers import (  # noqa: E402
     run_with_grads,
     twins,
 )
-from seqfast.kernels import common, reference  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
 import seqfast  # noqa: E402
 from seqfast import dispatch  # noqa: E402
+from seqfast.kernels import common, reference  # noqa: E402
 
 triton = pytest.importorskip("triton")
 

@@ -19,9 +19,9 @@ from helpers import (
     run_with_grads,
     twins,
 )
-from seqfast.kernels import reference
 
 import seqfast
+from seqfast.kernels import reference
 
 pytestmark = pytest.mark.gpu
 

@@ -7,6 +7,7 @@ backend unavailable with that reason. The loops compile on first use per cell an
 import numba
 import numpy as np
 import torch
+
 from seqfast.kernels.common import GATES, compute_dtype, empty, hidden_size
 from seqfast.kernels.reference import saved_shape
 
