@@ -7,7 +7,6 @@ call, logging the reason once per (cell, backend, reason); with `SEQFAST_STRICT=
 Backends load lazily: `import seqfast` imports none of them.
 """
 
-import functools
 import importlib
 import logging
 import os
@@ -121,12 +120,14 @@ def names(device_type=None):
 def env(name):
     """`os.environ.get(name)`, read without the `KeyError` that `os.environ` raises and catches for an unset name
     (most of a ~4 us read, paid on every call)."""
-    value = _environ_data.get(_encoded_key(name))
+    key = _ENCODED_KEYS.get(name)
+    value = _environ_data.get(os.environ.encodekey(name) if key is None else key)
     return None if value is None else os.environ.decodevalue(value)
 
 
 _environ_data = os.environ._data
-_encoded_key = functools.cache(os.environ.encodekey)
+# the names seqfast reads on every call, encoded once (a plain dict: Dynamo warns on `functools.cache`)
+_ENCODED_KEYS = {name: os.environ.encodekey(name) for name in ("SEQFAST_BACKEND", "SEQFAST_NATIVE", "SEQFAST_STRICT")}
 
 
 def strict():

@@ -318,6 +318,21 @@ def test_compile_fullgraph_matches_eager_even_before_backends_load(monkeypatch):
     _compiled_matches_eager(model, compiled, torch.randn(2, 5, 4))
 
 
+def test_compile_warns_about_nothing_of_seqfasts():
+    """Dynamo traces seqfast's Python without a warning pointing at it (a fresh process: Dynamo warns once)."""
+    code = textwrap.dedent("""
+        import warnings
+        import torch
+        import seqfast
+        warnings.simplefilter("always")
+        with warnings.catch_warnings(record=True) as caught:
+            torch.compile(seqfast.GRU(3, 4), fullgraph=True, backend="aot_eager")(torch.randn(2, 1, 3))
+        print([str(w.message) for w in caught if "seqfast" in str(w.message) or ".py:" in str(w.message)])
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+
+
 @pytest.mark.slow
 def test_compile_fullgraph_inductor_matches_eager():
     torch.manual_seed(0)
