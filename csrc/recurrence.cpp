@@ -770,6 +770,101 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
           maybe(dw_hr, w_hr_in)};
 }
 
+}  // namespace
+
+// One layer-direction of an eager call with grad, input projection included, as an autograd node: what
+// `seqfast.autograd.Layer` computes, the same ops in the same order (so bitwise its results), without Python in the
+// forward or the backward. For calls without `lengths` whose products are all below oneDNN's threshold
+// (`seqfast.linear._ONEDNN_MIN_MACS`), where `project_backward` forms each weight gradient with one `mm`. Outside
+// the anonymous namespace, so that torch names its node `CppNode<seqfast::EagerLayer>`.
+class EagerLayer : public torch::autograd::Function<EagerLayer> {
+ public:
+  // An absent tensor (None) is no input of the node, so the node's inputs are the present ones, in order.
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, int64_t cell, bool reverse,
+                                                const at::Tensor& x, const at::Tensor& w_ih,
+                                                const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
+                                                const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                                const c10::optional<at::Tensor>& c0,
+                                                const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison) {
+    const bool lstm = cell == LSTM, gru = cell == GRU;
+    const auto b_fold = gru ? c10::nullopt : b_hh, b_h = gru ? b_hh : c10::nullopt;
+    auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt, w_hr,
+                                  reverse, true, chunk, poison);
+    ctx->save_for_backward({x, w_ih, w_hh, defined(b_h), h0, defined(c0), defined(w_hr), y, saved});
+    ctx->saved_data["cell"] = cell;
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["poison"] = poison;
+    ctx->saved_data["has_b_ih"] = b_ih.has_value();
+    ctx->saved_data["has_b_hh"] = b_hh.has_value();
+    ctx->set_materialize_grads(false);
+    if (lstm) return {y, hT, *cT};
+    return {y, hT};
+  }
+
+  // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poison).
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "seqfast: double backward (create_graph=True) is not supported");
+    const auto saved_tensors = ctx->get_saved_variables();
+    const at::Tensor &x = saved_tensors[0], &w_ih = saved_tensors[1], &w_hh = saved_tensors[2];
+    const at::Tensor &b_h = saved_tensors[3], &h0 = saved_tensors[4], &c0 = saved_tensors[5];
+    const at::Tensor &w_hr = saved_tensors[6], &y = saved_tensors[7], &saved = saved_tensors[8];
+    const int64_t cell = ctx->saved_data["cell"].toInt();
+    const bool reverse = ctx->saved_data["reverse"].toBool(), lstm = cell == LSTM;
+    const at::Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(y);
+    const at::Tensor dhT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
+    const at::Tensor dcT = !lstm ? at::Tensor() : grads[2].defined() ? grads[2] : at::zeros_like(c0);
+    auto [dgx, dgh, dh0, dc0, dw_hr] =
+        bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
+            ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool());
+    // `h_prev` as `seqfast.autograd.h_prev` forms it (no lengths)
+    const int64_t T = y.size(0);
+    const at::Tensor h0_step = h0.to(y.scalar_type()).unsqueeze(0);
+    const at::Tensor h_prev = T == 1   ? h0_step
+                              : reverse ? at::cat({y.slice(0, 1), h0_step})
+                                        : at::cat({h0_step, y.slice(0, 0, T - 1)});
+    const at::Tensor dgh2 = (cell == GRU ? *dgh : dgx).flatten(0, -2);
+    const at::Tensor dw_hh = at::mm(dgh2.t(), h_prev.flatten(0, -2)).to(w_hh.scalar_type());
+    const at::Tensor db_h = b_h.defined() ? dgh2.sum(0).to(w_hh.scalar_type()) : at::Tensor();
+    const bool has_b_ih = ctx->saved_data["has_b_ih"].toBool(), has_b_hh = ctx->saved_data["has_b_hh"].toBool();
+    // the node's inputs: x, w_ih, [b_ih], w_hh, [b_hh], ...
+    const bool need_x = ctx->needs_input_grad(0), need_w_ih = ctx->needs_input_grad(1);
+    const bool need_b_ih = has_b_ih && ctx->needs_input_grad(2);
+    const bool need_b_hh = has_b_hh && ctx->needs_input_grad(3 + has_b_ih);
+    const bool need_db_x = need_b_ih || (need_b_hh && !b_h.defined());
+    const at::Tensor dgx2 = dgx.flatten(0, -2), x2 = x.flatten(0, -2);
+    const at::Tensor dx = need_x ? at::linear(dgx2, w_ih.t()).reshape(x.sizes()) : at::Tensor();
+    const at::Tensor dw_ih = need_w_ih ? at::mm(dgx2.t(), x2).to(w_ih.scalar_type()) : at::Tensor();
+    at::Tensor db_x;
+    if (need_db_x) {
+      db_x = need_w_ih ? dgx2.sum(0) : at::mv(dgx2.t(), at::ones({dgx2.size(0)}, dgx2.options()));
+      db_x = db_x.to(w_ih.scalar_type());
+    }
+    const at::Tensor db_hh = b_h.defined() ? db_h : db_x;
+    return {at::Tensor(), at::Tensor(), dx, dw_ih, need_b_ih ? db_x : at::Tensor(), dw_hh,
+            need_b_hh ? db_hh : at::Tensor(), dh0, lstm ? *dc0 : at::Tensor(),
+            w_hr.defined() ? *dw_hr : at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+
+ private:
+  static c10::optional<at::Tensor> maybe(const at::Tensor& t) {
+    return t.defined() ? c10::make_optional(t) : c10::nullopt;
+  }
+  static at::Tensor defined(const c10::optional<at::Tensor>& t) { return t ? *t : at::Tensor(); }
+};
+
+// `EagerLayer` from Python: `(y, hT, cT or None)`.
+std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> layer(
+    int64_t cell, bool reverse, const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
+    const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison) {
+  const auto out = EagerLayer::apply(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poison);
+  return {out[0], out[1], out.size() > 2 ? c10::make_optional(out[2]) : c10::nullopt};
+}
+
+namespace {
+
 std::string isa() { return kIsaNames[g_isa.load()]; }
 
 std::string set_isa(const std::string& name) {
@@ -796,6 +891,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stack", &seqfast::stack, "A stack's forward without grad: (y, hn, cn or None).",
         py::call_guard<py::gil_scoped_release>());
   m.def("step", &seqfast::step, "A cell's step without grad: (h, c or None).", py::call_guard<py::gil_scoped_release>());
+  m.def("layer", &seqfast::layer, "One layer-direction with grad as an autograd node: (y, hT, cT or None).");
   m.def("cells", [] {
     std::vector<std::pair<int, int>> table;
     for (int cell = seqfast::RNN_TANH; cell <= seqfast::GRU; ++cell)

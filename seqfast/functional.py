@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from . import dispatch, native
 from .autograd import Layer, folded_biases
 from .kernels.common import time_index
-from .linear import bias_sum, fused, linear, preactivations
+from .linear import bias_sum, fused, linear, plain, preactivations
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
@@ -105,6 +105,11 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     )
     if fast and need_grad:
+        if lengths is None:
+            kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, w_hr, backend)
+            macs = x.shape[0] * x.shape[1] * w_ih.shape[0] * max(x.shape[2], w_hh.shape[1])
+            if hasattr(kernels, "layer") and plain(macs):  # the backend's own node, bitwise the same as Layer
+                return kernels.layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
         return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
     b_fold, b_h = folded_biases(cell, b_hh)
     if fast:

@@ -30,6 +30,12 @@ def _onednn(a, w, b, numel=None):
     )
 
 
+def plain(macs):
+    """Whether a product of `macs` multiply-adds, and each of its gradients, runs as one plain torch GEMM here (below
+    oneDNN's threshold; `project_backward` then forms a weight gradient with one `mm`)."""
+    return macs < _ONEDNN_MIN_MACS
+
+
 def dense(a, w, b=None):
     """`a @ w.T + b` for `a [M, K]`, `w [N, K]` (either may be a transposed view), `b [N]` or None.
 

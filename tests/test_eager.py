@@ -37,6 +37,10 @@ def _grad_fn_names(out):
     return {type(t.grad_fn).__name__ for t in flatten(out)}
 
 
+# the eager path's autograd nodes: `seqfast.autograd.Layer`'s, and the cpp backend's own (`seqfast.kernels.cpp.layer`)
+EAGER_NODES = {"LayerBackward", "CppFunction"}
+
+
 def test_eager_only_without_modes_transforms_tracing_or_special_tensors():
     x = torch.randn(2, 3)
     assert functional.eager(x, None, torch.nn.Parameter(x))
@@ -73,9 +77,9 @@ def test_eager_and_custom_op_paths_give_identical_results(backend, cell, case):
         return module(x)
 
     eager_out, eager_grads = run_with_grads(ours, call, [x])
-    assert _grad_fn_names(call(ours)) <= {"LayerBackward", "StackBackward0", "CatBackward0"}
+    assert _grad_fn_names(call(ours)) <= EAGER_NODES | {"StackBackward0", "CatBackward0"}
     with PassThroughFunctions():
-        assert "LayerBackward" not in _grad_fn_names(call(ours))
+        assert not _grad_fn_names(call(ours)) & EAGER_NODES
         op_out, op_grads = run_with_grads(ours, call, [x])
     for a, e in zip(eager_out + eager_grads, op_out + op_grads, strict=True):
         assert torch.equal(a, e)
@@ -91,7 +95,20 @@ def test_eager_and_custom_op_paths_give_identical_results(backend, cell, case):
 def test_cells_take_the_eager_path(name):
     cell = getattr(seqfast, name)(4, 6)
     out = cell(torch.randn(3, 4, requires_grad=True))
-    assert _grad_fn_names(out) == {"LayerBackward"}
+    names = _grad_fn_names(out)
+    assert len(names) == 1 and names <= EAGER_NODES, names
+
+
+def test_cpp_node_refuses_double_backward():
+    """The cpp backend's own node cannot differentiate its backward: `create_graph=True` raises at once."""
+    pytest.importorskip("seqfast.kernels.cpp", reason="seqfast._C is not built")
+    x = torch.randn(2, 4, requires_grad=True)
+    out = seqfast.GRUCell(4, 3, backend="cpp")(x)
+    assert _grad_fn_names(out) == {"CppFunction"}
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(out.sum(), x, create_graph=True)
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    assert dx.shape == x.shape
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

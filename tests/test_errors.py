@@ -606,22 +606,28 @@ def test_kernel_failure_mid_stack_leaves_module_and_state_untouched(monkeypatch,
     x, hx = g.x(), g.hx(B)
     x.requires_grad_()
     kernels = dispatch.load(backend)
-    fwd = kernels.fwd
     calls = []
 
-    def failing(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("injected kernel failure")
-        return fwd(*args, **kwargs)
+    def failing(run):
+        def call(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected kernel failure")
+            return run(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "fwd", failing)
+        return call
+
+    # a layer-direction runs on the backend's fwd, or on its own autograd node where it has one
+    runs = {name: getattr(kernels, name) for name in ("fwd", "layer") if hasattr(kernels, name)}
+    for name, run in runs.items():
+        monkeypatch.setattr(kernels, name, failing(run))
     snapshot = _snapshot(ours, hx)
     with pytest.raises(RuntimeError, match="injected kernel failure"):
         ours(x, hx)
     assert len(calls) == 3
     _assert_untouched(snapshot, "mid-stack failure")
     assert x.grad is None
-    monkeypatch.setattr(kernels, "fwd", fwd)
+    for name, run in runs.items():
+        monkeypatch.setattr(kernels, name, run)
     for a, e in zip(flatten(ours(x, hx)), flatten(ref(x, hx)), strict=True):
         torch.testing.assert_close(a, e)

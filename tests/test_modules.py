@@ -244,8 +244,9 @@ def test_backward_in_eval_mode_matches_torch(cell):
 
 @pytest.fixture
 def saved_spy(monkeypatch):
-    """Records `(need_saved, saved.numel())` of every kernel forward on every backend, and `"stack"` for a backend's
-    whole stack without grad (which keeps nothing: its one-call forward has no workspace to return)."""
+    """Records `(need_saved, saved.numel())` of every kernel forward on every backend, `(True, "layer")` for a
+    backend's own autograd node, and `"stack"` for a backend's whole stack without grad (which keeps nothing: its
+    one-call forward has no workspace to return)."""
     calls = []
     for name in dispatch.names("cpu"):
         try:
@@ -259,6 +260,13 @@ def saved_spy(monkeypatch):
             return out
 
         monkeypatch.setattr(kernels, "fwd", spy)
+        if hasattr(kernels, "layer"):
+
+            def layer_spy(*args, _layer=kernels.layer, **kwargs):
+                calls.append((True, "layer"))  # the backend's own autograd node always keeps its workspace
+                return _layer(*args, **kwargs)
+
+            monkeypatch.setattr(kernels, "layer", layer_spy)
         if hasattr(kernels, "stack"):
 
             def stack_spy(*args, _stack=kernels.stack, **kwargs):
