@@ -99,6 +99,35 @@ def test_cells_take_the_eager_path(name):
     assert len(names) == 1 and names <= EAGER_NODES, names
 
 
+@pytest.mark.parametrize(
+    "frozen",
+    [{"bias_ih_l0"}, {"weight_ih_l0", "bias_hh_l0"}, {"weight_ih_l0", "weight_hh_l0"}, {"weight_ih_l0", "bias_ih_l0"}],
+    ids=["b_ih", "w_ih-b_hh", "weights", "w_ih-b_ih"],
+)
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_frozen_parameters_same_on_both_paths(backend, cell, frozen):
+    """With some parameters frozen (a bias reduced without its weight's GEMM, gradients skipped) the eager path still
+    gives bitwise the custom ops' outputs and gradients."""
+    _, ours = twins(cell, 5, 7, backend, num_layers=2, batch_first=True)
+    for name, p in ours.named_parameters():
+        p.requires_grad_(name not in frozen)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    wrt = [x] + [p for p in ours.parameters() if p.requires_grad]
+
+    def outputs_and_grads():
+        out = flatten(ours(x))
+        cotangents = torch.Generator().manual_seed(7)
+        loss = sum((o * torch.randn(o.shape, generator=cotangents)).sum() for o in out)
+        return [o.detach() for o in out] + list(torch.autograd.grad(loss, wrt))
+
+    eager = outputs_and_grads()
+    with PassThroughFunctions():
+        custom_ops = outputs_and_grads()
+    for a, e in zip(eager, custom_ops, strict=True):
+        assert torch.equal(a, e)
+
+
 def test_cpp_node_refuses_double_backward():
     """The cpp backend's own node cannot differentiate its backward: `create_graph=True` raises at once."""
     pytest.importorskip("seqfast.kernels.cpp", reason="seqfast._C is not built")
