@@ -671,8 +671,16 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
           lstm ? c10::make_optional(in_dtype(cT, c0_in->scalar_type())) : c10::nullopt, saved};
 }
 
-// A stack's forward without grad, each layer-direction a `fwd` from its input (GRU keeps `b_hh` in the recurrence,
-// the other cells fold it into the projection), the directions' outputs side by side as the next layer's input.
+// `(b_fold, b_h)`: the part of `b_hh` added to the input projection and the part left to the recurrence, split as
+// `seqfast.autograd.folded_biases` splits it (GRU keeps `b_hh` in the recurrence for its n gate).
+std::pair<c10::optional<at::Tensor>, c10::optional<at::Tensor>> folded_biases(int64_t cell,
+                                                                              const c10::optional<at::Tensor>& b_hh) {
+  if (cell == GRU) return {c10::nullopt, b_hh};
+  return {b_hh, c10::nullopt};
+}
+
+// A stack's forward without grad, each layer-direction a `fwd` from its input (biases split by `folded_biases`), the
+// directions' outputs side by side as the next layer's input.
 // `weights`: `w_ih, w_hh, b_ih, b_hh, w_hr` of each layer-direction in turn. Returns `y [T, B, D*P]`, `hn [L*D, B, P]`,
 // `cn [L*D, B, H]` (LSTM).
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
@@ -682,7 +690,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
   TORCH_CHECK(layers > 0 && layers * 5 * D == static_cast<int64_t>(weights.size()),
               "weights must hold 5 tensors (or None) per layer-direction");
   TORCH_CHECK(h0.dim() == 3 && h0.size(0) == layers * D, "h0 must be [L*D, B, P]");
-  const bool lstm = cell == LSTM, gru = cell == GRU;
+  const bool lstm = cell == LSTM;
   TORCH_CHECK(c0.has_value() == lstm && (!c0 || c0->dim() == 3), "c0 [L*D, B, H] is given exactly for lstm");
   at::Tensor input = x;
   std::vector<at::Tensor> hn, cn, outputs;
@@ -692,9 +700,9 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
       const auto* w = &weights[5 * (l * D + d)];
       TORCH_CHECK(w[0] && w[1], "a layer-direction's w_ih and w_hh are tensors");
       const auto c0k = lstm ? c10::make_optional(c0->select(0, l * D + d)) : c10::nullopt;
-      auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, input, w[0], w[2], gru ? c10::nullopt : w[3], *w[1],
-                                    gru ? w[3] : c10::nullopt, h0.select(0, l * D + d), c0k, c10::nullopt, w[4],
-                                    d == 1, false, chunk, poison);
+      const auto [b_fold, b_h] = folded_biases(cell, w[3]);
+      auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, input, w[0], w[2], b_fold, *w[1], b_h, h0.select(0, l * D + d),
+                                    c0k, c10::nullopt, w[4], d == 1, false, chunk, poison);
       outputs.push_back(y);
       hn.push_back(hT);
       if (lstm) cn.push_back(*cT);
@@ -710,10 +718,9 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
     int64_t cell, const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh, int64_t chunk, bool poison) {
-  const bool gru = cell == GRU;
-  auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_ih, gru ? c10::nullopt : b_hh, w_hh,
-                                gru ? b_hh : c10::nullopt, h0, c0, c10::nullopt, c10::nullopt, false, false, chunk,
-                                poison);
+  const auto [b_fold, b_h] = folded_biases(cell, b_hh);
+  auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0,
+                                c10::nullopt, c10::nullopt, false, false, chunk, poison);
   return {hT, cT};
 }
 
@@ -786,8 +793,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
                                                 const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                 const c10::optional<at::Tensor>& c0,
                                                 const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison) {
-    const bool lstm = cell == LSTM, gru = cell == GRU;
-    const auto b_fold = gru ? c10::nullopt : b_hh, b_h = gru ? b_hh : c10::nullopt;
+    const bool lstm = cell == LSTM;
+    const auto [b_fold, b_h] = folded_biases(cell, b_hh);
     auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt, w_hr,
                                   reverse, true, chunk, poison);
     ctx->save_for_backward({x, w_ih, w_hh, defined(b_h), h0, defined(c0), defined(w_hr), y, saved});
