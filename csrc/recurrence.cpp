@@ -561,6 +561,10 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);
 }
 
+// The loops' own ATen calls skip the autograd layers of the dispatcher: nothing they do is differentiated (`layer`'s
+// node records its own backward), and their outputs are fresh tensors, never views of an input.
+using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
+
 // An output of `sizes`, NaN-filled when `poison` (so an element the loop leaves unwritten fails loudly).
 at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) {
   at::Tensor t = at::empty(sizes, opts);
@@ -628,13 +632,16 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional
 }
 
 // The forward loop on `gx`'s dtype (float32 or float64); other inputs are converted to it. Returns `y [T, B, P]`,
-// `hT [B, P]` in h0's dtype, `cT [B, H]` in c0's dtype (LSTM), `saved [T, B, W*H]` (`[0]` unless `need_saved`).
-std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
+// `hT [B, P]` in h0's dtype, `cT [B, H]` in c0's dtype (LSTM), `saved [T, B, W*H]` (`[0]` unless `need_saved`);
+// `hT_out`, `cT_out`, when defined, are contiguous tensors of `gx`'s dtype that the final states are written into.
+std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_into(
     int64_t cell, const c10::optional<at::Tensor>& gx_given, const c10::optional<at::Tensor>& x,
     const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_hh_in,
     const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
-    const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, bool poison) {
+    const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, bool poison,
+    const at::Tensor& hT_out, const at::Tensor& cT_out) {
+  const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(gx_given.has_value() != (x.has_value() && w_ih.has_value()), "give gx, or x and w_ih to form it");
   const at::Tensor gx_in = gx_given ? *gx_given : project(*x, *w_ih, b_ih, b_fold);
@@ -659,8 +666,9 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
   if (lstm) check(*c0, "c0", dt, {B, H});
   if (lengths) check(*lengths, "lengths", at::kLong, {B});
   const auto opts = gx.options();
-  const at::Tensor y = output({T, B, P}, opts, poison), hT = output({B, P}, opts, poison);
-  const at::Tensor cT = lstm ? output({B, H}, opts, poison) : at::Tensor();
+  const at::Tensor y = output({T, B, P}, opts, poison);
+  const at::Tensor hT = hT_out.defined() ? hT_out : output({B, P}, opts, poison);
+  const at::Tensor cT = !lstm ? at::Tensor() : cT_out.defined() ? cT_out : output({B, H}, opts, poison);
   const at::Tensor saved = need_saved ? output({T, B, saved_width(cell) * H}, opts, poison) : at::empty({0}, opts);
   const Order ord = make_order(lengths, T, B, reverse);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
@@ -669,6 +677,17 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
   });
   return {y, in_dtype(hT, h0_in.scalar_type()),
           lstm ? c10::make_optional(in_dtype(cT, c0_in->scalar_type())) : c10::nullopt, saved};
+}
+
+// `fwd_into` allocating every output.
+std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
+    int64_t cell, const c10::optional<at::Tensor>& gx, const c10::optional<at::Tensor>& x,
+    const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
+    const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+    const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& w_hr, bool reverse, bool need_saved, int64_t chunk, bool poison) {
+  return fwd_into(cell, gx, x, w_ih, b_ih, b_fold, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, chunk, poison,
+                  at::Tensor(), at::Tensor());
 }
 
 // `(b_fold, b_h)`: the part of `b_hh` added to the input projection and the part left to the recurrence, split as
@@ -686,30 +705,45 @@ std::pair<c10::optional<at::Tensor>, c10::optional<at::Tensor>> folded_biases(in
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
     int64_t cell, const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
     const std::vector<c10::optional<at::Tensor>>& weights, bool bidirectional, int64_t chunk, bool poison) {
+  const BelowAutograd below;
   const int64_t D = bidirectional ? 2 : 1, layers = static_cast<int64_t>(weights.size()) / (5 * D);
   TORCH_CHECK(layers > 0 && layers * 5 * D == static_cast<int64_t>(weights.size()),
               "weights must hold 5 tensors (or None) per layer-direction");
   TORCH_CHECK(h0.dim() == 3 && h0.size(0) == layers * D, "h0 must be [L*D, B, P]");
   const bool lstm = cell == LSTM;
   TORCH_CHECK(c0.has_value() == lstm && (!c0 || c0->dim() == 3), "c0 [L*D, B, H] is given exactly for lstm");
+  // the final states go straight into `hn`, `cn` where they have the loop's dtype (a projection's output dtype)
+  const bool in_place = h0.scalar_type() == x.scalar_type() && (!lstm || c0->scalar_type() == x.scalar_type());
+  const auto opts = x.options();
+  at::Tensor hn = in_place ? output(h0.sizes(), opts, poison) : at::Tensor();
+  at::Tensor cn = in_place && lstm ? output(c0->sizes(), opts, poison) : at::Tensor();
+  std::vector<at::Tensor> hs, cs, outputs;
   at::Tensor input = x;
-  std::vector<at::Tensor> hn, cn, outputs;
   for (int64_t l = 0; l < layers; ++l) {
     outputs.clear();
     for (int64_t d = 0; d < D; ++d) {
-      const auto* w = &weights[5 * (l * D + d)];
+      const int64_t k = l * D + d;
+      const auto* w = &weights[5 * k];
       TORCH_CHECK(w[0] && w[1], "a layer-direction's w_ih and w_hh are tensors");
-      const auto c0k = lstm ? c10::make_optional(c0->select(0, l * D + d)) : c10::nullopt;
+      const auto c0k = lstm ? c10::make_optional(c0->select(0, k)) : c10::nullopt;
       const auto [b_fold, b_h] = folded_biases(cell, w[3]);
-      auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, input, w[0], w[2], b_fold, *w[1], b_h, h0.select(0, l * D + d),
-                                    c0k, c10::nullopt, w[4], d == 1, false, chunk, poison);
+      auto [y, hT, cT, saved] =
+          fwd_into(cell, c10::nullopt, input, w[0], w[2], b_fold, *w[1], b_h, h0.select(0, k), c0k, c10::nullopt, w[4],
+                   d == 1, false, chunk, poison, in_place ? hn.select(0, k) : at::Tensor(),
+                   cn.defined() ? cn.select(0, k) : at::Tensor());
       outputs.push_back(y);
-      hn.push_back(hT);
-      if (lstm) cn.push_back(*cT);
+      if (!in_place) {
+        hs.push_back(hT);
+        if (lstm) cs.push_back(*cT);
+      }
     }
     input = D == 1 ? outputs[0] : at::cat(outputs, 2);
   }
-  return {input, at::stack(hn), lstm ? c10::make_optional(at::stack(cn)) : c10::nullopt};
+  if (!in_place) {
+    hn = at::stack(hs);
+    if (lstm) cn = at::stack(cs);
+  }
+  return {input, hn, lstm ? c10::make_optional(cn) : c10::nullopt};
 }
 
 // One step of a cell without grad: `stack`'s layer over `x [B, I]` from `h0 [B, H]` (and `c0`). Returns
@@ -718,6 +752,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
     int64_t cell, const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh, int64_t chunk, bool poison) {
+  const BelowAutograd below;
   const auto [b_fold, b_h] = folded_biases(cell, b_hh);
   auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0,
                                 c10::nullopt, c10::nullopt, false, false, chunk, poison);
@@ -731,6 +766,7 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
     const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& w_hr_in, const at::Tensor& h0_in,
     const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in, const at::Tensor& y_in,
     const at::Tensor& saved, bool reverse, int64_t chunk, bool poison) {
+  const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(dy_in.dim() == 3 && w_hh_in.dim() == 2, "dy must be [T, B, P] and w_hh [G*H, P]");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
