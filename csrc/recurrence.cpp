@@ -8,6 +8,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <climits>
 #include <limits>
@@ -561,8 +562,9 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);
 }
 
-// The loops' own ATen calls skip the autograd layers of the dispatcher: nothing they do is differentiated (`layer`'s
-// node records its own backward), and their outputs are fresh tensors, never views of an input.
+// The extension's own ATen calls skip the autograd layers of the dispatcher: nothing they do is differentiated
+// (`layer`'s node records its own backward, which runs without grad), and what they return is never a view of an
+// input.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
 // An output of `sizes`, NaN-filled when `poison` (so an element the loop leaves unwritten fails loudly).
@@ -833,13 +835,11 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const auto [b_fold, b_h] = folded_biases(cell, b_hh);
     auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt, w_hr,
                                   reverse, true, chunk, poison);
-    ctx->save_for_backward({x, w_ih, w_hh, defined(b_h), h0, defined(c0), defined(w_hr), y, saved});
+    ctx->save_for_backward({x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["poison"] = poison;
-    ctx->saved_data["has_b_ih"] = b_ih.has_value();
-    ctx->saved_data["has_b_hh"] = b_hh.has_value();
     ctx->set_materialize_grads(false);
     if (lstm) return {y, hT, *cT};
     return {y, hT};
@@ -848,13 +848,33 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
   // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poison).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
-    TORCH_CHECK(!at::GradMode::is_enabled(), "seqfast: double backward (create_graph=True) is not supported");
     const auto saved_tensors = ctx->get_saved_variables();
     const at::Tensor &x = saved_tensors[0], &w_ih = saved_tensors[1], &w_hh = saved_tensors[2];
-    const at::Tensor &b_h = saved_tensors[3], &h0 = saved_tensors[4], &c0 = saved_tensors[5];
-    const at::Tensor &w_hr = saved_tensors[6], &y = saved_tensors[7], &saved = saved_tensors[8];
+    const at::Tensor &b_ih = saved_tensors[3], &b_hh = saved_tensors[4], &h0 = saved_tensors[5];
+    const at::Tensor &c0 = saved_tensors[6], &w_hr = saved_tensors[7], &y = saved_tensors[8];
+    const at::Tensor& saved = saved_tensors[9];
     const int64_t cell = ctx->saved_data["cell"].toInt();
     const bool reverse = ctx->saved_data["reverse"].toBool(), lstm = cell == LSTM;
+    const bool has_b_ih = b_ih.defined(), has_b_hh = b_hh.defined();
+    // the node's inputs: x, w_ih, [b_ih], w_hh, [b_hh], h0, [c0], [w_hr]
+    const int64_t i_w_hh = 2 + has_b_ih, i_h0 = i_w_hh + 1 + has_b_hh, i_c0 = i_h0 + 1;
+    const int64_t i_w_hr = i_c0 + c0.defined();
+    const bool need_x = ctx->needs_input_grad(0), need_w_ih = ctx->needs_input_grad(1);
+    const bool need_b_ih = has_b_ih && ctx->needs_input_grad(2);
+    const bool need_w_hh = ctx->needs_input_grad(i_w_hh), need_b_hh = has_b_hh && ctx->needs_input_grad(i_w_hh + 1);
+    const bool need_h0 = ctx->needs_input_grad(i_h0), need_c0 = c0.defined() && ctx->needs_input_grad(i_c0);
+    const bool need_w_hr = w_hr.defined() && ctx->needs_input_grad(i_w_hr);
+    if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that can be differentiated again
+      const std::array<bool, 8> need{need_x, need_w_ih, need_b_ih, need_w_hh, need_b_hh, need_h0, need_c0, need_w_hr};
+      const auto wanted = layer_grads().call(cell, reverse, x, w_ih, maybe(b_ih), w_hh, maybe(b_hh), h0, maybe(c0),
+                                             maybe(w_hr), maybe(grads[0]), maybe(grads[1]),
+                                             lstm ? maybe(grads[2]) : c10::nullopt, need);
+      torch::autograd::variable_list out(12);
+      for (size_t k = 0, next = 0; k < need.size(); ++k)
+        if (need[k]) out[2 + k] = wanted.at(next++);
+      return out;
+    }
+    const BelowAutograd below;
     const at::Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(y);
     const at::Tensor dhT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     const at::Tensor dcT = !lstm ? at::Tensor() : grads[2].defined() ? grads[2] : at::zeros_like(c0);
@@ -868,14 +888,10 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
                               : reverse ? at::cat({y.slice(0, 1), h0_step})
                                         : at::cat({h0_step, y.slice(0, 0, T - 1)});
     const at::Tensor dgh2 = (cell == GRU ? *dgh : dgx).flatten(0, -2);
+    const bool separate_b_hh = cell == GRU && has_b_hh;  // b_hh stays in the recurrence (see folded_biases)
     const at::Tensor dw_hh = at::mm(dgh2.t(), h_prev.flatten(0, -2)).to(w_hh.scalar_type());
-    const at::Tensor db_h = b_h.defined() ? dgh2.sum(0).to(w_hh.scalar_type()) : at::Tensor();
-    const bool has_b_ih = ctx->saved_data["has_b_ih"].toBool(), has_b_hh = ctx->saved_data["has_b_hh"].toBool();
-    // the node's inputs: x, w_ih, [b_ih], w_hh, [b_hh], ...
-    const bool need_x = ctx->needs_input_grad(0), need_w_ih = ctx->needs_input_grad(1);
-    const bool need_b_ih = has_b_ih && ctx->needs_input_grad(2);
-    const bool need_b_hh = has_b_hh && ctx->needs_input_grad(3 + has_b_ih);
-    const bool need_db_x = need_b_ih || (need_b_hh && !b_h.defined());
+    const at::Tensor db_h = separate_b_hh ? dgh2.sum(0).to(w_hh.scalar_type()) : at::Tensor();
+    const bool need_db_x = need_b_ih || (need_b_hh && !separate_b_hh);
     const at::Tensor dgx2 = dgx.flatten(0, -2), x2 = x.flatten(0, -2);
     const at::Tensor dx = need_x ? at::linear(dgx2, w_ih.t()).reshape(x.sizes()) : at::Tensor();
     const at::Tensor dw_ih = need_w_ih ? at::mm(dgx2.t(), x2).to(w_ih.scalar_type()) : at::Tensor();
@@ -884,13 +900,24 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
       db_x = need_w_ih ? dgx2.sum(0) : at::mv(dgx2.t(), at::ones({dgx2.size(0)}, dgx2.options()));
       db_x = db_x.to(w_ih.scalar_type());
     }
-    const at::Tensor db_hh = b_h.defined() ? db_h : db_x;
+    const at::Tensor db_hh = separate_b_hh ? db_h : db_x;
     return {at::Tensor(), at::Tensor(), dx, dw_ih, need_b_ih ? db_x : at::Tensor(), dw_hh,
             need_b_hh ? db_hh : at::Tensor(), dh0, lstm ? *dc0 : at::Tensor(),
             w_hr.defined() ? *dw_hr : at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
  private:
+  // `seqfast::layer_grads`, which seqfast.autograd registers (`differentiable_grads` on the reference's torch ops).
+  using LayerGrads = std::vector<at::Tensor>(
+      int64_t, bool, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
+      const c10::optional<at::Tensor>&, const at::Tensor&, const c10::optional<at::Tensor>&,
+      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+      const c10::optional<at::Tensor>&, c10::ArrayRef<bool>);
+  static const c10::TypedOperatorHandle<LayerGrads>& layer_grads() {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("seqfast::layer_grads", "").typed<LayerGrads>();
+    return op;
+  }
   static c10::optional<at::Tensor> maybe(const at::Tensor& t) {
     return t.defined() ? c10::make_optional(t) : c10::nullopt;
   }

@@ -8,14 +8,20 @@ through their fake kernels.
 `Layer` is the same layer-direction (input projection included) as a `torch.autograd.Function` that calls the
 backend and the GEMMs directly: eager calls that need none of the custom ops' machinery take it (see
 `seqfast.functional`), at a fraction of the custom ops' per-call cost, with bitwise the same results.
+
+A backward with `create_graph=True` on the eager path (`Layer`, and the cpp backend's own node through
+`seqfast::layer_grads`) forms the gradients by `differentiable_grads` instead, so that they can be differentiated
+again.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
-from .kernels.common import GATES, compute_dtype
-from .linear import linear_backward, preactivations, project_backward
+from .kernels import reference
+from .kernels.common import CELL_IDS, GATES, compute_dtype
+from .linear import bias_sum, linear_backward, preactivations, project_backward
 
 
 def _recurrence(
@@ -187,6 +193,54 @@ def folded_biases(cell, b_hh):
     return (None, b_hh) if cell == "gru" else (b_hh, None)
 
 
+def differentiable_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, dy, dhT, dcT, need):
+    """A layer-direction's input gradients as differentiable functions of its inputs and of the output gradients:
+    the forward run again on the reference's torch ops and differentiated by autograd with `create_graph=True`, so
+    that a second backward flows through them (the first runs at the reference's speed).
+
+    Args:
+        cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr: as in `seqfast.functional.layer`.
+        dy: `[T, B, P]`, dhT: `[B, P]`, dcT: `[B, H]` (LSTM), each None where the output got no gradient.
+        need: 8 bools, whether the gradient of `x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr` is wanted (a wanted
+            tensor requires grad).
+
+    Returns:
+        The 8 gradients, None where not wanted.
+    """
+    inputs = (x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
+    wrt = [t for t, wanted in zip(inputs, need, strict=True) if wanted]
+    with torch.enable_grad():
+        b_fold, b_h = folded_biases(cell, b_hh)
+        gx = F.linear(x, w_ih, bias_sum(b_ih, b_fold))
+        outputs = reference.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)[:3]
+        pairs = [(o, g) for o, g in zip(outputs, (dy, dhT, dcT), strict=True) if o is not None and g is not None]
+        grads = iter(
+            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True, allow_unused=True)
+            if pairs and wrt
+            else [None] * len(wrt)
+        )
+    return [next(grads) if wanted else None for wanted in need]
+
+
+_CELL_NAMES = {i: name for name, i in CELL_IDS.items()}
+_library = torch.library.Library("seqfast", "FRAGMENT")
+_library.define(
+    "layer_grads(int cell, bool reverse, Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, "
+    "Tensor? c0, Tensor? w_hr, Tensor? dy, Tensor? dhT, Tensor? dcT, bool[] need) -> Tensor[]"
+)
+
+
+def _layer_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, dy, dhT, dcT, need):
+    """`differentiable_grads` for a cell id and no `lengths`, the wanted gradients only (zeros for one the outputs
+    do not reach): the op the cpp backend's node calls back when its backward must be differentiable."""
+    inputs = (x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
+    grads = differentiable_grads(_CELL_NAMES[cell], reverse, *inputs[:7], None, w_hr, dy, dhT, dcT, need)
+    return [torch.zeros_like(t) if g is None else g for t, g, wanted in zip(inputs, grads, need, strict=True) if wanted]
+
+
+_library.impl("layer_grads", _layer_grads, "CompositeImplicitAutograd")
+
+
 class Layer(torch.autograd.Function):
     """One layer-direction, input projection included, without the custom ops: the eager path.
 
@@ -203,19 +257,33 @@ class Layer(torch.autograd.Function):
         gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
         y, hT, cT, saved = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True)
         ctx.backend, ctx.cell, ctx.reverse = backend, cell, reverse
-        ctx.biases = (b_ih is not None, b_hh is not None, b_h is not None)
-        ctx.save_for_backward(x, w_ih, w_hh, b_h, h0, c0, lengths, w_hr, y, saved)
+        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved)
         ctx.set_materialize_grads(False)
         return y, hT, cT
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dhT, dcT):
-        x, w_ih, *saved_tensors = ctx.saved_tensors
+        x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True
+            inputs = (x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
+            need = [ctx.needs_input_grad[3 + i] for i in (0, 1, 2, 3, 4, 5, 6, 8)]
+            dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, dw_hr = differentiable_grads(
+                ctx.cell, ctx.reverse, *inputs, dy, dhT, dcT, need
+            )
+            return None, None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, None, dw_hr
+        b_h = folded_biases(ctx.cell, b_hh)[1]
         dgx, dw_hh, db_h, dh0, dc0, dw_hr = _grads(
-            _recurrence_backward, project_backward, ctx.backend, ctx.cell, ctx.reverse, saved_tensors, dy, dhT, dcT
+            _recurrence_backward,
+            project_backward,
+            ctx.backend,
+            ctx.cell,
+            ctx.reverse,
+            (w_hh, b_h, h0, c0, lengths, w_hr, y, saved),
+            dy,
+            dhT,
+            dcT,
         )
-        has_b_ih, has_b_hh, separate_b_hh = ctx.biases
+        has_b_ih, has_b_hh, separate_b_hh = b_ih is not None, b_hh is not None, b_h is not None
         need_x, need_w_ih, need_b_ih, _, need_b_hh = ctx.needs_input_grad[3:8]
         need_db_x = need_b_ih or (need_b_hh and not separate_b_hh)
         dx, dw_ih, db_x = project_backward(dgx, x, w_ih, need_x, need_w_ih, need_db_x)

@@ -128,16 +128,18 @@ def test_frozen_parameters_same_on_both_paths(backend, cell, frozen):
         assert torch.equal(a, e)
 
 
-def test_cpp_node_refuses_double_backward():
-    """The cpp backend's own node cannot differentiate its backward: `create_graph=True` raises at once."""
+def test_cpp_node_differentiates_its_backward():
+    """The cpp backend's own node under `create_graph=True`: its gradients carry a graph and equal the first-order
+    ones a plain backward gives."""
     pytest.importorskip("seqfast.kernels.cpp", reason="seqfast._C is not built")
-    x = torch.randn(2, 4, requires_grad=True)
-    out = seqfast.GRUCell(4, 3, backend="cpp")(x)
+    x = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    cell = seqfast.GRUCell(4, 3, backend="cpp", dtype=torch.float64)
+    out = cell(x)
     assert _grad_fn_names(out) == {"CppFunction"}
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(out.sum(), x, create_graph=True)
-    (dx,) = torch.autograd.grad(out.sum(), x)
-    assert dx.shape == x.shape
+    (dx,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    assert dx.requires_grad
+    (plain,) = torch.autograd.grad(cell(x).sum(), x)
+    torch.testing.assert_close(dx, plain, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
