@@ -172,20 +172,39 @@ class _TorchTwin:
         return replica
 
 
+def _weight_drop(kwargs):
+    """The `weight_drop` probability popped from a module's keyword arguments (default 0), checked."""
+    p = kwargs.pop("weight_drop", 0.0)
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
+        raise ValueError(f"weight_drop must be a number in [0, 1), got {p!r}")
+    return float(p)
+
+
 class _Recurrent(_TorchTwin, torch.nn.RNNBase):
     """Shared forward of `RNN`, `LSTM` and `GRU`; the subclasses fix the mode and torch's messages."""
 
     backend = None
+    weight_drop = 0.0
     _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D instead"
 
+    def extra_repr(self):
+        """torch.nn's, and `weight_drop` when set."""
+        s = super().extra_repr()
+        return s + f", weight_drop={self.weight_drop}" if self.weight_drop else s
+
     def _layer_weights(self):
-        """`(w_ih, w_hh, b_ih, b_hh, w_hr)` per layer-direction, read live from the module."""
+        """`(w_ih, w_hh, b_ih, b_hh, w_hr)` per layer-direction, read live from the module; in training with
+        `weight_drop = p`, each `w_hh` times its own Bernoulli(1 - p) mask over 1 - p, drawn in this order."""
         weights = []
         bias, proj = self.bias, self.proj_size > 0
+        drop = self.weight_drop if self.training else 0.0
         for names in self._all_weights:
             params = _live(self, names)
             biases = (params[2], params[3]) if bias else (None, None)
-            weights.append((params[0], params[1], *biases, params[-1] if proj else None))
+            w_hh = params[1]
+            if drop:
+                w_hh = w_hh * torch.empty_like(w_hh).bernoulli_(1 - drop).div_(1 - drop)
+            weights.append((params[0], w_hh, *biases, params[-1] if proj else None))
         return weights
 
     def _hx_to_batched(self, hx, is_batched):
@@ -305,6 +324,8 @@ class RNN(_Recurrent):
         input_size, hidden_size, num_layers=1, nonlinearity='tanh', bias=True, batch_first=False, dropout=0.0,
         bidirectional=False, device=None, dtype=None: exactly `torch.nn.RNN`'s.
         backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
+        weight_drop: DropConnect on the recurrent weights (AWD-LSTM): in training each call scales every `weight_hh`
+            by its own Bernoulli(1 - p) mask over 1 - p, used for all steps; default 0 (off).
     """
 
     _torch_class = torch.nn.RNN
@@ -313,7 +334,8 @@ class RNN(_Recurrent):
     _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D tensor instead"
 
     def __init__(self, *args, backend=None, **kwargs):
-        """`torch.nn.RNN`'s arguments, and `backend` (see the class docstring)."""
+        """`torch.nn.RNN`'s arguments, `backend` and `weight_drop` (see the class docstring)."""
+        weight_drop = _weight_drop(kwargs)
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if len(args) > 3:
@@ -326,6 +348,7 @@ class RNN(_Recurrent):
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(modes[self.nonlinearity], *args, **kwargs)
         self.backend = backend
+        self.weight_drop = weight_drop
 
 
 class LSTM(_Recurrent):
@@ -335,6 +358,8 @@ class LSTM(_Recurrent):
         input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False,
         proj_size=0, device=None, dtype=None: exactly `torch.nn.LSTM`'s.
         backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
+        weight_drop: DropConnect on the recurrent weights (AWD-LSTM): in training each call scales every `weight_hh`
+            by its own Bernoulli(1 - p) mask over 1 - p, used for all steps; default 0 (off).
     """
 
     _torch_class = torch.nn.LSTM
@@ -342,9 +367,11 @@ class LSTM(_Recurrent):
     _mode_name = "LSTM"
 
     def __init__(self, *args, backend=None, **kwargs):
-        """`torch.nn.LSTM`'s arguments, and `backend` (see the class docstring)."""
+        """`torch.nn.LSTM`'s arguments, `backend` and `weight_drop` (see the class docstring)."""
+        weight_drop = _weight_drop(kwargs)
         super().__init__("LSTM", *args, **kwargs)
         self.backend = backend
+        self.weight_drop = weight_drop
 
     def get_expected_cell_size(self, input, batch_sizes):
         """`(L*D, B, H)`, the size `c_0` must have for `input` (`batch_sizes`: a PackedSequence's, else None)."""
@@ -366,6 +393,8 @@ class GRU(_Recurrent):
         input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0, bidirectional=False,
         device=None, dtype=None: exactly `torch.nn.GRU`'s.
         backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
+        weight_drop: DropConnect on the recurrent weights (AWD-LSTM): in training each call scales every `weight_hh`
+            by its own Bernoulli(1 - p) mask over 1 - p, used for all steps; default 0 (off).
     """
 
     _torch_class = torch.nn.GRU
@@ -373,11 +402,13 @@ class GRU(_Recurrent):
     _mode_name = "GRU"
 
     def __init__(self, *args, backend=None, **kwargs):
-        """`torch.nn.GRU`'s arguments, and `backend` (see the class docstring)."""
+        """`torch.nn.GRU`'s arguments, `backend` and `weight_drop` (see the class docstring)."""
+        weight_drop = _weight_drop(kwargs)
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
         self.backend = backend
+        self.weight_drop = weight_drop
 
 
 _CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
