@@ -348,7 +348,8 @@ class RNN(_Recurrent):
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(modes[self.nonlinearity], *args, **kwargs)
         self.backend = backend
-        self.weight_drop = weight_drop
+        if weight_drop:  # else the class's 0, so that the instance's state stays torch.nn's
+            self.weight_drop = weight_drop
 
 
 class LSTM(_Recurrent):
@@ -371,7 +372,8 @@ class LSTM(_Recurrent):
         weight_drop = _weight_drop(kwargs)
         super().__init__("LSTM", *args, **kwargs)
         self.backend = backend
-        self.weight_drop = weight_drop
+        if weight_drop:  # else the class's 0, so that the instance's state stays torch.nn's
+            self.weight_drop = weight_drop
 
     def get_expected_cell_size(self, input, batch_sizes):
         """`(L*D, B, H)`, the size `c_0` must have for `input` (`batch_sizes`: a PackedSequence's, else None)."""
@@ -408,7 +410,8 @@ class GRU(_Recurrent):
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
         self.backend = backend
-        self.weight_drop = weight_drop
+        if weight_drop:  # else the class's 0, so that the instance's state stays torch.nn's
+            self.weight_drop = weight_drop
 
 
 _CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
