@@ -714,12 +714,12 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
   TORCH_CHECK(h0.dim() == 3 && h0.size(0) == layers * D, "h0 must be [L*D, B, P]");
   const bool lstm = cell == LSTM;
   TORCH_CHECK(c0.has_value() == lstm && (!c0 || c0->dim() == 3), "c0 [L*D, B, H] is given exactly for lstm");
-  // the final states go straight into `hn`, `cn` where they have the loop's dtype (a projection's output dtype)
-  const bool in_place = h0.scalar_type() == x.scalar_type() && (!lstm || c0->scalar_type() == x.scalar_type());
+  // each layer-direction writes its final state straight into its slice of `hn`, `cn`, in the loops' dtype (the
+  // projections': `x`'s); states given in another dtype get theirs back at the end, as `fwd` returns them
   const auto opts = x.options();
-  at::Tensor hn = in_place ? output(h0.sizes(), opts, poison) : at::Tensor();
-  at::Tensor cn = in_place && lstm ? output(c0->sizes(), opts, poison) : at::Tensor();
-  std::vector<at::Tensor> hs, cs, outputs;
+  at::Tensor hn = output(h0.sizes(), opts, poison);
+  at::Tensor cn = lstm ? output(c0->sizes(), opts, poison) : at::Tensor();
+  std::vector<at::Tensor> outputs;
   at::Tensor input = x;
   for (int64_t l = 0; l < layers; ++l) {
     outputs.clear();
@@ -731,21 +731,13 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
       const auto [b_fold, b_h] = folded_biases(cell, w[3]);
       auto [y, hT, cT, saved] =
           fwd_into(cell, c10::nullopt, input, w[0], w[2], b_fold, *w[1], b_h, h0.select(0, k), c0k, c10::nullopt, w[4],
-                   d == 1, false, chunk, poison, in_place ? hn.select(0, k) : at::Tensor(),
-                   cn.defined() ? cn.select(0, k) : at::Tensor());
+                   d == 1, false, chunk, poison, hn.select(0, k), lstm ? cn.select(0, k) : at::Tensor());
       outputs.push_back(y);
-      if (!in_place) {
-        hs.push_back(hT);
-        if (lstm) cs.push_back(*cT);
-      }
     }
     input = D == 1 ? outputs[0] : at::cat(outputs, 2);
   }
-  if (!in_place) {
-    hn = at::stack(hs);
-    if (lstm) cn = at::stack(cs);
-  }
-  return {input, hn, lstm ? c10::make_optional(cn) : c10::nullopt};
+  const auto cn_out = lstm ? c10::make_optional(in_dtype(cn, c0->scalar_type())) : c10::nullopt;
+  return {input, in_dtype(hn, h0.scalar_type()), cn_out};
 }
 
 // One step of a cell without grad: `stack`'s layer over `x [B, I]` from `h0 [B, H]` (and `c0`). Returns

@@ -214,11 +214,10 @@ def differentiable_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengt
         gx = F.linear(x, w_ih, bias_sum(b_ih, b_fold))
         outputs = reference.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)[:3]
         pairs = [(o, g) for o, g in zip(outputs, (dy, dhT, dcT), strict=True) if o is not None and g is not None]
-        grads = iter(
-            torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], create_graph=True, allow_unused=True)
-            if pairs and wrt
-            else [None] * len(wrt)
-        )
+        if not pairs or not wrt:
+            return [None] * len(need)
+        outputs, grad_outputs = zip(*pairs, strict=True)
+        grads = iter(torch.autograd.grad(outputs, wrt, grad_outputs, create_graph=True, allow_unused=True))
     return [next(grads) if wanted else None for wanted in need]
 
 

@@ -172,20 +172,21 @@ class _TorchTwin:
         return replica
 
 
-def _weight_drop(kwargs):
-    """The `weight_drop` probability popped from a module's keyword arguments (default 0), checked."""
-    p = kwargs.pop("weight_drop", 0.0)
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p < 1:
-        raise ValueError(f"weight_drop must be a number in [0, 1), got {p!r}")
-    return float(p)
-
-
 class _Recurrent(_TorchTwin, torch.nn.RNNBase):
     """Shared forward of `RNN`, `LSTM` and `GRU`; the subclasses fix the mode and torch's messages."""
 
     backend = None
     weight_drop = 0.0
     _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D instead"
+
+    def __init__(self, mode, *args, backend=None, weight_drop=0.0, **kwargs):
+        """torch.nn.RNNBase's arguments, then `backend` and `weight_drop` (see the subclasses' docstrings)."""
+        if isinstance(weight_drop, bool) or not isinstance(weight_drop, (int, float)) or not 0 <= weight_drop < 1:
+            raise ValueError(f"weight_drop must be a number in [0, 1), got {weight_drop!r}")
+        super().__init__(mode, *args, **kwargs)
+        self.backend = backend
+        if weight_drop:  # else the class's 0, so that the instance's state stays torch.nn's
+            self.weight_drop = float(weight_drop)
 
     def extra_repr(self):
         """torch.nn's, and `weight_drop` when set."""
@@ -333,9 +334,8 @@ class RNN(_Recurrent):
     _mode_name = "RNN"
     _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D tensor instead"
 
-    def __init__(self, *args, backend=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         """`torch.nn.RNN`'s arguments, `backend` and `weight_drop` (see the class docstring)."""
-        weight_drop = _weight_drop(kwargs)
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if len(args) > 3:
@@ -347,9 +347,6 @@ class RNN(_Recurrent):
         if self.nonlinearity not in modes:
             raise ValueError(f"Unknown nonlinearity '{self.nonlinearity}'. Select from 'tanh' or 'relu'.")
         super().__init__(modes[self.nonlinearity], *args, **kwargs)
-        self.backend = backend
-        if weight_drop:  # else the class's 0, so that the instance's state stays torch.nn's
-            self.weight_drop = weight_drop
 
 
 class LSTM(_Recurrent):
@@ -367,13 +364,9 @@ class LSTM(_Recurrent):
     _meta_args = (1, 1, 1, True, False, 0.0, False, 0, "meta")
     _mode_name = "LSTM"
 
-    def __init__(self, *args, backend=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         """`torch.nn.LSTM`'s arguments, `backend` and `weight_drop` (see the class docstring)."""
-        weight_drop = _weight_drop(kwargs)
         super().__init__("LSTM", *args, **kwargs)
-        self.backend = backend
-        if weight_drop:  # else the class's 0, so that the instance's state stays torch.nn's
-            self.weight_drop = weight_drop
 
     def get_expected_cell_size(self, input, batch_sizes):
         """`(L*D, B, H)`, the size `c_0` must have for `input` (`batch_sizes`: a PackedSequence's, else None)."""
@@ -403,15 +396,11 @@ class GRU(_Recurrent):
     _meta_args = (1, 1, 1, True, False, 0.0, False, 0, "meta")
     _mode_name = "GRU"
 
-    def __init__(self, *args, backend=None, **kwargs):
+    def __init__(self, *args, **kwargs):
         """`torch.nn.GRU`'s arguments, `backend` and `weight_drop` (see the class docstring)."""
-        weight_drop = _weight_drop(kwargs)
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
-        self.backend = backend
-        if weight_drop:  # else the class's 0, so that the instance's state stays torch.nn's
-            self.weight_drop = weight_drop
 
 
 _CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
