@@ -291,31 +291,41 @@ class Carve {
 // The recurrent product of one call, chunk by chunk, straight from `w [G*H, P]`: forward, gate by gate,
 // `C[n, g*n_j : (g+1)*n_j] = h[n, P] w[g*H + j0 : g*H + j0 + n_j]^T`; backward `C[n, n_j] = da[n, G*H]
 // w[:, j0 : j0 + n_j]`. float32 runs this CPU's GEMM on weight panels packed once per call when the call repays the
-// packing (`kPackMinSteps`, `kPackMinRows`); otherwise (and float64) BLAS.
+// packing (`kPackMinSteps`, `kPackMinRows`); otherwise (and float64) BLAS, the forward of a call with that many rows
+// on a copy of `w` with each chunk's gate rows side by side, one BLAS call per chunk instead of one per gate.
 template <typename T>
 class HiddenProduct {
  public:
   HiddenProduct(const at::Tensor& w, int64_t G, int64_t H, int64_t hc, bool backward, const Order& ord,
                 const IsaKernels& kern)
       : w_(w.data_ptr<T>()), G_(G), H_(H), P_(w.size(1)), hc_(hc), backward_(backward), kern_(kern) {
+    const int64_t rows = std::accumulate(ord.active.begin(), ord.active.end(), int64_t(0));
+    const int64_t nch = (H + hc - 1) / hc;
+    if (rows < kPackMinRows) return;
     if constexpr (std::is_same_v<T, float>) {
-      const int64_t rows = std::accumulate(ord.active.begin(), ord.active.end(), int64_t(0));
-      if (ord.T < kPackMinSteps || rows < kPackMinRows) return;
-      const int64_t nch = (H + hc - 1) / hc, nb = blocks(), K = depth();
-      offsets_.resize(nch * nb + 1, 0);
-      for (int64_t i = 0; i < nch * nb; ++i) offsets_[i + 1] = offsets_[i] + K * round_up(width(i / nb));
-      packed_ = buffer_.emplace(offsets_.back()).data();
-      at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
-        for (int64_t c = begin; c < end; ++c) {
-          if (backward_) {
-            kern_.pack(K, width(c), w_ + c * hc_, P_, 1, packed_ + offsets_[c]);
-            continue;
+      if (ord.T >= kPackMinSteps) {
+        const int64_t nb = blocks(), K = depth();
+        offsets_.resize(nch * nb + 1, 0);
+        for (int64_t i = 0; i < nch * nb; ++i) offsets_[i + 1] = offsets_[i] + K * round_up(width(i / nb));
+        packed_ = buffer_.emplace(offsets_.back()).data();
+        at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            if (backward_) {
+              kern_.pack(K, width(c), w_ + c * hc_, P_, 1, packed_ + offsets_[c]);
+              continue;
+            }
+            for (int64_t g = 0; g < G_; ++g)
+              kern_.pack(K, width(c), w_ + (g * H_ + c * hc_) * P_, 1, P_, packed_ + offsets_[c * G_ + g]);
           }
-          for (int64_t g = 0; g < G_; ++g)
-            kern_.pack(K, width(c), w_ + (g * H_ + c * hc_) * P_, 1, P_, packed_ + offsets_[c * G_ + g]);
-        }
-      });
+        });
+        return;
+      }
     }
+    if (backward_ || nch == 1 || G_ == 1) return;
+    grouped_ = buffer_.emplace(G_ * H_ * P_).data();
+    for (int64_t c = 0; c < nch; ++c)
+      for (int64_t g = 0; g < G_; ++g)
+        std::copy_n(w_ + (g * H_ + c * hc_) * P_, width(c) * P_, grouped_ + (c * G_ * hc_ + g * width(c)) * P_);
   }
 
   void operator()(int64_t c, int64_t n, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
@@ -323,6 +333,8 @@ class HiddenProduct {
     if (backward_) return product(c, n, n_j, A, lda, w_ + j0, false, C, ldc, accumulate);
     // one chunk holding every unit: its gates side by side are w's rows in order, one product
     if (n_j == H_ && !packed_) return gemm<T>(false, true, n, G_ * H_, P_, A, lda, w_, P_, T(accumulate), C, ldc);
+    if (grouped_)
+      return gemm<T>(false, true, n, G_ * n_j, P_, A, lda, grouped_ + c * G_ * hc_ * P_, P_, T(accumulate), C, ldc);
     for (int64_t g = 0; g < G_; ++g)
       product(c * G_ + g, n, n_j, A, lda, w_ + (g * H_ + j0) * P_, true, C + g * n_j, ldc, accumulate);
   }
@@ -346,8 +358,9 @@ class HiddenProduct {
   bool backward_;
   IsaKernels kern_;
   std::vector<int64_t> offsets_;
-  std::optional<KeptBuffer<Use::kPackedWeights, float>> buffer_;
-  float* packed_ = nullptr;
+  std::optional<KeptBuffer<Use::kPackedWeights, T>> buffer_;
+  T* packed_ = nullptr;   // float32: panels packed for kern_.gemm
+  T* grouped_ = nullptr;  // BLAS forward: w's rows chunk by chunk, each chunk's gates side by side
 };
 
 // `dst[r] = src[perm[r]]` (to sorted order) or `dst[perm[r]] = src[r]` (back), rows of `width`.
@@ -454,6 +467,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
               const at::Tensor& y, const at::Tensor& saved, int64_t chunk, const at::Tensor& dgx,
               const at::Tensor& dgh, const at::Tensor& dh0, const at::Tensor& dc0, const at::Tensor& dw_hr) {
   const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
+  const bool need_dh0 = dh0.defined();
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
   const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell) * H;
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
@@ -514,8 +528,8 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };
 
   if (!proj) {
-    // Step k runs time step T - 1 - k; step T forms dh0 from the last da.
-    run_steps(T + 1, nch, B * GH * P, [&](int64_t k, int64_t c) {
+    // Step k runs time step T - 1 - k; step T forms dh0 from the last da (when wanted).
+    run_steps(T + need_dh0, nch, B * GH * P, [&](int64_t k, int64_t c) {
       const int64_t s = T - 1 - k;
       if (s < 0) {
         if (ord.active[0] > 0) dh_prev(c, ord.active[0], pda);
@@ -552,13 +566,14 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
         OneBlasThread one;
         for (int64_t c = begin; c < end; ++c) {
           const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
-          gemm<scalar_t>(false, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(0), pdh + p0, P);
+          if (s > 0 || need_dh0)
+            gemm<scalar_t>(false, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(0), pdh + p0, P);
           gemm<scalar_t>(true, false, n_p, H, n, pdhs + p0, P, phraw, H, scalar_t(1), pdw + p0 * H, H);
         }
       });
     }
   }
-  permute_rows(pdh, dh0.data_ptr<scalar_t>(), ord, P, false);
+  if (need_dh0) permute_rows(pdh, dh0.data_ptr<scalar_t>(), ord, P, false);
   if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);
 }
 
@@ -754,12 +769,13 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
 }
 
 // The backward loop on `saved`'s dtype. Returns `dgx [T, B, G*H]` and `dgh` (GRU; the other cells' is dgx) in dy's
-// dtype, `dh0 [B, P]` in h0's, `dc0 [B, H]` in c0's (LSTM), `dw_hr [P, H]` in w_hr's (projection).
+// dtype, `dh0 [B, P]` in h0's (undefined unless `need_dh0`: the first step then skips its product with w_hh),
+// `dc0 [B, H]` in c0's (LSTM), `dw_hr [P, H]` in w_hr's (projection).
 std::tuple<at::Tensor, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>>
 bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::optional<at::Tensor>& dcT_in,
     const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& w_hr_in, const at::Tensor& h0_in,
     const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in, const at::Tensor& y_in,
-    const at::Tensor& saved, bool reverse, int64_t chunk, bool poison) {
+    const at::Tensor& saved, bool reverse, int64_t chunk, bool poison, bool need_dh0) {
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(dy_in.dim() == 3 && w_hh_in.dim() == 2, "dy must be [T, B, P] and w_hh [G*H, P]");
@@ -790,7 +806,7 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
   if (proj) check(*w_hr, "w_hr", dt, {P, H});
   if (lengths) check(*lengths, "lengths", at::kLong, {B});
   const auto opts = dy.options();
-  const at::Tensor dgx = output({T, B, GH}, opts, poison), dh0 = output({B, P}, opts, poison);
+  const at::Tensor dgx = output({T, B, GH}, opts, poison), dh0 = need_dh0 ? output({B, P}, opts, poison) : at::Tensor();
   const at::Tensor dgh = cell == GRU ? output({T, B, GH}, opts, poison) : at::Tensor();
   const at::Tensor dc0 = lstm ? output({B, H}, opts, poison) : at::Tensor();
   const at::Tensor dw_hr = proj ? output({P, H}, opts, poison) : at::Tensor();
@@ -803,8 +819,8 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
     return t.defined() ? c10::make_optional(in_dtype(t, like->scalar_type())) : c10::nullopt;
   };
   const auto io = c10::make_optional(dy_in);
-  return {in_dtype(dgx, dy_in.scalar_type()), maybe(dgh, io), in_dtype(dh0, h0_in.scalar_type()), maybe(dc0, c0_in),
-          maybe(dw_hr, w_hr_in)};
+  return {in_dtype(dgx, dy_in.scalar_type()), maybe(dgh, io), dh0.defined() ? in_dtype(dh0, h0_in.scalar_type()) : dh0,
+          maybe(dc0, c0_in), maybe(dw_hr, w_hr_in)};
 }
 
 }  // namespace
@@ -872,7 +888,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor dcT = !lstm ? at::Tensor() : grads[2].defined() ? grads[2] : at::zeros_like(c0);
     auto [dgx, dgh, dh0, dc0, dw_hr] =
         bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
-            ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool());
+            ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool(), need_h0);
     // `h_prev` as `seqfast.autograd.h_prev` forms it (no lengths)
     const int64_t T = y.size(0);
     const at::Tensor h0_step = h0.to(y.scalar_type()).unsqueeze(0);

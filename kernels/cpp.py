@@ -155,4 +155,5 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         reverse,
         _chunk(cell, w_hh, h0.shape[0]),
         poisoning(),
+        True,
     )

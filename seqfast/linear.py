@@ -2,38 +2,95 @@
 
 `seqfast::linear` is `x @ w.T + b` (`project`) with registered autograd; its backward and the recurrent weight
 gradient share `seqfast::linear_backward` (`project_backward`); the eager path calls the plain functions. On CPU
-float32 both run on oneDNN's GEMM, which torch.nn's own LSTM uses and which
-measures about twice MKL's rate (torch's default for `F.linear`) on AMD CPUs; tiny products and other devices
-and dtypes use torch's GEMMs.
+float32 a large product runs on oneDNN's GEMM, which torch.nn's own LSTM uses and which measures about twice MKL's
+rate (torch's default for `F.linear`) on AVX-512 AMD CPUs, on par elsewhere, at a fixed cost per call of 15-50 us;
+from which size it pays is measured per machine (see `onednn_min_macs`). Smaller products and other devices and
+dtypes use torch's GEMMs.
 """
+
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import dispatch, native
 from .kernels.common import Projection
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# Below this many multiply-adds oneDNN's ~15 us per call exceeds what it saves (one step of a small cell)
-_ONEDNN_MIN_MACS = 1 << 20
+# The sizes the calibration times, `[M, 128] @ [128, 512]` at these multiply-adds; oneDNN must be at least as fast
+# at a size and every larger one to be used from it, and is used above the largest.
+_CALIBRATION_MACS = (1 << 20, 1 << 22, 1 << 24, 1 << 26)
+_CALIBRATION_RUNS = 4
+# The threshold while compiling before any eager call has measured it.
+_DEFAULT_MIN_MACS = 1 << 20
+_min_macs = {}  # by thread count, for this process
+
+
+def onednn_min_macs():
+    """The multiply-adds from which a float32 CPU product runs on oneDNN rather than torch's BLAS, at the current
+    thread count: `SEQFAST_ONEDNN_MIN_MACS` when set; else the smallest size of `_CALIBRATION_MACS` at which
+    oneDNN's best of `_CALIBRATION_RUNS` runs is no slower than BLAS's, there and at every larger size (twice the
+    largest when none). Measured once per machine and thread count (about 50 ms) and kept with the native route's
+    calibrations (`seqfast.native.cache_path`)."""
+    setting = dispatch.env("SEQFAST_ONEDNN_MIN_MACS")
+    if setting:
+        return int(setting)
+    threads = torch.get_num_threads()
+    found = _min_macs.get(threads)
+    if found is None:
+        if torch.compiler.is_compiling():
+            return _DEFAULT_MIN_MACS
+        found = _min_macs[threads] = native.calibrated(f"onednn-min-macs-threads{threads}", _calibrate_onednn)
+    return found
+
+
+def _calibrate_onednn():
+    """The threshold `onednn_min_macs` describes, timed here."""
+    if not _ONEDNN:
+        return 1 << 62
+    threshold = 2 * _CALIBRATION_MACS[-1]
+    for macs in reversed(_CALIBRATION_MACS):
+        blas_s, onednn_s = _best_times(macs)
+        if onednn_s > blas_s:
+            break
+        threshold = macs
+    return threshold
+
+
+def _best_times(macs):
+    """`(BLAS, oneDNN)`: the best of `_CALIBRATION_RUNS` runs each, in turns after one to warm up, in seconds, of a
+    product of `macs` multiply-adds."""
+    a, w, b = torch.randn(macs // (128 * 512), 128), torch.randn(512, 128), torch.randn(512)
+    best = [float("inf"), float("inf")]
+    for _ in range(_CALIBRATION_RUNS + 1):
+        for k, run in enumerate((F.linear, _onednn_linear)):
+            start = time.perf_counter()
+            run(a, w, b)
+            best[k] = min(best[k], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+def _onednn_linear(a, w, b):
+    return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
 
 
 def _onednn(a, w, b, numel=None):
-    """Whether `a @ w.T + b` runs on oneDNN: float32 on CPU, at least `_ONEDNN_MIN_MACS` multiply-adds (for an `a` of
+    """Whether `a @ w.T + b` runs on oneDNN: float32 on CPU, at least `onednn_min_macs()` multiply-adds (for an `a` of
     `numel` elements when given, default `a`'s own)."""
     return (
         _ONEDNN
-        and (a.numel() if numel is None else numel) * w.shape[0] >= _ONEDNN_MIN_MACS
         and a.dtype == w.dtype == torch.float32
         and a.is_cpu
         and (b is None or b.dtype == torch.float32)
+        and (a.numel() if numel is None else numel) * w.shape[0] >= onednn_min_macs()
     )
 
 
 def plain(macs):
     """Whether a product of `macs` multiply-adds, and each of its gradients, runs as one plain torch GEMM here (below
     oneDNN's threshold; `project_backward` then forms a weight gradient with one `mm`)."""
-    return macs < _ONEDNN_MIN_MACS
+    return macs < onednn_min_macs()
 
 
 def dense(a, w, b=None):
@@ -42,9 +99,7 @@ def dense(a, w, b=None):
     Returns:
         `[M, N]`.
     """
-    if _onednn(a, w, b):
-        return torch.ops.mkldnn._linear_pointwise(a, w, b, "none", [], "")
-    return F.linear(a, w, b)
+    return _onednn_linear(a, w, b) if _onednn(a, w, b) else F.linear(a, w, b)
 
 
 def project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
@@ -101,7 +156,7 @@ def project_backward(
     dy2, x2 = dy.flatten(0, -2), x.flatten(0, -2)
     dx = dense(dy2, w.T).reshape(x.shape) if need_dx else dy.new_empty(0)
     dw, db = dy.new_empty(0), dy.new_empty(0)
-    if need_dw and dy2.numel() * x2.shape[1] < _ONEDNN_MIN_MACS:
+    if need_dw and plain(dy2.numel() * x2.shape[1]):
         # a small product: forming [x | 1] below costs more than the GEMM it saves
         dw = torch.mm(dy2.T, x2).to(w.dtype)
         if need_db:

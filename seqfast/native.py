@@ -7,10 +7,10 @@ runs on the first such call of a shape class (see `_choice`): seqfast's kernels 
 call's own tensors (a forward, with grad also the backward of the output, leaving every `.grad` and the random state
 as they were), and torch's op is kept when its best run beats seqfast's by more than `_MARGIN` and `_MIN_GAIN_S`.
 The answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by
-CPU model, torch's version and seqfast's. `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call
-that can come here, unset calibrates. `backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call or a
-cell's step here whatever its shape; a single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this
-backend declines it.
+CPU model, torch's version and seqfast's, with the other calibrations of this machine (see `calibrated`).
+`SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can come here, unset calibrates.
+`backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call or a cell's step here whatever its shape; a
+single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this backend declines it.
 """
 
 import json
@@ -170,10 +170,15 @@ def _choice(signature, tensors, ours, theirs):
     kind = cell if num_layers else f"{cell}_cell"
     sizes = f"I{I}-H{H}-P{P}-B{_bucket(B)}-T{_bucket(T)}-L{num_layers}-D{2 if bidirectional else 1}"
     key = f"{kind}-{str(dtype).removeprefix('torch.')}-{sizes}-bias{int(not no_bias)}-threads{threads}-grad{grad}"
+    wrt = [t for t in tensors if t is not None and t.requires_grad] if grad else []
+    return calibrated(key, lambda: _calibrate(ours, theirs, wrt))
+
+
+def calibrated(key, measure):
+    """This machine's kept answer for `key`, else `measure()`'s, then kept (see `cache_path`)."""
     choices = _choices()
     if key not in choices:
-        wrt = [t for t in tensors if t is not None and t.requires_grad] if grad else []
-        choices[key] = _calibrate(ours, theirs, wrt)
+        choices[key] = measure()
         _save(choices)
     return choices[key]
 

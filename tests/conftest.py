@@ -1,6 +1,7 @@
-"""Test setup: strict dispatch, NaN-poisoned outputs, fixed seeds, no TF32, backends from the dispatch table, and
-no automatic routing to torch's own op (`SEQFAST_NATIVE=0`: the tests check seqfast's kernels; tests/test_native.py
-checks the route).
+"""Test setup: strict dispatch, NaN-poisoned outputs, fixed seeds, no TF32, backends from the dispatch table, no
+automatic routing to torch's own op (`SEQFAST_NATIVE=0`: the tests check seqfast's kernels; tests/test_native.py
+checks the route), and oneDNN's GEMM from a fixed size instead of this machine's calibrated one (so that every
+machine runs the same paths; tests/test_linear.py checks the calibration).
 
 A backend that cannot load shows as skipped tests, unless `SEQFAST_REQUIRE` (comma-separated names, as CI sets it)
 names it: then collection fails with the reason, so a broken build cannot pass as skips.
@@ -11,6 +12,7 @@ import os
 os.environ["SEQFAST_STRICT"] = "1"
 os.environ["SEQFAST_POISON"] = "1"
 os.environ["SEQFAST_NATIVE"] = "0"
+os.environ["SEQFAST_ONEDNN_MIN_MACS"] = str(1 << 20)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -142,6 +142,36 @@ def test_cpp_node_differentiates_its_backward():
     torch.testing.assert_close(dx, plain, rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_cpp_node_forms_dh0_only_when_wanted(cell, steps):
+    """The cpp backend's own node skips the first step's product with w_hh when the initial state needs no gradient:
+    every other gradient is bitwise the one it gives when the state needs it, and that state's gradient is the
+    custom ops'."""
+    pytest.importorskip("seqfast.kernels.cpp", reason="seqfast._C is not built")
+    _, ours = twins(cell, 5, 6, "cpp", torch.float64)
+    x = torch.randn(steps, 3, 5, dtype=torch.float64, requires_grad=True)
+    states = [torch.randn(1, 3, 6, dtype=torch.float64) for _ in range(2 if cell == "lstm" else 1)]
+
+    def outputs_and_grads(need_state):
+        hx = [s.clone().requires_grad_(need_state) for s in states]
+        out = flatten(ours(x, tuple(hx) if cell == "lstm" else hx[0]))
+        cotangents = torch.Generator().manual_seed(3)
+        loss = sum((o * torch.randn(o.shape, generator=cotangents, dtype=o.dtype)).sum() for o in out)
+        wrt = [x, *ours.parameters()] + (hx if need_state else [])
+        return [o.detach() for o in out] + list(torch.autograd.grad(loss, wrt))
+
+    assert _grad_fn_names(ours(x)[0]) == {"CppFunction"}
+    without_state = outputs_and_grads(False)
+    with_state = outputs_and_grads(True)
+    for a, e in zip(without_state, with_state, strict=False):
+        assert torch.equal(a, e)
+    with PassThroughFunctions():
+        custom_ops = outputs_and_grads(True)
+    for a, e in zip(with_state, custom_ops, strict=True):
+        assert torch.equal(a, e)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_eager_forward_backward_imports_no_compiler_stack(backend):
     code = textwrap.dedent(f"""

@@ -1,0 +1,68 @@
+"""The GEMMs around the recurrence: from which size a float32 CPU product runs on oneDNN (`onednn_min_macs`)."""
+
+import json
+
+import pytest
+
+from seqfast import linear, native
+
+
+@pytest.fixture
+def fresh_calibration(monkeypatch, tmp_path):
+    """No threshold from the environment, this process or a cache file."""
+    monkeypatch.delenv("SEQFAST_ONEDNN_MIN_MACS")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_machine_choices", None)
+    monkeypatch.setattr(linear, "_min_macs", {})
+
+
+def _timings(onednn_faster):
+    """A `_best_times` whose oneDNN run is faster exactly at the sizes in `onednn_faster`."""
+    return lambda macs: (1.0, 0.5 if macs in onednn_faster else 2.0)
+
+
+@pytest.mark.parametrize(
+    "onednn_faster, expected",
+    [
+        ({1 << 20, 1 << 22, 1 << 24, 1 << 26}, 1 << 20),
+        ({1 << 24, 1 << 26}, 1 << 24),
+        ({1 << 20, 1 << 24, 1 << 26}, 1 << 24),
+        ({1 << 20, 1 << 22, 1 << 24}, 1 << 27),
+        (set(), 1 << 27),
+    ],
+    ids=["everywhere", "from-16M", "not-at-4M", "not-at-64M", "nowhere"],
+)
+def test_calibration_takes_the_smallest_size_from_which_onednn_is_never_slower(monkeypatch, onednn_faster, expected):
+    monkeypatch.setattr(linear, "_best_times", _timings(onednn_faster))
+    assert linear._calibrate_onednn() == expected
+
+
+def test_threshold_is_measured_once_per_machine_and_thread_count(monkeypatch, fresh_calibration):
+    monkeypatch.setattr(linear, "_best_times", _timings({1 << 22, 1 << 24, 1 << 26}))
+    monkeypatch.setattr(linear.torch, "get_num_threads", lambda: 3)
+    assert linear.onednn_min_macs() == 1 << 22
+    (entry,) = json.loads(native.cache_path().read_text()).values()
+    assert entry == {"onednn-min-macs-threads3": 1 << 22}
+
+    def never(macs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(linear, "_best_times", never)
+    assert linear.onednn_min_macs() == 1 << 22  # this process's
+    monkeypatch.setattr(native, "_machine_choices", None)
+    monkeypatch.setattr(linear, "_min_macs", {})
+    assert linear.onednn_min_macs() == 1 << 22  # the cache file's
+    monkeypatch.setenv("SEQFAST_ONEDNN_MIN_MACS", "12345")
+    assert linear.onednn_min_macs() == 12345
+
+
+def test_threshold_decides_the_gemm(monkeypatch):
+    x, w = linear.torch.randn(4, 8), linear.torch.randn(16, 8)
+    monkeypatch.setenv("SEQFAST_ONEDNN_MIN_MACS", str(4 * 8 * 16))
+    assert linear._onednn(x, w, None) == linear._ONEDNN and not linear.plain(4 * 8 * 16)
+    monkeypatch.setenv("SEQFAST_ONEDNN_MIN_MACS", str(4 * 8 * 16 + 1))
+    assert not linear._onednn(x, w, None) and linear.plain(4 * 8 * 16)
+
+
+def test_calibration_on_this_machine(fresh_calibration):
+    assert linear.onednn_min_macs() in (*linear._CALIBRATION_MACS, 2 * linear._CALIBRATION_MACS[-1], 1 << 62)
