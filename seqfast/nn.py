@@ -267,11 +267,14 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             if hx is not None:
                 hx = self._hx_to_batched(hx, is_batched)
             data = input
-        if hx is None:
-            batch = int(batch_sizes[0]) if packed else input.size(0 if self.batch_first else 1)
-            hx = self._zero_state(data, batch)
         try:
-            self.check_forward_args(data, hx, batch_sizes)
+            if hx is None:
+                # zeros of the expected shapes: of torch.nn's checks only the input's can fail
+                self.check_input(data, batch_sizes)
+                batch = int(batch_sizes[0]) if packed else input.size(0 if self.batch_first else 1)
+                hx = self._zero_state(data, batch)
+            else:
+                self.check_forward_args(data, hx, batch_sizes)
         except ValueError as e:
             if not (packed and is_lstm):
                 raise
