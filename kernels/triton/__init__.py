@@ -62,7 +62,7 @@ def _config(B, H, device, dtype):
     if H <= _SINGLE_MAX_H:
         BK = 32 if dtype == torch.float32 else 64
         return dict(single, BK=BK, num_warps=4 if BB * single["BH"] <= 2048 else 8, num_stages=3)
-    # BK 128 with 3 stages: fastest of the configurations benchmarks/triton_sweep.py tried on an H200.
+    # BK 128 with 3 stages: fastest of the configurations benchmarks/tools/triton_sweep.py tried on an H200.
     n_sm = _sm_count(device)
     BH = next(bh for bh in _BH if triton.cdiv(H, bh) <= n_sm)
     NH = triton.cdiv(H, BH)

@@ -1,6 +1,6 @@
 """Sweep the triton backend's launch configuration on CUDA: hidden block, k block, warps and pipeline stages.
 
-    python benchmarks/triton_sweep.py OUTDIR [--budget-s 150] [--workers 16]
+    python -m benchmarks.tools.triton_sweep OUTDIR [--budget-s 150] [--workers 16]
 
 Times the recurrence kernels alone (`fwd`, or `bwd` from one saved forward) with `triton.testing.do_bench` for each
 configuration of each case, and checks every configuration's outputs against those of the backend's own choice

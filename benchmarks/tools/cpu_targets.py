@@ -1,6 +1,6 @@
 """The CPU backends' speed targets, checked against torch.nn in the same run.
 
-Usage: `python benchmarks/cpu_targets.py --backend cpp` (or `--backend numba`).
+Usage: `python -m benchmarks.tools.cpu_targets --backend cpp` (or `--backend numba`).
 
 Every row goes through the benchmark harness (`benchmarks.harness`): the seqfast module forced onto the backend
 under `SEQFAST_STRICT=1` against torch.nn from the same `state_dict`, one layer, `batch_first`, float32, each gated
@@ -9,16 +9,13 @@ against torch.nn before it is timed (a failing gate fails the row), timed at the
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import harness  # noqa: E402
-from benchmarks.shapes import Shape  # noqa: E402
-from seqfast.kernels.common import GATES  # noqa: E402
-from seqfast.linear import dense  # noqa: E402
+from benchmarks import harness
+from benchmarks.shapes import Shape
+from seqfast.kernels.common import GATES
+from seqfast.linear import dense
 
 NAMES = {"rnn_tanh": "RNN", "gru": "GRU", "lstm": "LSTM"}
 

@@ -1,6 +1,6 @@
 """Ceilings for the CPU LSTM targets that `cpu_targets.py` reports missed, measured on this machine.
 
-Usage: `python benchmarks/cpu_roofline.py`.
+Usage: `python -m benchmarks.tools.cpu_roofline`.
 
 fwd+bwd rows: a layer's work is GEMM work (input projection, recurrent products forward and backward, the three
 weight and input gradients), so no implementation beats `flops / peak`, with `peak` the best sgemm rate measured here
@@ -15,19 +15,15 @@ environment keeps them mapped and shows the fault-free ceilings.
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks import harness  # noqa: E402
-from benchmarks.shapes import Shape  # noqa: E402
+from benchmarks import harness
+from benchmarks.shapes import Shape
 
 
 @njit(parallel=True, cache=True, fastmath=True, error_model="numpy")

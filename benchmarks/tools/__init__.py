@@ -1,0 +1,1 @@
+"""One-off measurement tools beside the runner (`python -m benchmarks`): `python -m benchmarks.tools.NAME`."""
