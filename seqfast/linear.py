@@ -60,8 +60,10 @@ def _calibrate_onednn():
 
 def _best_times(macs):
     """`(BLAS, oneDNN)`: the best of `_CALIBRATION_RUNS` runs each, in turns after one to warm up, in seconds, of a
-    product of `macs` multiply-adds."""
-    a, w, b = torch.randn(macs // (128 * 512), 128), torch.randn(512, 128), torch.randn(512)
+    product of `macs` multiply-adds (random operands of their own generator: the caller's random state is left as
+    it was)."""
+    generator = torch.Generator().manual_seed(0)
+    a, w, b = (torch.randn(shape, generator=generator) for shape in ((macs // (128 * 512), 128), (512, 128), (512,)))
     best = [float("inf"), float("inf")]
     for _ in range(_CALIBRATION_RUNS + 1):
         for k, run in enumerate((F.linear, _onednn_linear)):

@@ -64,5 +64,7 @@ def test_threshold_decides_the_gemm(monkeypatch):
     assert not linear._onednn(x, w, None) and linear.plain(4 * 8 * 16)
 
 
-def test_calibration_on_this_machine(fresh_calibration):
+def test_calibration_on_this_machine_leaves_the_random_state(fresh_calibration):
+    state = linear.torch.get_rng_state()
     assert linear.onednn_min_macs() in (*linear._CALIBRATION_MACS, 2 * linear._CALIBRATION_MACS[-1], 1 << 62)
+    assert linear.torch.equal(linear.torch.get_rng_state(), state)
