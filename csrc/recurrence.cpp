@@ -828,7 +828,7 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
 // One layer-direction of an eager call with grad, input projection included, as an autograd node: what
 // `seqfast.autograd.Layer` computes, the same ops in the same order (so bitwise its results), without Python in the
 // forward or the backward. For calls without `lengths` whose products are all below oneDNN's threshold
-// (`seqfast.linear._ONEDNN_MIN_MACS`), where `project_backward` forms each weight gradient with one `mm`. Outside
+// (`seqfast.linear.plain`), where every product of `project` and `project_backward` is one torch GEMM. Outside
 // the anonymous namespace, so that torch names its node `CppNode<seqfast::EagerLayer>`.
 class EagerLayer : public torch::autograd::Function<EagerLayer> {
  public:
@@ -903,11 +903,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor dgx2 = dgx.flatten(0, -2), x2 = x.flatten(0, -2);
     const at::Tensor dx = need_x ? at::linear(dgx2, w_ih.t()).reshape(x.sizes()) : at::Tensor();
     const at::Tensor dw_ih = need_w_ih ? at::mm(dgx2.t(), x2).to(w_ih.scalar_type()) : at::Tensor();
-    at::Tensor db_x;
-    if (need_db_x) {
-      db_x = need_w_ih ? dgx2.sum(0) : at::mv(dgx2.t(), at::ones({dgx2.size(0)}, dgx2.options()));
-      db_x = db_x.to(w_ih.scalar_type());
-    }
+    const at::Tensor db_x = need_db_x ? dgx2.sum(0).to(w_ih.scalar_type()) : at::Tensor();
     const at::Tensor db_hh = separate_b_hh ? db_h : db_x;
     return {at::Tensor(), at::Tensor(), dx, dw_ih, need_b_ih ? db_x : at::Tensor(), dw_hh,
             need_b_hh ? db_hh : at::Tensor(), dh0, lstm ? *dc0 : at::Tensor(),

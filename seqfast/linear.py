@@ -2,10 +2,10 @@
 
 `seqfast::linear` is `x @ w.T + b` (`project`) with registered autograd; its backward and the recurrent weight
 gradient share `seqfast::linear_backward` (`project_backward`); the eager path calls the plain functions. On CPU
-float32 a large product runs on oneDNN's GEMM, which torch.nn's own LSTM uses and which measures about twice MKL's
-rate (torch's default for `F.linear`) on AVX-512 AMD CPUs, on par elsewhere, at a fixed cost per call of 15-50 us;
-from which size it pays is measured per machine (see `onednn_min_macs`). Smaller products and other devices and
-dtypes use torch's GEMMs.
+float32 a large input projection or `dx` runs on oneDNN's GEMM, which torch.nn's own LSTM uses and which measures
+about twice MKL's rate (torch's default for `F.linear`) on AVX-512 AMD CPUs, on par elsewhere, at a fixed cost per
+call of 15-50 us; from which size it pays is measured per machine (see `onednn_min_macs`). Smaller products, other
+devices and dtypes, and every weight and bias gradient use torch's GEMM and sum.
 """
 
 import time
@@ -91,7 +91,7 @@ def _onednn(a, w, b, numel=None):
 
 def plain(macs):
     """Whether a product of `macs` multiply-adds, and each of its gradients, runs as one plain torch GEMM here (below
-    oneDNN's threshold; `project_backward` then forms a weight gradient with one `mm`)."""
+    oneDNN's threshold)."""
     return macs < onednn_min_macs()
 
 
@@ -157,25 +157,10 @@ def project_backward(
     """
     dy2, x2 = dy.flatten(0, -2), x.flatten(0, -2)
     dx = dense(dy2, w.T).reshape(x.shape) if need_dx else dy.new_empty(0)
-    dw, db = dy.new_empty(0), dy.new_empty(0)
-    if need_dw and plain(dy2.numel() * x2.shape[1]):
-        # a small product: forming [x | 1] below costs more than the GEMM it saves
-        dw = torch.mm(dy2.T, x2).to(w.dtype)
-        if need_db:
-            db = dy2.sum(0).to(w.dtype)
-    elif need_dw:
-        # [dw | db]^T = [x | 1]^T dy in one GEMM: transposing the narrow x costs far less than transposing dy, and the
-        # row of ones turns a separate pass over dy for db into one more output row
-        K = x2.shape[1]
-        xt = x2.new_empty((K + need_db, x2.shape[0]))
-        xt[:K].copy_(x2.T)
-        xt[K:].fill_(1)
-        prod = dense(xt, dy2.T)
-        dw = prod[:K].T.contiguous().to(w.dtype)
-        if need_db:
-            db = prod[K].clone().to(w.dtype)
-    elif need_db:
-        db = torch.mv(dy2.T, dy2.new_ones(dy2.shape[0])).to(w.dtype)
+    # torch's GEMM and sum: oneDNN's GEMM reduces all rows in one chain, about 2x further from the exact sum (see
+    # tests/test_fidelity.py), and needs both operands transposed
+    dw = torch.mm(dy2.T, x2).to(w.dtype) if need_dw else dy.new_empty(0)
+    db = dy2.sum(0).to(w.dtype) if need_db else dy.new_empty(0)
     return dx, dw, db
 
 
