@@ -155,5 +155,5 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         reverse,
         _chunk(cell, w_hh, h0.shape[0]),
         poisoning(),
-        True,
+        True,  # need_dh0: the contract's bwd always returns dh0 (only the extension's own node skips it)
     )

@@ -48,6 +48,15 @@ def backend_params(device_type):
 CPU_BACKENDS = backend_params("cpu")
 
 
+@pytest.fixture
+def empty_calibration_cache(monkeypatch, tmp_path):
+    """This machine's calibrations (`seqfast.native.calibrated`) start empty, kept in `tmp_path`."""
+    from seqfast import native
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(native, "_machine_choices", None)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

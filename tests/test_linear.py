@@ -8,11 +8,9 @@ from seqfast import linear, native
 
 
 @pytest.fixture
-def fresh_calibration(monkeypatch, tmp_path):
+def fresh_calibration(monkeypatch, empty_calibration_cache):
     """No threshold from the environment, this process or a cache file."""
     monkeypatch.delenv("SEQFAST_ONEDNN_MIN_MACS")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(native, "_machine_choices", None)
     monkeypatch.setattr(linear, "_min_macs", {})
 
 

@@ -77,11 +77,9 @@ def test_native_declines_a_single_layer_with_its_reason():
 
 
 @pytest.fixture
-def calibrations(monkeypatch, tmp_path):
-    """Automatic routing calibrated afresh into `tmp_path`; returns the calls `_calibrate` answered, in order."""
+def calibrations(monkeypatch, empty_calibration_cache):
+    """Automatic routing calibrated afresh; returns the calls `_calibrate` answered, in order."""
     monkeypatch.delenv("SEQFAST_NATIVE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(native, "_machine_choices", None)
     monkeypatch.setattr(native, "_routes", {})
     return []
 
