@@ -58,6 +58,36 @@ class Projection(NamedTuple):
     b_fold: torch.Tensor | None
 
 
+class Extensions(NamedTuple):
+    """The options beyond torch.nn's cells for one layer-direction call (None where off); see
+    `seqfast.kernels.reference` for their math.
+
+    zero: `[T, B]` bool, True where the step at that time starts from a zero state (h and, for LSTM, c): the
+        caller's `resets`, shifted by one step for a reversed direction.
+    keep_h: `[T, B, P]` weights of the previous `h` in zoneout's `h_t = m h_{t-1} + (1 - m) h~_t` (Bernoulli masks
+        in training), or the probability `p` as a float (evaluation); keep_c: the same for LSTM's `c`, `[T, B, H]`.
+    ln_ih: `[G*H]` gain of the input projection's LayerNorm, which the caller forms around its GEMM.
+    ln_hh: `[G*H]` gain of the LayerNorm of `h @ w_hh.T`; ln_c_weight, ln_c_bias: `[H]` of LSTM's LayerNorm of `c`.
+    """
+
+    zero: torch.Tensor | None = None
+    keep_h: torch.Tensor | float | None = None
+    keep_c: torch.Tensor | float | None = None
+    ln_ih: torch.Tensor | None = None
+    ln_hh: torch.Tensor | None = None
+    ln_c_weight: torch.Tensor | None = None
+    ln_c_bias: torch.Tensor | None = None
+
+    def options(self):
+        """The options in use: a sorted tuple of `resets`, `zoneout`, `layer_norm`."""
+        used = (("layer_norm", self.ln_hh), ("resets", self.zero), ("zoneout", self.keep_h))
+        return tuple(name for name, value in used if value is not None)
+
+
+LN_EPS = 1e-5
+"""The LayerNorm epsilon of the `layer_norm` option."""
+
+
 def hidden_size(cell, w_hh):
     """`H` from `w_hh [G*H, P]`."""
     return w_hh.shape[0] // GATES[cell]

@@ -5,7 +5,7 @@ which is `proj_size` for a projected LSTM and `H` otherwise):
 
     unsupported(cell, gx, w_hh, h0, c0, lengths, w_hr) -> str | None
     saved_shape(cell, T, B, H, P) -> tuple
-    fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved) -> y, hT, cT, saved
+    fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, ext=None) -> y, hT, cT, saved
     bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse) -> dgx, dgh, dh0, dc0, dw_hr
 
 - `unsupported` answers from the cell, the tensors' dtypes and devices and the weights' shapes only (the dispatcher
@@ -30,13 +30,26 @@ which is `proj_size` for a projected LSTM and `H` otherwise):
   differ only in GRU's n gate: for the other cells `dgh` is None (it equals `dgx`). `dh0`, `dc0` (None unless
   LSTM); `dw_hr [P, H]` (None without projection). Weight gradients of `w_ih`, `w_hh`, `b_ih`, `b_hh` are
   computed by the caller from `dgx`/`dgh` as one GEMM each.
+- `ext` (a `common.Extensions`, or None) adds the options a backend lists in `EXTENSIONS` (dispatch picks only a
+  backend that lists every option a call uses):
+  - `resets` (`ext.zero`): a step whose `zero` is set starts from zeros (`h`, and `c` for LSTM) instead of the
+    state the step before left; no gradient crosses it.
+  - `zoneout` (`ext.keep_h`, `ext.keep_c`): `h_t = m h_in + (1 - m) h~_t` where `h_in` is the state the step started
+    from, `h~_t` the cell's new state and `m` the step's keep weight (likewise `c`); `y` holds `h_t`.
+  - `layer_norm` (`ext.ln_hh`, `ext.ln_c_*`): the recurrent product is `LN(h @ w_hh.T) * ln_hh + b_hh` (LN over all
+    `G*H` features, eps `common.LN_EPS`), and LSTM's `h~_t = o * tanh(LN(c_t) * ln_c_weight + ln_c_bias)` with the
+    un-normalised `c_t` carried. (`LN(x @ w_ih.T) * ln_ih + b_ih` is the caller's, around the input GEMM.)
+  The reference's own `bwd` runs without them: with options its forward (`need_saved=False`) is the spec, and
+  autograd differentiates it.
 """
 
 import torch
+import torch.nn.functional as F
 
-from .common import GATES, active_mask, compute_dtype, empty, hidden_size, reorder
+from .common import GATES, LN_EPS, active_mask, compute_dtype, empty, hidden_size, reorder
 
 DEVICES = None
+EXTENSIONS = ("layer_norm", "resets", "zoneout")
 
 # `saved` per step and hidden unit; the numba and triton backends keep this layout too
 SAVED_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 5}
@@ -56,9 +69,12 @@ def saved_shape(cell, T, B, H, P):
     return (T, B, SAVED_WIDTH[cell] * H)
 
 
-def _step(cell, gx_t, h, c, w_hh, b_hh, w_hr):
-    """One step of the cell math. `gx_t [B, G*H]`, `h [B, P]`, `c [B, H]` -> `h_new [B, P]`, `c_new`, `saved_t`."""
+def _step(cell, gx_t, h, c, w_hh, b_hh, w_hr, ln=None):
+    """One step of the cell math. `gx_t [B, G*H]`, `h [B, P]`, `c [B, H]` -> `h_new [B, P]`, `c_new`, `saved_t`;
+    `ln`: `(ln_hh, ln_c_weight, ln_c_bias)` of the `layer_norm` option, or None."""
     gh = h @ w_hh.T
+    if ln is not None:
+        gh = F.layer_norm(gh, gh.shape[1:], ln[0], None, LN_EPS)
     if b_hh is not None:
         gh = gh + b_hh
     if cell == "rnn_tanh":
@@ -71,7 +87,7 @@ def _step(cell, gx_t, h, c, w_hh, b_hh, w_hr):
         i, f, g, o = (gx_t + gh).chunk(4, dim=1)
         i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
         c_new = f * c + i * g
-        h_new = o * torch.tanh(c_new)
+        h_new = o * torch.tanh(c_new if ln is None else F.layer_norm(c_new, c_new.shape[1:], ln[1], ln[2], LN_EPS))
         if w_hr is not None:
             h_new = h_new @ w_hr.T
         return h_new, c_new, torch.cat([i, f, g, o, c_new], dim=1)
@@ -116,12 +132,14 @@ def _step_bwd(cell, dh, dc, saved_t, c_prev, w_hh, w_hr):
     return dgx, dgh, dh * z + dgh @ w_hh, None
 
 
-def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
-    """Run the recurrence forward; see the module docstring for shapes.
+def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True, ext=None):
+    """Run the recurrence forward; see the module docstring for shapes and `ext`.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
     """
+    if ext is not None and need_saved:
+        raise ValueError("the reference's backward runs without extensions: differentiate its forward instead")
     T, B, _ = gx.shape
     H = hidden_size(cell, w_hh)
     P = w_hh.shape[1]
@@ -134,8 +152,16 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     active = active_mask(T, lengths, gx.device)
     y = empty((T, B, P), ct, gx.device)
     saved = empty(saved_shape(cell, T, B, H, P) if need_saved else (0,), ct, gx.device)
+    zero, keep_h, keep_c, ln = _in_order(ext, lengths, reverse, ct)
     for s in range(T):
-        h_new, c_new, saved_s = _step(cell, x[s], h, c, w_hh, b_hh, w_hr)
+        h_in, c_in = h, c
+        if zero is not None:
+            h_in = torch.where(zero[s], 0, h)
+            c_in = None if c is None else torch.where(zero[s], 0, c)
+        h_new, c_new, saved_s = _step(cell, x[s], h_in, c_in, w_hh, b_hh, w_hr, ln)
+        if keep_h is not None:
+            h_new = _zoneout(keep_h, s, h_in, h_new)
+            c_new = None if c is None else _zoneout(keep_c, s, c_in, c_new)
         if need_saved:
             saved[s] = saved_s
         if active is None:
@@ -148,6 +174,27 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     y = reorder(y, lengths, reverse).to(gx.dtype)
     cT = None if c is None else c.to(c0.dtype)
     return y, h.to(h0.dtype), cT, saved
+
+
+def _in_order(ext, lengths, reverse, ct):
+    """`ext`'s per-step tensors in processing order (`zero [T, B, 1]`), in the compute dtype: `(zero, keep_h,
+    keep_c, ln)` with `ln` as `_step` takes it; all None without `ext`."""
+    if ext is None:
+        return None, None, None, None
+    zero = None if ext.zero is None else reorder(ext.zero.unsqueeze(-1), lengths, reverse)
+    keep_h, keep_c = (
+        reorder(k.to(ct), lengths, reverse) if torch.is_tensor(k) else k for k in (ext.keep_h, ext.keep_c)
+    )
+    ln = None
+    if ext.ln_hh is not None:
+        ln = tuple(None if t is None else t.to(ct) for t in (ext.ln_hh, ext.ln_c_weight, ext.ln_c_bias))
+    return zero, keep_h, keep_c, ln
+
+
+def _zoneout(keep, s, prev, new):
+    """Zoneout at processing step `s`: `m prev + (1 - m) new` with `m` the step's keep weights (or a float)."""
+    m = keep[s] if torch.is_tensor(keep) else keep
+    return m * prev + (1 - m) * new
 
 
 def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False):

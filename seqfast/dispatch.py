@@ -138,20 +138,25 @@ def strict():
     return env("SEQFAST_STRICT") == "1"
 
 
-def _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr):
+def _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr, options):
     module = load(name)
     if device_type not in _devices(name):
         return f"runs on {', '.join(_devices(name))}, not {device_type}"
+    missing = [o for o in options if o not in getattr(module, "EXTENSIONS", ())]
+    if missing:
+        return f"it does not run the {', '.join(missing)} option{'s' if len(missing) > 1 else ''}"
     return module.unsupported(cell, gx, w_hh, h0, c0, lengths, w_hr)
 
 
-def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
+def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None, options=()):
     """Pick the backend for one recurrence call.
 
     Args:
         cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
         gx, w_hh, h0, c0, lengths, w_hr: the call's tensors (see `seqfast.kernels.reference`).
         backend: explicit backend name, or None for `SEQFAST_BACKEND`, then automatic.
+        options: the extensions the call uses (`common.Extensions.options()`); a backend runs them when its
+            `EXTENSIONS` lists them all.
 
     Returns:
         The chosen backend's name.
@@ -159,10 +164,10 @@ def select(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
     Raises:
         RuntimeError: an explicit backend cannot run this call, no backend can, or strict mode forbids a fall-through.
     """
-    return _select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend or env("SEQFAST_BACKEND") or None)[0]
+    return _select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend or env("SEQFAST_BACKEND") or None, options)[0]
 
 
-def select_remembered(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None):
+def select_remembered(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, backend=None, options=()):
     """`select` for eager calls, remembered per call signature, with the loaded backend.
 
     A backend's answer depends only on the cell, dtypes, devices and weight shapes (see `seqfast.kernels.reference`),
@@ -173,11 +178,11 @@ def select_remembered(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None, back
     """
     requested = backend or env("SEQFAST_BACKEND") or None
     key = (cell, requested, gx.device, gx.dtype, w_hh.dtype, w_hh.shape, h0.device, h0.dtype)
-    if c0 is not None or lengths is not None or w_hr is not None:
-        key += (_signature(c0), _signature(lengths), _signature(w_hr))
+    if c0 is not None or lengths is not None or w_hr is not None or options:
+        key += (_signature(c0), _signature(lengths), _signature(w_hr), options)
     chosen = _chosen.get(key) if _chosen_for is _loaded else None
     if chosen is None or (chosen[2] and strict()):
-        name, fell_through = _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested)
+        name, fell_through = _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested, options)
         chosen = (name, load(name), fell_through)
         _remember(key, chosen)
     return chosen[0], chosen[1]
@@ -200,28 +205,28 @@ def _remember(key, chosen):
     _chosen[key] = chosen
 
 
-def _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested):
+def _select(cell, gx, w_hh, h0, c0, lengths, w_hr, requested, options):
     """`select` without the memory: `(name, fell_through)`.
 
     A call without hidden units (`w_hh` has no rows, a cell of hidden size 0) has no loop to run: once a backend
     accepts it, the reference runs it, whose plain torch ops handle the empty shapes on every device.
     """
-    name, fell_through = _first_able(cell, gx, w_hh, h0, c0, lengths, w_hr, requested)
+    name, fell_through = _first_able(cell, gx, w_hh, h0, c0, lengths, w_hr, requested, options)
     return ("reference" if w_hh.shape[0] == 0 else name), fell_through
 
 
-def _first_able(cell, gx, w_hh, h0, c0, lengths, w_hr, requested):
+def _first_able(cell, gx, w_hh, h0, c0, lengths, w_hr, requested, options):
     """The requested backend, else the first of the device's that accepts the call: `(name, fell_through)`."""
     device_type = gx.device.type
     if requested is not None:
-        reason = _why_not(requested, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr)
+        reason = _why_not(requested, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr, options)
         if reason is not None:
             raise RuntimeError(f"seqfast backend {requested!r} cannot run this {cell} call: {reason}")
         return requested, False
     reasons = []
     for name in names(device_type):
         try:
-            reason = _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr)
+            reason = _why_not(name, device_type, cell, gx, w_hh, h0, c0, lengths, w_hr, options)
         except RuntimeError as e:
             reason = str(e)
         if reason is None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import dispatch, native
 from .autograd import Layer, folded_biases
-from .kernels.common import time_index
+from .kernels.common import GATES, LN_EPS, Extensions, time_index
 from .linear import bias_sum, fused, linear, plain, preactivations
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
@@ -46,7 +46,7 @@ _autocast = torch._C._is_any_autocast_enabled
 _grad_enabled = torch.is_grad_enabled
 
 
-def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None, reverse=False, backend=None):
+def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None, reverse=False, backend=None, ext=None):
     """One layer in one direction.
 
     Args:
@@ -58,25 +58,31 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
         lengths: `[B]` int64 per-sequence lengths on `x`'s device, or None (default: all `T`).
         reverse: walk each sequence from its own last step (default False).
         backend: backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
+        ext: the options beyond torch.nn's cell (`seqfast.kernels.common.Extensions`), or None (default).
 
     Returns:
         `y [T, B, P]` (zeros past each length), `hT [B, P]`, `cT [B, H]` or None.
     """
     fast = eager(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths)
-    return _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend)
+    return _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext=ext)
 
 
-def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend):
+def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, ext=None):
     """One step of a cell, on the eager path when `fast` (see `eager`): torch's own op (`seqfast.native`) when
     `backend` (or `SEQFAST_BACKEND`) is `native` or automatic selection routes a step with grad there, else `layer`
     over one step.
 
     Args:
-        x: `[B, I]`; h0: `[B, H]`; c0: `[B, H]` for `lstm`, else None; the rest as in `layer`.
+        x: `[B, I]`; h0: `[B, H]`; c0: `[B, H]` for `lstm`, else None; ext: as in `layer`, one step's; the rest as in
+            `layer`.
 
     Returns:
         `(h [B, H], c [B, H] or None)`.
     """
+    if ext is not None:
+        return _layer(fast, cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend, ext=ext)[
+            1:
+        ]
     requested = backend or dispatch.env("SEQFAST_BACKEND")
     args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if requested == "native":
@@ -98,9 +104,11 @@ def _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend):
     return dispatch.select_remembered(cell, x, w_hh, h0, c0, lengths, w_hr, backend)[1]
 
 
-def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, kernels=None):
+def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, kernels=None, ext=None):
     """`layer`, on the eager path when `fast` (see `eager`), else through the custom ops; without grad the eager path
-    runs on `kernels` when given (see `_eager_kernels`)."""
+    runs on `kernels` when given (see `_eager_kernels`). With options (`ext`) see `_extended`."""
+    if ext is not None:
+        return _extended(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext)
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     )
@@ -122,6 +130,52 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
     need_saved = need_grad or torch.jit.is_tracing()
     y, hT, cT, _ = torch.ops.seqfast.recurrence(name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr)
     return y, hT, cT if cell == "lstm" else None
+
+
+def _extended(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext):
+    """`layer` with options (`ext`), on the backend dispatch picks among those that run them all: the input
+    projection (normalised with `layer_norm`) by torch, then the backend's forward, differentiated by autograd."""
+    name = dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, ext.options())  # x stands for gx
+    b_fold, b_h = folded_biases(cell, b_hh)
+    bias = bias_sum(b_ih, b_fold)
+    if ext.ln_ih is None:
+        gx = F.linear(x, w_ih, bias)
+    else:
+        gx = F.layer_norm(F.linear(x, w_ih), w_ih.shape[:1], ext.ln_ih, bias, LN_EPS)
+    y, hT, cT, _ = dispatch.load(name).fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, ext)
+    return y, hT, cT
+
+
+def extensions(cell, x, hidden_size, proj_size, reverse, resets=None, zoneout=0.0, training=False, layer_norm=None):
+    """The options of one layer-direction (`seqfast.kernels.common.Extensions`), or None when it uses none.
+
+    Args:
+        cell: `rnn_tanh`, `rnn_relu`, `lstm` or `gru`.
+        x: `[T, B, *]` the layer's input (its device and dtype, `T` and `B`).
+        hidden_size: `H`; proj_size: `P` (`H` without projection).
+        reverse: the direction walks each sequence backwards: a reset before step `t` then zeroes the state
+            step `t - 1` starts from.
+        resets: `[T, B]` bool or None (default): True where an episode starts at that step.
+        zoneout: probability `p` of keeping each unit's previous state (default 0: off); in training each step and
+            unit draws its own Bernoulli(p) mask from the default generator (`h`'s, then LSTM's `c`'s), in
+            evaluation every unit keeps `p` of it.
+        training: draw zoneout's masks (default False).
+        layer_norm: `(ln_ih, ln_hh, ln_c_weight, ln_c_bias)` gains (and LSTM's bias) of the layer-direction, or
+            None (default).
+    """
+    zero = keep_h = keep_c = None
+    if resets is not None:
+        zero = torch.cat([resets[1:], resets.new_zeros((1, resets.shape[1]))]) if reverse else resets
+    if zoneout:
+        T, B = x.shape[0], x.shape[1]
+        if training:
+            keep_h = x.new_empty((T, B, proj_size)).bernoulli_(zoneout)
+            keep_c = x.new_empty((T, B, hidden_size)).bernoulli_(zoneout) if cell == "lstm" else None
+        else:
+            keep_h = keep_c = float(zoneout)
+    if zero is None and keep_h is None and layer_norm is None:
+        return None
+    return Extensions(zero, keep_h, keep_c, *(layer_norm or (None,) * 4))
 
 
 # Without grad the input projection is formed about this many bytes at a time, so a long sequence holds one chunk
@@ -170,7 +224,22 @@ def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, length
     return y, h, c
 
 
-def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, training=False, lengths=None, backend=None):
+def rnn(
+    cell,
+    x,
+    h0,
+    c0,
+    weights,
+    num_layers,
+    bidirectional,
+    dropout=0.0,
+    training=False,
+    lengths=None,
+    backend=None,
+    resets=None,
+    zoneout=0.0,
+    layer_norm=None,
+):
     """A stack of `num_layers` recurrent layers, each one or two directions, dropout between layers.
 
     Args:
@@ -183,27 +252,34 @@ def rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout=0.0, traini
         lengths: `[B]` int64 per-sequence lengths (any device), or None (default).
         backend: backend name or None (default): `native` runs torch's own op (see `seqfast.native`), which automatic
             selection also picks for an eager call where it calibrated it faster.
+        resets, zoneout: as in `extensions` (`resets` with `lengths` None), for every layer; default off.
+        layer_norm: `L*D` tuples `(ln_ih, ln_hh, ln_c_weight, ln_c_bias)` (see `extensions`), or None (default).
 
     Returns:
         `y [T, B, D*P]`, `hn [L*D, B, P]`, `cn [L*D, B, H]` or None.
     """
     if lengths is not None:
         lengths = lengths.to(device=x.device, dtype=torch.int64)
+    options = (resets, zoneout, layer_norm)
+    extended = resets is not None or zoneout > 0 or layer_norm is not None
     requested = backend or dispatch.env("SEQFAST_BACKEND")
     if requested == "native":
+        if extended:
+            raise RuntimeError("seqfast backend 'native' (torch's own op) cannot run resets, zoneout or layer_norm")
         return native.rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
     fast = eager(x, h0, c0, lengths, *chain.from_iterable(weights))
     args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
-    if fast and requested is None and native.route(*args):
+    if fast and requested is None and not extended and native.route(*args):
         return native.rnn(*args)
-    return _stack(fast, *args, backend)
+    return _stack(fast, *args, backend, options if extended else None)
 
 
-def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths, backend):
-    """`rnn` on seqfast's kernels, on the eager path when `fast` (see `eager`); `lengths` int64 on `x`'s device."""
+def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths, backend, options):
+    """`rnn` on seqfast's kernels, on the eager path when `fast` (see `eager`); `lengths` int64 on `x`'s device;
+    `options`: `(resets, zoneout, layer_norm)` as `rnn` takes them, or None when all are off."""
     directions = 2 if bidirectional else 1
     kernels = None
-    if fast and not torch.is_grad_enabled():
+    if fast and not torch.is_grad_enabled() and options is None:
         # the stacked states stand for each layer's in the choice: same dtypes and devices
         kernels = _eager_kernels(cell, x, weights[0][1], h0, c0, lengths, weights[0][4], backend)
         if _one_call(kernels, cell, x, weights, directions, lengths, num_layers > 1 and dropout > 0 and training):
@@ -216,8 +292,14 @@ def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, t
         for d in range(directions):
             k = i * directions + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            ext = None
+            if options is not None:
+                resets, zoneout, layer_norm = options
+                ln = None if layer_norm is None else layer_norm[k]
+                hidden = w_hh.shape[0] // GATES[cell]
+                ext = extensions(cell, x, hidden, w_hh.shape[1], d == 1, resets, zoneout, training, ln)
             y, hT, cT = _layer(
-                fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0s[k], c0s[k], w_hr, lengths, d == 1, backend, kernels
+                fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0s[k], c0s[k], w_hr, lengths, d == 1, backend, kernels, ext
             )
             outputs.append(y)
             hn.append(hT)

@@ -110,7 +110,7 @@ def route(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training
 
         args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
         tensors = (x, h0, c0, *(t for w in weights for t in w))
-        return tensors, (lambda: _stack(True, *args, None)), (lambda: rnn(*args))
+        return tensors, (lambda: _stack(True, *args, None, None)), (lambda: rnn(*args))
 
     return _remembered(signature, calibration)
 

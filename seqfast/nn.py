@@ -131,6 +131,46 @@ def _live(module, names):
     return [params[n] if n in params else getattr(module, n) for n in names]
 
 
+def _check_options(layer_norm, zoneout):
+    """Raise for a bad `layer_norm` or `zoneout` constructor argument."""
+    if not isinstance(layer_norm, bool):
+        raise TypeError(f"layer_norm must be a bool, got {layer_norm!r}")
+    if isinstance(zoneout, bool) or not isinstance(zoneout, (int, float)) or not 0 <= zoneout < 1:
+        raise ValueError(f"zoneout must be a number in [0, 1), got {zoneout!r}")
+
+
+def _layer_norm_parameters(gates, hidden, weight, lstm):
+    """`(name, tensor)` of one layer-direction's `layer_norm` parameters, in registration order: the gains of the
+    input and recurrent products' LayerNorms `[G*H]` (ones), then LSTM's gain (ones) and bias (zeros) of the cell
+    state's `[H]`; the names lack the `_l{k}{suffix}` a module adds."""
+    ones = {"device": weight.device, "dtype": weight.dtype}
+    params = [
+        ("ln_ih_weight", torch.ones(gates * hidden, **ones)),
+        ("ln_hh_weight", torch.ones(gates * hidden, **ones)),
+    ]
+    if lstm:
+        params += [("ln_c_weight", torch.ones(hidden, **ones)), ("ln_c_bias", torch.zeros(hidden, **ones))]
+    return params
+
+
+def _reset_layer_norm(module):
+    """Put every `layer_norm` parameter of `module` back to its initial value (gains 1, bias 0)."""
+    with torch.no_grad():
+        for name, param in module.named_parameters(recurse=False):
+            if name.startswith("ln_"):
+                param.fill_(0.0 if name.startswith("ln_c_bias") else 1.0)
+
+
+def _options_repr(module):
+    """The `repr` suffix of the options that are on."""
+    s = ""
+    for name in ("weight_drop", "layer_norm", "zoneout"):
+        value = getattr(module, name, None)
+        if value:
+            s += f", {name}={value}"
+    return s
+
+
 PATCHED = "_seqfast_patched"
 """Name of the instance attribute `seqfast.patch` sets (True) on a module whose class it swapped."""
 PATCH_ATTRIBUTES = (PATCHED, "backend")
@@ -177,21 +217,62 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
 
     backend = None
     weight_drop = 0.0
+    layer_norm = False
+    zoneout = 0.0
     _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D instead"
 
-    def __init__(self, mode, *args, backend=None, weight_drop=0.0, **kwargs):
-        """torch.nn.RNNBase's arguments, then `backend` and `weight_drop` (see the subclasses' docstrings)."""
+    def __init__(self, mode, *args, backend=None, weight_drop=0.0, layer_norm=False, zoneout=0.0, **kwargs):
+        """torch.nn.RNNBase's arguments, then `backend`, `weight_drop`, `layer_norm` and `zoneout` (see the
+        subclasses' docstrings)."""
         if isinstance(weight_drop, bool) or not isinstance(weight_drop, (int, float)) or not 0 <= weight_drop < 1:
             raise ValueError(f"weight_drop must be a number in [0, 1), got {weight_drop!r}")
+        _check_options(layer_norm, zoneout)
         super().__init__(mode, *args, **kwargs)
+        if layer_norm and self.proj_size > 0:
+            raise ValueError("layer_norm is not defined for an LSTM with proj_size > 0")
         self.backend = backend
-        if weight_drop:  # else the class's 0, so that the instance's state stays torch.nn's
+        # each option only when on, else the class's default, so that the instance's state stays torch.nn's
+        if weight_drop:
             self.weight_drop = float(weight_drop)
+        if zoneout:
+            self.zoneout = float(zoneout)
+        if layer_norm:
+            self.layer_norm = True
+            self._register_layer_norm()
+
+    def _register_layer_norm(self):
+        """Register each layer-direction's `layer_norm` parameters right after its torch.nn ones."""
+        params = dict(self._parameters)
+        self._parameters.clear()
+        gates = {"LSTM": 4, "GRU": 3}.get(self.mode, 1)
+        for names in self._all_weights:
+            for name in names:
+                self._parameters[name] = params.pop(name)
+            suffix = names[0].removeprefix("weight_ih")
+            weight = self._parameters[names[0]]
+            for name, value in _layer_norm_parameters(gates, self.hidden_size, weight, self.mode == "LSTM"):
+                self.register_parameter(name + suffix, torch.nn.Parameter(value))
+        self._parameters.update(params)
+
+    def reset_parameters(self):
+        """torch.nn's initialisation, and the `layer_norm` parameters' (gains 1, bias 0)."""
+        super().reset_parameters()
+        _reset_layer_norm(self)
 
     def extra_repr(self):
-        """torch.nn's, and `weight_drop` when set."""
-        s = super().extra_repr()
-        return s + f", weight_drop={self.weight_drop}" if self.weight_drop else s
+        """torch.nn's, and the options that are on."""
+        return super().extra_repr() + _options_repr(self)
+
+    def _layer_norm_weights(self):
+        """`(ln_ih, ln_hh, ln_c_weight, ln_c_bias)` per layer-direction (the last two None unless LSTM), read live."""
+        lstm = self.mode == "LSTM"
+        names = ("ln_ih_weight", "ln_hh_weight", "ln_c_weight", "ln_c_bias")[: 4 if lstm else 2]
+        weights = []
+        for layer in self._all_weights:
+            suffix = layer[0].removeprefix("weight_ih")
+            params = _live(self, [name + suffix for name in names])
+            weights.append(tuple(params) + (None, None) * (not lstm))
+        return weights
 
     def _layer_weights(self):
         """`(w_ih, w_hh, b_ih, b_hh, w_hr)` per layer-direction, read live from the module; in training with
@@ -224,6 +305,26 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             raise RuntimeError(f"For {kind} input, hx should also be {expected}-D but got {hx.dim()}-D tensor")
         return hx if is_batched else hx.unsqueeze(1)
 
+    def _time_major_resets(self, resets, x, is_batched):
+        """`resets` checked against the time-major input `x [T, B, I]` and made `[T, B]`."""
+        if not isinstance(resets, torch.Tensor):
+            raise TypeError(f"resets must be a bool tensor, got {type(resets).__name__}")
+        if resets.dtype != torch.bool:
+            raise TypeError(f"resets must be a bool tensor, got dtype {resets.dtype}")
+        if resets.device != x.device:
+            raise ValueError(f"resets is on {resets.device}, the input on {x.device}")
+        T, B = x.shape[0], x.shape[1]
+        if not is_batched:
+            expected = (T,)
+        else:
+            expected = (B, T) if self.batch_first else (T, B)
+        if tuple(resets.shape) != expected:
+            layout = "[T]" if not is_batched else ("[B, T]" if self.batch_first else "[T, B]")
+            raise ValueError(f"resets must have shape {layout} = {list(expected)}, got {list(resets.shape)}")
+        if not is_batched:
+            return resets.unsqueeze(1)
+        return resets.transpose(0, 1) if self.batch_first else resets
+
     def _zero_state(self, input, batch):
         directions = 2 if self.bidirectional else 1
         shape = (self.num_layers * directions, batch)
@@ -233,23 +334,29 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             return h
         return h, input.new_zeros(*shape, self.hidden_size)
 
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, resets=None):
         """Run the stack over a sequence.
 
         Args:
             input: `[T, B, I]` (`[B, T, I]` when `batch_first`), `[T, I]` unbatched, or a `PackedSequence`.
             hx: `[L*D, B, P]` (`[L*D, P]` unbatched) initial state, `(h0, c0)` for LSTM with `c0 [L*D, B, H]`;
                 zeros when None (default).
+            resets: bool `[T, B]` (`[B, T]` when `batch_first`, `[T]` unbatched), or None (default): True where an
+                episode starts just before that step, which then starts from a zero state (`h` and `c`) instead of
+                the previous step's (in a reversed direction the step before it does); not with a `PackedSequence`.
 
         Returns:
             `(output, h_n)` or, for LSTM, `(output, (h_n, c_n))`, shaped as torch.nn returns them.
         """
-        if functional.onnx_exporting():
+        extended = resets is not None or self.layer_norm or self.zoneout
+        if functional.onnx_exporting() and not extended:
             # the ONNX exporters translate torch.nn's ops (aten::lstm into ONNX's LSTM), not seqfast's custom ops
             return self._torch_class.forward(self, input, hx)
         is_lstm = self.mode == "LSTM"
         packed = isinstance(input, PackedSequence)
         if packed:
+            if resets is not None:
+                raise ValueError("resets cannot be used with a PackedSequence input; pass padded input instead")
             data, batch_sizes, sorted_indices, unsorted_indices = input
             if hx is not None:
                 hx = self.permute_hidden(hx, sorted_indices)
@@ -296,16 +403,32 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             x, lengths = (input.transpose(0, 1) if self.batch_first else input), None
             if x.size(0) == 0:
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+            if resets is not None:
+                resets = self._time_major_resets(resets, x, is_batched)
         cell = CELL_OF_MODE[self.mode]
+        layer_norm = self._layer_norm_weights() if self.layer_norm else None
 
         def run(x, states, weights):
             c0 = states[1] if is_lstm else None
             layers, bidirectional, dropout, training = self.num_layers, self.bidirectional, self.dropout, self.training
             return functional.rnn(
-                cell, x, states[0], c0, weights, layers, bidirectional, dropout, training, lengths, self.backend
+                cell,
+                x,
+                states[0],
+                c0,
+                weights,
+                layers,
+                bidirectional,
+                dropout,
+                training,
+                lengths,
+                self.backend,
+                resets,
+                self.zoneout,
+                layer_norm,
             )
 
-        if _autocast():
+        if _autocast() and not extended:
             y, hn, cn = _run_autocast(run, cell, x, states, weights, module=True, unpacked=not packed)
         else:
             y, hn, cn = run(x, states, weights)
@@ -330,6 +453,13 @@ class RNN(_Recurrent):
         backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
         weight_drop: DropConnect on the recurrent weights (AWD-LSTM): in training each call scales every `weight_hh`
             by its own Bernoulli(1 - p) mask over 1 - p, used for all steps; default 0 (off).
+        layer_norm: LayerNorm (eps 1e-5) of each layer-direction's input and recurrent products over their `G*H`
+            features, times gains `ln_ih_weight_l{k}{suffix}`, `ln_hh_weight_l{k}{suffix}`, before the biases; an LSTM
+            also normalises `c_t` before its `tanh` (`ln_c_weight_l{k}{suffix}`, `ln_c_bias_l{k}{suffix}`); default
+            False. Not with `proj_size > 0`.
+        zoneout: probability `p` that a unit keeps its previous value at a step (`h`, and LSTM's `c` with its own
+            mask): Bernoulli(p) masks per step and unit from the default generator in training, `p h_prev + (1 - p)
+            h_new` in evaluation; default 0 (off).
     """
 
     _torch_class = torch.nn.RNN
@@ -338,7 +468,8 @@ class RNN(_Recurrent):
     _rank_error = "{mode}: Expected input to be 2D or 3D, got {dim}D tensor instead"
 
     def __init__(self, *args, **kwargs):
-        """`torch.nn.RNN`'s arguments, `backend` and `weight_drop` (see the class docstring)."""
+        """`torch.nn.RNN`'s arguments, then `backend`, `weight_drop`, `layer_norm` and `zoneout` (see the class
+        docstring)."""
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         if len(args) > 3:
@@ -361,6 +492,13 @@ class LSTM(_Recurrent):
         backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
         weight_drop: DropConnect on the recurrent weights (AWD-LSTM): in training each call scales every `weight_hh`
             by its own Bernoulli(1 - p) mask over 1 - p, used for all steps; default 0 (off).
+        layer_norm: LayerNorm (eps 1e-5) of each layer-direction's input and recurrent products over their `G*H`
+            features, times gains `ln_ih_weight_l{k}{suffix}`, `ln_hh_weight_l{k}{suffix}`, before the biases; an LSTM
+            also normalises `c_t` before its `tanh` (`ln_c_weight_l{k}{suffix}`, `ln_c_bias_l{k}{suffix}`); default
+            False. Not with `proj_size > 0`.
+        zoneout: probability `p` that a unit keeps its previous value at a step (`h`, and LSTM's `c` with its own
+            mask): Bernoulli(p) masks per step and unit from the default generator in training, `p h_prev + (1 - p)
+            h_new` in evaluation; default 0 (off).
     """
 
     _torch_class = torch.nn.LSTM
@@ -368,7 +506,8 @@ class LSTM(_Recurrent):
     _mode_name = "LSTM"
 
     def __init__(self, *args, **kwargs):
-        """`torch.nn.LSTM`'s arguments, `backend` and `weight_drop` (see the class docstring)."""
+        """`torch.nn.LSTM`'s arguments, then `backend`, `weight_drop`, `layer_norm` and `zoneout` (see the class
+        docstring)."""
         super().__init__("LSTM", *args, **kwargs)
 
     def get_expected_cell_size(self, input, batch_sizes):
@@ -393,6 +532,13 @@ class GRU(_Recurrent):
         backend: seqfast backend name, or None (default) for `SEQFAST_BACKEND`, then automatic selection.
         weight_drop: DropConnect on the recurrent weights (AWD-LSTM): in training each call scales every `weight_hh`
             by its own Bernoulli(1 - p) mask over 1 - p, used for all steps; default 0 (off).
+        layer_norm: LayerNorm (eps 1e-5) of each layer-direction's input and recurrent products over their `G*H`
+            features, times gains `ln_ih_weight_l{k}{suffix}`, `ln_hh_weight_l{k}{suffix}`, before the biases; an LSTM
+            also normalises `c_t` before its `tanh` (`ln_c_weight_l{k}{suffix}`, `ln_c_bias_l{k}{suffix}`); default
+            False. Not with `proj_size > 0`.
+        zoneout: probability `p` that a unit keeps its previous value at a step (`h`, and LSTM's `c` with its own
+            mask): Bernoulli(p) masks per step and unit from the default generator in training, `p h_prev + (1 - p)
+            h_new` in evaluation; default 0 (off).
     """
 
     _torch_class = torch.nn.GRU
@@ -400,7 +546,8 @@ class GRU(_Recurrent):
     _mode_name = "GRU"
 
     def __init__(self, *args, **kwargs):
-        """`torch.nn.GRU`'s arguments, `backend` and `weight_drop` (see the class docstring)."""
+        """`torch.nn.GRU`'s arguments, then `backend`, `weight_drop`, `layer_norm` and `zoneout` (see the class
+        docstring)."""
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
@@ -413,10 +560,45 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
     """Shared forward of the cells: one step of the same recurrence, `T = 1`."""
 
     backend = None
+    layer_norm = False
+    zoneout = 0.0
     _cell_name = None
 
     def _cell(self):
         return self._cell_name
+
+    def _set_options(self, backend, layer_norm, zoneout):
+        """Keep `backend`; turn on `layer_norm` (registering its parameters after torch.nn's) and `zoneout` when
+        asked, else leave the class's defaults, so that the instance's state stays torch.nn's."""
+        _check_options(layer_norm, zoneout)
+        self.backend = backend
+        if zoneout:
+            self.zoneout = float(zoneout)
+        if layer_norm:
+            self.layer_norm = True
+            lstm = self._torch_class is torch.nn.LSTMCell
+            for name, value in _layer_norm_parameters(
+                self.weight_ih.shape[0] // self.hidden_size, self.hidden_size, self.weight_ih, lstm
+            ):
+                self.register_parameter(name, torch.nn.Parameter(value))
+
+    def reset_parameters(self):
+        """torch.nn's initialisation, and the `layer_norm` parameters' (gains 1, bias 0)."""
+        super().reset_parameters()
+        _reset_layer_norm(self)
+
+    def extra_repr(self):
+        """torch.nn's, and the options that are on."""
+        return super().extra_repr() + _options_repr(self)
+
+    def _extensions(self, cell, x):
+        """The step's options (`seqfast.kernels.common.Extensions`) for input `x [B, I]`, or None when all are off."""
+        layer_norm = None
+        if self.layer_norm:
+            names = ("ln_ih_weight", "ln_hh_weight", "ln_c_weight", "ln_c_bias")[: 4 if cell == "lstm" else 2]
+            layer_norm = (*_live(self, names), None, None)[:4]
+        H = self.hidden_size
+        return functional.extensions(cell, x.unsqueeze(0), H, H, False, None, self.zoneout, self.training, layer_norm)
 
     def forward(self, input, hx=None):
         """One step.
@@ -428,7 +610,7 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         Returns:
             `h' [B, H]` (`[H]` unbatched), or `(h', c')` for `LSTMCell`.
         """
-        if functional.onnx_exporting():
+        if functional.onnx_exporting() and not (self.layer_norm or self.zoneout):
             return self._torch_class.forward(self, input, hx)
         is_lstm = self._cell_name == "lstm"
         dim = input.dim()
@@ -476,12 +658,14 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         for state in states:
             _check_same_dtype(state, w_hh, b_hh)
 
+        ext = self._extensions(cell, input)
+
         def run(x, states, weights):
             (w_ih, w_hh, b_ih, b_hh), h0, c0 = weights[0], states[0], states[1] if is_lstm else None
             fast = functional.eager(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
-            return None, *functional.step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, self.backend)
+            return None, *functional.step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, self.backend, ext)
 
-        if _autocast():
+        if _autocast() and ext is None:
             _, hT, cT = _run_autocast(run, cell, input, states, [(w_ih, w_hh, b_ih, b_hh)])
         else:
             _, hT, cT = run(input, states, [(w_ih, w_hh, b_ih, b_hh)])
@@ -496,18 +680,33 @@ class RNNCell(_Cell):
     Args:
         input_size, hidden_size, bias=True, nonlinearity='tanh', device=None, dtype=None: exactly torch's.
         backend: seqfast backend name, or None (default).
+        layer_norm: LayerNorm (eps 1e-5) of the input and recurrent products over their `G*H` features, times gains
+            `ln_ih_weight`, `ln_hh_weight`, before the biases (an LSTM cell also normalises `c'` before its `tanh`:
+            `ln_c_weight`, `ln_c_bias`); default False.
+        zoneout: probability `p` that a unit keeps its value from `hx` (and LSTM's `c`, own mask): Bernoulli(p)
+            masks from the default generator in training, `p h + (1 - p) h'` in evaluation; default 0 (off).
     """
 
     _torch_class = torch.nn.RNNCell
     _meta_args = (1, 1, True, "tanh", "meta")
 
     def __init__(
-        self, input_size, hidden_size, bias=True, nonlinearity="tanh", device=None, dtype=None, *, backend=None
+        self,
+        input_size,
+        hidden_size,
+        bias=True,
+        nonlinearity="tanh",
+        device=None,
+        dtype=None,
+        *,
+        backend=None,
+        layer_norm=False,
+        zoneout=0.0,
     ):
-        """`torch.nn.RNNCell`'s arguments, and `backend` (see the class docstring)."""
+        """`torch.nn.RNNCell`'s arguments, then `backend`, `layer_norm` and `zoneout` (see the class docstring)."""
         super().__init__(input_size, hidden_size, bias, num_chunks=1, device=device, dtype=dtype)
         self.nonlinearity = nonlinearity
-        self.backend = backend
+        self._set_options(backend, layer_norm, zoneout)
 
     def _cell(self):
         if self.nonlinearity not in ("tanh", "relu"):
@@ -521,16 +720,32 @@ class LSTMCell(_Cell):
     Args:
         input_size, hidden_size, bias=True, device=None, dtype=None: exactly torch's.
         backend: seqfast backend name, or None (default).
+        layer_norm: LayerNorm (eps 1e-5) of the input and recurrent products over their `G*H` features, times gains
+            `ln_ih_weight`, `ln_hh_weight`, before the biases (an LSTM cell also normalises `c'` before its `tanh`:
+            `ln_c_weight`, `ln_c_bias`); default False.
+        zoneout: probability `p` that a unit keeps its value from `hx` (and LSTM's `c`, own mask): Bernoulli(p)
+            masks from the default generator in training, `p h + (1 - p) h'` in evaluation; default 0 (off).
     """
 
     _torch_class = torch.nn.LSTMCell
     _meta_args = (1, 1, True, "meta")
     _cell_name = "lstm"
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
-        """`torch.nn.LSTMCell`'s arguments, and `backend` (see the class docstring)."""
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        bias=True,
+        device=None,
+        dtype=None,
+        *,
+        backend=None,
+        layer_norm=False,
+        zoneout=0.0,
+    ):
+        """`torch.nn.LSTMCell`'s arguments, then `backend`, `layer_norm` and `zoneout` (see the class docstring)."""
         super().__init__(input_size, hidden_size, bias, num_chunks=4, device=device, dtype=dtype)
-        self.backend = backend
+        self._set_options(backend, layer_norm, zoneout)
 
 
 class GRUCell(_Cell):
@@ -539,13 +754,29 @@ class GRUCell(_Cell):
     Args:
         input_size, hidden_size, bias=True, device=None, dtype=None: exactly torch's.
         backend: seqfast backend name, or None (default).
+        layer_norm: LayerNorm (eps 1e-5) of the input and recurrent products over their `G*H` features, times gains
+            `ln_ih_weight`, `ln_hh_weight`, before the biases (an LSTM cell also normalises `c'` before its `tanh`:
+            `ln_c_weight`, `ln_c_bias`); default False.
+        zoneout: probability `p` that a unit keeps its value from `hx` (and LSTM's `c`, own mask): Bernoulli(p)
+            masks from the default generator in training, `p h + (1 - p) h'` in evaluation; default 0 (off).
     """
 
     _torch_class = torch.nn.GRUCell
     _meta_args = (1, 1, True, "meta")
     _cell_name = "gru"
 
-    def __init__(self, input_size, hidden_size, bias=True, device=None, dtype=None, *, backend=None):
-        """`torch.nn.GRUCell`'s arguments, and `backend` (see the class docstring)."""
+    def __init__(
+        self,
+        input_size,
+        hidden_size,
+        bias=True,
+        device=None,
+        dtype=None,
+        *,
+        backend=None,
+        layer_norm=False,
+        zoneout=0.0,
+    ):
+        """`torch.nn.GRUCell`'s arguments, then `backend`, `layer_norm` and `zoneout` (see the class docstring)."""
         super().__init__(input_size, hidden_size, bias, num_chunks=3, device=device, dtype=dtype)
-        self.backend = backend
+        self._set_options(backend, layer_norm, zoneout)

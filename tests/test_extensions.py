@@ -1,10 +1,11 @@
-"""The recurrent extensions beyond torch.nn (opt-in keyword arguments): `weight_drop` (DropConnect on `weight_hh`)."""
+"""The recurrent extensions beyond torch.nn (opt-in keyword arguments): `weight_drop` (DropConnect on `weight_hh`),
+`resets`, `layer_norm` and `zoneout`."""
 
 import pytest
 import torch
 from conftest import CPU_BACKENDS
 from helpers import assert_all_close, flatten, run_with_grads, twins
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqfast
 
@@ -102,3 +103,285 @@ def test_weight_drop_compiles_fullgraph():
     expected = flatten(model(x))
     torch.manual_seed(3)
     assert_same(flatten(compiled(x)), expected, 1e-6)
+
+
+OPTION_SETS = {
+    "resets": ({}, True),
+    "layer_norm": ({"layer_norm": True}, False),
+    "zoneout": ({"zoneout": 0.3}, False),
+    "all": ({"layer_norm": True, "zoneout": 0.3}, True),
+}
+MODULES = {"lstm": seqfast.LSTM, "gru": seqfast.GRU, "rnn_tanh": seqfast.RNN, "rnn_relu": seqfast.RNN}
+CONFIGS = {
+    "L2-bi": {"num_layers": 2, "bidirectional": True, "dropout": 0.25},
+    "bf-nobias": {"batch_first": True, "bias": False},
+}
+
+
+def build(cell, options, backend="reference", I=3, H=4, dtype=torch.float64, **kwargs):
+    """A seqfast module of `cell` with `options`, random parameters (gains and LayerNorm bias too)."""
+    if cell.startswith("rnn_"):
+        kwargs["nonlinearity"] = cell[4:]
+    module = MODULES[cell](I, H, dtype=dtype, backend=backend, **options, **kwargs)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("ln_"):
+                p.uniform_(0.5, 1.5) if "weight" in name else p.uniform_(-0.5, 0.5)
+    return module
+
+
+def inputs(module, T, B, with_resets, dtype=torch.float64):
+    """`(x, hx, resets)` for `module`, leaves requiring grad; resets at step 0 of one row and inside others."""
+    D = 2 if module.bidirectional else 1
+    shape = (B, T, module.input_size) if module.batch_first else (T, B, module.input_size)
+    x = torch.randn(*shape, dtype=dtype, requires_grad=True)
+    h0 = torch.randn(module.num_layers * D, B, module.hidden_size, dtype=dtype, requires_grad=True)
+    hx = (h0, torch.randn_like(h0).requires_grad_()) if module.mode == "LSTM" else h0
+    resets = None
+    if with_resets:
+        resets = torch.rand(T, B) < 0.3
+        resets[0, 0] = True
+        resets[T // 2, -1] = True
+        resets = resets.T.contiguous() if module.batch_first else resets
+    return x, hx, resets
+
+
+def leaves(x, hx):
+    return [x, *(hx if isinstance(hx, tuple) else (hx,))]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=list(CONFIGS))
+@pytest.mark.parametrize("option", OPTION_SETS, ids=list(OPTION_SETS))
+@pytest.mark.parametrize("cell", MODULES, ids=list(MODULES))
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_options_are_the_cell_loop(cell, option, config, training):
+    """`resets`, `layer_norm` and `zoneout` on the reference backend give the outputs, final states and gradients (of
+    the input, `hx` and every parameter, random cotangents) of the same math written as a Python loop over steps
+    (`benchmarks.cell_loop`), with the same seed: zoneout's masks and dropout drawn alike."""
+    from benchmarks.cell_loop import cell_loop
+
+    options, with_resets = OPTION_SETS[option]
+    module = build(cell, options, **CONFIGS[config]).train(training)
+    x, hx, resets = inputs(module, 7, 3, with_resets)
+    torch.manual_seed(5)
+    expected = run_with_grads(module, lambda m: cell_loop(m, x, hx, resets), leaves(x, hx))
+    torch.manual_seed(5)
+    actual = run_with_grads(module, calling(x, hx, resets), leaves(x, hx))
+    assert_same(actual[0] + actual[1], expected[0] + expected[1], 1e-12)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_each_backend_runs_an_option_or_declines_it_with_the_reason(backend):
+    """A backend that lists an option in `EXTENSIONS` matches the reference on it; one that does not declines it:
+    an explicit request raises the reason."""
+    from seqfast import dispatch
+
+    listed = getattr(dispatch.load(backend), "EXTENSIONS", ())
+    for option, (options, with_resets) in OPTION_SETS.items():
+        if option == "all":
+            continue
+        module = build("gru", options, backend, num_layers=2, bidirectional=True).eval()
+        x, hx, resets = inputs(module, 6, 3, with_resets)
+        if option not in listed:
+            with pytest.raises(RuntimeError, match=f"does not run the {option} option"):
+                module(x, hx, resets=resets)
+            continue
+        reference = build("gru", options, "reference", num_layers=2, bidirectional=True).eval()
+        reference.load_state_dict(module.state_dict())
+        expected = run_with_grads(reference, calling(x, hx, resets), leaves(x, hx))
+        actual = run_with_grads(module, calling(x, hx, resets), leaves(x, hx))
+        assert_same(actual[0] + actual[1], expected[0] + expected[1], 1e-12)
+
+
+def calling(x, hx, resets):
+    """A function that calls a module on `(x, hx, resets=resets)`."""
+    return lambda module: module(x, hx, resets=resets)
+
+
+@pytest.mark.parametrize("cell", MODULES, ids=list(MODULES))
+def test_options_gradcheck_and_gradgradcheck(cell):
+    """First and second derivatives of a bidirectional layer with all three options (zoneout in evaluation, whose
+    weights are fixed), with respect to the input, `hx` and the parameters, in float64."""
+    module = build(cell, {"layer_norm": True, "zoneout": 0.25}, bidirectional=True, H=2).eval()
+    x, hx, resets = inputs(module, 3, 2, True)
+    names = [n for n, _ in module.named_parameters()]
+
+    def f(x, h0, *rest):
+        n_states = 2 if cell == "lstm" else 1
+        hx = (h0, rest[0]) if cell == "lstm" else h0
+        params = dict(zip(names, rest[n_states - 1 :], strict=True))
+        return tuple(flatten(torch.func.functional_call(module, params, (x, hx), {"resets": resets})))
+
+    args = (*leaves(x, hx), *(p.detach().requires_grad_() for p in module.parameters()))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
+def test_resets_start_each_episode_from_zeros():
+    """After a reset the forward direction continues as a fresh call from zeros on the rest of the sequence, the
+    reverse direction before it as a fresh call on the part before; no gradient crosses the boundary."""
+    module = build("lstm", {}, bidirectional=True).eval()
+    T, t = 8, 3
+    x = torch.randn(T, 2, 3, dtype=torch.float64, requires_grad=True)
+    resets = torch.zeros(T, 2, dtype=torch.bool)
+    resets[t, 1] = True
+    y, _ = module(x, resets=resets)
+    H = module.hidden_size
+    after, _ = module(x[t:, 1:])
+    before, _ = module(x[:t, 1:])
+    assert_same([y[t:, 1:, :H], y[:t, 1:, H:]], [after[:, :, :H], before[:, :, H:]], 1e-12)
+    (dx,) = torch.autograd.grad(y[t:, 1, :H].sum(), x, retain_graph=True)
+    assert dx[:t, 1].abs().max() == 0 and dx[t:, 1].abs().min() > 0
+    (dx,) = torch.autograd.grad(y[:t, 1, H:].sum(), x)
+    assert dx[t:, 1].abs().max() == 0 and dx[:t, 1].abs().min() > 0
+    no_resets = module(x, resets=torch.zeros(T, 2, dtype=torch.bool))
+    assert_same(flatten(no_resets), flatten(module(x)), 0)
+
+
+def test_resets_unbatched_and_batch_first_are_the_batched_call():
+    module = build("gru", {}, num_layers=2, bidirectional=True).eval()
+    x = torch.randn(6, 1, 3, dtype=torch.float64)
+    resets = torch.tensor([False, False, True, False, True, False])
+    expected = flatten(module(x, resets=resets[:, None]))
+    unbatched = module(x[:, 0], resets=resets)
+    assert_same([unbatched[0], unbatched[1]], [expected[0][:, 0], expected[1][:, 0]], 0)
+    module.batch_first = True
+    assert_same(
+        flatten(module(x.transpose(0, 1), resets=resets[None, :])), [expected[0].transpose(0, 1), expected[1]], 0
+    )
+
+
+def test_options_with_packed_input_are_each_sequence_alone():
+    """`layer_norm` and evaluation-mode `zoneout` on a `PackedSequence` of mixed lengths give each sequence's
+    results alone; steps past a length leave the state as it is."""
+    module = build("lstm", {"layer_norm": True, "zoneout": 0.2}, num_layers=2, bidirectional=True).eval()
+    lengths = [5, 2, 4]
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    out, (hn, cn) = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+    y, _ = pad_packed_sequence(out)
+    for b, n in enumerate(lengths):
+        y_b, (h_b, c_b) = module(x[:n, b : b + 1])
+        assert_same([y[:n, b : b + 1], hn[:, b : b + 1], cn[:, b : b + 1]], [y_b, h_b, c_b], 1e-12)
+
+
+def test_zoneout_masks_follow_the_seed_and_evaluation_is_deterministic():
+    module = build("gru", {"zoneout": 0.5}, num_layers=2)
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    torch.manual_seed(7)
+    first = flatten(module(x))
+    assert not torch.equal(first[0], flatten(module(x))[0])
+    torch.manual_seed(7)
+    assert_same(flatten(module(x)), first, 0)
+    module.eval()
+    assert_same(flatten(module(x)), flatten(module(x)), 0)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_cells_with_options_are_one_step_of_the_cell_loop(cell):
+    """A cell with `layer_norm` and `zoneout` is one step of the module with the same parameters; zoneout keeps a
+    unit's value from `hx`."""
+    from benchmarks.cell_loop import cell_loop
+
+    cells = {"lstm": seqfast.LSTMCell, "gru": seqfast.GRUCell, "rnn_tanh": seqfast.RNNCell}
+    one = cells[cell](3, 4, dtype=torch.float64, layer_norm=True, zoneout=0.4, backend="reference")
+    module = build(cell, {"layer_norm": True, "zoneout": 0.4})
+    module.load_state_dict({k + "_l0": v for k, v in one.state_dict().items()})
+    x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    hx = (h, torch.randn_like(h).requires_grad_()) if cell == "lstm" else h
+    for training in (True, False):
+        one.train(training), module.train(training)
+        batched = (hx[0][None], hx[1][None]) if cell == "lstm" else hx[None]
+        torch.manual_seed(5)
+        expected = run_with_grads(module, lambda m, b=batched: cell_loop(m, x[None], b)[1], leaves(x, hx))
+        torch.manual_seed(5)
+        actual = run_with_grads(one, lambda m: m(x, hx), leaves(x, hx))
+        assert_same(actual[0] + actual[1], [o[0] for o in expected[0]] + expected[1], 1e-12)
+
+
+def test_layer_norm_parameters():
+    """Registered after each layer-direction's torch.nn parameters, named and initialised as specified, kept by
+    `reset_parameters`; torch.nn's `state_dict` loads with `strict=False` and leaves them alone."""
+    m = seqfast.LSTM(3, 4, 2, bidirectional=True, layer_norm=True)
+    names = [n for n, _ in m.named_parameters()]
+    torch_names = [n for n, _ in torch.nn.LSTM(3, 4, 2, bidirectional=True).named_parameters()]
+    assert [n for n in names if not n.startswith("ln_")] == torch_names
+    assert names[:8] == [
+        "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0",
+        "ln_ih_weight_l0", "ln_hh_weight_l0", "ln_c_weight_l0", "ln_c_bias_l0",
+    ]  # fmt: skip
+    assert "ln_c_bias_l1_reverse" in names
+    shapes = {n: tuple(p.shape) for n, p in m.named_parameters()}
+    assert shapes["ln_ih_weight_l1_reverse"] == (16,) and shapes["ln_c_weight_l0"] == (4,)
+    m.reset_parameters()
+    assert m.ln_hh_weight_l1.eq(1).all() and m.ln_c_bias_l0_reverse.eq(0).all()
+    missing, unexpected = m.load_state_dict(torch.nn.LSTM(3, 4, 2, bidirectional=True).state_dict(), strict=False)
+    assert len(missing) == 16 and not unexpected
+    assert [n for n, _ in seqfast.GRU(3, 4, layer_norm=True).named_parameters()][4:] == [
+        "ln_ih_weight_l0",
+        "ln_hh_weight_l0",
+    ]
+    assert [n for n, _ in seqfast.LSTMCell(3, 4, layer_norm=True).named_parameters()][4:] == [
+        "ln_ih_weight", "ln_hh_weight", "ln_c_weight", "ln_c_bias",
+    ]  # fmt: skip
+    assert [n for n, _ in seqfast.RNNCell(3, 4, bias=False, layer_norm=True).named_parameters()] == [
+        "weight_ih", "weight_hh", "ln_ih_weight", "ln_hh_weight",
+    ]  # fmt: skip
+
+
+def test_option_arguments():
+    """Keywords of the modules and cells, in `repr` when on; off by default and after `patch`; bad values raise."""
+    assert repr(seqfast.GRU(3, 4, layer_norm=True, zoneout=0.1)) == "GRU(3, 4, layer_norm=True, zoneout=0.1)"
+    assert repr(seqfast.LSTMCell(3, 4, zoneout=0.5)) == "LSTMCell(3, 4, zoneout=0.5)"
+    assert repr(seqfast.RNNCell(3, 4)) == "RNNCell(3, 4)"
+    assert list(seqfast.GRU(3, 4, zoneout=0.2).state_dict()) == list(torch.nn.GRU(3, 4).state_dict())
+    patched = seqfast.patch(torch.nn.Sequential(torch.nn.LSTM(3, 4), torch.nn.GRUCell(3, 4)))
+    assert not patched[0].layer_norm and patched[0].zoneout == 0 and not patched[1].layer_norm
+    for bad in (-0.1, 1.0, "0.5", True):
+        with pytest.raises(ValueError, match="zoneout"):
+            seqfast.LSTM(3, 4, zoneout=bad)
+        with pytest.raises(ValueError, match="zoneout"):
+            seqfast.GRUCell(3, 4, zoneout=bad)
+    with pytest.raises(TypeError, match="layer_norm"):
+        seqfast.GRU(3, 4, layer_norm=1)
+    with pytest.raises(ValueError, match="proj_size"):
+        seqfast.LSTM(3, 4, proj_size=2, layer_norm=True)
+
+
+def test_bad_resets_raise():
+    gru = seqfast.GRU(3, 4, backend="reference")
+    x = torch.randn(5, 2, 3)
+    good = torch.zeros(5, 2, dtype=torch.bool)
+    with pytest.raises(ValueError, match="PackedSequence"):
+        gru(pack_padded_sequence(x, [5, 3]), resets=good)
+    with pytest.raises(ValueError, match=r"shape \[T, B\] = \[5, 2\]"):
+        gru(x, resets=good.T)
+    with pytest.raises(TypeError, match="bool"):
+        gru(x, resets=good.float())
+    with pytest.raises(TypeError, match="bool"):
+        gru(x, resets=[[False] * 2] * 5)
+    with pytest.raises(ValueError, match="meta"):
+        gru(x, resets=good.to("meta"))
+    with pytest.raises(TypeError):
+        seqfast.GRUCell(3, 4)(x[0], resets=good[0])
+
+
+def test_options_under_strict_automatic_selection_name_the_backends_that_decline():
+    """Strict mode (as in these tests) refuses to fall through to the reference for an option no faster backend
+    runs, and says which backend declined it and why."""
+    with pytest.raises(RuntimeError, match="strict mode forbids.*cpp: it does not run the layer_norm option"):
+        seqfast.LSTM(3, 4, layer_norm=True)(torch.randn(2, 1, 3))
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_options_compile_fullgraph(cell):
+    """`torch.compile(fullgraph=True)` of a module with all three options gives the eager call's results and
+    zoneout masks from the same seed."""
+    module = build(cell, {"layer_norm": True, "zoneout": 0.3}, num_layers=2, bidirectional=True, dtype=torch.float32)
+    x, hx, resets = inputs(module, 5, 2, True, torch.float32)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(3)
+    expected = run_with_grads(module, lambda m: m(x, hx, resets=resets), leaves(x, hx))
+    torch.manual_seed(3)
+    actual = run_with_grads(module, lambda m: compiled(x, hx, resets=resets), leaves(x, hx))
+    assert_same(actual[0] + actual[1], expected[0] + expected[1], 1e-6)

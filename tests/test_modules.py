@@ -91,13 +91,14 @@ def test_constructor_arguments_and_defaults_match_torch(name):
 
 
 @pytest.mark.parametrize("name", CELLS)
-def test_cell_signature_is_torchs_plus_keyword_backend(name):
+def test_cell_signature_is_torchs_plus_keyword_backend_and_options(name):
     def plain(params):
         return [(p.name, p.kind, p.default) for p in params]
 
     ours = [p for p in inspect.signature(getattr(seqfast, name).__init__).parameters.values() if p.name != "self"]
-    assert plain(ours[:-1]) == plain(_documented_signature(name))
-    assert plain(ours[-1:]) == [("backend", inspect.Parameter.KEYWORD_ONLY, None)]
+    assert plain(ours[:-3]) == plain(_documented_signature(name))
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    assert plain(ours[-3:]) == [("backend", keyword, None), ("layer_norm", keyword, False), ("zoneout", keyword, 0.0)]
 
 
 CONFIGS = {
