@@ -26,6 +26,8 @@ struct FwdChunk {
   T* c;                     // [B, H] LSTM cell state, updated in place
   T* const* y_rows;         // [n] -> [H] output rows, or nullptr (projection writes y later)
   T* saved;                 // [B, W*H] rows of this step, or nullptr
+  const uint8_t* zero_next; // [n] rows whose next step starts from zeros (resets): their carried h_next (unless
+                            // projected: the caller's) and c are written as 0; or nullptr
 };
 
 template <typename T>
@@ -42,6 +44,8 @@ struct BwdChunk {
   T* const* dgh_rows;       // [n] -> [G*H], GRU only (the other cells' dgh is dgx)
   T* da;                    // [B, G*H] dgh of the rows, the operand of the dh_prev GEMM
   T* hraw;                  // [B, H] o * tanh(c) for dw_hr, or nullptr
+  const uint8_t* zero;      // [n] rows whose step started from zeros (resets): c_prev and GRU's h_prev read as 0,
+                            // dc written as 0 (the caller zeroes their dh_prev); or nullptr
 };
 
 struct IsaKernels {

@@ -170,6 +170,7 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
     const auto* b = a.bias + j0;
     auto* hn = a.h_next + r * a.ldh + j0;
     auto* y = a.y_rows ? a.y_rows[r] + j0 : nullptr;
+    const bool zn = a.zero_next && a.zero_next[r];
     for (int64_t jj = 0; jj < hc; jj += O::W) {
       const int m = lanes(O::W, hc - jj);
       V h;
@@ -183,7 +184,7 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
         V o = O::sigmoid(O::load(gx + 3 * H + jj, m) + (O::load(ws + 3 * hc + jj, m) + O::load(b + 3 * H + jj, m)));
         auto* c = a.c + r * H + j0 + jj;
         V cn = f * O::load(c, m) + i * g;
-        O::store(c, cn, m);
+        O::store(c, zn ? V{} : cn, m);
         h = o * O::tanh(cn);
         if (a.saved) {
           auto* sv = a.saved + r * 5 * H + j0 + jj;
@@ -207,7 +208,7 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
           O::store(sv + 3 * H, hh, m);
         }
       }
-      O::store(hn + jj, h, m);
+      O::store(hn + jj, zn && y ? V{} : h, m);
       if (y) O::store(y + jj, h, m);
     }
   }
@@ -223,6 +224,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
     const auto* dy = a.dy_rows ? a.dy_rows[r] + j0 : nullptr;
     auto* dgx = a.dgx_rows[r] + j0;
     auto* da = a.da + r * GH + j0;
+    const bool zero = a.zero && a.zero[r];
     for (int64_t jj = 0; jj < hc; jj += O::W) {
       const int m = lanes(O::W, hc - jj);
       V dh = O::load(dhp + jj, m);
@@ -237,7 +239,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         const auto* sv = a.saved + r * 5 * H + j0 + jj;
         V i = O::load(sv, m), f = O::load(sv + H, m), g = O::load(sv + 2 * H, m);
         V o = O::load(sv + 3 * H, m), c = O::load(sv + 4 * H, m);
-        V cp = O::load(a.c_prev + r * a.ldc + j0 + jj, m);
+        V cp = zero ? V{} : O::load(a.c_prev + r * a.ldc + j0 + jj, m);
         V tc = O::tanh(c);
         auto* dcp = a.dc + r * H + j0 + jj;
         // c = f c_prev + i g, h = o tanh(c); d sigmoid = s (1 - s), d tanh = 1 - t^2
@@ -246,7 +248,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         V df = dc * cp * f * (1.0f - f);
         V dg = dc * i * (1.0f - g * g);
         V dout = dh * tc * o * (1.0f - o);
-        O::store(dcp, dc * f, m);
+        O::store(dcp, zero ? V{} : dc * f, m);
         O::store(dgx + jj, di, m);
         O::store(dgx + H + jj, df, m);
         O::store(dgx + 2 * H + jj, dg, m);
@@ -259,7 +261,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
       } else {
         const auto* sv = a.saved + r * 4 * H + j0 + jj;
         V rg = O::load(sv, m), z = O::load(sv + H, m), nn = O::load(sv + 2 * H, m), hh = O::load(sv + 3 * H, m);
-        V hp = O::load(a.h_rows[r] + j0 + jj, m);
+        V hp = zero ? V{} : O::load(a.h_rows[r] + j0 + jj, m);
         // h = (1 - z) n + z h_prev, n = tanh(gx_n + r hh); d sigmoid = s (1 - s), d tanh = 1 - t^2
         V dn = dh * (1.0f - z) * (1.0f - nn * nn);
         V dr = dn * hh * rg * (1.0f - rg);

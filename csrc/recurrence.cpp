@@ -181,8 +181,16 @@ void run_steps(int64_t steps, int64_t nch, int64_t step_macs, const F& task) {
 }
 
 // Visiting order: sorted row `r` is batch entry `perm[r]`; `active[s]` rows (a prefix) run at step `s`.
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef sizes) {
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
 struct Order {
   std::vector<int64_t> perm, len, active;
+  std::vector<uint8_t> zero;  // [T, B] by step and sorted row: the step starts from zeros (resets); empty: none
   int64_t T = 0;
   bool reverse = false, ragged = false;
 
@@ -193,9 +201,15 @@ struct Order {
     return s < len[r] ? len[r] - 1 - s : s;
   }
   int64_t last(int64_t r) const { return ragged ? len[r] : T; }
+  // Step `s`'s flags by sorted row, or nullptr when no step starts from zeros (or `s` is past the end).
+  const uint8_t* zero_at(int64_t s) const {
+    return zero.empty() || s >= T ? nullptr : zero.data() + s * int64_t(perm.size());
+  }
 };
 
-Order make_order(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B, bool reverse) {
+// `zero`: `[T, B]` bool by time step and batch row, True where that step starts from zeros, or none.
+Order make_order(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B, bool reverse,
+                 const c10::optional<at::Tensor>& zero = c10::nullopt) {
   Order o;
   o.T = T;
   o.reverse = reverse;
@@ -214,6 +228,14 @@ Order make_order(const c10::optional<at::Tensor>& lengths, int64_t T, int64_t B,
   for (int64_t s = 0; s < T; ++s) {
     while (n > 0 && o.len[n - 1] <= s) --n;
     o.active[s] = n;
+  }
+  if (zero) {
+    const at::Tensor flags = zero->contiguous();
+    check(flags, "zero", at::kBool, {T, B});
+    const bool* z = flags.data_ptr<bool>();
+    o.zero.assign(T * B, 0);
+    for (int64_t s = 0; s < T; ++s)
+      for (int64_t r = 0; r < o.active[s]; ++r) o.zero[s * B + r] = z[o.time(s, r) * B + o.perm[r]];
   }
   return o;
 }
@@ -372,12 +394,6 @@ void permute_rows(const T* src, T* dst, const Order& o, int64_t width, bool to_s
   }
 }
 
-void check(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef sizes) {
-  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
-  TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == sizes, name, " must have shape ", sizes, ", got ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
 
 void check_cell(int64_t cell) { TORCH_CHECK(cell >= RNN_TANH && cell <= GRU, "unknown cell id ", cell); }
 
@@ -407,6 +423,13 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
   const scalar_t* pwr = proj ? w_hr->data_ptr<scalar_t>() : nullptr;
   permute_rows(h0.data_ptr<scalar_t>(), hb, ord, P, true);
   if (lstm) permute_rows(c0.data_ptr<scalar_t>(), pc, ord, H, true);
+  if (const uint8_t* z = ord.zero_at(0)) {
+    for (int64_t r = 0; r < ord.active[0]; ++r) {
+      if (!z[r]) continue;
+      std::fill_n(hb + r * P, P, scalar_t(0));
+      if (lstm) std::fill_n(pc + r * H, H, scalar_t(0));
+    }
+  }
   std::vector<const scalar_t*> gx_rows(T * B);  // [T, B] step s's rows, in sorted order
   std::vector<scalar_t*> y_rows(T * B);
   for (int64_t s = 0; s < T; ++s) {
@@ -430,7 +453,8 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
     scalar_t* wsc = pws + B * G * j0;
     whh(c, n, cur, P, wsc, G * n_j, false);
     FwdChunk<scalar_t> a{n,  H,  j0, n_j, wsc, gx_rows.data() + s * B, pb, cur, proj ? phraw : nxt, proj ? H : P, pc,
-                         proj ? nullptr : y_rows.data() + s * B, psaved ? psaved + s * B * SW : nullptr};
+                         proj ? nullptr : y_rows.data() + s * B, psaved ? psaved + s * B * SW : nullptr,
+                         ord.zero_at(s + 1)};
     run_fwd(kern, cell, a);
   };
   if (!proj) {
@@ -450,7 +474,11 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
         for (int64_t c = begin; c < end; ++c) {
           const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
           gemm<scalar_t>(false, true, n, n_p, H, phraw, H, pwr + p0 * H, H, scalar_t(0), nxt + p0, P);
-          for (int64_t r = 0; r < n; ++r) std::copy_n(nxt + r * P + p0, n_p, ys[r] + p0);
+          const uint8_t* z = ord.zero_at(s + 1);
+          for (int64_t r = 0; r < n; ++r) {
+            std::copy_n(nxt + r * P + p0, n_p, ys[r] + p0);
+            if (z && z[r]) std::fill_n(nxt + r * P + p0, n_p, scalar_t(0));
+          }
         }
       });
     }
@@ -523,7 +551,17 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
   const std::optional<HiddenProduct<scalar_t>> whh =
       proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(w_hh, G, H, hc, true, ord, kern);
-  auto dh_prev = [&](int64_t c, int64_t n, const scalar_t* da) { (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU); };
+  // `dh` columns [p0, p0 + n_p) of the rows whose step `s` started from zeros: no gradient reaches the state before
+  auto clear_dh = [&](int64_t s, int64_t n, int64_t p0, int64_t n_p) {
+    if (const uint8_t* z = ord.zero_at(s))
+      for (int64_t r = 0; r < n; ++r)
+        if (z[r]) std::fill_n(pdh + r * P + p0, n_p, scalar_t(0));
+  };
+  // dh before step `s`, columns of chunk `c`, from step `s`'s `da`
+  auto dh_prev = [&](int64_t s, int64_t c, int64_t n, const scalar_t* da) {
+    (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU);
+    clear_dh(s, n, c * hc, std::min(hc, H - c * hc));
+  };
   auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + 4 * H : pc0; };
   auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };
 
@@ -532,17 +570,17 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
     run_steps(T + need_dh0, nch, B * GH * P, [&](int64_t k, int64_t c) {
       const int64_t s = T - 1 - k;
       if (s < 0) {
-        if (ord.active[0] > 0) dh_prev(c, ord.active[0], pda);
+        if (ord.active[0] > 0) dh_prev(0, c, ord.active[0], pda);
         return;
       }
       const int64_t n = ord.active[s], n_next = s + 1 < T ? ord.active[s + 1] : 0;
       if (n == 0) return;
       scalar_t* da = pda + (s % 2) * B * GH;
-      if (n_next > 0) dh_prev(c, n_next, pda + ((s + 1) % 2) * B * GH);
+      if (n_next > 0) dh_prev(s + 1, c, n_next, pda + ((s + 1) % 2) * B * GH);
       const int64_t j0 = c * hc, i = s * B;
       BwdChunk<scalar_t> a{n,        H,      j0,  std::min(hc, H - j0), pdh,           dy_rows.data() + i,
                            pdc,      psaved + s * B * SW, c_prev(s), ldc(s), h_rows.data() + i, dgx_rows.data() + i,
-                           dgh_rows.data() + i, da, nullptr};
+                           dgh_rows.data() + i, da, nullptr, ord.zero_at(s)};
       run_bwd(kern, cell, a);
     });
   } else {
@@ -558,7 +596,8 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
           const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
           gemm<scalar_t>(false, false, n, n_j, P, pdhs, P, pwr + j0, H, scalar_t(0), pdhraw + j0, H);
           BwdChunk<scalar_t> a{n,         H,      j0,  n_j, pdhraw, nullptr, pdc, sv, c_prev(s), ldc(s),
-                               h_rows.data() + i, dgx_rows.data() + i, dgh_rows.data() + i, pda, phraw};
+                               h_rows.data() + i, dgx_rows.data() + i, dgh_rows.data() + i, pda, phraw,
+                               ord.zero_at(s)};
           run_bwd(kern, cell, a);
         }
       });
@@ -566,8 +605,10 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
         OneBlasThread one;
         for (int64_t c = begin; c < end; ++c) {
           const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
-          if (s > 0 || need_dh0)
+          if (s > 0 || need_dh0) {
             gemm<scalar_t>(false, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(0), pdh + p0, P);
+            clear_dh(s, n, p0, n_p);
+          }
           gemm<scalar_t>(true, false, n_p, H, n, pdhs + p0, P, phraw, H, scalar_t(1), pdw + p0 * H, H);
         }
       });
@@ -657,7 +698,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
     const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_hh_in,
     const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
     const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, bool poison,
-    const at::Tensor& hT_out, const at::Tensor& cT_out) {
+    const at::Tensor& hT_out, const at::Tensor& cT_out, const c10::optional<at::Tensor>& zero = c10::nullopt) {
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(gx_given.has_value() != (x.has_value() && w_ih.has_value()), "give gx, or x and w_ih to form it");
@@ -687,7 +728,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   const at::Tensor hT = hT_out.defined() ? hT_out : output({B, P}, opts, poison);
   const at::Tensor cT = !lstm ? at::Tensor() : cT_out.defined() ? cT_out : output({B, H}, opts, poison);
   const at::Tensor saved = need_saved ? output({T, B, saved_width(cell) * H}, opts, poison) : at::empty({0}, opts);
-  const Order ord = make_order(lengths, T, B, reverse);
+  const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
     fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, chunk, y, hT, cT,
                        saved);
@@ -702,9 +743,10 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
     const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
     const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
-    const c10::optional<at::Tensor>& w_hr, bool reverse, bool need_saved, int64_t chunk, bool poison) {
+    const c10::optional<at::Tensor>& w_hr, bool reverse, bool need_saved, int64_t chunk, bool poison,
+    const c10::optional<at::Tensor>& zero) {
   return fwd_into(cell, gx, x, w_ih, b_ih, b_fold, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, chunk, poison,
-                  at::Tensor(), at::Tensor());
+                  at::Tensor(), at::Tensor(), zero);
 }
 
 // `(b_fold, b_h)`: the part of `b_hh` added to the input projection and the part left to the recurrence, split as
@@ -764,7 +806,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
   const BelowAutograd below;
   const auto [b_fold, b_h] = folded_biases(cell, b_hh);
   auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0,
-                                c10::nullopt, c10::nullopt, false, false, chunk, poison);
+                                c10::nullopt, c10::nullopt, false, false, chunk, poison, c10::nullopt);
   return {hT, cT};
 }
 
@@ -775,7 +817,8 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::
 bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::optional<at::Tensor>& dcT_in,
     const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& w_hr_in, const at::Tensor& h0_in,
     const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in, const at::Tensor& y_in,
-    const at::Tensor& saved, bool reverse, int64_t chunk, bool poison, bool need_dh0) {
+    const at::Tensor& saved, bool reverse, int64_t chunk, bool poison, bool need_dh0,
+    const c10::optional<at::Tensor>& zero) {
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(dy_in.dim() == 3 && w_hh_in.dim() == 2, "dy must be [T, B, P] and w_hh [G*H, P]");
@@ -810,7 +853,7 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
   const at::Tensor dgh = cell == GRU ? output({T, B, GH}, opts, poison) : at::Tensor();
   const at::Tensor dc0 = lstm ? output({B, H}, opts, poison) : at::Tensor();
   const at::Tensor dw_hr = proj ? output({P, H}, opts, poison) : at::Tensor();
-  const Order ord = make_order(lengths, T, B, reverse);
+  const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_bwd", [&] {
     bwd_loop<scalar_t>(static_cast<int>(cell), dy, dhT, lstm ? *dcT : dc0, w_hh, w_hr, h0, lstm ? *c0 : dc0, ord,
                        y, saved, chunk, dgx, dgh, dh0, dc0, dw_hr);
@@ -842,7 +885,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const bool lstm = cell == LSTM;
     const auto [b_fold, b_h] = folded_biases(cell, b_hh);
     auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt, w_hr,
-                                  reverse, true, chunk, poison);
+                                  reverse, true, chunk, poison, c10::nullopt);
     ctx->save_for_backward({x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
@@ -888,7 +931,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor dcT = !lstm ? at::Tensor() : grads[2].defined() ? grads[2] : at::zeros_like(c0);
     auto [dgx, dgh, dh0, dc0, dw_hr] =
         bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
-            ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool(), need_h0);
+            ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool(), need_h0, c10::nullopt);
     // `h_prev` as `seqfast.autograd.h_prev` forms it (no lengths)
     const int64_t T = y.size(0);
     const at::Tensor h0_step = h0.to(y.scalar_type()).unsqueeze(0);

@@ -84,6 +84,12 @@ class Extensions(NamedTuple):
         return tuple(name for name, value in used if value is not None)
 
 
+def resets_arg(zero):
+    """The trailing `ext` argument of a backend call whose only option is resets `zero` (`[T, B]` bool): `()` when
+    `zero` is None, so that a backend without options is called as before."""
+    return () if zero is None else (Extensions(zero=zero),)
+
+
 LN_EPS = 1e-5
 """The LayerNorm epsilon of the `layer_norm` option."""
 

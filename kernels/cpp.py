@@ -19,6 +19,7 @@ except ImportError as e:
 
 DEVICES = ("cpu",)
 FUSES_PROJECTION = True
+EXTENSIONS = ("resets",)
 
 # width of `saved` per hidden unit, by cell id, as the extension lays it out
 _SAVED_WIDTH = [width for _, width in _C.cells()]
@@ -68,11 +69,12 @@ def saved_shape(cell, T, B, H, P):
     return (T, B, _SAVED_WIDTH[CELL_IDS[cell]] * H)
 
 
-def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
+def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True, ext=None):
     """Run the recurrence forward; see `seqfast.kernels.reference` for shapes.
 
     Args:
         gx: `[T, B, G*H]`, or a `Projection` the extension forms.
+        ext: `common.Extensions` with `zero` (resets) only, or None.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
@@ -94,6 +96,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         need_saved,
         _chunk(cell, w_hh, h0.shape[0]),
         poisoning(),
+        None if ext is None else ext.zero,
     )
 
 
@@ -132,7 +135,7 @@ def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr):
     return _C.layer(CELL_IDS[cell], reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poisoning())
 
 
-def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False):
+def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False, ext=None):
     """Backward of `fwd` from its `saved`; see `seqfast.kernels.reference` for shapes.
 
     Returns:
@@ -156,4 +159,5 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         _chunk(cell, w_hh, h0.shape[0]),
         poisoning(),
         True,  # need_dh0: the contract's bwd always returns dh0 (only the extension's own node skips it)
+        None if ext is None else ext.zero,
     )

@@ -6,7 +6,7 @@ which is `proj_size` for a projected LSTM and `H` otherwise):
     unsupported(cell, gx, w_hh, h0, c0, lengths, w_hr) -> str | None
     saved_shape(cell, T, B, H, P) -> tuple
     fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, ext=None) -> y, hT, cT, saved
-    bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse) -> dgx, dgh, dh0, dc0, dw_hr
+    bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse, ext=None) -> dgx, dgh, dh0, dc0, dw_hr
 
 - `unsupported` answers from the cell, the tensors' dtypes and devices and the weights' shapes only (the dispatcher
   remembers its answer per such signature).
@@ -39,7 +39,8 @@ which is `proj_size` for a projected LSTM and `H` otherwise):
   - `layer_norm` (`ext.ln_hh`, `ext.ln_c_*`): the recurrent product is `LN(h @ w_hh.T) * ln_hh + b_hh` (LN over all
     `G*H` features, eps `common.LN_EPS`), and LSTM's `h~_t = o * tanh(LN(c_t) * ln_c_weight + ln_c_bias)` with the
     un-normalised `c_t` carried. (`LN(x @ w_ih.T) * ln_ih + b_ih` is the caller's, around the input GEMM.)
-  The reference's own `bwd` runs without them: with options its forward (`need_saved=False`) is the spec, and
+  `bwd` takes the forward's `ext`, and the caller forms `dW_hh` from `h_prev` zeroed at reset steps. The
+  reference's own `bwd` runs resets alone: with the other options its forward (`need_saved=False`) is the spec, and
   autograd differentiates it.
 """
 
@@ -138,8 +139,8 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
     """
-    if ext is not None and need_saved:
-        raise ValueError("the reference's backward runs without extensions: differentiate its forward instead")
+    if ext is not None and need_saved and ext.options() != ("resets",):
+        raise ValueError("the reference's backward runs resets alone: differentiate its forward instead")
     T, B, _ = gx.shape
     H = hidden_size(cell, w_hh)
     P = w_hh.shape[1]
@@ -197,13 +198,15 @@ def _zoneout(keep, s, prev, new):
     return m * prev + (1 - m) * new
 
 
-def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False):
-    """Backward of `fwd` from its `saved`; see the module docstring for shapes.
+def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False, ext=None):
+    """Backward of `fwd` from its `saved`; see the module docstring for shapes (`ext`: resets alone, or None).
 
     Returns:
         `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None,
         `dw_hr [P, H]` or None.
     """
+    if ext is not None and ext.options() != ("resets",):
+        raise ValueError("the reference's backward runs resets alone: differentiate its forward instead")
     T, B, P = dy.shape
     ct, io_dtype = saved.dtype, dy.dtype
     G = w_hh.shape[0]
@@ -217,13 +220,18 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     dgx = empty((T, B, G), ct, dy.device)
     dgh = empty((T, B, G), ct, dy.device)
     dh_out = empty((T, B, P), ct, dy.device) if w_hr is not None else None
+    zero = _in_order(ext, lengths, reverse, ct)[0]
     for s in reversed(range(T)):
         m = None if active is None else active[s]
         dh_s = dh + (dy[s] if m is None else torch.where(m, dy[s], 0))
         c_prev = None
         if cell == "lstm":
             c_prev = saved[s - 1, :, 4 * H :] if s > 0 else c0.to(ct)
+            c_prev = c_prev if zero is None else torch.where(zero[s], 0, c_prev)
         dgx_s, dgh_s, dh_prev, dc_prev = _step_bwd(cell, dh_s, dc, saved[s], c_prev, w_hh, w_hr)
+        if zero is not None:
+            dh_prev = torch.where(zero[s], 0, dh_prev)
+            dc_prev = None if dc_prev is None else torch.where(zero[s], 0, dc_prev)
         if m is None:
             dgx[s], dgh[s], dh, dc = dgx_s, dgh_s, dh_prev, dc_prev
         else:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import dispatch
 from .kernels import reference
-from .kernels.common import CELL_IDS, GATES, compute_dtype
+from .kernels.common import CELL_IDS, GATES, compute_dtype, resets_arg
 from .linear import bias_sum, linear_backward, preactivations, project_backward
 
 
@@ -36,6 +36,7 @@ def _recurrence(
     c0: Tensor | None,
     lengths: Tensor | None,
     w_hr: Tensor | None,
+    zero: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer-direction forward.
 
@@ -46,12 +47,13 @@ def _recurrence(
         need_saved: keep the backend's workspace for backward (False under `no_grad`).
         gx: `[T, B, G*H]` input pre-activations; w_hh: `[G*H, P]`; b_hh: `[G*H]` or None;
         h0: `[B, P]`; c0: `[B, H]` (LSTM) or None; lengths: `[B]` int64 or None; w_hr: `[P, H]` or None.
+        zero: `[T, B]` bool, the steps that start from zeros (`resets`), or None.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (`[0]` unless LSTM), `saved` (`[0]` unless `need_saved`).
     """
     module = dispatch.load(backend)
-    y, hT, cT, saved = module.fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved)
+    y, hT, cT, saved = module.fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, *resets_arg(zero))
     if cT is None:
         cT = h0.new_empty(0)
     return y, hT, cT, saved
@@ -61,7 +63,7 @@ recurrence = torch.library.custom_op("seqfast::recurrence", _recurrence, mutates
 
 
 @recurrence.register_fake
-def _(backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr):
+def _(backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr, zero):
     T, B, _ = gx.shape
     H, P = w_hh.shape[0] // GATES[cell], w_hh.shape[1]
     saved_shape = dispatch.load(backend).saved_shape(cell, T, B, H, P) if need_saved else (0,)
@@ -85,6 +87,7 @@ def _recurrence_backward(
     lengths: Tensor | None,
     y: Tensor,
     saved: Tensor,
+    zero: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer-direction backward on the backend that ran the forward.
 
@@ -93,7 +96,9 @@ def _recurrence_backward(
         (`[0]` unless LSTM), `dw_hr [P, H]` (`[0]` without projection).
     """
     module = dispatch.load(backend)
-    dgx, dgh, dh0, dc0, dw_hr = module.bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse)
+    dgx, dgh, dh0, dc0, dw_hr = module.bwd(
+        cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse, *resets_arg(zero)
+    )
     dgh = dy.new_empty(0) if dgh is None else dgh
     return dgx, dgh, dh0, h0.new_empty(0) if dc0 is None else dc0, w_hh.new_empty(0) if dw_hr is None else dw_hr
 
@@ -102,7 +107,7 @@ recurrence_backward = torch.library.custom_op("seqfast::recurrence_backward", _r
 
 
 @recurrence_backward.register_fake
-def _(backend, cell, reverse, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved):
+def _(backend, cell, reverse, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, zero):
     T, B, _ = dy.shape
     G = w_hh.shape[0]
     dc0 = c0.new_empty(c0.shape) if cell == "lstm" else h0.new_empty(0)
@@ -111,22 +116,24 @@ def _(backend, cell, reverse, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y
     return dy.new_empty((T, B, G)), dgh, h0.new_empty(h0.shape), dc0, dw_hr
 
 
-def h_prev(y, h0, lengths, reverse):
+def h_prev(y, h0, lengths, reverse, zero=None):
     """The state each step's recurrent product used: `[T, B, P]` from `y [T, B, P]` and `h0 [B, P]`.
 
-    Forward: `h0` then `y[:-1]`. Reverse: `y[1:]` then `h0`, with `h0` at each sequence's own last step. Entries at
-    steps past a sequence's length are never used (their `dgh` is zero).
+    Forward: `h0` then `y[:-1]`. Reverse: `y[1:]` then `h0`, with `h0` at each sequence's own last step. Zeros at
+    the steps `zero [T, B]` marks (resets). Entries at steps past a sequence's length are never used (their `dgh` is
+    zero).
     """
     h0 = h0.to(y.dtype).unsqueeze(0)
     if y.shape[0] == 1:
-        return h0
-    if not reverse:
-        return torch.cat([h0, y[:-1]])
-    prev = torch.cat([y[1:], h0])
-    if lengths is None:
-        return prev
-    last = (lengths.to(y.device) - 1).clamp(min=0)
-    return torch.index_put(prev, (last, torch.arange(y.shape[1], device=y.device)), h0[0])
+        prev = h0
+    elif not reverse:
+        prev = torch.cat([h0, y[:-1]])
+    else:
+        prev = torch.cat([y[1:], h0])
+        if lengths is not None:
+            last = (lengths.to(y.device) - 1).clamp(min=0)
+            prev = torch.index_put(prev, (last, torch.arange(y.shape[1], device=y.device)), h0[0])
+    return prev if zero is None else prev.masked_fill(zero.unsqueeze(-1), 0)
 
 
 def _grads(run_backward, run_linear_backward, backend, cell, reverse, saved_tensors, dy, dhT, dcT):
@@ -135,23 +142,24 @@ def _grads(run_backward, run_linear_backward, backend, cell, reverse, saved_tens
     Args:
         run_backward, run_linear_backward: `recurrence_backward` and `linear_backward`, as custom ops or as the
             plain functions behind them.
-        saved_tensors: `(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved)` kept by the forward.
+        saved_tensors: `(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero)` kept by the forward.
 
     Returns:
         `dgx [T, B, G*H]`, `dw_hh`, `db_hh` (None without `b_hh`), `dh0`, `dc0` (None unless LSTM), `dw_hr` (None
         without projection).
     """
-    w_hh, b_hh, h0, c0, lengths, w_hr, y, saved = saved_tensors
+    w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero = saved_tensors
     is_lstm = cell == "lstm"
     dy = torch.zeros_like(y) if dy is None else dy
     dhT = torch.zeros_like(h0) if dhT is None else dhT
     if is_lstm and dcT is None:
         dcT = torch.zeros_like(c0)
     dgx, dgh, dh0, dc0, dw_hr = run_backward(
-        backend, cell, reverse, dy, dhT, dcT if is_lstm else None, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved
+        backend, cell, reverse, dy, dhT, dcT if is_lstm else None, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, zero
     )
     dgh = dgh if cell == "gru" else dgx
-    _, dw_hh, db_hh = run_linear_backward(dgh, h_prev(y, h0, lengths, reverse), w_hh, False, True, b_hh is not None)
+    states = h_prev(y, h0, lengths, reverse, zero)
+    _, dw_hh, db_hh = run_linear_backward(dgh, states, w_hh, False, True, b_hh is not None)
     return (
         dgx,
         dw_hh,
@@ -163,10 +171,10 @@ def _grads(run_backward, run_linear_backward, backend, cell, reverse, saved_tens
 
 
 def _setup_context(ctx, inputs, output):
-    backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr = inputs
+    backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr, zero = inputs
     y, _, _, saved = output
     ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved = backend, cell, reverse, need_saved
-    ctx.save_for_backward(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved)
+    ctx.save_for_backward(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(saved, *(() if cell == "lstm" else (output[2],)))
 
@@ -180,7 +188,7 @@ def _backward(ctx, dy, dhT, dcT, _dsaved):
     dgx, dw_hh, db_hh, dh0, dc0, dw_hr = _grads(
         recurrence_backward, linear_backward, ctx.backend, ctx.cell, ctx.reverse, ctx.saved_tensors, dy, dhT, dcT
     )
-    return None, None, None, None, dgx, dw_hh, db_hh, dh0, dc0, None, dw_hr
+    return None, None, None, None, dgx, dw_hh, db_hh, dh0, dc0, None, dw_hr, None
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
@@ -193,7 +201,9 @@ def folded_biases(cell, b_hh):
     return (None, b_hh) if cell == "gru" else (b_hh, None)
 
 
-def differentiable_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, dy, dhT, dcT, need):
+def differentiable_grads(
+    cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, dy, dhT, dcT, need, zero=None
+):
     """A layer-direction's input gradients as differentiable functions of its inputs and of the output gradients:
     the forward run again on the reference's torch ops and differentiated by autograd with `create_graph=True`, so
     that a second backward flows through them (the first runs at the reference's speed).
@@ -203,6 +213,7 @@ def differentiable_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengt
         dy: `[T, B, P]`, dhT: `[B, P]`, dcT: `[B, H]` (LSTM), each None where the output got no gradient.
         need: 8 bools, whether the gradient of `x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr` is wanted (a wanted
             tensor requires grad).
+        zero: `[T, B]` bool resets of the call (see `seqfast.kernels.common.Extensions`), or None (default).
 
     Returns:
         The 8 gradients, None where not wanted.
@@ -212,7 +223,7 @@ def differentiable_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengt
     with torch.enable_grad():
         b_fold, b_h = folded_biases(cell, b_hh)
         gx = F.linear(x, w_ih, bias_sum(b_ih, b_fold))
-        outputs = reference.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False)[:3]
+        outputs = reference.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, *resets_arg(zero))[:3]
         pairs = [(o, g) for o, g in zip(outputs, (dy, dhT, dcT), strict=True) if o is not None and g is not None]
         if not pairs or not wrt:
             return [None] * len(need)
@@ -243,33 +254,35 @@ _library.impl("layer_grads", _layer_grads, "CompositeImplicitAutograd")
 class Layer(torch.autograd.Function):
     """One layer-direction, input projection included, without the custom ops: the eager path.
 
-    `apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)` with the arguments of
-    `seqfast.functional.layer` (`backend` as requested); returns `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (None
-    unless LSTM).
+    `apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, zero)` with the arguments of
+    `seqfast.functional.layer` (`backend` as requested) and `zero` (`[T, B]` bool resets, see
+    `seqfast.kernels.common.Extensions`, or None); returns `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (None unless
+    LSTM).
     """
 
     @staticmethod
-    def forward(ctx, backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr):
+    def forward(ctx, backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, zero):
         b_fold, b_h = folded_biases(cell, b_hh)
         # x stands for gx in the choice: same dtype and device (the eager path runs without autocast)
-        backend, kernels = dispatch.select_remembered(cell, x, w_hh, h0, c0, lengths, w_hr, backend)
+        options = () if zero is None else ("resets",)
+        backend, kernels = dispatch.select_remembered(cell, x, w_hh, h0, c0, lengths, w_hr, backend, options)
         gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
-        y, hT, cT, saved = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True)
+        y, hT, cT, saved = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True, *resets_arg(zero))
         ctx.backend, ctx.cell, ctx.reverse = backend, cell, reverse
-        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved)
+        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero)
         ctx.set_materialize_grads(False)
         return y, hT, cT
 
     @staticmethod
     def backward(ctx, dy, dhT, dcT):
-        x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved = ctx.saved_tensors
+        x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero = ctx.saved_tensors
         if torch.is_grad_enabled():  # create_graph=True
             inputs = (x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
             need = [ctx.needs_input_grad[3 + i] for i in (0, 1, 2, 3, 4, 5, 6, 8)]
             dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, dw_hr = differentiable_grads(
-                ctx.cell, ctx.reverse, *inputs, dy, dhT, dcT, need
+                ctx.cell, ctx.reverse, *inputs, dy, dhT, dcT, need, zero
             )
-            return None, None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, None, dw_hr
+            return None, None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, None, dw_hr, None
         b_h = folded_biases(ctx.cell, b_hh)[1]
         dgx, dw_hh, db_h, dh0, dc0, dw_hr = _grads(
             _recurrence_backward,
@@ -277,7 +290,7 @@ class Layer(torch.autograd.Function):
             ctx.backend,
             ctx.cell,
             ctx.reverse,
-            (w_hh, b_h, h0, c0, lengths, w_hr, y, saved),
+            (w_hh, b_h, h0, c0, lengths, w_hr, y, saved, zero),
             dy,
             dhT,
             dcT,
@@ -300,4 +313,5 @@ class Layer(torch.autograd.Function):
             dc0,
             None,
             dw_hr,
+            None,
         )

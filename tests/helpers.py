@@ -147,7 +147,7 @@ def cast(args, cot, dtype):
     """`contract_problem`'s `args` and `cot` with their floating tensors in `dtype`."""
 
     def to(t):
-        return t.to(dtype) if t is not None and t.is_floating_point() else t
+        return t.to(dtype) if torch.is_tensor(t) and t.is_floating_point() else t
 
     return {k: to(v) for k, v in args.items()}, tuple(to(t) for t in cot)
 
@@ -156,7 +156,10 @@ def run_contract(module, cell, args, cot, reverse):
     """`fwd` then `bwd` of the backend `module`: the outputs named by `CONTRACT_OUTPUTS`."""
     y, hT, cT, saved = module.fwd(cell, **args, reverse=reverse)
     a = args
-    grads = module.bwd(cell, *cot, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y, saved, reverse)
+    ext = {"ext": a["ext"]} if "ext" in a else {}  # resets, passed only to a backend that runs them
+    grads = module.bwd(
+        cell, *cot, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y, saved, reverse, **ext
+    )
     return [y, hT, cT, *grads]
 
 

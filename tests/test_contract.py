@@ -8,18 +8,27 @@ from helpers import assert_close, assert_outputs_close, cast, kind_problem, run_
 from seqfast import dispatch
 from seqfast.autograd import h_prev
 from seqfast.kernels import common, reference
+from seqfast.kernels.common import Extensions
 
 # (B, T, H): H33 runs without b_hh; H70 spans two 64-unit chunks of the cpp backend, the last ragged; B17 covers
 # the numba backend's 4-row tiles and a remainder row
 SHAPES = [(3, 7, 9), (1, 1, 1), (2, 5, 17), (4, 3, 33), (4, 5, 70), (17, 9, 20)]
 SHAPE_IDS = [f"B{b}-T{t}-H{h}" for b, t, h in SHAPES]
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
-LENGTHS = ["full", "mixed"]
+# "mixed-resets": mixed lengths, and resets (`ext.zero`) at step 0 of the first row and at random steps
+LENGTHS = ["full", "mixed", "mixed-resets"]
 
 
 def make_problem(kind, B, T, H, lengths):
-    """`kind_problem` of one case: `lstm-proj` projects to `H // 2`, H33 runs without `b_hh`."""
-    return kind_problem(kind, T, B, H, H // 2, lengths=lengths, bias=H != 33)
+    """`kind_problem` of one case: `lstm-proj` projects to `H // 2`, H33 runs without `b_hh`; `args` holds `ext`
+    with resets for "mixed-resets"."""
+    resets = lengths == "mixed-resets"
+    cell, args, cot = kind_problem(kind, T, B, H, H // 2, lengths="mixed" if resets else lengths, bias=H != 33)
+    if resets:
+        zero = torch.rand(T, B, generator=torch.Generator().manual_seed(T * B)) < 0.3
+        zero[0, 0] = True
+        args["ext"] = Extensions(zero=zero)
+    return cell, args, cot
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -30,6 +39,11 @@ def make_problem(kind, B, T, H, lengths):
 def test_backend_matches_float64_reference(backend, cell, shape, lengths, reverse):
     module = dispatch.load(backend)
     cell, args, cot = make_problem(cell, *shape, lengths)
+    if "ext" in args and "resets" not in getattr(module, "EXTENSIONS", ()):
+        names = ("gx", "w_hh", "h0", "c0", "lengths", "w_hr")
+        with pytest.raises(RuntimeError, match="does not run the resets option"):
+            dispatch.select(cell, *(args[n] for n in names), backend=backend, options=("resets",))
+        return
     expected = run_contract(reference, cell, args, cot, reverse)
     if module is not reference:  # the reference's own float64 check is against autograd, below
         assert_outputs_close(run_contract(module, cell, args, cot, reverse), expected, 1e-12, torch.float64)
@@ -48,23 +62,24 @@ def test_backend_matches_float64_reference(backend, cell, shape, lengths, revers
 def test_reference_backward_matches_autograd(cell, shape, lengths, reverse):
     """The hand-written backward equals autograd through the reference forward, `w_hh`/`b_hh` via `h_prev`."""
     cell, args, cot = make_problem(cell, *shape, lengths)
-    leaves = {k: v.requires_grad_() for k, v in args.items() if v is not None and v.is_floating_point()}
+    leaves = {k: v.requires_grad_() for k, v in args.items() if torch.is_tensor(v) and v.is_floating_point()}
     y, hT, cT, _ = reference.fwd(cell, **args, reverse=reverse)
     outputs = [y, hT] + ([cT] if cT is not None else [])
     grads = torch.autograd.grad(outputs, list(leaves.values()), [c for c in cot if c is not None])
     expected = dict(zip(leaves, grads, strict=True))
 
-    a = {k: (v.detach() if v is not None else None) for k, v in args.items()}
+    a = {k: (v.detach() if torch.is_tensor(v) else v) for k, v in args.items()}
     _, _, _, saved = reference.fwd(cell, **a, reverse=reverse)
+    ext = a.get("ext")
     dgx, dgh, dh0, dc0, dw_hr = reference.bwd(
-        cell, *cot, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y.detach(), saved, reverse
+        cell, *cot, a["w_hh"], a["b_hh"], a["w_hr"], a["h0"], a["c0"], a["lengths"], y.detach(), saved, reverse, ext
     )
     assert (dgh is None) == (cell != "gru"), "dgh is returned exactly where it differs from dgx (GRU)"
     dgh = dgx if dgh is None else dgh
     G, P = a["w_hh"].shape
     actual = dict(
         gx=dgx,
-        w_hh=dgh.reshape(-1, G).T @ h_prev(y.detach(), a["h0"], a["lengths"], reverse).reshape(-1, P),
+        w_hh=dgh.reshape(-1, G).T @ h_prev(y.detach(), a["h0"], a["lengths"], reverse, ext and ext.zero).reshape(-1, P),
         b_hh=dgh.sum((0, 1)),
         h0=dh0,
         c0=dc0,

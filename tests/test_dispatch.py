@@ -390,8 +390,8 @@ class TakeOutput(torch.nn.Module):
 OP_CELLS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
 
 
-def _op_args(backend, cell, lengths, reverse):
-    """Arguments of `seqfast::recurrence` for a tiny case; `lstm-proj` also drops `b_hh`."""
+def _op_args(backend, cell, lengths, reverse, resets=False):
+    """Arguments of `seqfast::recurrence` for a tiny case; `lstm-proj` also drops `b_hh`; `resets` sets `zero`."""
     proj = cell == "lstm-proj"
     cell = "lstm" if proj else cell
     T, B, H = 5, 3, 4
@@ -414,6 +414,9 @@ def _op_args(backend, cell, lengths, reverse):
         rand(B, H) if cell == "lstm" else None,
         lens,
         rand(P, H) if proj else None,
+        torch.tensor([[True, False, False], [False, True, False]] + [[False, False, True]] * (T - 2))
+        if resets
+        else None,
     )
 
 
@@ -422,9 +425,26 @@ def _op_args(backend, cell, lengths, reverse):
 @pytest.mark.parametrize("cell", OP_CELLS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_opcheck_recurrence_and_backward(backend, cell, lengths, reverse):
-    args = _op_args(backend, cell, lengths, reverse)
+    _opcheck(_op_args(backend, cell, lengths, reverse))
+
+
+@pytest.mark.parametrize("cell", OP_CELLS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_opcheck_recurrence_with_resets(backend, cell):
+    """The ops with `zero` (resets) on a backend that runs them; one that does not is never chosen for them."""
+    if "resets" not in getattr(dispatch.load(backend), "EXTENSIONS", ()):
+        _, cell, _, _, gx, w_hh, _, h0, c0, lens, w_hr, _ = _op_args(backend, cell, None, False)
+        with pytest.raises(RuntimeError, match="does not run the resets option"):
+            dispatch.select(cell, gx, w_hh, h0, c0, lens, w_hr, backend, ("resets",))
+        return
+    for reverse in (False, True):
+        _opcheck(_op_args(backend, cell, None, reverse, resets=True))
+
+
+def _opcheck(args):
+    """`opcheck` of `seqfast::recurrence` on `args`, then of its backward on the outputs."""
     torch.library.opcheck(torch.ops.seqfast.recurrence.default, args)
-    backend, cell, reverse, _, gx, w_hh, b_hh, h0, c0, lens, w_hr = args
+    backend, cell, reverse, _, gx, w_hh, b_hh, h0, c0, lens, w_hr, zero = args
     y, hT, cT, saved = torch.ops.seqfast.recurrence(*args)
     H = c0.shape[1] if cell == "lstm" else w_hh.shape[0] // GATES[cell]
     assert saved.shape == dispatch.load(backend).saved_shape(cell, *gx.shape[:2], H, w_hh.shape[1])
@@ -448,6 +468,7 @@ def test_opcheck_recurrence_and_backward(backend, cell, lengths, reverse):
         lens,
         y.detach(),
         saved,
+        zero,
     )
     torch.library.opcheck(torch.ops.seqfast.recurrence_backward.default, backward_args)
 

@@ -4,10 +4,12 @@
 import pytest
 import torch
 from conftest import CPU_BACKENDS
-from helpers import assert_all_close, flatten, run_with_grads, twins
+from helpers import assert_all_close, flatten, mixed_lengths, run_with_grads, twins
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import seqfast
+from seqfast import dispatch, functional
+from seqfast.kernels.common import GATES, Extensions
 
 
 def assert_same(actual, expected, tol):
@@ -170,27 +172,81 @@ def test_options_are_the_cell_loop(cell, option, config, training):
     assert_same(actual[0] + actual[1], expected[0] + expected[1], 1e-12)
 
 
+@pytest.mark.parametrize("cell", MODULES, ids=list(MODULES))
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_each_backend_runs_an_option_or_declines_it_with_the_reason(backend):
-    """A backend that lists an option in `EXTENSIONS` matches the reference on it; one that does not declines it:
-    an explicit request raises the reason."""
-    from seqfast import dispatch
-
+def test_each_backend_runs_an_option_or_declines_it_with_the_reason(backend, cell):
+    """A backend that lists an option in `EXTENSIONS` matches the reference on it, with and without grad; one that
+    does not declines it: an explicit request raises the reason."""
     listed = getattr(dispatch.load(backend), "EXTENSIONS", ())
     for option, (options, with_resets) in OPTION_SETS.items():
         if option == "all":
             continue
-        module = build("gru", options, backend, num_layers=2, bidirectional=True).eval()
+        module = build(cell, options, backend, num_layers=2, bidirectional=True).eval()
         x, hx, resets = inputs(module, 6, 3, with_resets)
         if option not in listed:
             with pytest.raises(RuntimeError, match=f"does not run the {option} option"):
                 module(x, hx, resets=resets)
             continue
-        reference = build("gru", options, "reference", num_layers=2, bidirectional=True).eval()
+        reference = build(cell, options, "reference", num_layers=2, bidirectional=True).eval()
         reference.load_state_dict(module.state_dict())
         expected = run_with_grads(reference, calling(x, hx, resets), leaves(x, hx))
         actual = run_with_grads(module, calling(x, hx, resets), leaves(x, hx))
         assert_same(actual[0] + actual[1], expected[0] + expected[1], 1e-12)
+        with torch.no_grad():
+            assert_same(flatten(module(x, hx, resets=resets)), expected[0], 1e-12)
+
+
+FUSED_CELLS = ["lstm", "lstm-proj", "gru", "rnn_tanh", "rnn_relu"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("kind", FUSED_CELLS)
+@pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.values[0] != "reference"])
+def test_fused_resets_are_the_reference_layer(backend, kind, reverse, dtype):
+    """One layer-direction with resets (`functional.layer` with `ext.zero`) on a backend that fuses them, against the
+    reference's in float64: outputs and the gradients of every input for random cotangents, with mixed lengths (as
+    the contract allows) and without; float32 at a size that runs the threaded, packed loops. A backend that does
+    not fuse them refuses the call with the reason."""
+    cell, proj = kind.removesuffix("-proj"), kind == "lstm-proj"
+    lstm = cell == "lstm"
+    T, B, H = (9, 5, 6) if dtype == torch.float64 else (40, 48, 70)
+    P, G = 3 if proj else H, GATES[cell] * H
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(shape, generator=gen, dtype=torch.float64) * scale
+
+    tensors = dict(
+        x=rand(T, B, 4),
+        w_ih=rand(G, 4, scale=0.5),
+        w_hh=rand(G, P, scale=P**-0.5),
+        b_ih=rand(G),
+        b_hh=rand(G),
+        h0=rand(B, P),
+        c0=rand(B, H) if lstm else None,
+        w_hr=rand(P, H, scale=H**-0.5) if proj else None,
+    )
+    cot = [rand(T, B, P), rand(B, P)] + ([rand(B, H)] if lstm else [])
+    for lengths in (None, mixed_lengths(T, B)):
+        ext = Extensions(zero=torch.rand(T, B, generator=gen) < 0.2)
+        ext.zero[0, 0] = ext.zero[-1, -1] = True
+        results = []
+        for name, dt in ((backend, dtype), ("reference", torch.float64)):
+            leaves = {k: v.to(dt).requires_grad_() for k, v in tensors.items() if v is not None}
+            a = {k: leaves.get(k) for k in tensors}
+            args = (cell, a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"], a["c0"], a["w_hr"])
+            args += (lengths, reverse, name, ext)
+            if "resets" not in getattr(dispatch.load(name), "EXTENSIONS", ()):
+                with pytest.raises(RuntimeError, match="does not run the resets option"):
+                    functional.layer(*args)
+                return
+            outputs = [o for o in functional.layer(*args) if o is not None]
+            loss = sum((o * c.to(dt)).sum() for o, c in zip(outputs, cot, strict=True))
+            grads = torch.autograd.grad(loss, list(leaves.values()))
+            results.append([o.detach() for o in outputs] + list(grads))
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert_same(results[0], [t.to(dtype) for t in results[1]], tol)
 
 
 def calling(x, hx, resets):
