@@ -7,6 +7,8 @@ statement of their math (`seqfast.kernels.reference` is the other).
 import torch
 import torch.nn.functional as F
 
+import seqfast
+
 EPS = 1e-5
 
 
@@ -99,3 +101,24 @@ def cell_loop(module, x, hx=None, resets=None):
             x = F.dropout(x, module.dropout, training=True)
     y = x.transpose(0, 1) if module.batch_first else x
     return (y, (torch.stack(hn), torch.stack(cn))) if lstm else (y, torch.stack(hn))
+
+
+def _loop_module(base):
+    """A subclass of the seqfast module `base` whose forward is `cell_loop`."""
+
+    def forward(self, input, hx=None, resets=None):
+        return cell_loop(self, input, hx, resets)
+
+    return type(
+        f"{base.__name__}Loop", (base,), {"forward": forward, "__doc__": f"`{base.__name__}` run by `cell_loop`."}
+    )
+
+
+LOOP_MODULES = {
+    "rnn_tanh": _loop_module(seqfast.RNN),
+    "rnn_relu": _loop_module(seqfast.RNN),
+    "lstm": _loop_module(seqfast.LSTM),
+    "gru": _loop_module(seqfast.GRU),
+}
+"""The modules the benchmarks' `torch` provider runs a shape with an option through: seqfast's, with `cell_loop` as
+their forward."""

@@ -43,6 +43,7 @@ from seqfast import dispatch
 from seqfast.kernels.common import GATES
 from seqfast.linear import dense
 
+from .cell_loop import LOOP_MODULES
 from .shapes import DECODER_VOCAB, DTYPES
 
 MODES = ("fwd", "fwdbwd", "infer")
@@ -222,7 +223,10 @@ def flops(shape, mode):
 
 
 def _module_class(shape, provider):
-    """The class `shape` runs through for `provider`: torch.nn's or seqfast's sequence module or cell."""
+    """The class `shape` runs through for `provider`: torch.nn's or seqfast's sequence module or cell; for a shape
+    with an option, torch's providers run `benchmarks.cell_loop`'s loop of torch ops."""
+    if shape.option is not None and provider.backend is None:
+        return LOOP_MODULES[shape.cell]
     if shape.is_cell:
         return (_TORCH_CELLS if provider.backend is None else _SEQFAST_CELLS)[shape.cell]
     return (_TORCH_MODULES if provider.backend is None else _SEQFAST_MODULES)[shape.cell]
@@ -234,7 +238,7 @@ def _module_kwargs(shape):
         kwargs = dict(num_layers=shape.layers, bidirectional=shape.bidirectional, batch_first=shape.batch_first)
     if shape.cell.startswith("rnn_"):
         kwargs["nonlinearity"] = shape.cell[4:]
-    return kwargs
+    return kwargs | shape.options()
 
 
 def _state_dict(shape, seed):
@@ -512,24 +516,25 @@ def setup(shape, provider, mode, dtype=torch.float32, device="cpu", seed=0):
         return Problem(None, gx, gx, step)
     module = _build(shape, provider, dtype, device, _state_dict(shape, seed))
     x, arg = _input(shape, dtype, device, mode != "infer", seed)
+    kwargs = shape.call_kwargs(device, seed)
     if mode == "infer":
 
         def step():
             with torch.no_grad():
-                return module(arg)
+                return module(arg, **kwargs)
 
     elif mode == "fwd":
 
         def step():
-            return module(arg)
+            return module(arg, **kwargs)
 
     else:
         wrt = [x, *module.parameters()]
         with torch.no_grad():
-            cotangents = _cotangents(_flatten(module(arg)), seed, dtype)
+            cotangents = _cotangents(_flatten(module(arg, **kwargs)), seed, dtype)
 
         def step():
-            return torch.autograd.grad(_flatten(module(arg)), wrt, cotangents)
+            return torch.autograd.grad(_flatten(module(arg, **kwargs)), wrt, cotangents)
 
     return Problem(module, arg, x, step)
 
@@ -552,8 +557,9 @@ def unsupported(shape, provider, dtype=torch.float32, device="cpu"):
     h0 = torch.zeros(B, H, dtype=dtype, device=device)
     c0 = h0 if shape.cell == "lstm" else None
     lengths = shape.lengths().to(device) if shape.packed else None
+    options = () if shape.option is None else (shape.option,)
     try:
-        dispatch.select(shape.cell, gx, w_hh, h0, c0, lengths, None, backend=_requested(provider))
+        dispatch.select(shape.cell, gx, w_hh, h0, c0, lengths, None, backend=_requested(provider), options=options)
     except RuntimeError as e:
         return str(e)
     return None
@@ -562,13 +568,15 @@ def unsupported(shape, provider, dtype=torch.float32, device="cpu"):
 def _gate_values(shape, provider, mode, dtype, device, seed, rounding):
     """Outputs, and for `fwdbwd` the input and parameter gradients, of one call, with their names.
 
-    Weights, input and cotangents are rounded through `rounding`, so runs in different dtypes see the same values.
+    Weights, input and cotangents are rounded through `rounding`, so runs in different dtypes see the same values;
+    the call starts from the same random state for every provider (zoneout's masks).
     """
     state_dict = {k: v.to(rounding) for k, v in _state_dict(shape, seed).items()}
     module = _build(shape, provider, dtype, device, state_dict)
     x, arg = _input(shape, dtype, device, mode == "fwdbwd", seed, rounding)
+    torch.manual_seed(seed + 4)
     with torch.set_grad_enabled(mode != "infer"):
-        outputs = _flatten(module(arg))
+        outputs = _flatten(module(arg, **shape.call_kwargs(device, seed)))
     names = (["h'", "c'"] if shape.is_cell else ["output", "h_n", "c_n"])[: len(outputs)]
     if mode != "fwdbwd":
         return [o.detach() for o in outputs], names

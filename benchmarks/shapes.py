@@ -25,6 +25,12 @@ GRU H in {1024, 2048, 2560} at B = 32, T = 187); `gpu-infer` inference at B in {
 decoder of H = 1024 (`module="decoder"`, LSTM and GRU, B in {1, 8, 64}), for the modes `decode`, `decode-graph` and
 `decode-compile`. `decode-small` is its CPU-sized counterpart: a 2-layer word-level language model of H = 200
 generating 256 tokens one call each at B = 1 (LSTM, GRU, tanh RNN).
+
+The `extensions` set times seqfast's options beyond torch.nn (`option`: `resets`, `layer_norm`, `zoneout`) at
+H = 256, B = 16, T = 32 and B = 64, T = 100 (LSTM and GRU), each beside the same call without the option, and a
+recurrent RL policy `GRU(64, 128)` at B = 64, T = 32 with and without resets. For a shape with an option the `torch`
+provider is the same math as a Python loop of torch ops over the steps (`benchmarks.cell_loop`, what users write
+today), since torch.nn has no such option.
 """
 
 from dataclasses import dataclass, replace
@@ -34,6 +40,12 @@ import torch
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
 
 MODULES = ("sequence", "cell", "decoder")
+
+OPTIONS = ("resets", "layer_norm", "zoneout")
+
+# Zoneout's probability, and the chance that an episode starts at a given step of a row, in the `extensions` set.
+ZONEOUT = 0.1
+RESET_RATE = 0.05
 
 # Vocabulary of a decoder shape's embedding and output head: a word-level language model's.
 DECODER_VOCAB = 10000
@@ -62,6 +74,8 @@ class Shape:
             `Embedding(DECODER_VOCAB, I)` and a `Linear(H, DECODER_VOCAB)` head (unidirectional, unpacked,
             time-major).
         dtype: the one dtype this shape runs in, a key of `DTYPES`; None (default): the runner's dtypes.
+        option: one of `OPTIONS` the sequence module runs with (`layer_norm=True`, `zoneout=ZONEOUT` in training, or
+            `resets` drawn at `RESET_RATE`), or None (default).
     """
 
     cell: str
@@ -75,6 +89,7 @@ class Shape:
     batch_first: bool = False
     module: str = "sequence"
     dtype: str | None = None
+    option: str | None = None
 
     def __post_init__(self):
         if self.cell not in CELLS:
@@ -89,6 +104,10 @@ class Shape:
             raise ValueError(f"{self.cell} cell: one step of one layer, one direction, unpacked (T = 1)")
         if self.is_decoder and (self.bidirectional or self.packed or self.batch_first):
             raise ValueError(f"{self.cell} decoder: one direction, unpacked, time-major")
+        if self.option is not None and (self.option not in OPTIONS or self.module != "sequence"):
+            raise ValueError(f"option {self.option!r}: one of {', '.join(OPTIONS)}, of a sequence module")
+        if self.option == "resets" and self.packed:
+            raise ValueError("resets: not with packed sequences")
 
     @property
     def is_cell(self):
@@ -147,7 +166,22 @@ class Shape:
             parts.append("bf")
         if self.dtype is not None:
             parts.append(self.dtype)
+        if self.option is not None:
+            parts.append(self.option.replace("_", "-"))
         return "-".join(parts)
+
+    def options(self):
+        """The module's keyword arguments for `option`."""
+        return {"layer_norm": {"layer_norm": True}, "zoneout": {"zoneout": ZONEOUT}}.get(self.option, {})
+
+    def call_kwargs(self, device="cpu", seed=0):
+        """The module call's keyword arguments: `resets` (`[T, B]`, or `[B, T]` when `batch_first`, bool, each step
+        of each row an episode start with probability `RESET_RATE`, from `seed`) for the `resets` option."""
+        if self.option != "resets":
+            return {}
+        generator = torch.Generator().manual_seed(seed + 3)
+        resets = torch.rand(self.time, self.batch, generator=generator) < RESET_RATE
+        return {"resets": (resets.T if self.batch_first else resets).to(device)}
 
     def lengths(self, seed=0):
         """Per-sequence lengths.
@@ -243,4 +277,11 @@ SETS = {
     + _grid(("gru",), (1024, 2048), (1, 2, 4), (187,)),
     "decode": _grid(("lstm", "gru"), (1024,), (1, 8, 64), (256,), layers=2, module="decoder"),
     "decode-small": _grid(("lstm", "gru", "rnn_tanh"), (200,), (1,), (256,), layers=2, module="decoder"),
+    "extensions": tuple(
+        Shape(cell, 256, batch, time, option=option)
+        for cell in ("lstm", "gru")
+        for batch, time in ((16, 32), (64, 100))
+        for option in (None, *OPTIONS)
+    )
+    + (Shape("gru", 128, 64, 32, input=64), Shape("gru", 128, 64, 32, input=64, option="resets")),
 }

@@ -1,7 +1,7 @@
 """The runner's reporting: sample counts, warnings about the run's conditions, rows printed as shapes finish, the
 progress bar's ETA, where results go, and CSV files written by earlier versions; the GPU shape sets, the decode and
-kernel modes on the CPU, the gate's tolerance relative to torch.nn's own error, the time budget and the GPU check
-script's syntax."""
+kernel modes on the CPU, the option shapes' baseline, the gate's tolerance relative to torch.nn's own error, the time
+budget and the GPU check script's syntax."""
 
 import csv
 import io
@@ -225,6 +225,26 @@ def test_gpu_sets_and_decoder_shapes():
     assert decoder.decoder_step() == Shape("lstm", 1024, 8, 1, layers=2)
     with pytest.raises(ValueError, match="one direction"):
         Shape("gru", 8, 1, 4, bidirectional=True, module="decoder")
+
+
+def test_option_shapes_time_the_cell_loop_as_torch():
+    """A shape with an option runs `benchmarks.cell_loop` as its `torch` provider (torch.nn has no such option);
+    seqfast's reference passes the gate against it in every mode, zoneout's masks drawn alike; a backend that does not
+    run the option says so."""
+    assert len(SETS["extensions"]) == 18
+    cpp, reference = harness.Provider("seqfast-cpp", "cpp"), harness.Provider("seqfast-reference", "reference")
+    for option in ("resets", "layer_norm", "zoneout"):
+        shape = Shape("lstm", 8, 3, 6, option=option, bidirectional=True)
+        assert shape.id == "lstm-H8-B3-T6-bi-" + option.replace("_", "-")
+        for mode in ("infer", "fwdbwd"):
+            result = harness.gate(shape, reference, mode)
+            assert result.passed and result.error < 1e-5, result.message
+        reason = harness.unsupported(shape, cpp)
+        assert reason is None if option == "resets" else f"does not run the {option} option" in reason
+    resets = Shape("gru", 8, 3, 6, option="resets", batch_first=True).call_kwargs()["resets"]
+    assert resets.shape == (3, 6) and resets.dtype == torch.bool
+    with pytest.raises(ValueError, match="packed"):
+        Shape("gru", 8, 2, 4, option="resets", packed=True)
 
 
 def test_modes_that_do_not_fit_are_unsupported_not_errors():
