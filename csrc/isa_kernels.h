@@ -11,8 +11,20 @@ enum Cell : int { RNN_TANH = 0, RNN_RELU = 1, LSTM = 2, GRU = 3 };
 
 inline int gates(int cell) { return cell == LSTM ? 4 : cell == GRU ? 3 : 1; }
 
-// Width of `saved` per hidden unit: LSTM `i, f, g, o, c`; GRU `r, z, n, W_hn h + b_hn`; RNN none (`h` is `y`).
-inline int saved_width(int cell) { return cell == LSTM ? 5 : cell == GRU ? 4 : 0; }
+// Width of `saved` per hidden unit: LSTM `i, f, g, o, c`; GRU `r, z, n, W_hn h + b_hn`; RNN none (`h` is `y`). With
+// zoneout `c` is the cell's new value before zoneout, and LSTM adds the carried `c`, RNN the cell's new `h`.
+inline int saved_width(int cell, bool zoneout) {
+  return (cell == LSTM ? 5 : cell == GRU ? 4 : 0) + (zoneout && cell != GRU);
+}
+
+// Zoneout of one step: the weight `m` of the state the step started from in `h = m h_prev + (1 - m) h~` (and `c`),
+// per row (`[n] -> [H]`, time-major rows as `gx_rows`) or, where the rows are null, the constant; `on` false: none.
+template <typename T>
+struct Zoneout {
+  bool on = false;
+  const T* const* rows = nullptr;
+  T keep = 0;
+};
 
 template <typename T>
 struct FwdChunk {
@@ -28,6 +40,7 @@ struct FwdChunk {
   T* saved;                 // [B, W*H] rows of this step, or nullptr
   const uint8_t* zero_next; // [n] rows whose next step starts from zeros (resets): their carried h_next (unless
                             // projected: the caller's) and c are written as 0; or nullptr
+  Zoneout<T> zh, zc;        // zoneout of h (a projected h's is the caller's) and LSTM's c
 };
 
 template <typename T>
@@ -46,6 +59,7 @@ struct BwdChunk {
   T* hraw;                  // [B, H] o * tanh(c) for dw_hr, or nullptr
   const uint8_t* zero;      // [n] rows whose step started from zeros (resets): c_prev and GRU's h_prev read as 0,
                             // dc written as 0 (the caller zeroes their dh_prev); or nullptr
+  Zoneout<T> zh, zc;        // as the forward's; with zh on, dh is left holding m dh (the caller's GEMM adds to it)
 };
 
 struct IsaKernels {

@@ -159,17 +159,25 @@ struct OpsF64 {
   static V relu_grad(V h, V dh) { return h <= 0.0 ? splat(0.0) : dh; }
 };
 
+// Zoneout's weight of the previous state at row `r`, units `[j, j + m)`.
+template <class O>
+inline typename O::V keep_at(const Zoneout<typename O::T>& z, int64_t r, int64_t j, int m) {
+  return z.rows ? O::load(z.rows[r] + j, m) : O::splat(z.keep);
+}
+
 template <class O, int CELL>
 void fwd_rows(const FwdChunk<typename O::T>& a) {
   using V = typename O::V;
   const int G = n_gates(CELL);
   const int64_t H = a.H, hc = a.hc, j0 = a.j0, ldw = G * hc;
+  const int64_t SW = saved_width(CELL, a.zh.on || a.zc.on) * H;
   for (int64_t r = 0; r < a.n; ++r) {
     const auto* gx = a.gx_rows[r] + j0;
     const auto* ws = a.ws + r * ldw;
     const auto* b = a.bias + j0;
     auto* hn = a.h_next + r * a.ldh + j0;
     auto* y = a.y_rows ? a.y_rows[r] + j0 : nullptr;
+    auto* sv = a.saved && SW ? a.saved + r * SW + j0 : nullptr;
     const bool zn = a.zero_next && a.zero_next[r];
     for (int64_t jj = 0; jj < hc; jj += O::W) {
       const int m = lanes(O::W, hc - jj);
@@ -177,22 +185,29 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
       if (CELL == RNN_TANH || CELL == RNN_RELU) {
         V pre = O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m));
         h = CELL == RNN_TANH ? O::tanh(pre) : O::relu(pre);
+        if (sv && a.zh.on) O::store(sv + jj, h, m);
       } else if (CELL == LSTM) {
         V i = O::sigmoid(O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m)));
         V f = O::sigmoid(O::load(gx + H + jj, m) + (O::load(ws + hc + jj, m) + O::load(b + H + jj, m)));
         V g = O::tanh(O::load(gx + 2 * H + jj, m) + (O::load(ws + 2 * hc + jj, m) + O::load(b + 2 * H + jj, m)));
         V o = O::sigmoid(O::load(gx + 3 * H + jj, m) + (O::load(ws + 3 * hc + jj, m) + O::load(b + 3 * H + jj, m)));
         auto* c = a.c + r * H + j0 + jj;
-        V cn = f * O::load(c, m) + i * g;
-        O::store(c, zn ? V{} : cn, m);
+        const V cp = O::load(c, m);
+        V cn = f * cp + i * g;
         h = o * O::tanh(cn);
-        if (a.saved) {
-          auto* sv = a.saved + r * 5 * H + j0 + jj;
-          O::store(sv, i, m);
-          O::store(sv + H, f, m);
-          O::store(sv + 2 * H, g, m);
-          O::store(sv + 3 * H, o, m);
-          O::store(sv + 4 * H, cn, m);
+        V carried = cn;
+        if (a.zc.on) {
+          const V k = keep_at<O>(a.zc, r, j0 + jj, m);
+          carried = k * cp + (1.0f - k) * cn;
+        }
+        O::store(c, zn ? V{} : carried, m);
+        if (sv) {
+          O::store(sv + jj, i, m);
+          O::store(sv + H + jj, f, m);
+          O::store(sv + 2 * H + jj, g, m);
+          O::store(sv + 3 * H + jj, o, m);
+          O::store(sv + 4 * H + jj, cn, m);
+          if (a.zc.on) O::store(sv + 5 * H + jj, carried, m);
         }
       } else {
         V rg = O::sigmoid(O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m)));
@@ -200,13 +215,16 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
         V hh = O::load(ws + 2 * hc + jj, m) + O::load(b + 2 * H + jj, m);
         V nn = O::tanh(O::load(gx + 2 * H + jj, m) + rg * hh);
         h = (1.0f - z) * nn + z * O::load(a.h_prev + r * H + j0 + jj, m);
-        if (a.saved) {
-          auto* sv = a.saved + r * 4 * H + j0 + jj;
-          O::store(sv, rg, m);
-          O::store(sv + H, z, m);
-          O::store(sv + 2 * H, nn, m);
-          O::store(sv + 3 * H, hh, m);
+        if (sv) {
+          O::store(sv + jj, rg, m);
+          O::store(sv + H + jj, z, m);
+          O::store(sv + 2 * H + jj, nn, m);
+          O::store(sv + 3 * H + jj, hh, m);
         }
+      }
+      if (a.zh.on) {
+        const V k = keep_at<O>(a.zh, r, j0 + jj, m);
+        h = k * O::load(a.h_prev + r * H + j0 + jj, m) + (1.0f - k) * h;
       }
       O::store(hn + jj, zn && y ? V{} : h, m);
       if (y) O::store(y + jj, h, m);
@@ -219,36 +237,51 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
   using V = typename O::V;
   const int G = n_gates(CELL);
   const int64_t H = a.H, hc = a.hc, j0 = a.j0, GH = G * H;
+  const int64_t SW = saved_width(CELL, a.zh.on || a.zc.on) * H;
   for (int64_t r = 0; r < a.n; ++r) {
     auto* dhp = a.dh + r * H + j0;
     const auto* dy = a.dy_rows ? a.dy_rows[r] + j0 : nullptr;
     auto* dgx = a.dgx_rows[r] + j0;
     auto* da = a.da + r * GH + j0;
+    const auto* sv = SW ? a.saved + r * SW + j0 : nullptr;
     const bool zero = a.zero && a.zero[r];
     for (int64_t jj = 0; jj < hc; jj += O::W) {
       const int m = lanes(O::W, hc - jj);
       V dh = O::load(dhp + jj, m);
       if (dy) dh = dh + O::load(dy + jj, m);
+      // h = k h_prev + (1 - k) h~: dh_prev gets k dh directly, the cell's h~ the rest
+      V dh_direct = V{};
+      if (a.zh.on) {
+        const V k = keep_at<O>(a.zh, r, j0 + jj, m);
+        dh_direct = k * dh;
+        dh = (1.0f - k) * dh;
+      }
       if (CELL == RNN_TANH || CELL == RNN_RELU) {
-        V h = O::load(a.h_rows[r] + j0 + jj, m);
+        V h = O::load(a.zh.on ? sv + jj : a.h_rows[r] + j0 + jj, m);
         // tanh' = 1 - h^2; relu' = [h > 0]
         V d = CELL == RNN_TANH ? dh * (1.0f - h * h) : O::relu_grad(h, dh);
         O::store(dgx + jj, d, m);
         O::store(da + jj, d, m);
+        if (a.zh.on) O::store(dhp + jj, dh_direct, m);
       } else if (CELL == LSTM) {
-        const auto* sv = a.saved + r * 5 * H + j0 + jj;
-        V i = O::load(sv, m), f = O::load(sv + H, m), g = O::load(sv + 2 * H, m);
-        V o = O::load(sv + 3 * H, m), c = O::load(sv + 4 * H, m);
+        V i = O::load(sv + jj, m), f = O::load(sv + H + jj, m), g = O::load(sv + 2 * H + jj, m);
+        V o = O::load(sv + 3 * H + jj, m), c = O::load(sv + 4 * H + jj, m);
         V cp = zero ? V{} : O::load(a.c_prev + r * a.ldc + j0 + jj, m);
         V tc = O::tanh(c);
         auto* dcp = a.dc + r * H + j0 + jj;
-        // c = f c_prev + i g, h = o tanh(c); d sigmoid = s (1 - s), d tanh = 1 - t^2
-        V dc = O::load(dcp, m) + dh * o * (1.0f - tc * tc);
+        // c = f c_prev + i g (then c_t = k c_prev + (1 - k) c), h = o tanh(c); d sigmoid = s (1 - s), d tanh = 1 - t^2
+        V dct = O::load(dcp, m), dc_direct = V{};
+        if (a.zc.on) {
+          const V k = keep_at<O>(a.zc, r, j0 + jj, m);
+          dc_direct = k * dct;
+          dct = (1.0f - k) * dct;
+        }
+        V dc = dct + dh * o * (1.0f - tc * tc);
         V di = dc * g * i * (1.0f - i);
         V df = dc * cp * f * (1.0f - f);
         V dg = dc * i * (1.0f - g * g);
         V dout = dh * tc * o * (1.0f - o);
-        O::store(dcp, zero ? V{} : dc * f, m);
+        O::store(dcp, zero ? V{} : dc * f + dc_direct, m);
         O::store(dgx + jj, di, m);
         O::store(dgx + H + jj, df, m);
         O::store(dgx + 2 * H + jj, dg, m);
@@ -258,9 +291,10 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         O::store(da + 2 * H + jj, dg, m);
         O::store(da + 3 * H + jj, dout, m);
         if (a.hraw) O::store(a.hraw + r * H + j0 + jj, o * tc, m);
+        if (a.zh.on) O::store(dhp + jj, dh_direct, m);
       } else {
-        const auto* sv = a.saved + r * 4 * H + j0 + jj;
-        V rg = O::load(sv, m), z = O::load(sv + H, m), nn = O::load(sv + 2 * H, m), hh = O::load(sv + 3 * H, m);
+        V rg = O::load(sv + jj, m), z = O::load(sv + H + jj, m), nn = O::load(sv + 2 * H + jj, m);
+        V hh = O::load(sv + 3 * H + jj, m);
         V hp = zero ? V{} : O::load(a.h_rows[r] + j0 + jj, m);
         // h = (1 - z) n + z h_prev, n = tanh(gx_n + r hh); d sigmoid = s (1 - s), d tanh = 1 - t^2
         V dn = dh * (1.0f - z) * (1.0f - nn * nn);
@@ -277,7 +311,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         O::store(da + jj, dr, m);
         O::store(da + H + jj, dz, m);
         O::store(da + 2 * H + jj, dnh, m);
-        O::store(dhp + jj, dh * z, m);
+        O::store(dhp + jj, dh * z + dh_direct, m);
       }
     }
   }

@@ -397,13 +397,48 @@ void permute_rows(const T* src, T* dst, const Order& o, int64_t width, bool to_s
 
 void check_cell(int64_t cell) { TORCH_CHECK(cell >= RNN_TANH && cell <= GRU, "unknown cell id ", cell); }
 
+// Zoneout of a call: the weights of the previous state, `h [T, B, P]` and LSTM's `c [T, B, H]` in time order (training
+// masks), else the constant `keep` for every unit (evaluation); off when neither is given.
+struct ZoneoutArgs {
+  c10::optional<at::Tensor> h, c;
+  double keep = 0;
+  bool on() const { return h.has_value() || keep > 0; }
+};
+
+// Zoneout row pointers of one call in step order, like `gx_rows`: per step and sorted row, its `width` weights.
+template <typename T>
+class ZoneoutRows {
+ public:
+  ZoneoutRows(const c10::optional<at::Tensor>& keep, double constant, bool on, int64_t width, const Order& ord,
+              int64_t B)
+      : on_(on), keep_(static_cast<T>(constant)), B_(B) {
+    if (!on || !keep) return;
+    const T* p = keep->data_ptr<T>();
+    rows_.resize(ord.T * B);
+    for (int64_t s = 0; s < ord.T; ++s)
+      for (int64_t r = 0; r < ord.active[s]; ++r) rows_[s * B + r] = p + (ord.time(s, r) * B + ord.perm[r]) * width;
+  }
+  Zoneout<T> at(int64_t s) const { return {on_, rows_.empty() ? nullptr : rows_.data() + s * B_, keep_}; }
+  // The weight of sorted row `r`'s unit `j` at step `s`.
+  T weight(int64_t s, int64_t r, int64_t j) const { return rows_.empty() ? keep_ : rows_[s * B_ + r][j]; }
+
+ private:
+  bool on_;
+  T keep_;
+  int64_t B_;
+  std::vector<const T*> rows_;
+};
+
 template <typename scalar_t>
 void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
               const at::Tensor& h0, const at::Tensor& c0, const Order& ord, const c10::optional<at::Tensor>& w_hr,
-              int64_t chunk, const at::Tensor& y, const at::Tensor& hT, const at::Tensor& cT, const at::Tensor& saved) {
+              const ZoneoutArgs& zo, int64_t chunk, const at::Tensor& y, const at::Tensor& hT, const at::Tensor& cT,
+              const at::Tensor& saved) {
   const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
-  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell) * H;
+  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
+  // a projected h's zoneout runs after the projection, here; the cell kernel's otherwise
+  const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
   const IsaKernels kern = isa_kernels();
   const HiddenProduct<scalar_t> whh(w_hh, G, H, hc, false, ord, kern);
@@ -454,7 +489,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
     whh(c, n, cur, P, wsc, G * n_j, false);
     FwdChunk<scalar_t> a{n,  H,  j0, n_j, wsc, gx_rows.data() + s * B, pb, cur, proj ? phraw : nxt, proj ? H : P, pc,
                          proj ? nullptr : y_rows.data() + s * B, psaved ? psaved + s * B * SW : nullptr,
-                         ord.zero_at(s + 1)};
+                         ord.zero_at(s + 1), proj ? Zoneout<scalar_t>{} : zh.at(s), zc.at(s)};
     run_fwd(kern, cell, a);
   };
   if (!proj) {
@@ -467,6 +502,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
         OneBlasThread one;
         for (int64_t c = begin; c < end; ++c) cell_step(s, c);
       });
+      const scalar_t* cur = hb + (s % 2) * B * P;
       scalar_t* nxt = hb + ((s + 1) % 2) * B * P;
       scalar_t* const* ys = y_rows.data() + s * B;
       at::parallel_for(0, npc, 1, [&](int64_t begin, int64_t end) {
@@ -476,6 +512,12 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
           gemm<scalar_t>(false, true, n, n_p, H, phraw, H, pwr + p0 * H, H, scalar_t(0), nxt + p0, P);
           const uint8_t* z = ord.zero_at(s + 1);
           for (int64_t r = 0; r < n; ++r) {
+            if (zo.on()) {
+              for (int64_t p = p0; p < p0 + n_p; ++p) {
+                const scalar_t k = zh.weight(s, r, p);
+                nxt[r * P + p] = k * cur[r * P + p] + (1 - k) * nxt[r * P + p];
+              }
+            }
             std::copy_n(nxt + r * P + p0, n_p, ys[r] + p0);
             if (z && z[r]) std::fill_n(nxt + r * P + p0, n_p, scalar_t(0));
           }
@@ -492,12 +534,14 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
 template <typename scalar_t>
 void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::Tensor& dcT, const at::Tensor& w_hh,
               const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0, const Order& ord,
-              const at::Tensor& y, const at::Tensor& saved, int64_t chunk, const at::Tensor& dgx,
-              const at::Tensor& dgh, const at::Tensor& dh0, const at::Tensor& dc0, const at::Tensor& dw_hr) {
+              const ZoneoutArgs& zo, const at::Tensor& y, const at::Tensor& saved, int64_t chunk,
+              const at::Tensor& dgx, const at::Tensor& dgh, const at::Tensor& dh0, const at::Tensor& dc0,
+              const at::Tensor& dw_hr) {
   const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
   const bool need_dh0 = dh0.defined();
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
-  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell) * H;
+  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
+  const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
   const IsaKernels kern = isa_kernels();
   const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0, BP = proj ? B * P : 0;
@@ -558,11 +602,12 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
         if (z[r]) std::fill_n(pdh + r * P + p0, n_p, scalar_t(0));
   };
   // dh before step `s`, columns of chunk `c`, from step `s`'s `da`
+  // the cell math leaves GRU's dh z, and zoneout's k dh, in dh for the product to add to
   auto dh_prev = [&](int64_t s, int64_t c, int64_t n, const scalar_t* da) {
-    (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU);
+    (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU || zo.on());
     clear_dh(s, n, c * hc, std::min(hc, H - c * hc));
   };
-  auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + 4 * H : pc0; };
+  auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + (zo.on() ? 5 : 4) * H : pc0; };
   auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };
 
   if (!proj) {
@@ -580,7 +625,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
       const int64_t j0 = c * hc, i = s * B;
       BwdChunk<scalar_t> a{n,        H,      j0,  std::min(hc, H - j0), pdh,           dy_rows.data() + i,
                            pdc,      psaved + s * B * SW, c_prev(s), ldc(s), h_rows.data() + i, dgx_rows.data() + i,
-                           dgh_rows.data() + i, da, nullptr, ord.zero_at(s)};
+                           dgh_rows.data() + i, da, nullptr, ord.zero_at(s), zh.at(s), zc.at(s)};
       run_bwd(kern, cell, a);
     });
   } else {
@@ -588,8 +633,19 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
       const int64_t n = ord.active[s], i = s * B;
       if (n == 0) continue;
       const scalar_t* sv = psaved + s * B * SW;
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t p = 0; p < P; ++p) pdhs[r * P + p] = pdh[r * P + p] + dy_rows[i + r][p];
+      // dhs: the gradient reaching the projected h~ (zoneout's k dh goes to the step before, through dh)
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t p = 0; p < P; ++p) {
+          const scalar_t dh = pdh[r * P + p] + dy_rows[i + r][p];
+          if (!zo.on()) {
+            pdhs[r * P + p] = dh;
+            continue;
+          }
+          const scalar_t k = zh.weight(s, r, p);
+          pdhs[r * P + p] = (1 - k) * dh;
+          pdh[r * P + p] = k * dh;
+        }
+      }
       at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
         OneBlasThread one;
         for (int64_t c = begin; c < end; ++c) {
@@ -597,7 +653,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
           gemm<scalar_t>(false, false, n, n_j, P, pdhs, P, pwr + j0, H, scalar_t(0), pdhraw + j0, H);
           BwdChunk<scalar_t> a{n,         H,      j0,  n_j, pdhraw, nullptr, pdc, sv, c_prev(s), ldc(s),
                                h_rows.data() + i, dgx_rows.data() + i, dgh_rows.data() + i, pda, phraw,
-                               ord.zero_at(s)};
+                               ord.zero_at(s), Zoneout<scalar_t>{}, zc.at(s)};
           run_bwd(kern, cell, a);
         }
       });
@@ -606,7 +662,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
         for (int64_t c = begin; c < end; ++c) {
           const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
           if (s > 0 || need_dh0) {
-            gemm<scalar_t>(false, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(0), pdh + p0, P);
+            gemm<scalar_t>(false, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(zo.on()), pdh + p0, P);
             clear_dh(s, n, p0, n_p);
           }
           gemm<scalar_t>(true, false, n_p, H, n, pdhs + p0, P, phraw, H, scalar_t(1), pdw + p0 * H, H);
@@ -692,13 +748,30 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional
 // The forward loop on `gx`'s dtype (float32 or float64); other inputs are converted to it. Returns `y [T, B, P]`,
 // `hT [B, P]` in h0's dtype, `cT [B, H]` in c0's dtype (LSTM), `saved [T, B, W*H]` (`[0]` unless `need_saved`);
 // `hT_out`, `cT_out`, when defined, are contiguous tensors of `gx`'s dtype that the final states are written into.
+// `zo` checked and in dtype `dt`: weights `h [T, B, P]` and, for LSTM, `c [T, B, H]` together, or a constant in [0, 1).
+ZoneoutArgs zoneout_in(const ZoneoutArgs& zo, at::ScalarType dt, int64_t T, int64_t B, int64_t P, int64_t H,
+                       bool lstm) {
+  TORCH_CHECK(zo.keep >= 0 && zo.keep < 1, "zoneout's keep must lie in [0, 1), got ", zo.keep);
+  TORCH_CHECK(!zo.h || zo.keep == 0, "give zoneout's weights or its constant, not both");
+  if (lstm) {
+    TORCH_CHECK(zo.h.has_value() == zo.c.has_value(), "lstm's zoneout weights come for h and c together");
+  } else {
+    TORCH_CHECK(!zo.c, "zoneout weights of c are lstm's only");
+  }
+  ZoneoutArgs out{as(zo.h, dt), as(zo.c, dt), zo.keep};
+  if (out.h) check(*out.h, "keep_h", dt, {T, B, P});
+  if (out.c) check(*out.c, "keep_c", dt, {T, B, H});
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_into(
     int64_t cell, const c10::optional<at::Tensor>& gx_given, const c10::optional<at::Tensor>& x,
     const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_hh_in,
     const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
     const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, bool poison,
-    const at::Tensor& hT_out, const at::Tensor& cT_out, const c10::optional<at::Tensor>& zero = c10::nullopt) {
+    const at::Tensor& hT_out, const at::Tensor& cT_out, const c10::optional<at::Tensor>& zero = c10::nullopt,
+    const ZoneoutArgs& zo_in = {}) {
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(gx_given.has_value() != (x.has_value() && w_ih.has_value()), "give gx, or x and w_ih to form it");
@@ -723,14 +796,16 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   if (proj) check(*w_hr, "w_hr", dt, {P, H});
   if (lstm) check(*c0, "c0", dt, {B, H});
   if (lengths) check(*lengths, "lengths", at::kLong, {B});
+  const ZoneoutArgs zo = zoneout_in(zo_in, dt, T, B, P, H, lstm);
   const auto opts = gx.options();
   const at::Tensor y = output({T, B, P}, opts, poison);
   const at::Tensor hT = hT_out.defined() ? hT_out : output({B, P}, opts, poison);
   const at::Tensor cT = !lstm ? at::Tensor() : cT_out.defined() ? cT_out : output({B, H}, opts, poison);
-  const at::Tensor saved = need_saved ? output({T, B, saved_width(cell) * H}, opts, poison) : at::empty({0}, opts);
+  const at::Tensor saved =
+      need_saved ? output({T, B, saved_width(cell, zo.on()) * H}, opts, poison) : at::empty({0}, opts);
   const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
-    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, chunk, y, hT, cT,
+    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, zo, chunk, y, hT, cT,
                        saved);
   });
   return {y, in_dtype(hT, h0_in.scalar_type()),
@@ -744,9 +819,10 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
     const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
     const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& w_hr, bool reverse, bool need_saved, int64_t chunk, bool poison,
-    const c10::optional<at::Tensor>& zero) {
+    const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& keep_h,
+    const c10::optional<at::Tensor>& keep_c, double keep) {
   return fwd_into(cell, gx, x, w_ih, b_ih, b_fold, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, chunk, poison,
-                  at::Tensor(), at::Tensor(), zero);
+                  at::Tensor(), at::Tensor(), zero, {keep_h, keep_c, keep});
 }
 
 // `(b_fold, b_h)`: the part of `b_hh` added to the input projection and the part left to the recurrence, split as
@@ -806,7 +882,8 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
   const BelowAutograd below;
   const auto [b_fold, b_h] = folded_biases(cell, b_hh);
   auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0,
-                                c10::nullopt, c10::nullopt, false, false, chunk, poison, c10::nullopt);
+                                c10::nullopt, c10::nullopt, false, false, chunk, poison, c10::nullopt, c10::nullopt,
+                                c10::nullopt, 0.0);
   return {hT, cT};
 }
 
@@ -818,7 +895,8 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
     const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& w_hr_in, const at::Tensor& h0_in,
     const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in, const at::Tensor& y_in,
     const at::Tensor& saved, bool reverse, int64_t chunk, bool poison, bool need_dh0,
-    const c10::optional<at::Tensor>& zero) {
+    const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& keep_h,
+    const c10::optional<at::Tensor>& keep_c, double keep) {
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(dy_in.dim() == 3 && w_hh_in.dim() == 2, "dy must be [T, B, P] and w_hh [G*H, P]");
@@ -841,7 +919,8 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
   check(w_hh, "w_hh", dt, {GH, P});
   check(h0, "h0", dt, {B, P});
   check(y, "y", dt, {T, B, P});
-  check(saved, "saved", dt, {T, B, saved_width(cell) * H});
+  const ZoneoutArgs zo = zoneout_in({keep_h, keep_c, keep}, dt, T, B, P, H, lstm);
+  check(saved, "saved", dt, {T, B, saved_width(cell, zo.on()) * H});
   if (lstm) {
     check(*dcT, "dcT", dt, {B, H});
     check(*c0, "c0", dt, {B, H});
@@ -856,7 +935,7 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
   const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_bwd", [&] {
     bwd_loop<scalar_t>(static_cast<int>(cell), dy, dhT, lstm ? *dcT : dc0, w_hh, w_hr, h0, lstm ? *c0 : dc0, ord,
-                       y, saved, chunk, dgx, dgh, dh0, dc0, dw_hr);
+                       zo, y, saved, chunk, dgx, dgh, dh0, dc0, dw_hr);
   });
   auto maybe = [](const at::Tensor& t, const c10::optional<at::Tensor>& like) {
     return t.defined() ? c10::make_optional(in_dtype(t, like->scalar_type())) : c10::nullopt;
@@ -885,7 +964,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const bool lstm = cell == LSTM;
     const auto [b_fold, b_h] = folded_biases(cell, b_hh);
     auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt, w_hr,
-                                  reverse, true, chunk, poison, c10::nullopt);
+                                  reverse, true, chunk, poison, c10::nullopt, c10::nullopt, c10::nullopt, 0.0);
     ctx->save_for_backward({x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
@@ -931,7 +1010,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor dcT = !lstm ? at::Tensor() : grads[2].defined() ? grads[2] : at::zeros_like(c0);
     auto [dgx, dgh, dh0, dc0, dw_hr] =
         bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
-            ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool(), need_h0, c10::nullopt);
+            ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool(), need_h0, c10::nullopt,
+            c10::nullopt, c10::nullopt, 0.0);
     // `h_prev` as `seqfast.autograd.h_prev` forms it (no lengths)
     const int64_t T = y.size(0);
     const at::Tensor h0_step = h0.to(y.scalar_type()).unsqueeze(0);
@@ -1010,11 +1090,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &seqfast::step, "A cell's step without grad: (h, c or None).", py::call_guard<py::gil_scoped_release>());
   m.def("layer", &seqfast::layer, "One layer-direction with grad as an autograd node: (y, hT, cT or None).");
   m.def("cells", [] {
-    std::vector<std::pair<int, int>> table;
+    std::vector<std::tuple<int, int, int>> table;
     for (int cell = seqfast::RNN_TANH; cell <= seqfast::GRU; ++cell)
-      table.emplace_back(seqfast::gates(cell), seqfast::saved_width(cell));
+      table.emplace_back(seqfast::gates(cell), seqfast::saved_width(cell, false), seqfast::saved_width(cell, true));
     return table;
-  }, "(gates, width of `saved` per hidden unit) of each cell id.");
+  }, "(gates, width of `saved` per hidden unit, the same with zoneout) of each cell id.");
   m.def("isa", &seqfast::isa, "The instruction set of the cell math and float32 GEMM in use.");
   m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` kernels; returns the previous.");
   m.def("has_blas", [] {

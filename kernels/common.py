@@ -78,16 +78,34 @@ class Extensions(NamedTuple):
     ln_c_weight: torch.Tensor | None = None
     ln_c_bias: torch.Tensor | None = None
 
+    def fused(self):
+        """`(zero, keep_h, keep_c, keep)`: resets and zoneout as tensors or None, and zoneout's constant weight as a
+        float (0 when off or given per unit), the form the custom ops and the eager autograd Function carry."""
+        if torch.is_tensor(self.keep_h) or self.keep_h is None:
+            return self.zero, self.keep_h, self.keep_c, 0.0
+        return self.zero, None, None, float(self.keep_h)
+
+    def steps(self, index):
+        """These options at the steps `index` picks out of `[T, B]` (a slice of steps, or per-row step indices as in
+        `seq[order, arange(B)]`)."""
+
+        def take(t):
+            return t[index] if torch.is_tensor(t) else t
+
+        return self._replace(zero=take(self.zero), keep_h=take(self.keep_h), keep_c=take(self.keep_c))
+
     def options(self):
         """The options in use: a sorted tuple of `resets`, `zoneout`, `layer_norm`."""
         used = (("layer_norm", self.ln_hh), ("resets", self.zero), ("zoneout", self.keep_h))
         return tuple(name for name, value in used if value is not None)
 
 
-def resets_arg(zero):
-    """The trailing `ext` argument of a backend call whose only option is resets `zero` (`[T, B]` bool): `()` when
-    `zero` is None, so that a backend without options is called as before."""
-    return () if zero is None else (Extensions(zero=zero),)
+def fused_arg(zero, keep_h, keep_c, keep):
+    """The trailing `ext` argument of a backend call from the fused options as the custom ops carry them (see
+    `Extensions.fused`): `()` without any, so that a backend without options is called as before."""
+    if keep_h is None and keep:
+        keep_h = keep_c = keep
+    return () if zero is None and keep_h is None else (Extensions(zero, keep_h, keep_c),)
 
 
 LN_EPS = 1e-5

@@ -19,10 +19,10 @@ except ImportError as e:
 
 DEVICES = ("cpu",)
 FUSES_PROJECTION = True
-EXTENSIONS = ("resets",)
+EXTENSIONS = ("resets", "zoneout")
 
-# width of `saved` per hidden unit, by cell id, as the extension lays it out
-_SAVED_WIDTH = [width for _, width in _C.cells()]
+# width of `saved` per hidden unit, by zoneout and cell id, as the extension lays it out
+_SAVED_WIDTH = {zoneout: [widths[1 + zoneout] for widths in _C.cells()] for zoneout in (False, True)}
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -64,9 +64,10 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     return None
 
 
-def saved_shape(cell, T, B, H, P):
-    """Shape of `saved`: `[T, B, W*H]` with `W` 5 (LSTM), 4 (GRU) or 0 (RNN)."""
-    return (T, B, _SAVED_WIDTH[CELL_IDS[cell]] * H)
+def saved_shape(cell, T, B, H, P, zoneout=False):
+    """Shape of `saved`: `[T, B, W*H]` with `W` 5 (LSTM), 4 (GRU) or 0 (RNN), one more for LSTM and RNN with
+    `zoneout` (default False)."""
+    return (T, B, _SAVED_WIDTH[zoneout][CELL_IDS[cell]] * H)
 
 
 def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True, ext=None):
@@ -74,7 +75,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
 
     Args:
         gx: `[T, B, G*H]`, or a `Projection` the extension forms.
-        ext: `common.Extensions` with `zero` (resets) only, or None.
+        ext: `common.Extensions` of resets and zoneout, or None.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
@@ -96,8 +97,13 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         need_saved,
         _chunk(cell, w_hh, h0.shape[0]),
         poisoning(),
-        None if ext is None else ext.zero,
+        *_fused(ext),
     )
+
+
+def _fused(ext):
+    """`(zero, keep_h, keep_c, keep)` of `ext` (None: no options)."""
+    return (None, None, None, 0.0) if ext is None else ext.fused()
 
 
 def stack(cell, x, h0, c0, weights, bidirectional):
@@ -159,5 +165,5 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         _chunk(cell, w_hh, h0.shape[0]),
         poisoning(),
         True,  # need_dh0: the contract's bwd always returns dh0 (only the extension's own node skips it)
-        None if ext is None else ext.zero,
+        *_fused(ext),
     )

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import dispatch
 from .kernels import reference
-from .kernels.common import CELL_IDS, GATES, compute_dtype, resets_arg
+from .kernels.common import CELL_IDS, GATES, compute_dtype, fused_arg
 from .linear import bias_sum, linear_backward, preactivations, project_backward
 
 
@@ -37,6 +37,9 @@ def _recurrence(
     lengths: Tensor | None,
     w_hr: Tensor | None,
     zero: Tensor | None,
+    keep_h: Tensor | None,
+    keep_c: Tensor | None,
+    keep: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer-direction forward.
 
@@ -47,13 +50,15 @@ def _recurrence(
         need_saved: keep the backend's workspace for backward (False under `no_grad`).
         gx: `[T, B, G*H]` input pre-activations; w_hh: `[G*H, P]`; b_hh: `[G*H]` or None;
         h0: `[B, P]`; c0: `[B, H]` (LSTM) or None; lengths: `[B]` int64 or None; w_hr: `[P, H]` or None.
-        zero: `[T, B]` bool, the steps that start from zeros (`resets`), or None.
+        zero, keep_h, keep_c, keep: the options a fused backend runs (`resets`, `zoneout`), as
+            `seqfast.kernels.common.Extensions.fused` gives them.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (`[0]` unless LSTM), `saved` (`[0]` unless `need_saved`).
     """
     module = dispatch.load(backend)
-    y, hT, cT, saved = module.fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, *resets_arg(zero))
+    ext = fused_arg(zero, keep_h, keep_c, keep)
+    y, hT, cT, saved = module.fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, *ext)
     if cT is None:
         cT = h0.new_empty(0)
     return y, hT, cT, saved
@@ -63,10 +68,11 @@ recurrence = torch.library.custom_op("seqfast::recurrence", _recurrence, mutates
 
 
 @recurrence.register_fake
-def _(backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr, zero):
+def _(backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr, zero, keep_h, keep_c, keep):
     T, B, _ = gx.shape
     H, P = w_hh.shape[0] // GATES[cell], w_hh.shape[1]
-    saved_shape = dispatch.load(backend).saved_shape(cell, T, B, H, P) if need_saved else (0,)
+    zoneout = {"zoneout": True} if keep_h is not None or keep else {}  # a backend that runs zoneout takes it
+    saved_shape = dispatch.load(backend).saved_shape(cell, T, B, H, P, **zoneout) if need_saved else (0,)
     y = gx.new_empty((T, B, P))
     cT = c0.new_empty((B, H)) if cell == "lstm" else h0.new_empty(0)
     return y, h0.new_empty((B, P)), cT, gx.new_empty(saved_shape, dtype=compute_dtype(gx.dtype))
@@ -88,6 +94,9 @@ def _recurrence_backward(
     y: Tensor,
     saved: Tensor,
     zero: Tensor | None,
+    keep_h: Tensor | None,
+    keep_c: Tensor | None,
+    keep: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer-direction backward on the backend that ran the forward.
 
@@ -97,7 +106,7 @@ def _recurrence_backward(
     """
     module = dispatch.load(backend)
     dgx, dgh, dh0, dc0, dw_hr = module.bwd(
-        cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse, *resets_arg(zero)
+        cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse, *fused_arg(zero, keep_h, keep_c, keep)
     )
     dgh = dy.new_empty(0) if dgh is None else dgh
     return dgx, dgh, dh0, h0.new_empty(0) if dc0 is None else dc0, w_hh.new_empty(0) if dw_hr is None else dw_hr
@@ -107,7 +116,7 @@ recurrence_backward = torch.library.custom_op("seqfast::recurrence_backward", _r
 
 
 @recurrence_backward.register_fake
-def _(backend, cell, reverse, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, zero):
+def _(backend, cell, reverse, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, zero, keep_h, keep_c, keep):
     T, B, _ = dy.shape
     G = w_hh.shape[0]
     dc0 = c0.new_empty(c0.shape) if cell == "lstm" else h0.new_empty(0)
@@ -136,26 +145,44 @@ def h_prev(y, h0, lengths, reverse, zero=None):
     return prev if zero is None else prev.masked_fill(zero.unsqueeze(-1), 0)
 
 
-def _grads(run_backward, run_linear_backward, backend, cell, reverse, saved_tensors, dy, dhT, dcT):
+def _grads(run_backward, run_linear_backward, backend, cell, reverse, saved_tensors, keep, dy, dhT, dcT):
     """The recurrence's input gradients from its output gradients (None where not given).
 
     Args:
         run_backward, run_linear_backward: `recurrence_backward` and `linear_backward`, as custom ops or as the
             plain functions behind them.
-        saved_tensors: `(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero)` kept by the forward.
+        saved_tensors: `(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c)` kept by the forward.
+        keep: zoneout's constant weight (see `seqfast.kernels.common.Extensions.fused`).
 
     Returns:
         `dgx [T, B, G*H]`, `dw_hh`, `db_hh` (None without `b_hh`), `dh0`, `dc0` (None unless LSTM), `dw_hr` (None
         without projection).
     """
-    w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero = saved_tensors
+    w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c = saved_tensors
     is_lstm = cell == "lstm"
     dy = torch.zeros_like(y) if dy is None else dy
     dhT = torch.zeros_like(h0) if dhT is None else dhT
     if is_lstm and dcT is None:
         dcT = torch.zeros_like(c0)
     dgx, dgh, dh0, dc0, dw_hr = run_backward(
-        backend, cell, reverse, dy, dhT, dcT if is_lstm else None, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, zero
+        backend,
+        cell,
+        reverse,
+        dy,
+        dhT,
+        dcT if is_lstm else None,
+        w_hh,
+        b_hh,
+        w_hr,
+        h0,
+        c0,
+        lengths,
+        y,
+        saved,
+        zero,
+        keep_h,
+        keep_c,
+        keep,
     )
     dgh = dgh if cell == "gru" else dgx
     states = h_prev(y, h0, lengths, reverse, zero)
@@ -171,10 +198,10 @@ def _grads(run_backward, run_linear_backward, backend, cell, reverse, saved_tens
 
 
 def _setup_context(ctx, inputs, output):
-    backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr, zero = inputs
+    backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr, zero, keep_h, keep_c, keep = inputs
     y, _, _, saved = output
-    ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved = backend, cell, reverse, need_saved
-    ctx.save_for_backward(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero)
+    ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved, ctx.keep = backend, cell, reverse, need_saved, keep
+    ctx.save_for_backward(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(saved, *(() if cell == "lstm" else (output[2],)))
 
@@ -186,9 +213,18 @@ def _backward(ctx, dy, dhT, dcT, _dsaved):
             "run the forward with gradients enabled to differentiate it"
         )
     dgx, dw_hh, db_hh, dh0, dc0, dw_hr = _grads(
-        recurrence_backward, linear_backward, ctx.backend, ctx.cell, ctx.reverse, ctx.saved_tensors, dy, dhT, dcT
+        recurrence_backward,
+        linear_backward,
+        ctx.backend,
+        ctx.cell,
+        ctx.reverse,
+        ctx.saved_tensors,
+        ctx.keep,
+        dy,
+        dhT,
+        dcT,
     )
-    return None, None, None, None, dgx, dw_hh, db_hh, dh0, dc0, None, dw_hr, None
+    return None, None, None, None, dgx, dw_hh, db_hh, dh0, dc0, None, dw_hr, None, None, None, None
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
@@ -201,9 +237,7 @@ def folded_biases(cell, b_hh):
     return (None, b_hh) if cell == "gru" else (b_hh, None)
 
 
-def differentiable_grads(
-    cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, dy, dhT, dcT, need, zero=None
-):
+def differentiable_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, dy, dhT, dcT, need, ext=None):
     """A layer-direction's input gradients as differentiable functions of its inputs and of the output gradients:
     the forward run again on the reference's torch ops and differentiated by autograd with `create_graph=True`, so
     that a second backward flows through them (the first runs at the reference's speed).
@@ -213,7 +247,7 @@ def differentiable_grads(
         dy: `[T, B, P]`, dhT: `[B, P]`, dcT: `[B, H]` (LSTM), each None where the output got no gradient.
         need: 8 bools, whether the gradient of `x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr` is wanted (a wanted
             tensor requires grad).
-        zero: `[T, B]` bool resets of the call (see `seqfast.kernels.common.Extensions`), or None (default).
+        ext: the call's fused options (`seqfast.kernels.common.Extensions`), or None (default).
 
     Returns:
         The 8 gradients, None where not wanted.
@@ -223,7 +257,7 @@ def differentiable_grads(
     with torch.enable_grad():
         b_fold, b_h = folded_biases(cell, b_hh)
         gx = F.linear(x, w_ih, bias_sum(b_ih, b_fold))
-        outputs = reference.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, *resets_arg(zero))[:3]
+        outputs = reference.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, ext)[:3]
         pairs = [(o, g) for o, g in zip(outputs, (dy, dhT, dcT), strict=True) if o is not None and g is not None]
         if not pairs or not wrt:
             return [None] * len(need)
@@ -254,35 +288,40 @@ _library.impl("layer_grads", _layer_grads, "CompositeImplicitAutograd")
 class Layer(torch.autograd.Function):
     """One layer-direction, input projection included, without the custom ops: the eager path.
 
-    `apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, zero)` with the arguments of
-    `seqfast.functional.layer` (`backend` as requested) and `zero` (`[T, B]` bool resets, see
-    `seqfast.kernels.common.Extensions`, or None); returns `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (None unless
-    LSTM).
+    `apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, zero, keep_h, keep_c, keep)`
+    with the arguments of `seqfast.functional.layer` (`backend` as requested) and the fused options as
+    `seqfast.kernels.common.Extensions.fused` gives them; returns `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (None
+    unless LSTM).
     """
 
     @staticmethod
-    def forward(ctx, backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, zero):
+    def forward(
+        ctx, backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, zero, keep_h, keep_c, keep
+    ):
         b_fold, b_h = folded_biases(cell, b_hh)
+        ext = fused_arg(zero, keep_h, keep_c, keep)
+        options = ext[0].options() if ext else ()
         # x stands for gx in the choice: same dtype and device (the eager path runs without autocast)
-        options = () if zero is None else ("resets",)
         backend, kernels = dispatch.select_remembered(cell, x, w_hh, h0, c0, lengths, w_hr, backend, options)
         gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
-        y, hT, cT, saved = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True, *resets_arg(zero))
-        ctx.backend, ctx.cell, ctx.reverse = backend, cell, reverse
-        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero)
+        y, hT, cT, saved = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True, *ext)
+        ctx.backend, ctx.cell, ctx.reverse, ctx.keep = backend, cell, reverse, keep
+        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c)
         ctx.set_materialize_grads(False)
         return y, hT, cT
 
     @staticmethod
     def backward(ctx, dy, dhT, dcT):
-        x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero = ctx.saved_tensors
+        x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c = ctx.saved_tensors
+        no_options = (None,) * 4
         if torch.is_grad_enabled():  # create_graph=True
             inputs = (x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
             need = [ctx.needs_input_grad[3 + i] for i in (0, 1, 2, 3, 4, 5, 6, 8)]
+            ext = fused_arg(zero, keep_h, keep_c, ctx.keep)
             dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, dw_hr = differentiable_grads(
-                ctx.cell, ctx.reverse, *inputs, dy, dhT, dcT, need, zero
+                ctx.cell, ctx.reverse, *inputs, dy, dhT, dcT, need, ext[0] if ext else None
             )
-            return None, None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, None, dw_hr, None
+            return None, None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, None, dw_hr, *no_options
         b_h = folded_biases(ctx.cell, b_hh)[1]
         dgx, dw_hh, db_h, dh0, dc0, dw_hr = _grads(
             _recurrence_backward,
@@ -290,7 +329,8 @@ class Layer(torch.autograd.Function):
             ctx.backend,
             ctx.cell,
             ctx.reverse,
-            (w_hh, b_h, h0, c0, lengths, w_hr, y, saved, zero),
+            (w_hh, b_h, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c),
+            ctx.keep,
             dy,
             dhT,
             dcT,
@@ -313,5 +353,5 @@ class Layer(torch.autograd.Function):
             dc0,
             None,
             dw_hr,
-            None,
+            *no_options,
         )

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from . import dispatch, native
 from .autograd import Layer, folded_biases
-from .kernels.common import GATES, LN_EPS, Extensions, resets_arg, time_index
+from .kernels.common import GATES, LN_EPS, Extensions, time_index
 from .linear import bias_sum, fused, linear, plain, preactivations
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
@@ -118,7 +118,7 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
             macs = x.shape[0] * x.shape[1] * w_ih.shape[0] * max(x.shape[2], w_hh.shape[1])
             if hasattr(kernels, "layer") and plain(macs):  # the backend's own node, bitwise the same as Layer
                 return kernels.layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
-        return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, None)
+        return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, *_NO_OPTIONS)
     b_fold, b_h = folded_biases(cell, b_hh)
     if fast:
         if kernels is None:
@@ -129,9 +129,19 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
     # a trace keeps the flag as a constant, so a traced module saves the workspace whether or not it will need it
     need_saved = need_grad or torch.jit.is_tracing()
     y, hT, cT, _ = torch.ops.seqfast.recurrence(
-        name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, None
+        name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, *_NO_OPTIONS
     )
     return y, hT, cT if cell == "lstm" else None
+
+
+# The fused options' arguments of `Layer` and the custom ops (`Extensions.fused`) when a call has none.
+_NO_OPTIONS = (None, None, None, 0.0)
+
+
+def _given(ext):
+    """`ext` as the trailing argument of a backend call: none when None, so that a backend without options is called
+    as before."""
+    return () if ext is None else (ext,)
 
 
 def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext):
@@ -144,14 +154,15 @@ def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, le
     b_fold, b_h = folded_biases(cell, b_hh)
     if name != "reference":
         if fast and need_grad:
-            return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, ext.zero)
+            fused = ext.fused()
+            return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, *fused)
         if fast:
             kernels = dispatch.load(name)
-            return _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext.zero)
+            return _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext)
         gx = linear(x, w_ih, bias_sum(b_ih, b_fold))
         need_saved = need_grad or torch.jit.is_tracing()
         y, hT, cT, _ = torch.ops.seqfast.recurrence(
-            name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, ext.zero
+            name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, *ext.fused()
         )
         return y, hT, cT if cell == "lstm" else None
     bias = bias_sum(b_ih, b_fold)
@@ -209,12 +220,12 @@ def _infer_chunks(x, w_ih):
     return min(-(-T * x.shape[1] * w_ih.shape[0] * x.element_size() // _INFER_CHUNK_BYTES), T // _INFER_MIN_STEPS)
 
 
-def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, zero):
+def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext):
     """The forward on the eager path without grad, on `kernels` (a backend module): the input projection and the
     recurrence a chunk of steps at a time, each chunk from the state the one before left, so that every step
     groups the same rows as one call would. A reversed walk goes chunk by chunk from the end, or, with `lengths`,
-    through each sequence's steps gathered from its own last one (the order the kernels walk it in). `zero`: `[T, B]`
-    bool resets (see `seqfast.kernels.common.Extensions`), or None.
+    through each sequence's steps gathered from its own last one (the order the kernels walk it in). `ext`: the
+    options the backend runs (`seqfast.kernels.common.Extensions`), or None.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None.
@@ -223,7 +234,7 @@ def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, length
     chunks = _infer_chunks(x, w_ih)
     if chunks < 2:
         gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
-        return kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, *resets_arg(zero))[:3]
+        return kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, *_given(ext))[:3]
     steps = -(-T // chunks)
     order = time_index(T, lengths, reverse, x.device)  # [T, B] time of each processing step, or None
     backwards = reverse and order is None
@@ -234,8 +245,8 @@ def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, length
         at = slice(s0, s1) if order is None else (order[s0:s1], torch.arange(B, device=x.device))
         gx = preactivations(kernels, x[at], w_ih, b_ih, b_fold)
         chunk_lengths = None if lengths is None else (lengths - s0).clamp(0, s1 - s0)
-        ext = resets_arg(None if zero is None else zero[at])
-        y_chunk, h, c, _ = kernels.fwd(cell, gx, w_hh, b_h, h, c, chunk_lengths, w_hr, backwards, False, *ext)
+        steps = _given(None if ext is None else ext.steps(at))
+        y_chunk, h, c, _ = kernels.fwd(cell, gx, w_hh, b_h, h, c, chunk_lengths, w_hr, backwards, False, *steps)
         if y is None:
             y = y_chunk.new_empty((T, *y_chunk.shape[1:]))
         y[at] = y_chunk

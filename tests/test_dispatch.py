@@ -390,8 +390,9 @@ class TakeOutput(torch.nn.Module):
 OP_CELLS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
 
 
-def _op_args(backend, cell, lengths, reverse, resets=False):
-    """Arguments of `seqfast::recurrence` for a tiny case; `lstm-proj` also drops `b_hh`; `resets` sets `zero`."""
+def _op_args(backend, cell, lengths, reverse, resets=False, zoneout=False):
+    """Arguments of `seqfast::recurrence` for a tiny case; `lstm-proj` also drops `b_hh`; `resets` sets `zero`,
+    `zoneout` the masks `keep_h`, `keep_c`."""
     proj = cell == "lstm-proj"
     cell = "lstm" if proj else cell
     T, B, H = 5, 3, 4
@@ -417,6 +418,9 @@ def _op_args(backend, cell, lengths, reverse, resets=False):
         torch.tensor([[True, False, False], [False, True, False]] + [[False, False, True]] * (T - 2))
         if resets
         else None,
+        torch.rand(T, B, P, dtype=torch.float64).round() if zoneout else None,
+        torch.rand(T, B, H, dtype=torch.float64).round() if zoneout and cell == "lstm" else None,
+        0.0,
     )
 
 
@@ -430,24 +434,31 @@ def test_opcheck_recurrence_and_backward(backend, cell, lengths, reverse):
 
 @pytest.mark.parametrize("cell", OP_CELLS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_opcheck_recurrence_with_resets(backend, cell):
-    """The ops with `zero` (resets) on a backend that runs them; one that does not is never chosen for them."""
-    if "resets" not in getattr(dispatch.load(backend), "EXTENSIONS", ()):
-        _, cell, _, _, gx, w_hh, _, h0, c0, lens, w_hr, _ = _op_args(backend, cell, None, False)
-        with pytest.raises(RuntimeError, match="does not run the resets option"):
-            dispatch.select(cell, gx, w_hh, h0, c0, lens, w_hr, backend, ("resets",))
+@pytest.mark.parametrize("option", ["resets", "zoneout"])
+def test_opcheck_recurrence_with_options(backend, cell, option):
+    """The ops with `zero` (resets) or zoneout's masks on a backend that runs them; one that does not is never
+    chosen for them."""
+    if option not in getattr(dispatch.load(backend), "EXTENSIONS", ()):
+        _, cell, _, _, gx, w_hh, _, h0, c0, lens, w_hr, *_ = _op_args(backend, cell, None, False)
+        with pytest.raises(RuntimeError, match=f"does not run the {option} option"):
+            dispatch.select(cell, gx, w_hh, h0, c0, lens, w_hr, backend, (option,))
+        return
+    if backend == "reference" and option == "zoneout":  # autograd differentiates its forward, never the ops
+        with pytest.raises(ValueError, match="runs resets alone"):
+            torch.ops.seqfast.recurrence(*_op_args(backend, cell, None, False, zoneout=True))
         return
     for reverse in (False, True):
-        _opcheck(_op_args(backend, cell, None, reverse, resets=True))
+        _opcheck(_op_args(backend, cell, [5, 2, 3], reverse, **{option: True}))
 
 
 def _opcheck(args):
     """`opcheck` of `seqfast::recurrence` on `args`, then of its backward on the outputs."""
     torch.library.opcheck(torch.ops.seqfast.recurrence.default, args)
-    backend, cell, reverse, _, gx, w_hh, b_hh, h0, c0, lens, w_hr, zero = args
+    backend, cell, reverse, _, gx, w_hh, b_hh, h0, c0, lens, w_hr, *options = args
     y, hT, cT, saved = torch.ops.seqfast.recurrence(*args)
     H = c0.shape[1] if cell == "lstm" else w_hh.shape[0] // GATES[cell]
-    assert saved.shape == dispatch.load(backend).saved_shape(cell, *gx.shape[:2], H, w_hh.shape[1])
+    zoneout = {"zoneout": True} if options[1] is not None else {}
+    assert saved.shape == dispatch.load(backend).saved_shape(cell, *gx.shape[:2], H, w_hh.shape[1], **zoneout)
 
     def detached(t):
         return None if t is None else t.detach()
@@ -468,7 +479,7 @@ def _opcheck(args):
         lens,
         y.detach(),
         saved,
-        zero,
+        *options,
     )
     torch.library.opcheck(torch.ops.seqfast.recurrence_backward.default, backward_args)
 

@@ -196,18 +196,52 @@ def test_each_backend_runs_an_option_or_declines_it_with_the_reason(backend, cel
             assert_same(flatten(module(x, hx, resets=resets)), expected[0], 1e-12)
 
 
+CELL_MODULES = {"lstm": seqfast.LSTMCell, "gru": seqfast.GRUCell, "rnn_tanh": seqfast.RNNCell}
+
+
+@pytest.mark.parametrize("cell", CELL_MODULES)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_cells_run_an_option_on_each_backend_or_decline_it(backend, cell):
+    """A cell with `layer_norm` or `zoneout` on a backend that lists the option gives the reference's results and
+    gradients, in training (same seed, same masks) and evaluation; another backend declines it with the reason."""
+    listed = getattr(dispatch.load(backend), "EXTENSIONS", ())
+    for option, value in (("layer_norm", True), ("zoneout", 0.4)):
+        ours = CELL_MODULES[cell](3, 4, dtype=torch.float64, backend=backend, **{option: value})
+        ref = CELL_MODULES[cell](3, 4, dtype=torch.float64, backend="reference", **{option: value})
+        ref.load_state_dict(ours.state_dict())
+        x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        h = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+        hx = (h, torch.randn_like(h).requires_grad_()) if cell == "lstm" else h
+        if option not in listed:
+            with pytest.raises(RuntimeError, match=f"does not run the {option} option"):
+                ours(x, hx)
+            continue
+        for training in (True, False):
+            ours.train(training), ref.train(training)
+            torch.manual_seed(2)
+            expected = run_with_grads(ref, lambda m, x=x, hx=hx: m(x, hx), leaves(x, hx))
+            torch.manual_seed(2)
+            actual = run_with_grads(ours, lambda m, x=x, hx=hx: m(x, hx), leaves(x, hx))
+            assert_same(actual[0] + actual[1], expected[0] + expected[1], 1e-12)
+
+
 FUSED_CELLS = ["lstm", "lstm-proj", "gru", "rnn_tanh", "rnn_relu"]
 
 
+FUSED_OPTIONS = ["resets", "zoneout", "zoneout-eval", "resets-zoneout"]
+
+
+@pytest.mark.parametrize("option", FUSED_OPTIONS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("kind", FUSED_CELLS)
 @pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.values[0] != "reference"])
-def test_fused_resets_are_the_reference_layer(backend, kind, reverse, dtype):
-    """One layer-direction with resets (`functional.layer` with `ext.zero`) on a backend that fuses them, against the
-    reference's in float64: outputs and the gradients of every input for random cotangents, with mixed lengths (as
-    the contract allows) and without; float32 at a size that runs the threaded, packed loops. A backend that does
-    not fuse them refuses the call with the reason."""
+def test_fused_options_are_the_reference_layer(backend, kind, reverse, dtype, option):
+    """One layer-direction with resets (`ext.zero`), zoneout's masks (`ext.keep_h`, `ext.keep_c`) or its evaluation
+    weight, or both, through `functional.layer` on a backend that fuses them, against the reference's in float64:
+    outputs and the gradients of every input for random cotangents, with mixed lengths (as the contract allows) and
+    without; float32 at a size that runs the threaded, packed loops. A backend that does not fuse them refuses the
+    call with the reason."""
     cell, proj = kind.removesuffix("-proj"), kind == "lstm-proj"
     lstm = cell == "lstm"
     T, B, H = (9, 5, 6) if dtype == torch.float64 else (40, 48, 70)
@@ -228,17 +262,28 @@ def test_fused_resets_are_the_reference_layer(backend, kind, reverse, dtype):
         w_hr=rand(P, H, scale=H**-0.5) if proj else None,
     )
     cot = [rand(T, B, P), rand(B, P)] + ([rand(B, H)] if lstm else [])
+    options = option.removesuffix("-eval").split("-")
     for lengths in (None, mixed_lengths(T, B)):
-        ext = Extensions(zero=torch.rand(T, B, generator=gen) < 0.2)
-        ext.zero[0, 0] = ext.zero[-1, -1] = True
+        zero = keep_h = keep_c = None
+        if "resets" in options:
+            zero = torch.rand(T, B, generator=gen) < 0.2
+            zero[0, 0] = zero[-1, -1] = True
+        if option == "zoneout-eval":
+            keep_h = keep_c = 0.3
+        elif "zoneout" in options:
+            keep_h = torch.rand(T, B, P, generator=gen).lt(0.3).double()
+            keep_c = torch.rand(T, B, H, generator=gen).lt(0.3).double() if lstm else None
         results = []
         for name, dt in ((backend, dtype), ("reference", torch.float64)):
+            keep = [k.to(dt) if torch.is_tensor(k) else k for k in (keep_h, keep_c)]
+            ext = Extensions(zero, *keep)
             leaves = {k: v.to(dt).requires_grad_() for k, v in tensors.items() if v is not None}
             a = {k: leaves.get(k) for k in tensors}
             args = (cell, a["x"], a["w_ih"], a["w_hh"], a["b_ih"], a["b_hh"], a["h0"], a["c0"], a["w_hr"])
             args += (lengths, reverse, name, ext)
-            if "resets" not in getattr(dispatch.load(name), "EXTENSIONS", ()):
-                with pytest.raises(RuntimeError, match="does not run the resets option"):
+            missing = [o for o in options if o not in getattr(dispatch.load(name), "EXTENSIONS", ())]
+            if missing:
+                with pytest.raises(RuntimeError, match=f"does not run the {', '.join(missing)} option"):
                     functional.layer(*args)
                 return
             outputs = [o for o in functional.layer(*args) if o is not None]

@@ -303,7 +303,7 @@ def test_recurrence_op_without_need_saved_returns_empty_workspace(cell):
     c0 = torch.randn(2, 4) if cell == "lstm" else None
     for need_saved in (False, True):
         y, hT, cT, saved = torch.ops.seqfast.recurrence(
-            "reference", cell, False, need_saved, gx, w_hh, None, h0, c0, None, None, None
+            "reference", cell, False, need_saved, gx, w_hh, None, h0, c0, None, None, None, None, None, 0.0
         )
         assert (saved.numel() == 0) != need_saved
         assert y.shape == (5, 2, 4) and hT.shape == (2, 4)
