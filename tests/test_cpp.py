@@ -166,7 +166,7 @@ def test_cell_table_is_the_contracts(cpp):
     """The extension numbers the cells as `common.CELL_IDS` does, with `common.GATES`' gate counts."""
     ids = sorted(common.CELL_IDS, key=common.CELL_IDS.get)
     assert [common.CELL_IDS[c] for c in ids] == list(range(len(ids)))
-    assert [gates for gates, _ in cpp._C.cells()] == [common.GATES[c] for c in ids]
+    assert [gates for gates, *_ in cpp._C.cells()] == [common.GATES[c] for c in ids]
 
 
 def test_unsupported_reasons(cpp):
