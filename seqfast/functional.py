@@ -146,8 +146,8 @@ def _given(ext):
 
 def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext):
     """`layer` with options (`ext`), on the backend dispatch picks among those that run them all. A fused backend
-    (one that runs the call's options, `resets` only so far) takes `_layer`'s paths with the resets passed along;
-    the reference runs the input projection (normalised with `layer_norm`) by torch and its forward, differentiated by
+    (one that runs the call's options: `resets`, `zoneout`) takes `_layer`'s paths with them passed along; the
+    reference runs the input projection (normalised with `layer_norm`) by torch and its forward, differentiated by
     autograd."""
     options = ext.options()
     name = dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, options)  # x stands for gx
@@ -245,8 +245,8 @@ def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, length
         at = slice(s0, s1) if order is None else (order[s0:s1], torch.arange(B, device=x.device))
         gx = preactivations(kernels, x[at], w_ih, b_ih, b_fold)
         chunk_lengths = None if lengths is None else (lengths - s0).clamp(0, s1 - s0)
-        steps = _given(None if ext is None else ext.steps(at))
-        y_chunk, h, c, _ = kernels.fwd(cell, gx, w_hh, b_h, h, c, chunk_lengths, w_hr, backwards, False, *steps)
+        options = _given(None if ext is None else ext.steps(at))
+        y_chunk, h, c, _ = kernels.fwd(cell, gx, w_hh, b_h, h, c, chunk_lengths, w_hr, backwards, False, *options)
         if y is None:
             y = y_chunk.new_empty((T, *y_chunk.shape[1:]))
         y[at] = y_chunk

@@ -161,6 +161,12 @@ def _reset_layer_norm(module):
                 param.fill_(0.0 if name.startswith("ln_c_bias") else 1.0)
 
 
+def _check_no_options_in_onnx(extended):
+    """ONNX export runs torch.nn's forward, which has none of seqfast's options: refuse a call that uses them."""
+    if extended:
+        raise RuntimeError("seqfast: ONNX export of a call with resets, layer_norm or zoneout is not supported")
+
+
 def _options_repr(module):
     """The `repr` suffix of the options that are on."""
     s = ""
@@ -349,7 +355,8 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             `(output, h_n)` or, for LSTM, `(output, (h_n, c_n))`, shaped as torch.nn returns them.
         """
         extended = resets is not None or self.layer_norm or self.zoneout
-        if functional.onnx_exporting() and not extended:
+        if functional.onnx_exporting():
+            _check_no_options_in_onnx(extended)
             # the ONNX exporters translate torch.nn's ops (aten::lstm into ONNX's LSTM), not seqfast's custom ops
             return self._torch_class.forward(self, input, hx)
         is_lstm = self.mode == "LSTM"
@@ -610,7 +617,8 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         Returns:
             `h' [B, H]` (`[H]` unbatched), or `(h', c')` for `LSTMCell`.
         """
-        if functional.onnx_exporting() and not (self.layer_norm or self.zoneout):
+        if functional.onnx_exporting():
+            _check_no_options_in_onnx(self.layer_norm or self.zoneout)
             return self._torch_class.forward(self, input, hx)
         is_lstm = self._cell_name == "lstm"
         dim = input.dim()

@@ -474,11 +474,16 @@ def test_options_under_strict_automatic_selection_name_the_backends_that_decline
         seqfast.LSTM(3, 4, layer_norm=True)(torch.randn(2, 1, 3))
 
 
+@pytest.mark.parametrize(
+    ("backend", "options"),
+    [("reference", {"layer_norm": True, "zoneout": 0.3}), ("cpp", {"zoneout": 0.3})],
+    ids=["reference-all", "cpp-resets-zoneout"],
+)
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
-def test_options_compile_fullgraph(cell):
-    """`torch.compile(fullgraph=True)` of a module with all three options gives the eager call's results and
-    zoneout masks from the same seed."""
-    module = build(cell, {"layer_norm": True, "zoneout": 0.3}, num_layers=2, bidirectional=True, dtype=torch.float32)
+def test_options_compile_fullgraph(cell, backend, options):
+    """`torch.compile(fullgraph=True)` of a module with the options gives the eager call's results and zoneout's
+    masks from the same seed: the reference's ops traced, or a fused backend's through the custom ops."""
+    module = build(cell, options, backend, num_layers=2, bidirectional=True, dtype=torch.float32)
     x, hx, resets = inputs(module, 5, 2, True, torch.float32)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
     torch.manual_seed(3)

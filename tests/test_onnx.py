@@ -107,3 +107,15 @@ def test_other_captures_keep_seqfast_ops():
     traced = torch.jit.trace(model, (x,))
     assert "seqfast::recurrence" in str(traced.inlined_graph)
     assert not functional.onnx_exporting()
+
+
+def test_options_refuse_onnx_export():
+    """ONNX export translates torch.nn's ops, which have none of seqfast's options: a module or cell that uses one
+    refuses with the reason (checked with the TorchScript exporter: the dynamo exporter falls back to other captures
+    after a refusal)."""
+    for module, x in (
+        (Output(seqfast.GRU(3, 4, zoneout=0.3)), torch.randn(5, 2, 3)),
+        (seqfast.LSTMCell(3, 4, layer_norm=True, backend="reference"), torch.randn(2, 3)),
+    ):
+        with pytest.raises(RuntimeError, match="ONNX export of a call with resets, layer_norm or zoneout"):
+            torch.onnx.export(module.eval(), (x,), io.BytesIO(), dynamo=False)
