@@ -599,7 +599,7 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         return super().extra_repr() + _options_repr(self)
 
     def _extensions(self, cell, x):
-        """The step's options (`seqfast.kernels.common.Extensions`) for input `x [B, I]`, or None when all are off."""
+        """The step's options (`seqfast.kernels.common.Extensions`) for input `x [B, I]`."""
         layer_norm = None
         if self.layer_norm:
             names = ("ln_ih_weight", "ln_hh_weight", "ln_c_weight", "ln_c_bias")[: 4 if cell == "lstm" else 2]
@@ -666,7 +666,7 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         for state in states:
             _check_same_dtype(state, w_hh, b_hh)
 
-        ext = self._extensions(cell, input)
+        ext = self._extensions(cell, input) if self.layer_norm or self.zoneout else None
 
         def run(x, states, weights):
             (w_ih, w_hh, b_ih, b_hh), h0, c0 = weights[0], states[0], states[1] if is_lstm else None
