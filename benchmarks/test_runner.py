@@ -247,6 +247,14 @@ def test_option_shapes_time_the_cell_loop_as_torch():
         Shape("gru", 8, 2, 4, option="resets", packed=True)
 
 
+def test_option_cost_times_a_call_with_and_without_its_option():
+    from .tools.option_cost import option_cost
+
+    cpp = harness.Provider("seqfast-cpp", "cpp")
+    plain, option, ratio = option_cost(Shape("gru", 8, 2, 4, option="zoneout"), cpp, rounds=2, calls=1)
+    assert plain > 0 and option > 0 and ratio > 0
+
+
 def test_modes_that_do_not_fit_are_unsupported_not_errors():
     decoder, sequence = Shape("gru", 8, 2, 4, module="decoder"), Shape("gru", 8, 2, 4)
     reference = harness.Provider("seqfast-reference", "reference")
