@@ -80,9 +80,10 @@ def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, ext=None):
         `(h [B, H], c [B, H] or None)`.
     """
     if ext is not None:
-        return _layer(fast, cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend, ext=ext)[
-            1:
-        ]
+        _, h, c = _layer(
+            fast, cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend, ext=ext
+        )
+        return h, c
     requested = backend or dispatch.env("SEQFAST_BACKEND")
     args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if requested == "native":
