@@ -318,6 +318,25 @@ def test_options_gradcheck_and_gradgradcheck(cell):
     assert torch.autograd.gradgradcheck(f, args)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_fused_options_gradcheck_and_gradgradcheck(cell, training):
+    """First and second derivatives of a bidirectional layer with resets and zoneout on the cpp backend (training
+    masks redrawn from the same seed on every call), with respect to the input and the parameters, in float64."""
+    module = build(cell, {"zoneout": 0.3}, "cpp", bidirectional=True, H=2).train(training)
+    x, _, resets = inputs(module, 4, 2, True)
+    names = [n for n, _ in module.named_parameters()]
+
+    def f(x, *params):
+        torch.manual_seed(5)
+        out = torch.func.functional_call(module, dict(zip(names, params, strict=True)), (x,), {"resets": resets})
+        return tuple(flatten(out))
+
+    args = (x, *(p.detach().requires_grad_() for p in module.parameters()))
+    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradgradcheck(f, args)
+
+
 def test_resets_start_each_episode_from_zeros():
     """After a reset the forward direction continues as a fresh call from zeros on the rest of the sequence, the
     reverse direction before it as a fresh call on the part before; no gradient crosses the boundary."""
