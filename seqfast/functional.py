@@ -26,7 +26,7 @@ def eager(*tensors):
     meta device (the callers give every tensor the input's device or fail on it)."""
     if _compiling() or _tracing() or _dispatch_modes() or _transform() is not None or _autocast():
         return False
-    return not tensors[0].is_meta and set(map(type, tensors)) <= _PLAIN and not _has_torch_function(tensors)
+    return not tensors[0].is_meta and _PLAIN.issuperset(map(type, tensors)) and not _has_torch_function(tensors)
 
 
 def onnx_exporting():
@@ -217,8 +217,10 @@ _INFER_MIN_STEPS = 32
 
 def _infer_chunks(x, w_ih):
     """How many chunks of steps `_infer` runs `x [T, B, I]` in (below 2: one call)."""
-    T = x.shape[0]
-    return min(-(-T * x.shape[1] * w_ih.shape[0] * x.element_size() // _INFER_CHUNK_BYTES), T // _INFER_MIN_STEPS)
+    T, B = x.shape[:2]
+    if T < 2 * _INFER_MIN_STEPS:
+        return 1
+    return min(-(-T * B * w_ih.shape[0] * x.element_size() // _INFER_CHUNK_BYTES), T // _INFER_MIN_STEPS)
 
 
 def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext):
@@ -348,8 +350,9 @@ def _one_call(kernels, cell, x, weights, directions, lengths, dropped):
     if dropped or lengths is not None or not hasattr(kernels, "stack"):
         return False
     w_ih, w_hh, b_ih, b_hh, _ = weights[0]
-    widest = x.shape[0] * x.shape[1] * max(x.shape[2], directions * w_hh.shape[1])
-    return fused(kernels, x, w_ih, b_ih, folded_biases(cell, b_hh)[0], widest) and _infer_chunks(x, w_ih) < 2
+    T, B, I = x.shape
+    widest = T * B * max(I, directions * w_hh.shape[1])
+    return _infer_chunks(x, w_ih) < 2 and fused(kernels, x, w_ih, b_ih, folded_biases(cell, b_hh)[0], widest)
 
 
 def _dropout_packed(x, lengths, p):

@@ -139,14 +139,14 @@ def _check_options(layer_norm, zoneout):
         raise ValueError(f"zoneout must be a number in [0, 1), got {zoneout!r}")
 
 
-def _layer_norm_parameters(gates, hidden, weight, lstm):
+def _layer_norm_parameters(w_ih, hidden, lstm):
     """`(name, tensor)` of one layer-direction's `layer_norm` parameters, in registration order: the gains of the
-    input and recurrent products' LayerNorms `[G*H]` (ones), then LSTM's gain (ones) and bias (zeros) of the cell
-    state's `[H]`; the names lack the `_l{k}{suffix}` a module adds."""
-    ones = {"device": weight.device, "dtype": weight.dtype}
+    input and recurrent products' LayerNorms `[G*H]` (ones, G*H = `w_ih`'s rows), then LSTM's gain (ones) and bias
+    (zeros) of the cell state's `[H]`; the names lack the `_l{k}{suffix}` a module adds."""
+    ones = {"device": w_ih.device, "dtype": w_ih.dtype}
     params = [
-        ("ln_ih_weight", torch.ones(gates * hidden, **ones)),
-        ("ln_hh_weight", torch.ones(gates * hidden, **ones)),
+        ("ln_ih_weight", torch.ones(w_ih.shape[0], **ones)),
+        ("ln_hh_weight", torch.ones(w_ih.shape[0], **ones)),
     ]
     if lstm:
         params += [("ln_c_weight", torch.ones(hidden, **ones)), ("ln_c_bias", torch.zeros(hidden, **ones))]
@@ -250,13 +250,12 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
         """Register each layer-direction's `layer_norm` parameters right after its torch.nn ones."""
         params = dict(self._parameters)
         self._parameters.clear()
-        gates = {"LSTM": 4, "GRU": 3}.get(self.mode, 1)
         for names in self._all_weights:
             for name in names:
                 self._parameters[name] = params.pop(name)
             suffix = names[0].removeprefix("weight_ih")
-            weight = self._parameters[names[0]]
-            for name, value in _layer_norm_parameters(gates, self.hidden_size, weight, self.mode == "LSTM"):
+            w_ih = self._parameters[names[0]]
+            for name, value in _layer_norm_parameters(w_ih, self.hidden_size, self.mode == "LSTM"):
                 self.register_parameter(name + suffix, torch.nn.Parameter(value))
         self._parameters.update(params)
 
@@ -584,9 +583,7 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         if layer_norm:
             self.layer_norm = True
             lstm = self._torch_class is torch.nn.LSTMCell
-            for name, value in _layer_norm_parameters(
-                self.weight_ih.shape[0] // self.hidden_size, self.hidden_size, self.weight_ih, lstm
-            ):
+            for name, value in _layer_norm_parameters(self.weight_ih, self.hidden_size, lstm):
                 self.register_parameter(name, torch.nn.Parameter(value))
 
     def reset_parameters(self):

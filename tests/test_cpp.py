@@ -111,8 +111,9 @@ def outputs_f32(cpp, cell, P=None, B=20, T=9, H=200):
 
 
 # B = 1 (T = 16) and 2 take the k-split GEMM tiles of the packed weights, B = 20 the full ones; B = 1 at T = 9 is too
-# little work to pack the weights for and runs BLAS; H = 48 is split in two chunks of a smaller width.
-@pytest.mark.parametrize("B, T, H", [(1, 16, 200), (2, 9, 200), (20, 9, 200), (1, 9, 200), (20, 9, 48)])
+# little work to pack the weights for and runs BLAS's matrix-vector products, as does the input projection at T = 1;
+# H = 48 is split in two chunks of a smaller width.
+@pytest.mark.parametrize("B, T, H", [(1, 16, 200), (2, 9, 200), (20, 9, 200), (1, 9, 200), (1, 1, 200), (20, 9, 48)])
 @pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
 def test_thread_count_independent(cpp, cell, B, T, H):
     P = 40 if cell == "lstm_proj" else None
