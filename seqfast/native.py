@@ -30,14 +30,17 @@ DEVICES = ("cpu", "cuda")
 _OPS = {"rnn_tanh": _VF.rnn_tanh, "rnn_relu": _VF.rnn_relu, "lstm": _VF.lstm, "gru": _VF.gru}
 _CELL_OPS = {"rnn_tanh": _VF.rnn_tanh_cell, "rnn_relu": _VF.rnn_relu_cell, "lstm": _VF.lstm_cell, "gru": _VF.gru_cell}
 
-# torch's op must beat seqfast's by this share and this many seconds to be chosen (the route itself costs a few
-# microseconds): on a tie seqfast's kernels run.
+# torch's op must beat seqfast's by this share and this many seconds to be chosen: on a tie seqfast's kernels run.
 _MARGIN = 0.05
-_MIN_GAIN_S = 10e-6
-# Each side of a calibration runs at least this long and this many times, at most `_MAX_RUNS` times.
+_MIN_GAIN_S = 2e-6
+# Each side of a calibration runs at least this long and this many turns, at most `_MAX_RUNS` turns; a turn is a
+# block of runs of about `_BLOCK_S`, at most `_MAX_BLOCK` runs (single runs in turns read a small call's sides as
+# equal, which back to back differ by 7%).
 _MIN_CALIBRATION_S = 2e-3
 _MIN_RUNS = 4
 _MAX_RUNS = 50
+_BLOCK_S = 1e-3
+_MAX_BLOCK = 50
 _DTYPES = (torch.float32, torch.float64)
 
 # the route's answer per call signature, so that a repeated call formats no key
@@ -190,24 +193,29 @@ def _bucket(n):
 
 def _calibrate(ours, theirs, wrt):
     """True when `theirs` is faster than `ours` by more than `_MARGIN` and `_MIN_GAIN_S`, comparing each side's best
-    run. A run is a forward and, when `wrt` is not empty, the gradients of the output's sum with respect to `wrt`
-    (returned, not accumulated); the two sides take turns, each at least `_MIN_RUNS` times (the first warms up) and,
-    up to `_MAX_RUNS`, until seqfast's have run `_MIN_CALIBRATION_S`, under a forked random state (dropout draws none
-    of the caller's numbers)."""
+    turn. A run is a forward and, when `wrt` is not empty, the gradients of the output's sum with respect to `wrt`
+    (returned, not accumulated); a turn times a block of runs back to back, as a loop in a program runs them (about
+    `_BLOCK_S` by a run of `ours` after one of each side to warm up, at most `_MAX_BLOCK` runs), per run. The two
+    sides take turns, each at least `_MIN_RUNS` times and, up to `_MAX_RUNS`, until seqfast's have run
+    `_MIN_CALIBRATION_S`, under a forked random state (dropout draws none of the caller's numbers)."""
 
-    def timed(run):
+    def timed(run, block):
         start = time.perf_counter()
         with torch.set_grad_enabled(bool(wrt)):
-            y = run()[0]
-            if wrt:
-                torch.autograd.grad(y.sum(), wrt, allow_unused=True)
-        return time.perf_counter() - start
+            for _ in range(block):
+                y = run()[0]
+                if wrt:
+                    torch.autograd.grad(y.sum(), wrt, allow_unused=True)
+        return (time.perf_counter() - start) / block
 
     with torch.random.fork_rng(devices=[]):
+        for run in (theirs, ours):
+            timed(run, 1)
+        block = max(1, min(_MAX_BLOCK, int(_BLOCK_S / max(timed(ours, 1), 1e-9))))
         times = ([], [])
-        while len(times[0]) < _MIN_RUNS or (sum(times[0]) < _MIN_CALIBRATION_S and len(times[0]) < _MAX_RUNS):
+        while len(times[0]) < _MIN_RUNS or (sum(times[0]) * block < _MIN_CALIBRATION_S and len(times[0]) < _MAX_RUNS):
             for run, kept in zip((ours, theirs), times, strict=True):
-                kept.append(timed(run))
+                kept.append(timed(run, block))
     return min(times[1]) < min((1 - _MARGIN) * min(times[0]), min(times[0]) - _MIN_GAIN_S)
 
 
