@@ -17,7 +17,10 @@ def examples():
     sys.path.remove(str(EXAMPLES))
 
 
-@pytest.mark.parametrize("name, options", [("char_lm", []), ("char_lm", ["--cell", "gru"]), ("seq2seq", [])])
+CASES = [("char_lm", []), ("char_lm", ["--cell", "gru"]), ("tagger", []), ("classifier", []), ("seq2seq", [])]
+
+
+@pytest.mark.parametrize("name, options", CASES)
 def test_smoke_run_learns_and_both_backends_agree(examples, name, options, capsys):
     example = importlib.import_module(name)
     args = example.arguments(["--smoke", "--compare", *options])
