@@ -116,7 +116,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
   if (m == 0 || n == 0) return;
 #if SEQFAST_BLAS
   if (m == 1 && k > 0 && have_gemv<T>()) {
-    // one row (B = 1): BLAS's matrix-vector product, a third faster than its GEMM at this shape
+    // one row (B = 1): BLAS's matrix-vector product (600x200 on a Zen 4: 10.2 us against its GEMM's 11.8)
     const int K = static_cast<int>(k), N = static_cast<int>(n), ld = static_cast<int>(std::max<int64_t>(ldb, 1));
     const int inc = static_cast<int>(ta ? std::max<int64_t>(lda, 1) : 1);
     if (tb) {
