@@ -55,7 +55,8 @@ def measure(provider, threads=None, device="cpu"):
     """The first-call measurements of one provider in this process; call it once, in a fresh interpreter.
 
     Args:
-        provider: `torch` (torch.nn) or `seqfast-<backend>` (seqfast's modules with `backend=`).
+        provider: `torch` (torch.nn), `seqfast` (seqfast's modules, automatic selection) or `seqfast-<backend>`
+            (with `backend=`).
         threads: torch intra-op threads (numba follows torch's count); None (default) leaves torch's default.
         device: `cpu` (default) or `cuda`.
 
@@ -83,7 +84,7 @@ def measure(provider, threads=None, device="cpu"):
     if provider == "torch":
         sequence, cell = (type(m)(HIDDEN, HIDDEN, device=device) for m in reference)
     else:
-        backend = provider.removeprefix("seqfast-")
+        backend = None if provider == "seqfast" else provider.removeprefix("seqfast-")
         sequence = seqfast.LSTM(HIDDEN, HIDDEN, device=device, backend=backend)
         cell = seqfast.LSTMCell(HIDDEN, HIDDEN, device=device, backend=backend)
     sequence.load_state_dict(reference[0].state_dict())

@@ -81,7 +81,9 @@ _SEQFAST_CELLS = {
     "gru": seqfast.GRUCell,
 }
 
-_COMPILE_CACHES = {"numba": "NUMBA_CACHE_DIR", "triton": "TRITON_CACHE_DIR"}
+# what a first call may fill on disk for the next process: numba's and triton's compiled kernels, and the automatic
+# choice's calibrations (`seqfast.native.cache_path`, under `$XDG_CACHE_HOME`)
+_COMPILE_CACHES = {"numba": "NUMBA_CACHE_DIR", "triton": "TRITON_CACHE_DIR", "auto": "XDG_CACHE_HOME"}
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -1002,8 +1004,9 @@ def warm(shape, provider, mode, dtype_name, device, cudnn_fp32=None):
 
 
 def compile_cache_variable(provider):
-    """The environment variable naming the on-disk compile cache of the provider's backend (`NUMBA_CACHE_DIR`,
-    `TRITON_CACHE_DIR`), None for a provider that compiles nothing at run time."""
+    """The environment variable naming the on-disk cache a provider's first call fills (`NUMBA_CACHE_DIR`,
+    `TRITON_CACHE_DIR`; `XDG_CACHE_HOME` for automatic selection, whose calibrations live there), None for a
+    provider that keeps nothing between processes."""
     return _COMPILE_CACHES.get(provider.backend)
 
 
@@ -1012,7 +1015,7 @@ def first_call(provider, device="cpu", threads=None, cache_dir=None, timeout=900
     dispatch.
 
     Args:
-        provider: `Provider` (`torch` or `seqfast-<backend>`; `torch-compile` is not measured).
+        provider: `Provider` (`torch`, `seqfast` or `seqfast-<backend>`; `torch-compile` is not measured).
         device: `cpu` (default) or `cuda`.
         threads: torch intra-op threads in that process, None (default) for its default.
         cache_dir: the backend's compile cache folder for that process (`compile_cache_variable`): a fresh one for
