@@ -2,7 +2,7 @@
 
 `pytest benchmarks --benchmark-only` times them (add `--benchmark-autosave` / `--benchmark-compare` to track
 regressions); `pytest benchmarks --benchmark-disable` is the smoke run: the gates plus one untimed call each, and one
-first-call measurement of torch.nn in a fresh process.
+first-call measurement each of torch.nn and of seqfast's automatic choice in a fresh process.
 """
 
 import pytest
@@ -27,9 +27,12 @@ def test_bench(benchmark, shape, provider, mode, dtype, device):
     benchmark(step)
 
 
-def test_first_call_torch():
-    result = harness.first_call(harness.TORCH, threads=1)
-    assert result["provider"] == "torch" and result["threads"] == 1
+@pytest.mark.parametrize("cold_start", [harness.TORCH, harness.AUTO], ids=lambda p: p.name)
+def test_first_call(cold_start, tmp_path):
+    # automatic selection calibrates into the cache folder it is given, here an empty one
+    cache_dir = tmp_path if harness.compile_cache_variable(cold_start) else None
+    result = harness.first_call(cold_start, threads=1, cache_dir=cache_dir)
+    assert result["provider"] == cold_start.name and result["threads"] == 1
     for key in ("import_torch_ms", "first_ms", "first_cell_ms", "second_ms", "maxrss_mb"):
         assert 0 < result[key] < 600e3, (key, result[key])
     assert 0 <= result["import_seqfast_ms"] < result["import_torch_ms"] + 60e3
