@@ -187,7 +187,8 @@ def run(backend, args):
     model.eval()
     steps = len("yyyy-mm-dd") + 1
     correct = decoded = 0
-    greedy(model, *next(batches(test[:1], 1))[:2], steps)  # warm up
+    src, lengths, _, _ = next(batches(test[:1], 1))
+    greedy(model, src.to(args.device), lengths, steps)  # warm up
     sync(args.device)
     start = time.perf_counter()
     for src, lengths, _, tgt_out in batches(test, args.decode_batch):
