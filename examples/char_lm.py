@@ -12,12 +12,11 @@ character per call. seqfast comes in through `seqfast.patch(model)`: the model i
 import importlib
 import inspect
 import math
-import time
 import warnings
 
 import torch
 import torch.nn.functional as F
-from common import parser, progress, run_backends, setup, sync
+from common import fit, parser, run_backends, setup, timed
 from torch import nn
 
 # Modules whose docstrings make the text (each module's own and its public members'), in this order.
@@ -158,41 +157,32 @@ def run(backend, args):
         seqfast.patch(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    losses, epoch_s = [], []
-    batches = -(-(train.shape[1] - 1) // args.steps)
-    for epoch in range(args.epochs):
-        sync(args.device)
-        start, state = time.perf_counter(), None
-        for x, y in progress(windows(train, args.steps), batches, f"{backend} epoch {epoch + 1}/{args.epochs}"):
-            logits, state = model(x, state)
-            state = detach(state)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-        sync(args.device)
-        epoch_s.append(time.perf_counter() - start)
+    state = None  # carried from one window to the next, each epoch from zeros
+
+    def epoch_windows():
+        nonlocal state
+        state = None
+        yield from windows(train, args.steps)
+
+    def loss_of(batch):
+        nonlocal state
+        x, y = batch
+        logits, state = model(x, state)
+        state = detach(state)
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten()), y.numel()
+
+    count = -(-(train.shape[1] - 1) // args.steps)
+    training = fit(model, optimizer, epoch_windows, count, loss_of, args, backend, 1.0)
 
     bpc = bits_per_char(model, held_out, args.steps)
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     start_id = torch.tensor([[index["\n"]]], device=args.device)
     generate(model, start_id, 8, args.temperature, generator)  # warm up
-    sync(args.device)
-    start = time.perf_counter()
-    sample = generate(model, start_id, args.generate, args.temperature, generator)
-    sync(args.device)
-    generate_s = time.perf_counter() - start
+    sample, generate_s = timed(
+        args.device, lambda: generate(model, start_id, args.generate, args.temperature, generator)
+    )
     print(f"--- {backend} sample ---\n{''.join(chars[i] for i in sample)}\n---")
-    return {
-        "first loss": losses[0],
-        "last loss": sum(losses[-10:]) / len(losses[-10:]),
-        "held-out bits/char": bpc,
-        "train s/epoch": sum(epoch_s) / len(epoch_s),
-        "train tokens/s": train.shape[0] * (train.shape[1] - 1) * args.epochs / sum(epoch_s),
-        "generation tokens/s": args.generate / generate_s,
-    }
+    return training | {"held-out bits/char": bpc, "generation tokens/s": args.generate / generate_s}
 
 
 def arguments(argv=None):

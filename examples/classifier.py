@@ -12,12 +12,11 @@ is built as `seqfast.GRU` or `torch.nn.GRU` by `--backend` (`--cell lstm` for an
 
 import importlib
 import random
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import parser, progress, run_backends, setup, sync
+from common import fit, parser, run_backends, setup
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -95,38 +94,21 @@ def run(backend, args):
     model = Classifier(rnn, args.embed, args.hidden).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    losses, epoch_s, chars_seen = [], [], 0
+    def loss_of(batch):
+        chars, lengths, labels = batch
+        return F.cross_entropy(model(chars.to(args.device), lengths), labels.to(args.device)), int(lengths.sum())
+
     rng = random.Random(args.seed)
     count = -(-len(train) // args.batch)
-    for epoch in range(args.epochs):
-        sync(args.device)
-        start = time.perf_counter()
-        for chars, lengths, labels in progress(
-            batches(train, args.batch, rng), count, f"{backend} epoch {epoch + 1}/{args.epochs}"
-        ):
-            loss = F.cross_entropy(model(chars.to(args.device), lengths), labels.to(args.device))
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            chars_seen += int(lengths.sum())
-        sync(args.device)
-        epoch_s.append(time.perf_counter() - start)
+    training = fit(model, optimizer, lambda: batches(train, args.batch, rng), count, loss_of, args, backend, 1.0)
 
     model.eval()
     correct = 0
     with torch.no_grad():
         for chars, lengths, labels in batches(test, 256):
             correct += int((model(chars.to(args.device), lengths).argmax(-1).cpu() == labels).sum())
-    return {
-        "first loss": losses[0],
-        "last loss": sum(losses[-10:]) / len(losses[-10:]),
-        "accuracy": correct / len(test),
-        "chance (largest class)": max(sum(label == k for _, label in test) for k in range(len(PACKAGES))) / len(test),
-        "train s/epoch": sum(epoch_s) / len(epoch_s),
-        "train tokens/s": chars_seen / sum(epoch_s),
-    }
+    largest = max(sum(label == k for _, label in test) for k in range(len(PACKAGES)))
+    return training | {"accuracy": correct / len(test), "chance (largest class)": largest / len(test)}
 
 
 def arguments(argv=None):

@@ -1,4 +1,4 @@
-"""What the examples share: their command line, the backend switch, a progress bar, timing and the comparison table."""
+"""What the examples share: their command line, the training loop, a progress bar, timing and the comparison table."""
 
 import argparse
 import sys
@@ -44,6 +44,47 @@ def sync(device):
     """Wait for `device`'s queued work, so that a time measured after it is the work's."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(device, run):
+    """`(run(), seconds)`, the time of `run`'s work on `device`."""
+    sync(device)
+    start = time.perf_counter()
+    out = run()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def fit(model, optimizer, batches, count, loss_of, args, label, clip=None):
+    """Train `model` for `args.epochs` passes over `batches()` (an iterable of `count` batches, made anew per epoch)
+    on `args.device`: `loss, tokens = loss_of(batch)`, then a step of `optimizer` on the loss's gradients (their norm
+    clipped to `clip` when given); `label` names the run on the progress bar.
+
+    Returns:
+        `{metric: value}`: the first loss, the mean of the last ten, seconds per epoch and tokens per second.
+    """
+    losses, seconds, tokens = [], [], 0
+
+    def epoch(i):
+        nonlocal tokens
+        for batch in progress(batches(), count, f"{label} epoch {i + 1}/{args.epochs}"):
+            loss, n = loss_of(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            if clip is not None:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+            losses.append(loss.item())
+            tokens += n
+
+    for i in range(args.epochs):
+        seconds.append(timed(args.device, lambda i=i: epoch(i))[1])
+    return {
+        "first loss": losses[0],
+        "last loss": sum(losses[-10:]) / len(losses[-10:]),
+        "train s/epoch": sum(seconds) / len(seconds),
+        "train tokens/s": tokens / sum(seconds),
+    }
 
 
 def run_backends(args, run):

@@ -12,11 +12,10 @@ with teacher forcing in training and greedy decoding one step per call at test. 
 
 import datetime
 import random
-import time
 
 import torch
 import torch.nn.functional as F
-from common import parser, progress, run_backends, setup, sync
+from common import fit, parser, run_backends, setup, timed
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -29,26 +28,17 @@ ORDINAL_TEENS = "tenth eleventh twelfth thirteenth fourteenth fifteenth sixteent
 ORDINAL_TEENS = ORDINAL_TEENS.split()
 
 
-def number(n):
-    """1 <= n <= 99 in words."""
+def number(n, ordinal=False):
+    """1 <= n <= 99 in words, as a cardinal or (`ordinal`) an ordinal number."""
+    units, teens = (ORDINAL_UNITS, ORDINAL_TEENS) if ordinal else (UNITS, TEENS)
     if n < 10:
-        return UNITS[n - 1]
+        return units[n - 1]
     if n < 20:
-        return TEENS[n - 10]
-    tens, units = divmod(n, 10)
-    return TENS[tens - 2] + ("" if units == 0 else "-" + UNITS[units - 1])
-
-
-def ordinal(n):
-    """1 <= n <= 31 as an ordinal in words."""
-    if n < 10:
-        return ORDINAL_UNITS[n - 1]
-    if n < 20:
-        return ORDINAL_TEENS[n - 10]
-    tens, units = divmod(n, 10)
-    if units == 0:
-        return TENS[tens - 2][:-1] + "ieth"
-    return TENS[tens - 2] + "-" + ORDINAL_UNITS[units - 1]
+        return teens[n - 10]
+    tens, unit = divmod(n, 10)
+    if unit:
+        return TENS[tens - 2] + "-" + units[unit - 1]
+    return TENS[tens - 2][:-1] + "ieth" if ordinal else TENS[tens - 2]
 
 
 def year(y):
@@ -74,7 +64,9 @@ def pairs(count, rng):
     out = []
     for _ in range(count):
         d = datetime.date.fromordinal(first + rng.randrange(span))
-        words = rng.choice(FORMATS).format(day=ordinal(d.day), month=MONTHS[d.month - 1], year=year(d.year))
+        words = rng.choice(FORMATS).format(
+            day=number(d.day, ordinal=True), month=MONTHS[d.month - 1], year=year(d.year)
+        )
         out.append((words, d.isoformat()))
     return out
 
@@ -163,48 +155,30 @@ def run(backend, args):
     model = Translator(rnn, args.embed, args.hidden).to(args.device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    losses, epoch_s, tokens = [], [], 0
+    def loss_of(batch):
+        src, lengths, tgt_in, tgt_out = batch
+        logits = model(src.to(args.device), lengths, tgt_in.to(args.device))
+        loss = F.cross_entropy(logits.flatten(0, 1), tgt_out.to(args.device).flatten())
+        return loss, int(lengths.sum()) + tgt_out.numel()
+
     shuffle = random.Random(args.seed)
     count = -(-len(train) // args.batch)
-    for epoch in range(args.epochs):
-        sync(args.device)
-        start = time.perf_counter()
-        for src, lengths, tgt_in, tgt_out in progress(
-            batches(train, args.batch, shuffle), count, f"{backend} epoch {epoch + 1}/{args.epochs}"
-        ):
-            src, tgt_in, tgt_out = src.to(args.device), tgt_in.to(args.device), tgt_out.to(args.device)
-            logits = model(src, lengths, tgt_in)
-            loss = F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten())
-            optimizer.zero_grad()
-            loss.backward()
-            nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            tokens += int(lengths.sum()) + tgt_out.numel()
-        sync(args.device)
-        epoch_s.append(time.perf_counter() - start)
+    training = fit(model, optimizer, lambda: batches(train, args.batch, shuffle), count, loss_of, args, backend, 1.0)
 
     model.eval()
     steps = len("yyyy-mm-dd") + 1
-    correct = decoded = 0
     src, lengths, _, _ = next(batches(test[:1], 1))
     greedy(model, src.to(args.device), lengths, steps)  # warm up
-    sync(args.device)
-    start = time.perf_counter()
-    for src, lengths, _, tgt_out in batches(test, args.decode_batch):
-        predicted = greedy(model, src.to(args.device), lengths, steps).cpu()
-        correct += int((predicted == tgt_out).all(dim=1).sum())
-        decoded += predicted.numel()
-    sync(args.device)
-    decode_s = time.perf_counter() - start
-    return {
-        "first loss": losses[0],
-        "last loss": sum(losses[-10:]) / len(losses[-10:]),
-        "exact match": correct / len(test),
-        "train s/epoch": sum(epoch_s) / len(epoch_s),
-        "train tokens/s": tokens / sum(epoch_s),
-        "decoding tokens/s": decoded / decode_s,
-    }
+
+    def decode():
+        correct = 0
+        for src, lengths, _, tgt_out in batches(test, args.decode_batch):
+            predicted = greedy(model, src.to(args.device), lengths, steps).cpu()
+            correct += int((predicted == tgt_out).all(dim=1).sum())
+        return correct
+
+    correct, decode_s = timed(args.device, decode)
+    return training | {"exact match": correct / len(test), "decoding tokens/s": len(test) * steps / decode_s}
 
 
 def arguments(argv=None):

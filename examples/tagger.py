@@ -14,13 +14,12 @@ import importlib
 import io
 import keyword
 import random
-import time
 import tokenize
 from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from common import parser, progress, run_backends, setup, sync
+from common import fit, parser, run_backends, setup
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -125,24 +124,15 @@ def run(backend, args):
         seqfast.patch(model)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
 
-    losses, epoch_s, tokens_seen = [], [], 0
+    def loss_of(batch):
+        tokens, lengths, tags = batch
+        logits = model(tokens.to(args.device), lengths)
+        loss = F.cross_entropy(logits.flatten(0, 1), tags.to(args.device).flatten(), ignore_index=-100)
+        return loss, int(lengths.sum())
+
     rng = random.Random(args.seed)
     count = -(-len(train) // args.batch)
-    for epoch in range(args.epochs):
-        sync(args.device)
-        start = time.perf_counter()
-        for tokens, lengths, tags in progress(
-            batches(train, args.batch, vocab, rng), count, f"{backend} epoch {epoch + 1}/{args.epochs}"
-        ):
-            logits = model(tokens.to(args.device), lengths)
-            loss = F.cross_entropy(logits.flatten(0, 1), tags.to(args.device).flatten(), ignore_index=-100)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            tokens_seen += int(lengths.sum())
-        sync(args.device)
-        epoch_s.append(time.perf_counter() - start)
+    training = fit(model, optimizer, lambda: batches(train, args.batch, vocab, rng), count, loss_of, args, backend)
 
     model.eval()
     correct = unknown_correct = total = unknown = 0
@@ -154,13 +144,9 @@ def run(backend, args):
             unknown_correct += int((predicted == tags)[valid & rare].sum())
             total += int(valid.sum())
             unknown += int((valid & rare).sum())
-    return {
-        "first loss": losses[0],
-        "last loss": sum(losses[-10:]) / len(losses[-10:]),
+    return training | {
         "token accuracy": correct / total,
         "accuracy on unknown tokens": unknown_correct / max(unknown, 1),
-        "train s/epoch": sum(epoch_s) / len(epoch_s),
-        "train tokens/s": tokens_seen / sum(epoch_s),
     }
 
 
