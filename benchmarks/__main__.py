@@ -266,8 +266,9 @@ def _first_call_row(runs, failure):
 
 def run_first_call(args):
     """Measure every provider's cold start (`harness.first_call`) in `args.first_call_runs` fresh processes per
-    thread count; a backend with an on-disk compile cache (numba, triton) is measured cold, each process with a new
-    empty cache folder, then warm, on the folder the last cold process filled.
+    thread count; a provider with an on-disk cache (numba's and triton's compiled kernels, the automatic choice's
+    calibrations) is measured cold, each process with a new empty cache folder, then warm, on the folder the last
+    cold process filled.
 
     Args:
         args: `argparse.Namespace` from `parse_args`.
@@ -282,7 +283,7 @@ def run_first_call(args):
     usable = [p for p in usable if not p.compiled]
     env = harness.environment(device)
     threads = args.threads if device.type == "cpu" else [None]
-    cases = [(p, cache) for p in usable for cache in (("cold", "warm") if harness.compile_cache_variable(p) else ("",))]
+    cases = [(p, cache) for p in usable for cache in (("cold", "warm") if harness.kept_cache_variable(p) else ("",))]
     progress = report.Progress(len(threads) * len(cases) * args.first_call_runs)
     rows = []
     filled_caches = {}

@@ -83,7 +83,7 @@ _SEQFAST_CELLS = {
 
 # what a first call may fill on disk for the next process: numba's and triton's compiled kernels, and the automatic
 # choice's calibrations (`seqfast.native.cache_path`, under `$XDG_CACHE_HOME`)
-_COMPILE_CACHES = {"numba": "NUMBA_CACHE_DIR", "triton": "TRITON_CACHE_DIR", "auto": "XDG_CACHE_HOME"}
+_KEPT_CACHES = {"numba": "NUMBA_CACHE_DIR", "triton": "TRITON_CACHE_DIR", "auto": "XDG_CACHE_HOME"}
 
 _ROOT = Path(__file__).resolve().parent.parent
 
@@ -1003,11 +1003,11 @@ def warm(shape, provider, mode, dtype_name, device, cudnn_fp32=None):
     return None
 
 
-def compile_cache_variable(provider):
+def kept_cache_variable(provider):
     """The environment variable naming the on-disk cache a provider's first call fills (`NUMBA_CACHE_DIR`,
     `TRITON_CACHE_DIR`; `XDG_CACHE_HOME` for automatic selection, whose calibrations live there), None for a
     provider that keeps nothing between processes."""
-    return _COMPILE_CACHES.get(provider.backend)
+    return _KEPT_CACHES.get(provider.backend)
 
 
 def first_call(provider, device="cpu", threads=None, cache_dir=None, timeout=900):
@@ -1018,7 +1018,7 @@ def first_call(provider, device="cpu", threads=None, cache_dir=None, timeout=900
         provider: `Provider` (`torch`, `seqfast` or `seqfast-<backend>`; `torch-compile` is not measured).
         device: `cpu` (default) or `cuda`.
         threads: torch intra-op threads in that process, None (default) for its default.
-        cache_dir: the backend's compile cache folder for that process (`compile_cache_variable`): a fresh one for
+        cache_dir: the provider's kept cache folder for that process (`kept_cache_variable`): a fresh one for
             a cold start, one filled by an earlier run for a warm one; None (default) inherits this process's.
         timeout: seconds before the process is killed (default 900).
 
@@ -1030,7 +1030,7 @@ def first_call(provider, device="cpu", threads=None, cache_dir=None, timeout=900
     """
     env = os.environ | {"SEQFAST_STRICT": "1"}
     if cache_dir is not None:
-        env[compile_cache_variable(provider)] = str(cache_dir)
+        env[kept_cache_variable(provider)] = str(cache_dir)
     device = torch.device(device)
     command = [sys.executable, "-m", "benchmarks.first_call", "--provider", provider.name, "--device", str(device)]
     if threads is not None:

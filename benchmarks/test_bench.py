@@ -30,7 +30,7 @@ def test_bench(benchmark, shape, provider, mode, dtype, device):
 @pytest.mark.parametrize("cold_start", [harness.TORCH, harness.AUTO], ids=lambda p: p.name)
 def test_first_call(cold_start, tmp_path):
     # automatic selection calibrates into the cache folder it is given, here an empty one
-    cache_dir = tmp_path if harness.compile_cache_variable(cold_start) else None
+    cache_dir = tmp_path if harness.kept_cache_variable(cold_start) else None
     result = harness.first_call(cold_start, threads=1, cache_dir=cache_dir)
     assert result["provider"] == cold_start.name and result["threads"] == 1
     for key in ("import_torch_ms", "first_ms", "first_cell_ms", "second_ms", "maxrss_mb"):
