@@ -74,6 +74,12 @@ struct IsaKernels {
   // `C[m, n] = A[m, k] B[k, n] (+ C when accumulate)`, `B` packed by `pack`.
   void (*gemm)(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, const float* Bp, bool accumulate,
                float* C, int64_t ldc);
+  // A product of one row: `y[j] = W[j, :k] x` for `j < n`, or `trans`: `y[j] = x[:k] W[:k, j]`; W's rows `ldw`
+  // apart; `+ y[j]` when accumulate.
+  void (*gemv_f32)(bool trans, int64_t n, int64_t k, const float* W, int64_t ldw, const float* x, bool accumulate,
+                   float* y);
+  void (*gemv_f64)(bool trans, int64_t n, int64_t k, const double* W, int64_t ldw, const double* x, bool accumulate,
+                   double* y);
 };
 
 IsaKernels kernels_generic();

@@ -116,7 +116,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
   if (m == 0 || n == 0) return;
 #if SEQFAST_BLAS
   if (m == 1 && k > 0 && have_gemv<T>()) {
-    // one row (B = 1): BLAS's matrix-vector product (600x200 on a Zen 4: 10.2 us against its GEMM's 11.8)
+    // one row (an input projection of one step and row): BLAS's matrix-vector product, the one at::addmm makes
     const int K = static_cast<int>(k), N = static_cast<int>(n), ld = static_cast<int>(std::max<int64_t>(ldb, 1));
     const int inc = static_cast<int>(ta ? std::max<int64_t>(lda, 1) : 1);
     if (tb) {
@@ -145,6 +145,23 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
   } else {
     c.add_(at::mm(a, b));
   }
+}
+
+void run_gemv(const IsaKernels& kern, bool trans, int64_t n, int64_t k, const float* W, int64_t ldw, const float* x,
+              bool accumulate, float* y) {
+  kern.gemv_f32(trans, n, k, W, ldw, x, accumulate, y);
+}
+void run_gemv(const IsaKernels& kern, bool trans, int64_t n, int64_t k, const double* W, int64_t ldw, const double* x,
+              bool accumulate, double* y) {
+  kern.gemv_f64(trans, n, k, W, ldw, x, accumulate, y);
+}
+
+// `gemm` of a time loop (A not transposed, `beta` 0 or 1): a product of one row runs on this CPU's own kernel.
+template <typename T>
+void step_gemm(const IsaKernels& kern, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
+               int64_t ldb, T beta, T* C, int64_t ldc) {
+  if (m == 1) return run_gemv(kern, !tb, n, k, B, ldb, A, beta != T(0), C);
+  gemm<T>(false, tb, m, n, k, A, lda, B, ldb, beta, C, ldc);
 }
 
 void spin_pause() {
@@ -342,8 +359,9 @@ class Carve {
 // The recurrent product of one call, chunk by chunk, straight from `w [G*H, P]`: forward, gate by gate,
 // `C[n, g*n_j : (g+1)*n_j] = h[n, P] w[g*H + j0 : g*H + j0 + n_j]^T`; backward `C[n, n_j] = da[n, G*H]
 // w[:, j0 : j0 + n_j]`. float32 runs this CPU's GEMM on weight panels packed once per call when the call repays the
-// packing (`kPackMinSteps`, `kPackMinRows`); otherwise (and float64) BLAS, the forward of a call with that many rows
-// on a copy of `w` with each chunk's gate rows side by side, one BLAS call per chunk instead of one per gate.
+// packing (`kPackMinSteps`, `kPackMinRows`); a step of one row runs this CPU's matrix-vector kernel; otherwise (and
+// float64) BLAS, the forward of a call with that many rows on a copy of `w` with each chunk's gate rows side by side,
+// one BLAS call per chunk instead of one per gate.
 template <typename T>
 class HiddenProduct {
  public:
@@ -383,9 +401,9 @@ class HiddenProduct {
     const int64_t j0 = c * hc_, n_j = width(c);
     if (backward_) return product(c, n, n_j, A, lda, w_ + j0, false, C, ldc, accumulate);
     // one chunk holding every unit: its gates side by side are w's rows in order, one product
-    if (n_j == H_ && !packed_) return gemm<T>(false, true, n, G_ * H_, P_, A, lda, w_, P_, T(accumulate), C, ldc);
+    if (n_j == H_ && !packed_) return step_gemm<T>(kern_, true, n, G_ * H_, P_, A, lda, w_, P_, T(accumulate), C, ldc);
     if (grouped_)
-      return gemm<T>(false, true, n, G_ * n_j, P_, A, lda, grouped_ + c * G_ * hc_ * P_, P_, T(accumulate), C, ldc);
+      return step_gemm<T>(kern_, true, n, G_ * n_j, P_, A, lda, grouped_ + c * G_ * hc_ * P_, P_, T(accumulate), C, ldc);
     for (int64_t g = 0; g < G_; ++g)
       product(c * G_ + g, n, n_j, A, lda, w_ + (g * H_ + j0) * P_, true, C + g * n_j, ldc, accumulate);
   }
@@ -397,7 +415,7 @@ class HiddenProduct {
     if constexpr (std::is_same_v<T, float>) {
       if (packed_) return kern_.gemm(n, n_j, depth(), A, lda, packed_ + offsets_[i], accumulate, C, ldc);
     }
-    gemm<T>(false, tb, n, n_j, depth(), A, lda, B, P_, T(accumulate), C, ldc);
+    step_gemm<T>(kern_, tb, n, n_j, depth(), A, lda, B, P_, T(accumulate), C, ldc);
   }
   int64_t blocks() const { return backward_ ? 1 : G_; }
   int64_t depth() const { return backward_ ? G_ * H_ : P_; }
@@ -538,7 +556,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
         OneBlasThread one;
         for (int64_t c = begin; c < end; ++c) {
           const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
-          gemm<scalar_t>(false, true, n, n_p, H, phraw, H, pwr + p0 * H, H, scalar_t(0), nxt + p0, P);
+          step_gemm<scalar_t>(kern, true, n, n_p, H, phraw, H, pwr + p0 * H, H, scalar_t(0), nxt + p0, P);
           const uint8_t* z = ord.zero_at(s + 1);
           for (int64_t r = 0; r < n; ++r) {
             if (zo.on()) {
@@ -679,7 +697,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
         OneBlasThread one;
         for (int64_t c = begin; c < end; ++c) {
           const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
-          gemm<scalar_t>(false, false, n, n_j, P, pdhs, P, pwr + j0, H, scalar_t(0), pdhraw + j0, H);
+          step_gemm<scalar_t>(kern, false, n, n_j, P, pdhs, P, pwr + j0, H, scalar_t(0), pdhraw + j0, H);
           BwdChunk<scalar_t> a{n,         H,      j0,  n_j, pdhraw, nullptr, pdc, sv, c_prev(s), ldc(s),
                                h_rows.data() + i, dgx_rows.data() + i, dgh_rows.data() + i, pda, phraw,
                                ord.zero_at(s), Zoneout<scalar_t>{}, zc.at(s)};
@@ -691,7 +709,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
         for (int64_t c = begin; c < end; ++c) {
           const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
           if (s > 0 || need_dh0) {
-            gemm<scalar_t>(false, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(zo.on()), pdh + p0, P);
+            step_gemm<scalar_t>(kern, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(zo.on()), pdh + p0, P);
             clear_dh(s, n, p0, n_p);
           }
           gemm<scalar_t>(true, false, n_p, H, n, pdhs + p0, P, phraw, H, scalar_t(1), pdw + p0 * H, H);

@@ -2,6 +2,7 @@
 float64 saturation against torch.nn on every instruction-set path, bitwise repeatability across runs and thread
 counts, and an install without the extension."""
 
+import itertools
 import os
 import shutil
 import site
@@ -51,12 +52,16 @@ def isas(cpp):
 @pytest.mark.parametrize("dtype, rtol", [(torch.float32, F32_RTOL), (torch.float64, F64_RTOL)], ids=["f32", "f64"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_accuracy_per_isa(cpp, cell, dtype, rtol):
-    T, B, H = 40, 6, 70
-    P = 9 if cell == "lstm" else None
+    """Every instruction-set path against the reference, the one-row products (B = 1) included: 37 and 150 units give
+    partial and full vectors and row blocks."""
+    T = 40
     previous = cpp._C.isa()
     try:
-        for isa in isas(cpp):
+        for isa, (B, H), projected in itertools.product(isas(cpp), [(6, 70), (1, 37), (1, 150)], [False, True]):
+            if projected and cell != "lstm":
+                continue
             cpp._C.set_isa(isa)
+            P = 9 if projected else None
             for reverse, lengths in [(False, None), (True, mixed_lengths(T, B))]:
                 args, cot = contract_problem(cell, T, B, H, P, lengths=lengths)
                 ref = run_reference(cell, args, cot, reverse)
