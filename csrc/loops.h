@@ -1,0 +1,347 @@
+// The fused time loops, forward and backward, of one layer-direction. A step is split into fixed chunks of hidden
+// units: a chunk runs its slice of the recurrent GEMM and then the cell math on the slice while it is in cache. The
+// whole loop is one parallel region in which each thread keeps its own chunks (so their weights stay in its cache)
+// and waits for the other threads only at the end of a step. Chunks do not depend on the thread count, so results
+// are bitwise the same for any `torch.set_num_threads`. Rows are visited in length order (longest first), so the
+// rows still running at a step are a prefix and the GEMMs shrink as sequences end.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "blas.h"
+#include "buffers.h"
+#include "hidden_product.h"
+#include "isa_choice.h"
+#include "isa_kernels.h"
+#include "order.h"
+#include "scheduler.h"
+
+namespace seqfast {
+
+// Zoneout of a call: the weights of the previous state, `h [T, B, P]` and LSTM's `c [T, B, H]` in time order (training
+// masks), else the constant `keep` for every unit (evaluation); off when neither is given.
+struct ZoneoutArgs {
+  c10::optional<at::Tensor> h, c;
+  double keep = 0;
+  bool on() const { return h.has_value() || keep > 0; }
+};
+
+// Zoneout row pointers of one call in step order, like `gx_rows`: per step and sorted row, its `width` weights.
+template <typename T>
+class ZoneoutRows {
+ public:
+  ZoneoutRows(const c10::optional<at::Tensor>& keep, double constant, bool on, int64_t width, const Order& ord,
+              int64_t B)
+      : on_(on), keep_(static_cast<T>(constant)), B_(B) {
+    if (!on || !keep) return;
+    const T* p = keep->data_ptr<T>();
+    rows_.resize(ord.T * B);
+    for (int64_t s = 0; s < ord.T; ++s)
+      for (int64_t r = 0; r < ord.active[s]; ++r) rows_[s * B + r] = p + (ord.time(s, r) * B + ord.perm[r]) * width;
+  }
+  Zoneout<T> at(int64_t s) const { return {on_, rows_.empty() ? nullptr : rows_.data() + s * B_, keep_}; }
+  // The weight of sorted row `r`'s unit `j` at step `s`.
+  T weight(int64_t s, int64_t r, int64_t j) const { return rows_.empty() ? keep_ : rows_[s * B_ + r][j]; }
+
+ private:
+  bool on_;
+  T keep_;
+  int64_t B_;
+  std::vector<const T*> rows_;
+};
+
+template <typename scalar_t>
+void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
+              const at::Tensor& h0, const at::Tensor& c0, const Order& ord, const c10::optional<at::Tensor>& w_hr,
+              const ZoneoutArgs& zo, int64_t chunk, const at::Tensor& y, const at::Tensor& hT, const at::Tensor& cT,
+              const at::Tensor& saved) {
+  const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
+  const bool proj = w_hr.has_value(), lstm = cell == LSTM;
+  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
+  // a projected h's zoneout runs after the projection, here; the cell kernel's otherwise
+  const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
+  const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
+  const IsaKernels kern = isa_kernels();
+  const HiddenProduct<scalar_t> whh(w_hh, G, H, hc, false, ord, kern);
+  const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0;
+  const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + BC + BR + B * GH + (bias ? 0 : GH));
+  Carve<scalar_t> carve(state.data());
+  scalar_t* hb = carve.take(2 * B * P);  // [2, B, P] state before / after the step
+  scalar_t* pc = carve.take(BC);         // [B, H]
+  scalar_t* phraw = carve.take(BR);      // [B, H] o * tanh(c) before projecting
+  scalar_t* pws = carve.take(B * GH);    // per chunk [B, G*hc]
+  scalar_t* zeros = bias ? nullptr : carve.take(GH);
+  if (zeros) std::fill_n(zeros, GH, scalar_t(0));
+  scalar_t* py = y.data_ptr<scalar_t>();
+  scalar_t* psaved = saved.numel() ? saved.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* pgx = gx.data_ptr<scalar_t>();
+  const scalar_t* pb = bias ? bias->data_ptr<scalar_t>() : zeros;
+  const scalar_t* pwr = proj ? w_hr->data_ptr<scalar_t>() : nullptr;
+  permute_rows(h0.data_ptr<scalar_t>(), hb, ord, P, true);
+  if (lstm) permute_rows(c0.data_ptr<scalar_t>(), pc, ord, H, true);
+  if (const uint8_t* z = ord.zero_at(0)) {
+    for (int64_t r = 0; r < ord.active[0]; ++r) {
+      if (!z[r]) continue;
+      std::fill_n(hb + r * P, P, scalar_t(0));
+      if (lstm) std::fill_n(pc + r * H, H, scalar_t(0));
+    }
+  }
+  std::vector<const scalar_t*> gx_rows(T * B);  // [T, B] step s's rows, in sorted order
+  std::vector<scalar_t*> y_rows(T * B);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t n = ord.active[s];
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t off = ord.time(s, r) * B + ord.perm[r];
+      gx_rows[s * B + r] = pgx + off * GH;
+      y_rows[s * B + r] = py + off * P;
+    }
+    for (int64_t r = n; r < B; ++r) {
+      std::fill_n(py + (s * B + ord.perm[r]) * P, P, scalar_t(0));
+      if (psaved) std::fill_n(psaved + (s * B + r) * SW, SW, scalar_t(0));
+    }
+  }
+  auto cell_step = [&](int64_t s, int64_t c) {
+    const int64_t n = ord.active[s];
+    if (n == 0) return;
+    const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
+    scalar_t* cur = hb + (s % 2) * B * P;
+    scalar_t* nxt = hb + ((s + 1) % 2) * B * P;
+    scalar_t* wsc = pws + B * G * j0;
+    whh(c, n, cur, P, wsc, G * n_j, false);
+    const FwdChunk<scalar_t> a{.n = n,
+                               .H = H,
+                               .j0 = j0,
+                               .hc = n_j,
+                               .ws = wsc,
+                               .gx_rows = gx_rows.data() + s * B,
+                               .bias = pb,
+                               .h_prev = cur,
+                               .h_next = proj ? phraw : nxt,
+                               .ldh = proj ? H : P,
+                               .c = pc,
+                               .y_rows = proj ? nullptr : y_rows.data() + s * B,
+                               .saved = psaved ? psaved + s * B * SW : nullptr,
+                               .zero_next = ord.zero_at(s + 1),
+                               .zh = proj ? Zoneout<scalar_t>{} : zh.at(s),
+                               .zc = zc.at(s)};
+    run_fwd(kern, cell, a);
+  };
+  if (!proj) {
+    run_steps(T, nch, B * GH * P, cell_step);
+  } else {
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t n = ord.active[s];
+      if (n == 0) break;
+      at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
+        OneBlasThread one;
+        for (int64_t c = begin; c < end; ++c) cell_step(s, c);
+      });
+      const scalar_t* cur = hb + (s % 2) * B * P;
+      scalar_t* nxt = hb + ((s + 1) % 2) * B * P;
+      scalar_t* const* ys = y_rows.data() + s * B;
+      at::parallel_for(0, npc, 1, [&](int64_t begin, int64_t end) {
+        OneBlasThread one;
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
+          step_gemm<scalar_t>(kern, true, n, n_p, H, phraw, H, pwr + p0 * H, H, scalar_t(0), nxt + p0, P);
+          const uint8_t* z = ord.zero_at(s + 1);
+          for (int64_t r = 0; r < n; ++r) {
+            if (zo.on()) {
+              for (int64_t p = p0; p < p0 + n_p; ++p) {
+                const scalar_t k = zh.weight(s, r, p);
+                nxt[r * P + p] = k * cur[r * P + p] + (1 - k) * nxt[r * P + p];
+              }
+            }
+            std::copy_n(nxt + r * P + p0, n_p, ys[r] + p0);
+            if (z && z[r]) std::fill_n(nxt + r * P + p0, n_p, scalar_t(0));
+          }
+        }
+      });
+    }
+  }
+  scalar_t* phT = hT.data_ptr<scalar_t>();
+  for (int64_t r = 0; r < B; ++r)
+    std::copy_n(hb + (ord.last(r) % 2) * B * P + r * P, P, phT + ord.perm[r] * P);
+  if (lstm) permute_rows(pc, cT.data_ptr<scalar_t>(), ord, H, false);
+}
+
+template <typename scalar_t>
+void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::Tensor& dcT, const at::Tensor& w_hh,
+              const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0, const Order& ord,
+              const ZoneoutArgs& zo, const at::Tensor& y, const at::Tensor& saved, int64_t chunk,
+              const at::Tensor& dgx, const at::Tensor& dgh, const at::Tensor& dh0, const at::Tensor& dc0,
+              const at::Tensor& dw_hr) {
+  const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
+  const bool need_dh0 = dh0.defined();
+  const bool proj = w_hr.has_value(), lstm = cell == LSTM;
+  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
+  const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
+  const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
+  const IsaKernels kern = isa_kernels();
+  const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0, BP = proj ? B * P : 0;
+  const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + 2 * BC + (proj ? 1 : 2) * B * GH + BP + 2 * BR);
+  Carve<scalar_t> carve(state.data());
+  scalar_t* pdh = carve.take(B * P);                 // [B, P] gradient reaching h from later steps
+  scalar_t* pdc = carve.take(BC);                    // [B, H]
+  scalar_t* ph0s = carve.take(B * P);                // [B, P] h0 in sorted order
+  scalar_t* pc0s = carve.take(BC);                   // [B, H] c0 in sorted order
+  scalar_t* pda = carve.take((proj ? 1 : 2) * B * GH);  // dgh of the step, double-buffered
+  scalar_t* pdhs = carve.take(BP);                   // [B, P] dh at the step (projection)
+  scalar_t* pdhraw = carve.take(BR);                 // [B, H] dhs @ w_hr
+  scalar_t* phraw = carve.take(BR);                  // [B, H] o * tanh(c)
+  scalar_t* pdgx = dgx.data_ptr<scalar_t>();
+  scalar_t* pdgh = cell == GRU ? dgh.data_ptr<scalar_t>() : nullptr;  // the other cells' dgh is dgx
+  const scalar_t* ph0 = ph0s;
+  const scalar_t* pc0 = pc0s;
+  const scalar_t* pdy = dy.data_ptr<scalar_t>();
+  const scalar_t* py = y.data_ptr<scalar_t>();
+  const scalar_t* psaved = saved.data_ptr<scalar_t>();
+  const scalar_t* pw = w_hh.data_ptr<scalar_t>();
+  const scalar_t* pwr = proj ? w_hr->data_ptr<scalar_t>() : nullptr;
+  scalar_t* pdw = proj ? dw_hr.data_ptr<scalar_t>() : nullptr;
+  permute_rows(dhT.data_ptr<scalar_t>(), pdh, ord, P, true);
+  permute_rows(h0.data_ptr<scalar_t>(), ph0s, ord, P, true);
+  if (lstm) {
+    permute_rows(dcT.data_ptr<scalar_t>(), pdc, ord, H, true);
+    permute_rows(c0.data_ptr<scalar_t>(), pc0s, ord, H, true);
+  }
+  if (proj) std::fill_n(pdw, P * H, scalar_t(0));
+  std::vector<const scalar_t*> dy_rows(T * B), h_rows(T * B);  // [T, B] step s's rows, in sorted order
+  std::vector<scalar_t*> dgx_rows(T * B), dgh_rows(T * B);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t n = ord.active[s];
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t off = ord.time(s, r) * B + ord.perm[r], i = s * B + r;
+      dy_rows[i] = pdy + off * P;
+      dgx_rows[i] = pdgx + off * GH;
+      dgh_rows[i] = pdgh ? pdgh + off * GH : nullptr;
+      if (cell == GRU) {
+        h_rows[i] = s > 0 ? py + (ord.time(s - 1, r) * B + ord.perm[r]) * P : ph0 + r * P;
+      } else {
+        h_rows[i] = py + off * P;
+      }
+    }
+    for (int64_t r = n; r < B; ++r) {
+      std::fill_n(pdgx + (s * B + ord.perm[r]) * GH, GH, scalar_t(0));
+      if (pdgh) std::fill_n(pdgh + (s * B + ord.perm[r]) * GH, GH, scalar_t(0));
+    }
+  }
+  // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
+  const std::optional<HiddenProduct<scalar_t>> whh =
+      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(w_hh, G, H, hc, true, ord, kern);
+  // `dh` columns [p0, p0 + n_p) of the rows whose step `s` started from zeros: no gradient reaches the state before
+  auto clear_dh = [&](int64_t s, int64_t n, int64_t p0, int64_t n_p) {
+    if (const uint8_t* z = ord.zero_at(s))
+      for (int64_t r = 0; r < n; ++r)
+        if (z[r]) std::fill_n(pdh + r * P + p0, n_p, scalar_t(0));
+  };
+  // dh before step `s`, columns of chunk `c`, from step `s`'s `da`
+  // the cell math leaves GRU's dh z, and zoneout's k dh, in dh for the product to add to
+  auto dh_prev = [&](int64_t s, int64_t c, int64_t n, const scalar_t* da) {
+    (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU || zo.on());
+    clear_dh(s, n, c * hc, std::min(hc, H - c * hc));
+  };
+  auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + (zo.on() ? 5 : 4) * H : pc0; };
+  auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };
+
+  if (!proj) {
+    // Step k runs time step T - 1 - k; step T forms dh0 from the last da (when wanted).
+    run_steps(T + need_dh0, nch, B * GH * P, [&](int64_t k, int64_t c) {
+      const int64_t s = T - 1 - k;
+      if (s < 0) {
+        if (ord.active[0] > 0) dh_prev(0, c, ord.active[0], pda);
+        return;
+      }
+      const int64_t n = ord.active[s], n_next = s + 1 < T ? ord.active[s + 1] : 0;
+      if (n == 0) return;
+      scalar_t* da = pda + (s % 2) * B * GH;
+      if (n_next > 0) dh_prev(s + 1, c, n_next, pda + ((s + 1) % 2) * B * GH);
+      const int64_t j0 = c * hc, i = s * B;
+      const BwdChunk<scalar_t> a{.n = n,
+                                 .H = H,
+                                 .j0 = j0,
+                                 .hc = std::min(hc, H - j0),
+                                 .dh = pdh,
+                                 .dy_rows = dy_rows.data() + i,
+                                 .dc = pdc,
+                                 .saved = psaved + s * B * SW,
+                                 .c_prev = c_prev(s),
+                                 .ldc = ldc(s),
+                                 .h_rows = h_rows.data() + i,
+                                 .dgx_rows = dgx_rows.data() + i,
+                                 .dgh_rows = dgh_rows.data() + i,
+                                 .da = da,
+                                 .hraw = nullptr,
+                                 .zero = ord.zero_at(s),
+                                 .zh = zh.at(s),
+                                 .zc = zc.at(s)};
+      run_bwd(kern, cell, a);
+    });
+  } else {
+    for (int64_t s = T - 1; s >= 0; --s) {
+      const int64_t n = ord.active[s], i = s * B;
+      if (n == 0) continue;
+      const scalar_t* sv = psaved + s * B * SW;
+      // dhs: the gradient reaching the projected h~ (zoneout's k dh goes to the step before, through dh)
+      for (int64_t r = 0; r < n; ++r) {
+        for (int64_t p = 0; p < P; ++p) {
+          const scalar_t dh = pdh[r * P + p] + dy_rows[i + r][p];
+          if (!zo.on()) {
+            pdhs[r * P + p] = dh;
+            continue;
+          }
+          const scalar_t k = zh.weight(s, r, p);
+          pdhs[r * P + p] = (1 - k) * dh;
+          pdh[r * P + p] = k * dh;
+        }
+      }
+      at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
+        OneBlasThread one;
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
+          step_gemm<scalar_t>(kern, false, n, n_j, P, pdhs, P, pwr + j0, H, scalar_t(0), pdhraw + j0, H);
+          const BwdChunk<scalar_t> a{.n = n,
+                                     .H = H,
+                                     .j0 = j0,
+                                     .hc = n_j,
+                                     .dh = pdhraw,
+                                     .dy_rows = nullptr,
+                                     .dc = pdc,
+                                     .saved = sv,
+                                     .c_prev = c_prev(s),
+                                     .ldc = ldc(s),
+                                     .h_rows = h_rows.data() + i,
+                                     .dgx_rows = dgx_rows.data() + i,
+                                     .dgh_rows = dgh_rows.data() + i,
+                                     .da = pda,
+                                     .hraw = phraw,
+                                     .zero = ord.zero_at(s),
+                                     .zh = Zoneout<scalar_t>{},
+                                     .zc = zc.at(s)};
+          run_bwd(kern, cell, a);
+        }
+      });
+      at::parallel_for(0, npc, 1, [&](int64_t begin, int64_t end) {
+        OneBlasThread one;
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
+          if (s > 0 || need_dh0) {
+            step_gemm<scalar_t>(kern, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(zo.on()), pdh + p0, P);
+            clear_dh(s, n, p0, n_p);
+          }
+          gemm<scalar_t>(true, false, n_p, H, n, pdhs + p0, P, phraw, H, scalar_t(1), pdw + p0 * H, H);
+        }
+      });
+    }
+  }
+  if (need_dh0) permute_rows(pdh, dh0.data_ptr<scalar_t>(), ord, P, false);
+  if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);
+}
+
+}  // namespace seqfast

@@ -1,0 +1,79 @@
+// The time loops' scheduler: every step's chunks of hidden units over torch's threads, one parallel region per loop.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <exception>
+#include <thread>
+#include <vector>
+
+#include "blas.h"
+
+namespace seqfast {
+
+inline void spin_pause() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// Multiply-adds per step below which one more thread costs more (waking it, a barrier per step) than it saves.
+constexpr int64_t kMinMacsPerThread = int64_t(1) << 16;
+
+// Runs `task(k, c)` for every step `k < steps` and chunk `c < nch`, all chunks of a step before any of the next, in
+// one `at::parallel_for` over as many of torch's threads as `step_macs` multiply-adds per step repay. A thread first
+// runs its own block of chunks, then claims any chunk still unclaimed (so a thread that never starts, e.g. inline in
+// a nested region, is never waited for), then waits for the step to complete (spinning briefly, then yielding). A
+// thread walks its own block forward on even steps and backward on odd ones, so the weights it read last (still in
+// its L2) are the first it reads again. Which thread runs a chunk does not change its result; a task's exception is
+// rethrown after the loop.
+template <class F>
+void run_steps(int64_t steps, int64_t nch, int64_t step_macs, const F& task) {
+  struct alignas(64) Claim {
+    std::atomic<int64_t> steps{0};  // steps whose chunk has been claimed
+  };
+  std::vector<Claim> claims(nch);
+  alignas(64) std::atomic<int64_t> done{0};
+  std::atomic_flag failed = ATOMIC_FLAG_INIT;
+  std::exception_ptr error;
+  const int64_t repaid = step_macs / kMinMacsPerThread;
+  const int64_t nt = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), nch, repaid}));
+  at::parallel_for(0, nt, 1, [&](int64_t begin, int64_t end) {
+    OneBlasThread one;
+    const int64_t c0 = begin * nch / nt, c1 = end * nch / nt;
+    for (int64_t k = 0; k < steps; ++k) {
+      auto take = [&](int64_t c) {
+        int64_t expect = k;
+        if (claims[c].steps.load(std::memory_order_relaxed) != k ||
+            !claims[c].steps.compare_exchange_strong(expect, k + 1, std::memory_order_acq_rel))
+          return;
+        try {
+          task(k, c);
+        } catch (...) {
+          if (!failed.test_and_set()) error = std::current_exception();
+        }
+        done.fetch_add(1, std::memory_order_acq_rel);
+      };
+      if (k % 2 == 0) {
+        for (int64_t c = c0; c < c1; ++c) take(c);
+      } else {
+        for (int64_t c = c1 - 1; c >= c0; --c) take(c);
+      }
+      for (int64_t c = c0 - 1; c >= 0; --c) take(c);
+      for (int64_t c = nch - 1; c >= c1; --c) take(c);
+      for (int64_t spins = 0; done.load(std::memory_order_acquire) < (k + 1) * nch; ++spins) {
+        if (spins < (1 << 11)) {
+          spin_pause();
+        } else {
+          std::this_thread::yield();
+        }
+      }
+    }
+  });
+  if (error) std::rethrow_exception(error);
+}
+
+}  // namespace seqfast
