@@ -33,7 +33,8 @@ class HiddenProduct {
       : w_(w.data_ptr<T>()), G_(G), H_(H), P_(w.size(1)), hc_(hc), backward_(backward), kern_(kern) {
     const int64_t rows = std::accumulate(ord.active.begin(), ord.active.end(), int64_t(0));
     const int64_t nch = (H + hc - 1) / hc;
-    if (rows < kPackMinRows) return;
+    // one row a step: the matrix-vector kernel reads `w` as it is, at the memory's pace, with nothing to pack
+    if (rows < kPackMinRows || ord.active.empty() || ord.active[0] <= 1) return;
     if constexpr (std::is_same_v<T, float>) {
       if (ord.T >= kPackMinSteps) {
         const int64_t nb = blocks(), K = depth();

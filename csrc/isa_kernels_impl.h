@@ -3,6 +3,7 @@
 // math uses GCC vector extensions of that width and Cephes' exp/tanh, about 2 ulp in float32 and float64 alike.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -499,27 +500,19 @@ inline void dot_block(int64_t k, const typename O::T* W, int64_t ldw, const type
   }
 }
 
-// `y[j] (+)= x[:k] W[:k, j]` for the `cols <= NB * W` columns at `W`, rows `ldw` apart, held in registers.
-template <class O, int NB>
-inline void axpy_block(int64_t k, int64_t cols, const typename O::T* W, int64_t ldw, const typename O::T* x,
-                       bool accumulate, typename O::T* y) {
+// `y[:n] += x[i] W[i, :n] + ... ` for the `R` rows `i` from `W` (`ldw` apart): each row read once, in order.
+template <class O, int R>
+inline void axpy_rows(int64_t n, const typename O::T* W, int64_t ldw, const typename O::T* x, typename O::T* y) {
   using V = typename O::V;
-  V acc[NB] = {};
-  if (cols == NB * O::W) {
-    for (int64_t i = 0; i < k; ++i) {
-      const V a = O::splat(x[i]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NB; ++v) acc[v] += a * O::load(W + i * ldw + v * O::W, O::W);
-    }
-  } else {
-    for (int64_t i = 0; i < k; ++i) {
-      const V a = O::splat(x[i]);
-      for (int v = 0; v * O::W < cols; ++v) acc[v] += a * O::load(W + i * ldw + v * O::W, lanes(O::W, cols - v * O::W));
-    }
-  }
-  for (int v = 0; v * O::W < cols; ++v) {
-    const int m = lanes(O::W, cols - v * O::W);
-    O::store(y + v * O::W, accumulate ? acc[v] + O::load(y + v * O::W, m) : acc[v], m);
+  V a[R];
+#pragma GCC unroll 4
+  for (int i = 0; i < R; ++i) a[i] = O::splat(x[i]);
+  for (int64_t j = 0; j < n; j += O::W) {
+    const int m = lanes(O::W, n - j);
+    V acc = O::load(y + j, m);
+#pragma GCC unroll 4
+    for (int i = 0; i < R; ++i) acc += a[i] * O::load(W + i * ldw + j, m);
+    O::store(y + j, acc, m);
   }
 }
 
@@ -528,12 +521,11 @@ inline void axpy_block(int64_t k, int64_t cols, const typename O::T* W, int64_t 
 template <class O>
 inline void gemv(bool trans, int64_t n, int64_t k, const typename O::T* W, int64_t ldw, const typename O::T* x,
                  bool accumulate, typename O::T* y) {
-  constexpr int NB = 8;
   if (trans) {
-    for (int64_t j = 0; j < n; j += NB * O::W) {
-      const int64_t cols = n - j < NB * O::W ? n - j : NB * O::W;
-      axpy_block<O, NB>(k, cols, W + j, ldw, x, accumulate, y + j);
-    }
+    if (!accumulate) std::fill_n(y, n, typename O::T(0));
+    int64_t i = 0;
+    for (; i + 4 <= k; i += 4) axpy_rows<O, 4>(n, W + i * ldw, ldw, x + i, y);
+    for (; i < k; ++i) axpy_rows<O, 1>(n, W + i * ldw, ldw, x + i, y);
     return;
   }
   int64_t j = 0;
@@ -545,7 +537,6 @@ inline void fwd_f32(int cell, const FwdChunk<float>& a) { fwd<OpsF32>(cell, a); 
 inline void bwd_f32(int cell, const BwdChunk<float>& a) { bwd<OpsF32>(cell, a); }
 inline void fwd_f64(int cell, const FwdChunk<double>& a) { fwd<OpsF64>(cell, a); }
 inline void bwd_f64(int cell, const BwdChunk<double>& a) { bwd<OpsF64>(cell, a); }
-
 inline void gemv_f32(bool trans, int64_t n, int64_t k, const float* W, int64_t ldw, const float* x, bool accumulate,
                      float* y) {
   gemv<OpsF32>(trans, n, k, W, ldw, x, accumulate, y);
