@@ -252,7 +252,9 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
 
   if (!proj) {
     // Step k runs time step T - 1 - k; step T forms dh0 from the last da (when wanted).
-    run_steps(T + need_dh0, nch, B * GH * P, [&](int64_t k, int64_t c) {
+    // a single step without dh0 has no product with w_hh, only the cell math: not worth waking a thread for
+    const int64_t step_macs = T > 1 || need_dh0 ? B * GH * P : 0;
+    run_steps(T + need_dh0, nch, step_macs, [&](int64_t k, int64_t c) {
       const int64_t s = T - 1 - k;
       if (s < 0) {
         if (ord.active[0] > 0) dh_prev(0, c, ord.active[0], pda);
