@@ -184,17 +184,18 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
   const IsaKernels kern = isa_kernels();
-  const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0, BP = proj ? B * P : 0;
-  const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + 2 * BC + (proj ? 1 : 2) * B * GH + BP + 2 * BR);
+  const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0;
+  const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + 2 * BC + (proj ? 1 : 2) * B * GH + BR);
   Carve<scalar_t> carve(state.data());
   scalar_t* pdh = carve.take(B * P);                 // [B, P] gradient reaching h from later steps
   scalar_t* pdc = carve.take(BC);                    // [B, H]
   scalar_t* ph0s = carve.take(B * P);                // [B, P] h0 in sorted order
   scalar_t* pc0s = carve.take(BC);                   // [B, H] c0 in sorted order
   scalar_t* pda = carve.take((proj ? 1 : 2) * B * GH);  // dgh of the step, double-buffered
-  scalar_t* pdhs = carve.take(BP);                   // [B, P] dh at the step (projection)
   scalar_t* pdhraw = carve.take(BR);                 // [B, H] dhs @ w_hr
-  scalar_t* phraw = carve.take(BR);                  // [B, H] o * tanh(c)
+  // projection: per step, dh at the projected h and o * tanh(c), zero past each length, for dw_hr after the loop
+  const at::Tensor dhs_all = proj ? at::zeros({T, B, P}, dy.options()) : at::Tensor();
+  const at::Tensor hraw_all = proj ? at::zeros({T, B, H}, dy.options()) : at::Tensor();
   scalar_t* pdgx = dgx.data_ptr<scalar_t>();
   scalar_t* pdgh = cell == GRU ? dgh.data_ptr<scalar_t>() : nullptr;  // the other cells' dgh is dgx
   const scalar_t* ph0 = ph0s;
@@ -290,6 +291,8 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
       const int64_t n = ord.active[s], i = s * B;
       if (n == 0) continue;
       const scalar_t* sv = psaved + s * B * SW;
+      scalar_t* pdhs = dhs_all.data_ptr<scalar_t>() + s * B * P;
+      scalar_t* phraw = hraw_all.data_ptr<scalar_t>() + s * B * H;
       // dhs: the gradient reaching the projected h~ (zoneout's k dh goes to the step before, through dh)
       for (int64_t r = 0; r < n; ++r) {
         for (int64_t p = 0; p < P; ++p) {
@@ -329,18 +332,19 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
           run_bwd(kern, cell, a);
         }
       });
+      if (s == 0 && !need_dh0) continue;
       at::parallel_for(0, npc, 1, [&](int64_t begin, int64_t end) {
         OneBlasThread one;
         for (int64_t c = begin; c < end; ++c) {
           const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
-          if (s > 0 || need_dh0) {
-            step_gemm<scalar_t>(kern, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(zo.on()), pdh + p0, P);
-            clear_dh(s, n, p0, n_p);
-          }
-          gemm<scalar_t>(true, false, n_p, H, n, pdhs + p0, P, phraw, H, scalar_t(1), pdw + p0 * H, H);
+          step_gemm<scalar_t>(kern, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(zo.on()), pdh + p0, P);
+          clear_dh(s, n, p0, n_p);
         }
       });
     }
+    // dw_hr = dhs^T [o * tanh(c)] over all steps and rows, one product
+    gemm<scalar_t>(true, false, P, H, T * B, dhs_all.data_ptr<scalar_t>(), P, hraw_all.data_ptr<scalar_t>(), H,
+                   scalar_t(1), pdw, H);
   }
   if (need_dh0) permute_rows(pdh, dh0.data_ptr<scalar_t>(), ord, P, false);
   if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);
