@@ -65,13 +65,15 @@ void project_blas(const at::Tensor& x, const at::Tensor& w, const c10::optional<
     for (int64_t n = 0; n < N; ++n) c[n] = pi && pf ? pi[n] + pf[n] : pi ? pi[n] : pf[n];
     for (int64_t m = 1; m < M; ++m) std::copy_n(c, N, c + m * N);
   }
+  if (M == 1) return run_gemv(isa_kernels(), false, N, K, w.data_ptr<T>(), K, x.data_ptr<T>(), pi || pf, c);
   gemm<T>(false, true, M, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, T(pi || pf), c, N);
 }
 #endif
 
 // `F.linear(x, w, b_ih + b_fold)` (either bias may be None) with the ops `seqfast.linear.project` runs for it. The
 // products it gets (`project` leaves large float32 ones to oneDNN) go straight to the BLAS call at::addmm would make,
-// bitwise the same result without at::linear's dispatch.
+// bitwise the same result without at::linear's dispatch; one row (a step of B = 1) to the matrix-vector kernel, which
+// `seqfast.linear.project` then calls here too.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b_ih,
                    const c10::optional<at::Tensor>& b_fold) {
   std::vector<int64_t> sizes = x.sizes().vec();
@@ -431,6 +433,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stack", &seqfast::stack, "A stack's forward without grad: (y, hn, cn or None).",
         py::call_guard<py::gil_scoped_release>());
   m.def("step", &seqfast::step, "A cell's step without grad: (h, c or None).", py::call_guard<py::gil_scoped_release>());
+  m.def("project", [](const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+    const seqfast::BelowAutograd below;
+    return seqfast::project(x, w, b, c10::nullopt);
+  }, "x @ w.T + b over every leading index, as the loops' input projections are formed.",
+        py::call_guard<py::gil_scoped_release>());
   m.def("layer", &seqfast::layer, "One layer-direction with grad as an autograd node: (y, hT, cT or None).");
   m.def("cells", [] {
     std::vector<std::tuple<int, int, int>> table;

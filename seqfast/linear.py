@@ -113,9 +113,26 @@ def project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     Returns:
         `[..., N]`.
     """
+    if x.numel() == x.shape[-1] and x.is_cpu and w.is_cpu and (extension := _extension()):
+        return extension.project(x, w, b)  # one row: the matrix-vector kernel the cpp backend forms it with
     if x.is_contiguous() and not _onednn(x, w, b):
         return F.linear(x, w, b)  # folds the leading dimensions into the one GEMM dense would run
     return dense(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _extension():
+    """`seqfast._C`, imported on first use, or None when it is not built."""
+    global _C
+    if _C is None:
+        try:
+            from . import _C as extension
+        except ImportError:
+            extension = False
+        _C = extension
+    return _C or None
+
+
+_C = None  # seqfast._C once `_extension` has looked for it; False when it is not built
 
 
 linear = torch.library.custom_op("seqfast::linear", project, mutates_args=())
