@@ -17,10 +17,6 @@ void sgemm_(const char*, const char*, const int*, const int*, const int*, const 
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
             const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-void sgemv_(const char*, const int*, const int*, const float*, const float*, const int*, const float*, const int*,
-            const float*, float*, const int*) __attribute__((weak));
-void dgemv_(const char*, const int*, const int*, const double*, const double*, const int*, const double*,
-            const int*, const double*, double*, const int*) __attribute__((weak));
 int MKL_Set_Num_Threads_Local(int) __attribute__((weak));  // mkl_set_num_threads_local in mkl.h
 }
 #else
@@ -48,23 +44,9 @@ inline void blas(char ta, char tb, int m, int n, int k, double alpha, const doub
                  int ldb, double beta, double* c, int ldc) {
   dgemm_(&ta, &tb, &m, &n, &k, &alpha, a, &lda, b, &ldb, &beta, c, &ldc);
 }
-inline void blas_gemv(char trans, int m, int n, float alpha, const float* a, int lda, const float* x, int incx,
-                      float beta, float* y) {
-  const int one = 1;
-  sgemv_(&trans, &m, &n, &alpha, a, &lda, x, &incx, &beta, y, &one);
-}
-inline void blas_gemv(char trans, int m, int n, double alpha, const double* a, int lda, const double* x, int incx,
-                      double beta, double* y) {
-  const int one = 1;
-  dgemv_(&trans, &m, &n, &alpha, a, &lda, x, &incx, &beta, y, &one);
-}
 template <typename T>
 bool have_blas() {
   return std::is_same<T, float>::value ? sgemm_ != nullptr : dgemm_ != nullptr;
-}
-template <typename T>
-bool have_gemv() {
-  return std::is_same<T, float>::value ? sgemv_ != nullptr : dgemv_ != nullptr;
 }
 #endif
 
@@ -74,17 +56,6 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
           T beta, T* C, int64_t ldc) {
   if (m == 0 || n == 0) return;
 #if SEQFAST_BLAS
-  if (m == 1 && k > 0 && have_gemv<T>()) {
-    // one row (an input projection of one step and row): BLAS's matrix-vector product, the one at::addmm makes
-    const int K = static_cast<int>(k), N = static_cast<int>(n), ld = static_cast<int>(std::max<int64_t>(ldb, 1));
-    const int inc = static_cast<int>(ta ? std::max<int64_t>(lda, 1) : 1);
-    if (tb) {
-      blas_gemv('T', K, N, T(1), B, ld, A, inc, beta, C);
-    } else {
-      blas_gemv('N', N, K, T(1), B, ld, A, inc, beta, C);
-    }
-    return;
-  }
   if (have_blas<T>()) {
     // Column-major view: C^T = op(B)^T op(A)^T.
     blas(tb ? 'T' : 'N', ta ? 'T' : 'N', static_cast<int>(n), static_cast<int>(m), static_cast<int>(k), T(1), B,

@@ -15,8 +15,9 @@
 
 namespace seqfast {
 
-// Packing pays once a call runs at least this many steps and this many rows in all (one row at small T reads the
-// weights faster through BLAS than it could pack them).
+// Packing pays once a call runs at least this many steps and this many rows in all, more than one a step (one row
+// at small T reads the weights faster through BLAS than it could pack them, and one row a step gains nothing from
+// panels it does not reuse).
 constexpr int64_t kPackMinSteps = 4, kPackMinRows = 16;
 
 // The recurrent product of one call, chunk by chunk, straight from `w [G*H, P]`: forward, gate by gate,
