@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import fit, parser, run_backends, setup
+from common import fit, groups, parser, run_backends, setup
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
@@ -62,11 +62,7 @@ class Classifier(nn.Module):
 
 def batches(data, batch, rng=None):
     """`(chars [B, L], lengths [B], labels [B])`."""
-    order = list(range(len(data)))
-    if rng is not None:
-        rng.shuffle(order)
-    for i in range(0, len(order), batch):
-        chunk = [data[j] for j in order[i : i + batch]]
+    for chunk in groups(data, batch, rng):
         codes = [encode(text) for text, _ in chunk]
         lengths = torch.tensor([len(c) for c in codes])
         width = int(lengths.max())

@@ -1,4 +1,5 @@
-"""What the examples share: their command line, the training loop, a progress bar, timing and the comparison table."""
+"""What the examples share: their command line, batching, the training loop, a progress bar, timing and the comparison
+table."""
 
 import argparse
 import sys
@@ -23,6 +24,15 @@ def setup(args):
     """Apply `--threads`."""
     if args.threads:
         torch.set_num_threads(args.threads)
+
+
+def groups(data, batch, rng=None):
+    """The items of `data` in lists of `batch` (the last may be shorter), in `rng`'s shuffled order when given."""
+    order = list(range(len(data)))
+    if rng is not None:
+        rng.shuffle(order)
+    for i in range(0, len(order), batch):
+        yield [data[j] for j in order[i : i + batch]]
 
 
 def progress(iterable, total, label):

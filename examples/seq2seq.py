@@ -15,7 +15,7 @@ import random
 
 import torch
 import torch.nn.functional as F
-from common import fit, parser, run_backends, setup, timed
+from common import fit, groups, parser, run_backends, setup, timed
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -81,11 +81,7 @@ def encode(text, vocab):
 
 def batches(data, batch, shuffle_rng=None):
     """`(src [B, S], lengths [B], tgt_in [B, U], tgt_out [B, U])` padded batches of `data`."""
-    order = list(range(len(data)))
-    if shuffle_rng is not None:
-        shuffle_rng.shuffle(order)
-    for i in range(0, len(order), batch):
-        chunk = [data[j] for j in order[i : i + batch]]
+    for chunk in groups(data, batch, shuffle_rng):
         src = [encode(s, SOURCE) for s, _ in chunk]
         lengths = torch.tensor([len(s) for s in src])
         src = torch.tensor([s + [0] * (int(lengths.max()) - len(s)) for s in src])

@@ -19,7 +19,7 @@ from collections import Counter
 
 import torch
 import torch.nn.functional as F
-from common import fit, parser, run_backends, setup
+from common import fit, groups, parser, run_backends, setup
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -94,11 +94,7 @@ class Tagger(nn.Module):
 
 def batches(data, batch, vocab, rng=None):
     """`(tokens [B, L], lengths [B], tags [B, L])`, tags -100 on padding."""
-    order = list(range(len(data)))
-    if rng is not None:
-        rng.shuffle(order)
-    for i in range(0, len(order), batch):
-        chunk = [data[j] for j in order[i : i + batch]]
+    for chunk in groups(data, batch, rng):
         lengths = torch.tensor([len(t) for t, _ in chunk])
         width = int(lengths.max())
         tokens = torch.tensor([[vocab.get(t, 1) for t in ts] + [0] * (width - len(ts)) for ts, _ in chunk])
