@@ -23,9 +23,9 @@ constexpr int64_t kPackMinSteps = 4, kPackMinRows = 16;
 // The recurrent product of one call, chunk by chunk, straight from `w [G*H, P]`: forward, gate by gate,
 // `C[n, g*n_j : (g+1)*n_j] = h[n, P] w[g*H + j0 : g*H + j0 + n_j]^T`; backward `C[n, n_j] = da[n, G*H]
 // w[:, j0 : j0 + n_j]`. float32 runs this CPU's GEMM on weight panels packed once per call when the call repays the
-// packing (`kPackMinSteps`, `kPackMinRows`); a step of one row runs this CPU's matrix-vector kernel; otherwise (and
-// float64) BLAS, the forward of a call with that many rows on a copy of `w` with each chunk's gate rows side by side,
-// one BLAS call per chunk instead of one per gate.
+// packing (`kPackMinSteps`, `kPackMinRows`). Unpacked (and float64), a step of one row runs this CPU's matrix-vector
+// kernel and any other BLAS; the forward of a call with enough rows to pack for then works on a copy of `w` with each
+// chunk's gate rows side by side, one product per chunk instead of one per gate.
 template <typename T>
 class HiddenProduct {
  public:

@@ -115,9 +115,9 @@ def outputs_f32(cpp, cell, P=None, B=20, T=9, H=200):
     return [t for t in run_contract(cpp, cell, args, cot, True) if t is not None]
 
 
-# B = 1 (T = 16) and 2 take the k-split GEMM tiles of the packed weights, B = 20 the full ones; B = 1 at T = 9 is too
-# little work to pack the weights for and runs BLAS's matrix-vector products, as does the input projection at T = 1;
-# H = 48 is split in two chunks of a smaller width.
+# B = 2 takes the k-split GEMM tiles of the packed weights, B = 20 the full ones; B = 1 (one row a step, at any T) is
+# never packed and runs the matrix-vector kernel, as does the input projection at T = 1; H = 48 is split in two chunks
+# of a smaller width.
 @pytest.mark.parametrize("B, T, H", [(1, 16, 200), (2, 9, 200), (20, 9, 200), (1, 9, 200), (1, 1, 200), (20, 9, 48)])
 @pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
 def test_thread_count_independent(cpp, cell, B, T, H):
