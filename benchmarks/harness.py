@@ -42,6 +42,7 @@ import seqfast
 from seqfast import dispatch
 from seqfast.kernels.common import GATES
 from seqfast.linear import dense
+from seqfast.native import cpu_facts, cpuinfo
 
 from .cell_loop import LOOP_MODULES
 from .shapes import DECODER_VOCAB, DTYPES
@@ -817,46 +818,8 @@ def device_name(device="cpu"):
     device = torch.device(device)
     if device.type == "cuda":
         return "cuda-" + _slug(torch.cuda.get_device_name(device))
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1]
-                break
+    model = cpuinfo().get("model name") or platform.processor() or platform.machine()
     return "cpu-" + _slug(model)
-
-
-def cpu_facts():
-    """The CPU as the figures depend on it.
-
-    Returns:
-        `dict` with `cpu_vendor` (`GenuineIntel`, `AuthenticAMD`), `cpu_model` (name, family and model number),
-        `cpu_isa` (`avx512`, `avx2` or `generic`: the widest vector set seqfast's kernels can use) and `cpu_l2_kb`
-        (per core); empty strings and None where the system does not say.
-    """
-    info = {}
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if not key and info:
-                break
-            info.setdefault(key, value.strip())
-    flags = set(info.get("flags", "").split())
-    isa = "generic"
-    if {"avx512f", "avx512vl", "avx512dq"} <= flags:
-        isa = "avx512"
-    elif {"avx2", "fma"} <= flags:
-        isa = "avx2"
-    model = info.get("model name", platform.processor() or platform.machine())
-    if "cpu family" in info:
-        model += f" (family {info['cpu family']} model {info.get('model', '?')})"
-    l2 = Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
-    size = l2.read_text().strip() if l2.exists() else ""
-    l2_kb = int(size[:-1]) * (1024 if size.endswith("M") else 1) if size[:-1].isdigit() else None
-    return dict(cpu_vendor=info.get("vendor_id", ""), cpu_model=model, cpu_isa=isa, cpu_l2_kb=l2_kb)
 
 
 def _git_sha():

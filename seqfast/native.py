@@ -13,8 +13,10 @@ CPU model, torch's version and seqfast's, with the other calibrations of this ma
 single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this backend declines it.
 """
 
+import functools
 import json
 import os
+import platform
 import time
 from pathlib import Path
 
@@ -228,17 +230,52 @@ _machine_choices = None
 
 
 def _machine():
-    """This machine's entry in the cache file: CPU model, torch's version and seqfast's (whose kernels it timed)."""
+    """This machine's entry in the cache file: the CPU (`cpu_facts`; a virtual machine may name Zen 1 and Zen 4 alike
+    "AMD EPYC"), torch's version and seqfast's (whose kernels it timed)."""
     from . import __version__
 
-    model = ""
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
+    facts = cpu_facts()
+    cpu = f"{facts['cpu_vendor']} {facts['cpu_model']} {facts['cpu_isa']} L2 {facts['cpu_l2_kb']} KB"
+    return f"{cpu} torch {torch.__version__} seqfast {__version__}"
+
+
+@functools.cache
+def cpuinfo():
+    """The first processor's entries of `/proc/cpuinfo`, `{name: value}` (empty where there is none)."""
+    info = {}
+    path = Path("/proc/cpuinfo")
+    if path.exists():
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if not key and info:
                 break
-    return f"{model or os.uname().machine} torch {torch.__version__} seqfast {__version__}"
+            info.setdefault(key, value.strip())
+    return info
+
+
+def cpu_facts():
+    """The CPU as kernel speed depends on it.
+
+    Returns:
+        `dict` with `cpu_vendor` (`GenuineIntel`, `AuthenticAMD`), `cpu_model` (name, family and model number),
+        `cpu_isa` (`avx512`, `avx2` or `generic`: the widest vector set seqfast's kernels can use) and `cpu_l2_kb`
+        (per core); empty strings and None where the system does not say.
+    """
+    info = cpuinfo()
+    flags = set(info.get("flags", "").split())
+    isa = "generic"
+    if {"avx512f", "avx512vl", "avx512dq"} <= flags:
+        isa = "avx512"
+    elif {"avx2", "fma"} <= flags:
+        isa = "avx2"
+    model = info.get("model name", platform.processor() or platform.machine())
+    if "cpu family" in info:
+        model += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    l2 = Path("/sys/devices/system/cpu/cpu0/cache/index2/size")
+    size = l2.read_text().strip() if l2.exists() else ""
+    l2_kb = int(size[:-1]) * (1024 if size.endswith("M") else 1) if size[:-1].isdigit() else None
+    return dict(cpu_vendor=info.get("vendor_id", ""), cpu_model=model, cpu_isa=isa, cpu_l2_kb=l2_kb)
 
 
 def _choices():
