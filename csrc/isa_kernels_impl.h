@@ -6,9 +6,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 
 #include "isa_kernels.h"
+
+#define SEQFAST_INLINE __attribute__((always_inline))
 
 namespace seqfast {
 namespace SEQFAST_ISA {
@@ -25,7 +28,7 @@ struct OpsF32 {
 
   static V splat(float x) { return V{} + x; }
   // The full-width branch has a constant size, so it compiles to one vector move instead of a memcpy call.
-  static V load(const float* p, int m) {
+  SEQFAST_INLINE static V load(const float* p, int m) {
     V v = {};
     if (m == W) {
       std::memcpy(&v, p, sizeof(V));
@@ -34,7 +37,7 @@ struct OpsF32 {
     }
     return v;
   }
-  static void store(float* p, V v, int m) {
+  SEQFAST_INLINE static void store(float* p, V v, int m) {
     if (m == W) {
       std::memcpy(p, &v, sizeof(V));
     } else {
@@ -91,7 +94,7 @@ struct OpsF64 {
   typedef int64_t I __attribute__((vector_size(SEQFAST_VBYTES)));
 
   static V splat(double x) { return V{} + x; }
-  static V load(const double* p, int m) {
+  SEQFAST_INLINE static V load(const double* p, int m) {
     V v = {};
     if (m == W) {
       std::memcpy(&v, p, sizeof(V));
@@ -100,7 +103,7 @@ struct OpsF64 {
     }
     return v;
   }
-  static void store(double* p, V v, int m) {
+  SEQFAST_INLINE static void store(double* p, V v, int m) {
     if (m == W) {
       std::memcpy(p, &v, sizeof(V));
     } else {
@@ -161,6 +164,15 @@ struct OpsF64 {
   static V relu_grad(V h, V dh) { return h <= 0.0 ? splat(0.0) : dh; }
 };
 
+// `units(jj, m)` over `[0, n)` a vector at a time: full vectors with `m` a compile-time `O::W` (plain vector moves,
+// no partial-copy branch in the loop), then the partial tail.
+template <class O, class F>
+SEQFAST_INLINE inline void each_vector(int64_t n, F&& units) {
+  int64_t jj = 0;
+  for (; jj + O::W <= n; jj += O::W) units(jj, std::integral_constant<int, O::W>{});
+  if (jj < n) units(jj, static_cast<int>(n - jj));
+}
+
 // Zoneout's weight of the previous state at row `r`, units `[j, j + m)`.
 template <class O>
 inline typename O::V keep_at(const Zoneout<typename O::T>& z, int64_t r, int64_t j, int m) {
@@ -181,8 +193,7 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
     auto* y = a.y_rows ? a.y_rows[r] + j0 : nullptr;
     auto* sv = a.saved && SW ? a.saved + r * SW + j0 : nullptr;
     const bool zn = a.zero_next && a.zero_next[r];
-    for (int64_t jj = 0; jj < hc; jj += O::W) {
-      const int m = lanes(O::W, hc - jj);
+    auto units = [&](int64_t jj, auto m) SEQFAST_INLINE {
       V h;
       if (CELL == RNN_TANH || CELL == RNN_RELU) {
         V pre = O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m));
@@ -230,7 +241,8 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
       }
       O::store(hn + jj, zn && y ? V{} : h, m);
       if (y) O::store(y + jj, h, m);
-    }
+    };
+    each_vector<O>(hc, units);
   }
 }
 
@@ -247,8 +259,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
     auto* da = a.da + r * GH + j0;
     const auto* sv = SW ? a.saved + r * SW + j0 : nullptr;
     const bool zero = a.zero && a.zero[r];
-    for (int64_t jj = 0; jj < hc; jj += O::W) {
-      const int m = lanes(O::W, hc - jj);
+    auto units = [&](int64_t jj, auto m) SEQFAST_INLINE {
       V dh = O::load(dhp + jj, m);
       if (dy) dh = dh + O::load(dy + jj, m);
       // h = k h_prev + (1 - k) h~: dh_prev gets k dh directly, the cell's h~ the rest
@@ -315,7 +326,8 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         O::store(da + 2 * H + jj, dnh, m);
         O::store(dhp + jj, dh * z + dh_direct, m);
       }
-    }
+    };
+    each_vector<O>(hc, units);
   }
 }
 

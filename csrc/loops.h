@@ -45,7 +45,10 @@ class ZoneoutRows {
     for (int64_t s = 0; s < ord.T; ++s)
       for (int64_t r = 0; r < ord.active[s]; ++r) rows_[s * B + r] = p + (ord.time(s, r) * B + ord.perm[r]) * width;
   }
-  Zoneout<T> at(int64_t s) const { return {on_, rows_.empty() ? nullptr : rows_.data() + s * B_, keep_}; }
+  // Step `s`'s zoneout from sorted row `r0` on.
+  Zoneout<T> at(int64_t s, int64_t r0 = 0) const {
+    return {on_, rows_.empty() ? nullptr : rows_.data() + s * B_ + r0, keep_};
+  }
   // The weight of sorted row `r`'s unit `j` at step `s`.
   T weight(int64_t s, int64_t r, int64_t j) const { return rows_.empty() ? keep_ : rows_[s * B_ + r][j]; }
 
@@ -63,7 +66,9 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
               const at::Tensor& saved) {
   const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
-  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
+  // rows in blocks (one chunk of every unit), else hidden units in chunks
+  const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t));
+  const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
   // a projected h's zoneout runs after the projection, here; the cell kernel's otherwise
   const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
@@ -106,41 +111,47 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
       if (psaved) std::fill_n(psaved + (s * B + r) * SW, SW, scalar_t(0));
     }
   }
-  auto cell_step = [&](int64_t s, int64_t c) {
-    const int64_t n = ord.active[s];
-    if (n == 0) return;
+  // step `s`, hidden chunk `c`, for the rows of `[r0, r1)` still running
+  auto cell_step = [&](int64_t s, int64_t c, int64_t r0, int64_t r1) {
+    const int64_t n = std::min(ord.active[s], r1) - r0;
+    if (n <= 0) return;
     const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
-    scalar_t* cur = hb + (s % 2) * B * P;
-    scalar_t* nxt = hb + ((s + 1) % 2) * B * P;
-    scalar_t* wsc = pws + B * G * j0;
+    scalar_t* cur = hb + (s % 2) * B * P + r0 * P;
+    scalar_t* nxt = hb + ((s + 1) % 2) * B * P + r0 * P;
+    scalar_t* wsc = pws + B * G * j0 + r0 * G * n_j;
     whh(c, n, cur, P, wsc, G * n_j, false);
+    const uint8_t* zero_next = ord.zero_at(s + 1);
     const FwdChunk<scalar_t> a{.n = n,
                                .H = H,
                                .j0 = j0,
                                .hc = n_j,
                                .ws = wsc,
-                               .gx_rows = gx_rows.data() + s * B,
+                               .gx_rows = gx_rows.data() + s * B + r0,
                                .bias = pb,
                                .h_prev = cur,
-                               .h_next = proj ? phraw : nxt,
+                               .h_next = proj ? phraw + r0 * H : nxt,
                                .ldh = proj ? H : P,
-                               .c = pc,
-                               .y_rows = proj ? nullptr : y_rows.data() + s * B,
-                               .saved = psaved ? psaved + s * B * SW : nullptr,
-                               .zero_next = ord.zero_at(s + 1),
-                               .zh = proj ? Zoneout<scalar_t>{} : zh.at(s),
-                               .zc = zc.at(s)};
+                               .c = pc + r0 * H,
+                               .y_rows = proj ? nullptr : y_rows.data() + s * B + r0,
+                               .saved = psaved ? psaved + (s * B + r0) * SW : nullptr,
+                               .zero_next = zero_next ? zero_next + r0 : nullptr,
+                               .zh = proj ? Zoneout<scalar_t>{} : zh.at(s, r0),
+                               .zc = zc.at(s, r0)};
     run_fwd(kern, cell, a);
   };
-  if (!proj) {
-    run_steps(T, nch, B * GH * P, cell_step);
+  if (rb < B) {
+    run_blocks((B + rb - 1) / rb, T * B * GH * P, [&](int64_t b) {
+      for (int64_t s = 0; s < T && ord.active[s] > b * rb; ++s) cell_step(s, 0, b * rb, (b + 1) * rb);
+    });
+  } else if (!proj) {
+    run_steps(T, nch, B * GH * P, [&](int64_t s, int64_t c) { cell_step(s, c, 0, B); });
   } else {
     for (int64_t s = 0; s < T; ++s) {
       const int64_t n = ord.active[s];
       if (n == 0) break;
       at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
         OneBlasThread one;
-        for (int64_t c = begin; c < end; ++c) cell_step(s, c);
+        for (int64_t c = begin; c < end; ++c) cell_step(s, c, 0, B);
       });
       const scalar_t* cur = hb + (s % 2) * B * P;
       scalar_t* nxt = hb + ((s + 1) % 2) * B * P;
@@ -180,7 +191,8 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
   const bool need_dh0 = dh0.defined();
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
-  const int64_t hc = std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
+  const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t));  // as the forward's
+  const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
   const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
   const IsaKernels kern = isa_kernels();
@@ -236,56 +248,65 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
   const std::optional<HiddenProduct<scalar_t>> whh =
       proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(w_hh, G, H, hc, true, ord, kern);
-  // `dh` columns [p0, p0 + n_p) of the rows whose step `s` started from zeros: no gradient reaches the state before
-  auto clear_dh = [&](int64_t s, int64_t n, int64_t p0, int64_t n_p) {
+  // `dh` columns [p0, p0 + n_p) of rows `[r0, r1)` whose step `s` started from zeros: no gradient reaches the state
+  // before
+  auto clear_dh = [&](int64_t s, int64_t r0, int64_t r1, int64_t p0, int64_t n_p) {
     if (const uint8_t* z = ord.zero_at(s))
-      for (int64_t r = 0; r < n; ++r)
+      for (int64_t r = r0; r < r1; ++r)
         if (z[r]) std::fill_n(pdh + r * P + p0, n_p, scalar_t(0));
   };
-  // dh before step `s`, columns of chunk `c`, from step `s`'s `da`
+  // dh before step `s`, columns of chunk `c`, rows `[r0, r0 + n)`, from step `s`'s `da`
   // the cell math leaves GRU's dh z, and zoneout's k dh, in dh for the product to add to
-  auto dh_prev = [&](int64_t s, int64_t c, int64_t n, const scalar_t* da) {
-    (*whh)(c, n, da, GH, pdh + c * hc, P, cell == GRU || zo.on());
-    clear_dh(s, n, c * hc, std::min(hc, H - c * hc));
+  auto dh_prev = [&](int64_t s, int64_t c, int64_t r0, int64_t n, const scalar_t* da) {
+    (*whh)(c, n, da + r0 * GH, GH, pdh + r0 * P + c * hc, P, cell == GRU || zo.on());
+    clear_dh(s, r0, r0 + n, c * hc, std::min(hc, H - c * hc));
   };
   auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + (zo.on() ? 5 : 4) * H : pc0; };
   auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };
+  // Step k runs time step T - 1 - k, for chunk `c` and the rows of `[r0, r1)` still running; step T forms dh0 from
+  // the last da (when wanted).
+  auto bwd_step = [&](int64_t k, int64_t c, int64_t r0, int64_t r1) {
+    const int64_t s = T - 1 - k;
+    auto rows = [&](int64_t step) { return step < T ? std::max<int64_t>(std::min(ord.active[step], r1) - r0, 0) : 0; };
+    if (s < 0) {
+      if (rows(0) > 0) dh_prev(0, c, r0, rows(0), pda);
+      return;
+    }
+    const int64_t n = rows(s), n_next = rows(s + 1);
+    if (n == 0) return;
+    scalar_t* da = pda + (s % 2) * B * GH;
+    if (n_next > 0) dh_prev(s + 1, c, r0, n_next, pda + ((s + 1) % 2) * B * GH);
+    const int64_t j0 = c * hc, i = s * B + r0;
+    const uint8_t* zero = ord.zero_at(s);
+    const BwdChunk<scalar_t> a{.n = n,
+                               .H = H,
+                               .j0 = j0,
+                               .hc = std::min(hc, H - j0),
+                               .dh = pdh + r0 * P,
+                               .dy_rows = dy_rows.data() + i,
+                               .dc = pdc + r0 * H,
+                               .saved = psaved + i * SW,
+                               .c_prev = c_prev(s) + r0 * ldc(s),
+                               .ldc = ldc(s),
+                               .h_rows = h_rows.data() + i,
+                               .dgx_rows = dgx_rows.data() + i,
+                               .dgh_rows = dgh_rows.data() + i,
+                               .da = da + r0 * GH,
+                               .hraw = nullptr,
+                               .zero = zero ? zero + r0 : nullptr,
+                               .zh = zh.at(s, r0),
+                               .zc = zc.at(s, r0)};
+    run_bwd(kern, cell, a);
+  };
 
-  if (!proj) {
-    // Step k runs time step T - 1 - k; step T forms dh0 from the last da (when wanted).
+  if (rb < B) {
+    run_blocks((B + rb - 1) / rb, T * B * GH * P, [&](int64_t b) {
+      for (int64_t k = 0; k < T + need_dh0; ++k) bwd_step(k, 0, b * rb, (b + 1) * rb);
+    });
+  } else if (!proj) {
     // a single step without dh0 has no product with w_hh, only the cell math: not worth waking a thread for
     const int64_t step_macs = T > 1 || need_dh0 ? B * GH * P : 0;
-    run_steps(T + need_dh0, nch, step_macs, [&](int64_t k, int64_t c) {
-      const int64_t s = T - 1 - k;
-      if (s < 0) {
-        if (ord.active[0] > 0) dh_prev(0, c, ord.active[0], pda);
-        return;
-      }
-      const int64_t n = ord.active[s], n_next = s + 1 < T ? ord.active[s + 1] : 0;
-      if (n == 0) return;
-      scalar_t* da = pda + (s % 2) * B * GH;
-      if (n_next > 0) dh_prev(s + 1, c, n_next, pda + ((s + 1) % 2) * B * GH);
-      const int64_t j0 = c * hc, i = s * B;
-      const BwdChunk<scalar_t> a{.n = n,
-                                 .H = H,
-                                 .j0 = j0,
-                                 .hc = std::min(hc, H - j0),
-                                 .dh = pdh,
-                                 .dy_rows = dy_rows.data() + i,
-                                 .dc = pdc,
-                                 .saved = psaved + s * B * SW,
-                                 .c_prev = c_prev(s),
-                                 .ldc = ldc(s),
-                                 .h_rows = h_rows.data() + i,
-                                 .dgx_rows = dgx_rows.data() + i,
-                                 .dgh_rows = dgh_rows.data() + i,
-                                 .da = da,
-                                 .hraw = nullptr,
-                                 .zero = ord.zero_at(s),
-                                 .zh = zh.at(s),
-                                 .zc = zc.at(s)};
-      run_bwd(kern, cell, a);
-    });
+    run_steps(T + need_dh0, nch, step_macs, [&](int64_t k, int64_t c) { bwd_step(k, c, 0, B); });
   } else {
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t n = ord.active[s], i = s * B;
@@ -338,11 +359,13 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
         for (int64_t c = begin; c < end; ++c) {
           const int64_t p0 = c * pcs, n_p = std::min(pcs, P - p0);
           step_gemm<scalar_t>(kern, false, n, n_p, GH, pda, GH, pw + p0, P, scalar_t(zo.on()), pdh + p0, P);
-          clear_dh(s, n, p0, n_p);
+          clear_dh(s, 0, n, p0, n_p);
         }
       });
     }
-    // dw_hr = dhs^T [o * tanh(c)] over all steps and rows, one product
+    // dw_hr = dhs^T [o * tanh(c)] over all steps and rows, one product, on one BLAS thread: MKL splits the sum over
+    // rows by its thread count
+    OneBlasThread one;
     gemm<scalar_t>(true, false, P, H, T * B, dhs_all.data_ptr<scalar_t>(), P, hraw_all.data_ptr<scalar_t>(), H,
                    scalar_t(1), pdw, H);
   }

@@ -1,4 +1,5 @@
-// The time loops' scheduler: every step's chunks of hidden units over torch's threads, one parallel region per loop.
+// The time loops' scheduler: every step's chunks of hidden units over torch's threads, one parallel region per loop;
+// or, where a call's rows split into blocks (`row_block`), each block's steps on one thread, with no wait between.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -74,6 +75,29 @@ void run_steps(int64_t steps, int64_t nch, int64_t step_macs, const F& task) {
     }
   });
   if (error) std::rethrow_exception(error);
+}
+
+// Rows per block of a call whose rows run as independent blocks, or `B` for one block (split by hidden units
+// instead). A row's steps depend on no other row's, so a block runs all its steps without waiting for the others,
+// and its products keep every hidden unit (full-width tiles). Blocks pay where `w_hh` (`[G*H, P]` of `elem_size`
+// bytes) is small enough for each core to keep a copy in its L2 and there are rows for two blocks of at least
+// `kMinBlockRows`. A function of the shape only, so results do not depend on the thread count.
+constexpr int64_t kMinBlockRows = 24, kBlockRows = 32, kMaxBlockWeightBytes = int64_t(256) << 10;
+inline int64_t row_block(int64_t B, int64_t GH, int64_t P, int64_t elem_size) {
+  if (GH * P * elem_size > kMaxBlockWeightBytes || B < 2 * kMinBlockRows) return B;
+  const int64_t blocks = std::max<int64_t>(2, B / kBlockRows);
+  return (B + blocks - 1) / blocks;
+}
+
+// Runs `task(b)` for every block `b < blocks` over as many of torch's threads as `macs` multiply-adds in all repay;
+// a task's exception propagates as `at::parallel_for`'s.
+template <class F>
+void run_blocks(int64_t blocks, int64_t macs, const F& task) {
+  const int64_t nt = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), blocks, macs / kMinMacsPerThread}));
+  at::parallel_for(0, blocks, (blocks + nt - 1) / nt, [&](int64_t begin, int64_t end) {
+    OneBlasThread one;
+    for (int64_t b = begin; b < end; ++b) task(b);
+  });
 }
 
 }  // namespace seqfast
