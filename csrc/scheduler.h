@@ -79,14 +79,17 @@ void run_steps(int64_t steps, int64_t nch, int64_t step_macs, const F& task) {
 
 // Rows per block of a call whose rows run as independent blocks, or `B` for one block (split by hidden units
 // instead). A row's steps depend on no other row's, so a block runs all its steps without waiting for the others,
-// and its products keep every hidden unit (full-width tiles). Blocks pay where `w_hh` (`[G*H, P]` of `elem_size`
-// bytes) is small enough for each core to keep a copy in its L2 and there are rows for two blocks of at least
-// `kMinBlockRows`. A function of the shape only, so results do not depend on the thread count.
-constexpr int64_t kMinBlockRows = 24, kBlockRows = 32, kMaxBlockWeightBytes = int64_t(256) << 10;
+// and its products keep every hidden unit (full-width tiles). The cost: each block reads all of `w_hh` (`[G*H, P]`
+// of `elem_size` bytes) every step, where a chunk of hidden units reads its slice; blocks pay while that is at most
+// `kMaxBlockWeightBytesPerRow` per row of a block (measured on AMD Zen 4, 2 threads: LSTM H256 B16 +13-17%, GRU H200
+// B20 +50%, LSTM H512 B64 +7-10%; LSTM H384 B16, at 300 KB a row, -7%). Blocks of at most `kMaxBlockRows` rows, at
+// least two and of at least `kMinBlockRows` each. A function of the shape only, so results do not depend on the
+// thread count.
+constexpr int64_t kMinBlockRows = 6, kMaxBlockRows = 64, kMaxBlockWeightBytesPerRow = int64_t(256) << 10;
 inline int64_t row_block(int64_t B, int64_t GH, int64_t P, int64_t elem_size) {
-  if (GH * P * elem_size > kMaxBlockWeightBytes || B < 2 * kMinBlockRows) return B;
-  const int64_t blocks = std::max<int64_t>(2, B / kBlockRows);
-  return (B + blocks - 1) / blocks;
+  if (B < 2 * kMinBlockRows) return B;
+  const int64_t blocks = std::max<int64_t>(2, (B + kMaxBlockRows - 1) / kMaxBlockRows), rows = (B + blocks - 1) / blocks;
+  return GH * P * elem_size <= kMaxBlockWeightBytesPerRow * rows ? rows : B;
 }
 
 // Runs `task(b)` for every block `b < blocks` over as many of torch's threads as `macs` multiply-adds in all repay;

@@ -54,7 +54,7 @@ def isas(cpp):
 def test_accuracy_per_isa(cpp, cell, dtype, rtol):
     """Every instruction-set path against the reference, the one-row products (B = 1) included: 37 and 150 units give
     partial and full vectors and row blocks of the matrix-vector kernel; B = 53 splits the batch into two blocks of
-    rows (27 and 26) that run their steps apart."""
+    rows (27 and 26) that run their steps apart, B = 6 splits 70 units into chunks."""
     T = 40
     previous = cpp._C.isa()
     try:
@@ -111,17 +111,20 @@ def test_float64_saturation_and_non_finite_match_torch(cpp, cell):
 
 
 def outputs_f32(cpp, cell, P=None, B=20, T=9, H=200):
-    """A float32 problem spanning several chunks and panels, with lengths (B = 20, and mixed ones above) and reverse."""
-    lengths = torch.tensor([9, 3, 0, 7, 9] * 4) if B == 20 else mixed_lengths(T, B) if B > 20 else None
+    """A float32 problem spanning several chunks and panels, with lengths (B = 20, mixed ones at other B >= 12) and
+    reverse."""
+    lengths = torch.tensor([9, 3, 0, 7, 9] * 4) if B == 20 else mixed_lengths(T, B) if B >= 12 else None
     args, cot = contract_problem(cell, T, B, H, P, lengths=lengths, dtype=torch.float32, seed=1)
     return [t for t in run_contract(cpp, cell, args, cot, True) if t is not None]
 
 
 # B = 2 takes the k-split GEMM tiles of the packed weights, B = 20 the full ones; B = 1 (one row a step, at any T) is
 # never packed and runs the matrix-vector kernel, as does the input projection at T = 1; H = 48 is split in two chunks
-# of a smaller width; B = 53 at H = 37 runs in two blocks of rows, with mixed lengths.
+# of a smaller width. From B = 12 the rows run in blocks (B = 20, 53), unless the weights are large for a block's
+# rows (B = 12 at H = 400, split by hidden units).
 @pytest.mark.parametrize(
-    "B, T, H", [(1, 16, 200), (2, 9, 200), (20, 9, 200), (1, 9, 200), (1, 1, 200), (20, 9, 48), (53, 9, 37)]
+    "B, T, H",
+    [(1, 16, 200), (2, 9, 200), (20, 9, 200), (1, 9, 200), (1, 1, 200), (20, 9, 48), (53, 9, 37), (12, 9, 400)],
 )
 @pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
 def test_thread_count_independent(cpp, cell, B, T, H):

@@ -240,10 +240,10 @@ def test_fused_options_are_the_reference_layer(backend, kind, reverse, dtype, op
     """One layer-direction with resets (`ext.zero`), zoneout's masks (`ext.keep_h`, `ext.keep_c`) or its evaluation
     weight, or both, through `functional.layer` on a backend that fuses them, against the reference's in float64:
     outputs and the gradients of every input for random cotangents, with mixed lengths (as the contract allows) and
-    without; float32 at sizes that run the threaded, packed loops. Each runs the cpp loops split by hidden units
-    (B < 48) and, without a projection, by rows (B >= 48). A backend that does not fuse them refuses the call with
+    without; float32 at sizes that run the threaded, packed loops. They run the cpp loops split by hidden units
+    (B < 12, and with a projection) and by rows (B >= 12). A backend that does not fuse them refuses the call with
     the reason."""
-    shapes = [(9, 5, 6), (9, 50, 6)] if dtype == torch.float64 else [(40, 20, 70), (40, 48, 70)]
+    shapes = [(9, 5, 6), (9, 50, 6)] if dtype == torch.float64 else [(40, 10, 70), (40, 48, 70)]
     for T, B, H in shapes:
         check_fused_options(backend, kind, reverse, dtype, option, T, B, H)
 
