@@ -1,9 +1,11 @@
-// The fused time loops, forward and backward, of one layer-direction. A step is split into fixed chunks of hidden
-// units: a chunk runs its slice of the recurrent GEMM and then the cell math on the slice while it is in cache. The
+// The fused time loops, forward and backward, of one layer-direction. A call's rows split into blocks that run all
+// their steps apart (`row_block`: from 12 rows, while `w_hh` is small for a block's rows), each step's product over
+// every hidden unit and then the cell math on the block's rows. Otherwise a step is split into fixed chunks of hidden
+// units: a chunk runs its slice of the recurrent GEMM and then the cell math on the slice while it is in cache; the
 // whole loop is one parallel region in which each thread keeps its own chunks (so their weights stay in its cache)
-// and waits for the other threads only at the end of a step. Chunks do not depend on the thread count, so results
-// are bitwise the same for any `torch.set_num_threads`. Rows are visited in length order (longest first), so the
-// rows still running at a step are a prefix and the GEMMs shrink as sequences end.
+// and waits for the other threads only at the end of a step. Blocks and chunks do not depend on the thread count, so
+// results are bitwise the same for any `torch.set_num_threads`. Rows are visited in length order (longest first), so
+// the rows still running at a step are a prefix and the GEMMs shrink as sequences end.
 #pragma once
 
 #include <ATen/ATen.h>
