@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import seqfast
+from seqfast.functional import bernoulli_mask
 
 EPS = 1e-5
 
@@ -75,8 +76,8 @@ def cell_loop(module, x, hx=None, resets=None):
                 ln = [params[n + suffix] for n in ln_names] + [None] * (0 if lstm else 2)
             keep_h = keep_c = module.zoneout
             if module.zoneout and module.training:
-                keep_h = x.new_empty(T, B, H).bernoulli_(module.zoneout)
-                keep_c = x.new_empty(T, B, H).bernoulli_(module.zoneout) if lstm else None
+                keep_h = bernoulli_mask(x, (T, B, H), module.zoneout)
+                keep_c = bernoulli_mask(x, (T, B, H), module.zoneout) if lstm else None
             k = layer * D + d
             h, c = h0s[k], (c0s[k] if lstm else None)
             ys = [None] * T

@@ -290,7 +290,7 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             biases = (params[2], params[3]) if bias else (None, None)
             w_hh = params[1]
             if drop:
-                w_hh = w_hh * torch.empty_like(w_hh).bernoulli_(1 - drop).div_(1 - drop)
+                w_hh = w_hh * functional.bernoulli_mask(w_hh, w_hh.shape, 1 - drop).div_(1 - drop)
             weights.append((params[0], w_hh, *biases, params[-1] if proj else None))
         return weights
 

@@ -28,7 +28,8 @@ def masked_twin(ref, p):
         params = dict(ref.named_parameters())
         for layer in ref._all_weights:
             name = layer[1]
-            params[name] = params[name] * torch.empty_like(params[name]).bernoulli_(1 - p).div_(1 - p)
+            keep = torch.rand(params[name].shape) < 1 - p  # one float32 uniform per element, as documented
+            params[name] = params[name] * keep.to(params[name].dtype).div_(1 - p)
         return torch.func.functional_call(ref, params, args)
 
     return call
