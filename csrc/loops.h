@@ -69,7 +69,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
   const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
   // rows in blocks (one chunk of every unit), else hidden units in chunks
-  const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t));
+  const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);
   const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
   // a projected h's zoneout runs after the projection, here; the cell kernel's otherwise
   const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
@@ -193,7 +193,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
   const bool need_dh0 = dh0.defined();
   const bool proj = w_hr.has_value(), lstm = cell == LSTM;
-  const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t));  // as the forward's
+  const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);  // as the forward's
   const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
   const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;

@@ -82,24 +82,28 @@ void run_steps(int64_t steps, int64_t nch, int64_t step_macs, const F& task) {
 // and its products keep every hidden unit (full-width tiles). The cost: each block reads all of `w_hh` (`[G*H, P]`
 // of `elem_size` bytes) every step, where a chunk of hidden units reads its slice; blocks pay while that is at most
 // `kMaxBlockWeightBytesPerRow` per row of a block (measured on AMD Zen 4, 2 threads: LSTM H256 B16 +13-17%, GRU H200
-// B20 +50%, LSTM H512 B64 +7-10%; LSTM H384 B16, at 300 KB a row, -7%). Blocks of at most `kMaxBlockRows` rows, at
-// least two and of at least `kMinBlockRows` each. A function of the shape only, so results do not depend on the
-// thread count.
+// B20 +50%, LSTM H512 B64 +7-10%; LSTM H384 B16, at 300 KB a row, -7%). Blocks of at most `kMaxBlockRows` rows and
+// at least `kMinBlockRows`; at least two, or four when the rows have their own lengths (`ragged`: rows sorted by
+// length make the first blocks the longest, and threads that claim blocks in turn balance more of them better). A
+// function of the shape and the lengths only, so results do not depend on the thread count.
 constexpr int64_t kMinBlockRows = 6, kMaxBlockRows = 64, kMaxBlockWeightBytesPerRow = int64_t(256) << 10;
-inline int64_t row_block(int64_t B, int64_t GH, int64_t P, int64_t elem_size) {
+inline int64_t row_block(int64_t B, int64_t GH, int64_t P, int64_t elem_size, bool ragged) {
   if (B < 2 * kMinBlockRows) return B;
-  const int64_t blocks = std::max<int64_t>(2, (B + kMaxBlockRows - 1) / kMaxBlockRows), rows = (B + blocks - 1) / blocks;
+  const int64_t blocks = std::max<int64_t>(ragged ? 4 : 2, (B + kMaxBlockRows - 1) / kMaxBlockRows);
+  const int64_t rows = std::max(kMinBlockRows, (B + blocks - 1) / blocks);
   return GH * P * elem_size <= kMaxBlockWeightBytesPerRow * rows ? rows : B;
 }
 
-// Runs `task(b)` for every block `b < blocks` over as many of torch's threads as `macs` multiply-adds in all repay;
-// a task's exception propagates as `at::parallel_for`'s.
+// Runs `task(b)` for every block `b < blocks` over as many of torch's threads as `macs` multiply-adds in all repay,
+// each thread claiming the next block in order until none is left; a task's exception propagates as
+// `at::parallel_for`'s.
 template <class F>
 void run_blocks(int64_t blocks, int64_t macs, const F& task) {
   const int64_t nt = std::max<int64_t>(1, std::min({int64_t(at::get_num_threads()), blocks, macs / kMinMacsPerThread}));
-  at::parallel_for(0, blocks, (blocks + nt - 1) / nt, [&](int64_t begin, int64_t end) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, nt, 1, [&](int64_t, int64_t) {
     OneBlasThread one;
-    for (int64_t b = begin; b < end; ++b) task(b);
+    for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1)) task(b);
   });
 }
 
