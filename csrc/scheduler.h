@@ -89,9 +89,13 @@ void run_steps(int64_t steps, int64_t nch, int64_t step_macs, const F& task) {
 constexpr int64_t kMinBlockRows = 6, kMaxBlockRows = 64, kMaxBlockWeightBytesPerRow = int64_t(256) << 10;
 inline int64_t row_block(int64_t B, int64_t GH, int64_t P, int64_t elem_size, bool ragged) {
   if (B < 2 * kMinBlockRows) return B;
-  const int64_t blocks = std::max<int64_t>(ragged ? 4 : 2, (B + kMaxBlockRows - 1) / kMaxBlockRows);
-  const int64_t rows = std::max(kMinBlockRows, (B + blocks - 1) / blocks);
-  return GH * P * elem_size <= kMaxBlockWeightBytesPerRow * rows ? rows : B;
+  // four blocks where the weights allow it, else two
+  for (const int64_t least : {ragged ? int64_t(4) : int64_t(2), int64_t(2)}) {
+    const int64_t blocks = std::max(least, (B + kMaxBlockRows - 1) / kMaxBlockRows);
+    const int64_t rows = std::max(kMinBlockRows, (B + blocks - 1) / blocks);
+    if (GH * P * elem_size <= kMaxBlockWeightBytesPerRow * rows) return rows;
+  }
+  return B;
 }
 
 // Runs `task(b)` for every block `b < blocks` over as many of torch's threads as `macs` multiply-adds in all repay,
