@@ -32,9 +32,10 @@ _TWO_THREAD_MACS = 1 << 17
 
 
 def _chunk(cell, w_hh, batch):
-    """Hidden units per parallel task: 64, or, when a step of `batch` rows has the work for two threads, half of a
-    smaller hidden size in multiples of 16, so that they can share it. A function of the shape only, never of the
-    thread count, so results do not depend on it."""
+    """Hidden units per parallel task of a call the extension splits by hidden units (one that it does not split
+    into blocks of rows: see `row_block` in csrc/scheduler.h): 64, or, when a step of `batch` rows has the work for
+    two threads, half of a smaller hidden size in multiples of 16, so that they can share it. A function of the shape
+    only, never of the thread count, so results do not depend on it."""
     if batch * w_hh.numel() < _TWO_THREAD_MACS:
         return 64
     half = -(-hidden_size(cell, w_hh) // 2)
