@@ -7,7 +7,8 @@ runs on the first such call of a shape class (see `_choice`): seqfast's kernels 
 call's own tensors (a forward, with grad also the backward of the output, leaving every `.grad` and the random state
 as they were), and torch's op is kept when its best run beats seqfast's by more than `_MARGIN` and `_MIN_GAIN_S`.
 The answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by
-CPU model, torch's version and seqfast's, with the other calibrations of this machine (see `calibrated`).
+the CPU (`cpu_facts`: vendor, family and model, ISA, L2), torch's version and seqfast's, with the other calibrations
+of this machine (see `calibrated`).
 `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can come here, unset calibrates.
 `backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call or a cell's step here whatever its shape; a
 single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this backend declines it.
