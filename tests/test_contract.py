@@ -11,8 +11,8 @@ from seqfast.kernels import common, reference
 from seqfast.kernels.common import Extensions
 
 # (B, T, H): H33 runs without b_hh; H70 spans two 64-unit chunks of the cpp backend, the last ragged; B17 covers
-# the numba backend's 4-row tiles and a remainder row
-SHAPES = [(3, 7, 9), (1, 1, 1), (2, 5, 17), (4, 3, 33), (4, 5, 70), (17, 9, 20)]
+# the numba backend's 4-row tiles and a remainder row, and with B13 at one unit the cpp backend's blocks of rows
+SHAPES = [(3, 7, 9), (1, 1, 1), (2, 5, 17), (4, 3, 33), (4, 5, 70), (17, 9, 20), (13, 5, 1)]
 SHAPE_IDS = [f"B{b}-T{t}-H{h}" for b, t, h in SHAPES]
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
 # "mixed-resets": mixed lengths, and resets (`ext.zero`) at step 0 of the first row and at random steps
