@@ -77,7 +77,8 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t
   }
 }
 
-// `gemm` of a time loop (A not transposed, `beta` 0 or 1): a product of one row runs on this CPU's own kernel.
+// `gemm` with A not transposed and `beta` 0 or 1 (a time step's, a projection's): a product of one row runs on this
+// CPU's own matrix-vector kernel.
 template <typename T>
 void step_gemm(const IsaKernels& kern, bool tb, int64_t m, int64_t n, int64_t k, const T* A, int64_t lda, const T* B,
                int64_t ldb, T beta, T* C, int64_t ldc) {

@@ -519,13 +519,12 @@ inline void axpy_rows(int64_t n, const typename O::T* W, int64_t ldw, const type
   V a[R];
 #pragma GCC unroll 4
   for (int i = 0; i < R; ++i) a[i] = O::splat(x[i]);
-  for (int64_t j = 0; j < n; j += O::W) {
-    const int m = lanes(O::W, n - j);
+  each_vector<O>(n, [&](int64_t j, auto m) SEQFAST_INLINE {
     V acc = O::load(y + j, m);
 #pragma GCC unroll 4
     for (int i = 0; i < R; ++i) acc += a[i] * O::load(W + i * ldw + j, m);
     O::store(y + j, acc, m);
-  }
+  });
 }
 
 // A product of one row: `y[j] (+)= W[j, :k] x` for `j < n`, or `trans`: `y[j] (+)= x[:k] W[:k, j]`; W's rows `ldw`

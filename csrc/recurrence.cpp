@@ -65,8 +65,7 @@ void project_blas(const at::Tensor& x, const at::Tensor& w, const c10::optional<
     for (int64_t n = 0; n < N; ++n) c[n] = pi && pf ? pi[n] + pf[n] : pi ? pi[n] : pf[n];
     for (int64_t m = 1; m < M; ++m) std::copy_n(c, N, c + m * N);
   }
-  if (M == 1) return run_gemv(isa_kernels(), false, N, K, w.data_ptr<T>(), K, x.data_ptr<T>(), pi || pf, c);
-  gemm<T>(false, true, M, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, T(pi || pf), c, N);
+  step_gemm<T>(isa_kernels(), true, M, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, T(pi || pf), c, N);
 }
 #endif
 

@@ -53,8 +53,8 @@ def isas(cpp):
 @pytest.mark.parametrize("cell", CELLS)
 def test_accuracy_per_isa(cpp, cell, dtype, rtol):
     """Every instruction-set path against the reference, the one-row products (B = 1) included: 37 and 150 units give
-    partial and full vectors and row blocks of the matrix-vector kernel; B = 53 splits the batch into two blocks of
-    rows (27 and 26) that run their steps apart, B = 6 splits 70 units into chunks."""
+    partial and full vectors and row blocks of the matrix-vector kernel; B = 53 splits the batch into blocks of rows
+    that run their steps apart (two, of 27 and 26 rows; four of 14 with lengths), B = 6 splits 70 units into chunks."""
     T = 40
     previous = cpp._C.isa()
     try:
