@@ -123,16 +123,14 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     hT.copy_(h0)
     saved = empty(saved_shape(cell, T, B, H, P) if need_saved else (0,), ct, gx.device)
     scratch = saved.numpy() if need_saved else np.empty((1,) + saved_shape(cell, 1, B, H, P)[1:], dtype=x.dtype)
-    cT = None
+    cT, c = None, np.empty((B, 0), dtype=x.dtype)
     if cell == "lstm":
         cT = empty((B, H), ct, gx.device)
         cT.copy_(c0)
-        proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
-        args = (x, w, bias, proj, lens, reverse, hT.numpy(), cT.numpy(), y.numpy(), scratch)
-        _run(loops.cell_loops(cell, w_hr is not None)[0], args, loops.lstm_fwd_work(w, proj, B, T, nc), nc)
-    else:
-        args = (x, w, bias, lens, reverse, hT.numpy(), y.numpy(), scratch)
-        _run(loops.cell_loops(cell, False)[0], args, loops.rnn_gru_fwd_work(w, B, T, H, nc), nc)
+        c = cT.numpy()
+    proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
+    args = (x, w, bias, proj, lens, reverse, hT.numpy(), c, y.numpy(), scratch)
+    _run(loops.cell_loops(cell, w_hr is not None)[0], args, loops.fwd_work(cell, w, proj, B, T, nc), nc)
     return y, hT, cT, saved
 
 
@@ -159,23 +157,23 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     dh0 = empty((B, P), ct, dy.device)
     dh0.copy_(dhT)
     dc0 = dw_hr = None
+    # what the cell does not use: no state columns, no steps
+    c0_np = dc = np.empty((B, 0), dtype=d_out.dtype)
+    dgh_np = hraw_np = dh_out_np = np.empty((0, 0, 0), dtype=d_out.dtype)
     if cell == "lstm":
         dc0 = empty((B, H), ct, dy.device)
         dc0.copy_(dcT)
-        if w_hr is not None:
-            hraw = empty((T, B, H), ct, dy.device)
-            dh_out = empty((T, B, P), ct, dy.device)
-            proj_t, hraw_np, dh_out_np = _np(w_hr.t(), ct), hraw.numpy(), dh_out.numpy()
-        else:
-            proj_t = np.empty((0, P), dtype=d_out.dtype)
-            hraw_np = dh_out_np = np.empty((0, 0, 0), dtype=d_out.dtype)
-        args = (d_out, w_t, proj_t, lens, reverse, _np(c0, ct), saved.numpy(), dh0.numpy(), dc0.numpy(), dgx.numpy())
-        loop = loops.cell_loops(cell, w_hr is not None)[1]
-        _run(loop, (*args, hraw_np, dh_out_np), loops.lstm_bwd_work(w_t, proj_t, B, T, nc), nc)
-        if w_hr is not None:
-            dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
-    else:
-        dgh_np = dgh.numpy() if dgh is not None else np.empty((0, 0, 0), dtype=d_out.dtype)
-        args = (d_out, w_t, lens, reverse, saved.numpy(), dh0.numpy(), dgx.numpy(), dgh_np)
-        _run(loops.cell_loops(cell, False)[1], args, loops.rnn_gru_bwd_work(w_t, B, T, H, nc), nc)
+        c0_np, dc = _np(c0, ct), dc0.numpy()
+    if dgh is not None:
+        dgh_np = dgh.numpy()
+    proj_t = np.empty((0, P), dtype=d_out.dtype)
+    if w_hr is not None:
+        hraw = empty((T, B, H), ct, dy.device)
+        dh_out = empty((T, B, P), ct, dy.device)
+        proj_t, hraw_np, dh_out_np = _np(w_hr.t(), ct), hraw.numpy(), dh_out.numpy()
+    args = (d_out, w_t, proj_t, lens, reverse, c0_np, saved.numpy(), dh0.numpy(), dc, dgx.numpy(), dgh_np)
+    loop = loops.cell_loops(cell, w_hr is not None)[1]
+    _run(loop, (*args, hraw_np, dh_out_np), loops.bwd_work(cell, w_t, proj_t, B, T, nc), nc)
+    if w_hr is not None:
+        dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
     return dgx, dgh, dh0, dc0, dw_hr

@@ -28,6 +28,8 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
+from seqfast.kernels.common import GATES
+
 # error_model="numpy": no ZeroDivisionError branch around each division, which would keep the cell math scalar
 _OPTS = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}, "error_model": "numpy"}
 
@@ -662,162 +664,55 @@ def _dh_prev(da, w_t, wp, dhp, carried, lens, s, dh, p0, p1, panel):
                 dh[b, p] = carried[b, p] + dhp[b, p] if carried.shape[0] else dhp[b, p]
 
 
-def rnn_gru_fwd_work(w_hh, B, T, H, nc):
-    """The RNN and GRU forward loop's `work` for `w_hh [G*H, H]`: the recurrent product `[B, G*H]`, the other state
-    buffer `[B, H]`, and `panels` of `w_hh`."""
-    GH, dt = w_hh.shape[0], w_hh.dtype
-    return (np.empty((B, GH), dt), np.empty((B, H), dt), *panels(w_hh, B, T, GH // H, H, nc))
+def fwd_work(cell, w_hh, w_hr, B, T, nc):
+    """The forward loop's `work` for `w_hh [G*H, P]` and `w_hr [P, H]` (`[0, H]` without a projection): the recurrent
+    product `[B, G*H]`, LSTM's `o * tanh(c)` before the projection `[B, H]` (`[B, 0]` without one), the other state
+    buffer `[B, P]`, and `panels` of `w_hh` and of `w_hr`."""
+    G = GATES[cell]
+    (GH, P), dt = w_hh.shape, w_hh.dtype
+    H, PR = GH // G, w_hr.shape[0]
+    bufs = np.empty((B, GH), dt), np.empty((B, H if PR else 0), dt), np.empty((B, P), dt)
+    return (*bufs, *panels(w_hh, B, T, G, H, nc), *panels(w_hr, B, T, 1, PR, nc))
 
 
-def rnn_gru_bwd_work(w_hh_t, B, T, H, nc):
-    """The RNN and GRU backward loop's `work` for `w_hh_t [H, G*H]`: the gate gradients of two steps `[2, B, G*H]`
-    (step s's in `[s % 2]`: the product of the step after reads the other meanwhile), three `[B, H]` buffers
-    (`dh + dy`, GRU's `dh z`, the product) and `panels` of `w_hh_t`."""
-    dt = w_hh_t.dtype
-    bufs = np.zeros((2, B, w_hh_t.shape[1]), dt), np.empty((B, H), dt), np.zeros((B, H), dt), np.empty((B, H), dt)
-    return (*bufs, *panels(w_hh_t, B, T, 1, H, nc))
+def bwd_work(cell, w_hh_t, w_hr_t, B, T, nc):
+    """The backward loop's `work` for `w_hh_t [P, G*H]` (`w_hh^T`) and `w_hr_t [H, P]` (`[0, P]` without a
+    projection): the gate gradients of two steps `[2, B, G*H]` (step s's in `[s % 2]`: the product of the step after
+    reads the other meanwhile), the state gradient at the cell's output `[B, H]` (`dh + dy`, or projected back;
+    `[B, 0]` for RNN, which adds them in place), GRU's `dh z` `[B, H]` (`[0, P]` for the others: `_dh_prev` then
+    carries nothing), LSTM's scratch for `dc` `[B, H]` (`[B, 0]` for the others), the product `[B, P]`, and `panels` of
+    `w_hh_t` and of `w_hr_t`."""
+    G = GATES[cell]
+    (P, GH), dt = w_hh_t.shape, w_hh_t.dtype
+    H, gru, lstm = GH // G, cell == "gru", cell == "lstm"
+    da, dhc = np.zeros((2, B, GH), dt), np.empty((B, H if G > 1 else 0), dt)
+    dhz, dcs = np.zeros((B if gru else 0, P), dt), np.empty((B, H if lstm else 0), dt)
+    bufs = da, dhc, dhz, dcs, np.empty((B, P), dt)
+    return (*bufs, *panels(w_hh_t, B, T, 1, P, nc), *panels(w_hr_t, B, T, 1, w_hr_t.shape[0], nc))
 
 
-def _rnn_gru_loops(GRU, RELU):
-    """The forward and backward loops of RNN (`G = 1`, relu when `RELU`, else tanh) or GRU (`GRU`, `G = 3`). The flags
-    are constants of the closures, so numba drops the other cells' branches before typing them: a cell compiles
-    and caches only its own math."""
-
-    @njit(**_OPTS)
-    def fwd(gx, w_hh, b_hh, lens, rev, h, y, saved, work, sync, tid, nc):
-        """`gx [T, B, G*H]`, `w_hh [G*H, H]`, `b_hh [G*H]`, `lens [B]`; `h [B, H]`; `y [T, B, H]`; `saved [T or 1, B,
-        SW]`: the new state (RNN), or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
-        T, B, GH = gx.shape
-        H = h.shape[1]
-        G = GH // H
-        gh, h2, wp, span = work
-        for k in range(nc):
-            q = (tid + k) % nc
-            if _begin(sync, q, 0, nc):
-                _pack_gates(w_hh, wp, G, H, q * H // nc, (q + 1) * H // nc, q * span)
-                _end(sync)
-        for s in range(T):
-            cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
-            sv = saved[min(s, saved.shape[0] - 1)]
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 1 + s, nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span, s % 2 == 1)
-                for b in range(B):
-                    if b + AHEAD < B and s < lens[b + AHEAD]:
-                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
-                        _prefetch_units(sv[b + AHEAD], H, j0, j1)
-                    if s >= lens[b]:
-                        _copy_state(cur, nxt, y[s, b], b, j0, j1)
-                        _fill_units(sv[b], H, j0, j1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
-                    if GRU:
-                        _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
-                    else:
-                        _rnn_act(gx[t, b], gh[b], b_hh, RELU, nxt[b], j0, j1)
-                        _copy(nxt[b], sv[b], j0, j1)
-                    _copy(nxt[b], y[t, b], j0, j1)
-                _end(sync)
-        if tid == 0:
-            _wait(sync, (1 + T) * nc)
-            if T % 2 == 1:
-                _copy_rows(h2, h)
-
-    @njit(**_OPTS)
-    def bwd(dy, w_hh_t, lens, rev, saved, dh, dgx, dgh, work, sync, tid, nc):
-        """Backward of `fwd`: `dy [T, B, H]`, `w_hh_t [H, G*H]` (`w_hh^T`), `saved [T, B, SW]`; `dh [B, H]`;
-        `dgx [T, B, G*H]` (also dgh for RNN), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]` for RNN)."""
-        T, B, H = dy.shape
-        G = w_hh_t.shape[1] // H
-        da, dd, dhz, dhp, wp, span = work
-        carried = dhz if GRU else dhz[:0]
-        for k in range(nc):
-            q = (tid + k) % nc
-            if _begin(sync, q, 0, nc):
-                pack(w_hh_t, wp, q * span, q * H // nc, (q + 1) * H // nc)
-                _end(sync)
-        # phase 1 + i: a chunk's units of the state gradient from step s + 1 (none for i = 0), then its units of step s
-        for i in range(T + 1):
-            s = T - 1 - i
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 1 + i, nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                if i > 0:
-                    _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, carried, lens, s + 1, dh, j0, j1, q * span)
-                das = da[s % 2]
-                for b in range(B if s >= 0 else 0):
-                    if b + AHEAD < B and s < lens[b + AHEAD]:
-                        t2 = _step_time(s, lens[b + AHEAD], rev)
-                        _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
-                        _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
-                        _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
-                        if GRU:
-                            _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
-                    if s >= lens[b]:
-                        for g in range(G):
-                            _fill(dgx[s, b], g * H + j0, g * H + j1)
-                            if GRU:
-                                _fill(dgh[s, b], g * H + j0, g * H + j1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
-                    if GRU:
-                        _add(dh[b], dy[t, b], dd[b], j0, j1)
-                        _gru_grads(saved[s, b], dd[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
-                        for g in range(3):
-                            _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
-                        for g in range(2):
-                            _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
-                    else:
-                        _rnn_grad(saved[s, b], dh[b], dy[t, b], RELU, das[b], j0, j1)
-                        _copy(das[b], dgx[t, b], j0, j1)
-                _end(sync)
-        if tid == 0:
-            _wait(sync, (2 + T) * nc)
-
-    return fwd, bwd
-
-
-def lstm_fwd_work(w_hh, w_hr, B, T, nc):
-    """The LSTM forward loop's `work` for `w_hh [4H, P]` and `w_hr [P or 0, H]`: the recurrent product `[B, 4H]`,
-    `o * tanh(c)` `[B, H]`, the other state buffer `[B, P]`, and `panels` of `w_hh` and of `w_hr`."""
-    (G4, P), dt = w_hh.shape, w_hh.dtype
-    bufs = np.empty((B, G4), dt), np.empty((B, G4 // 4), dt), np.empty((B, P), dt)
-    return (*bufs, *panels(w_hh, B, T, 4, G4 // 4, nc), *panels(w_hr, B, T, 1, P, nc))
-
-
-def lstm_bwd_work(w_hh_t, w_hr_t, B, T, nc):
-    """The LSTM backward loop's `work` for `w_hh_t [P, 4H]` and `w_hr_t [H or 0, P]`: the gate gradients of two steps
-    `[2, B, 4H]` (as in `rnn_gru_bwd_work`), `[B, H]` buffers for the state gradient at `o * tanh(c)` and for `dc`,
-    the product `[B, P]`, and `panels` of `w_hh_t` and of `w_hr_t`."""
-    (P, G4), dt = w_hh_t.shape, w_hh_t.dtype
-    H = G4 // 4
-    bufs = np.zeros((2, B, G4), dt), np.empty((B, H), dt), np.empty((B, H), dt), np.empty((B, P), dt)
-    return (*bufs, *panels(w_hh_t, B, T, 1, P, nc), *panels(w_hr_t, B, T, 1, H, nc))
-
-
-def _lstm_loops(PROJ):
-    """The forward and backward loops of LSTM, with the projection `w_hr` when `PROJ`: a constant of the closures, as
-    the flags of `_rnn_gru_loops`."""
+@functools.cache
+def cell_loops(cell, proj):
+    """The forward and backward loops of `cell` (LSTM's with the projection `w_hr` when `proj`), made on first use;
+    each compiles on its first call per dtype. The cell and `proj` are constants of the closures, so numba drops the
+    other cells' branches before typing them: a cell compiles and caches only its own math."""
+    G, LSTM, GRU, RELU, PROJ = GATES[cell], cell == "lstm", cell == "gru", cell == "rnn_relu", proj
     # the projection's product needs the whole state (backward: state gradient) of a step first: a phase of its own
     NPH = 2 if PROJ else 1
 
     @njit(**_OPTS)
     def fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, work, sync, tid, nc):
-        """`gx [T, B, 4H]`, `w_hh [4H, P]`, `b_hh [4H]`, `w_hr [P, H]` (`[0, H]` without `PROJ`), `lens [B]`;
-        `h [B, P]`, `c [B, H]`; `y [T, B, P]`; `saved [T or 1, B, 5H]` (`i, f, g, o, c`)."""
-        T, B, _ = gx.shape
-        H = c.shape[1]
+        """`gx [T, B, G*H]`, `w_hh [G*H, P]`, `b_hh [G*H]`, `w_hr [P, H]` (`[0, H]` without `PROJ`), `lens [B]`;
+        `h [B, P]`, LSTM's `c [B, H]` (`[B, 0]` for the others); `y [T, B, P]`; `saved [T or 1, B, SW]`: the new state
+        (RNN), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
+        T, B, GH = gx.shape
+        H = GH // G
         P = h.shape[1]
         gh, hraw, h2, wp, span, wr, span_r = work
         for k in range(nc):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
-                _pack_gates(w_hh, wp, 4, H, q * H // nc, (q + 1) * H // nc, q * span)
+                _pack_gates(w_hh, wp, G, H, q * H // nc, (q + 1) * H // nc, q * span)
                 if PROJ:
                     pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
                 _end(sync)
@@ -829,7 +724,7 @@ def _lstm_loops(PROJ):
                 if not _begin(sync, q, 1 + NPH * s, nc):
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
-                _gate_rows(cur, w_hh, wp, gh, 4, H, j0, j1, q * span, s % 2 == 1)
+                _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span, s % 2 == 1)
                 for b in range(B):
                     if b + AHEAD < B and s < lens[b + AHEAD]:
                         _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
@@ -840,11 +735,15 @@ def _lstm_loops(PROJ):
                         _fill_units(sv[b], H, j0, j1)
                         continue
                     t = _step_time(s, lens[b], rev)
-                    _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
-                    if PROJ:
-                        _lstm_out(sv[b], hraw[b], H, j0, j1)
+                    if LSTM:
+                        _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
+                        _lstm_out(sv[b], hraw[b] if PROJ else nxt[b], H, j0, j1)
+                    elif GRU:
+                        _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
                     else:
-                        _lstm_out(sv[b], nxt[b], H, j0, j1)
+                        _rnn_act(gx[t, b], gh[b], b_hh, RELU, nxt[b], j0, j1)
+                        _copy(nxt[b], sv[b], j0, j1)
+                    if not PROJ:
                         _copy(nxt[b], y[t, b], j0, j1)
                 _end(sync)
             if not PROJ:
@@ -869,13 +768,15 @@ def _lstm_loops(PROJ):
                 _copy_rows(h2, h)
 
     @njit(**_OPTS)
-    def bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, hraw, dh_out, work, sync, tid, nc):
-        """`dy [T, B, P]`, `w_hh_t [P, 4H]`, `w_hr_t [H, P]` (`[0, P]` without `PROJ`), `c0 [B, H]`,
-        `saved [T, B, 5H]`; `dh [B, P]`, `dc [B, H]`; `dgx [T, B, 4H]` (also dgh); with `PROJ`, `hraw [T, B, H]` and
-        `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero when inactive)."""
+    def bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, work, sync, tid, nc):
+        """Backward of `fwd`: `dy [T, B, P]`, `w_hh_t [P, G*H]` (`w_hh^T`), `w_hr_t [H, P]` (`[0, P]` without
+        `PROJ`), LSTM's `c0 [B, H]` (`[B, 0]` for the others), `saved [T, B, SW]`; `dh [B, P]`, LSTM's `dc [B, H]`
+        (`[B, 0]`); `dgx [T, B, G*H]` (also dgh unless GRU), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]` for the others); with
+        `PROJ`, `hraw [T, B, H]` and `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero
+        when inactive; `[0, 0, 0]` without)."""
         T, B, P = dy.shape
-        H = dc.shape[1]
-        da, dhraw, dcs, dhp, wp, span, wr, span_r = work
+        H = w_hh_t.shape[1] // G
+        da, dhc, dhz, dcs, dhp, wp, span, wr, span_r = work
         for k in range(nc):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
@@ -895,7 +796,7 @@ def _lstm_loops(PROJ):
                     j0, j1 = q * H // nc, (q + 1) * H // nc
                     p0, p1 = q * P // nc, (q + 1) * P // nc
                     if ph == 0 and i > 0:
-                        _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhp[:0], lens, s + 1, dh, p0, p1, q * span)
+                        _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhz, lens, s + 1, dh, p0, p1, q * span)
                     if PROJ and ph == 0 and s >= 0:
                         for b in range(B):
                             if s < lens[b]:
@@ -908,44 +809,48 @@ def _lstm_loops(PROJ):
                                 _fill(hraw[s, b], j0, j1)
                     if ph == NPH - 1 and s >= 0:
                         if PROJ:
-                            mm_rows(dh, w_hr_t, wr, dhraw, j0, j1, q * span_r)
+                            mm_rows(dh, w_hr_t, wr, dhc, j0, j1, q * span_r)
                         das = da[s % 2]
                         for b in range(B):
                             if b + AHEAD < B and s < lens[b + AHEAD]:
                                 t2 = _step_time(s, lens[b + AHEAD], rev)
                                 _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
                                 _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
-                                if s > 0:
-                                    _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
                                 if not PROJ:
                                     _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
+                                if GRU:
+                                    _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
+                                if LSTM and s > 0:
+                                    _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
                             if s >= lens[b]:
-                                for g in range(4):
+                                for g in range(G):
                                     _fill(dgx[s, b], g * H + j0, g * H + j1)
+                                    if GRU:
+                                        _fill(dgh[s, b], g * H + j0, g * H + j1)
                                 continue
                             t = _step_time(s, lens[b], rev)
-                            if PROJ:
-                                _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
+                            if LSTM:
+                                if PROJ:
+                                    _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
+                                else:
+                                    _add(dh[b], dy[t, b], dhc[b], j0, j1)
+                                cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
+                                _lstm_grads(saved[s, b], cp, dhc[b], dc[b], dcs[b], das[b], H, j0, j1)
+                            elif GRU:
+                                _add(dh[b], dy[t, b], dhc[b], j0, j1)
+                                _gru_grads(saved[s, b], dhc[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
+                                for g in range(3):
+                                    _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
                             else:
-                                _add(dh[b], dy[t, b], dhraw[b], j0, j1)
-                            cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
-                            _lstm_grads(saved[s, b], cp, dhraw[b], dc[b], dcs[b], das[b], H, j0, j1)
-                            for g in range(4):
+                                _rnn_grad(saved[s, b], dh[b], dy[t, b], RELU, das[b], j0, j1)
+                            # GRU's n gate of dgx is `_gru_grads`'s own
+                            for g in range(G - 1 if GRU else G):
                                 _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
                     _end(sync)
         if tid == 0:
             _wait(sync, (2 + NPH * T) * nc)
 
     return fwd, bwd
-
-
-@functools.cache
-def cell_loops(cell, proj):
-    """The forward and backward loops of `cell` (LSTM's with a projection when `proj`), made on first use; each
-    compiles on its first call per dtype."""
-    if cell == "lstm":
-        return _lstm_loops(proj)
-    return _rnn_gru_loops(cell == "gru", cell == "rnn_relu")
 
 
 def _unowned(context, builder, ty, v):
