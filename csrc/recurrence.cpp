@@ -356,15 +356,15 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
         bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
             ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool(), need_h0, c10::nullopt,
             c10::nullopt, c10::nullopt, 0.0);
-    // `h_prev` as `seqfast.autograd.h_prev` forms it (no lengths)
+    // dw_hh as `seqfast.autograd.hidden_grads` forms it (no lengths): the step from h0, then y shifted by a step
     const int64_t T = y.size(0);
-    const at::Tensor h0_step = h0.to(y.scalar_type()).unsqueeze(0);
-    const at::Tensor h_prev = T == 1   ? h0_step
-                              : reverse ? at::cat({y.slice(0, 1), h0_step})
-                                        : at::cat({h0_step, y.slice(0, 0, T - 1)});
-    const at::Tensor dgh2 = (cell == GRU ? *dgh : dgx).flatten(0, -2);
+    const at::Tensor dgh3 = cell == GRU ? *dgh : dgx, dgh2 = dgh3.flatten(0, -2);
+    at::Tensor dw_hh = at::mm(dgh3.select(0, reverse ? T - 1 : 0).t(), h0.to(y.scalar_type()));
+    if (T > 1)
+      dw_hh.addmm_(dgh3.slice(0, reverse ? 0 : 1, reverse ? T - 1 : T).flatten(0, -2).t(),
+                   y.slice(0, reverse ? 1 : 0, reverse ? T : T - 1).flatten(0, -2));
+    dw_hh = dw_hh.to(w_hh.scalar_type());
     const bool separate_b_hh = cell == GRU && has_b_hh;  // b_hh stays in the recurrence (see folded_biases)
-    const at::Tensor dw_hh = at::mm(dgh2.t(), h_prev.flatten(0, -2)).to(w_hh.scalar_type());
     const at::Tensor db_h = separate_b_hh ? dgh2.sum(0).to(w_hh.scalar_type()) : at::Tensor();
     const bool need_db_x = need_b_ih || (need_b_hh && !separate_b_hh);
     const at::Tensor dgx2 = dgx.flatten(0, -2), x2 = x.flatten(0, -2);

@@ -2,7 +2,7 @@
 
 `seqfast::recurrence` runs one layer-direction's time loop on a named backend; its backward runs
 `seqfast::recurrence_backward` on the same backend, then forms the `w_hh`/`b_hh` gradients as one GEMM and one
-reduction over all steps (`seqfast::linear_backward`). The ops are opaque to `torch.compile`, which traces them
+reduction over all steps (`seqfast::hidden_grads`). The ops are opaque to `torch.compile`, which traces them
 through their fake kernels.
 
 `Layer` is the same layer-direction (input projection included) as a `torch.autograd.Function` that calls the
@@ -21,7 +21,7 @@ from torch import Tensor
 from . import dispatch
 from .kernels import reference
 from .kernels.common import CELL_IDS, GATES, compute_dtype, fused_arg
-from .linear import bias_sum, linear_backward, preactivations, project_backward
+from .linear import bias_sum, preactivations, project_backward
 
 
 def _recurrence(
@@ -145,11 +145,52 @@ def h_prev(y, h0, lengths, reverse, zero=None):
     return prev if zero is None else prev.masked_fill(zero.unsqueeze(-1), 0)
 
 
-def _grads(run_backward, run_linear_backward, backend, cell, reverse, saved_tensors, keep, dy, dhT, dcT):
+def _hidden_grads(
+    dgh: Tensor, y: Tensor, h0: Tensor, lengths: Tensor | None, reverse: bool, zero: Tensor | None, need_db: bool
+) -> tuple[Tensor, Tensor]:
+    """`w_hh`'s and `b_hh`'s gradients summed over all steps: `dgh^T h_prev` and `dgh`'s sum.
+
+    Without resets the step that starts from `h0` (the first; in reverse each sequence's own last) is one product and
+    every other step's `h_prev` is `y` shifted by one step, read in place: `y` is zero past a sequence's length,
+    where `dgh` is zero too. With resets `h_prev` is formed (`h_prev`).
+
+    Args:
+        dgh: `[T, B, G*H]`; y: `[T, B, P]`; h0: `[B, P]`; lengths: `[B]` int64 or None; reverse: as the forward ran;
+            zero: `[T, B]` bool (resets) or None; need_db: whether to form `b_hh`'s gradient.
+
+    Returns:
+        `dw_hh [G*H, P]` in `dgh`'s dtype, `db_hh [G*H]` (`[0]` unless `need_db`).
+    """
+    db = dgh.flatten(0, 1).sum(0) if need_db else dgh.new_empty(0)
+    if zero is not None:
+        return torch.mm(dgh.flatten(0, 1).T, h_prev(y, h0, lengths, reverse, zero).flatten(0, 1)), db
+    T, B, _ = dgh.shape
+    if not reverse:
+        first = dgh[0]
+    elif lengths is None:
+        first = dgh[T - 1]
+    else:
+        first = dgh[(lengths.to(dgh.device) - 1).clamp(min=0), torch.arange(B, device=dgh.device)]
+    dw = torch.mm(first.T, h0.to(y.dtype))
+    if T > 1:
+        steps, states = (dgh[:-1], y[1:]) if reverse else (dgh[1:], y[:-1])
+        dw.addmm_(steps.flatten(0, 1).T, states.flatten(0, 1))
+    return dw, db
+
+
+hidden_grads = torch.library.custom_op("seqfast::hidden_grads", _hidden_grads, mutates_args=())
+
+
+@hidden_grads.register_fake
+def _(dgh, y, h0, lengths, reverse, zero, need_db):
+    return dgh.new_empty((dgh.shape[2], y.shape[2])), dgh.new_empty(dgh.shape[2] if need_db else 0)
+
+
+def _grads(run_backward, run_hidden_grads, backend, cell, reverse, saved_tensors, keep, dy, dhT, dcT):
     """The recurrence's input gradients from its output gradients (None where not given).
 
     Args:
-        run_backward, run_linear_backward: `recurrence_backward` and `linear_backward`, as custom ops or as the
+        run_backward, run_hidden_grads: `recurrence_backward` and `hidden_grads`, as custom ops or as the
             plain functions behind them.
         saved_tensors: `(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c)` kept by the forward.
         keep: zoneout's constant weight (see `seqfast.kernels.common.Extensions.fused`).
@@ -185,8 +226,8 @@ def _grads(run_backward, run_linear_backward, backend, cell, reverse, saved_tens
         keep,
     )
     dgh = dgh if cell == "gru" else dgx
-    states = h_prev(y, h0, lengths, reverse, zero)
-    _, dw_hh, db_hh = run_linear_backward(dgh, states, w_hh, False, True, b_hh is not None)
+    dw_hh, db_hh = run_hidden_grads(dgh, y, h0, lengths, reverse, zero, b_hh is not None)
+    dw_hh, db_hh = dw_hh.to(w_hh.dtype), db_hh.to(w_hh.dtype)
     return (
         dgx,
         dw_hh,
@@ -214,7 +255,7 @@ def _backward(ctx, dy, dhT, dcT, _dsaved):
         )
     dgx, dw_hh, db_hh, dh0, dc0, dw_hr = _grads(
         recurrence_backward,
-        linear_backward,
+        hidden_grads,
         ctx.backend,
         ctx.cell,
         ctx.reverse,
@@ -325,7 +366,7 @@ class Layer(torch.autograd.Function):
         b_h = folded_biases(ctx.cell, b_hh)[1]
         dgx, dw_hh, db_h, dh0, dc0, dw_hr = _grads(
             _recurrence_backward,
-            project_backward,
+            _hidden_grads,
             ctx.backend,
             ctx.cell,
             ctx.reverse,

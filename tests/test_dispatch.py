@@ -16,6 +16,7 @@ from helpers import assert_all_close, flatten, twins
 
 import seqfast
 from seqfast import dispatch
+from seqfast.autograd import h_prev
 from seqfast.kernels.common import GATES
 
 reference = importlib.import_module("seqfast.kernels.reference")
@@ -504,3 +505,23 @@ def test_opcheck_linear_and_backward(dtype, bias):
     dy = torch.randn(4, 3, 7, dtype=dtype)
     for needs in [(True, True, bias), (False, True, False), (True, False, False), (False, False, bias)]:
         torch.library.opcheck(torch.ops.seqfast.linear_backward.default, (dy, x.detach(), w.detach(), *needs))
+
+
+@pytest.mark.parametrize("lengths", ["full", "mixed", "resets"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("T", [1, 6])
+def test_hidden_grads_are_dgh_times_h_prev(T, reverse, lengths):
+    """`w_hh`'s gradient read from `y` in place equals `dgh^T h_prev` with `h_prev` formed; dgh and y are zero past
+    each length (one sequence of length 0), as the backends leave them. Also opcheck of the op."""
+    B, G, P = 4, 6, 5
+    lens = torch.tensor([T, 0, max(T - 2, 1), 1]) if lengths != "full" else None
+    active = torch.arange(T)[:, None] < (lens if lens is not None else torch.full((B,), T))
+    y = torch.randn(T, B, P, dtype=torch.float64) * active[..., None]
+    dgh = torch.randn(T, B, G, dtype=torch.float64) * active[..., None]
+    h0 = torch.randn(B, P, dtype=torch.float64)
+    zero = torch.rand(T, B) < 0.4 if lengths == "resets" else None
+    dw, db = torch.ops.seqfast.hidden_grads(dgh, y, h0, lens, reverse, zero, True)
+    states = h_prev(y, h0, lens, reverse, zero)
+    torch.testing.assert_close(dw, dgh.flatten(0, 1).T @ states.flatten(0, 1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(db, dgh.sum((0, 1)), rtol=1e-12, atol=1e-12)
+    torch.library.opcheck(torch.ops.seqfast.hidden_grads.default, (dgh, y, h0, lens, reverse, zero, False))
