@@ -5,9 +5,16 @@ machine runs the same paths; tests/test_linear.py checks the calibration).
 
 A backend that cannot load shows as skipped tests, unless `SEQFAST_REQUIRE` (comma-separated names, as CI sets it)
 names it: then collection fails with the reason, so a broken build cannot pass as skips.
+
+Without a CUDA device, `TRITON_INTERPRET=1` is set here, before anything imports triton, so that the triton backend
+runs its kernels on CPU tensors through triton's interpreter (`TRITON_CPU`). That adds no backend to `CPU_BACKENDS`:
+the dispatch table never picks the interpreter, so triton runs only in the tests that ask for it.
+
+A test module that defines `EXPECTED_SKIPS` (pieces of skip reasons) fails any other skip of its tests.
 """
 
 import os
+import sys
 
 os.environ["SEQFAST_STRICT"] = "1"
 os.environ["SEQFAST_POISON"] = "1"
@@ -24,14 +31,21 @@ common.set_poison(True)
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
 
+if "triton" not in sys.modules and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 
 REQUIRED = {name for name in os.environ.get("SEQFAST_REQUIRE", "").split(",") if name}
 
 
-def backend_params(device_type):
-    """Backends for `device_type` in priority order; one that cannot load shows as a skip with its reason."""
+def backend_params(device_type, names=None):
+    """Backends for `device_type` in priority order, or `names`; one that cannot load shows as a skip with its reason.
+
+    Returns:
+        `list` of `pytest.param(name)`, marked `gpu` for `"cuda"`, with id `name` (for `names`, `name-device_type`).
+    """
     params = []
-    for name in dispatch.names(device_type):
+    for name in names or dispatch.names(device_type):
         try:
             dispatch.load(name)
             marks = []
@@ -41,11 +55,15 @@ def backend_params(device_type):
             marks = [pytest.mark.skip(reason=str(e))]
         if device_type == "cuda":
             marks.append(pytest.mark.gpu)
-        params.append(pytest.param(name, marks=marks, id=name))
+        params.append(pytest.param(name, marks=marks, id=f"{name}-{device_type}" if names else name))
     return params
 
 
 CPU_BACKENDS = backend_params("cpu")
+# triton on CPU tensors through its interpreter (none where a CUDA device runs the compiled kernels), and on CUDA
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available()
+TRITON_CPU = backend_params("cpu", ["triton"]) if _INTERPRETED else []
+TRITON_CUDA = backend_params("cuda", ["triton"])
 
 
 @pytest.fixture
@@ -60,6 +78,19 @@ def empty_calibration_cache(monkeypatch, tmp_path):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skip of a test in a module with `EXPECTED_SKIPS` fails unless its reason contains one of them."""
+    report = (yield).get_result()
+    expected = getattr(getattr(item, "module", None), "EXPECTED_SKIPS", None)
+    if expected is None or not report.skipped or hasattr(report, "wasxfail"):
+        return
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if not any(piece in reason for piece in expected):
+        report.outcome = "failed"
+        report.longrepr = f"unexpected skip (the module's EXPECTED_SKIPS does not list it): {reason}"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,10 +1,14 @@
-"""Shared test helpers: twin modules from one state_dict, outputs with all gradients, error metrics, and random
-problems of the backend contract (`seqfast.kernels.reference`)."""
+"""Shared test helpers: twin modules from one state_dict, outputs with all gradients, error metrics, random
+problems of the backend contract (`seqfast.kernels.reference`), and the one check of that contract for every backend
+(`check_contract`)."""
+
+import contextlib
 
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
 import seqfast
+from seqfast.kernels import reference
 from seqfast.kernels.common import GATES
 
 # (dtype, relative RMS tolerance). Both sides differ only in summation order and the order of elementwise ops.
@@ -176,3 +180,55 @@ def assert_outputs_close(actual, expected, tol, dtype=None):
             assert a.dtype == dtype, f"{name}: dtype {a.dtype} != {dtype}"
             a, e = a.double(), e.double()
         assert_close(a, e, tol, name)
+
+
+# float32 with TF32 products (torch's default for cuDNN's RNNs) against float64 on CUDA: the interpreter's emulation
+# of rounded TF32 operands measures <= 3.8e-4 (tests/test_triton.py); 3e-3 leaves room for hardware that truncates
+# operands and for the longer sequences of the CUDA tests.
+TF32_TOL = 3e-3
+
+
+@contextlib.contextmanager
+def fp32_precision(value):
+    """torch's float32 precision for cuDNN's RNNs (`"ieee"`, `"tf32"`), which the triton backend follows, inside."""
+    rnn = torch.backends.cudnn.rnn
+    before = rnn.fp32_precision
+    rnn.fp32_precision = value
+    try:
+        yield value
+    finally:
+        rnn.fp32_precision = before
+
+
+# The tensors of a call that `unsupported()` and `dispatch.select` judge, in their order.
+CALL_TENSORS = ("gx", "w_hh", "h0", "c0", "lengths", "w_hr")
+
+
+def float64_reference(cell, args, cot, reverse):
+    """`run_contract` of the reference backend on `args` and `cot` cast to float64: exact math on the same values."""
+    return run_contract(reference, cell, *cast(args, cot, torch.float64), reverse)
+
+
+def check_contract(module, cell, args, cot, reverse, tol, expected=None):
+    """The backend contract of `module` on one problem, for every backend and device: `module` accepts the call
+    (`unsupported()` gives None), and its `fwd` + `bwd` outputs (`run_contract`) are in the inputs' dtype, present
+    where the expected ones are, and each within relative RMS `tol` of them, compared in float64.
+
+    Args:
+        module: a backend module (`seqfast.dispatch.load(name)`).
+        cell, args, cot: a problem (`contract_problem`, `kind_problem`), its tensors on the backend's device.
+        reverse: walk the sequences backwards.
+        tol: relative RMS tolerance of every output.
+        expected: outputs to compare with (`float64_reference` for exact math); default None, the reference
+            backend on the same inputs in their dtype.
+
+    Returns:
+        `module`'s outputs, in `CONTRACT_OUTPUTS`' order.
+    """
+    reason = module.unsupported(cell, *(args[n] for n in CALL_TENSORS))
+    assert reason is None, f"{module.__name__} declines {args['gx'].dtype} {cell}: {reason}"
+    if expected is None:
+        expected = run_contract(reference, cell, args, cot, reverse)
+    actual = run_contract(module, cell, args, cot, reverse)
+    assert_outputs_close(actual, expected, tol, args["gx"].dtype)
+    return actual

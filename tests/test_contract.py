@@ -1,58 +1,189 @@
-"""Kernel contract: every backend's fwd/bwd against the float64 reference, and the reference against autograd."""
+"""Kernel contract: every backend's fwd/bwd against the float64 reference, and the reference against autograd.
+
+Every backend runs the one check `helpers.check_contract`: the CPU backends, triton on CPU tensors through triton's
+interpreter (conftest sets `TRITON_INTERPRET=1` where there is no CUDA device) and triton's compiled kernels on CUDA
+(marked gpu). What a backend does not run is listed in `DECLINES` and asserted to be declined with its reason, never
+skipped; a skip here fails unless `EXPECTED_SKIPS` lists its reason (conftest).
+"""
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
-from helpers import assert_close, assert_outputs_close, cast, kind_problem, run_contract
+from conftest import CPU_BACKENDS, TRITON_CPU, TRITON_CUDA
+from helpers import (
+    CALL_TENSORS,
+    TF32_TOL,
+    assert_close,
+    cast,
+    check_contract,
+    float64_reference,
+    fp32_precision,
+    kind_problem,
+)
 
 from seqfast import dispatch
 from seqfast.autograd import h_prev
 from seqfast.kernels import common, reference
 from seqfast.kernels.common import Extensions
 
+# The only skips allowed here: a backend that cannot load and that SEQFAST_REQUIRE does not name
+# (`conftest.backend_params`), and the CUDA cases on a machine without a CUDA device.
+EXPECTED_SKIPS = ("is not available:", "needs a CUDA device")
+
+# What a backend does not run, each asserted to be declined with this piece of its reason instead of run:
+# (backend, option or dtype) -> reason; an option through `dispatch.select`, a dtype through `unsupported()`.
+DECLINES = {
+    ("numba", "resets"): "does not run the resets option",
+    ("triton", "resets"): "does not run the resets option",
+    ("triton", torch.float64): "not float64",
+}
+
 # (B, T, H): H33 runs without b_hh; H70 spans two 64-unit chunks of the cpp backend, the last ragged; B17 covers
 # the numba backend's 4-row tiles and a remainder row, and with B13 at one unit the cpp backend's blocks of rows
 SHAPES = [(3, 7, 9), (1, 1, 1), (2, 5, 17), (4, 3, 33), (4, 5, 70), (17, 9, 20), (13, 5, 1)]
 SHAPE_IDS = [f"B{b}-T{t}-H{h}" for b, t, h in SHAPES]
+# triton's interpreter (~0.3 s a case), on its own edges: one unit and step, no b_hh with 33 units ragged in a 64-wide
+# block, and 70 units over two ragged 64-wide chunks of the recurrent product (rows past B are masked in all three)
+INTERPRETER_SHAPES = [(1, 1, 1), (4, 3, 33), (4, 5, 70)]
+# triton on CUDA: one program per batch block (H40), and the split-hidden mode with its grid barrier (H520) over
+# two batch blocks with H off multiples of 16; few, since every (cell, options, dtype, block sizes) compiles anew
+CUDA_SHAPES = [(3, 9, 40), (70, 6, 520)]
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
 # "mixed-resets": mixed lengths, and resets (`ext.zero`) at step 0 of the first row and at random steps
 LENGTHS = ["full", "mixed", "mixed-resets"]
 
+# (dtype, relative RMS tolerance) per device, each against the reference in float64 on the same values. float64
+# differs in summation order only. float32 on CPU: over <= 9 steps of length <= 70 dot products, a few hundred
+# ulps of 6e-8; on CUDA, products of length up to 520: 2e-5, the bound the kernels held against the reference in
+# float32, a comparison that also carried the reference's own float32 rounding.
+DTYPES = {
+    "cpu": [(torch.float64, 1e-12), (torch.float32, 1e-5)],
+    "cuda": [(torch.float64, 1e-12), (torch.float32, 2e-5)],
+}
 
-def make_problem(kind, B, T, H, lengths):
-    """`kind_problem` of one case: `lstm-proj` projects to `H // 2`, H33 runs without `b_hh`; `args` holds `ext`
-    with resets for "mixed-resets"."""
+
+# 16-bit inputs (triton), against the reference on the same inputs: it multiplies in fp32, the kernel rounds h (and
+# dgh in backward) to the input dtype before each recurrent product, as tensor cores do, and stores y/dgx/dgh in it.
+# Interpreter: measured <= 1.1e-2 for bfloat16 (8-bit mantissa; worst is dh0, eight steps through rounded dgh) and
+# <= 5.6e-4 for float16 (11-bit) on `HALF_SHAPES`, so the bounds leave ~3x and ~3.5x; CUDA: products of length up
+# to 520 at B70-T6-H520, hence the wider bounds.
+HALF_TOLS = {"cpu": {"bf16": 3e-2, "f16": 2e-3}, "cuda": {"bf16": 5e-2, "f16": 5e-3}}
+HALF_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
+# the interpreter's (B, T, H, P) per kind: H and P off multiples of 16 (and one H = 32), mixed lengths
+HALF_SHAPES = {
+    "rnn_tanh": (3, 5, 5, None),
+    "rnn_relu": (4, 6, 17, None),
+    "lstm": (3, 5, 17, None),
+    "lstm-proj": (4, 6, 20, 7),
+    "gru": (2, 8, 32, None),
+}
+
+
+def make_problem(kind, B, T, H, lengths, device="cpu"):
+    """`kind_problem` of one case on `device`: `lstm-proj` projects to `H // 2`, H33 runs without `b_hh`; `args`
+    holds `ext` with resets for "mixed-resets"."""
     resets = lengths == "mixed-resets"
-    cell, args, cot = kind_problem(kind, T, B, H, H // 2, lengths="mixed" if resets else lengths, bias=H != 33)
+    lengths = "mixed" if resets else lengths
+    cell, args, cot = kind_problem(kind, T, B, H, H // 2, lengths=lengths, bias=H != 33, device=device)
     if resets:
         zero = torch.rand(T, B, generator=torch.Generator().manual_seed(T * B)) < 0.3
         zero[0, 0] = True
-        args["ext"] = Extensions(zero=zero)
+        args["ext"] = Extensions(zero=zero.to(device))
     return cell, args, cot
 
 
-@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
-@pytest.mark.parametrize("lengths", LENGTHS)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-@pytest.mark.parametrize("cell", CELLS)
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_backend_matches_float64_reference(backend, cell, shape, lengths, reverse):
-    module = dispatch.load(backend)
-    cell, args, cot = make_problem(cell, *shape, lengths)
-    if "ext" in args and "resets" not in getattr(module, "EXTENSIONS", ()):
-        names = ("gx", "w_hh", "h0", "c0", "lengths", "w_hr")
-        with pytest.raises(RuntimeError, match="does not run the resets option"):
-            dispatch.select(cell, *(args[n] for n in names), backend=backend, options=("resets",))
+def cases(backends, shapes, device):
+    """`test_backend_matches_float64_reference`'s params: `backends` (`conftest.backend_params`) on `device` over
+    every cell, the `shapes`, every lengths option and both directions."""
+    return [
+        pytest.param(
+            b.values[0],
+            device,
+            cell,
+            shape,
+            lengths,
+            reverse,
+            marks=b.marks,
+            id=f"{b.id}-{cell}-B{shape[0]}-T{shape[1]}-H{shape[2]}-{lengths}-{'rev' if reverse else 'fwd'}",
+        )
+        for b in backends
+        for cell in CELLS
+        for shape in shapes
+        for lengths in LENGTHS
+        for reverse in (False, True)
+    ]
+
+
+def assert_declines(module, backend, what, cell, args):
+    """`backend` declines `what` (an option, or the dtype of `args`) for this call, with `DECLINES`' reason."""
+    call = [args[n] for n in CALL_TENSORS]
+    if isinstance(what, str):
+        with pytest.raises(RuntimeError, match=DECLINES[backend, what]):
+            dispatch.select(cell, *call, backend=backend, options=(what,))
         return
-    expected = run_contract(reference, cell, args, cot, reverse)
-    if module is not reference:  # the reference's own float64 check is against autograd, below
-        assert_outputs_close(run_contract(module, cell, args, cot, reverse), expected, 1e-12, torch.float64)
-    # every CPU backend runs float32: over <= 9 steps of length <= 70 dot products, a few hundred ulps of 6e-8
-    args32, cot32 = cast(args, cot, torch.float32)
-    names = ("gx", "w_hh", "h0", "c0", "lengths", "w_hr")
-    reason = module.unsupported(cell, *(args32[n] for n in names))
-    assert reason is None, f"{backend} declines float32 {cell}: {reason}"
-    assert_outputs_close(run_contract(module, cell, args32, cot32, reverse), expected, 1e-5, torch.float32)
+    reason = module.unsupported(cell, *call)
+    assert reason is not None and DECLINES[backend, what] in reason, f"{backend} {what} {cell}: {reason}"
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "cell", "shape", "lengths", "reverse"),
+    cases(CPU_BACKENDS, SHAPES, "cpu")
+    + cases(TRITON_CPU, INTERPRETER_SHAPES, "cpu")
+    + cases(TRITON_CUDA, CUDA_SHAPES, "cuda"),
+)
+def test_backend_matches_float64_reference(backend, device, cell, shape, lengths, reverse):
+    """Each dtype the backend runs (`DTYPES`), against the reference in float64; the rest declined (`DECLINES`)."""
+    module = dispatch.load(backend)
+    cell, args, cot = make_problem(cell, *shape, lengths, device)
+    if "ext" in args:
+        if (backend, "resets") in DECLINES:
+            assert_declines(module, backend, "resets", cell, args)
+            return
+        assert dispatch.select(cell, *(args[n] for n in CALL_TENSORS), backend=backend, options=("resets",)) == backend
+    expected = float64_reference(cell, args, cot, reverse)
+    for dtype, tol in DTYPES[device]:
+        args_d, cot_d = cast(args, cot, dtype)
+        if (backend, dtype) in DECLINES:
+            assert_declines(module, backend, dtype, cell, args_d)
+        elif module is not reference or dtype != torch.float64:  # the reference's own float64 check: autograd, below
+            with fp32_precision("ieee"):
+                check_contract(module, cell, args_d, cot_d, reverse, tol, expected)
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "kind", "dtype_id"),
+    [
+        pytest.param(b.values[0], "cpu", kind, dtype_id, marks=b.marks, id=f"{b.id}-{kind}-{dtype_id}")
+        for b in TRITON_CPU
+        for kind in CELLS
+        for dtype_id in HALF_DTYPES
+    ]
+    + [
+        pytest.param(b.values[0], "cuda", kind, dtype_id, marks=b.marks, id=f"{b.id}-{kind}-{dtype_id}")
+        for b in TRITON_CUDA
+        for kind, dtype_id in [(k, "bf16") for k in CELLS] + [("lstm", "f16"), ("gru", "f16")]
+    ],
+)
+def test_16bit_matches_reference(backend, device, kind, dtype_id):
+    """16-bit inputs, mixed lengths, against the reference on the same inputs (`HALF_TOLS`)."""
+    B, T, H, P = HALF_SHAPES[kind] if device == "cpu" else (70, 6, 520, 520 // 3)
+    reverse = kind in ("lstm", "gru") if device == "cpu" else True
+    cell, args, cot = kind_problem(kind, T, B, H, P, lengths="mixed", dtype=HALF_DTYPES[dtype_id], device=device)
+    check_contract(dispatch.load(backend), cell, args, cot, reverse, HALF_TOLS[device][dtype_id])
+
+
+@pytest.mark.parametrize("kind", [k for k in CELLS if k != "rnn_relu"])
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=[f"B{b}-T{t}-H{h}" for b, t, h in CUDA_SHAPES])
+@pytest.mark.parametrize("backend", TRITON_CUDA)
+def test_tf32_products_within_tf32_bound(backend, shape, kind):
+    """torch's default for float32 on CUDA: TF32 products, within TF32's bound of float64 (`TF32_TOL`). Not
+    `rnn_relu`: its gradient steps at 0, and units that TF32's rounding moves across it differ by O(1) (dgx 3e-2 on an
+    H200)."""
+    B, T, H = shape
+    cell, args, cot = kind_problem(kind, T, B, H, H // 3, lengths="mixed", dtype=torch.float32, device="cuda")
+    with fp32_precision("tf32"):
+        check_contract(
+            dispatch.load(backend), cell, args, cot, True, TF32_TOL, float64_reference(cell, args, cot, True)
+        )
 
 
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
@@ -89,11 +220,13 @@ def test_reference_backward_matches_autograd(cell, shape, lengths, reverse):
         assert_close(actual[name], grad, 1e-12, f"d_{name}")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + TRITON_CPU)
 def test_padded_steps_write_zeros_and_keep_state(backend):
     """Past its length a sequence writes zeros to y and its final state is the one at its own last step."""
     module = dispatch.load(backend)
     cell, args, _ = make_problem("gru", 3, 6, 5, "mixed")
+    if (backend, torch.float64) in DECLINES:
+        args = cast(args, (), torch.float32)[0]
     y, hT, _, _ = module.fwd(cell, **args)
     for b, length in enumerate(args["lengths"].tolist()):
         assert torch.all(y[length:, b] == 0)

@@ -1,7 +1,6 @@
-"""The triton backend's compiled kernels on CUDA: kernel contract against the reference, modules against torch.nn.
-
-Covers both modes: one program per batch block owning every hidden unit (`H <= 128`) and the split-hidden mode
-with the per-step grid barrier (`H > 128`), several batch blocks, and a batch split over several launches.
+"""The triton backend's compiled kernels on CUDA beyond the kernel contract (tests/test_contract.py runs that for
+every backend, triton on CUDA included, in float32, TF32 and 16-bit): a batch split over several launches, the split
+mode's determinism, and modules against torch.nn (cuDNN), also under autocast.
 """
 
 import copy
@@ -9,10 +8,11 @@ import copy
 import pytest
 import torch
 from helpers import (
+    TF32_TOL,
     assert_all_close,
     assert_close,
-    assert_outputs_close,
-    cast,
+    check_contract,
+    fp32_precision,
     kind_problem,
     rel_rms,
     run_contract,
@@ -21,34 +21,15 @@ from helpers import (
 )
 
 import seqfast
-from seqfast.kernels import reference
 
 pytestmark = pytest.mark.gpu
 
-# (dtype, relative RMS tolerance) against the reference on the same inputs; see tests/test_triton.py for the
-# 16-bit reasoning. Longer sequences and larger H than the interpreter tests, hence the wider 16-bit bounds.
-DTYPES = {"f32": (torch.float32, 2e-5), "bf16": (torch.bfloat16, 5e-2), "f16": (torch.float16, 5e-3)}
 
-# float32 with TF32 products (torch's default for cuDNN's RNNs) against float64: the interpreter's emulation of
-# rounded TF32 operands measures <= 3.8e-4 (tests/test_triton.py); 3e-3 leaves room for hardware that truncates
-# operands and for these longer sequences.
-TF32_TOL = 3e-3
-
-# (B, T, H): single mode, split mode with H off multiples of 16 and two batch blocks. Kept small in number: every
-# (cell, options, dtype, block sizes) combination is a compilation.
-SHAPES = [(3, 9, 40), (70, 6, 520)]
-SHAPE_IDS = [f"B{b}-T{t}-H{h}" for b, t, h in SHAPES]
-KINDS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
-
-
-@pytest.fixture
-def fp32_precision(request):
+@pytest.fixture(name="fp32_precision")
+def fp32_precision_param(request):
     """Sets torch's float32 precision for cuDNN's RNNs, which the triton backend follows, for one test."""
-    rnn = torch.backends.cudnn.rnn
-    before = rnn.fp32_precision
-    rnn.fp32_precision = request.param
-    yield request.param
-    rnn.fp32_precision = before
+    with fp32_precision(request.param) as value:
+        yield value
 
 
 def _tb():
@@ -59,44 +40,6 @@ def _tb():
     if module.INTERPRET:
         pytest.skip("TRITON_INTERPRET=1 is set: the compiled kernels are not in use")
     return module
-
-
-def check(tb, shape, kind, lengths, reverse, dtype_id, tf32=False):
-    """The kernels against the reference on the same inputs; with TF32 products, against the reference in float64."""
-    B, T, H = shape
-    dtype, tol = DTYPES[dtype_id]
-    cell, args, cot = kind_problem(kind, T, B, H, H // 3, lengths=lengths, dtype=dtype, device="cuda")
-    assert tb.unsupported(cell, args["gx"], args["w_hh"], args["h0"], args["c0"], args["lengths"], args["w_hr"]) is None
-    if tf32:
-        expected = run_contract(reference, cell, *cast(args, cot, torch.float64), reverse)
-        assert_outputs_close(run_contract(tb, cell, args, cot, reverse), expected, TF32_TOL, dtype)
-        return
-    expected = run_contract(reference, cell, args, cot, reverse)
-    assert_outputs_close(run_contract(tb, cell, args, cot, reverse), expected, tol)
-
-
-@pytest.mark.parametrize("fp32_precision", ["ieee"], indirect=True)
-@pytest.mark.parametrize("options", [("full", False), ("mixed", True)], ids=["full-fwd", "mixed-rev"])
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_contract_f32(shape, kind, options, fp32_precision):
-    check(_tb(), shape, kind, *options, "f32")
-
-
-@pytest.mark.parametrize("fp32_precision", ["tf32"], indirect=True)
-@pytest.mark.parametrize("kind", [k for k in KINDS if k != "rnn_relu"])
-@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
-def test_contract_tf32(shape, kind, fp32_precision):
-    """torch's default for float32 on CUDA: TF32 products, within TF32's bound of float64. Not `rnn_relu`: its
-    gradient steps at 0, and units that TF32's rounding moves across it differ by O(1) (dgx 3e-2 on an H200)."""
-    check(_tb(), shape, kind, "mixed", True, "f32", tf32=True)
-
-
-@pytest.mark.parametrize(
-    "kind_dtype", [(k, "bf16") for k in KINDS] + [("lstm", "f16"), ("gru", "f16")], ids=lambda kd: "-".join(kd)
-)
-def test_contract_16bit(kind_dtype):
-    check(_tb(), SHAPES[1], kind_dtype[0], "mixed", True, kind_dtype[1])
 
 
 @pytest.mark.parametrize("fp32_precision", ["ieee"], indirect=True)
@@ -110,8 +53,7 @@ def test_batch_over_several_launches(monkeypatch, fp32_precision):
 
     monkeypatch.setattr(tb, "_config", one_block_per_launch)
     cell, args, cot = kind_problem("lstm", 7, 40, 300, lengths="mixed", dtype=torch.float32, device="cuda")
-    expected = run_contract(reference, cell, args, cot, True)
-    assert_outputs_close(run_contract(tb, cell, args, cot, True), expected, 2e-5)
+    check_contract(tb, cell, args, cot, True, 2e-5)  # float32 on CUDA, as in tests/test_contract.py
 
 
 def test_repeated_launches_are_deterministic():
