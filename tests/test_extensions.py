@@ -3,7 +3,7 @@
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS
+from conftest import CPU_BACKENDS, TRITON_CPU
 from helpers import assert_all_close, flatten, mixed_lengths, run_with_grads, twins
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
@@ -247,6 +247,16 @@ def test_fused_options_are_the_reference_layer(backend, kind, reverse, dtype, op
     shapes = [(9, 5, 6), (9, 50, 6)] if dtype == torch.float64 else [(40, 10, 70), (40, 48, 70)]
     for T, B, H in shapes:
         check_fused_options(backend, kind, reverse, dtype, option, T, B, H)
+
+
+@pytest.mark.parametrize("option", FUSED_OPTIONS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("kind", FUSED_CELLS)
+@pytest.mark.parametrize("backend", TRITON_CPU)
+def test_fused_options_on_triton_interpreter(backend, kind, reverse, option):
+    """`test_fused_options_are_the_reference_layer` for the triton kernels on CPU tensors through triton's
+    interpreter (slow: one tiny float32 size, T5-B3-H6)."""
+    check_fused_options(backend, kind, reverse, torch.float32, option, 5, 3, 6)
 
 
 def check_fused_options(backend, kind, reverse, dtype, option, T, B, H):

@@ -1,11 +1,12 @@
 """The triton backend under the interpreter (`TRITON_INTERPRET=1`, CPU tensors): what is its own beyond the kernel
 contract, which tests/test_contract.py checks for every backend.
 
-Launch splitting, edge lengths, optional outputs, declined calls, TF32 products and torch's rule for them, and the
-modules on CPU tensors as users run them (`backend="triton"`, `SEQFAST_BACKEND=triton`) against torch.nn. The
-interpreter runs one program per batch block owning every hidden unit (`NH == 1`); the split-hidden mode with its grid
-barrier only runs on a GPU (`tests/test_triton_cuda.py`). Here it is compiled for sm_90 instead
-(`tests/triton_compile_check.py`), which checks that it lowers and that the barrier becomes the intended atomics.
+Launch splitting (with the resets and zoneout options too), edge lengths, optional outputs, declined calls, TF32
+products and torch's rule for them, and the modules on CPU tensors as users run them (`backend="triton"`,
+`SEQFAST_BACKEND=triton`) against torch.nn. The interpreter runs one program per batch block owning every hidden unit
+(`NH == 1`); the split-hidden mode with its grid barrier only runs on a GPU (`tests/test_triton_cuda.py`). Here it is
+compiled for sm_90 instead (`tests/triton_compile_check.py`), which checks that it lowers and that the barrier becomes
+the intended atomics.
 
 `TRITON_INTERPRET=1` must be set before triton is imported: tests/conftest.py sets it when nothing has imported triton
 yet and there is no CUDA device (on a GPU machine the compiled kernels are what gets tested).
@@ -21,6 +22,7 @@ import torch
 from helpers import (
     assert_all_close,
     assert_outputs_close,
+    cast,
     check_contract,
     float64_reference,
     kind_problem,
@@ -34,6 +36,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import seqfast
 from seqfast import dispatch
 from seqfast.kernels import common, reference
+from seqfast.kernels.common import Extensions
 
 triton = pytest.importorskip("triton")
 
@@ -80,6 +83,31 @@ def test_edge_lengths(tb, kind):
         cell, args, cot = kind_problem(kind, T, 2, 6, lengths=lengths, dtype=torch.float32)
         for reverse in (False, True):
             check_contract(tb, cell, args, cot, reverse, F32_TOL)
+
+
+@pytest.mark.parametrize("kind", ["lstm-proj", "gru"])
+def test_options_over_batch_blocks_launches_and_16bit(tb, kind, monkeypatch):
+    """Resets and zoneout (LSTM: per-step masks, GRU: the constant weight) read at each row's own step: one block,
+    three 16-row blocks in three launches alike; bfloat16 with bfloat16 masks within the 16-bit bound of float32
+    (the options' math itself is checked against the reference in tests/test_extensions.py)."""
+    T, B, H, P = 5, 37, 9, 5
+    cell, args, cot = kind_problem(kind, T, B, H, P, lengths="mixed", dtype=torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    zero = torch.rand(T, B, generator=gen) < 0.3
+    if cell == "lstm":
+        keep_h, keep_c = (torch.rand(T, B, n, generator=gen).lt(0.4).float() for n in (P, H))
+    else:
+        keep_h = keep_c = 0.3
+    args["ext"] = Extensions(zero, keep_h, keep_c)
+    expected = run_contract(tb, cell, args, cot, True)
+    assert expected[0].abs().sum() > 0
+    config = tb._config
+    monkeypatch.setattr(tb, "_config", lambda *a: dict(config(*a), BB=16, per_launch=1))
+    assert_outputs_close(run_contract(tb, cell, args, cot, True), expected, F32_TOL)
+    monkeypatch.setattr(tb, "_config", config)
+    half, half_cot = cast(args, cot, torch.bfloat16)
+    half["ext"] = Extensions(zero, *(k.bfloat16() if torch.is_tensor(k) else k for k in (keep_h, keep_c)))
+    assert_outputs_close(run_contract(tb, cell, half, half_cot, True), expected, 3e-2, torch.bfloat16)
 
 
 def test_no_saved_and_no_output_gradients(tb):
@@ -145,10 +173,13 @@ def test_tf32_products(tb, kind, monkeypatch):
     assert min(moved) > 1e-5, moved
 
 
-@pytest.mark.parametrize("variant", ["lstm-proj-len-bf16", "gru-fp32", "rnn_tanh-single-ieee-fp32"])
+@pytest.mark.parametrize(
+    "variant",
+    ["lstm-proj-len-bf16", "gru-fp32", "rnn_tanh-single-ieee-fp32", "lstm-proj-len-resets-zoneout-bf16"],
+)
 def test_split_mode_compiles_for_sm90(variant):
     """The kernels lower for sm_90 (in a fresh interpreter-free process): TF32 products where asked, and in the
-    grid-barrier mode the acq_rel add and acquire spin."""
+    grid-barrier mode the acq_rel add and acquire spin; also with the resets and zoneout options."""
     script = pathlib.Path(__file__).with_name("triton_compile_check.py")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, str(script), variant], env=env, capture_output=True, text=True, timeout=300)

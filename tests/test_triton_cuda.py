@@ -124,3 +124,31 @@ def test_module_under_cuda_autocast(name, dtype):
     assert [t.dtype for t in out_ours] == [t.dtype for t in out_ref] == [dtype] * len(out_ref)
     assert_all_close(out_ours, out_ref, 5e-2, [f"out{i}" for i in range(len(out_ref))])
     assert_all_close(grads_ours, grads_ref, 5e-2, ["x"] + [n for n, _ in ref.named_parameters()])
+
+
+@pytest.mark.parametrize("fp32_precision", ["ieee"], indirect=True)
+@pytest.mark.parametrize("kind", ["lstm-proj", "gru", "rnn_tanh"])
+def test_options_vs_reference(kind, fp32_precision):
+    """Resets and zoneout (training masks from the same seed, then evaluation's constant weight) in a bidirectional
+    module in the split-hidden mode (H520, two batch blocks), float32 against the reference backend in float64 (its
+    forward differentiated by autograd) on the same device: outputs, states and every gradient."""
+    _tb()
+    modules = {"lstm-proj": seqfast.LSTM, "gru": seqfast.GRU, "rnn_tanh": seqfast.RNN}
+    kwargs = dict(bidirectional=True, zoneout=0.3, device="cuda")
+    if kind == "lstm-proj":
+        kwargs["proj_size"] = 173
+    ours = modules[kind](96, 520, backend="triton", **kwargs)
+    exact = copy.deepcopy(ours).double()
+    exact.backend = "reference"
+    x = torch.randn(6, 70, 96, device="cuda", requires_grad=True)
+    x64 = x.detach().double().requires_grad_()
+    resets = torch.rand(6, 70, device="cuda") < 0.2
+    names = ["x"] + [n for n, _ in ours.named_parameters()]
+    for training in (True, False):
+        ours.train(training), exact.train(training)
+        torch.manual_seed(3)
+        out, grads = run_with_grads(ours, lambda m: m(x, resets=resets), [x])
+        torch.manual_seed(3)
+        out_exact, grads_exact = run_with_grads(exact, lambda m: m(x64, resets=resets), [x64])
+        expected = [t.float() for t in out_exact + grads_exact]
+        assert_all_close(out + grads, expected, 2e-5, [f"out{i}" for i in range(len(out))] + names)

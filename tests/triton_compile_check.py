@@ -2,8 +2,9 @@
 
     python tests/triton_compile_check.py [VARIANT ...] [--all] [--arch 90] [--bb 64 --bh 128 --warps 8]
 
-A variant is `CELL[-proj][-len][-single][-ieee]-DTYPE`, e.g. `lstm-proj-len-bf16` (split-hidden mode unless
-`-single`; float32 products in TF32, torch's default for cuDNN's RNNs, unless `-ieee`).
+A variant is `CELL[-proj][-len][-single][-ieee][-resets][-zoneout|-keep]-DTYPE`, e.g. `lstm-proj-len-bf16`
+(split-hidden mode unless `-single`; float32 products in TF32, torch's default for cuDNN's RNNs, unless `-ieee`;
+the options: resets, zoneout with per-step masks, or zoneout with a constant weight).
 For each it compiles `fwd_kernel` and `bwd_kernel` and checks the PTX: products in TF32 exactly where asked, and in the
 split mode the barrier's acq_rel add and acquire spin on the counter. Prints one line per kernel; exits 1 on failure.
 Must run without `TRITON_INTERPRET` (the kernels have to be real `JITFunction`s).
@@ -41,11 +42,12 @@ def compile_variant(rec, variant, arch, bb=None, bh=None, num_warps=4):
     parts = variant.split("-")
     cell, dt = parts[0], parts[-1]
     proj, has_len, split = "proj" in parts, "len" in parts, "single" not in parts
+    resets, masks, zoneout = "resets" in parts, "zoneout" in parts, "zoneout" in parts or "keep" in parts
     G = GATES[cell]
     meta = dict(
         CELL=rec.CELLS[cell],
         G=G,
-        SW=1 if G == 1 else 5,
+        SW=1 if G == 1 else 5 + (zoneout and cell == "lstm"),
         NS=2 if proj else 1,
         UPCAST=False,
         PRECISION="tf32" if dt == "fp32" and "ieee" not in parts else "ieee",
@@ -59,11 +61,17 @@ def compile_variant(rec, variant, arch, bb=None, bh=None, num_warps=4):
         PROJ=proj,
         SAVE=True,
         HAS_BIAS=True,
+        RESETS=resets,
+        ZONEOUT=zoneout,
+        KEEP_T=masks,
     )
     absent = set() if has_len else {"p_len"}
     absent |= set() if proj else {"p_whr", "p_rbuf", "p_dhs", "p_pbuf"}
     absent |= set() if cell == "lstm" else {"p_c0", "p_cT", "p_dcT", "p_dc0"}
     absent |= set() if cell == "gru" else {"p_dgh"}
+    absent |= set() if resets else {"p_zero"}
+    absent |= set() if masks else {"p_kh", "p_kc"}
+    absent |= set() if masks and cell == "lstm" else {"p_kc"}
     results = []
     for kernel in (rec.fwd_kernel, rec.bwd_kernel):
         fn = kernel.fn
@@ -76,6 +84,10 @@ def compile_variant(rec, variant, arch, bb=None, bh=None, num_warps=4):
                 signature[name] = "*i64"
             elif name == "p_sync":
                 signature[name] = "*i32"
+            elif name == "p_zero":
+                signature[name] = "*u8"
+            elif name in ("kh", "kc"):
+                signature[name] = "fp32"
             elif name in ("p_saved", "p_dhs"):
                 signature[name] = "*fp32"
             elif name.startswith("p_"):

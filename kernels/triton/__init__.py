@@ -6,13 +6,14 @@ raises ImportError, so that `seqfast.backends()` reports it unavailable with the
 bfloat16 or float16; state and accumulation are float32, recurrent matmuls run in the weights' dtype; float64 is
 declined. float32 products follow torch's rule for cuDNN's RNNs (`_precision`): TF32 on CUDA unless
 `torch.backends.cudnn.rnn.fp32_precision` (before torch 2.9, `torch.backends.cudnn.allow_tf32`) turns it off.
+The `resets` and `zoneout` options run fused in the same kernels (`EXTENSIONS`).
 """
 
 import torch
 import triton
 
 from ..common import GATES, active_mask, empty, hidden_size
-from ..reference import SAVED_WIDTH, saved_shape
+from ..reference import SAVED_WIDTH
 from .recurrence import CELLS, bwd_kernel, fwd_kernel
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
@@ -22,6 +23,8 @@ if not INTERPRET and not torch.cuda.is_available():
         "no CUDA device here for triton's kernels (set TRITON_INTERPRET=1 before triton is imported to run them on "
         "CPU tensors through triton's interpreter)"
     )
+
+EXTENSIONS = ("resets", "zoneout")
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BH = (16, 32, 64, 128)
@@ -94,12 +97,37 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     return None
 
 
-def _meta(cell, cfg, precision):
+def _saved_width(cell, zoneout):
+    return SAVED_WIDTH[cell] + int(zoneout and cell == "lstm")
+
+
+def saved_shape(cell, T, B, H, P, zoneout=False):
+    """Shape of `saved`: `reference.saved_shape`'s layout, and for LSTM with `zoneout` (default False) a sixth slot
+    per unit, the carried `c` (`c~` mixed with the state the step started from)."""
+    return (T, B, _saved_width(cell, zoneout) * H)
+
+
+def _options(ext):
+    """`ext` (`common.Extensions` of resets and zoneout, or None) as the kernels take it.
+
+    Returns:
+        `(p_zero, p_kh, p_kc)`: `zero [T, B]` as uint8 and zoneout's masks, contiguous, or None; `(kh, kc)`: zoneout's
+        constant weights (0.0 unless given as floats); whether zoneout is on.
+    """
+    if ext is None:
+        return (None, None, None), (0.0, 0.0), False
+    zero = None if ext.zero is None else ext.zero.contiguous().view(torch.uint8)
+    masks = tuple(k.contiguous() if torch.is_tensor(k) else None for k in (ext.keep_h, ext.keep_c))
+    weights = tuple(0.0 if k is None or torch.is_tensor(k) else float(k) for k in (ext.keep_h, ext.keep_c))
+    return (zero, *masks), weights, masks[0] is not None or weights[0] != 0.0
+
+
+def _meta(cell, cfg, precision, zoneout):
     return dict(
         CELL=CELLS[cell],
         PRECISION=precision,
         G=GATES[cell],
-        SW=SAVED_WIDTH[cell],
+        SW=_saved_width(cell, zoneout),
         UPCAST=INTERPRET,
         BB=cfg["BB"],
         BH=cfg["BH"],
@@ -118,15 +146,16 @@ def _launch(kernel, cfg, B, args, meta):
         kernel[grid](*args, i_b0, **meta)
 
 
-def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
+def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True, ext=None):
     """Run the recurrence forward in one launch per group of batch blocks.
 
     Args:
         cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved: as in `seqfast.kernels.reference.fwd`.
+        ext: `common.Extensions` of resets and zoneout, or None (default).
 
     Returns:
-        `y [T, B, P]` (dtype of `gx`), `hT [B, P]`, `cT [B, H]` or None, `saved` (float32 `saved_shape(...)`,
-        or `[0]` when not needed).
+        `y [T, B, P]` (dtype of `gx`), `hT [B, P]`, `cT [B, H]` or None, `saved` (float32
+        `saved_shape(..., zoneout)`, or `[0]` when not needed).
     """
     T, B, _ = gx.shape
     H = hidden_size(cell, w_hh)
@@ -141,23 +170,25 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     y = empty((T, B, P), gx.dtype, dev)
     hT = empty((B, P), h0.dtype, dev)
     cT = empty((B, H), c0.dtype, dev) if lstm else None
-    saved = empty(saved_shape(cell, T, B, H, P) if need_saved else (0,), torch.float32, dev)
+    pointers, weights, zoneout = _options(ext)
+    saved = empty(saved_shape(cell, T, B, H, P, zoneout) if need_saved else (0,), torch.float32, dev)
     cfg = _config(B, H, dev, w_hh.dtype)
     hbuf = torch.empty((2, B, P), dtype=w_hh.dtype, device=dev)
     rbuf = None if w_hr is None else torch.empty((B, H), dtype=w_hr.dtype, device=dev)
     sync = torch.zeros(triton.cdiv(B, cfg["BB"]), dtype=torch.int32, device=dev)
-    meta = _meta(cell, cfg, _precision(w_hh.dtype, dev))
-    args = (gx, w_hh, b_hh, h0, c0, lengths, w_hr, y, hT, cT, saved, hbuf, rbuf, sync, T, B, H, P)
+    meta = _meta(cell, cfg, _precision(w_hh.dtype, dev), zoneout)
+    args = (gx, w_hh, b_hh, h0, c0, lengths, w_hr, *pointers, y, hT, cT, saved, hbuf, rbuf, sync, T, B, H, P, *weights)
     _launch(fwd_kernel, cfg, B, args, dict(meta, REVERSE=reverse, SAVE=need_saved, NS=1 if w_hr is None else 2))
     return y, hT, cT, saved
 
 
-def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False):
+def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False, ext=None):
     """Backward of `fwd` from its `saved`, one launch per group of batch blocks, then `dw_hr` as one GEMM.
 
     Args:
         cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse: as in
             `seqfast.kernels.reference.bwd` (`dhT`/`dcT` may be None for zero).
+        ext: the forward's `common.Extensions`, or None (default).
 
     Returns:
         `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None,
@@ -184,13 +215,14 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     dbuf = torch.empty((2, B, G * H), dtype=w_hh.dtype, device=dev)
     pbuf = None if w_hr is None else torch.empty((B, P), dtype=w_hr.dtype, device=dev)
     sync = torch.zeros(triton.cdiv(B, cfg["BB"]), dtype=torch.int32, device=dev)
-    meta = _meta(cell, cfg, _precision(w_hh.dtype, dev))
-    args = (dy, dhT, dcT if lstm else None, w_hh, w_hr, c0 if lstm else None, lengths, saved)
-    args += (dgx, dgh, dh0, dc0, dhs, dbuf, pbuf, sync, T, B, H, P)
+    pointers, weights, zoneout = _options(ext)
+    meta = _meta(cell, cfg, _precision(w_hh.dtype, dev), zoneout)
+    args = (dy, dhT, dcT if lstm else None, w_hh, w_hr, c0 if lstm else None, lengths, *pointers, saved)
+    args += (dgx, dgh, dh0, dc0, dhs, dbuf, pbuf, sync, T, B, H, P, *weights)
     _launch(bwd_kernel, cfg, B, args, dict(meta, REVERSE=reverse, NS=1 if w_hr is None else 2))
     dw_hr = None
     if w_hr is not None:
-        _, _, _, o, c = saved.view(T, B, 5, H).unbind(2)
+        o, c = saved.view(T, B, -1, H)[:, :, 3:5].unbind(2)
         h_raw = o * torch.tanh(c)
         active = active_mask(T, lengths, dev)
         if active is not None:

@@ -22,6 +22,12 @@ Synchronisation, correct by construction:
   for its range of `dh`; the half is written again two steps later, after the next barrier, which everyone passes
   only once done reading. With a projection, `dh` goes through `pbuf` (one more barrier) so that every program can
   form `dh @ w_hr` for its units.
+- Options (constexpr, so a call without them runs the plain code): `RESETS` reads each row's reset flag at the
+  step's time and masks that row's `h` out of the recurrent product (zeros), and starts the cell from zero `h`, `c`;
+  backward zeroes the `dh`, `dc` it passes back across it. `ZONEOUT` mixes the state the step started from into the
+  new one, `h_t = k h_in + (1 - k) h~_t` (likewise `c`), with `k` per-step masks (`KEEP_T`) or a constant; backward
+  passes `k dh` straight back and `(1 - k) dh` into the cell. LSTM with zoneout saves the carried `c_t` as a sixth
+  slot after `c~_t`.
 - With `NH == 1` (`SPLIT` false: one program owns all hidden units, the only mode the interpreter can run, since
   it runs programs one after another) `_sync` is just the CTA barrier and the code path is otherwise the same.
 """
@@ -140,11 +146,28 @@ def _time(s, b_len, REVERSE: tl.constexpr):
     return b_len * 0 + s
 
 
+@triton.jit
+def _keep(p_k, k, r, o, m, KEEP_T: tl.constexpr):
+    """Zoneout's keep weights `[BB, BH]`: the masks at row offsets `r [BB]` and units `o [BH]`, or the constant `k`."""
+    if KEEP_T:
+        return tl.load(p_k + r[:, None] + o[None, :], mask=m, other=0.0).to(tl.float32)
+    return tl.zeros(m.shape, tl.float32) + k
+
+
+@triton.jit
+def _resets(p_zero, o_t, o_b, m_b, m_a, B):
+    """`[BB]` rows whose step at time `o_t` starts from a zero state (none among rows past `B` or inactive)."""
+    return tl.load(p_zero + o_t * B + o_b, mask=m_b & m_a, other=0) != 0
+
+
 @triton.heuristics(
     {
         "HAS_LEN": lambda a: a["p_len"] is not None,
         "HAS_BIAS": lambda a: a["p_bhh"] is not None,
         "PROJ": lambda a: a["p_whr"] is not None,
+        "RESETS": lambda a: a["p_zero"] is not None,
+        "ZONEOUT": lambda a: a["p_kh"] is not None or a["kh"] != 0.0,
+        "KEEP_T": lambda a: a["p_kh"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["T"])
@@ -156,6 +179,9 @@ def fwd_kernel(
     p_c0,
     p_len,
     p_whr,
+    p_zero,
+    p_kh,
+    p_kc,
     p_y,
     p_hT,
     p_cT,
@@ -167,6 +193,8 @@ def fwd_kernel(
     B,
     H,
     P,
+    kh,
+    kc,
     i_b0,
     CELL: tl.constexpr,
     G: tl.constexpr,
@@ -184,8 +212,13 @@ def fwd_kernel(
     HAS_LEN: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     PROJ: tl.constexpr,
+    RESETS: tl.constexpr,
+    ZONEOUT: tl.constexpr,
+    KEEP_T: tl.constexpr,
 ):
-    """Forward time loop; see the module docstring. `saved` row layout per step as in `reference.saved_shape`."""
+    """Forward time loop; see the module docstring. `saved` row layout per step as in `reference.saved_shape`, with
+    the carried `c` after it for LSTM with zoneout. At time order: `p_zero [T, B]` uint8 (resets), `p_kh [T, B, P]`,
+    `p_kc [T, B, H]` zoneout's masks; or `kh`, `kc` its constant weights (0: off)."""
     i_b, o_b, o_h, m_b, m_h, m_p, b_len, T_blk = _block(p_len, i_b0, T, B, H, P, BB, BH, HAS_LEN)  # [BB], [BH]
     m_bh = m_b[:, None] & m_h[None, :]  # [BB, BH]
     m_bp = m_b[:, None] & m_p[None, :]
@@ -212,6 +245,13 @@ def fwd_kernel(
         o_t = _time(s, b_len, REVERSE)  # [BB]
         m_a = s < b_len  # [BB] rows active at this step
         m_ah = m_a[:, None] & m_h[None, :]
+        m_x = m_b  # [BB] rows whose h enters the recurrent product
+        if RESETS:
+            m_z = _resets(p_zero, o_t, o_b, m_b, m_a, B)
+            m_x = m_b & ~m_z
+            b_h = tl.where(m_z[:, None], 0.0, b_h)  # the state the step starts from
+            if CELL == LSTM:
+                b_c = tl.where(m_z[:, None], 0.0, b_c)
         r_x = (o_t * B + o_b) * GH  # [BB]
         r_cur = ((s % 2) * B + o_b) * P
         r_nxt = (((s + 1) % 2) * B + o_b) * P
@@ -223,7 +263,7 @@ def fwd_kernel(
             o_k = k + tl.arange(0, BK)  # [BK]
             m_k = o_k < P
             p_x = p_hbuf + r_cur[:, None] + o_k[None, :]
-            b_x = tl.load(p_x, mask=m_b[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")  # [BB, BK]
+            b_x = tl.load(p_x, mask=m_x[:, None] & m_k[None, :], other=0.0, cache_modifier=".cg")  # [BB, BK]
             a0 = _mma(a0, b_x, p_whh, o_h, m_h, o_k, m_k, P, 1, UPCAST, PRECISION)
             if G > 1:
                 a1 = _mma(a1, b_x, p_whh, H + o_h, m_h, o_k, m_k, P, 1, UPCAST, PRECISION)
@@ -248,13 +288,19 @@ def fwd_kernel(
             o = _sigmoid(tl.load(p_g + 3 * H, mask=m_ah, other=0.0).to(tl.float32) + a3)
             c_new = f * b_c + i * g
             h_new = o * _tanh(c_new)
-            b_c = tl.where(m_a[:, None], c_new, b_c)
+            c_t = c_new
+            if ZONEOUT:
+                k_c = _keep(p_kc, kc, (o_t * B + o_b) * H, o_h, m_ah, KEEP_T)
+                c_t = k_c * b_c + (1.0 - k_c) * c_new
+            b_c = tl.where(m_a[:, None], c_t, b_c)
             if SAVE:
                 tl.store(p_s, i, mask=m_bh)
                 tl.store(p_s + H, f, mask=m_bh)
                 tl.store(p_s + 2 * H, g, mask=m_bh)
                 tl.store(p_s + 3 * H, o, mask=m_bh)
                 tl.store(p_s + 4 * H, c_new, mask=m_bh)
+                if ZONEOUT:
+                    tl.store(p_s + 5 * H, c_t, mask=m_bh)
         else:
             r = _sigmoid(x0 + a0)
             z = _sigmoid(tl.load(p_g + H, mask=m_ah, other=0.0).to(tl.float32) + a1)
@@ -271,6 +317,9 @@ def fwd_kernel(
             _sync(p_sync, 2 + NS * s, NH, SPLIT)
             h_new = tl.zeros([BB, BH], tl.float32)
             h_new = _rows_mma(h_new, p_rbuf, o_b * H, m_b, H, p_whr, o_h, m_p, H, 1, BK, UPCAST, PRECISION)
+        if ZONEOUT:
+            k_h = _keep(p_kh, kh, (o_t * B + o_b) * P, o_h, m_a[:, None] & m_p[None, :], KEEP_T)
+            h_new = k_h * b_h + (1.0 - k_h) * h_new
         b_h = tl.where(m_a[:, None], h_new, b_h)
         p_o = p_y + (o_t * B + o_b)[:, None] * P + o_h[None, :]
         tl.store(p_o, tl.where(m_a[:, None], h_new, 0.0).to(p_y.dtype.element_ty), mask=m_bp)
@@ -289,6 +338,9 @@ def fwd_kernel(
     {
         "HAS_LEN": lambda a: a["p_len"] is not None,
         "PROJ": lambda a: a["p_whr"] is not None,
+        "RESETS": lambda a: a["p_zero"] is not None,
+        "ZONEOUT": lambda a: a["p_kh"] is not None or a["kh"] != 0.0,
+        "KEEP_T": lambda a: a["p_kh"] is not None,
     }
 )
 @triton.jit(do_not_specialize=["T"])
@@ -300,6 +352,9 @@ def bwd_kernel(
     p_whr,
     p_c0,
     p_len,
+    p_zero,
+    p_kh,
+    p_kc,
     p_saved,
     p_dgx,
     p_dgh,
@@ -313,6 +368,8 @@ def bwd_kernel(
     B,
     H,
     P,
+    kh,
+    kc,
     i_b0,
     CELL: tl.constexpr,
     G: tl.constexpr,
@@ -328,9 +385,13 @@ def bwd_kernel(
     SPLIT: tl.constexpr,
     HAS_LEN: tl.constexpr,
     PROJ: tl.constexpr,
+    RESETS: tl.constexpr,
+    ZONEOUT: tl.constexpr,
+    KEEP_T: tl.constexpr,
 ):
     """Reverse-time loop of `fwd_kernel`: `dgx`, `dgh` (GRU only) at time order, `dh0`, `dc0`, and (projection)
-    every step's `dh` into `p_dhs [T, B, P]` fp32 at processing order for the caller's `dw_hr` GEMM."""
+    every step's `dh` of the projected `h~` into `p_dhs [T, B, P]` fp32 at processing order for the caller's `dw_hr`
+    GEMM. The options' arguments as `fwd_kernel`'s."""
     i_b, o_b, o_h, m_b, m_h, m_p, b_len, T_blk = _block(p_len, i_b0, T, B, H, P, BB, BH, HAS_LEN)  # [BB], [BH]
     m_bh = m_b[:, None] & m_h[None, :]  # [BB, BH]
     m_bp = m_b[:, None] & m_p[None, :]
@@ -353,11 +414,17 @@ def bwd_kernel(
         r_d = ((s % 2) * B + o_b) * GH
         p_o = p_dy + (o_t * B + o_b)[:, None] * P + o_h[None, :]
         b_dhs = b_dh + tl.load(p_o, mask=m_a2 & m_p[None, :], other=0.0).to(tl.float32)  # [BB, BH] dh of step s
-        b_dr = b_dhs
+        b_dcell = b_dhs  # the share of the cell's h~
+        if ZONEOUT:
+            k_h = _keep(p_kh, kh, (o_t * B + o_b) * P, o_h, m_a2 & m_p[None, :], KEEP_T)
+            b_dcell = (1.0 - k_h) * b_dhs
+        if RESETS:
+            m_z = _resets(p_zero, o_t, o_b, m_b, m_a, B)[:, None]  # [BB, 1]
+        b_dr = b_dcell
         if PROJ:
-            tl.store(p_pbuf + o_b[:, None] * P + o_h[None, :], b_dhs.to(p_pbuf.dtype.element_ty), mask=m_bp)
+            tl.store(p_pbuf + o_b[:, None] * P + o_h[None, :], b_dcell.to(p_pbuf.dtype.element_ty), mask=m_bp)
             p_d = p_dhs + (s * B + o_b)[:, None] * P + o_h[None, :]
-            tl.store(p_d, tl.where(m_a2, b_dhs, 0.0), mask=m_bp)
+            tl.store(p_d, tl.where(m_a2, b_dcell, 0.0), mask=m_bp)
             _sync(p_sync, 1 + NS * j, NH, SPLIT)
             b_dr = _rows_mma(
                 tl.zeros([BB, BH], tl.float32), p_pbuf, o_b * P, m_b, P, p_whr, o_h, m_h, 1, H, BK, UPCAST, PRECISION
@@ -381,17 +448,28 @@ def bwd_kernel(
             g = tl.load(p_s + 2 * H, mask=m_sv, other=0.0)
             o = tl.load(p_s + 3 * H, mask=m_sv, other=0.0)
             c = tl.load(p_s + 4 * H, mask=m_sv, other=0.0)
-            p_cp = p_s + 4 * H - B * (SW * H)
+            p_cp = p_s + (SW - 1) * H - B * (SW * H)  # the carried c, the last slot, of the step before
             m_0 = (b_len * 0 + s == 0)[:, None]  # [BB, 1] first step: c_prev is c0
             c_prev = tl.where(m_0, b_c0, tl.load(p_cp, mask=m_sv & ~m_0, other=0.0))
+            if RESETS:
+                c_prev = tl.where(m_z, 0.0, c_prev)
             tanh_c = _tanh(c)
-            dc = b_dc + b_dr * o * (1.0 - tanh_c * tanh_c)
+            b_dct = b_dc
+            if ZONEOUT:
+                k_c = _keep(p_kc, kc, (o_t * B + o_b) * H, o_h, m_sv, KEEP_T)
+                b_dct = (1.0 - k_c) * b_dc
+            dc = b_dct + b_dr * o * (1.0 - tanh_c * tanh_c)
             d0 = dc * g * i * (1.0 - i)
             d1 = dc * c_prev * f * (1.0 - f)
             d2 = dc * i * (1.0 - g * g)
             d3 = b_dr * tanh_c * o * (1.0 - o)
             x2 = d2
-            b_dc = tl.where(m_a2, dc * f, b_dc)
+            dc_prev = dc * f
+            if ZONEOUT:
+                dc_prev += k_c * b_dc
+            if RESETS:
+                dc_prev = tl.where(m_z, 0.0, dc_prev)
+            b_dc = tl.where(m_a2, dc_prev, b_dc)
         else:
             r = tl.load(p_s, mask=m_sv, other=0.0)
             z = tl.load(p_s + H, mask=m_sv, other=0.0)
@@ -428,8 +506,12 @@ def bwd_kernel(
         _sync(p_sync, NS * (j + 1), NH, SPLIT)
         b_acc = tl.zeros([BB, BH], tl.float32)  # [BB, BH] dgh @ w_hh for this program's range of P
         if CELL == GRU:
-            b_acc = b_dhs * z
+            b_acc = b_dcell * z
         b_acc = _rows_mma(b_acc, p_dbuf, r_d, m_b, GH, p_whh, o_h, m_p, 1, P, BK, UPCAST, PRECISION)
+        if ZONEOUT:
+            b_acc += k_h * b_dhs  # h_t = k h_in + (1 - k) h~_t: k dh straight back
+        if RESETS:
+            b_acc = tl.where(m_z, 0.0, b_acc)
         b_dh = tl.where(m_a2, b_acc, b_dhs)
 
     for s in range(T_blk, T):
