@@ -1,5 +1,5 @@
-"""@njit time loops of the numba backend: one forward and one backward for RNN and GRU, one of each for LSTM, made
-per cell (`cell_loops`).
+"""@njit time loops of the numba backend: one forward and one backward loop for every cell, made per cell
+(`cell_loops`), with the cell math in small @njit functions (`_lstm_gates`, `_gru_grads`, ...).
 
 Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the time step it reads and writes
 (`lens[b] - 1 - s` when reversed). Steps at or past `lens[b]` keep the state and write zeros. `saved` is kept in
@@ -13,7 +13,8 @@ the last is. A thread that never runs only leaves its chunks to the others, so t
 threads run it. `launch` runs a loop on numba's threads through its compiled entry point and one parallel function
 compiled once, so neither the loop nor a parallel region compiles per loop. A loop compiles on its cell's first call
 per dtype, with the cell (and LSTM's projection) a constant of its closure, so it holds only that cell's math; `rev`
-and `nc` are runtime arguments. `work` holds a loop's scratch (`*_work`).
+and `nc` are runtime arguments. Every cell's loop takes the same arguments (empty arrays for what the cell does not
+use); `work` holds its scratch (`fwd_work`, `bwd_work`).
 """
 
 import functools
@@ -708,11 +709,13 @@ def cell_loops(cell, proj):
         T, B, GH = gx.shape
         H = GH // G
         P = h.shape[1]
+        # the gate count as a runtime value: as a literal it would compile `_gate_rows` and `_pack_gates` per cell
+        gates = GH // H
         gh, hraw, h2, wp, span, wr, span_r = work
         for k in range(nc):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
-                _pack_gates(w_hh, wp, G, H, q * H // nc, (q + 1) * H // nc, q * span)
+                _pack_gates(w_hh, wp, gates, H, q * H // nc, (q + 1) * H // nc, q * span)
                 if PROJ:
                     pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
                 _end(sync)
@@ -724,7 +727,7 @@ def cell_loops(cell, proj):
                 if not _begin(sync, q, 1 + NPH * s, nc):
                     continue
                 j0, j1 = q * H // nc, (q + 1) * H // nc
-                _gate_rows(cur, w_hh, wp, gh, G, H, j0, j1, q * span, s % 2 == 1)
+                _gate_rows(cur, w_hh, wp, gh, gates, H, j0, j1, q * span, s % 2 == 1)
                 for b in range(B):
                     if b + AHEAD < B and s < lens[b + AHEAD]:
                         _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
