@@ -117,9 +117,9 @@ def test_a_cell_compiles_alone_and_loads_from_cache(tmp_path):
         return {line.split()[1] for line in out.stdout.splitlines() if line.startswith("compiled:")}
 
     cold = compiled()
-    assert {"cell_loops.<locals>.fwd", "launch", "_rnn_act"} <= cold, cold
+    assert {"_loops.<locals>.fwd", "launch", "_rnn_act"} <= cold, cold
     others = {"_gru_gates", "_gru_grads", "_lstm_gates", "_lstm_out", "_lstm_grads", "_rnn_grad"}
-    assert not cold & {*others, "cell_loops.<locals>.bwd"}, cold
+    assert not cold & {*others, "_loops.<locals>.bwd"}, cold
     assert compiled() == set()
 
 

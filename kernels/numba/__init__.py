@@ -115,7 +115,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     P = w_hh.shape[1]
     ct = compute_dtype(gx.dtype)
     nc = _chunks(H)
-    lens, reverse = _lens(lengths, T, B), bool(reverse)
+    lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     x, w = _np(gx, ct), _np(w_hh, ct)
     bias = _np(b_hh, ct) if b_hh is not None else np.zeros(G, dtype=x.dtype)
     y = empty((T, B, P), ct, gx.device)
@@ -129,7 +129,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         cT.copy_(c0)
         c = cT.numpy()
     proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
-    args = (x, w, bias, proj, lens, reverse, hT.numpy(), c, y.numpy(), scratch)
+    args = (x, w, bias, proj, lens, reverse, relu, hT.numpy(), c, y.numpy(), scratch)
     _run(loops.cell_loops(cell, w_hr is not None)[0], args, loops.fwd_work(cell, w, proj, B, T, nc), nc)
     return y, hT, cT, saved
 
@@ -150,7 +150,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     H = hidden_size(cell, w_hh)
     ct = saved.dtype
     nc = _chunks(H)
-    lens, reverse = _lens(lengths, T, B), bool(reverse)
+    lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
     dgx = empty((T, B, G), ct, dy.device)
     dgh = empty((T, B, G), ct, dy.device) if cell == "gru" else None
@@ -171,7 +171,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         hraw = empty((T, B, H), ct, dy.device)
         dh_out = empty((T, B, P), ct, dy.device)
         proj_t, hraw_np, dh_out_np = _np(w_hr.t(), ct), hraw.numpy(), dh_out.numpy()
-    args = (d_out, w_t, proj_t, lens, reverse, c0_np, saved.numpy(), dh0.numpy(), dc, dgx.numpy(), dgh_np)
+    args = (d_out, w_t, proj_t, lens, reverse, relu, c0_np, saved.numpy(), dh0.numpy(), dc, dgx.numpy(), dgh_np)
     loop = loops.cell_loops(cell, w_hr is not None)[1]
     _run(loop, (*args, hraw_np, dh_out_np), loops.bwd_work(cell, w_t, proj_t, B, T, nc), nc)
     if w_hr is not None:

@@ -3,18 +3,18 @@
 
 Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the time step it reads and writes
 (`lens[b] - 1 - s` when reversed). Steps at or past `lens[b]` keep the state and write zeros. `saved` is kept in
-processing order with the reference's layout (zeros past a sequence's length). State buffers (`h`, `c`, `dh`, `dc`)
-come in holding the initial value and leave holding the final one. Each phase splits hidden units (or state
-columns) into `nc` contiguous chunks; a chunk does both the recurrent product for its rows of the weights and the
-pointwise math for its units. A loop is a serial function that every thread runs whole with its own `tid`: each
-phase of a step (one per step, two with a projection) is `nc` chunks that threads claim with a compare-and-swap, own
-chunk first, and a claimed chunk starts once every chunk of the earlier phases is done (`sync`); `tid` 0 returns once
-the last is. A thread that never runs only leaves its chunks to the others, so the loop cannot deadlock however many
-threads run it. `launch` runs a loop on numba's threads through its compiled entry point and one parallel function
-compiled once, so neither the loop nor a parallel region compiles per loop. A loop compiles on its cell's first call
-per dtype, with the cell (and LSTM's projection) a constant of its closure, so it holds only that cell's math; `rev`
-and `nc` are runtime arguments. Every cell's loop takes the same arguments (empty arrays for what the cell does not
-use); `work` holds its scratch (`fwd_work`, `bwd_work`).
+processing order with the reference's layout (zeros past a sequence's length). State buffers (`h`, `c`, `dh`, `dc`) come
+in holding the initial value and leave holding the final one. Each phase splits hidden units (or state columns) into
+`nc` contiguous chunks; a chunk does both the recurrent product for its rows of the weights and the pointwise math for
+its units. A loop is a serial function that every thread runs whole with its own `tid`: each phase of a step (one per
+step, two with a projection) is `nc` chunks that threads claim with a compare-and-swap, own chunk first, and a claimed
+chunk starts once every chunk of the earlier phases is done (`sync`); `tid` 0 returns once the last is. A thread that
+never runs only leaves its chunks to the others, so the loop cannot deadlock however many threads run it. `launch` runs
+a loop on numba's threads through its compiled entry point and one parallel function compiled once, so neither the loop
+nor a parallel region compiles per loop. A loop compiles on its cell's first call per dtype, with the cell's gate count
+(and LSTM's projection) a constant of its closure, so it holds only that cell's math; `rev`, RNN's `relu` (both RNN
+cells share a loop) and `nc` are runtime arguments. Every cell's loop takes the same arguments (empty arrays for what
+the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
 """
 
 import functools
@@ -692,17 +692,23 @@ def bwd_work(cell, w_hh_t, w_hr_t, B, T, nc):
     return (*bufs, *panels(w_hh_t, B, T, 1, P, nc), *panels(w_hr_t, B, T, 1, w_hr_t.shape[0], nc))
 
 
-@functools.cache
 def cell_loops(cell, proj):
     """The forward and backward loops of `cell` (LSTM's with the projection `w_hr` when `proj`), made on first use;
-    each compiles on its first call per dtype. The cell and `proj` are constants of the closures, so numba drops the
-    other cells' branches before typing them: a cell compiles and caches only its own math."""
-    G, LSTM, GRU, RELU, PROJ = GATES[cell], cell == "lstm", cell == "gru", cell == "rnn_relu", proj
+    each compiles on its first call per dtype. RNN's activation is their `relu` argument: both RNN cells share them."""
+    return _loops(GATES[cell], proj)
+
+
+@functools.cache
+def _loops(G, PROJ):
+    """The loops of the cell with `G` gates: RNN (1), GRU (3) or LSTM (4). `G` and `PROJ` are constants of the
+    closures, so numba drops the other cells' branches before typing them: a cell compiles and caches only its own
+    math."""
+    LSTM, GRU = G == 4, G == 3
     # the projection's product needs the whole state (backward: state gradient) of a step first: a phase of its own
     NPH = 2 if PROJ else 1
 
     @njit(**_OPTS)
-    def fwd(gx, w_hh, b_hh, w_hr, lens, rev, h, c, y, saved, work, sync, tid, nc):
+    def fwd(gx, w_hh, b_hh, w_hr, lens, rev, relu, h, c, y, saved, work, sync, tid, nc):
         """`gx [T, B, G*H]`, `w_hh [G*H, P]`, `b_hh [G*H]`, `w_hr [P, H]` (`[0, H]` without `PROJ`), `lens [B]`;
         `h [B, P]`, LSTM's `c [B, H]` (`[B, 0]` for the others); `y [T, B, P]`; `saved [T or 1, B, SW]`: the new state
         (RNN), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
@@ -744,7 +750,7 @@ def cell_loops(cell, proj):
                     elif GRU:
                         _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
                     else:
-                        _rnn_act(gx[t, b], gh[b], b_hh, RELU, nxt[b], j0, j1)
+                        _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
                         _copy(nxt[b], sv[b], j0, j1)
                     if not PROJ:
                         _copy(nxt[b], y[t, b], j0, j1)
@@ -771,7 +777,7 @@ def cell_loops(cell, proj):
                 _copy_rows(h2, h)
 
     @njit(**_OPTS)
-    def bwd(dy, w_hh_t, w_hr_t, lens, rev, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, work, sync, tid, nc):
+    def bwd(dy, w_hh_t, w_hr_t, lens, rev, relu, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, work, sync, tid, nc):
         """Backward of `fwd`: `dy [T, B, P]`, `w_hh_t [P, G*H]` (`w_hh^T`), `w_hr_t [H, P]` (`[0, P]` without
         `PROJ`), LSTM's `c0 [B, H]` (`[B, 0]` for the others), `saved [T, B, SW]`; `dh [B, P]`, LSTM's `dc [B, H]`
         (`[B, 0]`); `dgx [T, B, G*H]` (also dgh unless GRU), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]` for the others); with
@@ -845,7 +851,7 @@ def cell_loops(cell, proj):
                                 for g in range(3):
                                     _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
                             else:
-                                _rnn_grad(saved[s, b], dh[b], dy[t, b], RELU, das[b], j0, j1)
+                                _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, das[b], j0, j1)
                             # GRU's n gate of dgx is `_gru_grads`'s own
                             for g in range(G - 1 if GRU else G):
                                 _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
@@ -926,6 +932,7 @@ def launch(addr, args, work, sync, nc):
     """`loop(*args, work, sync, tid, nc)` for every `tid < nc` on numba's threads, through the loop's compiled entry
     point `addr` (`entry_point`). Compiled serially per loop's argument types: neither the loop nor the parallel part
     compiles again."""
+    # a parallel launcher per loop instead (prange over the loop) made the cold compile of all cells three times longer
     tramp, frame = _bind(addr, args, work, sync, nc)
     _launch_bound(tramp, frame, nc)
 
