@@ -108,6 +108,48 @@ def fused_arg(zero, keep_h, keep_c, keep):
     return () if zero is None and keep_h is None else (Extensions(zero, keep_h, keep_c),)
 
 
+def refusal(backend, devices, dtypes, cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
+    """Why `backend` cannot run the call, in the wording every backend shares, or None: the checks every backend's
+    `unsupported` starts with.
+
+    Args:
+        backend: the backend's name, for the message.
+        devices: device types the backend runs on, or None for any.
+        dtypes: floating dtypes the backend runs, or None for any floating dtype.
+        cell, gx, w_hh, h0, c0, lengths, w_hr: the call (see `seqfast.kernels.reference`).
+
+    Returns:
+        None, or the reason: an unknown cell, a tensor on another device, a floating tensor of another dtype, a
+        projection for a cell other than LSTM, or LSTM without `c0`.
+    """
+    if cell not in GATES:
+        return f"unknown cell {cell!r}"
+    for name, t in (("gx", gx), ("w_hh", w_hh), ("h0", h0), ("c0", c0), ("lengths", lengths), ("w_hr", w_hr)):
+        if t is not None and devices is not None and t.device.type not in devices:
+            return f"{name} is on {t.device}; the {backend} backend runs on {' and '.join(devices)} tensors"
+    for name, t in (("gx", gx), ("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr)):
+        if t is None or (t.dtype in dtypes if dtypes is not None else t.is_floating_point()):
+            continue
+        runs = ", ".join(str(d).removeprefix("torch.") for d in dtypes) if dtypes is not None else "floating dtypes"
+        return f"{name} has dtype {t.dtype}; the {backend} backend runs {runs}"
+    if w_hr is not None and cell != "lstm":
+        return f"a projection (w_hr) needs the lstm cell, not {cell}"
+    if cell == "lstm" and c0 is None:
+        return "the lstm cell needs c0"
+    return None
+
+
+def check_lengths(lengths, T):
+    """Raise `ValueError` unless every entry of `lengths [B]` (or None) lies in `[0, T]`: the CPU backends' check,
+    worded as the cpp backend's own (on CUDA it would wait for the device, so the triton backend does not make it).
+    """
+    if lengths is None or not lengths.numel():
+        return
+    low, high = torch.aminmax(lengths)
+    if low < 0 or high > T:
+        raise ValueError(f"lengths must lie in [0, {T}]; got {int(low if low < 0 else high)}")
+
+
 LN_EPS = 1e-5
 """The LayerNorm epsilon of the `layer_norm` option."""
 

@@ -8,7 +8,7 @@ the extension's length-sorted order.
 
 import torch
 
-from .common import CELL_IDS, Projection, hidden_size, poisoning
+from .common import CELL_IDS, Projection, hidden_size, poisoning, refusal
 
 try:
     from seqfast import _C
@@ -50,19 +50,9 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
         gx, w_hh, h0, c0, lengths, w_hr: the call's tensors (see `seqfast.kernels.reference`).
 
     Returns:
-        None when the call can run, else a reason: unknown cell, a non-CPU tensor, or a dtype other than
-        float32/float64.
+        None when the call can run, else the reason (`common.refusal`'s checks: CPU tensors of float32 or float64).
     """
-    if cell not in CELL_IDS:
-        return f"unknown cell {cell!r}"
-    for name, t in (("gx", gx), ("w_hh", w_hh), ("h0", h0), ("c0", c0), ("lengths", lengths), ("w_hr", w_hr)):
-        if t is not None and t.device.type != "cpu":
-            return f"{name} is on {t.device}; the cpp backend runs on CPU tensors only"
-    if gx.dtype not in _DTYPES:
-        return f"gx has dtype {gx.dtype}; the cpp backend runs float32 and float64"
-    if w_hr is not None and cell != "lstm":
-        return "a projection (w_hr) needs the lstm cell"
-    return None
+    return refusal("cpp", DEVICES, _DTYPES, cell, gx, w_hh, h0, c0, lengths, w_hr)
 
 
 def saved_shape(cell, T, B, H, P, zoneout=False):

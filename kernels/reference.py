@@ -47,7 +47,7 @@ which is `proj_size` for a projected LSTM and `H` otherwise):
 import torch
 import torch.nn.functional as F
 
-from .common import GATES, LN_EPS, active_mask, compute_dtype, empty, hidden_size, reorder
+from .common import LN_EPS, active_mask, check_lengths, compute_dtype, empty, hidden_size, refusal, reorder
 
 DEVICES = None
 EXTENSIONS = ("layer_norm", "resets", "zoneout")
@@ -57,12 +57,8 @@ SAVED_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 5}
 
 
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
-    """Why this backend cannot run the call, or None: the reference runs anything floating point."""
-    if cell not in GATES:
-        return f"unknown cell {cell!r}"
-    if not gx.is_floating_point():
-        return f"gx has dtype {gx.dtype}; a floating dtype is required"
-    return None
+    """Why this backend cannot run the call, or None: the reference runs any floating dtype on any device."""
+    return refusal("reference", DEVICES, None, cell, gx, w_hh, h0, c0, lengths, w_hr)
 
 
 def saved_shape(cell, T, B, H, P):
@@ -142,6 +138,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     if ext is not None and need_saved and ext.options() != ("resets",):
         raise ValueError("the reference's backward runs resets alone: differentiate its forward instead")
     T, B, _ = gx.shape
+    check_lengths(lengths, T)
     H = hidden_size(cell, w_hh)
     P = w_hh.shape[1]
     ct = compute_dtype(gx.dtype)

@@ -19,16 +19,16 @@ log = logging.getLogger("seqfast")
 class Backend(NamedTuple):
     name: str
     module: str
-    devices: tuple
 
 
+# What each backend runs on is its module's `DEVICES` (None: any device type); the table says where to find it.
 _TABLE = (
-    Backend("cpp", "seqfast.kernels.cpp", ("cpu",)),
-    Backend("numba", "seqfast.kernels.numba", ("cpu",)),
-    Backend("reference", "seqfast.kernels.reference", ("cpu", "cuda", "meta")),
-    Backend("triton", "seqfast.kernels.triton", ("cuda",)),
+    Backend("cpp", "seqfast.kernels.cpp"),
+    Backend("numba", "seqfast.kernels.numba"),
+    Backend("reference", "seqfast.kernels.reference"),
+    Backend("triton", "seqfast.kernels.triton"),
     # torch's own op for whole module calls, never a layer's time loop (see seqfast.native)
-    Backend("native", "seqfast.native", ("cpu", "cuda")),
+    Backend("native", "seqfast.native"),
 )
 
 _PRIORITY = {
@@ -99,15 +99,18 @@ def backends():
             load(b.name)
             rows.append(BackendInfo(b.name, _devices(b.name), True, None))
         except RuntimeError as e:
-            rows.append(BackendInfo(b.name, b.devices, False, str(e)))
+            rows.append(BackendInfo(b.name, _devices(b.name), False, str(e)))
     return rows
 
 
 def _devices(name):
-    """The device types backend `name` runs on: its module's `DEVICES` once loaded, where it names them (triton
-    adds cpu under `TRITON_INTERPRET=1`), else the table's."""
+    """The device types backend `name` runs on: its module's `DEVICES` (triton adds cpu under `TRITON_INTERPRET=1`),
+    every device type with a priority order when that is None; for a backend that cannot load, the device types
+    whose priority order names it."""
     module = _loaded.get(name)
-    return getattr(module, "DEVICES", None) or _BY_NAME[name].devices
+    if module is None or isinstance(module, str):
+        return tuple(device for device, order in _PRIORITY.items() if name in order)
+    return tuple(_PRIORITY) if module.DEVICES is None else module.DEVICES
 
 
 def names(device_type=None):

@@ -33,7 +33,7 @@ EXPECTED_SKIPS = ("is not available:", "needs a CUDA device")
 # (backend, option or dtype) -> reason; an option through `dispatch.select`, a dtype through `unsupported()`.
 DECLINES = {
     ("numba", "resets"): "does not run the resets option",
-    ("triton", torch.float64): "not float64",
+    ("triton", torch.float64): "has dtype torch.float64; the triton backend runs float32, bfloat16, float16",
 }
 
 # (B, T, H): H33 runs without b_hh; H70 spans two 64-unit chunks of the cpp backend, the last ragged; B17 covers
@@ -233,6 +233,36 @@ def test_padded_steps_write_zeros_and_keep_state(backend):
         assert torch.all(y[length:, b] == 0)
         expected = args["h0"][b] if length == 0 else y[length - 1, b]
         assert torch.equal(hT[b], expected)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS + TRITON_CPU)
+def test_refusals_share_their_wording(backend):
+    """Every backend declines what it cannot run in `common.refusal`'s words: an unknown cell, a projection for a
+    cell other than LSTM, a tensor on a device it does not run on, a dtype it does not run."""
+    module = dispatch.load(backend)
+    dtype = torch.float32 if (backend, torch.float64) in DECLINES else torch.float64
+    gx, w_hh, h0 = torch.zeros(2, 1, 4, dtype=dtype), torch.zeros(4, 4, dtype=dtype), torch.zeros(1, 4, dtype=dtype)
+    assert module.unsupported("rnn_tanh", gx, w_hh, h0) is None
+    assert module.unsupported("lstm2", gx, w_hh, h0) == "unknown cell 'lstm2'"
+    w_hr = torch.zeros(4, 4, dtype=dtype)
+    reason = "a projection (w_hr) needs the lstm cell, not rnn_tanh"
+    assert module.unsupported("rnn_tanh", gx, w_hh, h0, w_hr=w_hr) == reason
+    if module.DEVICES is not None:
+        expected = f"h0 is on meta; the {backend} backend runs on {' and '.join(module.DEVICES)} tensors"
+        assert module.unsupported("rnn_tanh", gx, w_hh, h0.to("meta")) == expected
+    reason = module.unsupported("rnn_tanh", gx, w_hh.to(torch.int32), h0)
+    assert reason.startswith(f"w_hh has dtype torch.int32; the {backend} backend runs "), reason
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("length", [-1, 8])
+def test_lengths_outside_the_steps_raise_value_error(backend, length):
+    """A length below 0 or past T is a ValueError in every CPU backend's words."""
+    module = dispatch.load(backend)
+    cell, args, _ = make_problem("gru", 3, 7, 5, "mixed")
+    args["lengths"][1] = length
+    with pytest.raises(ValueError, match=rf"^lengths must lie in \[0, 7\]; got {length}$"):
+        module.fwd(cell, **args)
 
 
 def test_empty_poisons_with_nan():

@@ -182,20 +182,6 @@ def test_cell_table_is_the_contracts(cpp):
     assert [gates for gates, *_ in cpp._C.cells()] == [common.GATES[c] for c in ids]
 
 
-def test_unsupported_reasons(cpp):
-    gx, w, h0 = torch.zeros(2, 1, 4), torch.zeros(4, 4), torch.zeros(1, 4)
-    assert cpp.unsupported("rnn_tanh", gx, w, h0) is None
-    assert "float32 and float64" in cpp.unsupported("rnn_tanh", gx.half(), w, h0)
-    assert "CPU" in cpp.unsupported("rnn_tanh", gx.to("meta"), w, h0)
-    assert "unknown cell" in cpp.unsupported("lstm2", gx, w, h0)
-
-
-def test_bad_lengths_raise(cpp):
-    args, _ = contract_problem("gru", 3, 2, 4, lengths=[4, 1], dtype=torch.float32)
-    with pytest.raises(RuntimeError, match=r"lengths must lie in \[0, T\]"):
-        cpp.fwd("gru", **args)
-
-
 def _copy_source(dst):
     ignore = shutil.ignore_patterns(".git", "build", "dist", "*.so", "__pycache__", "*.egg-info", ".pytest_cache")
     for name in ["setup.py", "pyproject.toml", "README.md", "seqfast", "kernels", "csrc"]:

@@ -48,8 +48,10 @@ def _fake(name, log, unsupported=_accept):
 def table(monkeypatch):
     """Replace the backend table for one test (monkeypatch restores it).
 
-    `install(entries, priority)`: `entries` maps a name to `(module, devices)`, where `module` is a module object
-    (already loaded) or an import path (loaded on first use); `priority` maps a device type to names.
+    `install(entries, priority)`: `entries` maps a name to `(module, devices)`: a module object (already loaded),
+    whose `DEVICES` become `devices`, or an import path (loaded on first use, then its own `DEVICES`; the table
+    reports one that cannot load for the device types `priority` names it for); `priority` maps a device type to
+    names.
     """
     monkeypatch.delenv("SEQFAST_BACKEND", raising=False)
 
@@ -57,8 +59,9 @@ def table(monkeypatch):
         rows, loaded = [], {}
         for name, (module, devices) in entries.items():
             path = module if isinstance(module, str) else module.__name__
-            rows.append(dispatch.Backend(name, path, tuple(devices)))
+            rows.append(dispatch.Backend(name, path))
             if not isinstance(module, str):
+                monkeypatch.setattr(module, "DEVICES", tuple(devices), raising=False)
                 loaded[name] = module
         monkeypatch.setattr(dispatch, "_TABLE", tuple(rows))
         monkeypatch.setattr(dispatch, "_BY_NAME", {b.name: b for b in rows})

@@ -8,7 +8,7 @@ import numba
 import numpy as np
 import torch
 
-from seqfast.kernels.common import GATES, compute_dtype, empty, hidden_size
+from seqfast.kernels.common import check_lengths, compute_dtype, empty, hidden_size, refusal
 from seqfast.kernels.reference import saved_shape
 
 from . import loops
@@ -27,24 +27,15 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
             `w_hr` default to None.
 
     Returns:
-        None, or the reason as a string.
+        None, or the reason as a string (`common.refusal`'s checks: CPU tensors of float32 or float64; and one
+        dtype for all of them).
     """
-    if cell not in GATES:
-        return f"unknown cell {cell!r}"
-    if gx.dtype not in _DTYPES:
-        return f"computes in float32 and float64 only, not {gx.dtype}"
-    named = {"gx": gx, "w_hh": w_hh, "h0": h0, "c0": c0, "w_hr": w_hr}
-    for name, t in named.items():
-        if t is not None and t.device.type != "cpu":
-            return f"runs on cpu only; {name} is on {t.device}"
+    reason = refusal("numba", DEVICES, _DTYPES, cell, gx, w_hh, h0, c0, lengths, w_hr)
+    if reason is not None:
+        return reason
+    for name, t in (("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr)):
         if t is not None and t.dtype != gx.dtype:
             return f"needs one dtype for all tensors; gx is {gx.dtype} but {name} is {t.dtype}"
-    if lengths is not None and lengths.device.type != "cpu":
-        return f"runs on cpu only; lengths is on {lengths.device}"
-    if cell == "lstm" and c0 is None:
-        return "lstm needs c0"
-    if w_hr is not None and cell != "lstm":
-        return f"a projection (w_hr) is only defined for lstm, not {cell}"
     return None
 
 
@@ -68,8 +59,7 @@ def _lens(lengths, T, B):
     lens = _np(lengths, torch.int64)
     if lens.shape != (B,):
         raise ValueError(f"lengths must have shape ({B},), got {tuple(lens.shape)}")
-    if B and (lens.min() < 0 or lens.max() > T):
-        raise ValueError(f"lengths must lie in [0, {T}], got min {lens.min()} and max {lens.max()}")
+    check_lengths(lengths, T)
     return lens
 
 

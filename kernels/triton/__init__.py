@@ -12,7 +12,7 @@ The `resets` and `zoneout` options run fused in the same kernels (`EXTENSIONS`).
 import torch
 import triton
 
-from ..common import GATES, active_mask, empty, hidden_size
+from ..common import GATES, active_mask, empty, hidden_size, refusal
 from ..reference import SAVED_WIDTH
 from .recurrence import CELLS, bwd_kernel, fwd_kernel
 
@@ -81,14 +81,9 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     Returns:
         `str` reason, or None when the call can run here.
     """
-    if cell not in CELLS:
-        return f"unknown cell {cell!r}"
-    if gx.device.type not in DEVICES:
-        where = "CUDA, or CPU under TRITON_INTERPRET=1" if not INTERPRET else "CUDA or CPU"
-        return f"tensors are on {gx.device.type}; the triton backend runs on {where}"
-    for name, t in (("gx", gx), ("w_hh", w_hh), ("h0", h0), ("c0", c0), ("w_hr", w_hr)):
-        if t is not None and t.dtype not in _DTYPES:
-            return f"{name} has dtype {t.dtype}; the triton backend runs float32, bfloat16 and float16 (not float64)"
+    reason = refusal("triton", DEVICES, _DTYPES, cell, gx, w_hh, h0, c0, lengths, w_hr)
+    if reason is not None:
+        return reason
     H = hidden_size(cell, w_hh)
     if w_hr is not None and w_hr.shape[0] > H:
         return f"proj_size {w_hr.shape[0]} exceeds hidden size {H}"
