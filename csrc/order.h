@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -53,7 +54,8 @@ inline Order make_order(const c10::optional<at::Tensor>& lengths, int64_t T, int
     const int64_t* l = lengths->data_ptr<int64_t>();
     for (int64_t b = 0; b < B; ++b)
       TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= T, "lengths must lie in [0, ", T, "]; got ", l[b]);
-    std::stable_sort(o.perm.begin(), o.perm.end(), [l](int64_t a, int64_t b) { return l[a] > l[b]; });
+    if (!std::is_sorted(l, l + B, std::greater<int64_t>()))  // packed input arrives sorted: perm stays the identity
+      std::stable_sort(o.perm.begin(), o.perm.end(), [l](int64_t a, int64_t b) { return l[a] > l[b]; });
     for (int64_t r = 0; r < B; ++r) o.len[r] = l[o.perm[r]];
   }
   o.active.resize(T);
