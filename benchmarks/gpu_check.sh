@@ -57,7 +57,7 @@ echo "== CUDA parity tests"
 # Most of the time is kernel compilation, which is CPU-bound: spread the tests over processes when xdist is there.
 workers=()
 python -c "import xdist" 2>/dev/null && workers=(-n 8)
-timeout 180 python -m pytest -m gpu tests/test_triton_cuda.py -q -p no:cacheprovider "${workers[@]}" \
+timeout 240 python -m pytest -m gpu tests/test_contract.py tests/test_triton_cuda.py -q -p no:cacheprovider "${workers[@]}" \
   >"$OUT/pytest_gpu.log" 2>&1 || status=1
 tail -n 25 "$OUT/pytest_gpu.log"
 wait "${warmers[@]}" || true
