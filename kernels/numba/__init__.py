@@ -9,13 +9,21 @@ import numpy as np
 import torch
 
 from seqfast.kernels.common import check_lengths, compute_dtype, empty, hidden_size, refusal
-from seqfast.kernels.reference import saved_shape
 
 from . import loops
 
 DEVICES = ("cpu",)
 
 _DTYPES = (torch.float32, torch.float64)
+
+# `saved` per step and hidden unit: LSTM `i, f, g, o, c`, GRU `r, z, n, W_hn h + b_hn`; `bwd` reads RNN's `h` and GRU's
+# `h_prev` from `y` (and `h0`)
+_SAVED_WIDTH = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 5, "gru": 4}
+
+
+def saved_shape(cell, T, B, H, P):
+    """Shape of `saved`: `[T, B, W*H]` with `W` 5 (LSTM), 4 (GRU) or 0 (RNN)."""
+    return (T, B, _SAVED_WIDTH[cell] * H)
 
 
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
@@ -44,7 +52,8 @@ def _np(t, dtype):
 
     Outputs always come from `common.empty` (contiguous, compute dtype), so the loops write into them directly.
     """
-    t = t.detach()
+    if t.requires_grad:
+        t = t.detach()
     if t.dtype != dtype:
         t = t.to(dtype)
     if not t.is_contiguous():
@@ -129,7 +138,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
 
     Args:
         cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved: as in the reference (`dcT`, `w_hr`,
-            `c0`, `lengths` may be None; `b_hh` and `y` are not needed).
+            `c0`, `lengths` may be None; `b_hh` is not needed).
         reverse: as passed to `fwd` (default False).
 
     Returns:
@@ -148,8 +157,12 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     dh0.copy_(dhT)
     dc0 = dw_hr = None
     # what the cell does not use: no state columns, no steps
-    c0_np = dc = np.empty((B, 0), dtype=d_out.dtype)
-    dgh_np = hraw_np = dh_out_np = np.empty((0, 0, 0), dtype=d_out.dtype)
+    c0_np = dc = h0_np = np.empty((B, 0), dtype=d_out.dtype)
+    dgh_np = hraw_np = dh_out_np = y_np = np.empty((0, 0, 0), dtype=d_out.dtype)
+    if cell != "lstm":
+        y_np = _np(y, ct)
+    if cell == "gru":
+        h0_np = _np(h0, ct)
     if cell == "lstm":
         dc0 = empty((B, H), ct, dy.device)
         dc0.copy_(dcT)
@@ -161,9 +174,9 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         hraw = empty((T, B, H), ct, dy.device)
         dh_out = empty((T, B, P), ct, dy.device)
         proj_t, hraw_np, dh_out_np = _np(w_hr.t(), ct), hraw.numpy(), dh_out.numpy()
-    args = (d_out, w_t, proj_t, lens, reverse, relu, c0_np, saved.numpy(), dh0.numpy(), dc, dgx.numpy(), dgh_np)
+    args = (d_out, y_np, h0_np, w_t, proj_t, lens, reverse, relu, c0_np, saved.numpy(), dh0.numpy(), dc)
     loop = loops.cell_loops(cell, w_hr is not None)[1]
-    _run(loop, (*args, hraw_np, dh_out_np), loops.bwd_work(cell, w_t, proj_t, B, T, nc), nc)
+    _run(loop, (*args, dgx.numpy(), dgh_np, hraw_np, dh_out_np), loops.bwd_work(cell, w_t, proj_t, B, T, nc), nc)
     if w_hr is not None:
         dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
     return dgx, dgh, dh0, dc0, dw_hr

@@ -3,7 +3,8 @@
 
 Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the time step it reads and writes
 (`lens[b] - 1 - s` when reversed). Steps at or past `lens[b]` keep the state and write zeros. `saved` is kept in
-processing order with the reference's layout (zeros past a sequence's length). State buffers (`h`, `c`, `dh`, `dc`) come
+processing order (zeros past a sequence's length) with what `y` cannot give: nothing for RNN, whose `h` is `y`; GRU's
+`h_prev` is `y` at the step before, or `h0`. State buffers (`h`, `c`, `dh`, `dc`) come
 in holding the initial value and leave holding the final one. Each phase splits hidden units (or state columns) into
 `nc` contiguous chunks; a chunk does both the recurrent product for its rows of the weights and the pointwise math for
 its units. A loop is a serial function that every thread runs whole with its own `tid`: each phase of a step (one per
@@ -469,6 +470,12 @@ def _step_time(s, n, rev):
 
 
 @njit(**_OPTS)
+def _h_prev(y, h0, n, rev, s, b):
+    # row `b`'s state before processing step `s < n` of its length `n`: `y` at the step before, or `h0` at the first
+    return y[_step_time(s - 1, n, rev), b] if s > 0 else h0[b]
+
+
+@njit(**_OPTS)
 def _copy_state(src, dst, y_row, b, j0, j1):
     # an ended sequence keeps its state and writes zeros to `y`
     zero = dst.dtype.type(0)
@@ -617,7 +624,7 @@ def _rnn_grad(hsr, dhr, dyr, relu, dar, j0, j1):
 @njit(**_OPTS)
 def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1):
     """Units `j0 <= j < j1`: from the recurrent product `a [3H]`, `gxr`, `bias [3H]` and the previous state `hpr [H]`,
-    `r, z, n, W_hn h + b_hn, h_prev` into `svr [5H]` and the new state into `hr [H]`."""
+    `r, z, n, W_hn h + b_hn` into `svr [4H]` and the new state into `hr [H]`."""
     n = j1 - j0
     for g in range(3):
         ag, bg = _seg(a, g, H, j0, j1), _seg(bias, g, H, j0, j1)
@@ -627,22 +634,24 @@ def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1):
         ag, xg, sg = _seg(a, g, H, j0, j1), _seg(gxr, g, H, j0, j1), _seg(svr, g, H, j0, j1)
         for j in range(n):
             sg[j] = sigmoid(ag[j] + xg[j])
-    r, z, sn, shn, shp = _segs(svr, H, j0, j1)
+    r, z, sn, shn, _ = _segs(svr, H, j0, j1)
     ahn, xn, hp, h = _seg(a, 2, H, j0, j1), _seg(gxr, 2, H, j0, j1), hpr[j0:j1], hr[j0:j1]
     one = h.dtype.type(1)
     for j in range(n):
         nj = tanh(xn[j] + r[j] * ahn[j])
-        sn[j], shn[j], shp[j] = nj, ahn[j], hp[j]
+        sn[j], shn[j] = nj, ahn[j]
         h[j] = (one - z[j]) * nj + z[j] * hp[j]
 
 
 @njit(**_OPTS)
-def _gru_grads(svr, d, dar, dgxr, dhz, H, j0, j1):
-    """Units `j0 <= j < j1` of one step's backward from the saved row `svr [5H]` and the state gradient `d [H]`:
-    `dar [3H]` (the gradient of the recurrent pre-activations), the n gate of `dgxr [3H]`, and `dhz = d * z`."""
+def _gru_grads(svr, hpr, d, dar, dgxr, dhz, H, j0, j1):
+    """Units `j0 <= j < j1` of one step's backward from the saved row `svr [4H]`, the state before the step `hpr [H]`
+    and the state gradient `d [H]`: `dar [3H]` (the gradient of the recurrent pre-activations), the n gate of
+    `dgxr [3H]`, and `dhz = d * z`."""
     one = dhz.dtype.type(1)
     n = j1 - j0
-    r, z, ng, hn, hp = _segs(svr, H, j0, j1)
+    r, z, ng, hn, _ = _segs(svr, H, j0, j1)
+    hp = hpr[j0:j1]
     dar_, daz, dahn, _, _ = _segs(dar, H, j0, j1)
     dan, dd, dz = _seg(dgxr, 2, H, j0, j1), d[j0:j1], dhz[j0:j1]
     for j in range(n):
@@ -703,15 +712,15 @@ def _loops(G, PROJ):
     """The loops of the cell with `G` gates: RNN (1), GRU (3) or LSTM (4). `G` and `PROJ` are constants of the
     closures, so numba drops the other cells' branches before typing them: a cell compiles and caches only its own
     math."""
-    LSTM, GRU = G == 4, G == 3
+    LSTM, GRU, RNN = G == 4, G == 3, G == 1
     # the projection's product needs the whole state (backward: state gradient) of a step first: a phase of its own
     NPH = 2 if PROJ else 1
 
     @njit(**_OPTS)
     def fwd(gx, w_hh, b_hh, w_hr, lens, rev, relu, h, c, y, saved, work, sync, tid, nc):
         """`gx [T, B, G*H]`, `w_hh [G*H, P]`, `b_hh [G*H]`, `w_hr [P, H]` (`[0, H]` without `PROJ`), `lens [B]`;
-        `h [B, P]`, LSTM's `c [B, H]` (`[B, 0]` for the others); `y [T, B, P]`; `saved [T or 1, B, SW]`: the new state
-        (RNN), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn, h_prev` (GRU)."""
+        `h [B, P]`, LSTM's `c [B, H]` (`[B, 0]` for the others); `y [T, B, P]`; `saved [T or 1, B, SW]`: nothing
+        (RNN: `h` is `y`), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn` (GRU: `h_prev` is `y` or `h0`)."""
         T, B, GH = gx.shape
         H = GH // G
         P = h.shape[1]
@@ -737,7 +746,8 @@ def _loops(G, PROJ):
                 for b in range(B):
                     if b + AHEAD < B and s < lens[b + AHEAD]:
                         _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
-                        _prefetch_units(sv[b + AHEAD], H, j0, j1)
+                        if not RNN:
+                            _prefetch_units(sv[b + AHEAD], H, j0, j1)
                     if s >= lens[b]:
                         if not PROJ:
                             _copy_state(cur, nxt, y[s, b], b, j0, j1)
@@ -751,7 +761,6 @@ def _loops(G, PROJ):
                         _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
                     else:
                         _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
-                        _copy(nxt[b], sv[b], j0, j1)
                     if not PROJ:
                         _copy(nxt[b], y[t, b], j0, j1)
                 _end(sync)
@@ -777,12 +786,13 @@ def _loops(G, PROJ):
                 _copy_rows(h2, h)
 
     @njit(**_OPTS)
-    def bwd(dy, w_hh_t, w_hr_t, lens, rev, relu, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, work, sync, tid, nc):
-        """Backward of `fwd`: `dy [T, B, P]`, `w_hh_t [P, G*H]` (`w_hh^T`), `w_hr_t [H, P]` (`[0, P]` without
-        `PROJ`), LSTM's `c0 [B, H]` (`[B, 0]` for the others), `saved [T, B, SW]`; `dh [B, P]`, LSTM's `dc [B, H]`
-        (`[B, 0]`); `dgx [T, B, G*H]` (also dgh unless GRU), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]` for the others); with
-        `PROJ`, `hraw [T, B, H]` and `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero
-        when inactive; `[0, 0, 0]` without)."""
+    def bwd(dy, y, h0, w_hh_t, w_hr_t, lens, rev, relu, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, work, sync, tid, nc):
+        """Backward of `fwd`: `dy [T, B, P]`, the forward's `y [T, B, P]` and `h0 [B, P]` (RNN reads `h` from `y`,
+        GRU `h_prev` from both; `[0, 0, 0]` and `[B, 0]` where unread), `w_hh_t [P, G*H]` (`w_hh^T`), `w_hr_t [H, P]`
+        (`[0, P]` without `PROJ`), LSTM's `c0 [B, H]` (`[B, 0]` for the others), `saved [T, B, SW]`; `dh [B, P]`,
+        LSTM's `dc [B, H]` (`[B, 0]`); `dgx [T, B, G*H]` (also dgh unless GRU), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]`
+        for the others); with `PROJ`, `hraw [T, B, H]` and `dh_out [T, B, P]` receive `o * tanh(c)` and the state
+        gradient per step (zero when inactive; `[0, 0, 0]` without)."""
         T, B, P = dy.shape
         H = w_hh_t.shape[1] // G
         da, dhc, dhz, dcs, dhp, wp, span, wr, span_r = work
@@ -823,7 +833,7 @@ def _loops(G, PROJ):
                         for b in range(B):
                             if b + AHEAD < B and s < lens[b + AHEAD]:
                                 t2 = _step_time(s, lens[b + AHEAD], rev)
-                                _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
+                                _prefetch_units(y[t2, b + AHEAD] if RNN else saved[s, b + AHEAD], H, j0, j1)
                                 _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
                                 if not PROJ:
                                     _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
@@ -847,11 +857,12 @@ def _loops(G, PROJ):
                                 _lstm_grads(saved[s, b], cp, dhc[b], dc[b], dcs[b], das[b], H, j0, j1)
                             elif GRU:
                                 _add(dh[b], dy[t, b], dhc[b], j0, j1)
-                                _gru_grads(saved[s, b], dhc[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
+                                hp = _h_prev(y, h0, lens[b], rev, s, b)
+                                _gru_grads(saved[s, b], hp, dhc[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
                                 for g in range(3):
                                     _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
                             else:
-                                _rnn_grad(saved[s, b], dh[b], dy[t, b], relu, das[b], j0, j1)
+                                _rnn_grad(y[t, b], dh[b], dy[t, b], relu, das[b], j0, j1)
                             # GRU's n gate of dgx is `_gru_grads`'s own
                             for g in range(G - 1 if GRU else G):
                                 _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
