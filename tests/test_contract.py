@@ -32,7 +32,6 @@ EXPECTED_SKIPS = ("is not available:", "needs a CUDA device")
 # What a backend does not run, each asserted to be declined with this piece of its reason instead of run:
 # (backend, option or dtype) -> reason; an option through `dispatch.select`, a dtype through `unsupported()`.
 DECLINES = {
-    ("numba", "resets"): "does not run the resets option",
     ("triton", torch.float64): "has dtype torch.float64; the triton backend runs float32, bfloat16, float16",
 }
 

@@ -242,8 +242,8 @@ def test_fused_options_are_the_reference_layer(backend, kind, reverse, dtype, op
     weight, or both, through `functional.layer` on a backend that fuses them, against the reference's in float64:
     outputs and the gradients of every input for random cotangents, with mixed lengths (as the contract allows) and
     without; float32 at sizes that run the threaded, packed loops. They run the cpp loops split by hidden units
-    (B < 12, and with a projection) and by rows (B >= 12). A backend that does not fuse them refuses the call with
-    the reason."""
+    (B < 12, and with a projection) and by rows (B >= 12), and numba's on packed weights. A backend that does not fuse
+    them refuses the call with the reason."""
     shapes = [(9, 5, 6), (9, 50, 6)] if dtype == torch.float64 else [(40, 10, 70), (40, 48, 70)]
     for T, B, H in shapes:
         check_fused_options(backend, kind, reverse, dtype, option, T, B, H)
@@ -338,10 +338,12 @@ def test_options_gradcheck_and_gradgradcheck(cell):
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-def test_fused_options_gradcheck_and_gradgradcheck(cell, training):
-    """First and second derivatives of a bidirectional layer with resets and zoneout on the cpp backend (training
-    masks redrawn from the same seed on every call), with respect to the input and the parameters, in float64."""
-    module = build(cell, {"zoneout": 0.3}, "cpp", bidirectional=True, H=2).train(training)
+@pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.values[0] in ("cpp", "numba")])
+def test_fused_options_gradcheck_and_gradgradcheck(backend, cell, training):
+    """First and second derivatives of a bidirectional layer with resets and zoneout on a backend that fuses them
+    (training masks redrawn from the same seed on every call), with respect to the input and the parameters, in
+    float64."""
+    module = build(cell, {"zoneout": 0.3}, backend, bidirectional=True, H=2).train(training)
     x, _, resets = inputs(module, 4, 2, True)
     names = [n for n, _ in module.named_parameters()]
 

@@ -108,7 +108,8 @@ nb.fwd("rnn_tanh", torch.randn(T, B, H), torch.randn(H, H), torch.randn(H), torc
 @pytest.mark.slow
 def test_a_cell_compiles_alone_and_loads_from_cache(tmp_path):
     """A cell's first call compiles its own loop and math alone (here RNN's float32 forward: no GRU or LSTM math, no
-    backward), and a new process loads all of it from numba's on-disk cache, closures and launcher included."""
+    backward, no options' code), and a new process loads all of it from numba's on-disk cache, closures and launcher
+    included."""
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
 
     def compiled():
@@ -119,6 +120,7 @@ def test_a_cell_compiles_alone_and_loads_from_cache(tmp_path):
     cold = compiled()
     assert {"_loops.<locals>.fwd", "launch", "_rnn_act"} <= cold, cold
     others = {"_gru_gates", "_gru_grads", "_lstm_gates", "_lstm_out", "_lstm_grads", "_rnn_grad"}
+    others |= {"_resets", "keep_row", "_mix"}  # the options
     assert not cold & {*others, "_loops.<locals>.bwd"}, cold
     assert compiled() == set()
 

@@ -1,7 +1,8 @@
 """The numba backend: @njit forward and backward time loops on CPU, on the contract of `seqfast.kernels.reference`.
 
 Importing it imports numba, so a missing or broken numba raises ImportError here and the dispatcher reports the
-backend unavailable with that reason. The loops compile on first use per cell and dtype and are cached on disk.
+backend unavailable with that reason. The loops compile on first use per cell and dtype and are cached on disk. The
+`resets` and `zoneout` options run fused in the same loops (`EXTENSIONS`), each combination compiled on first use.
 """
 
 import numba
@@ -13,17 +14,19 @@ from seqfast.kernels.common import check_lengths, compute_dtype, empty, hidden_s
 from . import loops
 
 DEVICES = ("cpu",)
+EXTENSIONS = ("resets", "zoneout")
 
 _DTYPES = (torch.float32, torch.float64)
 
 # `saved` per step and hidden unit: LSTM `i, f, g, o, c`, GRU `r, z, n, W_hn h + b_hn`; `bwd` reads RNN's `h` and GRU's
-# `h_prev` from `y` (and `h0`)
+# `h_prev` from `y` (and `h0`). Zoneout adds LSTM's carried `c` and RNN's `h~` (`y` holds the mixed `h`).
 _SAVED_WIDTH = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 5, "gru": 4}
 
 
-def saved_shape(cell, T, B, H, P):
-    """Shape of `saved`: `[T, B, W*H]` with `W` 5 (LSTM), 4 (GRU) or 0 (RNN)."""
-    return (T, B, _SAVED_WIDTH[cell] * H)
+def saved_shape(cell, T, B, H, P, zoneout=False):
+    """Shape of `saved`: `[T, B, W*H]` with `W` 5 (LSTM), 4 (GRU) or 0 (RNN), one more for LSTM and RNN with
+    `zoneout` (default False)."""
+    return (T, B, (_SAVED_WIDTH[cell] + (zoneout and cell != "gru")) * H)
 
 
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
@@ -97,7 +100,42 @@ def _run(loop, args, work, nc):
     loops.launch(_entry[loop], args, work, sync, nc)
 
 
-def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True):
+# the loops' `ext` without options, per compute dtype: no steps, no weights
+_NO_OPTIONS = {
+    dt: (np.empty((0, 0), dtype=np.bool_), np.empty((0, 0, 0), dtype=dt), np.empty((0, 0, 0), dtype=dt))
+    for dt in (np.float32, np.float64)
+}
+
+
+def _options(ext, T, B, H, P, ct):
+    """`ext` (a `common.Extensions` of resets and zoneout, or None) as the loops take it.
+
+    Returns:
+        `(zero [T, B] bool, keep_h [T, B, P], keep_c [T, B, H])` in the compute dtype `ct` (empty where off; a constant
+        weight as one row `[1, 1, N]`, see `loops.keep_row`), whether resets are on, whether zoneout is.
+    """
+    zero, keep_h, keep_c = _NO_OPTIONS[np.float64 if ct == torch.float64 else np.float32]
+    if ext is None:
+        return (zero, keep_h, keep_c), False, False
+    if ext.zero is not None:
+        zero = _np(ext.zero, torch.bool)
+        if zero.shape != (T, B):
+            raise ValueError(f"zero must have shape ({T}, {B}), got {tuple(zero.shape)}")
+    zoneout = ext.keep_h is not None
+    if zoneout:
+        keep_h, keep_c = _keep(ext.keep_h, P, ct), _keep(ext.keep_c, H, ct)
+    return (zero, keep_h, keep_c), ext.zero is not None, zoneout
+
+
+def _keep(keep, n, ct):
+    """Zoneout's weights `keep [T, B, n]` as numpy of `ct`; a float as one row `[1, 1, n]`; None (LSTM's `c` without
+    zoneout) as zeros."""
+    if not torch.is_tensor(keep):
+        keep = torch.full((1, 1, n), 0.0 if keep is None else keep, dtype=ct)
+    return _np(keep, ct)
+
+
+def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True, ext=None):
     """Run the recurrence forward; see `seqfast.kernels.reference` for shapes.
 
     Args:
@@ -105,9 +143,11 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
             be None).
         reverse: walk each sequence from its own last step (default False).
         need_saved: keep what `bwd` needs (default True).
+        ext: `common.Extensions` of resets and zoneout, or None (default).
 
     Returns:
-        `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
+        `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(..., zoneout)`, or `[0]` when not
+        needed).
     """
     T, B, G = gx.shape
     H = hidden_size(cell, w_hh)
@@ -116,30 +156,34 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     nc = _chunks(H)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     x, w = _np(gx, ct), _np(w_hh, ct)
+    options, resets, zoneout = _options(ext, T, B, H, P, ct)
     bias = _np(b_hh, ct) if b_hh is not None else np.zeros(G, dtype=x.dtype)
     y = empty((T, B, P), ct, gx.device)
     hT = empty((B, P), ct, gx.device)
     hT.copy_(h0)
-    saved = empty(saved_shape(cell, T, B, H, P) if need_saved else (0,), ct, gx.device)
-    scratch = saved.numpy() if need_saved else np.empty((1,) + saved_shape(cell, 1, B, H, P)[1:], dtype=x.dtype)
+    saved = empty(saved_shape(cell, T, B, H, P, zoneout) if need_saved else (0,), ct, gx.device)
+    shape = saved_shape(cell, 1, B, H, P, zoneout)
+    scratch = saved.numpy() if need_saved else np.empty(shape, dtype=x.dtype)
     cT, c = None, np.empty((B, 0), dtype=x.dtype)
     if cell == "lstm":
         cT = empty((B, H), ct, gx.device)
         cT.copy_(c0)
         c = cT.numpy()
     proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
-    args = (x, w, bias, proj, lens, reverse, relu, hT.numpy(), c, y.numpy(), scratch)
-    _run(loops.cell_loops(cell, w_hr is not None)[0], args, loops.fwd_work(cell, w, proj, B, T, nc), nc)
+    args = (x, w, bias, proj, lens, reverse, relu, hT.numpy(), c, y.numpy(), scratch, options)
+    loop = loops.cell_loops(cell, w_hr is not None, resets, zoneout)[0]
+    _run(loop, args, loops.fwd_work(cell, w, proj, B, T, nc), nc)
     return y, hT, cT, saved
 
 
-def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False):
+def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False, ext=None):
     """Backward of `fwd` from its `saved`; see `seqfast.kernels.reference` for shapes.
 
     Args:
         cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved: as in the reference (`dcT`, `w_hr`,
             `c0`, `lengths` may be None; `b_hh` is not needed).
         reverse: as passed to `fwd` (default False).
+        ext: the forward's `common.Extensions`, or None (default).
 
     Returns:
         `dgx`, `dgh` (`[T, B, G*H]`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
@@ -151,6 +195,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     nc = _chunks(H)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
+    options, resets, zoneout = _options(ext, T, B, H, P, ct)
     dgx = empty((T, B, G), ct, dy.device)
     dgh = empty((T, B, G), ct, dy.device) if cell == "gru" else None
     dh0 = empty((B, P), ct, dy.device)
@@ -175,8 +220,9 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         dh_out = empty((T, B, P), ct, dy.device)
         proj_t, hraw_np, dh_out_np = _np(w_hr.t(), ct), hraw.numpy(), dh_out.numpy()
     args = (d_out, y_np, h0_np, w_t, proj_t, lens, reverse, relu, c0_np, saved.numpy(), dh0.numpy(), dc)
-    loop = loops.cell_loops(cell, w_hr is not None)[1]
-    _run(loop, (*args, dgx.numpy(), dgh_np, hraw_np, dh_out_np), loops.bwd_work(cell, w_t, proj_t, B, T, nc), nc)
+    args += (dgx.numpy(), dgh_np, hraw_np, dh_out_np, options)
+    loop = loops.cell_loops(cell, w_hr is not None, resets, zoneout)[1]
+    _run(loop, args, loops.bwd_work(cell, w_t, proj_t, B, T, nc, resets, zoneout), nc)
     if w_hr is not None:
         dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
     return dgx, dgh, dh0, dc0, dw_hr

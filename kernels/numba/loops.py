@@ -1,21 +1,21 @@
 """@njit time loops of the numba backend: one forward and one backward loop for every cell, made per cell
 (`cell_loops`), with the cell math in small @njit functions (`_lstm_gates`, `_gru_grads`, ...).
 
-Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the time step it reads and writes
-(`lens[b] - 1 - s` when reversed). Steps at or past `lens[b]` keep the state and write zeros. `saved` is kept in
-processing order (zeros past a sequence's length) with what `y` cannot give: nothing for RNN, whose `h` is `y`; GRU's
-`h_prev` is `y` at the step before, or `h0`. State buffers (`h`, `c`, `dh`, `dc`) come
-in holding the initial value and leave holding the final one. Each phase splits hidden units (or state columns) into
-`nc` contiguous chunks; a chunk does both the recurrent product for its rows of the weights and the pointwise math for
-its units. A loop is a serial function that every thread runs whole with its own `tid`: each phase of a step (one per
-step, two with a projection) is `nc` chunks that threads claim with a compare-and-swap, own chunk first, and a claimed
-chunk starts once every chunk of the earlier phases is done (`sync`); `tid` 0 returns once the last is. A thread that
-never runs only leaves its chunks to the others, so the loop cannot deadlock however many threads run it. `launch` runs
-a loop on numba's threads through its compiled entry point and one parallel function compiled once, so neither the loop
-nor a parallel region compiles per loop. A loop compiles on its cell's first call per dtype, with the cell's gate count
-(and LSTM's projection) a constant of its closure, so it holds only that cell's math; `rev`, RNN's `relu` (both RNN
-cells share a loop) and `nc` are runtime arguments. Every cell's loop takes the same arguments (empty arrays for what
-the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
+Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the time step it reads and writes (`lens[b] -
+1 - s` when reversed). Steps at or past `lens[b]` keep the state and write zeros. `saved` is kept in processing order
+(zeros past a sequence's length) with what `y` cannot give: nothing for RNN, whose `h` is `y`; GRU's `h_prev` is `y` at
+the step before, or `h0`. State buffers (`h`, `c`, `dh`, `dc`) come in holding the initial value and leave holding the
+final one. Each phase splits hidden units (or state columns) into `nc` contiguous chunks; a chunk does both the
+recurrent product for its rows of the weights and the pointwise math for its units. A loop is a serial function that
+every thread runs whole with its own `tid`: each phase of a step (one per step, two with a projection) is `nc` chunks
+that threads claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of the earlier
+phases is done (`sync`); `tid` 0 returns once the last is. A thread that never runs only leaves its chunks to the
+others, so the loop cannot deadlock however many threads run it. `launch` runs a loop on numba's threads through its
+compiled entry point and one parallel function compiled once, so neither the loop nor a parallel region compiles per
+loop. A loop compiles on its cell's first call per dtype, with the cell's gate count (and LSTM's projection, and which
+of the `resets` and `zoneout` options run) a constant of its closure, so it holds only that cell's math and those
+options' code; `rev`, RNN's `relu` (both RNN cells share a loop) and `nc` are runtime arguments. Every cell's loop takes
+the same arguments (empty arrays for what the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
 """
 
 import functools
@@ -470,9 +470,36 @@ def _step_time(s, n, rev):
 
 
 @njit(**_OPTS)
-def _h_prev(y, h0, n, rev, s, b):
-    # row `b`'s state before processing step `s < n` of its length `n`: `y` at the step before, or `h0` at the first
-    return y[_step_time(s - 1, n, rev), b] if s > 0 else h0[b]
+def _resets(zero, lens, rev, s, b):
+    # whether row `b`'s processing step `s` is one of its own and starts from zeros (`zero [T, B]` in time order)
+    return s < lens[b] and zero[_step_time(s, lens[b], rev), b]
+
+
+@njit(**_OPTS)
+def keep_row(keep, t, b):
+    """Zoneout's weights of row `b` at time `t` from `keep [T, B, N]`, or from `[1, 1, N]`: one row for every step
+    and row (the evaluation constant)."""
+    return keep[min(t, keep.shape[0] - 1), min(b, keep.shape[1] - 1)]
+
+
+@njit(**_OPTS)
+def _mix(prev, new, keep, j0, j1):
+    # zoneout: `new = k prev + (1 - k) new` on `j0 <= j < j1`
+    a, n, k = prev[j0:j1], new[j0:j1], keep[j0:j1]
+    one = n.dtype.type(1)
+    for j in range(j1 - j0):
+        n[j] = k[j] * a[j] + (one - k[j]) * n[j]
+
+
+@njit(**_OPTS)
+def _split(d, keep, direct, j0, j1):
+    # zoneout's backward on `j0 <= j < j1`: `direct = k d` goes straight to the state before, `d = (1 - k) d` into
+    # the cell
+    x, k, o = d[j0:j1], keep[j0:j1], direct[j0:j1]
+    one = x.dtype.type(1)
+    for j in range(j1 - j0):
+        o[j] = k[j] * x[j]
+        x[j] = (one - k[j]) * x[j]
 
 
 @njit(**_OPTS)
@@ -685,42 +712,57 @@ def fwd_work(cell, w_hh, w_hr, B, T, nc):
     return (*bufs, *panels(w_hh, B, T, G, H, nc), *panels(w_hr, B, T, 1, PR, nc))
 
 
-def bwd_work(cell, w_hh_t, w_hr_t, B, T, nc):
+def bwd_work(cell, w_hh_t, w_hr_t, B, T, nc, resets=False, zoneout=False):
     """The backward loop's `work` for `w_hh_t [P, G*H]` (`w_hh^T`) and `w_hr_t [H, P]` (`[0, P]` without a
     projection): the gate gradients of two steps `[2, B, G*H]` (step s's in `[s % 2]`: the product of the step after
     reads the other meanwhile), the state gradient at the cell's output `[B, H]` (`dh + dy`, or projected back;
     `[B, 0]` for RNN, which adds them in place), GRU's `dh z` `[B, H]` (`[0, P]` for the others: `_dh_prev` then
-    carries nothing), LSTM's scratch for `dc` `[B, H]` (`[B, 0]` for the others), the product `[B, P]`, and `panels` of
-    `w_hh_t` and of `w_hr_t`."""
+    carries nothing), LSTM's scratch for `dc` `[B, H]` (`[B, 0]` for the others), the product `[B, P]`; with `zoneout`
+    (default False) the gradients it passes straight back, `h`'s `[B, P]` and LSTM's `c`'s `[B, H]` (`[0, P]`,
+    `[0, H]` without); a row of zeros `[H]` for `resets` or `zoneout` (`[0]` without); and `panels` of `w_hh_t` and of
+    `w_hr_t`."""
     G = GATES[cell]
     (P, GH), dt = w_hh_t.shape, w_hh_t.dtype
     H, gru, lstm = GH // G, cell == "gru", cell == "lstm"
     da, dhc = np.zeros((2, B, GH), dt), np.empty((B, H if G > 1 else 0), dt)
     dhz, dcs = np.zeros((B if gru else 0, P), dt), np.empty((B, H if lstm else 0), dt)
-    bufs = da, dhc, dhz, dcs, np.empty((B, P), dt)
+    dzo, dcz = np.empty((B if zoneout else 0, P), dt), np.empty((B if zoneout and lstm else 0, H), dt)
+    zrow = np.zeros(H if resets or zoneout else 0, dt)
+    bufs = da, dhc, dhz, dcs, np.empty((B, P), dt), dzo, dcz, zrow
     return (*bufs, *panels(w_hh_t, B, T, 1, P, nc), *panels(w_hr_t, B, T, 1, w_hr_t.shape[0], nc))
 
 
-def cell_loops(cell, proj):
-    """The forward and backward loops of `cell` (LSTM's with the projection `w_hr` when `proj`), made on first use;
-    each compiles on its first call per dtype. RNN's activation is their `relu` argument: both RNN cells share them."""
-    return _loops(GATES[cell], proj)
+def cell_loops(cell, proj, resets=False, zoneout=False):
+    """The forward and backward loops of `cell` (LSTM's with the projection `w_hr` when `proj`; with the `resets` and
+    `zoneout` options when set, default False), made on first use; each compiles on its first call per dtype. RNN's
+    activation is their `relu` argument: both RNN cells share them."""
+    return _loops(GATES[cell], proj, resets, zoneout)
 
 
 @functools.cache
-def _loops(G, PROJ):
-    """The loops of the cell with `G` gates: RNN (1), GRU (3) or LSTM (4). `G` and `PROJ` are constants of the
-    closures, so numba drops the other cells' branches before typing them: a cell compiles and caches only its own
-    math."""
+def _loops(G, PROJ, RESETS, ZONEOUT):
+    """The loops of the cell with `G` gates: RNN (1), GRU (3) or LSTM (4), with the `resets` and `zoneout` options
+    when `RESETS`, `ZONEOUT`. These are constants of the closures, so numba drops the other cells' and the unused
+    options' branches before typing them: a cell compiles and caches only its own math."""
     LSTM, GRU, RNN = G == 4, G == 3, G == 1
+    # slot of LSTM's carried `c` in `saved`: the cell's `c~` with zoneout mixed in, else `c~` itself
+    CP = 5 if ZONEOUT else 4
+    # RNN's backward reads the cell's `h~` from `y`, unless zoneout mixed it there (then from `saved`)
+    RNN_Y = RNN and not ZONEOUT
+    # the backward forms the state gradient at a step's output, `dh + dy`, before the cell math (else the cell math
+    # adds `dy`)
+    DY_FIRST = PROJ or ZONEOUT
     # the projection's product needs the whole state (backward: state gradient) of a step first: a phase of its own
     NPH = 2 if PROJ else 1
 
     @njit(**_OPTS)
-    def fwd(gx, w_hh, b_hh, w_hr, lens, rev, relu, h, c, y, saved, work, sync, tid, nc):
+    def fwd(gx, w_hh, b_hh, w_hr, lens, rev, relu, h, c, y, saved, ext, work, sync, tid, nc):
         """`gx [T, B, G*H]`, `w_hh [G*H, P]`, `b_hh [G*H]`, `w_hr [P, H]` (`[0, H]` without `PROJ`), `lens [B]`;
         `h [B, P]`, LSTM's `c [B, H]` (`[B, 0]` for the others); `y [T, B, P]`; `saved [T or 1, B, SW]`: nothing
-        (RNN: `h` is `y`), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn` (GRU: `h_prev` is `y` or `h0`)."""
+        (RNN: `h` is `y`), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn` (GRU: `h_prev` is `y` or `h0`); with
+        `ZONEOUT`, RNN's `h~` and LSTM's carried `c` after them. `ext`: the options, `(zero [T, B], keep_h [T, B, P],
+        keep_c [T, B, H])` (see `keep_row`), read only where `RESETS` / `ZONEOUT`."""
+        zero, keep_h, keep_c = ext
         T, B, GH = gx.shape
         H = GH // G
         P = h.shape[1]
@@ -733,6 +775,12 @@ def _loops(G, PROJ):
                 _pack_gates(w_hh, wp, gates, H, q * H // nc, (q + 1) * H // nc, q * span)
                 if PROJ:
                     pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
+                if RESETS:
+                    for b in range(B):
+                        if _resets(zero, lens, rev, 0, b):
+                            _fill(h[b], q * P // nc, (q + 1) * P // nc)
+                            if LSTM:
+                                _fill(c[b], q * H // nc, (q + 1) * H // nc)
                 _end(sync)
         for s in range(T):
             cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
@@ -755,14 +803,30 @@ def _loops(G, PROJ):
                         continue
                     t = _step_time(s, lens[b], rev)
                     if LSTM:
+                        if ZONEOUT:
+                            _copy(c[b], sv[b, 5 * H :], j0, j1)
                         _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
                         _lstm_out(sv[b], hraw[b] if PROJ else nxt[b], H, j0, j1)
+                        if ZONEOUT:
+                            _mix(sv[b, 5 * H :], c[b], keep_row(keep_c, t, b), j0, j1)
+                            _copy(c[b], sv[b, 5 * H :], j0, j1)
                     elif GRU:
                         _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
                     else:
                         _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
+                        if ZONEOUT:
+                            _copy(nxt[b], sv[b], j0, j1)
                     if not PROJ:
+                        if ZONEOUT:
+                            _mix(cur[b], nxt[b], keep_row(keep_h, t, b), j0, j1)
                         _copy(nxt[b], y[t, b], j0, j1)
+                    # the state the next step starts from: zeros where it resets (`y` keeps this step's)
+                    if RESETS:
+                        if _resets(zero, lens, rev, s + 1, b):
+                            if not PROJ:
+                                _fill(nxt[b], j0, j1)
+                            if LSTM:
+                                _fill(c[b], j0, j1)
                 _end(sync)
             if not PROJ:
                 continue
@@ -777,8 +841,13 @@ def _loops(G, PROJ):
                         _copy_state(cur, nxt, y[s, b], b, p0, p1)
                         continue
                     t = _step_time(s, lens[b], rev)
+                    if ZONEOUT:
+                        _mix(cur[b], nxt[b], keep_row(keep_h, t, b), p0, p1)
                     for p in range(p0, p1):
                         y[t, b, p] = nxt[b, p]
+                    if RESETS:
+                        if _resets(zero, lens, rev, s + 1, b):
+                            _fill(nxt[b], p0, p1)
                 _end(sync)
         if tid == 0:
             _wait(sync, (1 + NPH * T) * nc)
@@ -786,16 +855,21 @@ def _loops(G, PROJ):
                 _copy_rows(h2, h)
 
     @njit(**_OPTS)
-    def bwd(dy, y, h0, w_hh_t, w_hr_t, lens, rev, relu, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, work, sync, tid, nc):
+    def bwd(
+        dy, y, h0, w_hh_t, w_hr_t, lens, rev, relu, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, ext, work, sync, tid, nc
+    ):
         """Backward of `fwd`: `dy [T, B, P]`, the forward's `y [T, B, P]` and `h0 [B, P]` (RNN reads `h` from `y`,
         GRU `h_prev` from both; `[0, 0, 0]` and `[B, 0]` where unread), `w_hh_t [P, G*H]` (`w_hh^T`), `w_hr_t [H, P]`
         (`[0, P]` without `PROJ`), LSTM's `c0 [B, H]` (`[B, 0]` for the others), `saved [T, B, SW]`; `dh [B, P]`,
         LSTM's `dc [B, H]` (`[B, 0]`); `dgx [T, B, G*H]` (also dgh unless GRU), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]`
         for the others); with `PROJ`, `hraw [T, B, H]` and `dh_out [T, B, P]` receive `o * tanh(c)` and the state
-        gradient per step (zero when inactive; `[0, 0, 0]` without)."""
+        gradient per step (zero when inactive; `[0, 0, 0]` without); `ext` as the forward's. Zoneout's `h = k h_in +
+        (1 - k) h~` passes `k dh` straight back (`dzo`) and `(1 - k) dh` into the cell; likewise `c`. A reset step
+        reads zeros (`zrow`) for `c_prev` and GRU's `h_prev` and passes zero `dh` and `dc` back."""
+        zero, keep_h, keep_c = ext
         T, B, P = dy.shape
         H = w_hh_t.shape[1] // G
-        da, dhc, dhz, dcs, dhp, wp, span, wr, span_r = work
+        da, dhc, dhz, dcs, dhp, dzo, dcz, zrow, wp, span, wr, span_r = work
         for k in range(nc):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
@@ -816,16 +890,30 @@ def _loops(G, PROJ):
                     p0, p1 = q * P // nc, (q + 1) * P // nc
                     if ph == 0 and i > 0:
                         _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhz, lens, s + 1, dh, p0, p1, q * span)
-                    if PROJ and ph == 0 and s >= 0:
-                        for b in range(B):
-                            if s < lens[b]:
-                                t = _step_time(s, lens[b], rev)
-                                for p in range(p0, p1):
-                                    dh[b, p] += dy[t, b, p]
-                                    dh_out[s, b, p] = dh[b, p]
-                            else:
-                                _fill(dh_out[s, b], p0, p1)
-                                _fill(hraw[s, b], j0, j1)
+                        if ZONEOUT:
+                            for b in range(B):
+                                if s + 1 < lens[b]:
+                                    _add(dh[b], dzo[b], dh[b], p0, p1)
+                        if RESETS:
+                            for b in range(B):
+                                if _resets(zero, lens, rev, s + 1, b):
+                                    _fill(dh[b], p0, p1)
+                    if DY_FIRST:
+                        if ph == 0 and s >= 0:
+                            for b in range(B):
+                                if s < lens[b]:
+                                    t = _step_time(s, lens[b], rev)
+                                    if ZONEOUT:
+                                        _add(dh[b], dy[t, b], dh[b], p0, p1)
+                                        _split(dh[b], keep_row(keep_h, t, b), dzo[b], p0, p1)
+                                    if PROJ:
+                                        for p in range(p0, p1):
+                                            if not ZONEOUT:
+                                                dh[b, p] += dy[t, b, p]
+                                            dh_out[s, b, p] = dh[b, p]
+                                elif PROJ:
+                                    _fill(dh_out[s, b], p0, p1)
+                                    _fill(hraw[s, b], j0, j1)
                     if ph == NPH - 1 and s >= 0:
                         if PROJ:
                             mm_rows(dh, w_hr_t, wr, dhc, j0, j1, q * span_r)
@@ -833,14 +921,17 @@ def _loops(G, PROJ):
                         for b in range(B):
                             if b + AHEAD < B and s < lens[b + AHEAD]:
                                 t2 = _step_time(s, lens[b + AHEAD], rev)
-                                _prefetch_units(y[t2, b + AHEAD] if RNN else saved[s, b + AHEAD], H, j0, j1)
+                                if RNN_Y:
+                                    _prefetch_units(y[t2, b + AHEAD], H, j0, j1)
+                                else:
+                                    _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
                                 _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
                                 if not PROJ:
                                     _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
                                 if GRU:
                                     _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
                                 if LSTM and s > 0:
-                                    _prefetch_units(saved[s - 1, b + AHEAD, 4 * H :], H, j0, j1)
+                                    _prefetch_units(saved[s - 1, b + AHEAD, CP * H :], H, j0, j1)
                             if s >= lens[b]:
                                 for g in range(G):
                                     _fill(dgx[s, b], g * H + j0, g * H + j1)
@@ -851,18 +942,39 @@ def _loops(G, PROJ):
                             if LSTM:
                                 if PROJ:
                                     _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
+                                elif ZONEOUT:
+                                    _copy(dh[b], dhc[b], j0, j1)
                                 else:
                                     _add(dh[b], dy[t, b], dhc[b], j0, j1)
-                                cp = saved[s - 1, b, 4 * H :] if s > 0 else c0[b]
+                                cp = saved[s - 1, b, CP * H :] if s > 0 else c0[b]
+                                if RESETS:
+                                    if zero[t, b]:
+                                        cp = zrow
+                                if ZONEOUT:
+                                    _split(dc[b], keep_row(keep_c, t, b), dcz[b], j0, j1)
                                 _lstm_grads(saved[s, b], cp, dhc[b], dc[b], dcs[b], das[b], H, j0, j1)
+                                if ZONEOUT:
+                                    _add(dc[b], dcz[b], dc[b], j0, j1)
+                                if RESETS:
+                                    if zero[t, b]:
+                                        _fill(dc[b], j0, j1)
                             elif GRU:
-                                _add(dh[b], dy[t, b], dhc[b], j0, j1)
-                                hp = _h_prev(y, h0, lens[b], rev, s, b)
+                                if ZONEOUT:
+                                    _copy(dh[b], dhc[b], j0, j1)
+                                else:
+                                    _add(dh[b], dy[t, b], dhc[b], j0, j1)
+                                # the state before the step: `y` at the sequence's step before, or `h0` at its first
+                                hp = y[_step_time(s - 1, lens[b], rev), b] if s > 0 else h0[b]
+                                if RESETS:
+                                    if zero[t, b]:
+                                        hp = zrow
                                 _gru_grads(saved[s, b], hp, dhc[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
                                 for g in range(3):
                                     _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
-                            else:
+                            elif RNN_Y:
                                 _rnn_grad(y[t, b], dh[b], dy[t, b], relu, das[b], j0, j1)
+                            else:
+                                _rnn_grad(saved[s, b], dh[b], zrow, relu, das[b], j0, j1)
                             # GRU's n gate of dgx is `_gru_grads`'s own
                             for g in range(G - 1 if GRU else G):
                                 _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
