@@ -52,7 +52,7 @@ from .common import LN_EPS, active_mask, check_lengths, compute_dtype, empty, hi
 DEVICES = None
 EXTENSIONS = ("layer_norm", "resets", "zoneout")
 
-# `saved` per step and hidden unit; the numba and triton backends keep this layout too
+# `saved` per step and hidden unit; the triton backend keeps this layout too (its 16-bit `y` cannot give `h`)
 SAVED_WIDTH = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 5, "gru": 5}
 
 
