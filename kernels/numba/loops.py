@@ -1052,12 +1052,15 @@ def _launch_bound(tramp, frame, nc):
 
 @njit(**_OPTS)
 def launch(addr, args, work, sync, nc):
-    """`loop(*args, work, sync, tid, nc)` for every `tid < nc` on numba's threads, through the loop's compiled entry
-    point `addr` (`entry_point`). Compiled serially per loop's argument types: neither the loop nor the parallel part
-    compiles again."""
+    """`loop(*args, work, sync, tid, nc)` for every `tid < nc` on numba's threads (one chunk: on the calling thread,
+    without waking them), through the loop's compiled entry point `addr` (`entry_point`). Compiled serially per
+    loop's argument types: neither the loop nor the parallel part compiles again."""
     # a parallel launcher per loop instead (prange over the loop) made the cold compile of all cells three times longer
     tramp, frame = _bind(addr, args, work, sync, nc)
-    _launch_bound(tramp, frame, nc)
+    if nc == 1:
+        _call_c(tramp, frame, np.int64(0))
+    else:
+        _launch_bound(tramp, frame, nc)
 
 
 def entry_point(loop, args):
