@@ -77,8 +77,8 @@ def _lens(lengths, T, B):
 
 def _chunks(H):
     """Chunks of hidden units per phase: one per thread of numba's pool that torch's thread count allows, or one, run
-    on the calling thread, below 64 units (chunks of fewer than 32 units cost more in waits per step than they share:
-    an `RNN(32)` at B8 T32 ran 20% faster on one chunk, an `LSTM(8, 32)` at B256 T50 7-10%)."""
+    on the calling thread, below 64 units (chunks of fewer than 32 units cost more in waits per step than they
+    share)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
     return threads if H >= 64 else 1
