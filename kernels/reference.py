@@ -36,10 +36,16 @@ which is `proj_size` for a projected LSTM and `H` otherwise):
     state the step before left; no gradient crosses it.
   - `zoneout` (`ext.keep_h`, `ext.keep_c`): `h_t = m h_in + (1 - m) h~_t` where `h_in` is the state the step started
     from, `h~_t` the cell's new state and `m` the step's keep weight (likewise `c`); `y` holds `h_t`.
-  - `layer_norm` (`ext.ln_hh`, `ext.ln_c_*`): the recurrent product is `LN(h @ w_hh.T) * ln_hh + b_hh` (LN over all
-    `G*H` features, eps `common.LN_EPS`), and LSTM's `h~_t = o * tanh(LN(c_t) * ln_c_weight + ln_c_bias)` with the
-    un-normalised `c_t` carried. (`LN(x @ w_ih.T) * ln_ih + b_ih` is the caller's, around the input GEMM.)
-  `bwd` takes the forward's `ext`, and the caller forms `dW_hh` from `h_prev` zeroed at reset steps. The
+  - `layer_norm` (`ext.ln_hh [G*H]`; LSTM also `ext.ln_c_weight`, `ext.ln_c_bias [H]`; never with `w_hr`): the
+    recurrent product is `LN(h_in @ w_hh.T) * ln_hh + b_hh`, LN normalising each row over all `G*H` features
+    (`(v - mean) / sqrt(var + eps)`, biased variance, eps `common.LN_EPS`), and LSTM's
+    `h~_t = o * tanh(LN(c~_t) * ln_c_weight + ln_c_bias)` with `c~_t` the cell's new state before zoneout; the
+    un-normalised state is carried. (`LN(x @ w_ih.T) * ln_ih + b_ih` is the caller's, around the input GEMM.) A
+    backend that runs it takes `saved_shape(..., layer_norm=True)`, and its `bwd` returns a sixth value,
+    `(db_hh, d_ln_hh, d_ln_c_weight, d_ln_c_bias)`: the gradients of `b_hh` (None without it), `ln_hh [G*H]` and
+    LSTM's `[H]` pair (None for the other cells), each summed over every active step and row, in the compute dtype;
+    `dgh` is then the gradient of the product before its LN, `h_in @ w_hh.T`, for every cell.
+  `bwd` takes the forward's `ext`, and the caller forms `dW_hh` from `dgh` and `h_prev` zeroed at reset steps. The
   reference's own `bwd` runs resets alone: with the other options its forward (`need_saved=False`) is the spec, and
   autograd differentiates it.
 """

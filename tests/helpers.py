@@ -9,7 +9,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 import seqfast
 from seqfast.kernels import reference
-from seqfast.kernels.common import GATES
+from seqfast.kernels.common import GATES, Extensions
 
 # (dtype, relative RMS tolerance). Both sides differ only in summation order and the order of elementwise ops.
 # Measured against torch.nn over tests/test_parity.py's matrix with the reference backend: float64 <= 3.5e-15,
@@ -232,3 +232,100 @@ def check_contract(module, cell, args, cot, reverse, tol, expected=None):
     actual = run_contract(module, cell, args, cot, reverse)
     assert_outputs_close(actual, expected, tol, args["gx"].dtype)
     return actual
+
+
+def layer_norm_problem(cell, T, B, H, *, lengths=None, resets=False, zoneout=None, dtype=torch.float64, seed=0):
+    """`contract_problem` with the `layer_norm` option (gains and LSTM's bias drawn around their initial values), and
+    optionally resets (`[T, B]`, about one step in five, the first and last set) and zoneout (`"train"`: Bernoulli(0.3)
+    masks; `"eval"`: the weight 0.3).
+
+    Returns:
+        `args` with `ext` (`seqfast.kernels.common.Extensions`), and the cotangents.
+    """
+    args, cot = contract_problem(cell, T, B, H, lengths=lengths, dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    G, lstm = GATES[cell] * H, cell == "lstm"
+
+    def rand(*shape):
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+    zero = keep_h = keep_c = None
+    if resets:
+        zero = torch.rand(T, B, generator=gen) < 0.2
+        zero[0, 0] = zero[-1, -1] = True
+    if zoneout == "eval":
+        keep_h = keep_c = 0.3
+    elif zoneout == "train":
+        keep_h = (torch.rand(T, B, H, generator=gen) < 0.3).to(dtype)
+        keep_c = (torch.rand(T, B, H, generator=gen) < 0.3).to(dtype) if lstm else None
+    ln = (1 + 0.3 * rand(G), 1 + 0.3 * rand(H) if lstm else None, 0.3 * rand(H) if lstm else None)
+    args["ext"] = Extensions(zero, keep_h, keep_c, None, *ln)
+    return args, cot
+
+
+def layer_norm_oracle(cell, args, cot, reverse):
+    """What a backend's `fwd` + `bwd` must give with `layer_norm` (the contract in `seqfast.kernels.reference`): the
+    reference's forward in float64, differentiated by autograd.
+
+    Returns:
+        `{"y", "hT", "cT", "dgx", "dh0", "dc0", "dw_hh", "db_hh", "d_ln_hh", "d_ln_c_weight", "d_ln_c_bias"}`, float64
+        (None where the cell has none); `dw_hh` is what `dgh` must give as `sum_t dgh_t^T h_prev_t`.
+    """
+    a = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in args.items()}
+    ext = a.pop("ext")
+    ext = ext._replace(
+        **{k: getattr(ext, k).double() for k in ext._fields if torch.is_tensor(getattr(ext, k)) and k != "zero"}
+    )
+    names = ("gx", "w_hh", "b_hh", "h0", "c0")
+    leaves = {n: a[n].detach().requires_grad_() for n in names if a[n] is not None}
+    ln_names = ("ln_hh", "ln_c_weight", "ln_c_bias")
+    ln = {n: getattr(ext, n).detach().requires_grad_() for n in ln_names if getattr(ext, n) is not None}
+    ext = ext._replace(**ln)
+    call = {**a, **leaves}
+    y, hT, cT, _ = reference.fwd(cell, **call, reverse=reverse, need_saved=False, ext=ext)
+    outs = [(o, c.double()) for o, c in zip((y, hT, cT), cot, strict=True) if o is not None]
+    wrt = list(leaves.values()) + list(ln.values())
+    grads = torch.autograd.grad([o for o, _ in outs], wrt, [c for _, c in outs])
+    named = dict(zip(list(leaves) + list(ln), grads, strict=True))
+    return {
+        "y": y.detach(),
+        "hT": hT.detach(),
+        "cT": None if cT is None else cT.detach(),
+        "dgx": named["gx"],
+        "dh0": named["h0"],
+        "dc0": named.get("c0"),
+        "dw_hh": named["w_hh"],
+        "db_hh": named.get("b_hh"),
+        "d_ln_hh": named["ln_hh"],
+        "d_ln_c_weight": named.get("ln_c_weight"),
+        "d_ln_c_bias": named.get("ln_c_bias"),
+    }
+
+
+def check_layer_norm(module, cell, args, cot, reverse, tol):
+    """`module`'s `fwd` + `bwd` with the `layer_norm` option (`layer_norm_problem`) against `layer_norm_oracle`:
+    every output and gradient within relative RMS `tol`, `dgh` through the `w_hh` gradient it gives with `h_prev`
+    (`seqfast.autograd.h_prev`, zeroed at resets), and nothing where the cell has none."""
+    from seqfast.autograd import h_prev
+
+    assert "layer_norm" in getattr(module, "EXTENSIONS", ()), f"{module.__name__} does not run layer_norm"
+    expected = layer_norm_oracle(cell, args, cot, reverse)
+    a, ext = args, args["ext"]
+    call = {k: v for k, v in a.items() if k != "ext"}
+    y, hT, cT, saved = module.fwd(cell, **call, reverse=reverse, ext=ext)
+    H, P = a["w_hh"].shape[0] // GATES[cell], a["w_hh"].shape[1]
+    assert saved.shape == tuple(module.saved_shape(cell, *y.shape[:2], H, P, layer_norm=True, zoneout=ext.keep_h
+                                                   is not None)), "saved has saved_shape(..., layer_norm=True)"
+    out = module.bwd(cell, *cot, a["w_hh"], a["b_hh"], None, a["h0"], a["c0"], a["lengths"], y, saved, reverse, ext)
+    assert len(out) == 6, "bwd with layer_norm returns a sixth value"
+    dgx, dgh, dh0, dc0, dw_hr, (db_hh, d_ln_hh, d_ln_c_weight, d_ln_c_bias) = out
+    assert dw_hr is None and dgh is not None and dgh.shape == dgx.shape
+    prev = h_prev(y.double(), a["h0"].double(), a["lengths"], reverse, ext.zero)
+    dw_hh = dgh.double().flatten(0, 1).T @ prev.flatten(0, 1)
+    actual = dict(y=y, hT=hT, cT=cT, dgx=dgx, dh0=dh0, dc0=dc0, dw_hh=dw_hh, db_hh=db_hh, d_ln_hh=d_ln_hh,
+                  d_ln_c_weight=d_ln_c_weight, d_ln_c_bias=d_ln_c_bias)
+    for name, want in expected.items():
+        got = actual[name]
+        assert (got is None) == (want is None), f"{name}: {got is None=} but expected {want is None=}"
+        if want is not None:
+            assert_close(got.double(), want, tol, name)

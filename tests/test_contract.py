@@ -15,9 +15,12 @@ from helpers import (
     assert_close,
     cast,
     check_contract,
+    check_layer_norm,
     float64_reference,
     fp32_precision,
     kind_problem,
+    layer_norm_problem,
+    mixed_lengths,
 )
 
 from seqfast import dispatch
@@ -33,6 +36,7 @@ EXPECTED_SKIPS = ("is not available:", "needs a CUDA device")
 # (backend, option or dtype) -> reason; an option through `dispatch.select`, a dtype through `unsupported()`.
 DECLINES = {
     ("triton", torch.float64): "has dtype torch.float64; the triton backend runs float32, bfloat16, float16",
+    ("triton", "layer_norm"): "does not run the layer_norm option",
 }
 
 # (B, T, H): H33 runs without b_hh; H70 spans two 64-unit chunks of the cpp backend, the last ragged; B17 covers
@@ -218,6 +222,42 @@ def test_reference_backward_matches_autograd(cell, shape, lengths, reverse):
     )
     for name, grad in expected.items():
         assert_close(actual[name], grad, 1e-12, f"d_{name}")
+
+
+# layer_norm's (B, T, H): one unit and step; fewer rows than the cpp backend's blocks take (12) and more, over two
+# blocks; 70 units, numba's two chunks
+LN_SHAPES = [(1, 1, 1), (3, 7, 9), (13, 5, 20), (40, 6, 33), (4, 5, 70)]
+# float32 against float64: LN divides by each row's spread, so its rounding grows where a row's products nearly agree;
+# the reference's own float32 forward and autograd backward reach ~3e-6 on these shapes
+LN_DTYPES = [(torch.float64, 1e-12), (torch.float32, 2e-5)]
+LN_OPTIONS = ["alone", "resets", "zoneout", "zoneout-eval"]
+
+
+@pytest.mark.parametrize("options", LN_OPTIONS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("lengths", ["full", "mixed"])
+@pytest.mark.parametrize("shape", LN_SHAPES, ids=[f"B{b}-T{t}-H{h}" for b, t, h in LN_SHAPES])
+@pytest.mark.parametrize("cell", ["rnn_tanh", "rnn_relu", "lstm", "gru"])
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b.values[0] != "reference"] + TRITON_CPU)
+def test_layer_norm_matches_float64_reference(backend, cell, shape, lengths, reverse, options):
+    """`layer_norm` on every backend that runs it, alone and with resets or zoneout, in float64 and float32: outputs,
+    `dgx`, `dgh` (through the `w_hh` gradient), `dh0`, `dc0` and the gains' and `b_hh`'s gradients, against the
+    reference's forward differentiated by autograd in float64 (`helpers.layer_norm_oracle`). A backend that does
+    not run it declines it with `DECLINES`' reason."""
+    B, T, H = shape
+    module = dispatch.load(backend)
+    for dtype, tol in LN_DTYPES:
+        zoneout = {"zoneout": "train", "zoneout-eval": "eval"}.get(options)
+        lens = mixed_lengths(T, B) if lengths == "mixed" else None
+        args, cot = layer_norm_problem(
+            cell, T, B, H, lengths=lens, resets=options == "resets", zoneout=zoneout, dtype=dtype
+        )
+        if (backend, "layer_norm") in DECLINES:
+            assert_declines(module, backend, "layer_norm", cell, args)
+            return
+        if (backend, dtype) in DECLINES:
+            continue
+        check_layer_norm(module, cell, args, cot, reverse, tol)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS + TRITON_CPU)
