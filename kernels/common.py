@@ -85,6 +85,11 @@ class Extensions(NamedTuple):
             return self.zero, self.keep_h, self.keep_c, 0.0
         return self.zero, None, None, float(self.keep_h)
 
+    def gains(self):
+        """`(ln_hh, ln_c_weight, ln_c_bias)`: the `layer_norm` tensors a fused backend takes inside its loops (None
+        where off), the form the custom ops carry them in after `fused`'s."""
+        return self.ln_hh, self.ln_c_weight, self.ln_c_bias
+
     def steps(self, index):
         """These options at the steps `index` picks out of `[T, B]` (a slice of steps, or per-row step indices as in
         `seq[order, arange(B)]`)."""
@@ -100,12 +105,15 @@ class Extensions(NamedTuple):
         return tuple(name for name, value in used if value is not None)
 
 
-def fused_arg(zero, keep_h, keep_c, keep):
+def fused_arg(zero, keep_h, keep_c, keep, ln_hh=None, ln_c_weight=None, ln_c_bias=None):
     """The trailing `ext` argument of a backend call from the fused options as the custom ops carry them (see
-    `Extensions.fused`): `()` without any, so that a backend without options is called as before."""
+    `Extensions.fused` and `Extensions.gains`): `()` without any, so that a backend without options is called as
+    before."""
     if keep_h is None and keep:
         keep_h = keep_c = keep
-    return () if zero is None and keep_h is None else (Extensions(zero, keep_h, keep_c),)
+    if zero is None and keep_h is None and ln_hh is None:
+        return ()
+    return (Extensions(zero, keep_h, keep_c, None, ln_hh, ln_c_weight, ln_c_bias),)
 
 
 def refusal(backend, devices, dtypes, cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):

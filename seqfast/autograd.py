@@ -40,6 +40,9 @@ def _recurrence(
     keep_h: Tensor | None,
     keep_c: Tensor | None,
     keep: float,
+    ln_hh: Tensor | None = None,
+    ln_c_weight: Tensor | None = None,
+    ln_c_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """One layer-direction forward.
 
@@ -50,14 +53,14 @@ def _recurrence(
         need_saved: keep the backend's workspace for backward (False under `no_grad`).
         gx: `[T, B, G*H]` input pre-activations; w_hh: `[G*H, P]`; b_hh: `[G*H]` or None;
         h0: `[B, P]`; c0: `[B, H]` (LSTM) or None; lengths: `[B]` int64 or None; w_hr: `[P, H]` or None.
-        zero, keep_h, keep_c, keep: the options a fused backend runs (`resets`, `zoneout`), as
-            `seqfast.kernels.common.Extensions.fused` gives them.
+        zero, keep_h, keep_c, keep, ln_hh, ln_c_weight, ln_c_bias: the options a fused backend runs (`resets`,
+            `zoneout`, `layer_norm`), as `seqfast.kernels.common.Extensions.fused` and `.gains` give them.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` (`[0]` unless LSTM), `saved` (`[0]` unless `need_saved`).
     """
     module = dispatch.load(backend)
-    ext = fused_arg(zero, keep_h, keep_c, keep)
+    ext = fused_arg(zero, keep_h, keep_c, keep, ln_hh, ln_c_weight, ln_c_bias)
     y, hT, cT, saved = module.fwd(cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, *ext)
     if cT is None:
         cT = h0.new_empty(0)
@@ -68,11 +71,32 @@ recurrence = torch.library.custom_op("seqfast::recurrence", _recurrence, mutates
 
 
 @recurrence.register_fake
-def _(backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr, zero, keep_h, keep_c, keep):
+def _(
+    backend,
+    cell,
+    reverse,
+    need_saved,
+    gx,
+    w_hh,
+    b_hh,
+    h0,
+    c0,
+    lengths,
+    w_hr,
+    zero,
+    keep_h,
+    keep_c,
+    keep,
+    ln_hh=None,
+    ln_c_weight=None,
+    ln_c_bias=None,
+):
     T, B, _ = gx.shape
     H, P = w_hh.shape[0] // GATES[cell], w_hh.shape[1]
-    zoneout = {"zoneout": True} if keep_h is not None or keep else {}  # a backend that runs zoneout takes it
-    saved_shape = dispatch.load(backend).saved_shape(cell, T, B, H, P, **zoneout) if need_saved else (0,)
+    # a backend that runs an option takes its keyword
+    options = {"zoneout": keep_h is not None or keep, "layer_norm": ln_hh is not None}
+    options = {name: True for name, used in options.items() if used}
+    saved_shape = dispatch.load(backend).saved_shape(cell, T, B, H, P, **options) if need_saved else (0,)
     y = gx.new_empty((T, B, P))
     cT = c0.new_empty((B, H)) if cell == "lstm" else h0.new_empty(0)
     return y, h0.new_empty((B, P)), cT, gx.new_empty(saved_shape, dtype=compute_dtype(gx.dtype))
@@ -97,32 +121,74 @@ def _recurrence_backward(
     keep_h: Tensor | None,
     keep_c: Tensor | None,
     keep: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    ln_hh: Tensor | None = None,
+    ln_c_weight: Tensor | None = None,
+    ln_c_bias: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """One layer-direction backward on the backend that ran the forward.
 
     Returns:
-        `dgx`, `dgh` (`[T, B, G*H]`; `[0]` unless GRU: for the other cells it is `dgx`), `dh0 [B, P]`, `dc0 [B, H]`
-        (`[0]` unless LSTM), `dw_hr [P, H]` (`[0]` without projection).
+        `dgx`, `dgh` (`[T, B, G*H]`; `[0]` unless GRU or `layer_norm`: for the other cells it is `dgx`; with
+        `layer_norm` the gradient of the product before its LN), `dh0 [B, P]`, `dc0 [B, H]` (`[0]` unless LSTM),
+        `dw_hr [P, H]` (`[0]` without projection), then with `layer_norm` the gradients of `b_hh`, `ln_hh`,
+        `ln_c_weight` and `ln_c_bias` (each `[0]` where absent).
     """
     module = dispatch.load(backend)
-    dgx, dgh, dh0, dc0, dw_hr = module.bwd(
-        cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse, *fused_arg(zero, keep_h, keep_c, keep)
+    ext = fused_arg(zero, keep_h, keep_c, keep, ln_hh, ln_c_weight, ln_c_bias)
+    dgx, dgh, dh0, dc0, dw_hr, *gains = module.bwd(
+        cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse, *ext
     )
-    dgh = dy.new_empty(0) if dgh is None else dgh
-    return dgx, dgh, dh0, h0.new_empty(0) if dc0 is None else dc0, w_hh.new_empty(0) if dw_hr is None else dw_hr
+    gains = gains[0] if gains else (None,) * 4
+    return (
+        dgx,
+        dy.new_empty(0) if dgh is None else dgh,
+        dh0,
+        h0.new_empty(0) if dc0 is None else dc0,
+        w_hh.new_empty(0) if dw_hr is None else dw_hr,
+        *(dy.new_empty(0) if g is None else g for g in gains),
+    )
 
 
 recurrence_backward = torch.library.custom_op("seqfast::recurrence_backward", _recurrence_backward, mutates_args=())
 
 
 @recurrence_backward.register_fake
-def _(backend, cell, reverse, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, zero, keep_h, keep_c, keep):
+def _(
+    backend,
+    cell,
+    reverse,
+    dy,
+    dhT,
+    dcT,
+    w_hh,
+    b_hh,
+    w_hr,
+    h0,
+    c0,
+    lengths,
+    y,
+    saved,
+    zero,
+    keep_h,
+    keep_c,
+    keep,
+    ln_hh=None,
+    ln_c_weight=None,
+    ln_c_bias=None,
+):
     T, B, _ = dy.shape
     G = w_hh.shape[0]
     dc0 = c0.new_empty(c0.shape) if cell == "lstm" else h0.new_empty(0)
     dw_hr = w_hr.new_empty(w_hr.shape) if w_hr is not None else w_hh.new_empty(0)
-    dgh = dy.new_empty((T, B, G)) if cell == "gru" else dy.new_empty(0)
-    return dy.new_empty((T, B, G)), dgh, h0.new_empty(h0.shape), dc0, dw_hr
+    dgh = dy.new_empty((T, B, G) if cell == "gru" or ln_hh is not None else 0)
+    ct = saved.dtype
+    gains = [dy.new_empty(0) for _ in range(4)]
+    if ln_hh is not None:
+        gains = [
+            dy.new_empty(0) if t is None else dy.new_empty(t.shape, dtype=ct)
+            for t in (b_hh, ln_hh, ln_c_weight, ln_c_bias)
+        ]
+    return dy.new_empty((T, B, G)), dgh, h0.new_empty(h0.shape), dc0, dw_hr, *gains
 
 
 def h_prev(y, h0, lengths, reverse, zero=None):
@@ -192,20 +258,22 @@ def _grads(run_backward, run_hidden_grads, backend, cell, reverse, saved_tensors
     Args:
         run_backward, run_hidden_grads: `recurrence_backward` and `hidden_grads`, as custom ops or as the
             plain functions behind them.
-        saved_tensors: `(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c)` kept by the forward.
+        saved_tensors: `(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c, ln_hh, ln_c_weight,
+            ln_c_bias)` kept by the forward.
         keep: zoneout's constant weight (see `seqfast.kernels.common.Extensions.fused`).
 
     Returns:
         `dgx [T, B, G*H]`, `dw_hh`, `db_hh` (None without `b_hh`), `dh0`, `dc0` (None unless LSTM), `dw_hr` (None
-        without projection).
+        without projection), and the gradients of `ln_hh`, `ln_c_weight`, `ln_c_bias` (None where absent).
     """
-    w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c = saved_tensors
+    w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c, *gains = saved_tensors
+    layer_norm = gains[0] is not None
     is_lstm = cell == "lstm"
     dy = torch.zeros_like(y) if dy is None else dy
     dhT = torch.zeros_like(h0) if dhT is None else dhT
     if is_lstm and dcT is None:
         dcT = torch.zeros_like(c0)
-    dgx, dgh, dh0, dc0, dw_hr = run_backward(
+    grads = run_backward(
         backend,
         cell,
         reverse,
@@ -224,9 +292,16 @@ def _grads(run_backward, run_hidden_grads, backend, cell, reverse, saved_tensors
         keep_h,
         keep_c,
         keep,
-    )
-    dgh = dgh if cell == "gru" else dgx
-    dw_hh, db_hh = run_hidden_grads(dgh, y, h0, lengths, reverse, zero, b_hh is not None)
+        *gains,
+    )[: 5 + 4 * layer_norm]
+    dgx, dgh, dh0, dc0, dw_hr = grads[:5]
+    # with layer_norm the backend sums b_hh's gradient (after the LN) and `dgh` is the product's (before it)
+    dgh = dgh if cell == "gru" or layer_norm else dgx
+    dw_hh, db_hh = run_hidden_grads(dgh, y, h0, lengths, reverse, zero, b_hh is not None and not layer_norm)
+    d_gains = [None] * 3
+    if layer_norm:
+        db_hh = grads[5]
+        d_gains = [None if t is None else d.to(t.dtype) for t, d in zip(gains, grads[6:], strict=True)]
     dw_hh, db_hh = dw_hh.to(w_hh.dtype), db_hh.to(w_hh.dtype)
     return (
         dgx,
@@ -235,14 +310,18 @@ def _grads(run_backward, run_hidden_grads, backend, cell, reverse, saved_tensors
         dh0,
         dc0 if is_lstm else None,
         dw_hr if w_hr is not None else None,
+        *d_gains,
     )
 
 
 def _setup_context(ctx, inputs, output):
-    backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr, zero, keep_h, keep_c, keep = inputs
+    backend, cell, reverse, need_saved, gx, w_hh, b_hh, h0, c0, lengths, w_hr, zero, keep_h, keep_c, keep = inputs[:15]
+    gains = inputs[15:]
     y, _, _, saved = output
     ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved, ctx.keep = backend, cell, reverse, need_saved, keep
-    ctx.save_for_backward(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c)
+    # with layer_norm `gx` too, for a backward with create_graph=True (see `_second_order`)
+    kept_gx = gx if gains[0] is not None else None
+    ctx.save_for_backward(w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c, *gains, kept_gx)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(saved, *(() if cell == "lstm" else (output[2],)))
 
@@ -253,19 +332,47 @@ def _backward(ctx, dy, dhT, dcT, _dsaved):
             "seqfast: this recurrence ran without saving its workspace (no input required grad when it ran); "
             "run the forward with gradients enabled to differentiate it"
         )
-    dgx, dw_hh, db_hh, dh0, dc0, dw_hr = _grads(
-        recurrence_backward,
-        hidden_grads,
-        ctx.backend,
-        ctx.cell,
-        ctx.reverse,
-        ctx.saved_tensors,
-        ctx.keep,
-        dy,
-        dhT,
-        dcT,
-    )
-    return None, None, None, None, dgx, dw_hh, db_hh, dh0, dc0, None, dw_hr, None, None, None, None
+    *tensors, gx = ctx.saved_tensors
+    if gx is not None and torch.is_grad_enabled():
+        dgx, dw_hh, db_hh, dh0, dc0, dw_hr, *d_gains = _second_order(ctx, gx, tensors, dy, dhT, dcT)
+    else:
+        dgx, dw_hh, db_hh, dh0, dc0, dw_hr, *d_gains = _grads(
+            recurrence_backward,
+            hidden_grads,
+            ctx.backend,
+            ctx.cell,
+            ctx.reverse,
+            tensors,
+            ctx.keep,
+            dy,
+            dhT,
+            dcT,
+        )
+    return None, None, None, None, dgx, dw_hh, db_hh, dh0, dc0, None, dw_hr, None, None, None, None, *d_gains
+
+
+def _second_order(ctx, gx, tensors, dy, dhT, dcT):
+    """`_grads`' gradients with `create_graph=True`: the reference's forward from `gx` differentiated by autograd, so
+    that a second backward flows through them (at the reference's speed); `tensors` as `_grads` takes them."""
+    w_hh, b_hh, h0, c0, lengths, w_hr, _, _, zero, keep_h, keep_c, *gains = tensors
+    (ext,) = fused_arg(zero, keep_h, keep_c, ctx.keep, *gains)
+    inputs = (gx, w_hh, b_hh, h0, c0, w_hr, *gains)
+    need = [ctx.needs_input_grad[i] for i in (4, 5, 6, 7, 8, 10, 15, 16, 17)]
+    with torch.enable_grad():
+        outputs = reference.fwd(ctx.cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, ctx.reverse, False, ext)[:3]
+        return _autograd_grads(outputs, (dy, dhT, dcT), inputs, need)
+
+
+def _autograd_grads(outputs, grad_outputs, inputs, need):
+    """The gradients of `outputs` (None where absent) along `grad_outputs` (None where not given) with respect to
+    the `inputs` whose `need` is set, with `create_graph=True`; None for the others."""
+    wrt = [t for t, wanted in zip(inputs, need, strict=True) if wanted]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs, strict=True) if o is not None and g is not None]
+    if not pairs or not wrt:
+        return [None] * len(need)
+    outputs, grad_outputs = zip(*pairs, strict=True)
+    grads = iter(torch.autograd.grad(outputs, wrt, grad_outputs, create_graph=True, allow_unused=True))
+    return [next(grads) if wanted else None for wanted in need]
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
@@ -293,18 +400,11 @@ def differentiable_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengt
     Returns:
         The 8 gradients, None where not wanted.
     """
-    inputs = (x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
-    wrt = [t for t, wanted in zip(inputs, need, strict=True) if wanted]
     with torch.enable_grad():
         b_fold, b_h = folded_biases(cell, b_hh)
         gx = F.linear(x, w_ih, bias_sum(b_ih, b_fold))
         outputs = reference.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, ext)[:3]
-        pairs = [(o, g) for o, g in zip(outputs, (dy, dhT, dcT), strict=True) if o is not None and g is not None]
-        if not pairs or not wrt:
-            return [None] * len(need)
-        outputs, grad_outputs = zip(*pairs, strict=True)
-        grads = iter(torch.autograd.grad(outputs, wrt, grad_outputs, create_graph=True, allow_unused=True))
-    return [next(grads) if wanted else None for wanted in need]
+        return _autograd_grads(outputs, (dy, dhT, dcT), (x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr), need)
 
 
 _CELL_NAMES = {i: name for name, i in CELL_IDS.items()}
@@ -364,13 +464,13 @@ class Layer(torch.autograd.Function):
             )
             return None, None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, None, dw_hr, *no_options
         b_h = folded_biases(ctx.cell, b_hh)[1]
-        dgx, dw_hh, db_h, dh0, dc0, dw_hr = _grads(
+        dgx, dw_hh, db_h, dh0, dc0, dw_hr, *_ = _grads(
             _recurrence_backward,
             _hidden_grads,
             ctx.backend,
             ctx.cell,
             ctx.reverse,
-            (w_hh, b_h, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c),
+            (w_hh, b_h, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c, None, None, None),
             ctx.keep,
             dy,
             dhT,

@@ -147,32 +147,31 @@ def _given(ext):
 
 def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext):
     """`layer` with options (`ext`), on the backend dispatch picks among those that run them all. A fused backend
-    (one that runs the call's options: `resets`, `zoneout`) takes `_layer`'s paths with them passed along; the
-    reference runs the input projection (normalised with `layer_norm`) by torch and its forward, differentiated by
-    autograd."""
+    (one that runs the call's options) takes `_layer`'s paths with them passed along, but for `layer_norm`, whose
+    input LayerNorm torch runs around the input GEMM (differentiated by autograd) before the custom op; the reference
+    runs the same projection and its forward, differentiated by autograd."""
     options = ext.options()
     name = dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, options)  # x stands for gx
     b_fold, b_h = folded_biases(cell, b_hh)
-    if name != "reference":
-        if fast and need_grad:
+    if name != "reference" and fast and ext.ln_hh is None:
+        if need_grad:
             fused = ext.fused()
             return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, *fused)
-        if fast:
-            kernels = dispatch.load(name)
-            return _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext)
-        gx = linear(x, w_ih, bias_sum(b_ih, b_fold))
-        need_saved = need_grad or torch.jit.is_tracing()
-        y, hT, cT, _ = torch.ops.seqfast.recurrence(
-            name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, *ext.fused()
-        )
-        return y, hT, cT if cell == "lstm" else None
+        kernels = dispatch.load(name)
+        return _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext)
     bias = bias_sum(b_ih, b_fold)
-    if ext.ln_ih is None:
-        gx = F.linear(x, w_ih, bias)
-    else:
+    if ext.ln_ih is not None:
         gx = F.layer_norm(F.linear(x, w_ih), w_ih.shape[:1], ext.ln_ih, bias, LN_EPS)
-    y, hT, cT, _ = dispatch.load(name).fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, ext)
-    return y, hT, cT
+    else:
+        gx = F.linear(x, w_ih, bias) if name == "reference" else linear(x, w_ih, bias)
+    if name == "reference":
+        y, hT, cT, _ = dispatch.load(name).fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, ext)
+        return y, hT, cT
+    need_saved = need_grad or torch.jit.is_tracing()
+    y, hT, cT, _ = torch.ops.seqfast.recurrence(
+        name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, *ext.fused(), *ext.gains()
+    )
+    return y, hT, cT if cell == "lstm" else None
 
 
 def bernoulli_mask(like, shape, p):

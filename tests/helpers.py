@@ -314,16 +314,28 @@ def check_layer_norm(module, cell, args, cot, reverse, tol):
     call = {k: v for k, v in a.items() if k != "ext"}
     y, hT, cT, saved = module.fwd(cell, **call, reverse=reverse, ext=ext)
     H, P = a["w_hh"].shape[0] // GATES[cell], a["w_hh"].shape[1]
-    assert saved.shape == tuple(module.saved_shape(cell, *y.shape[:2], H, P, layer_norm=True, zoneout=ext.keep_h
-                                                   is not None)), "saved has saved_shape(..., layer_norm=True)"
+    assert saved.shape == tuple(
+        module.saved_shape(cell, *y.shape[:2], H, P, layer_norm=True, zoneout=ext.keep_h is not None)
+    ), "saved has saved_shape(..., layer_norm=True)"
     out = module.bwd(cell, *cot, a["w_hh"], a["b_hh"], None, a["h0"], a["c0"], a["lengths"], y, saved, reverse, ext)
     assert len(out) == 6, "bwd with layer_norm returns a sixth value"
     dgx, dgh, dh0, dc0, dw_hr, (db_hh, d_ln_hh, d_ln_c_weight, d_ln_c_bias) = out
     assert dw_hr is None and dgh is not None and dgh.shape == dgx.shape
     prev = h_prev(y.double(), a["h0"].double(), a["lengths"], reverse, ext.zero)
     dw_hh = dgh.double().flatten(0, 1).T @ prev.flatten(0, 1)
-    actual = dict(y=y, hT=hT, cT=cT, dgx=dgx, dh0=dh0, dc0=dc0, dw_hh=dw_hh, db_hh=db_hh, d_ln_hh=d_ln_hh,
-                  d_ln_c_weight=d_ln_c_weight, d_ln_c_bias=d_ln_c_bias)
+    actual = dict(
+        y=y,
+        hT=hT,
+        cT=cT,
+        dgx=dgx,
+        dh0=dh0,
+        dc0=dc0,
+        dw_hh=dw_hh,
+        db_hh=db_hh,
+        d_ln_hh=d_ln_hh,
+        d_ln_c_weight=d_ln_c_weight,
+        d_ln_c_bias=d_ln_c_bias,
+    )
     for name, want in expected.items():
         got = actual[name]
         assert (got is None) == (want is None), f"{name}: {got is None=} but expected {want is None=}"
