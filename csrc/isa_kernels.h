@@ -17,6 +17,19 @@ inline int saved_width(int cell, bool zoneout) {
   return (cell == LSTM ? 5 : cell == GRU ? 4 : 0) + (zoneout && cell != GRU);
 }
 
+// Scalars of `saved` per row after the layer_norm option's `[G*H]` normalised product: its 1 / std, and LSTM's mean
+// and 1 / std of the new cell state.
+inline int ln_scalars(int cell) { return cell == LSTM ? 3 : 1; }
+
+// Columns of `saved` per row and step: `saved_width` per hidden unit, then with `layer_norm` the normalised product
+// `[G*H]` and `ln_scalars`.
+inline int64_t saved_cols(int cell, int64_t H, bool zoneout, bool layer_norm) {
+  return saved_width(cell, zoneout) * H + (layer_norm ? gates(cell) * H + ln_scalars(cell) : 0);
+}
+
+// The epsilon of the layer_norm option's LayerNorms (`common.LN_EPS`).
+constexpr double kLnEps = 1e-5;
+
 // Zoneout of one step: the weight `m` of the state the step started from in `h = m h_prev + (1 - m) h~` (and `c`),
 // per row (`[n] -> [H]`, time-major rows as `gx_rows`) or, where the rows are null, the constant; `on` false: none.
 template <typename T>
@@ -26,10 +39,30 @@ struct Zoneout {
   T keep = 0;
 };
 
+// The layer_norm option's gains: `hh [G*H]` of the recurrent product, LSTM's `c_weight`, `c_bias [H]` of its cell
+// state; `hh` null: off. A call with it runs chunks of every hidden unit (`hc == H`), so a row's product is whole.
+template <typename T>
+struct LayerNorm {
+  const T* hh = nullptr;
+  const T* c_weight = nullptr;
+  const T* c_bias = nullptr;
+};
+
+// Where the backward adds the layer_norm option's parameter gradients over its rows: `b [G*H]` (of b_hh), `hh
+// [G*H]`, LSTM's `c_weight`, `c_bias [H]`.
+template <typename T>
+struct LayerNormGrads {
+  T* b = nullptr;
+  T* hh = nullptr;
+  T* c_weight = nullptr;
+  T* c_bias = nullptr;
+};
+
 template <typename T>
 struct FwdChunk {
   int64_t n, H, j0, hc;
-  const T* ws;              // [n, G*hc] h_prev @ w_hh^T of this chunk, gates side by side
+  T* ws;                    // [n, G*hc] h_prev @ w_hh^T of this chunk, gates side by side; layer_norm normalises it
+                            // in place, then keeps LSTM's c~ and o in it
   const T* const* gx_rows;  // [n] -> [G*H] x-side pre-activations at each row's time step
   const T* bias;            // [G*H] b_hh (zeros when absent)
   const T* h_prev;          // [B, H] state before the step (GRU)
@@ -41,6 +74,7 @@ struct FwdChunk {
   const uint8_t* zero_next; // [n] rows whose next step starts from zeros (resets): their carried h_next (unless
                             // projected: the caller's) and c are written as 0; or nullptr
   Zoneout<T> zh, zc;        // zoneout of h (a projected h's is the caller's) and LSTM's c
+  LayerNorm<T> ln;
 };
 
 template <typename T>
@@ -54,12 +88,14 @@ struct BwdChunk {
   int64_t ldc;
   const T* const* h_rows;   // [n] -> [H] RNN: h after the step; GRU: h before it
   T* const* dgx_rows;       // [n] -> [G*H]
-  T* const* dgh_rows;       // [n] -> [G*H], GRU only (the other cells' dgh is dgx)
+  T* const* dgh_rows;       // [n] -> [G*H], GRU or layer_norm only (the other cells' dgh is dgx)
   T* da;                    // [B, G*H] dgh of the rows, the operand of the dh_prev GEMM
   T* hraw;                  // [B, H] o * tanh(c) for dw_hr, or nullptr
   const uint8_t* zero;      // [n] rows whose step started from zeros (resets): c_prev and GRU's h_prev read as 0,
                             // dc written as 0 (the caller zeroes their dh_prev); or nullptr
   Zoneout<T> zh, zc;        // as the forward's; with zh on, dh is left holding m dh (the caller's GEMM adds to it)
+  LayerNorm<T> ln;          // as the forward's; with it `da` and `dgh_rows` get the gradient before the LayerNorm
+  LayerNormGrads<T> ln_grads;
 };
 
 struct IsaKernels {

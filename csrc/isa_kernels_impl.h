@@ -4,6 +4,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -179,20 +180,133 @@ inline typename O::V keep_at(const Zoneout<typename O::T>& z, int64_t r, int64_t
   return z.rows ? O::load(z.rows[r] + j, m) : O::splat(z.keep);
 }
 
-template <class O, int CELL>
+// The sum of the `N` lanes of `v` (`I`: 0 .. N/2 - 1), halves added as vectors; shuffles, not a copy through
+// memory, so that the accumulators the caller passes stay in registers.
+template <typename T, int N, typename Vec, std::size_t... I>
+inline T halves_sum(Vec v, std::index_sequence<I...>) {
+  typedef T Half __attribute__((vector_size(sizeof(T) * N / 2)));
+  const Half lo = __builtin_shufflevector(v, v, I...);
+  const Half hi = __builtin_shufflevector(v, v, (I + N / 2)...);
+  if constexpr (N == 2) {
+    return lo[0] + hi[0];
+  } else {
+    return halves_sum<T, N / 2>(lo + hi, std::make_index_sequence<N / 4>());
+  }
+}
+
+template <class O>
+inline typename O::T vector_sum(typename O::V v) {
+  return halves_sum<typename O::T, O::W>(v, std::make_index_sequence<O::W / 2>());
+}
+
+// LayerNorm's statistics of `v [N]`: the mean and 1 / sqrt(var + eps), the biased variance from the deviations.
+template <class O>
+inline void ln_stats(int64_t N, const typename O::T* v, typename O::T& mean, typename O::T& rstd) {
+  using T = typename O::T;
+  using V = typename O::V;
+  const int64_t full = N / O::W * O::W;
+  V acc = {};
+  for (int64_t j = 0; j < full; j += O::W) acc += O::load(v + j, O::W);
+  T sum = vector_sum<O>(acc);
+  for (int64_t j = full; j < N; ++j) sum += v[j];
+  mean = sum / T(N);
+  V dev = {};
+  for (int64_t j = 0; j < full; j += O::W) {
+    const V d = O::load(v + j, O::W) - mean;
+    dev += d * d;
+  }
+  T var = vector_sum<O>(dev);
+  for (int64_t j = full; j < N; ++j) var += (v[j] - mean) * (v[j] - mean);
+  rstd = T(1) / std::sqrt(var / T(N) + T(kLnEps));
+}
+
+// `acc[j] += v` at units `[j, j + m)`: a parameter gradient's sum over rows.
+template <class O>
+SEQFAST_INLINE inline void add_to(typename O::T* acc, typename O::V v, int m) {
+  O::store(acc, O::load(acc, m) + v, m);
+}
+
+template <class O, int CELL, bool LN>
 void fwd_rows(const FwdChunk<typename O::T>& a) {
+  using T = typename O::T;
   using V = typename O::V;
   const int G = n_gates(CELL);
-  const int64_t H = a.H, hc = a.hc, j0 = a.j0, ldw = G * hc;
-  const int64_t SW = saved_width(CELL, a.zh.on || a.zc.on) * H;
+  const int64_t H = a.H, hc = a.hc, j0 = a.j0, ldw = G * hc, GH = G * H;
+  const bool zoneout = a.zh.on || a.zc.on;
+  // a saved row: the cell's `saved_width` per unit, then layer_norm's x^ [G*H], its 1 / std, LSTM's c~ mean, 1 / std
+  const int64_t SW = saved_cols(CELL, H, zoneout, LN), LN0 = saved_width(CELL, zoneout) * H;
   for (int64_t r = 0; r < a.n; ++r) {
     const auto* gx = a.gx_rows[r] + j0;
-    const auto* ws = a.ws + r * ldw;
+    auto* ws = a.ws + r * ldw;
     const auto* b = a.bias + j0;
     auto* hn = a.h_next + r * a.ldh + j0;
     auto* y = a.y_rows ? a.y_rows[r] + j0 : nullptr;
     auto* sv = a.saved && SW ? a.saved + r * SW + j0 : nullptr;
     const bool zn = a.zero_next && a.zero_next[r];
+    if constexpr (LN) {
+      // the product's LayerNorm over the row's G*H units (hc == H): x^ saved, x^ ln_hh left for the gates
+      T mean, rstd;
+      ln_stats<O>(GH, ws, mean, rstd);
+      each_vector<O>(GH, [&](int64_t j, auto m) SEQFAST_INLINE {
+        const V xh = (O::load(ws + j, m) - mean) * rstd;
+        if (sv) O::store(sv + LN0 + j, xh, m);
+        O::store(ws + j, xh * O::load(a.ln.hh + j, m), m);
+      });
+      if (sv) sv[LN0 + GH] = rstd;
+    }
+    // the cell's new h~ at units [jj, jj + m): zoneout's mix, then the carried state and y
+    auto emit = [&](int64_t jj, auto m, V h) SEQFAST_INLINE {
+      if (a.zh.on) {
+        const V k = keep_at<O>(a.zh, r, j0 + jj, m);
+        h = k * O::load(a.h_prev + r * H + j0 + jj, m) + (1.0f - k) * h;
+      }
+      O::store(hn + jj, zn && y ? V{} : h, m);
+      if (y) O::store(y + jj, h, m);
+    };
+    // LSTM's gates `o` and new cell state `cn` (c~) at units [jj, jj + m); the carried c and saved written
+    auto lstm_gates = [&](int64_t jj, auto m, V& o, V& cn) SEQFAST_INLINE {
+      V i = O::sigmoid(O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m)));
+      V f = O::sigmoid(O::load(gx + H + jj, m) + (O::load(ws + hc + jj, m) + O::load(b + H + jj, m)));
+      V g = O::tanh(O::load(gx + 2 * H + jj, m) + (O::load(ws + 2 * hc + jj, m) + O::load(b + 2 * H + jj, m)));
+      o = O::sigmoid(O::load(gx + 3 * H + jj, m) + (O::load(ws + 3 * hc + jj, m) + O::load(b + 3 * H + jj, m)));
+      auto* c = a.c + r * H + j0 + jj;
+      const V cp = O::load(c, m);
+      cn = f * cp + i * g;
+      V carried = cn;
+      if (a.zc.on) {
+        const V k = keep_at<O>(a.zc, r, j0 + jj, m);
+        carried = k * cp + (1.0f - k) * cn;
+      }
+      O::store(c, zn ? V{} : carried, m);
+      if (sv) {
+        O::store(sv + jj, i, m);
+        O::store(sv + H + jj, f, m);
+        O::store(sv + 2 * H + jj, g, m);
+        O::store(sv + 3 * H + jj, o, m);
+        O::store(sv + 4 * H + jj, cn, m);
+        if (a.zc.on) O::store(sv + 5 * H + jj, carried, m);
+      }
+    };
+    if constexpr (CELL == LSTM && LN) {
+      // h~ = o tanh(LN(c~) ln_c_weight + ln_c_bias) needs the row's whole c~: c~ and o wait in ws's read slots
+      each_vector<O>(H, [&](int64_t jj, auto m) SEQFAST_INLINE {
+        V o, cn;
+        lstm_gates(jj, m, o, cn);
+        O::store(ws + jj, cn, m);
+        O::store(ws + H + jj, o, m);
+      });
+      T mean, rstd;
+      ln_stats<O>(H, ws, mean, rstd);
+      if (sv) {
+        sv[LN0 + GH + 1] = mean;
+        sv[LN0 + GH + 2] = rstd;
+      }
+      each_vector<O>(H, [&](int64_t jj, auto m) SEQFAST_INLINE {
+        const V u = (O::load(ws + jj, m) - mean) * rstd * O::load(a.ln.c_weight + jj, m) + O::load(a.ln.c_bias + jj, m);
+        emit(jj, m, O::load(ws + H + jj, m) * O::tanh(u));
+      });
+      continue;
+    }
     auto units = [&](int64_t jj, auto m) SEQFAST_INLINE {
       V h;
       if (CELL == RNN_TANH || CELL == RNN_RELU) {
@@ -200,28 +314,9 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
         h = CELL == RNN_TANH ? O::tanh(pre) : O::relu(pre);
         if (sv && a.zh.on) O::store(sv + jj, h, m);
       } else if (CELL == LSTM) {
-        V i = O::sigmoid(O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m)));
-        V f = O::sigmoid(O::load(gx + H + jj, m) + (O::load(ws + hc + jj, m) + O::load(b + H + jj, m)));
-        V g = O::tanh(O::load(gx + 2 * H + jj, m) + (O::load(ws + 2 * hc + jj, m) + O::load(b + 2 * H + jj, m)));
-        V o = O::sigmoid(O::load(gx + 3 * H + jj, m) + (O::load(ws + 3 * hc + jj, m) + O::load(b + 3 * H + jj, m)));
-        auto* c = a.c + r * H + j0 + jj;
-        const V cp = O::load(c, m);
-        V cn = f * cp + i * g;
+        V o, cn;
+        lstm_gates(jj, m, o, cn);
         h = o * O::tanh(cn);
-        V carried = cn;
-        if (a.zc.on) {
-          const V k = keep_at<O>(a.zc, r, j0 + jj, m);
-          carried = k * cp + (1.0f - k) * cn;
-        }
-        O::store(c, zn ? V{} : carried, m);
-        if (sv) {
-          O::store(sv + jj, i, m);
-          O::store(sv + H + jj, f, m);
-          O::store(sv + 2 * H + jj, g, m);
-          O::store(sv + 3 * H + jj, o, m);
-          O::store(sv + 4 * H + jj, cn, m);
-          if (a.zc.on) O::store(sv + 5 * H + jj, carried, m);
-        }
       } else {
         V rg = O::sigmoid(O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m)));
         V z = O::sigmoid(O::load(gx + H + jj, m) + (O::load(ws + hc + jj, m) + O::load(b + H + jj, m)));
@@ -235,23 +330,20 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
           O::store(sv + 3 * H + jj, hh, m);
         }
       }
-      if (a.zh.on) {
-        const V k = keep_at<O>(a.zh, r, j0 + jj, m);
-        h = k * O::load(a.h_prev + r * H + j0 + jj, m) + (1.0f - k) * h;
-      }
-      O::store(hn + jj, zn && y ? V{} : h, m);
-      if (y) O::store(y + jj, h, m);
+      emit(jj, m, h);
     };
     each_vector<O>(hc, units);
   }
 }
 
-template <class O, int CELL>
+template <class O, int CELL, bool LN>
 void bwd_rows(const BwdChunk<typename O::T>& a) {
+  using T = typename O::T;
   using V = typename O::V;
   const int G = n_gates(CELL);
   const int64_t H = a.H, hc = a.hc, j0 = a.j0, GH = G * H;
-  const int64_t SW = saved_width(CELL, a.zh.on || a.zc.on) * H;
+  const bool zoneout = a.zh.on || a.zc.on;
+  const int64_t SW = saved_cols(CELL, H, zoneout, LN), LN0 = saved_width(CELL, zoneout) * H;  // as the forward's
   for (int64_t r = 0; r < a.n; ++r) {
     auto* dhp = a.dh + r * H + j0;
     const auto* dy = a.dy_rows ? a.dy_rows[r] + j0 : nullptr;
@@ -259,96 +351,165 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
     auto* da = a.da + r * GH + j0;
     const auto* sv = SW ? a.saved + r * SW + j0 : nullptr;
     const bool zero = a.zero && a.zero[r];
-    auto units = [&](int64_t jj, auto m) SEQFAST_INLINE {
-      V dh = O::load(dhp + jj, m);
+    // the gradient reaching h at units [jj, jj + m): h = k h_prev + (1 - k) h~ gives h_prev `direct` = k dh, the
+    // cell's h~ the rest
+    auto split_dh = [&](int64_t jj, auto m, V& dh, V& direct) SEQFAST_INLINE {
+      dh = O::load(dhp + jj, m);
       if (dy) dh = dh + O::load(dy + jj, m);
-      // h = k h_prev + (1 - k) h~: dh_prev gets k dh directly, the cell's h~ the rest
-      V dh_direct = V{};
+      direct = V{};
       if (a.zh.on) {
         const V k = keep_at<O>(a.zh, r, j0 + jj, m);
-        dh_direct = k * dh;
+        direct = k * dh;
         dh = (1.0f - k) * dh;
       }
-      if (CELL == RNN_TANH || CELL == RNN_RELU) {
-        V h = O::load(a.zh.on ? sv + jj : a.h_rows[r] + j0 + jj, m);
-        // tanh' = 1 - h^2; relu' = [h > 0]
-        V d = CELL == RNN_TANH ? dh * (1.0f - h * h) : O::relu_grad(h, dh);
-        O::store(dgx + jj, d, m);
-        O::store(da + jj, d, m);
-        if (a.zh.on) O::store(dhp + jj, dh_direct, m);
-      } else if (CELL == LSTM) {
-        V i = O::load(sv + jj, m), f = O::load(sv + H + jj, m), g = O::load(sv + 2 * H + jj, m);
-        V o = O::load(sv + 3 * H + jj, m), c = O::load(sv + 4 * H + jj, m);
-        V cp = zero ? V{} : O::load(a.c_prev + r * a.ldc + j0 + jj, m);
-        V tc = O::tanh(c);
-        auto* dcp = a.dc + r * H + j0 + jj;
-        // c = f c_prev + i g (then c_t = k c_prev + (1 - k) c), h = o tanh(c); d sigmoid = s (1 - s), d tanh = 1 - t^2
-        V dct = O::load(dcp, m), dc_direct = V{};
-        if (a.zc.on) {
-          const V k = keep_at<O>(a.zc, r, j0 + jj, m);
-          dc_direct = k * dct;
-          dct = (1.0f - k) * dct;
-        }
-        V dc = dct + dh * o * (1.0f - tc * tc);
-        V di = dc * g * i * (1.0f - i);
-        V df = dc * cp * f * (1.0f - f);
-        V dg = dc * i * (1.0f - g * g);
-        V dout = dh * tc * o * (1.0f - o);
-        O::store(dcp, zero ? V{} : dc * f + dc_direct, m);
-        O::store(dgx + jj, di, m);
-        O::store(dgx + H + jj, df, m);
-        O::store(dgx + 2 * H + jj, dg, m);
-        O::store(dgx + 3 * H + jj, dout, m);
-        O::store(da + jj, di, m);
-        O::store(da + H + jj, df, m);
-        O::store(da + 2 * H + jj, dg, m);
-        O::store(da + 3 * H + jj, dout, m);
-        if (a.hraw) O::store(a.hraw + r * H + j0 + jj, o * tc, m);
-        if (a.zh.on) O::store(dhp + jj, dh_direct, m);
-      } else {
-        V rg = O::load(sv + jj, m), z = O::load(sv + H + jj, m), nn = O::load(sv + 2 * H + jj, m);
-        V hh = O::load(sv + 3 * H + jj, m);
-        V hp = zero ? V{} : O::load(a.h_rows[r] + j0 + jj, m);
-        // h = (1 - z) n + z h_prev, n = tanh(gx_n + r hh); d sigmoid = s (1 - s), d tanh = 1 - t^2
-        V dn = dh * (1.0f - z) * (1.0f - nn * nn);
-        V dr = dn * hh * rg * (1.0f - rg);
-        V dz = dh * (hp - nn) * z * (1.0f - z);
-        V dnh = dn * rg;
-        O::store(dgx + jj, dr, m);
-        O::store(dgx + H + jj, dz, m);
-        O::store(dgx + 2 * H + jj, dn, m);
-        auto* dgh = a.dgh_rows[r] + j0;
-        O::store(dgh + jj, dr, m);
-        O::store(dgh + H + jj, dz, m);
-        O::store(dgh + 2 * H + jj, dnh, m);
-        O::store(da + jj, dr, m);
-        O::store(da + H + jj, dz, m);
-        O::store(da + 2 * H + jj, dnh, m);
-        O::store(dhp + jj, dh * z + dh_direct, m);
-      }
     };
-    each_vector<O>(hc, units);
+    // LSTM at units [jj, jj + m) from the gradient reaching h~ = o t (`dh`), t = tanh(c~) (layer_norm: tanh of the
+    // normalised c~, whose gradient at c~ is `dch`): c~ = f c_prev + i g (then c_t = k c_prev + (1 - k) c~);
+    // d sigmoid = s (1 - s), d tanh = 1 - t^2
+    auto lstm_grads = [&](int64_t jj, auto m, V dh, V t, V dch) SEQFAST_INLINE {
+      V i = O::load(sv + jj, m), f = O::load(sv + H + jj, m), g = O::load(sv + 2 * H + jj, m);
+      V o = O::load(sv + 3 * H + jj, m);
+      V cp = zero ? V{} : O::load(a.c_prev + r * a.ldc + j0 + jj, m);
+      auto* dcp = a.dc + r * H + j0 + jj;
+      V dct = O::load(dcp, m), dc_direct = V{};
+      if (a.zc.on) {
+        const V k = keep_at<O>(a.zc, r, j0 + jj, m);
+        dc_direct = k * dct;
+        dct = (1.0f - k) * dct;
+      }
+      V dc = dct + (LN ? dch : dh * o * (1.0f - t * t));
+      V di = dc * g * i * (1.0f - i);
+      V df = dc * cp * f * (1.0f - f);
+      V dg = dc * i * (1.0f - g * g);
+      V dout = dh * t * o * (1.0f - o);
+      O::store(dcp, zero ? V{} : dc * f + dc_direct, m);
+      O::store(dgx + jj, di, m);
+      O::store(dgx + H + jj, df, m);
+      O::store(dgx + 2 * H + jj, dg, m);
+      O::store(dgx + 3 * H + jj, dout, m);
+      O::store(da + jj, di, m);
+      O::store(da + H + jj, df, m);
+      O::store(da + 2 * H + jj, dg, m);
+      O::store(da + 3 * H + jj, dout, m);
+      if (a.hraw) O::store(a.hraw + r * H + j0 + jj, o * t, m);
+    };
+    if constexpr (CELL == LSTM && LN) {
+      // h~ = o tanh(u), u = c^ ln_c_weight + ln_c_bias, c^ = (c~ - mean) rstd: with du = dh o (1 - tanh(u)^2) and
+      // dc^ = du ln_c_weight, c~ gets rstd (dc^ - mean(dc^) - c^ mean(dc^ c^)); dh, tanh(u), dc^ wait in da
+      const T mean = sv[LN0 + GH + 1], rstd = sv[LN0 + GH + 2];
+      V s_dn = {}, s_dnc = {};
+      each_vector<O>(H, [&](int64_t jj, auto m) SEQFAST_INLINE {
+        V dh, direct;
+        split_dh(jj, m, dh, direct);
+        if (a.zh.on) O::store(dhp + jj, direct, m);
+        const V cn = (O::load(sv + 4 * H + jj, m) - mean) * rstd, w = O::load(a.ln.c_weight + jj, m);
+        const V t = O::tanh(cn * w + O::load(a.ln.c_bias + jj, m));
+        const V du = dh * O::load(sv + 3 * H + jj, m) * (1.0f - t * t), dn = du * w;
+        s_dn += dn;
+        s_dnc += dn * cn;
+        add_to<O>(a.ln_grads.c_weight + jj, du * cn, m);
+        add_to<O>(a.ln_grads.c_bias + jj, du, m);
+        O::store(da + jj, dh, m);
+        O::store(da + H + jj, t, m);
+        O::store(da + 2 * H + jj, dn, m);
+      });
+      const T m_dn = vector_sum<O>(s_dn) / T(H), m_dnc = vector_sum<O>(s_dnc) / T(H);
+      each_vector<O>(H, [&](int64_t jj, auto m) SEQFAST_INLINE {
+        const V cn = (O::load(sv + 4 * H + jj, m) - mean) * rstd;
+        const V dch = rstd * (O::load(da + 2 * H + jj, m) - m_dn - cn * m_dnc);
+        lstm_grads(jj, m, O::load(da + jj, m), O::load(da + H + jj, m), dch);
+      });
+    } else {
+      auto units = [&](int64_t jj, auto m) SEQFAST_INLINE {
+        V dh, dh_direct;
+        split_dh(jj, m, dh, dh_direct);
+        if (CELL == RNN_TANH || CELL == RNN_RELU) {
+          V h = O::load(a.zh.on ? sv + jj : a.h_rows[r] + j0 + jj, m);
+          // tanh' = 1 - h^2; relu' = [h > 0]
+          V d = CELL == RNN_TANH ? dh * (1.0f - h * h) : O::relu_grad(h, dh);
+          O::store(dgx + jj, d, m);
+          O::store(da + jj, d, m);
+          if (a.zh.on) O::store(dhp + jj, dh_direct, m);
+        } else if (CELL == LSTM) {
+          lstm_grads(jj, m, dh, O::tanh(O::load(sv + 4 * H + jj, m)), V{});
+          if (a.zh.on) O::store(dhp + jj, dh_direct, m);
+        } else {
+          V rg = O::load(sv + jj, m), z = O::load(sv + H + jj, m), nn = O::load(sv + 2 * H + jj, m);
+          V hh = O::load(sv + 3 * H + jj, m);
+          V hp = zero ? V{} : O::load(a.h_rows[r] + j0 + jj, m);
+          // h = (1 - z) n + z h_prev, n = tanh(gx_n + r hh); d sigmoid = s (1 - s), d tanh = 1 - t^2
+          V dn = dh * (1.0f - z) * (1.0f - nn * nn);
+          V dr = dn * hh * rg * (1.0f - rg);
+          V dz = dh * (hp - nn) * z * (1.0f - z);
+          V dnh = dn * rg;
+          O::store(dgx + jj, dr, m);
+          O::store(dgx + H + jj, dz, m);
+          O::store(dgx + 2 * H + jj, dn, m);
+          if (!LN) {
+            auto* dgh = a.dgh_rows[r] + j0;
+            O::store(dgh + jj, dr, m);
+            O::store(dgh + H + jj, dz, m);
+            O::store(dgh + 2 * H + jj, dnh, m);
+          }
+          O::store(da + jj, dr, m);
+          O::store(da + H + jj, dz, m);
+          O::store(da + 2 * H + jj, dnh, m);
+          O::store(dhp + jj, dh * z + dh_direct, m);
+        }
+      };
+      each_vector<O>(hc, units);
+    }
+    if constexpr (LN) {
+      // the product's LayerNorm, da holding the gradient after it (b_hh's; ln_hh's is da x^): with u = da ln_hh, the
+      // product's is rstd (u - mean(u) - x^ mean(u x^))
+      const auto* xh = sv + LN0;
+      V s_u = {}, s_ux = {};
+      each_vector<O>(GH, [&](int64_t j, auto m) SEQFAST_INLINE {
+        const V d = O::load(da + j, m), x = O::load(xh + j, m), u = d * O::load(a.ln.hh + j, m);
+        s_u += u;
+        s_ux += u * x;
+        add_to<O>(a.ln_grads.b + j, d, m);
+        add_to<O>(a.ln_grads.hh + j, d * x, m);
+      });
+      const T rstd = xh[GH], m_u = vector_sum<O>(s_u) / T(GH), m_ux = vector_sum<O>(s_ux) / T(GH);
+      auto* dgh = a.dgh_rows[r];
+      each_vector<O>(GH, [&](int64_t j, auto m) SEQFAST_INLINE {
+        const V d = rstd * (O::load(da + j, m) * O::load(a.ln.hh + j, m) - m_u - O::load(xh + j, m) * m_ux);
+        O::store(da + j, d, m);
+        O::store(dgh + j, d, m);
+      });
+    }
+  }
+}
+
+template <class O, bool LN>
+void fwd_cell(int cell, const FwdChunk<typename O::T>& a) {
+  switch (cell) {
+    case RNN_TANH: return fwd_rows<O, RNN_TANH, LN>(a);
+    case RNN_RELU: return fwd_rows<O, RNN_RELU, LN>(a);
+    case LSTM: return fwd_rows<O, LSTM, LN>(a);
+    default: return fwd_rows<O, GRU, LN>(a);
+  }
+}
+
+template <class O, bool LN>
+void bwd_cell(int cell, const BwdChunk<typename O::T>& a) {
+  switch (cell) {
+    case RNN_TANH: return bwd_rows<O, RNN_TANH, LN>(a);
+    case RNN_RELU: return bwd_rows<O, RNN_RELU, LN>(a);
+    case LSTM: return bwd_rows<O, LSTM, LN>(a);
+    default: return bwd_rows<O, GRU, LN>(a);
   }
 }
 
 template <class O>
 void fwd(int cell, const FwdChunk<typename O::T>& a) {
-  switch (cell) {
-    case RNN_TANH: return fwd_rows<O, RNN_TANH>(a);
-    case RNN_RELU: return fwd_rows<O, RNN_RELU>(a);
-    case LSTM: return fwd_rows<O, LSTM>(a);
-    default: return fwd_rows<O, GRU>(a);
-  }
+  return a.ln.hh ? fwd_cell<O, true>(cell, a) : fwd_cell<O, false>(cell, a);
 }
 
 template <class O>
 void bwd(int cell, const BwdChunk<typename O::T>& a) {
-  switch (cell) {
-    case RNN_TANH: return bwd_rows<O, RNN_TANH>(a);
-    case RNN_RELU: return bwd_rows<O, RNN_RELU>(a);
-    case LSTM: return bwd_rows<O, LSTM>(a);
-    default: return bwd_rows<O, GRU>(a);
-  }
+  return a.ln.hh ? bwd_cell<O, true>(cell, a) : bwd_cell<O, false>(cell, a);
 }
 
 constexpr int64_t NR = SEQFAST_NV * OpsF32::W;
@@ -456,25 +617,6 @@ inline void gemm(int64_t m, int64_t n, int64_t k, const float* A, int64_t lda, c
     if (i < m)
       tile_rows<1, SEQFAST_MR - 1>(m - i, k, A + i * lda, lda, panel, ps, accumulate, C + i * ldc + j, ldc, ncols);
   }
-}
-
-// The sum of the `N` lanes of `v` (`I`: 0 .. N/2 - 1), halves added as vectors; shuffles, not a copy through
-// memory, so that the accumulators the caller passes stay in registers.
-template <typename T, int N, typename Vec, std::size_t... I>
-inline T halves_sum(Vec v, std::index_sequence<I...>) {
-  typedef T Half __attribute__((vector_size(sizeof(T) * N / 2)));
-  const Half lo = __builtin_shufflevector(v, v, I...);
-  const Half hi = __builtin_shufflevector(v, v, (I + N / 2)...);
-  if constexpr (N == 2) {
-    return lo[0] + hi[0];
-  } else {
-    return halves_sum<T, N / 2>(lo + hi, std::make_index_sequence<N / 4>());
-  }
-}
-
-template <class O>
-inline typename O::T vector_sum(typename O::V v) {
-  return halves_sum<typename O::T, O::W>(v, std::make_index_sequence<O::W / 2>());
 }
 
 // `y[i] (+)= sum_p W[i, p] x[p]` for `p` from `full` (a multiple of the vector width, up to which `acc` holds the

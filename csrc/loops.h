@@ -5,7 +5,8 @@
 // whole loop is one parallel region in which each thread keeps its own chunks (so their weights stay in its cache)
 // and waits for the other threads only at the end of a step. Blocks and chunks do not depend on the thread count, so
 // results are bitwise the same for any `torch.set_num_threads`. Rows are visited in length order (longest first), so
-// the rows still running at a step are a prefix and the GEMMs shrink as sequences end.
+// the rows still running at a step are a prefix and the GEMMs shrink as sequences end. The layer_norm option
+// normalises each row's whole product: its calls run one chunk of every unit, rows in blocks or all in one.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -32,6 +33,17 @@ struct ZoneoutArgs {
   c10::optional<at::Tensor> h, c;
   double keep = 0;
   bool on() const { return h.has_value() || keep > 0; }
+};
+
+// The layer_norm option of a call: the gains `hh [G*H]` and LSTM's `c_weight`, `c_bias [H]`; off without `hh`.
+struct LayerNormArgs {
+  c10::optional<at::Tensor> hh, c_weight, c_bias;
+  bool on() const { return hh.has_value(); }
+  template <typename T>
+  LayerNorm<T> pointers() const {
+    auto p = [](const c10::optional<at::Tensor>& t) { return t ? t->data_ptr<T>() : nullptr; };
+    return {p(hh), p(c_weight), p(c_bias)};
+  }
 };
 
 // Zoneout row pointers of one call in step order, like `gx_rows`: per step and sorted row, its `width` weights.
@@ -64,13 +76,16 @@ class ZoneoutRows {
 template <typename scalar_t>
 void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
               const at::Tensor& h0, const at::Tensor& c0, const Order& ord, const c10::optional<at::Tensor>& w_hr,
-              const ZoneoutArgs& zo, int64_t chunk, const at::Tensor& y, const at::Tensor& hT, const at::Tensor& cT,
-              const at::Tensor& saved) {
+              const ZoneoutArgs& zo, const LayerNormArgs& lna, int64_t chunk, const at::Tensor& y,
+              const at::Tensor& hT, const at::Tensor& cT, const at::Tensor& saved) {
   const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
-  const bool proj = w_hr.has_value(), lstm = cell == LSTM;
-  // rows in blocks (one chunk of every unit), else hidden units in chunks
+  const bool proj = w_hr.has_value(), lstm = cell == LSTM, ln = lna.on();
+  // rows in blocks (one chunk of every unit), else hidden units in chunks; layer_norm normalises whole rows of the
+  // product: one chunk, the rows in blocks or all in one
   const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);
-  const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
+  const int64_t hc = rb < B || ln ? H : std::min(chunk, H), nch = (H + hc - 1) / hc;
+  const int64_t SW = saved_cols(cell, H, zo.on(), ln);
+  const LayerNorm<scalar_t> lnp = lna.pointers<scalar_t>();
   // a projected h's zoneout runs after the projection, here; the cell kernel's otherwise
   const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
@@ -138,10 +153,11 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
                                .saved = psaved ? psaved + (s * B + r0) * SW : nullptr,
                                .zero_next = zero_next ? zero_next + r0 : nullptr,
                                .zh = proj ? Zoneout<scalar_t>{} : zh.at(s, r0),
-                               .zc = zc.at(s, r0)};
+                               .zc = zc.at(s, r0),
+                               .ln = lnp};
     run_fwd(kern, cell, a);
   };
-  if (rb < B) {
+  if (rb < B || ln) {
     run_blocks((B + rb - 1) / rb, T * B * GH * P, [&](int64_t b) {
       for (int64_t s = 0; s < T && ord.active[s] > b * rb; ++s) cell_step(s, 0, b * rb, (b + 1) * rb);
     });
@@ -187,14 +203,20 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
 template <typename scalar_t>
 void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::Tensor& dcT, const at::Tensor& w_hh,
               const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0, const Order& ord,
-              const ZoneoutArgs& zo, const at::Tensor& y, const at::Tensor& saved, int64_t chunk,
-              const at::Tensor& dgx, const at::Tensor& dgh, const at::Tensor& dh0, const at::Tensor& dc0,
-              const at::Tensor& dw_hr) {
+              const ZoneoutArgs& zo, const LayerNormArgs& lna, const at::Tensor& y, const at::Tensor& saved,
+              int64_t chunk, const at::Tensor& dgx, const at::Tensor& dgh, const at::Tensor& dh0, const at::Tensor& dc0,
+              const at::Tensor& dw_hr, const at::Tensor& ln_grads) {
   const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
   const bool need_dh0 = dh0.defined();
-  const bool proj = w_hr.has_value(), lstm = cell == LSTM;
+  const bool proj = w_hr.has_value(), lstm = cell == LSTM, ln = lna.on();
   const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);  // as the forward's
-  const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc, SW = saved_width(cell, zo.on()) * H;
+  const int64_t hc = rb < B || ln ? H : std::min(chunk, H), nch = (H + hc - 1) / hc, nb = (B + rb - 1) / rb;
+  const int64_t SW = saved_cols(cell, H, zo.on(), ln);
+  const LayerNorm<scalar_t> lnp = lna.pointers<scalar_t>();
+  // layer_norm's parameter gradients, `b_hh, ln_hh [G*H]` (LSTM: `ln_c_weight, ln_c_bias [H]`), summed per block of
+  // rows, then the blocks in order
+  const int64_t LG = ln ? ln_grads.numel() : 0;
+  std::vector<scalar_t> block_ln_grads(nb * LG, scalar_t(0));
   const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
   const IsaKernels kern = isa_kernels();
@@ -211,7 +233,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const at::Tensor dhs_all = proj ? at::zeros({T, B, P}, dy.options()) : at::Tensor();
   const at::Tensor hraw_all = proj ? at::zeros({T, B, H}, dy.options()) : at::Tensor();
   scalar_t* pdgx = dgx.data_ptr<scalar_t>();
-  scalar_t* pdgh = cell == GRU ? dgh.data_ptr<scalar_t>() : nullptr;  // the other cells' dgh is dgx
+  scalar_t* pdgh = cell == GRU || ln ? dgh.data_ptr<scalar_t>() : nullptr;  // the other cells' dgh is dgx
   const scalar_t* ph0 = ph0s;
   const scalar_t* pc0 = pc0s;
   const scalar_t* pdy = dy.data_ptr<scalar_t>();
@@ -263,6 +285,12 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
     (*whh)(c, n, da + r0 * GH, GH, pdh + r0 * P + c * hc, P, cell == GRU || zo.on());
     clear_dh(s, r0, r0 + n, c * hc, std::min(hc, H - c * hc));
   };
+  // block `b`'s sums of the layer_norm parameter gradients
+  auto ln_grads_of = [&](int64_t b) {
+    scalar_t* p = block_ln_grads.data() + b * LG;
+    return ln ? LayerNormGrads<scalar_t>{p, p + GH, lstm ? p + 2 * GH : nullptr, lstm ? p + 2 * GH + H : nullptr}
+              : LayerNormGrads<scalar_t>{};
+  };
   auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + (zo.on() ? 5 : 4) * H : pc0; };
   auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };
   // Step k runs time step T - 1 - k, for chunk `c` and the rows of `[r0, r1)` still running; step T forms dh0 from
@@ -297,11 +325,13 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
                                .hraw = nullptr,
                                .zero = zero ? zero + r0 : nullptr,
                                .zh = zh.at(s, r0),
-                               .zc = zc.at(s, r0)};
+                               .zc = zc.at(s, r0),
+                               .ln = lnp,
+                               .ln_grads = ln_grads_of(r0 / rb)};
     run_bwd(kern, cell, a);
   };
 
-  if (rb < B) {
+  if (rb < B || ln) {
     run_blocks((B + rb - 1) / rb, T * B * GH * P, [&](int64_t b) {
       for (int64_t k = 0; k < T + need_dh0; ++k) bwd_step(k, 0, b * rb, (b + 1) * rb);
     });
@@ -373,6 +403,12 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   }
   if (need_dh0) permute_rows(pdh, dh0.data_ptr<scalar_t>(), ord, P, false);
   if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);
+  if (ln) {
+    scalar_t* out = ln_grads.data_ptr<scalar_t>();
+    std::copy_n(block_ln_grads.data(), LG, out);
+    for (int64_t b = 1; b < nb; ++b)
+      for (int64_t j = 0; j < LG; ++j) out[j] += block_ln_grads[b * LG + j];
+  }
 }
 
 }  // namespace seqfast

@@ -108,6 +108,24 @@ ZoneoutArgs zoneout_in(const ZoneoutArgs& zo, at::ScalarType dt, int64_t T, int6
   return out;
 }
 
+// `ln` checked and in dtype `dt`: layer_norm's gains, `hh [G*H]` and for LSTM `c_weight`, `c_bias [H]`, all or none.
+LayerNormArgs layer_norm_in(const LayerNormArgs& ln, at::ScalarType dt, int64_t GH, int64_t H, bool lstm, bool proj) {
+  if (!ln.on()) {
+    TORCH_CHECK(!ln.c_weight && !ln.c_bias, "layer_norm's gains of c come with ln_hh");
+    return {};
+  }
+  TORCH_CHECK(!proj, "layer_norm does not run with a projection (w_hr)");
+  TORCH_CHECK(ln.c_weight.has_value() == lstm && ln.c_bias.has_value() == lstm,
+              "layer_norm's ln_c_weight and ln_c_bias are given exactly for lstm");
+  LayerNormArgs out{as(ln.hh, dt), as(ln.c_weight, dt), as(ln.c_bias, dt)};
+  check(*out.hh, "ln_hh", dt, {GH});
+  if (lstm) {
+    check(*out.c_weight, "ln_c_weight", dt, {H});
+    check(*out.c_bias, "ln_c_bias", dt, {H});
+  }
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_into(
     int64_t cell, const c10::optional<at::Tensor>& gx_given, const c10::optional<at::Tensor>& x,
     const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
@@ -115,7 +133,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
     const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
     const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, bool poison,
     const at::Tensor& hT_out, const at::Tensor& cT_out, const c10::optional<at::Tensor>& zero = c10::nullopt,
-    const ZoneoutArgs& zo_in = {}) {
+    const ZoneoutArgs& zo_in = {}, const LayerNormArgs& ln_in = {}) {
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(gx_given.has_value() != (x.has_value() && w_ih.has_value()), "give gx, or x and w_ih to form it");
@@ -141,16 +159,17 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   if (lstm) check(*c0, "c0", dt, {B, H});
   if (lengths) check(*lengths, "lengths", at::kLong, {B});
   const ZoneoutArgs zo = zoneout_in(zo_in, dt, T, B, P, H, lstm);
+  const LayerNormArgs ln = layer_norm_in(ln_in, dt, GH, H, lstm, proj);
   const auto opts = gx.options();
   const at::Tensor y = output({T, B, P}, opts, poison);
   const at::Tensor hT = hT_out.defined() ? hT_out : output({B, P}, opts, poison);
   const at::Tensor cT = !lstm ? at::Tensor() : cT_out.defined() ? cT_out : output({B, H}, opts, poison);
   const at::Tensor saved =
-      need_saved ? output({T, B, saved_width(cell, zo.on()) * H}, opts, poison) : at::empty({0}, opts);
+      need_saved ? output({T, B, saved_cols(cell, H, zo.on(), ln.on())}, opts, poison) : at::empty({0}, opts);
   const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
-    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, zo, chunk, y, hT, cT,
-                       saved);
+    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, zo, ln, chunk, y, hT,
+                       cT, saved);
   });
   return {y, in_dtype(hT, h0_in.scalar_type()),
           lstm ? c10::make_optional(in_dtype(cT, c0_in->scalar_type())) : c10::nullopt, saved};
@@ -164,9 +183,10 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
     const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& w_hr, bool reverse, bool need_saved, int64_t chunk, bool poison,
     const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& keep_h,
-    const c10::optional<at::Tensor>& keep_c, double keep) {
+    const c10::optional<at::Tensor>& keep_c, double keep, const c10::optional<at::Tensor>& ln_hh,
+    const c10::optional<at::Tensor>& ln_c_weight, const c10::optional<at::Tensor>& ln_c_bias) {
   return fwd_into(cell, gx, x, w_ih, b_ih, b_fold, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, chunk, poison,
-                  at::Tensor(), at::Tensor(), zero, {keep_h, keep_c, keep});
+                  at::Tensor(), at::Tensor(), zero, {keep_h, keep_c, keep}, {ln_hh, ln_c_weight, ln_c_bias});
 }
 
 // `(b_fold, b_h)`: the part of `b_hh` added to the input projection and the part left to the recurrence, split as
@@ -227,20 +247,24 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
   const auto [b_fold, b_h] = folded_biases(cell, b_hh);
   auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0,
                                 c10::nullopt, c10::nullopt, false, false, chunk, poison, c10::nullopt, c10::nullopt,
-                                c10::nullopt, 0.0);
+                                c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
   return {hT, cT};
 }
 
-// The backward loop on `saved`'s dtype. Returns `dgx [T, B, G*H]` and `dgh` (GRU; the other cells' is dgx) in dy's
-// dtype, `dh0 [B, P]` in h0's (undefined unless `need_dh0`: the first step then skips its product with w_hh),
-// `dc0 [B, H]` in c0's (LSTM), `dw_hr [P, H]` in w_hr's (projection).
-std::tuple<at::Tensor, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>>
+// The backward loop on `saved`'s dtype. Returns `dgx [T, B, G*H]` and `dgh` (GRU, or layer_norm: the gradient of
+// the product before its LayerNorm; the other cells' is dgx) in dy's dtype, `dh0 [B, P]` in h0's (undefined unless
+// `need_dh0`: the first step then skips its product with w_hh), `dc0 [B, H]` in c0's (LSTM), `dw_hr [P, H]` in
+// w_hr's (projection), and with layer_norm the sums over steps and rows of the gradients of `b_hh`, `ln_hh [G*H]`
+// (LSTM also `ln_c_weight`, `ln_c_bias [H]`) in `saved`'s dtype (empty without).
+std::tuple<at::Tensor, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::Tensor>, c10::optional<at::Tensor>,
+           std::vector<at::Tensor>>
 bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::optional<at::Tensor>& dcT_in,
     const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& w_hr_in, const at::Tensor& h0_in,
     const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in, const at::Tensor& y_in,
     const at::Tensor& saved, bool reverse, int64_t chunk, bool poison, bool need_dh0,
     const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& keep_h,
-    const c10::optional<at::Tensor>& keep_c, double keep) {
+    const c10::optional<at::Tensor>& keep_c, double keep, const c10::optional<at::Tensor>& ln_hh,
+    const c10::optional<at::Tensor>& ln_c_weight, const c10::optional<at::Tensor>& ln_c_bias) {
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(dy_in.dim() == 3 && w_hh_in.dim() == 2, "dy must be [T, B, P] and w_hh [G*H, P]");
@@ -264,7 +288,8 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
   check(h0, "h0", dt, {B, P});
   check(y, "y", dt, {T, B, P});
   const ZoneoutArgs zo = zoneout_in({keep_h, keep_c, keep}, dt, T, B, P, H, lstm);
-  check(saved, "saved", dt, {T, B, saved_width(cell, zo.on()) * H});
+  const LayerNormArgs ln = layer_norm_in({ln_hh, ln_c_weight, ln_c_bias}, dt, GH, H, lstm, proj);
+  check(saved, "saved", dt, {T, B, saved_cols(cell, H, zo.on(), ln.on())});
   if (lstm) {
     check(*dcT, "dcT", dt, {B, H});
     check(*c0, "c0", dt, {B, H});
@@ -273,20 +298,23 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
   if (lengths) check(*lengths, "lengths", at::kLong, {B});
   const auto opts = dy.options();
   const at::Tensor dgx = output({T, B, GH}, opts, poison), dh0 = need_dh0 ? output({B, P}, opts, poison) : at::Tensor();
-  const at::Tensor dgh = cell == GRU ? output({T, B, GH}, opts, poison) : at::Tensor();
+  const at::Tensor dgh = cell == GRU || ln.on() ? output({T, B, GH}, opts, poison) : at::Tensor();
+  const at::Tensor ln_grads = ln.on() ? output({2 * GH + (lstm ? 2 * H : 0)}, opts, poison) : at::Tensor();
   const at::Tensor dc0 = lstm ? output({B, H}, opts, poison) : at::Tensor();
   const at::Tensor dw_hr = proj ? output({P, H}, opts, poison) : at::Tensor();
   const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_bwd", [&] {
     bwd_loop<scalar_t>(static_cast<int>(cell), dy, dhT, lstm ? *dcT : dc0, w_hh, w_hr, h0, lstm ? *c0 : dc0, ord,
-                       zo, y, saved, chunk, dgx, dgh, dh0, dc0, dw_hr);
+                       zo, ln, y, saved, chunk, dgx, dgh, dh0, dc0, dw_hr, ln_grads);
   });
+  std::vector<at::Tensor> ln_out;
+  if (ln.on()) ln_out = ln_grads.split_with_sizes(lstm ? std::vector<int64_t>{GH, GH, H, H} : std::vector<int64_t>{GH, GH});
   auto maybe = [](const at::Tensor& t, const c10::optional<at::Tensor>& like) {
     return t.defined() ? c10::make_optional(in_dtype(t, like->scalar_type())) : c10::nullopt;
   };
   const auto io = c10::make_optional(dy_in);
   return {in_dtype(dgx, dy_in.scalar_type()), maybe(dgh, io), dh0.defined() ? in_dtype(dh0, h0_in.scalar_type()) : dh0,
-          maybe(dc0, c0_in), maybe(dw_hr, w_hr_in)};
+          maybe(dc0, c0_in), maybe(dw_hr, w_hr_in), ln_out};
 }
 
 }  // namespace
@@ -308,7 +336,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const bool lstm = cell == LSTM;
     const auto [b_fold, b_h] = folded_biases(cell, b_hh);
     auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt, w_hr,
-                                  reverse, true, chunk, poison, c10::nullopt, c10::nullopt, c10::nullopt, 0.0);
+                                  reverse, true, chunk, poison, c10::nullopt, c10::nullopt, c10::nullopt, 0.0,
+                                  c10::nullopt, c10::nullopt, c10::nullopt);
     ctx->save_for_backward({x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
@@ -352,10 +381,10 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor dy = grads[0].defined() ? grads[0] : at::zeros_like(y);
     const at::Tensor dhT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     const at::Tensor dcT = !lstm ? at::Tensor() : grads[2].defined() ? grads[2] : at::zeros_like(c0);
-    auto [dgx, dgh, dh0, dc0, dw_hr] =
+    auto [dgx, dgh, dh0, dc0, dw_hr, ln_grads] =
         bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
             ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool(), need_h0, c10::nullopt,
-            c10::nullopt, c10::nullopt, 0.0);
+            c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
     // dw_hh as `seqfast.autograd.hidden_grads` forms it (no lengths): the step from h0, then y shifted by a step
     const int64_t T = y.size(0);
     const at::Tensor dgh3 = cell == GRU ? *dgh : dgx, dgh2 = dgh3.flatten(0, -2);
@@ -427,7 +456,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   namespace py = pybind11;
   m.def("fwd", &seqfast::fwd, "Recurrence forward from gx, or from x, w_ih, b_ih, b_fold: (y, hT, cT or None, saved).",
         py::call_guard<py::gil_scoped_release>());
-  m.def("bwd", &seqfast::bwd, "Recurrence backward: (dgx, dgh or None, dh0, dc0 or None, dw_hr or None).",
+  m.def("bwd", &seqfast::bwd,
+        "Recurrence backward: (dgx, dgh or None, dh0, dc0 or None, dw_hr or None, layer_norm's [db_hh, d_ln_hh, "
+        "d_ln_c_weight, d_ln_c_bias] or []).",
         py::call_guard<py::gil_scoped_release>());
   m.def("stack", &seqfast::stack, "A stack's forward without grad: (y, hn, cn or None).",
         py::call_guard<py::gil_scoped_release>());
@@ -439,11 +470,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::call_guard<py::gil_scoped_release>());
   m.def("layer", &seqfast::layer, "One layer-direction with grad as an autograd node: (y, hT, cT or None).");
   m.def("cells", [] {
-    std::vector<std::tuple<int, int, int>> table;
+    std::vector<std::tuple<int, int, int, int>> table;
     for (int cell = seqfast::RNN_TANH; cell <= seqfast::GRU; ++cell)
-      table.emplace_back(seqfast::gates(cell), seqfast::saved_width(cell, false), seqfast::saved_width(cell, true));
+      table.emplace_back(seqfast::gates(cell), seqfast::saved_width(cell, false), seqfast::saved_width(cell, true),
+                         seqfast::ln_scalars(cell));
     return table;
-  }, "(gates, width of `saved` per hidden unit, the same with zoneout) of each cell id.");
+  }, "(gates, width of `saved` per hidden unit, the same with zoneout, layer_norm's scalars per row) of each cell id.");
   m.def("isa", &seqfast::isa, "The instruction set of the cell math and float32 GEMM in use.");
   m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` kernels; returns the previous.");
   m.def("has_blas", [] {

@@ -3,12 +3,13 @@
 The extension converts the inputs, allocates the outputs (NaN-poisoned while `common.poisoning()`, as
 `common.empty` does) and fills them. The loops compute in the input dtype (float32 or float64); `saved` holds, per
 step and hidden unit, LSTM `i, f, g, o, c` or GRU `r, z, n, W_hn h + b_hn` (RNN saves nothing: `h` is `y`), rows in
-the extension's length-sorted order.
+the extension's length-sorted order; with `layer_norm` each row then holds the normalised product `[G*H]` and its
+1 / std (LSTM also the mean and 1 / std of the new cell state).
 """
 
 import torch
 
-from .common import CELL_IDS, Projection, hidden_size, poisoning, refusal
+from .common import CELL_IDS, GATES, Projection, hidden_size, poisoning, refusal
 
 try:
     from seqfast import _C
@@ -19,10 +20,12 @@ except ImportError as e:
 
 DEVICES = ("cpu",)
 FUSES_PROJECTION = True
-EXTENSIONS = ("resets", "zoneout")
+EXTENSIONS = ("layer_norm", "resets", "zoneout")
 
-# width of `saved` per hidden unit, by zoneout and cell id, as the extension lays it out
+# width of `saved` per hidden unit, by zoneout and cell id, as the extension lays it out; with layer_norm per row the
+# `G*H` normalised product and `_LN_SCALARS` more
 _SAVED_WIDTH = {zoneout: [widths[1 + zoneout] for widths in _C.cells()] for zoneout in (False, True)}
+_LN_SCALARS = [widths[3] for widths in _C.cells()]
 _DTYPES = (torch.float32, torch.float64)
 
 
@@ -55,10 +58,12 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     return refusal("cpp", DEVICES, _DTYPES, cell, gx, w_hh, h0, c0, lengths, w_hr)
 
 
-def saved_shape(cell, T, B, H, P, zoneout=False):
+def saved_shape(cell, T, B, H, P, zoneout=False, layer_norm=False):
     """Shape of `saved`: `[T, B, W*H]` with `W` 5 (LSTM), 4 (GRU) or 0 (RNN), one more for LSTM and RNN with
-    `zoneout` (default False)."""
-    return (T, B, _SAVED_WIDTH[zoneout][CELL_IDS[cell]] * H)
+    `zoneout` (default False); `layer_norm` (default False) adds `G*H + 3` (LSTM) or `G*H + 1` per row."""
+    i = CELL_IDS[cell]
+    width = _SAVED_WIDTH[zoneout][i] * H
+    return (T, B, width + GATES[cell] * H + _LN_SCALARS[i] if layer_norm else width)
 
 
 def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=False, need_saved=True, ext=None):
@@ -66,7 +71,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
 
     Args:
         gx: `[T, B, G*H]`, or a `Projection` the extension forms.
-        ext: `common.Extensions` of resets and zoneout, or None.
+        ext: `common.Extensions` of resets, zoneout and layer_norm, or None.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
@@ -93,8 +98,10 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
 
 
 def _fused(ext):
-    """`(zero, keep_h, keep_c, keep)` of `ext` (None: no options)."""
-    return (None, None, None, 0.0) if ext is None else ext.fused()
+    """`(zero, keep_h, keep_c, keep, ln_hh, ln_c_weight, ln_c_bias)` of `ext` (None: no options)."""
+    if ext is None:
+        return None, None, None, 0.0, None, None, None
+    return *ext.fused(), ext.ln_hh, ext.ln_c_weight, ext.ln_c_bias
 
 
 def stack(cell, x, h0, c0, weights, bidirectional):
@@ -136,11 +143,12 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     """Backward of `fwd` from its `saved`; see `seqfast.kernels.reference` for shapes.
 
     Returns:
-        `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None,
-        `dw_hr [P, H]` or None.
+        `dgx`, `dgh` (`[T, B, G*H]`, dtype of `dy`; `dgh` None unless GRU or `layer_norm`), `dh0 [B, P]`,
+        `dc0 [B, H]` or None, `dw_hr [P, H]` or None; with `layer_norm` a sixth, `(db_hh, d_ln_hh, d_ln_c_weight,
+        d_ln_c_bias)` in `saved`'s dtype (`db_hh` None without `b_hh`, the last two None unless LSTM).
     """
     lstm = cell == "lstm"
-    return _C.bwd(
+    *grads, ln_grads = _C.bwd(
         CELL_IDS[cell],
         dy,
         dhT,
@@ -158,3 +166,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         True,  # need_dh0: the contract's bwd always returns dh0 (only the extension's own node skips it)
         *_fused(ext),
     )
+    if not ln_grads:
+        return tuple(grads)
+    db_hh, d_ln_hh, *d_ln_c = ln_grads if lstm else (*ln_grads, None, None)
+    return *grads, (None if b_hh is None else db_hh, d_ln_hh, *d_ln_c)

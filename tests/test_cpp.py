@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract, twins
+from helpers import (
+    assert_outputs_close,
+    cast,
+    check_layer_norm,
+    contract_problem,
+    layer_norm_problem,
+    mixed_lengths,
+    run_contract,
+    twins,
+)
 
 from seqfast.autograd import folded_biases
 from seqfast.kernels import common, reference
@@ -173,6 +182,69 @@ def test_saved_shape(cpp):
     assert cpp.saved_shape("lstm", 3, 2, 5, 4) == (3, 2, 25)
     assert cpp.saved_shape("gru", 3, 2, 5, 5) == (3, 2, 20)
     assert cpp.saved_shape("rnn_tanh", 3, 2, 5, 5) == (3, 2, 0)
+    assert cpp.saved_shape("lstm", 3, 2, 5, 5, zoneout=True, layer_norm=True) == (3, 2, 30 + 20 + 3)
+    assert cpp.saved_shape("gru", 3, 2, 5, 5, layer_norm=True) == (3, 2, 20 + 15 + 1)
+    assert cpp.saved_shape("rnn_relu", 3, 2, 5, 5, layer_norm=True) == (3, 2, 5 + 1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_norm_per_isa(cpp, cell):
+    """`layer_norm` on every instruction-set path against the float64 oracle, with resets and zoneout: 37 units give
+    partial vectors and the whole batch one block, B = 1 the matrix-vector kernel, B = 30 two blocks of rows."""
+    previous = cpp._C.isa()
+    try:
+        for isa, (B, T, H), (dtype, tol) in itertools.product(
+            isas(cpp), [(5, 6, 37), (1, 4, 16), (30, 4, 24)], [(torch.float64, F64_RTOL), (torch.float32, 2e-5)]
+        ):
+            cpp._C.set_isa(isa)
+            args, cot = layer_norm_problem(
+                cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=dtype, seed=B
+            )
+            check_layer_norm(cpp, cell, args, cot, True, tol)
+    finally:
+        cpp._C.set_isa(previous)
+
+
+@pytest.mark.parametrize("B", [1, 5, 40])
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_norm_thread_count_independent(cpp, cell, B):
+    """`layer_norm`'s outputs and gradients, its parameters' sums over blocks of rows (B = 40) included, are bitwise
+    the same for any thread count."""
+    T, H = 7, 48
+    args, cot = layer_norm_problem(cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train",
+                                   dtype=torch.float32, seed=2)
+    ext = args.pop("ext")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            y, hT, cT, saved = cpp.fwd(cell, **args, ext=ext)
+            a = args
+            grads = cpp.bwd(cell, *cot, a["w_hh"], a["b_hh"], None, a["h0"], a["c0"], a["lengths"], y, saved, False, ext)
+            *first, ln_grads = grads
+            results.append([t for t in (y, hT, cT, saved, *first, *ln_grads) if t is not None])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
+            assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+
+def test_layer_norm_need_saved_false_and_refusals(cpp):
+    """A forward with `layer_norm` that saves nothing gives the same outputs; a projection with it, or gains of the
+    wrong shape, are refused."""
+    args, _ = layer_norm_problem("lstm", 4, 3, 8, dtype=torch.float32)
+    ext = args.pop("ext")
+    lean = cpp.fwd("lstm", **args, need_saved=False, ext=ext)
+    full = cpp.fwd("lstm", **args, ext=ext)
+    assert lean[3].shape == (0,)
+    assert all(torch.equal(a, b) for a, b in zip(lean[:3], full[:3], strict=True))
+    with pytest.raises(RuntimeError, match="projection"):
+        cpp.fwd("lstm", **{**args, "w_hh": torch.randn(32, 5), "h0": torch.randn(3, 5), "w_hr": torch.randn(5, 8)},
+                ext=ext)
+    with pytest.raises(RuntimeError, match="ln_hh"):
+        cpp.fwd("lstm", **args, ext=ext._replace(ln_hh=ext.ln_hh[:-1]))
 
 
 def test_cell_table_is_the_contracts(cpp):
