@@ -205,7 +205,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
               const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0, const Order& ord,
               const ZoneoutArgs& zo, const LayerNormArgs& lna, const at::Tensor& y, const at::Tensor& saved,
               int64_t chunk, const at::Tensor& dgx, const at::Tensor& dgh, const at::Tensor& dh0, const at::Tensor& dc0,
-              const at::Tensor& dw_hr, const at::Tensor& ln_grads) {
+              const at::Tensor& dw_hr, const std::vector<at::Tensor>& ln_grads) {
   const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
   const bool need_dh0 = dh0.defined();
   const bool proj = w_hr.has_value(), lstm = cell == LSTM, ln = lna.on();
@@ -215,7 +215,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const LayerNorm<scalar_t> lnp = lna.pointers<scalar_t>();
   // layer_norm's parameter gradients, `b_hh, ln_hh [G*H]` (LSTM: `ln_c_weight, ln_c_bias [H]`), summed per block of
   // rows, then the blocks in order
-  const int64_t LG = ln ? ln_grads.numel() : 0;
+  const int64_t LG = ln ? 2 * GH + (lstm ? 2 * H : 0) : 0;
   std::vector<scalar_t> block_ln_grads(nb * LG, scalar_t(0));
   const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
@@ -403,11 +403,14 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   }
   if (need_dh0) permute_rows(pdh, dh0.data_ptr<scalar_t>(), ord, P, false);
   if (lstm) permute_rows(pdc, dc0.data_ptr<scalar_t>(), ord, H, false);
-  if (ln) {
-    scalar_t* out = ln_grads.data_ptr<scalar_t>();
-    std::copy_n(block_ln_grads.data(), LG, out);
+  int64_t off = 0;
+  for (const at::Tensor& grad : ln_grads) {
+    scalar_t* out = grad.data_ptr<scalar_t>();
+    const int64_t n = grad.numel();
+    std::copy_n(block_ln_grads.data() + off, n, out);
     for (int64_t b = 1; b < nb; ++b)
-      for (int64_t j = 0; j < LG; ++j) out[j] += block_ln_grads[b * LG + j];
+      for (int64_t j = 0; j < n; ++j) out[j] += block_ln_grads[b * LG + off + j];
+    off += n;
   }
 }
 

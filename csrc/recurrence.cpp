@@ -299,7 +299,9 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
   const auto opts = dy.options();
   const at::Tensor dgx = output({T, B, GH}, opts, poison), dh0 = need_dh0 ? output({B, P}, opts, poison) : at::Tensor();
   const at::Tensor dgh = cell == GRU || ln.on() ? output({T, B, GH}, opts, poison) : at::Tensor();
-  const at::Tensor ln_grads = ln.on() ? output({2 * GH + (lstm ? 2 * H : 0)}, opts, poison) : at::Tensor();
+  std::vector<at::Tensor> ln_grads;  // b_hh's, ln_hh's [G*H], LSTM's ln_c_weight's, ln_c_bias's [H]
+  if (ln.on()) ln_grads = {output({GH}, opts, poison), output({GH}, opts, poison)};
+  if (ln.on() && lstm) ln_grads.insert(ln_grads.end(), {output({H}, opts, poison), output({H}, opts, poison)});
   const at::Tensor dc0 = lstm ? output({B, H}, opts, poison) : at::Tensor();
   const at::Tensor dw_hr = proj ? output({P, H}, opts, poison) : at::Tensor();
   const Order ord = make_order(lengths, T, B, reverse, zero);
@@ -307,14 +309,12 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
     bwd_loop<scalar_t>(static_cast<int>(cell), dy, dhT, lstm ? *dcT : dc0, w_hh, w_hr, h0, lstm ? *c0 : dc0, ord,
                        zo, ln, y, saved, chunk, dgx, dgh, dh0, dc0, dw_hr, ln_grads);
   });
-  std::vector<at::Tensor> ln_out;
-  if (ln.on()) ln_out = ln_grads.split_with_sizes(lstm ? std::vector<int64_t>{GH, GH, H, H} : std::vector<int64_t>{GH, GH});
   auto maybe = [](const at::Tensor& t, const c10::optional<at::Tensor>& like) {
     return t.defined() ? c10::make_optional(in_dtype(t, like->scalar_type())) : c10::nullopt;
   };
   const auto io = c10::make_optional(dy_in);
   return {in_dtype(dgx, dy_in.scalar_type()), maybe(dgh, io), dh0.defined() ? in_dtype(dh0, h0_in.scalar_type()) : dh0,
-          maybe(dc0, c0_in), maybe(dw_hr, w_hr_in), ln_out};
+          maybe(dc0, c0_in), maybe(dw_hr, w_hr_in), ln_grads};
 }
 
 }  // namespace
