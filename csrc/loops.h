@@ -158,7 +158,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
     run_fwd(kern, cell, a);
   };
   if (rb < B || ln) {
-    run_blocks((B + rb - 1) / rb, T * B * GH * P, [&](int64_t b) {
+    run_blocks(B > 0 ? (B + rb - 1) / rb : 0, T * B * GH * P, [&](int64_t b) {
       for (int64_t s = 0; s < T && ord.active[s] > b * rb; ++s) cell_step(s, 0, b * rb, (b + 1) * rb);
     });
   } else if (!proj) {
@@ -210,7 +210,8 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const bool need_dh0 = dh0.defined();
   const bool proj = w_hr.has_value(), lstm = cell == LSTM, ln = lna.on();
   const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);  // as the forward's
-  const int64_t hc = rb < B || ln ? H : std::min(chunk, H), nch = (H + hc - 1) / hc, nb = (B + rb - 1) / rb;
+  const int64_t hc = rb < B || ln ? H : std::min(chunk, H), nch = (H + hc - 1) / hc;
+  const int64_t nb = B > 0 ? (B + rb - 1) / rb : 0;
   const int64_t SW = saved_cols(cell, H, zo.on(), ln);
   const LayerNorm<scalar_t> lnp = lna.pointers<scalar_t>();
   // layer_norm's parameter gradients, `b_hh, ln_hh [G*H]` (LSTM: `ln_c_weight, ln_c_bias [H]`), summed per block of
@@ -332,7 +333,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   };
 
   if (rb < B || ln) {
-    run_blocks((B + rb - 1) / rb, T * B * GH * P, [&](int64_t b) {
+    run_blocks(nb, T * B * GH * P, [&](int64_t b) {
       for (int64_t k = 0; k < T + need_dh0; ++k) bwd_step(k, 0, b * rb, (b + 1) * rb);
     });
   } else if (!proj) {
@@ -407,8 +408,8 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   for (const at::Tensor& grad : ln_grads) {
     scalar_t* out = grad.data_ptr<scalar_t>();
     const int64_t n = grad.numel();
-    std::copy_n(block_ln_grads.data() + off, n, out);
-    for (int64_t b = 1; b < nb; ++b)
+    std::fill_n(out, n, scalar_t(0));
+    for (int64_t b = 0; b < nb; ++b)
       for (int64_t j = 0; j < n; ++j) out[j] += block_ln_grads[b * LG + off + j];
     off += n;
   }

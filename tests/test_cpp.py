@@ -205,30 +205,50 @@ def test_layer_norm_per_isa(cpp, cell):
         cpp._C.set_isa(previous)
 
 
+def run_layer_norm(cpp, cell, args, cot):
+    """`fwd` then `bwd` of a `layer_norm_problem` (forward direction): `(y, hT, cT, saved)` and `bwd`'s six values."""
+    call = {k: v for k, v in args.items() if k != "ext"}
+    a, ext = args, args["ext"]
+    y, hT, cT, saved = cpp.fwd(cell, **call, ext=ext)
+    grads = cpp.bwd(cell, *cot, a["w_hh"], a["b_hh"], None, a["h0"], a["c0"], a["lengths"], y, saved, False, ext)
+    return (y, hT, cT, saved), grads
+
+
 @pytest.mark.parametrize("B", [1, 5, 40])
 @pytest.mark.parametrize("cell", CELLS)
 def test_layer_norm_thread_count_independent(cpp, cell, B):
     """`layer_norm`'s outputs and gradients, its parameters' sums over blocks of rows (B = 40) included, are bitwise
     the same for any thread count."""
     T, H = 7, 48
-    args, cot = layer_norm_problem(cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train",
-                                   dtype=torch.float32, seed=2)
-    ext = args.pop("ext")
+    args, cot = layer_norm_problem(
+        cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32, seed=2
+    )
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            y, hT, cT, saved = cpp.fwd(cell, **args, ext=ext)
-            a = args
-            grads = cpp.bwd(cell, *cot, a["w_hh"], a["b_hh"], None, a["h0"], a["c0"], a["lengths"], y, saved, False, ext)
-            *first, ln_grads = grads
-            results.append([t for t in (y, hT, cT, saved, *first, *ln_grads) if t is not None])
+            outputs, (*grads, ln_grads) = run_layer_norm(cpp, cell, args, cot)
+            results.append([t for t in (*outputs, *grads, *ln_grads) if t is not None])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
             assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_norm_empty_calls(cpp, cell):
+    """`layer_norm` over no steps or no rows: empty outputs, and zero gradients of its parameters."""
+    for T, B in [(0, 3), (3, 0)]:
+        args, cot = layer_norm_problem(cell, max(T, 1), max(B, 1), 5, dtype=torch.float32)
+        for name in ("gx", "h0", "c0"):
+            if args[name] is not None:
+                args[name] = args[name][:T, :B] if name == "gx" else args[name][:B]
+        cot = tuple(None if c is None else c[:T, :B] if c.dim() == 3 else c[:B] for c in cot)
+        (y, *_), (dgx, dgh, *_, ln_grads) = run_layer_norm(cpp, cell, args, cot)
+        assert y.shape == (T, B, 5) and dgx.shape == dgh.shape == (T, B, args["w_hh"].shape[0])
+        assert all(g is None or (g == 0).all() for g in ln_grads)
 
 
 def test_layer_norm_need_saved_false_and_refusals(cpp):
@@ -241,8 +261,9 @@ def test_layer_norm_need_saved_false_and_refusals(cpp):
     assert lean[3].shape == (0,)
     assert all(torch.equal(a, b) for a, b in zip(lean[:3], full[:3], strict=True))
     with pytest.raises(RuntimeError, match="projection"):
-        cpp.fwd("lstm", **{**args, "w_hh": torch.randn(32, 5), "h0": torch.randn(3, 5), "w_hr": torch.randn(5, 8)},
-                ext=ext)
+        cpp.fwd(
+            "lstm", **{**args, "w_hh": torch.randn(32, 5), "h0": torch.randn(3, 5), "w_hr": torch.randn(5, 8)}, ext=ext
+        )
     with pytest.raises(RuntimeError, match="ln_hh"):
         cpp.fwd("lstm", **args, ext=ext._replace(ln_hh=ext.ln_hh[:-1]))
 
