@@ -357,7 +357,8 @@ def _second_order(ctx, gx, tensors, dy, dhT, dcT):
     w_hh, b_hh, h0, c0, lengths, w_hr, _, _, zero, keep_h, keep_c, *gains = tensors
     (ext,) = fused_arg(zero, keep_h, keep_c, ctx.keep, *gains)
     inputs = (gx, w_hh, b_hh, h0, c0, w_hr, *gains)
-    need = [ctx.needs_input_grad[i] for i in (4, 5, 6, 7, 8, 10, 15, 16, 17)]
+    wanted = ctx.needs_input_grad  # trailing arguments left at their defaults have no entry
+    need = [i < len(wanted) and wanted[i] for i in (4, 5, 6, 7, 8, 10, 15, 16, 17)]
     with torch.enable_grad():
         outputs = reference.fwd(ctx.cell, gx, w_hh, b_hh, h0, c0, lengths, w_hr, ctx.reverse, False, ext)[:3]
         return _autograd_grads(outputs, (dy, dhT, dcT), inputs, need)

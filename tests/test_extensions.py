@@ -349,14 +349,16 @@ def test_options_gradcheck_and_gradgradcheck(cell):
     assert torch.autograd.gradgradcheck(f, args)
 
 
+@pytest.mark.parametrize("layer_norm", [False, True], ids=["", "layer_norm"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.values[0] in ("cpp", "numba")])
-def test_fused_options_gradcheck_and_gradgradcheck(backend, cell, training):
-    """First and second derivatives of a bidirectional layer with resets and zoneout on a backend that fuses them
-    (training masks redrawn from the same seed on every call), with respect to the input and the parameters, in
-    float64."""
-    module = build(cell, {"zoneout": 0.3}, backend, bidirectional=True, H=2).train(training)
+def test_fused_options_gradcheck_and_gradgradcheck(backend, cell, training, layer_norm):
+    """First and second derivatives of a bidirectional layer with resets and zoneout, and with layer_norm too, on a
+    backend that fuses them (training masks redrawn from the same seed on every call), with respect to the input and
+    the parameters, in float64."""
+    options = {"zoneout": 0.3, "layer_norm": layer_norm}
+    module = build(cell, options, backend, bidirectional=True, H=2).train(training)
     x, _, resets = inputs(module, 4, 2, True)
     names = [n for n, _ in module.named_parameters()]
 
