@@ -101,7 +101,7 @@ def _fused(ext):
     """`(zero, keep_h, keep_c, keep, ln_hh, ln_c_weight, ln_c_bias)` of `ext` (None: no options)."""
     if ext is None:
         return None, None, None, 0.0, None, None, None
-    return *ext.fused(), ext.ln_hh, ext.ln_c_weight, ext.ln_c_bias
+    return *ext.fused(), *ext.gains()
 
 
 def stack(cell, x, h0, c0, weights, bidirectional):
