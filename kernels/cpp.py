@@ -148,7 +148,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         d_ln_c_bias)` in `saved`'s dtype (`db_hh` None without `b_hh`, the last two None unless LSTM).
     """
     lstm = cell == "lstm"
-    *grads, ln_grads = _C.bwd(
+    out = _C.bwd(
         CELL_IDS[cell],
         dy,
         dhT,
@@ -166,7 +166,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         True,  # need_dh0: the contract's bwd always returns dh0 (only the extension's own node skips it)
         *_fused(ext),
     )
-    if not ln_grads:
-        return tuple(grads)
-    db_hh, d_ln_hh, *d_ln_c = ln_grads if lstm else (*ln_grads, None, None)
-    return *grads, (None if b_hh is None else db_hh, d_ln_hh, *d_ln_c)
+    if not out[5]:
+        return out[:5]
+    db_hh, d_ln_hh, *d_ln_c = out[5] if lstm else (*out[5], None, None)
+    return *out[:5], (None if b_hh is None else db_hh, d_ln_hh, *d_ln_c)
