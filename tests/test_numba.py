@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import assert_outputs_close, cast, contract_problem, mixed_lengths, run_contract
+from helpers import assert_outputs_close, cast, contract_problem, layer_norm_problem, mixed_lengths, run_contract
 
 from seqfast.kernels import reference
 
@@ -35,6 +35,23 @@ def test_inference_matches_training_forward(cell):
     assert train[3].shape == nb.saved_shape(cell, 6, 5, 16, 16)
     for a, b in zip(train[:3], infer[:3], strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+
+
+@needs_numba
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_norm_inference_matches_training_forward(cell):
+    """With layer_norm the forward without `saved` (one step of scratch) gives the training forward's outputs, and
+    a projection is refused."""
+    args, _ = layer_norm_problem(cell, 6, 5, 16, lengths=mixed_lengths(6, 5), resets=True, dtype=torch.float32)
+    train = nb.fwd(cell, **args, reverse=True, need_saved=True)
+    infer = nb.fwd(cell, **args, reverse=True, need_saved=False)
+    assert infer[3].shape == (0,)
+    assert train[3].shape == nb.saved_shape(cell, 6, 5, 16, 16, layer_norm=True)
+    for a, b in zip(train[:3], infer[:3], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    if cell == "lstm":
+        with pytest.raises(ValueError, match="projection"):
+            nb.fwd(cell, **{**args, "w_hr": torch.zeros(16, 16)})
 
 
 @needs_numba
@@ -120,7 +137,7 @@ def test_a_cell_compiles_alone_and_loads_from_cache(tmp_path):
     cold = compiled()
     assert {"_loops.<locals>.fwd", "launch", "_rnn_act"} <= cold, cold
     others = {"_gru_gates", "_gru_grads", "_lstm_gates", "_lstm_out", "_lstm_grads", "_rnn_grad"}
-    others |= {"_resets", "keep_row", "_mix"}  # the options
+    others |= {"_resets", "keep_row", "_mix", "_ln_gain", "_ln_grads", "_lstm_ln_out", "_tanh_libm"}  # the options
     assert not cold & {*others, "_loops.<locals>.bwd"}, cold
     assert compiled() == set()
 

@@ -2,31 +2,35 @@
 
 Importing it imports numba, so a missing or broken numba raises ImportError here and the dispatcher reports the
 backend unavailable with that reason. The loops compile on first use per cell and dtype and are cached on disk. The
-`resets` and `zoneout` options run fused in the same loops (`EXTENSIONS`), each combination compiled on first use.
+`resets`, `zoneout` and `layer_norm` options run fused in the same loops (`EXTENSIONS`), each combination compiled on
+first use; `layer_norm`, which normalises whole rows, on the calling thread alone.
 """
 
 import numba
 import numpy as np
 import torch
 
-from seqfast.kernels.common import check_lengths, compute_dtype, empty, hidden_size, refusal
+from seqfast.kernels.common import GATES, check_lengths, compute_dtype, empty, hidden_size, refusal
 
 from . import loops
 
 DEVICES = ("cpu",)
-EXTENSIONS = ("resets", "zoneout")
+EXTENSIONS = ("layer_norm", "resets", "zoneout")
 
 _DTYPES = (torch.float32, torch.float64)
 
-# `saved` per step and hidden unit: LSTM `i, f, g, o, c`, GRU `r, z, n, W_hn h + b_hn`; `bwd` reads RNN's `h` and GRU's
-# `h_prev` from `y` (and `h0`). Zoneout adds LSTM's carried `c` and RNN's `h~` (`y` holds the mixed `h`).
-_SAVED_WIDTH = {"rnn_tanh": 0, "rnn_relu": 0, "lstm": 5, "gru": 4}
 
-
-def saved_shape(cell, T, B, H, P, zoneout=False):
-    """Shape of `saved`: `[T, B, W*H]` with `W` 5 (LSTM), 4 (GRU) or 0 (RNN), one more for LSTM and RNN with
-    `zoneout` (default False)."""
-    return (T, B, (_SAVED_WIDTH[cell] + (zoneout and cell != "gru")) * H)
+def saved_shape(cell, T, B, H, P, zoneout=False, layer_norm=False):
+    """Shape of `saved`: `[T, B, W]` per step and row: `i, f, g, o, c` (LSTM), `r, z, n, W_hn h + b_hn` (GRU) or
+    nothing (RNN: `bwd` reads RNN's `h` and GRU's `h_prev` from `y` and `h0`); with `zoneout` (default False) LSTM's
+    carried `c` or RNN's `h~` (`y` holds the mixed `h`) after them, each `[H]`; with `layer_norm` (default False)
+    then the normalised recurrent product `[G*H]`, LSTM's normalised `c~` `[H]`, the product's `1 / std` and LSTM's
+    `c~`'s."""
+    G, lstm = GATES[cell], cell == "lstm"
+    width = loops.saved_slots(G, zoneout) * H
+    if layer_norm:
+        width += (G + lstm) * H + 1 + lstm
+    return (T, B, width)
 
 
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
@@ -105,20 +109,22 @@ def _run(loop, args, work, nc):
 # the loops' `ext` without options, per compute dtype: no steps, no weights
 _NO_OPTIONS = {
     dt: (np.empty((0, 0), dtype=np.bool_), np.empty((0, 0, 0), dtype=dt), np.empty((0, 0, 0), dtype=dt))
+    + (np.empty(0, dtype=dt),) * 3
     for dt in (np.float32, np.float64)
 }
 
 
-def _options(ext, T, B, H, P, ct):
-    """`ext` (a `common.Extensions` of resets and zoneout, or None) as the loops take it.
+def _options(cell, ext, T, B, H, P, ct, w_hr):
+    """`ext` (a `common.Extensions`, or None) as the loops take it.
 
     Returns:
-        `(zero [T, B] bool, keep_h [T, B, P], keep_c [T, B, H])` in the compute dtype `ct` (empty where off; a constant
-        weight as one row `[1, 1, N]`, see `loops.keep_row`), whether resets are on, whether zoneout is.
+        `(zero [T, B] bool, keep_h [T, B, P], keep_c [T, B, H], ln_hh [G*H], ln_c_weight [H], ln_c_bias [H])` in the
+        compute dtype `ct` (empty where off; a constant weight as one row `[1, 1, N]`, see `loops.keep_row`), whether
+        resets are on, whether zoneout is, whether layer_norm is.
     """
-    zero, keep_h, keep_c = _NO_OPTIONS[np.float64 if ct == torch.float64 else np.float32]
+    zero, keep_h, keep_c, ln_hh, ln_cw, ln_cb = _NO_OPTIONS[np.float64 if ct == torch.float64 else np.float32]
     if ext is None:
-        return (zero, keep_h, keep_c), False, False
+        return (zero, keep_h, keep_c, ln_hh, ln_cw, ln_cb), False, False, False
     if ext.zero is not None:
         zero = _np(ext.zero, torch.bool)
         if zero.shape != (T, B):
@@ -126,7 +132,21 @@ def _options(ext, T, B, H, P, ct):
     zoneout = ext.keep_h is not None
     if zoneout:
         keep_h, keep_c = _keep(ext.keep_h, P, ct), _keep(ext.keep_c, H, ct)
-    return (zero, keep_h, keep_c), ext.zero is not None, zoneout
+    layer_norm = ext.ln_hh is not None
+    if layer_norm:
+        if w_hr is not None:
+            raise ValueError("layer_norm does not run with a projection (w_hr)")
+        ln_hh = _gain(ext.ln_hh, "ln_hh", GATES[cell] * H, ct)
+        if cell == "lstm":
+            ln_cw, ln_cb = _gain(ext.ln_c_weight, "ln_c_weight", H, ct), _gain(ext.ln_c_bias, "ln_c_bias", H, ct)
+    return (zero, keep_h, keep_c, ln_hh, ln_cw, ln_cb), ext.zero is not None, zoneout, layer_norm
+
+
+def _gain(t, name, n, ct):
+    """A LayerNorm weight `[n]` of `layer_norm` as numpy of `ct`."""
+    if t is None or tuple(t.shape) != (n,):
+        raise ValueError(f"{name} must have shape ({n},), got {None if t is None else tuple(t.shape)}")
+    return _np(t, ct)
 
 
 def _keep(keep, n, ct):
@@ -145,26 +165,26 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
             be None).
         reverse: walk each sequence from its own last step (default False).
         need_saved: keep what `bwd` needs (default True).
-        ext: `common.Extensions` of resets and zoneout, or None (default).
+        ext: `common.Extensions` of resets, zoneout and layer_norm, or None (default).
 
     Returns:
-        `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(..., zoneout)`, or `[0]` when not
-        needed).
+        `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(..., zoneout, layer_norm)`, or `[0]`
+        when not needed).
     """
     T, B, G = gx.shape
     H = hidden_size(cell, w_hh)
     P = w_hh.shape[1]
     ct = compute_dtype(gx.dtype)
-    nc = _chunks(H)
+    options, resets, zoneout, layer_norm = _options(cell, ext, T, B, H, P, ct, w_hr)
+    nc = 1 if layer_norm else _chunks(H)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     x, w = _np(gx, ct), _np(w_hh, ct)
-    options, resets, zoneout = _options(ext, T, B, H, P, ct)
     bias = _np(b_hh, ct) if b_hh is not None else np.zeros(G, dtype=x.dtype)
     y = empty((T, B, P), ct, gx.device)
     hT = empty((B, P), ct, gx.device)
     hT.copy_(h0)
-    saved = empty(saved_shape(cell, T, B, H, P, zoneout) if need_saved else (0,), ct, gx.device)
-    shape = saved_shape(cell, 1, B, H, P, zoneout)
+    saved = empty(saved_shape(cell, T, B, H, P, zoneout, layer_norm) if need_saved else (0,), ct, gx.device)
+    shape = saved_shape(cell, 1, B, H, P, zoneout, layer_norm)
     scratch = saved.numpy() if need_saved else np.empty(shape, dtype=x.dtype)
     cT, c = None, np.empty((B, 0), dtype=x.dtype)
     if cell == "lstm":
@@ -173,7 +193,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         c = cT.numpy()
     proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
     args = (x, w, bias, proj, lens, reverse, relu, hT.numpy(), c, y.numpy(), scratch, options)
-    loop = loops.cell_loops(cell, w_hr is not None, resets, zoneout)[0]
+    loop = loops.cell_loops(cell, w_hr is not None, resets, zoneout, layer_norm)[0]
     _run(loop, args, loops.fwd_work(cell, w, proj, B, T, nc), nc)
     return y, hT, cT, saved
 
@@ -183,23 +203,28 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
 
     Args:
         cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved: as in the reference (`dcT`, `w_hr`,
-            `c0`, `lengths` may be None; `b_hh` is not needed).
+            `c0`, `lengths`, `b_hh` may be None; `b_hh` only tells layer_norm whether to give its gradient).
         reverse: as passed to `fwd` (default False).
         ext: the forward's `common.Extensions`, or None (default).
 
     Returns:
-        `dgx`, `dgh` (`[T, B, G*H]`; `dgh` None unless GRU), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None.
+        `dgx`, `dgh` (`[T, B, G*H]`; `dgh` None unless GRU or layer_norm, then the gradient of the product before its
+        LayerNorm), `dh0 [B, P]`, `dc0 [B, H]` or None, `dw_hr [P, H]` or None; with layer_norm also
+        `(db_hh [G*H] or None, d_ln_hh [G*H], d_ln_c_weight [H], d_ln_c_bias [H])`, LSTM's pair None for the other
+        cells.
     """
     T, B, P = dy.shape
     G = w_hh.shape[0]
     H = hidden_size(cell, w_hh)
     ct = saved.dtype
-    nc = _chunks(H)
+    options, resets, zoneout, layer_norm = _options(cell, ext, T, B, H, P, ct, w_hr)
+    nc = 1 if layer_norm else _chunks(H)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
-    options, resets, zoneout = _options(ext, T, B, H, P, ct)
+    # layer_norm's gradients of `ln_hh`, `b_hh` (and LSTM's `ln_c_weight`, `ln_c_bias`), per row
+    sums = torch.zeros((B, 2 * G + 2 * H * (cell == "lstm")) if layer_norm else (0, 0), dtype=ct)
     dgx = empty((T, B, G), ct, dy.device)
-    dgh = empty((T, B, G), ct, dy.device) if cell == "gru" else None
+    dgh = empty((T, B, G), ct, dy.device) if cell == "gru" or layer_norm else None
     dh0 = empty((B, P), ct, dy.device)
     dh0.copy_(dhT)
     dc0 = dw_hr = None
@@ -222,9 +247,14 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         dh_out = empty((T, B, P), ct, dy.device)
         proj_t, hraw_np, dh_out_np = _np(w_hr.t(), ct), hraw.numpy(), dh_out.numpy()
     args = (d_out, y_np, h0_np, w_t, proj_t, lens, reverse, relu, c0_np, saved.numpy(), dh0.numpy(), dc)
-    args += (dgx.numpy(), dgh_np, hraw_np, dh_out_np, options)
-    loop = loops.cell_loops(cell, w_hr is not None, resets, zoneout)[1]
+    args += (dgx.numpy(), dgh_np, hraw_np, dh_out_np, (*options, sums.numpy()))
+    loop = loops.cell_loops(cell, w_hr is not None, resets, zoneout, layer_norm)[1]
     _run(loop, args, loops.bwd_work(cell, w_t, proj_t, B, T, nc, resets, zoneout), nc)
     if w_hr is not None:
         dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
-    return dgx, dgh, dh0, dc0, dw_hr
+    if not layer_norm:
+        return dgx, dgh, dh0, dc0, dw_hr
+    # one tensor each: the custom op's outputs may not alias one another
+    d_ln_hh, db_hh, *d_ln_c = (part.sum(0) for part in sums.split([G, G] + [H, H] * (cell == "lstm"), dim=1))
+    d_ln_cw, d_ln_cb = d_ln_c or (None, None)
+    return dgx, dgh, dh0, dc0, dw_hr, (db_hh if b_hh is not None else None, d_ln_hh, d_ln_cw, d_ln_cb)

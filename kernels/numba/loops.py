@@ -13,9 +13,10 @@ phases is done (`sync`); `tid` 0 returns once the last is. A thread that never r
 others, so the loop cannot deadlock however many threads run it. `launch` runs a loop on numba's threads through its
 compiled entry point and one parallel function compiled once, so neither the loop nor a parallel region compiles per
 loop. A loop compiles on its cell's first call per dtype, with the cell's gate count (and LSTM's projection, and which
-of the `resets` and `zoneout` options run) a constant of its closure, so it holds only that cell's math and those
-options' code; `rev`, RNN's `relu` (both RNN cells share a loop) and `nc` are runtime arguments. Every cell's loop takes
-the same arguments (empty arrays for what the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
+of the `resets`, `zoneout` and `layer_norm` options run) a constant of its closure, so it holds only that cell's math
+and those options' code (`layer_norm`, which normalises whole rows of the recurrent product, runs on one chunk);
+`rev`, RNN's `relu` (both RNN cells share a loop) and `nc` are runtime arguments. Every cell's loop takes the same
+arguments (empty arrays for what the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
 """
 
 import functools
@@ -30,7 +31,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from seqfast.kernels.common import GATES
+from seqfast.kernels.common import GATES, LN_EPS
 
 # error_model="numpy": no ZeroDivisionError branch around each division, which would keep the cell math scalar
 _OPTS = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}, "error_model": "numpy"}
@@ -78,6 +79,18 @@ def tanh(x):
 
 def sigmoid(x):
     """`1 / (1 + exp(-x))` in the precision of `x`."""
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# libm's activations: the cell math takes them for `precise` (not None), as layer_norm's division by each row's
+# spread magnifies the float32 fit's few ulp
+@njit(**_OPTS)
+def _tanh_libm(x):
+    return math.tanh(x)
+
+
+@njit(**_OPTS)
+def _sigmoid_libm(x):
     return 1.0 / (1.0 + math.exp(-x))
 
 
@@ -569,10 +582,10 @@ def _segs(row, H, j0, j1):
 
 
 @njit(**_OPTS)
-def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1):
+def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1, precise=None):
     """Units `j0 <= j < j1`: the activated gates `i, f, g, o` of the recurrent product `a [4H]` plus `gxr [4H]` and
-    `bias [4H]` into `svr [5H]`, then the new cell state into `cr [H]` and `svr`. Activations go out of place: an
-    in-place one stays scalar."""
+    `bias [4H]` into `svr [5H]`, then the new cell state into `cr [H]` and `svr`; libm's activations for `precise`
+    (not None). Activations go out of place: an in-place one stays scalar."""
     n = j1 - j0
     for g in range(4):
         ag, xg, bg, sg = (
@@ -585,10 +598,10 @@ def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1):
             ag[j] += xg[j] + bg[j]
         if g == 2:
             for j in range(n):
-                sg[j] = tanh(ag[j])
+                sg[j] = tanh(ag[j]) if precise is None else _tanh_libm(ag[j])
         else:
             for j in range(n):
-                sg[j] = sigmoid(ag[j])
+                sg[j] = sigmoid(ag[j]) if precise is None else _sigmoid_libm(ag[j])
     si, sf, sg, _, sc = _segs(svr, H, j0, j1)
     c = cr[j0:j1]
     for j in range(n):
@@ -611,16 +624,26 @@ def _lstm_grads(svr, cpr, dhr, dcr, dcs, dar, H, j0, j1):
     and the state gradient `dhr [H]`: the gate gradients into `dar [4H]`, `dcr [H]` back one step (`dcs [H]`:
     scratch)."""
     one = dcr.dtype.type(1)
-    n = j1 - j0
-    i, f, g, o, c = _segs(svr, H, j0, j1)
-    dai, daf, dag, dao, _ = _segs(dar, H, j0, j1)
-    cp, dh, dc, d = cpr[j0:j1], dhr[j0:j1], dcr[j0:j1], dcs[j0:j1]
+    _, _, _, o, c = _segs(svr, H, j0, j1)
+    dao = _seg(dar, 3, H, j0, j1)
+    dh, dc, d = dhr[j0:j1], dcr[j0:j1], dcs[j0:j1]
     # d sigmoid = s (1 - s); d tanh = 1 - t^2
-    for j in range(n):
+    for j in range(j1 - j0):
         tc = tanh(c[j])
         d[j] = dc[j] + dh[j] * o[j] * (one - tc * tc)
         dao[j] = dh[j] * tc * o[j] * (one - o[j])
-    for j in range(n):
+    _lstm_cell_grads(svr, cpr, dcs, dcr, dar, H, j0, j1)
+
+
+@njit(**_OPTS)
+def _lstm_cell_grads(svr, cpr, dcs, dcr, dar, H, j0, j1):
+    # units `j0 <= j < j1`: the gradients of `i, f, g` into `dar [4H]` and `dcr [H]` back one step from the new cell
+    # state's `dcs [H]`
+    one = dcr.dtype.type(1)
+    i, f, g, _, _ = _segs(svr, H, j0, j1)
+    dai, daf, dag, _, _ = _segs(dar, H, j0, j1)
+    cp, dc, d = cpr[j0:j1], dcr[j0:j1], dcs[j0:j1]
+    for j in range(j1 - j0):
         dai[j] = d[j] * g[j] * i[j] * (one - i[j])
         daf[j] = d[j] * cp[j] * f[j] * (one - f[j])
         dag[j] = d[j] * i[j] * (one - g[j] * g[j])
@@ -628,13 +651,87 @@ def _lstm_grads(svr, cpr, dhr, dcr, dcs, dar, H, j0, j1):
 
 
 @njit(**_OPTS)
-def _rnn_act(gxr, a, bias, relu, hr, j0, j1):
+def _ln(v, xhat):
+    """LayerNorm of the row `v [N]` over its `N` features: `(v - mean) * rstd` into `xhat [N]`; returns `rstd =
+    1 / sqrt(var + LN_EPS)` (biased variance, two passes)."""
+    n, one = v.shape[0], v.dtype.type(1)
+    mean = var = v.dtype.type(0)
+    for j in range(n):
+        mean += v[j]
+    mean /= v.dtype.type(n)
+    for j in range(n):
+        e = v[j] - mean
+        var += e * e
+    rstd = one / math.sqrt(var / v.dtype.type(n) + v.dtype.type(LN_EPS))
+    for j in range(n):
+        xhat[j] = (v[j] - mean) * rstd
+    return rstd
+
+
+@njit(**_OPTS)
+def _ln_gain(a, xhat, gain):
+    # `a = LN(a) * gain` for the recurrent product `a [G*H]`, keeping `xhat`; returns the row's `rstd`
+    rstd = _ln(a, xhat)
+    for j in range(a.shape[0]):
+        a[j] = xhat[j] * gain[j]
+    return rstd
+
+
+@njit(**_OPTS)
+def _ln_grads(d, xhat, gain, rstd, d_gain, d_bias):
+    """Backward of `LN(v) * gain + bias` for one row: `d [N]` comes in as the gradient of the output and leaves as
+    that of `v`, `rstd (u - mean(u) - xhat mean(u xhat))` with `u = d gain`; `d_gain += d xhat`, `d_bias += d`."""
+    n = d.shape[0]
+    su = sux = d.dtype.type(0)
+    for j in range(n):
+        d_gain[j] += d[j] * xhat[j]
+        d_bias[j] += d[j]
+        u = d[j] * gain[j]
+        d[j] = u
+        su += u
+        sux += u * xhat[j]
+    su /= d.dtype.type(n)
+    sux /= d.dtype.type(n)
+    for j in range(n):
+        d[j] = rstd * (d[j] - su - xhat[j] * sux)
+
+
+@njit(**_OPTS)
+def _lstm_ln_out(svr, chat, w, bias, hr, H):
+    # `h = o * tanh(LN(c) * w + bias)` from the saved row `svr [5H]` into `hr [H]`, keeping `LN(c)` in `chat [H]`;
+    # returns the row's `rstd` of `c`
+    rstd = _ln(_seg(svr, 4, H, 0, H), chat)
+    o = _seg(svr, 3, H, 0, H)
+    for j in range(H):
+        hr[j] = o[j] * _tanh_libm(chat[j] * w[j] + bias[j])
+    return rstd
+
+
+@njit(**_OPTS)
+def _lstm_ln_grads(svr, cpr, dhr, dcr, dcs, dar, chat, rstd, w, bias, sums):
+    """`_lstm_grads` of the whole row with `h = o * tanh(LN(c) * w + bias)`: `chat [H]` and `rstd` are the forward's
+    `LN(c)` and its `rstd`; `sums [2H]` gains the row's gradients of `w` and of `bias`."""
+    one, H = dcr.dtype.type(1), chat.shape[0]
+    o, dao, dh, d = _seg(svr, 3, H, 0, H), _seg(dar, 3, H, 0, H), dhr[:H], dcs[:H]
+    for j in range(H):
+        tn = _tanh_libm(chat[j] * w[j] + bias[j])
+        d[j] = dh[j] * o[j] * (one - tn * tn)
+        dao[j] = dh[j] * tn * o[j] * (one - o[j])
+    _ln_grads(d, chat, w, rstd, sums[:H], sums[H:])
+    for j in range(H):
+        d[j] += dcr[j]
+    _lstm_cell_grads(svr, cpr, dcs, dcr, dar, H, 0, H)
+
+
+@njit(**_OPTS)
+def _rnn_act(gxr, a, bias, relu, hr, j0, j1, precise=None):
     # units `j0 <= j < j1` of `h = act(gx + W_hh h + b_hh)` from the recurrent product `a [H]` into `hr [H]`
+    # (libm's `tanh` for `precise`, not None)
     x, p, bb, h = gxr[j0:j1], a[j0:j1], bias[j0:j1], hr[j0:j1]
     zero = h.dtype.type(0)
     for j in range(j1 - j0):
         v = x[j] + p[j] + bb[j]
-        h[j] = max(v, zero) if relu else tanh(v)
+        h[j] = max(v, zero) if relu else (tanh(v) if precise is None else _tanh_libm(v))
 
 
 @njit(**_OPTS)
@@ -649,9 +746,10 @@ def _rnn_grad(hsr, dhr, dyr, relu, dar, j0, j1):
 
 
 @njit(**_OPTS)
-def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1):
+def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1, precise=None):
     """Units `j0 <= j < j1`: from the recurrent product `a [3H]`, `gxr`, `bias [3H]` and the previous state `hpr [H]`,
-    `r, z, n, W_hn h + b_hn` into `svr [4H]` and the new state into `hr [H]`."""
+    `r, z, n, W_hn h + b_hn` into `svr [4H]` and the new state into `hr [H]`; libm's activations for `precise` (not
+    None)."""
     n = j1 - j0
     for g in range(3):
         ag, bg = _seg(a, g, H, j0, j1), _seg(bias, g, H, j0, j1)
@@ -660,12 +758,13 @@ def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1):
     for g in range(2):
         ag, xg, sg = _seg(a, g, H, j0, j1), _seg(gxr, g, H, j0, j1), _seg(svr, g, H, j0, j1)
         for j in range(n):
-            sg[j] = sigmoid(ag[j] + xg[j])
+            sg[j] = sigmoid(ag[j] + xg[j]) if precise is None else _sigmoid_libm(ag[j] + xg[j])
     r, z, sn, shn, _ = _segs(svr, H, j0, j1)
     ahn, xn, hp, h = _seg(a, 2, H, j0, j1), _seg(gxr, 2, H, j0, j1), hpr[j0:j1], hr[j0:j1]
     one = h.dtype.type(1)
     for j in range(n):
-        nj = tanh(xn[j] + r[j] * ahn[j])
+        v = xn[j] + r[j] * ahn[j]
+        nj = tanh(v) if precise is None else _tanh_libm(v)
         sn[j], shn[j] = nj, ahn[j]
         h[j] = (one - z[j]) * nj + z[j] * hp[j]
 
@@ -732,21 +831,35 @@ def bwd_work(cell, w_hh_t, w_hr_t, B, T, nc, resets=False, zoneout=False):
     return (*bufs, *panels(w_hh_t, B, T, 1, P, nc), *panels(w_hr_t, B, T, 1, w_hr_t.shape[0], nc))
 
 
-def cell_loops(cell, proj, resets=False, zoneout=False):
-    """The forward and backward loops of `cell` (LSTM's with the projection `w_hr` when `proj`; with the `resets` and
-    `zoneout` options when set, default False), made on first use; each compiles on its first call per dtype. RNN's
-    activation is their `relu` argument: both RNN cells share them."""
-    return _loops(GATES[cell], proj, resets, zoneout)
+def cell_loops(cell, proj, resets=False, zoneout=False, layer_norm=False):
+    """The forward and backward loops of `cell` (LSTM's with the projection `w_hr` when `proj`; with the `resets`,
+    `zoneout` and `layer_norm` options when set, default False), made on first use; each compiles on its first call
+    per dtype. RNN's activation is their `relu` argument: both RNN cells share them."""
+    return _loops(GATES[cell], proj, resets, zoneout, layer_norm)
+
+
+def saved_slots(G, zoneout):
+    """`H`-wide slots of a `saved` row before `layer_norm`'s: `i, f, g, o, c` (LSTM), `r, z, n, W_hn h + b_hn` (GRU),
+    none (RNN); with `zoneout` LSTM's carried `c` or RNN's `h~` after them."""
+    return {1: 0, 3: 4, 4: 5}[G] + (zoneout and G != 3)
 
 
 @functools.cache
-def _loops(G, PROJ, RESETS, ZONEOUT):
-    """The loops of the cell with `G` gates: RNN (1), GRU (3) or LSTM (4), with the `resets` and `zoneout` options
-    when `RESETS`, `ZONEOUT`. These are constants of the closures, so numba drops the other cells' and the unused
-    options' branches before typing them: a cell compiles and caches only its own math."""
+def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
+    """The loops of the cell with `G` gates: RNN (1), GRU (3) or LSTM (4), with the `resets`, `zoneout` and
+    `layer_norm` options when `RESETS`, `ZONEOUT`, `LAYER_NORM`. These are constants of the closures, so numba drops
+    the other cells' and the unused options' branches before typing them: a cell compiles and caches only its own
+    math. `LAYER_NORM` normalises whole rows: its loops run on one chunk (`nc` 1)."""
     LSTM, GRU, RNN = G == 4, G == 3, G == 1
     # slot of LSTM's carried `c` in `saved`: the cell's `c~` with zoneout mixed in, else `c~` itself
     CP = 5 if ZONEOUT else 4
+    # layer_norm's slots of a saved row: the normalised product `[G*H]` from slot `LN`, LSTM's normalised `c~` `[H]`
+    # after it, then the product's `rstd` and LSTM's `c~`'s
+    LN = saved_slots(G, ZONEOUT)
+    # the backward writes `dgh`: GRU's, or the product's before its LayerNorm
+    DGH = GRU or LAYER_NORM
+    # libm's activations with layer_norm (`_tanh_libm`)
+    PRECISE = True if LAYER_NORM else None
     # RNN's backward reads the cell's `h~` from `y`, unless zoneout mixed it there (then from `saved`)
     RNN_Y = RNN and not ZONEOUT
     # the backward forms the state gradient at a step's output, `dh + dy`, before the cell math (else the cell math
@@ -760,11 +873,16 @@ def _loops(G, PROJ, RESETS, ZONEOUT):
         """`gx [T, B, G*H]`, `w_hh [G*H, P]`, `b_hh [G*H]`, `w_hr [P, H]` (`[0, H]` without `PROJ`), `lens [B]`;
         `h [B, P]`, LSTM's `c [B, H]` (`[B, 0]` for the others); `y [T, B, P]`; `saved [T or 1, B, SW]`: nothing
         (RNN: `h` is `y`), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn` (GRU: `h_prev` is `y` or `h0`); with
-        `ZONEOUT`, RNN's `h~` and LSTM's carried `c` after them. `ext`: the options, `(zero [T, B], keep_h [T, B, P],
-        keep_c [T, B, H])` (see `keep_row`), read only where `RESETS` / `ZONEOUT`."""
-        zero, keep_h, keep_c = ext
+        `ZONEOUT`, RNN's `h~` and LSTM's carried `c` after them; with `LAYER_NORM`, from slot `LN`, the normalised
+        product `[G*H]`, LSTM's normalised `c~` `[H]`, the product's `rstd` and LSTM's `c~`'s. `ext`: the options,
+        `(zero [T, B], keep_h [T, B, P], keep_c [T, B, H], ln_hh [G*H], ln_c_weight [H], ln_c_bias [H])` (see
+        `keep_row`), read only where `RESETS` / `ZONEOUT` / `LAYER_NORM`."""
+        zero, keep_h, keep_c, ln_hh, ln_cw, ln_cb = ext
         T, B, GH = gx.shape
         H = GH // G
+        # layer_norm's offsets in a saved row: normalised product, LSTM's normalised `c~`, the `rstd`s
+        o_xh, o_ch = LN * H, (LN + G) * H
+        o_rs = o_ch + H if LSTM else o_ch
         P = h.shape[1]
         # the gate count as a runtime value: as a literal it would compile `_gate_rows` and `_pack_gates` per cell
         gates = GH // H
@@ -800,20 +918,27 @@ def _loops(G, PROJ, RESETS, ZONEOUT):
                         if not PROJ:
                             _copy_state(cur, nxt, y[s, b], b, j0, j1)
                         _fill_units(sv[b], H, j0, j1)
+                        if LAYER_NORM:
+                            _fill(sv[b], o_rs, sv.shape[1])
                         continue
                     t = _step_time(s, lens[b], rev)
+                    if LAYER_NORM:
+                        sv[b, o_rs] = _ln_gain(gh[b], sv[b, o_xh : o_xh + GH], ln_hh)
                     if LSTM:
                         if ZONEOUT:
                             _copy(c[b], sv[b, 5 * H :], j0, j1)
-                        _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1)
-                        _lstm_out(sv[b], hraw[b] if PROJ else nxt[b], H, j0, j1)
+                        _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1, PRECISE)
+                        if LAYER_NORM:
+                            sv[b, o_rs + 1] = _lstm_ln_out(sv[b], sv[b, o_ch:o_rs], ln_cw, ln_cb, nxt[b], H)
+                        else:
+                            _lstm_out(sv[b], hraw[b] if PROJ else nxt[b], H, j0, j1)
                         if ZONEOUT:
                             _mix(sv[b, 5 * H :], c[b], keep_row(keep_c, t, b), j0, j1)
                             _copy(c[b], sv[b, 5 * H :], j0, j1)
                     elif GRU:
-                        _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1)
+                        _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1, PRECISE)
                     else:
-                        _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1)
+                        _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1, PRECISE)
                         if ZONEOUT:
                             _copy(nxt[b], sv[b], j0, j1)
                     if not PROJ:
@@ -862,13 +987,19 @@ def _loops(G, PROJ, RESETS, ZONEOUT):
         GRU `h_prev` from both; `[0, 0, 0]` and `[B, 0]` where unread), `w_hh_t [P, G*H]` (`w_hh^T`), `w_hr_t [H, P]`
         (`[0, P]` without `PROJ`), LSTM's `c0 [B, H]` (`[B, 0]` for the others), `saved [T, B, SW]`; `dh [B, P]`,
         LSTM's `dc [B, H]` (`[B, 0]`); `dgx [T, B, G*H]` (also dgh unless GRU), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]`
-        for the others); with `PROJ`, `hraw [T, B, H]` and `dh_out [T, B, P]` receive `o * tanh(c)` and the state
-        gradient per step (zero when inactive; `[0, 0, 0]` without); `ext` as the forward's. Zoneout's `h = k h_in +
+        for the others; with `LAYER_NORM` every cell's, the gradient of the product before its LayerNorm); with
+        `PROJ`, `hraw [T, B, H]` and `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero
+        when inactive; `[0, 0, 0]` without); `ext` as the forward's and, with `LAYER_NORM`, `sums [B, 2 G*H (+ 2H)]`
+        (`[0, 0]` without) to which each row adds its gradients of `ln_hh`, `b_hh` (and LSTM's `ln_c_weight`,
+        `ln_c_bias`) over its steps. Zoneout's `h = k h_in +
         (1 - k) h~` passes `k dh` straight back (`dzo`) and `(1 - k) dh` into the cell; likewise `c`. A reset step
         reads zeros (`zrow`) for `c_prev` and GRU's `h_prev` and passes zero `dh` and `dc` back."""
-        zero, keep_h, keep_c = ext
+        zero, keep_h, keep_c, ln_hh, ln_cw, ln_cb, sums = ext
         T, B, P = dy.shape
-        H = w_hh_t.shape[1] // G
+        GH = w_hh_t.shape[1]
+        H = GH // G
+        o_xh, o_ch = LN * H, (LN + G) * H
+        o_rs = o_ch + H if LSTM else o_ch
         da, dhc, dhz, dcs, dhp, dzo, dcz, zrow, wp, span, wr, span_r = work
         for k in range(nc):
             q = (tid + k) % nc
@@ -928,14 +1059,14 @@ def _loops(G, PROJ, RESETS, ZONEOUT):
                                 _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
                                 if not PROJ:
                                     _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
-                                if GRU:
+                                if DGH:
                                     _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
                                 if LSTM and s > 0:
                                     _prefetch_units(saved[s - 1, b + AHEAD, CP * H :], H, j0, j1)
                             if s >= lens[b]:
                                 for g in range(G):
                                     _fill(dgx[s, b], g * H + j0, g * H + j1)
-                                    if GRU:
+                                    if DGH:
                                         _fill(dgh[s, b], g * H + j0, g * H + j1)
                                 continue
                             t = _step_time(s, lens[b], rev)
@@ -952,7 +1083,13 @@ def _loops(G, PROJ, RESETS, ZONEOUT):
                                         cp = zrow
                                 if ZONEOUT:
                                     _split(dc[b], keep_row(keep_c, t, b), dcz[b], j0, j1)
-                                _lstm_grads(saved[s, b], cp, dhc[b], dc[b], dcs[b], das[b], H, j0, j1)
+                                if LAYER_NORM:
+                                    sv, chat, sm = saved[s, b], saved[s, b, o_ch:o_rs], sums[b, 2 * GH :]
+                                    _lstm_ln_grads(
+                                        sv, cp, dhc[b], dc[b], dcs[b], das[b], chat, sv[o_rs + 1], ln_cw, ln_cb, sm
+                                    )
+                                else:
+                                    _lstm_grads(saved[s, b], cp, dhc[b], dc[b], dcs[b], das[b], H, j0, j1)
                                 if ZONEOUT:
                                     _add(dc[b], dcz[b], dc[b], j0, j1)
                                 if RESETS:
@@ -969,8 +1106,9 @@ def _loops(G, PROJ, RESETS, ZONEOUT):
                                     if zero[t, b]:
                                         hp = zrow
                                 _gru_grads(saved[s, b], hp, dhc[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
-                                for g in range(3):
-                                    _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
+                                if not LAYER_NORM:
+                                    for g in range(3):
+                                        _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
                             elif RNN_Y:
                                 _rnn_grad(y[t, b], dh[b], dy[t, b], relu, das[b], j0, j1)
                             else:
@@ -978,6 +1116,10 @@ def _loops(G, PROJ, RESETS, ZONEOUT):
                             # GRU's n gate of dgx is `_gru_grads`'s own
                             for g in range(G - 1 if GRU else G):
                                 _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
+                            if LAYER_NORM:
+                                sv = saved[s, b]
+                                _ln_grads(das[b], sv[o_xh:o_ch], ln_hh, sv[o_rs], sums[b, :GH], sums[b, GH : 2 * GH])
+                                _copy(das[b], dgh[t, b], 0, GH)
                     _end(sync)
         if tid == 0:
             _wait(sync, (2 + NPH * T) * nc)
