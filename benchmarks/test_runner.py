@@ -229,8 +229,8 @@ def test_gpu_sets_and_decoder_shapes():
 
 def test_option_shapes_time_the_cell_loop_as_torch():
     """A shape with an option runs `benchmarks.cell_loop` as its `torch` provider (torch.nn has no such option);
-    seqfast's reference passes the gate against it in every mode, zoneout's masks drawn alike; a backend that does not
-    run the option says so."""
+    seqfast's reference passes the gate against it in float64 in every mode, within float32's fixed bound, zoneout's
+    masks drawn alike; the cpp backend runs every option."""
     assert len(SETS["extensions"]) == 18
     cpp, reference = harness.Provider("seqfast-cpp", "cpp"), harness.Provider("seqfast-reference", "reference")
     for option in ("resets", "layer_norm", "zoneout"):
@@ -238,9 +238,8 @@ def test_option_shapes_time_the_cell_loop_as_torch():
         assert shape.id == "lstm-H8-B3-T6-bi-" + option.replace("_", "-")
         for mode in ("infer", "fwdbwd"):
             result = harness.gate(shape, reference, mode)
-            assert result.passed and result.error < 1e-5, result.message
-        reason = harness.unsupported(shape, cpp)
-        assert reason is None if option != "layer_norm" else f"does not run the {option} option" in reason
+            assert result.passed and result.error < 1e-4, result.message
+        assert harness.unsupported(shape, cpp) is None
     resets = Shape("gru", 8, 3, 6, option="resets", batch_first=True).call_kwargs()["resets"]
     assert resets.shape == (3, 6) and resets.dtype == torch.bool
     with pytest.raises(ValueError, match="packed"):
