@@ -534,8 +534,8 @@ def test_options_under_strict_automatic_selection_name_the_backends_that_decline
 
 @pytest.mark.parametrize(
     ("backend", "options"),
-    [("reference", {"layer_norm": True, "zoneout": 0.3}), ("cpp", {"zoneout": 0.3})],
-    ids=["reference-all", "cpp-resets-zoneout"],
+    [("reference", {"layer_norm": True, "zoneout": 0.3}), ("cpp", {"layer_norm": True, "zoneout": 0.3})],
+    ids=["reference-all", "cpp-all"],
 )
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_options_compile_fullgraph(cell, backend, options):
