@@ -114,7 +114,7 @@ LayerNormArgs layer_norm_in(const LayerNormArgs& ln, at::ScalarType dt, int64_t 
     TORCH_CHECK(!ln.c_weight && !ln.c_bias, "layer_norm's gains of c come with ln_hh");
     return {};
   }
-  TORCH_CHECK(!proj, "layer_norm does not run with a projection (w_hr)");
+  TORCH_CHECK_VALUE(!proj, "layer_norm does not run with a projection (w_hr)");
   TORCH_CHECK(ln.c_weight.has_value() == lstm && ln.c_bias.has_value() == lstm,
               "layer_norm's ln_c_weight and ln_c_bias are given exactly for lstm");
   LayerNormArgs out{as(ln.hh, dt), as(ln.c_weight, dt), as(ln.c_bias, dt)};

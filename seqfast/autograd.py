@@ -153,29 +153,8 @@ recurrence_backward = torch.library.custom_op("seqfast::recurrence_backward", _r
 
 
 @recurrence_backward.register_fake
-def _(
-    backend,
-    cell,
-    reverse,
-    dy,
-    dhT,
-    dcT,
-    w_hh,
-    b_hh,
-    w_hr,
-    h0,
-    c0,
-    lengths,
-    y,
-    saved,
-    zero,
-    keep_h,
-    keep_c,
-    keep,
-    ln_hh=None,
-    ln_c_weight=None,
-    ln_c_bias=None,
-):
+def _(backend, cell, reverse, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, *options):
+    ln_hh, ln_c_weight, ln_c_bias = (*options[4:], None, None, None)[:3]  # after zero, keep_h, keep_c, keep
     T, B, _ = dy.shape
     G = w_hh.shape[0]
     dc0 = c0.new_empty(c0.shape) if cell == "lstm" else h0.new_empty(0)

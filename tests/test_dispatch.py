@@ -394,9 +394,9 @@ class TakeOutput(torch.nn.Module):
 OP_CELLS = ["rnn_tanh", "rnn_relu", "lstm", "lstm-proj", "gru"]
 
 
-def _op_args(backend, cell, lengths, reverse, resets=False, zoneout=False):
+def _op_args(backend, cell, lengths, reverse, resets=False, zoneout=False, layer_norm=False):
     """Arguments of `seqfast::recurrence` for a tiny case; `lstm-proj` also drops `b_hh`; `resets` sets `zero`,
-    `zoneout` the masks `keep_h`, `keep_c`."""
+    `zoneout` the masks `keep_h`, `keep_c`, `layer_norm` the gains `ln_hh` (and LSTM's `ln_c_weight`, `ln_c_bias`)."""
     proj = cell == "lstm-proj"
     cell = "lstm" if proj else cell
     T, B, H = 5, 3, 4
@@ -425,6 +425,7 @@ def _op_args(backend, cell, lengths, reverse, resets=False, zoneout=False):
         torch.rand(T, B, P, dtype=torch.float64).round() if zoneout else None,
         torch.rand(T, B, H, dtype=torch.float64).round() if zoneout and cell == "lstm" else None,
         0.0,
+        *((rand(G), *((rand(H), rand(H)) if cell == "lstm" else (None, None))) if layer_norm else ()),
     )
 
 
@@ -438,18 +439,20 @@ def test_opcheck_recurrence_and_backward(backend, cell, lengths, reverse):
 
 @pytest.mark.parametrize("cell", OP_CELLS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("option", ["resets", "zoneout"])
+@pytest.mark.parametrize("option", ["resets", "zoneout", "layer_norm"])
 def test_opcheck_recurrence_with_options(backend, cell, option):
-    """The ops with `zero` (resets) or zoneout's masks on a backend that runs them; one that does not is never
-    chosen for them."""
+    """The ops with `zero` (resets), zoneout's masks or layer_norm's gains on a backend that runs them; one that does
+    not is never chosen for them. (layer_norm with a projection is not defined: the modules refuse it.)"""
+    if option == "layer_norm" and cell == "lstm-proj":
+        return
     if option not in getattr(dispatch.load(backend), "EXTENSIONS", ()):
         _, cell, _, _, gx, w_hh, _, h0, c0, lens, w_hr, *_ = _op_args(backend, cell, None, False)
         with pytest.raises(RuntimeError, match=f"does not run the {option} option"):
             dispatch.select(cell, gx, w_hh, h0, c0, lens, w_hr, backend, (option,))
         return
-    if backend == "reference" and option == "zoneout":  # autograd differentiates its forward, never the ops
+    if backend == "reference" and option != "resets":  # autograd differentiates its forward, never the ops
         with pytest.raises(ValueError, match="runs resets alone"):
-            torch.ops.seqfast.recurrence(*_op_args(backend, cell, None, False, zoneout=True))
+            torch.ops.seqfast.recurrence(*_op_args(backend, cell, None, False, **{option: True}))
         return
     for reverse in (False, True):
         _opcheck(_op_args(backend, cell, [5, 2, 3], reverse, **{option: True}))
@@ -461,8 +464,9 @@ def _opcheck(args):
     backend, cell, reverse, _, gx, w_hh, b_hh, h0, c0, lens, w_hr, *options = args
     y, hT, cT, saved = torch.ops.seqfast.recurrence(*args)
     H = c0.shape[1] if cell == "lstm" else w_hh.shape[0] // GATES[cell]
-    zoneout = {"zoneout": True} if options[1] is not None else {}
-    assert saved.shape == dispatch.load(backend).saved_shape(cell, *gx.shape[:2], H, w_hh.shape[1], **zoneout)
+    used = {"zoneout": options[1] is not None, "layer_norm": len(options) > 4}
+    used = {name: True for name, on in used.items() if on}
+    assert saved.shape == dispatch.load(backend).saved_shape(cell, *gx.shape[:2], H, w_hh.shape[1], **used)
 
     def detached(t):
         return None if t is None else t.detach()
@@ -483,7 +487,7 @@ def _opcheck(args):
         lens,
         y.detach(),
         saved,
-        *options,
+        *(detached(o) if torch.is_tensor(o) else o for o in options),
     )
     torch.library.opcheck(torch.ops.seqfast.recurrence_backward.default, backward_args)
 
