@@ -62,17 +62,22 @@ class HiddenProduct {
         std::copy_n(w_ + (g * H_ + c * hc_) * P_, width(c) * P_, grouped_ + (c * G_ * hc_ + g * width(c)) * P_);
   }
 
-  void operator()(int64_t c, int64_t n, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate) const {
+  // Chunk `c`'s product for `n` rows of `A`, into `C` (rows `ldc` apart). Forward: gate `g`'s columns start at
+  // `g * gate_ld`, by default the chunk's width (its gates side by side); `gate_ld = H` writes the chunk into rows
+  // that hold every unit.
+  void operator()(int64_t c, int64_t n, const T* A, int64_t lda, T* C, int64_t ldc, bool accumulate,
+                  int64_t gate_ld = 0) const {
     const int64_t j0 = c * hc_, n_j = width(c);
     if (backward_) return product(c, n, n_j, A, lda, w_ + j0, false, C, ldc, accumulate);
+    gate_ld = gate_ld ? gate_ld : n_j;
     // one chunk holding every unit: its gates side by side are w's rows in order, one product
     if (n_j == H_ && !packed_) return step_gemm<T>(kern_, true, n, G_ * H_, P_, A, lda, w_, P_, T(accumulate), C, ldc);
-    if (grouped_) {
+    if (grouped_ && gate_ld == n_j) {
       const T* rows = grouped_ + c * G_ * hc_ * P_;
       return step_gemm<T>(kern_, true, n, G_ * n_j, P_, A, lda, rows, P_, T(accumulate), C, ldc);
     }
     for (int64_t g = 0; g < G_; ++g)
-      product(c * G_ + g, n, n_j, A, lda, w_ + (g * H_ + j0) * P_, true, C + g * n_j, ldc, accumulate);
+      product(c * G_ + g, n, n_j, A, lda, w_ + (g * H_ + j0) * P_, true, C + g * gate_ld, ldc, accumulate);
   }
 
  private:

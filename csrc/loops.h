@@ -80,10 +80,10 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
               const at::Tensor& hT, const at::Tensor& cT, const at::Tensor& saved) {
   const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
   const bool proj = w_hr.has_value(), lstm = cell == LSTM, ln = lna.on();
-  // rows in blocks (one chunk of every unit), else hidden units in chunks; layer_norm normalises whole rows of the
-  // product: one chunk, the rows in blocks or all in one
+  // rows in blocks (one chunk of every unit), else hidden units in chunks (layer_norm, which normalises whole rows:
+  // a step's product by chunks, then its rows in groups)
   const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);
-  const int64_t hc = rb < B || ln ? H : std::min(chunk, H), nch = (H + hc - 1) / hc;
+  const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc;
   const int64_t SW = saved_cols(cell, H, zo.on(), ln);
   const LayerNorm<scalar_t> lnp = lna.pointers<scalar_t>();
   // a projected h's zoneout runs after the projection, here; the cell kernel's otherwise
@@ -128,15 +128,10 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
       if (psaved) std::fill_n(psaved + (s * B + r) * SW, SW, scalar_t(0));
     }
   }
-  // step `s`, hidden chunk `c`, for the rows of `[r0, r1)` still running
-  auto cell_step = [&](int64_t s, int64_t c, int64_t r0, int64_t r1) {
-    const int64_t n = std::min(ord.active[s], r1) - r0;
-    if (n <= 0) return;
-    const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
+  // step `s`'s cell math on hidden units `[j0, j0 + n_j)` of the rows `[r0, r0 + n)`, their products in `wsc`
+  auto cell_math = [&](int64_t s, int64_t j0, int64_t n_j, int64_t r0, int64_t n, scalar_t* wsc) {
     scalar_t* cur = hb + (s % 2) * B * P + r0 * P;
     scalar_t* nxt = hb + ((s + 1) % 2) * B * P + r0 * P;
-    scalar_t* wsc = pws + B * G * j0 + r0 * G * n_j;
-    whh(c, n, cur, P, wsc, G * n_j, false);
     const uint8_t* zero_next = ord.zero_at(s + 1);
     const FwdChunk<scalar_t> a{.n = n,
                                .H = H,
@@ -157,9 +152,30 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
                                .ln = lnp};
     run_fwd(kern, cell, a);
   };
-  if (rb < B || ln) {
-    run_blocks(B > 0 ? (B + rb - 1) / rb : 0, T * B * GH * P, [&](int64_t b) {
+  // step `s`, hidden chunk `c`, for the rows of `[r0, r1)` still running
+  auto cell_step = [&](int64_t s, int64_t c, int64_t r0, int64_t r1) {
+    const int64_t n = std::min(ord.active[s], r1) - r0;
+    if (n <= 0) return;
+    const int64_t j0 = c * hc, n_j = std::min(hc, H - j0);
+    scalar_t* wsc = pws + B * G * j0 + r0 * G * n_j;
+    whh(c, n, hb + (s % 2) * B * P + r0 * P, P, wsc, G * n_j, false);
+    cell_math(s, j0, n_j, r0, n, wsc);
+  };
+  if (rb < B) {
+    run_blocks((B + rb - 1) / rb, T * B * GH * P, [&](int64_t b) {
       for (int64_t s = 0; s < T && ord.active[s] > b * rb; ++s) cell_step(s, 0, b * rb, (b + 1) * rb);
+    });
+  } else if (ln) {
+    // phase 2s: step s's product, chunk c, into rows of every unit; phase 2s + 1: its rows in `nch` groups
+    const int64_t rows = (B + nch - 1) / nch;
+    run_steps(2 * T, nch, B * GH * P, [&](int64_t q, int64_t c) {
+      const int64_t s = q / 2, n = ord.active[s];
+      if (q % 2 == 0) {
+        if (n > 0) whh(c, n, hb + (s % 2) * B * P, P, pws + c * hc, GH, false, H);
+        return;
+      }
+      const int64_t r0 = c * rows, m = std::min(n, r0 + rows) - r0;
+      if (m > 0) cell_math(s, 0, H, r0, m, pws + r0 * GH);
     });
   } else if (!proj) {
     run_steps(T, nch, B * GH * P, [&](int64_t s, int64_t c) { cell_step(s, c, 0, B); });
@@ -210,8 +226,10 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   const bool need_dh0 = dh0.defined();
   const bool proj = w_hr.has_value(), lstm = cell == LSTM, ln = lna.on();
   const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);  // as the forward's
-  const int64_t hc = rb < B || ln ? H : std::min(chunk, H), nch = (H + hc - 1) / hc;
-  const int64_t nb = B > 0 ? (B + rb - 1) / rb : 0;
+  const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc;
+  // blocks of rows, or layer_norm's groups of rows when the products run by chunks
+  const int64_t nb = rb < B ? (B + rb - 1) / rb : ln ? nch : 1;
+  const int64_t group = rb < B ? rb : std::max<int64_t>(1, (B + nb - 1) / nb);
   const int64_t SW = saved_cols(cell, H, zo.on(), ln);
   const LayerNorm<scalar_t> lnp = lna.pointers<scalar_t>();
   // layer_norm's parameter gradients, `b_hh, ln_hh [G*H]` (LSTM: `ln_c_weight, ln_c_bias [H]`), summed per block of
@@ -294,6 +312,33 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   };
   auto c_prev = [&](int64_t s) { return s > 0 ? psaved + (s - 1) * B * SW + (zo.on() ? 5 : 4) * H : pc0; };
   auto ldc = [&](int64_t s) { return s > 0 ? SW : H; };
+  // step `s`'s cell math on hidden units `[j0, j0 + n_j)` of the rows `[r0, r0 + n)`, layer_norm's sums into block
+  // (or group) `b`'s
+  auto cell_bwd = [&](int64_t s, int64_t j0, int64_t n_j, int64_t r0, int64_t n, int64_t b) {
+    const int64_t i = s * B + r0;
+    const uint8_t* zero = ord.zero_at(s);
+    const BwdChunk<scalar_t> a{.n = n,
+                               .H = H,
+                               .j0 = j0,
+                               .hc = n_j,
+                               .dh = pdh + r0 * P,
+                               .dy_rows = dy_rows.data() + i,
+                               .dc = pdc + r0 * H,
+                               .saved = psaved + i * SW,
+                               .c_prev = c_prev(s) + r0 * ldc(s),
+                               .ldc = ldc(s),
+                               .h_rows = h_rows.data() + i,
+                               .dgx_rows = dgx_rows.data() + i,
+                               .dgh_rows = dgh_rows.data() + i,
+                               .da = pda + (s % 2) * B * GH + r0 * GH,
+                               .hraw = nullptr,
+                               .zero = zero ? zero + r0 : nullptr,
+                               .zh = zh.at(s, r0),
+                               .zc = zc.at(s, r0),
+                               .ln = lnp,
+                               .ln_grads = ln_grads_of(b)};
+    run_bwd(kern, cell, a);
+  };
   // Step k runs time step T - 1 - k, for chunk `c` and the rows of `[r0, r1)` still running; step T forms dh0 from
   // the last da (when wanted).
   auto bwd_step = [&](int64_t k, int64_t c, int64_t r0, int64_t r1) {
@@ -305,36 +350,26 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
     }
     const int64_t n = rows(s), n_next = rows(s + 1);
     if (n == 0) return;
-    scalar_t* da = pda + (s % 2) * B * GH;
     if (n_next > 0) dh_prev(s + 1, c, r0, n_next, pda + ((s + 1) % 2) * B * GH);
-    const int64_t j0 = c * hc, i = s * B + r0;
-    const uint8_t* zero = ord.zero_at(s);
-    const BwdChunk<scalar_t> a{.n = n,
-                               .H = H,
-                               .j0 = j0,
-                               .hc = std::min(hc, H - j0),
-                               .dh = pdh + r0 * P,
-                               .dy_rows = dy_rows.data() + i,
-                               .dc = pdc + r0 * H,
-                               .saved = psaved + i * SW,
-                               .c_prev = c_prev(s) + r0 * ldc(s),
-                               .ldc = ldc(s),
-                               .h_rows = h_rows.data() + i,
-                               .dgx_rows = dgx_rows.data() + i,
-                               .dgh_rows = dgh_rows.data() + i,
-                               .da = da + r0 * GH,
-                               .hraw = nullptr,
-                               .zero = zero ? zero + r0 : nullptr,
-                               .zh = zh.at(s, r0),
-                               .zc = zc.at(s, r0),
-                               .ln = lnp,
-                               .ln_grads = ln_grads_of(r0 / rb)};
-    run_bwd(kern, cell, a);
+    cell_bwd(s, c * hc, std::min(hc, H - c * hc), r0, n, r0 / group);
   };
 
-  if (rb < B || ln) {
+  if (rb < B) {
     run_blocks(nb, T * B * GH * P, [&](int64_t b) {
       for (int64_t k = 0; k < T + need_dh0; ++k) bwd_step(k, 0, b * rb, (b + 1) * rb);
+    });
+  } else if (ln) {
+    // phase 2k - 1: the product with step T - k's da (the dh before that step), chunk c; phase 2k: step T - 1 - k's
+    // rows in `nb` groups
+    run_steps(T > 0 ? 2 * T - 1 + need_dh0 : 0, nch, B * GH * P, [&](int64_t q, int64_t c) {
+      const int64_t k = (q + 1) / 2;
+      if (q % 2) {
+        const int64_t s = T - k, n = ord.active[s];
+        if (n > 0) dh_prev(s, c, 0, n, pda + (s % 2) * B * GH);
+        return;
+      }
+      const int64_t s = T - 1 - k, r0 = c * group, n = std::min(ord.active[s], r0 + group) - r0;
+      if (n > 0) cell_bwd(s, 0, H, r0, n, c);
     });
   } else if (!proj) {
     // a single step without dh0 has no product with w_hh, only the cell math: not worth waking a thread for
