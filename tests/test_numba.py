@@ -7,7 +7,15 @@ import sys
 import numpy as np
 import pytest
 import torch
-from helpers import assert_outputs_close, cast, contract_problem, layer_norm_problem, mixed_lengths, run_contract
+from helpers import (
+    assert_outputs_close,
+    cast,
+    check_layer_norm,
+    contract_problem,
+    layer_norm_problem,
+    mixed_lengths,
+    run_contract,
+)
 
 from seqfast.kernels import reference
 
@@ -52,6 +60,54 @@ def test_layer_norm_inference_matches_training_forward(cell):
     if cell == "lstm":
         with pytest.raises(ValueError, match="projection"):
             nb.fwd(cell, **{**args, "w_hr": torch.zeros(16, 16)})
+
+
+# layer_norm at 200 units: three chunks of the product (of 66 and 67 units), so three groups of rows
+LN_CHUNKED_H = 200
+
+
+@needs_numba
+@pytest.mark.parametrize("B", [1, 5, 17])
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_norm_by_chunks_and_groups(cell, B):
+    """`layer_norm` with its product by several chunks of units and its rows by groups (empty ones at B = 1; whole
+    register tiles and a leftover row at B = 17), with resets and zoneout, against the float64 oracle at the contract's
+    bounds."""
+    T = 5
+    assert nb._chunks(LN_CHUNKED_H, layer_norm=True) == 3
+    for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 2e-5)]:
+        args, cot = layer_norm_problem(
+            cell, T, B, LN_CHUNKED_H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=dtype, seed=B
+        )
+        check_layer_norm(nb, cell, args, cot, True, tol)
+
+
+@needs_numba
+@pytest.mark.parametrize("cell", CELLS)
+def test_layer_norm_thread_count_independent(cell):
+    """float32 `layer_norm` outputs and gradients are bitwise the same on one thread and on two: its chunks and groups
+    of rows follow the shape, not the thread count."""
+    numba = pytest.importorskip("numba")
+    T, B = 6, 17
+    args, cot = layer_norm_problem(
+        cell, T, B, LN_CHUNKED_H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32
+    )
+    call, ext = {k: v for k, v in args.items() if k != "ext"}, args["ext"]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            torch.set_num_threads(n)
+            y, hT, cT, saved = nb.fwd(cell, **call, ext=ext)
+            a = args
+            *grads, ln_grads = nb.bwd(
+                cell, *cot, a["w_hh"], a["b_hh"], None, a["h0"], a["c0"], a["lengths"], y, saved, False, ext
+            )
+            results.append([t for t in (y, hT, cT, saved, *grads, *ln_grads) if t is not None])
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert torch.equal(a, b), f"output {i} differs between thread counts"
 
 
 @needs_numba
@@ -153,7 +209,7 @@ def test_more_chunks_than_threads(cell, threads, monkeypatch):
     args, cot = contract_problem(cell, T, B, H, P, lengths=mixed_lengths(T, B))
     expected = run_contract(reference, cell, args, cot, True)
 
-    def chunks(H):
+    def chunks(H, layer_norm=False):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         return 5
 

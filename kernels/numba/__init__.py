@@ -3,7 +3,8 @@
 Importing it imports numba, so a missing or broken numba raises ImportError here and the dispatcher reports the
 backend unavailable with that reason. The loops compile on first use per cell and dtype and are cached on disk. The
 `resets`, `zoneout` and `layer_norm` options run fused in the same loops (`EXTENSIONS`), each combination compiled on
-first use; `layer_norm`, which normalises whole rows, on the calling thread alone.
+first use; `layer_norm`, which normalises whole rows, in two phases a step: the product by chunks of hidden units,
+then its rows' normalisation and cell math by groups of rows.
 """
 
 import numba
@@ -79,12 +80,19 @@ def _lens(lengths, T, B):
     return lens
 
 
-def _chunks(H):
+# layer_norm's chunks: one per this many hidden units, at most LN_MAX_CHUNKS
+LN_CHUNK, LN_MAX_CHUNKS = 64, 16
+
+
+def _chunks(H, layer_norm=False):
     """Chunks of hidden units per phase: one per thread of numba's pool that torch's thread count allows, or one, run
     on the calling thread, below 64 units (chunks of fewer than 32 units cost more in waits per step than they
-    share)."""
+    share). With `layer_norm` (default False) one per `LN_CHUNK` units, at most `LN_MAX_CHUNKS`: fixed by the shape,
+    so that its results do not depend on the thread count (its product's sums follow the chunks' bounds)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
+    if layer_norm:
+        return max(1, min(H // LN_CHUNK, LN_MAX_CHUNKS))
     return threads if H >= 64 else 1
 
 
@@ -176,7 +184,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     P = w_hh.shape[1]
     ct = compute_dtype(gx.dtype)
     options, resets, zoneout, layer_norm = _options(cell, ext, T, B, H, P, ct, w_hr)
-    nc = 1 if layer_norm else _chunks(H)
+    nc = _chunks(H, layer_norm)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     x, w = _np(gx, ct), _np(w_hh, ct)
     bias = _np(b_hh, ct) if b_hh is not None else np.zeros(G, dtype=x.dtype)
@@ -218,7 +226,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     H = hidden_size(cell, w_hh)
     ct = saved.dtype
     options, resets, zoneout, layer_norm = _options(cell, ext, T, B, H, P, ct, w_hr)
-    nc = 1 if layer_norm else _chunks(H)
+    nc = _chunks(H, layer_norm)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
     # layer_norm's gradients of `ln_hh`, `b_hh` (and LSTM's `ln_c_weight`, `ln_c_bias`), per row

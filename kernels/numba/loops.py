@@ -7,16 +7,18 @@ Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the ti
 the step before, or `h0`. State buffers (`h`, `c`, `dh`, `dc`) come in holding the initial value and leave holding the
 final one. Each phase splits hidden units (or state columns) into `nc` contiguous chunks; a chunk does both the
 recurrent product for its rows of the weights and the pointwise math for its units. A loop is a serial function that
-every thread runs whole with its own `tid`: each phase of a step (one per step, two with a projection) is `nc` chunks
-that threads claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of the earlier
-phases is done (`sync`); `tid` 0 returns once the last is. A thread that never runs only leaves its chunks to the
-others, so the loop cannot deadlock however many threads run it. `launch` runs a loop on numba's threads through its
-compiled entry point and one parallel function compiled once, so neither the loop nor a parallel region compiles per
+every thread runs whole with its own `tid`: each phase of a step (one per step, two with a projection or layer_norm) is
+`nc` chunks that threads claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of
+the earlier phases is done (`sync`); `tid` 0 returns once the last is. A thread that never runs only leaves its chunks
+to the others, so the loop cannot deadlock however many threads run it. `launch` runs a loop on numba's threads through
+its compiled entry point and one parallel function compiled once, so neither the loop nor a parallel region compiles per
 loop. A loop compiles on its cell's first call per dtype, with the cell's gate count (and LSTM's projection, and which
 of the `resets`, `zoneout` and `layer_norm` options run) a constant of its closure, so it holds only that cell's math
-and those options' code (`layer_norm`, which normalises whole rows of the recurrent product, runs on one chunk);
-`rev`, RNN's `relu` (both RNN cells share a loop) and `nc` are runtime arguments. Every cell's loop takes the same
-arguments (empty arrays for what the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
+and those options' code (`layer_norm`, which normalises whole rows of the recurrent product, splits each step in two
+phases: the product by chunks of units, then the rows' normalisation and cell math by groups of rows, one per chunk
+index; its backward likewise, the rows' cell math first, then the product by chunks of columns); `rev`, RNN's `relu`
+(both RNN cells share a loop) and `nc` are runtime arguments. Every cell's loop takes the same arguments (empty arrays
+for what the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
 """
 
 import functools
@@ -849,7 +851,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
     """The loops of the cell with `G` gates: RNN (1), GRU (3) or LSTM (4), with the `resets`, `zoneout` and
     `layer_norm` options when `RESETS`, `ZONEOUT`, `LAYER_NORM`. These are constants of the closures, so numba drops
     the other cells' and the unused options' branches before typing them: a cell compiles and caches only its own
-    math. `LAYER_NORM` normalises whole rows: its loops run on one chunk (`nc` 1)."""
+    math. `LAYER_NORM` normalises whole rows: its cell math runs in a phase of its own, by groups of rows."""
     LSTM, GRU, RNN = G == 4, G == 3, G == 1
     # slot of LSTM's carried `c` in `saved`: the cell's `c~` with zoneout mixed in, else `c~` itself
     CP = 5 if ZONEOUT else 4
@@ -865,8 +867,12 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
     # the backward forms the state gradient at a step's output, `dh + dy`, before the cell math (else the cell math
     # adds `dy`)
     DY_FIRST = PROJ or ZONEOUT
-    # the projection's product needs the whole state (backward: state gradient) of a step first: a phase of its own
-    NPH = 2 if PROJ else 1
+    # the projection's product needs the whole state (backward: state gradient) of a step first, layer_norm's cell
+    # math the whole product (backward: state gradient): a phase of its own
+    NPH = 2 if PROJ or LAYER_NORM else 1
+    # the phase of a step that runs its cell math: layer_norm's needs the step's whole product (backward: the whole
+    # state gradient), so it runs after that by groups of rows
+    CELL_PH = 1 if LAYER_NORM else 0
 
     @njit(**_OPTS)
     def fwd(gx, w_hh, b_hh, w_hr, lens, rev, relu, h, c, y, saved, ext, work, sync, tid, nc):
@@ -900,80 +906,83 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                             if LSTM:
                                 _fill(c[b], q * H // nc, (q + 1) * H // nc)
                 _end(sync)
+        # phases 1 + NPH * s + ph: a chunk's units of step s's product (with their cell math unless `LAYER_NORM`);
+        # then `PROJ`'s chunk of columns of the projection, or `LAYER_NORM`'s group of rows, their cell math whole
         for s in range(T):
             cur, nxt = (h, h2) if s % 2 == 0 else (h2, h)
             sv = saved[min(s, saved.shape[0] - 1)]
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 1 + NPH * s, nc):
-                    continue
-                j0, j1 = q * H // nc, (q + 1) * H // nc
-                _gate_rows(cur, w_hh, wp, gh, gates, H, j0, j1, q * span, s % 2 == 1)
-                for b in range(B):
-                    if b + AHEAD < B and s < lens[b + AHEAD]:
-                        _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, j0, j1)
-                        if not RNN:
-                            _prefetch_units(sv[b + AHEAD], H, j0, j1)
-                    if s >= lens[b]:
-                        if not PROJ:
-                            _copy_state(cur, nxt, y[s, b], b, j0, j1)
-                        _fill_units(sv[b], H, j0, j1)
-                        if LAYER_NORM:
-                            _fill(sv[b], o_rs, sv.shape[1])
+            for ph in range(NPH):
+                for k in range(nc):
+                    q = (tid + k) % nc
+                    if not _begin(sync, q, 1 + NPH * s + ph, nc):
                         continue
-                    t = _step_time(s, lens[b], rev)
-                    if LAYER_NORM:
-                        sv[b, o_rs] = _ln_gain(gh[b], sv[b, o_xh : o_xh + GH], ln_hh)
-                    if LSTM:
-                        if ZONEOUT:
-                            _copy(c[b], sv[b, 5 * H :], j0, j1)
-                        _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, j0, j1, PRECISE)
+                    j0, j1 = q * H // nc, (q + 1) * H // nc
+                    if ph == 0:
+                        _gate_rows(cur, w_hh, wp, gh, gates, H, j0, j1, q * span, s % 2 == 1)
+                    if ph == CELL_PH:
                         if LAYER_NORM:
-                            sv[b, o_rs + 1] = _lstm_ln_out(sv[b], sv[b, o_ch:o_rs], ln_cw, ln_cb, nxt[b], H)
+                            b0, b1, u0, u1 = q * B // nc, (q + 1) * B // nc, 0, H
                         else:
-                            _lstm_out(sv[b], hraw[b] if PROJ else nxt[b], H, j0, j1)
-                        if ZONEOUT:
-                            _mix(sv[b, 5 * H :], c[b], keep_row(keep_c, t, b), j0, j1)
-                            _copy(c[b], sv[b, 5 * H :], j0, j1)
-                    elif GRU:
-                        _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, j0, j1, PRECISE)
-                    else:
-                        _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], j0, j1, PRECISE)
-                        if ZONEOUT:
-                            _copy(nxt[b], sv[b], j0, j1)
-                    if not PROJ:
-                        if ZONEOUT:
-                            _mix(cur[b], nxt[b], keep_row(keep_h, t, b), j0, j1)
-                        _copy(nxt[b], y[t, b], j0, j1)
-                    # the state the next step starts from: zeros where it resets (`y` keeps this step's)
-                    if RESETS:
-                        if _resets(zero, lens, rev, s + 1, b):
-                            if not PROJ:
-                                _fill(nxt[b], j0, j1)
+                            b0, b1, u0, u1 = 0, B, j0, j1
+                        for b in range(b0, b1):
+                            if b + AHEAD < b1 and s < lens[b + AHEAD]:
+                                _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, u0, u1)
+                                if not RNN:
+                                    _prefetch_units(sv[b + AHEAD], H, u0, u1)
+                            if s >= lens[b]:
+                                if not PROJ:
+                                    _copy_state(cur, nxt, y[s, b], b, u0, u1)
+                                _fill_units(sv[b], H, u0, u1)
+                                if LAYER_NORM:
+                                    _fill(sv[b], o_rs, sv.shape[1])
+                                continue
+                            t = _step_time(s, lens[b], rev)
+                            if LAYER_NORM:
+                                sv[b, o_rs] = _ln_gain(gh[b], sv[b, o_xh : o_xh + GH], ln_hh)
                             if LSTM:
-                                _fill(c[b], j0, j1)
-                _end(sync)
-            if not PROJ:
-                continue
-            for k in range(nc):
-                q = (tid + k) % nc
-                if not _begin(sync, q, 2 + NPH * s, nc):
-                    continue
-                p0, p1 = q * P // nc, (q + 1) * P // nc
-                mm_rows(hraw, w_hr, wr, nxt, p0, p1, q * span_r)
-                for b in range(B):
-                    if s >= lens[b]:
-                        _copy_state(cur, nxt, y[s, b], b, p0, p1)
-                        continue
-                    t = _step_time(s, lens[b], rev)
-                    if ZONEOUT:
-                        _mix(cur[b], nxt[b], keep_row(keep_h, t, b), p0, p1)
-                    for p in range(p0, p1):
-                        y[t, b, p] = nxt[b, p]
-                    if RESETS:
-                        if _resets(zero, lens, rev, s + 1, b):
-                            _fill(nxt[b], p0, p1)
-                _end(sync)
+                                if ZONEOUT:
+                                    _copy(c[b], sv[b, 5 * H :], u0, u1)
+                                _lstm_gates(gx[t, b], gh[b], b_hh, c[b], sv[b], H, u0, u1, PRECISE)
+                                if LAYER_NORM:
+                                    sv[b, o_rs + 1] = _lstm_ln_out(sv[b], sv[b, o_ch:o_rs], ln_cw, ln_cb, nxt[b], H)
+                                else:
+                                    _lstm_out(sv[b], hraw[b] if PROJ else nxt[b], H, u0, u1)
+                                if ZONEOUT:
+                                    _mix(sv[b, 5 * H :], c[b], keep_row(keep_c, t, b), u0, u1)
+                                    _copy(c[b], sv[b, 5 * H :], u0, u1)
+                            elif GRU:
+                                _gru_gates(gx[t, b], gh[b], b_hh, cur[b], sv[b], nxt[b], H, u0, u1, PRECISE)
+                            else:
+                                _rnn_act(gx[t, b], gh[b], b_hh, relu, nxt[b], u0, u1, PRECISE)
+                                if ZONEOUT:
+                                    _copy(nxt[b], sv[b], u0, u1)
+                            if not PROJ:
+                                if ZONEOUT:
+                                    _mix(cur[b], nxt[b], keep_row(keep_h, t, b), u0, u1)
+                                _copy(nxt[b], y[t, b], u0, u1)
+                            # the state the next step starts from: zeros where it resets (`y` keeps this step's)
+                            if RESETS:
+                                if _resets(zero, lens, rev, s + 1, b):
+                                    if not PROJ:
+                                        _fill(nxt[b], u0, u1)
+                                    if LSTM:
+                                        _fill(c[b], u0, u1)
+                    if PROJ and ph == 1:
+                        p0, p1 = q * P // nc, (q + 1) * P // nc
+                        mm_rows(hraw, w_hr, wr, nxt, p0, p1, q * span_r)
+                        for b in range(B):
+                            if s >= lens[b]:
+                                _copy_state(cur, nxt, y[s, b], b, p0, p1)
+                                continue
+                            t = _step_time(s, lens[b], rev)
+                            if ZONEOUT:
+                                _mix(cur[b], nxt[b], keep_row(keep_h, t, b), p0, p1)
+                            for p in range(p0, p1):
+                                y[t, b, p] = nxt[b, p]
+                            if RESETS:
+                                if _resets(zero, lens, rev, s + 1, b):
+                                    _fill(nxt[b], p0, p1)
+                    _end(sync)
         if tid == 0:
             _wait(sync, (1 + NPH * T) * nc)
             if T % 2 == 1:
@@ -1009,7 +1018,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                     pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
                 _end(sync)
         # phases 1 + NPH * i + ph: a chunk's columns of the state gradient from step s + 1 (none for i = 0), then
-        # its units of step s
+        # its units of step s (with `LAYER_NORM`, in a phase of their own: its group of rows, every unit)
         for i in range(T + 1):
             s = T - 1 - i
             for ph in range(NPH if s >= 0 else 1):
@@ -1049,73 +1058,77 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                         if PROJ:
                             mm_rows(dh, w_hr_t, wr, dhc, j0, j1, q * span_r)
                         das = da[s % 2]
-                        for b in range(B):
-                            if b + AHEAD < B and s < lens[b + AHEAD]:
+                        if LAYER_NORM:
+                            b0, b1, u0, u1 = q * B // nc, (q + 1) * B // nc, 0, H
+                        else:
+                            b0, b1, u0, u1 = 0, B, j0, j1
+                        for b in range(b0, b1):
+                            if b + AHEAD < b1 and s < lens[b + AHEAD]:
                                 t2 = _step_time(s, lens[b + AHEAD], rev)
                                 if RNN_Y:
-                                    _prefetch_units(y[t2, b + AHEAD], H, j0, j1)
+                                    _prefetch_units(y[t2, b + AHEAD], H, u0, u1)
                                 else:
-                                    _prefetch_units(saved[s, b + AHEAD], H, j0, j1)
-                                _prefetch_units(dgx[t2, b + AHEAD], H, j0, j1)
+                                    _prefetch_units(saved[s, b + AHEAD], H, u0, u1)
+                                _prefetch_units(dgx[t2, b + AHEAD], H, u0, u1)
                                 if not PROJ:
-                                    _prefetch_units(dy[t2, b + AHEAD], H, j0, j1)
+                                    _prefetch_units(dy[t2, b + AHEAD], H, u0, u1)
                                 if DGH:
-                                    _prefetch_units(dgh[t2, b + AHEAD], H, j0, j1)
+                                    _prefetch_units(dgh[t2, b + AHEAD], H, u0, u1)
                                 if LSTM and s > 0:
-                                    _prefetch_units(saved[s - 1, b + AHEAD, CP * H :], H, j0, j1)
+                                    _prefetch_units(saved[s - 1, b + AHEAD, CP * H :], H, u0, u1)
                             if s >= lens[b]:
                                 for g in range(G):
-                                    _fill(dgx[s, b], g * H + j0, g * H + j1)
+                                    _fill(dgx[s, b], g * H + u0, g * H + u1)
                                     if DGH:
-                                        _fill(dgh[s, b], g * H + j0, g * H + j1)
+                                        _fill(dgh[s, b], g * H + u0, g * H + u1)
                                 continue
                             t = _step_time(s, lens[b], rev)
                             if LSTM:
                                 if PROJ:
-                                    _lstm_out(saved[s, b], hraw[s, b], H, j0, j1)
+                                    _lstm_out(saved[s, b], hraw[s, b], H, u0, u1)
                                 elif ZONEOUT:
-                                    _copy(dh[b], dhc[b], j0, j1)
+                                    _copy(dh[b], dhc[b], u0, u1)
                                 else:
-                                    _add(dh[b], dy[t, b], dhc[b], j0, j1)
+                                    _add(dh[b], dy[t, b], dhc[b], u0, u1)
                                 cp = saved[s - 1, b, CP * H :] if s > 0 else c0[b]
                                 if RESETS:
                                     if zero[t, b]:
                                         cp = zrow
                                 if ZONEOUT:
-                                    _split(dc[b], keep_row(keep_c, t, b), dcz[b], j0, j1)
+                                    _split(dc[b], keep_row(keep_c, t, b), dcz[b], u0, u1)
                                 if LAYER_NORM:
                                     sv, chat, sm = saved[s, b], saved[s, b, o_ch:o_rs], sums[b, 2 * GH :]
                                     _lstm_ln_grads(
                                         sv, cp, dhc[b], dc[b], dcs[b], das[b], chat, sv[o_rs + 1], ln_cw, ln_cb, sm
                                     )
                                 else:
-                                    _lstm_grads(saved[s, b], cp, dhc[b], dc[b], dcs[b], das[b], H, j0, j1)
+                                    _lstm_grads(saved[s, b], cp, dhc[b], dc[b], dcs[b], das[b], H, u0, u1)
                                 if ZONEOUT:
-                                    _add(dc[b], dcz[b], dc[b], j0, j1)
+                                    _add(dc[b], dcz[b], dc[b], u0, u1)
                                 if RESETS:
                                     if zero[t, b]:
-                                        _fill(dc[b], j0, j1)
+                                        _fill(dc[b], u0, u1)
                             elif GRU:
                                 if ZONEOUT:
-                                    _copy(dh[b], dhc[b], j0, j1)
+                                    _copy(dh[b], dhc[b], u0, u1)
                                 else:
-                                    _add(dh[b], dy[t, b], dhc[b], j0, j1)
+                                    _add(dh[b], dy[t, b], dhc[b], u0, u1)
                                 # the state before the step: `y` at the sequence's step before, or `h0` at its first
                                 hp = y[_step_time(s - 1, lens[b], rev), b] if s > 0 else h0[b]
                                 if RESETS:
                                     if zero[t, b]:
                                         hp = zrow
-                                _gru_grads(saved[s, b], hp, dhc[b], das[b], dgx[t, b], dhz[b], H, j0, j1)
+                                _gru_grads(saved[s, b], hp, dhc[b], das[b], dgx[t, b], dhz[b], H, u0, u1)
                                 if not LAYER_NORM:
                                     for g in range(3):
-                                        _copy(das[b], dgh[t, b], g * H + j0, g * H + j1)
+                                        _copy(das[b], dgh[t, b], g * H + u0, g * H + u1)
                             elif RNN_Y:
-                                _rnn_grad(y[t, b], dh[b], dy[t, b], relu, das[b], j0, j1)
+                                _rnn_grad(y[t, b], dh[b], dy[t, b], relu, das[b], u0, u1)
                             else:
-                                _rnn_grad(saved[s, b], dh[b], zrow, relu, das[b], j0, j1)
+                                _rnn_grad(saved[s, b], dh[b], zrow, relu, das[b], u0, u1)
                             # GRU's n gate of dgx is `_gru_grads`'s own
                             for g in range(G - 1 if GRU else G):
-                                _copy(das[b], dgx[t, b], g * H + j0, g * H + j1)
+                                _copy(das[b], dgx[t, b], g * H + u0, g * H + u1)
                             if LAYER_NORM:
                                 sv = saved[s, b]
                                 _ln_grads(das[b], sv[o_xh:o_ch], ln_hh, sv[o_rs], sums[b, :GH], sums[b, GH : 2 * GH])
