@@ -130,7 +130,8 @@ def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
 def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr):
     """One layer-direction with grad, input projection included, as one autograd node of the extension: bitwise the
     outputs and gradients of `seqfast.autograd.Layer` on this backend, for a call without `lengths` whose products are
-    all plain GEMMs (`seqfast.linear.plain`). Arguments as `seqfast.functional.layer`'s.
+    all plain GEMMs (`seqfast.linear.plain`). Arguments as `seqfast.functional.layer`'s; `x` may also be a cell's
+    step, `[B, I]`, taken as `T = 1`.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None.

@@ -95,7 +95,7 @@ def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, ext=None):
             return kernels.step(*args)
     elif fast and requested is None and native.route_step(*args):
         return native.step(*args)
-    return _layer(fast, cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend)[1:]
+    return _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend)[1:]
 
 
 def _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend):
@@ -107,18 +107,22 @@ def _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend):
 
 def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, kernels=None, ext=None):
     """`layer`, on the eager path when `fast` (see `eager`), else through the custom ops; without grad the eager path
-    runs on `kernels` when given (see `_eager_kernels`). With options (`ext`) see `_extended`."""
+    runs on `kernels` when given (see `_eager_kernels`). With options (`ext`) see `_extended`. `x` may also be a
+    cell's step, `[B, I]` (`step`'s, without `ext`): the backend's own node takes it as it is (see
+    `seqfast.kernels.cpp.layer`), the other paths as `[1, B, I]`."""
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     )
     if ext is not None:
         return _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext)
+    if fast and need_grad and lengths is None:
+        kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, w_hr, backend)
+        macs = x.numel() // x.shape[-1] * w_ih.shape[0] * max(x.shape[-1], w_hh.shape[1])
+        if hasattr(kernels, "layer") and plain(macs):  # the backend's own node, bitwise the same as Layer
+            return kernels.layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
+    if x.dim() == 2:
+        x = x.unsqueeze(0)
     if fast and need_grad:
-        if lengths is None:
-            kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, w_hr, backend)
-            macs = x.shape[0] * x.shape[1] * w_ih.shape[0] * max(x.shape[2], w_hh.shape[1])
-            if hasattr(kernels, "layer") and plain(macs):  # the backend's own node, bitwise the same as Layer
-                return kernels.layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
         return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, *_NO_OPTIONS)
     b_fold, b_h = folded_biases(cell, b_hh)
     if fast:

@@ -45,6 +45,9 @@ _MIN_RUNS = 4
 _MAX_RUNS = 50
 _BLOCK_S = 1e-3
 _MAX_BLOCK = 50
+# Untimed turns of each side first, for calls shorter than `_BLOCK_S`: their first turns still ran 5-15% slow
+# (allocator, caches), and a cell step's two sides, 4% apart, came out either way.
+_WARM_TURNS = 2
 _DTYPES = (torch.float32, torch.float64)
 
 # the route's answer per call signature, so that a repeated call formats no key
@@ -201,7 +204,8 @@ def _calibrate(ours, theirs, wrt):
     (returned, not accumulated); a turn times a block of runs back to back, as a loop in a program runs them (about
     `_BLOCK_S` by a run of `ours` after one of each side to warm up, at most `_MAX_BLOCK` runs), per run. The two
     sides take turns, each at least `_MIN_RUNS` times and, up to `_MAX_RUNS`, until seqfast's have run
-    `_MIN_CALIBRATION_S`, under a forked random state (dropout draws none of the caller's numbers)."""
+    `_MIN_CALIBRATION_S`, after `_WARM_TURNS` untimed turns each of a call shorter than `_BLOCK_S`, under a forked
+    random state (dropout draws none of the caller's numbers)."""
 
     def timed(run, block):
         start = time.perf_counter()
@@ -216,6 +220,9 @@ def _calibrate(ours, theirs, wrt):
         for run in (theirs, ours):
             timed(run, 1)
         block = max(1, min(_MAX_BLOCK, int(_BLOCK_S / max(timed(ours, 1), 1e-9))))
+        for _ in range(_WARM_TURNS if block > 1 else 0):
+            for run in (ours, theirs):
+                timed(run, block)
         times = ([], [])
         while len(times[0]) < _MIN_RUNS or (sum(times[0]) * block < _MIN_CALIBRATION_S and len(times[0]) < _MAX_RUNS):
             for run, kept in zip((ours, theirs), times, strict=True):
