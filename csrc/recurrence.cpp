@@ -335,8 +335,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
                                                 const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison) {
     const bool lstm = cell == LSTM;
     const auto [b_fold, b_h] = folded_biases(cell, b_hh);
-    auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, steps(x), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt, w_hr,
-                                  reverse, true, chunk, poison, c10::nullopt, c10::nullopt, c10::nullopt, 0.0,
+    auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, steps(x), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt,
+                                  w_hr, reverse, true, chunk, poison, c10::nullopt, c10::nullopt, c10::nullopt, 0.0,
                                   c10::nullopt, c10::nullopt, c10::nullopt);
     ctx->save_for_backward({x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved});
     ctx->saved_data["cell"] = cell;
@@ -369,8 +369,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const bool need_w_hr = w_hr.defined() && ctx->needs_input_grad(i_w_hr);
     if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that can be differentiated again
       const std::array<bool, 8> need{need_x, need_w_ih, need_b_ih, need_w_hh, need_b_hh, need_h0, need_c0, need_w_hr};
-      const auto wanted = layer_grads().call(cell, reverse, steps(x), w_ih, maybe(b_ih), w_hh, maybe(b_hh), h0, maybe(c0),
-                                             maybe(w_hr), maybe(grads[0]), maybe(grads[1]),
+      const auto wanted = layer_grads().call(cell, reverse, steps(x), w_ih, maybe(b_ih), w_hh, maybe(b_hh), h0,
+                                             maybe(c0), maybe(w_hr), maybe(grads[0]), maybe(grads[1]),
                                              lstm ? maybe(grads[2]) : c10::nullopt, need);
       torch::autograd::variable_list out(12);
       for (size_t k = 0, next = 0; k < need.size(); ++k)
