@@ -35,6 +35,9 @@ at::Tensor as(const at::Tensor& t, at::ScalarType dt) {
 
 at::Tensor in_dtype(const at::Tensor& t, at::ScalarType dt) { return t.scalar_type() == dt ? t : t.to(dt); }
 
+// The loops' dtype for inputs of `dt`: float64 stays float64, float32, float16 and bfloat16 compute in float32.
+at::ScalarType compute_type(at::ScalarType dt) { return dt == at::kDouble ? at::kDouble : at::kFloat; }
+
 c10::optional<at::Tensor> as(const c10::optional<at::Tensor>& t, at::ScalarType dt) {
   if (!t) return c10::nullopt;
   return as(*t, dt);
@@ -89,9 +92,10 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional
   return at::linear(x.reshape({-1, x.size(-1)}), w, b).reshape(sizes);
 }
 
-// The forward loop on `gx`'s dtype (float32 or float64); other inputs are converted to it. Returns `y [T, B, P]`,
-// `hT [B, P]` in h0's dtype, `cT [B, H]` in c0's dtype (LSTM), `saved [T, B, W*H]` (`[0]` unless `need_saved`);
-// `hT_out`, `cT_out`, when defined, are contiguous tensors of `gx`'s dtype that the final states are written into.
+// The forward loop in the compute dtype of `gx`'s (`compute_type`); every input is converted to it. Returns
+// `y [T, B, P]` in gx's dtype, `hT [B, P]` in h0's, `cT [B, H]` in c0's (LSTM), `saved [T, B, W*H]` in the compute
+// dtype (`[0]` unless `need_saved`); `hT_out`, `cT_out`, when defined, are contiguous tensors of the compute dtype
+// that the final states are written into.
 // `zo` checked and in dtype `dt`: weights `h [T, B, P]` and, for LSTM, `c [T, B, H]` together, or a constant in [0, 1).
 ZoneoutArgs zoneout_in(const ZoneoutArgs& zo, at::ScalarType dt, int64_t T, int64_t B, int64_t P, int64_t H,
                        bool lstm) {
@@ -140,8 +144,9 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   const at::Tensor gx_in = gx_given ? *gx_given : project(*x, *w_ih, b_ih, b_fold);
   TORCH_CHECK(gx_in.dim() == 3, "gx must be [T, B, G*H]");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
-  const auto dt = gx_in.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, "gx must be float32 or float64, got ", dt);
+  const auto io = gx_in.scalar_type(), dt = compute_type(io);
+  TORCH_CHECK(io == at::kFloat || io == at::kDouble || io == at::kHalf || io == at::kBFloat16,
+              "gx must be float32, float64, float16 or bfloat16, got ", io);
   const int64_t T = gx_in.size(0), B = gx_in.size(1), GH = gx_in.size(2), G = gates(cell), H = GH / G;
   TORCH_CHECK(H > 0 && GH == G * H, "gx's last dimension must be a positive multiple of ", G);
   TORCH_CHECK(T < INT_MAX && B < INT_MAX && GH < INT_MAX, "sizes must fit BLAS's 32-bit integers");
@@ -149,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   TORCH_CHECK(!proj || lstm, "w_hr (projection) needs the lstm cell");
   TORCH_CHECK(c0_in.has_value() == lstm, "c0 is given exactly for lstm");
   const int64_t P = proj ? w_hr_in->size(0) : H;
-  const at::Tensor gx = gx_in.contiguous(), w_hh = as(w_hh_in, dt), h0 = as(h0_in, dt);
+  const at::Tensor gx = as(gx_in, dt), w_hh = as(w_hh_in, dt), h0 = as(h0_in, dt);
   const auto b_hh = as(b_hh_in, dt), c0 = as(c0_in, dt), w_hr = as(w_hr_in, dt);
   const auto lengths = as(lengths_in, at::kLong);
   check(w_hh, "w_hh", dt, {GH, P});
@@ -171,7 +176,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
     fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, zo, ln, chunk, y, hT,
                        cT, saved);
   });
-  return {y, in_dtype(hT, h0_in.scalar_type()),
+  return {in_dtype(y, io), in_dtype(hT, h0_in.scalar_type()),
           lstm ? c10::make_optional(in_dtype(cT, c0_in->scalar_type())) : c10::nullopt, saved};
 }
 
@@ -212,8 +217,8 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
   const bool lstm = cell == LSTM;
   TORCH_CHECK(c0.has_value() == lstm && (!c0 || c0->dim() == 3), "c0 [L*D, B, H] is given exactly for lstm");
   // each layer-direction writes its final state straight into its slice of `hn`, `cn`, in the loops' dtype (the
-  // projections': `x`'s); states given in another dtype get theirs back at the end, as `fwd` returns them
-  const auto opts = x.options();
+  // compute dtype of `x`'s); states given in another dtype get theirs back at the end, as `fwd` returns them
+  const auto opts = x.options().dtype(compute_type(x.scalar_type()));
   at::Tensor hn = output(h0.sizes(), opts, poison);
   at::Tensor cn = lstm ? output(c0->sizes(), opts, poison) : at::Tensor();
   std::vector<at::Tensor> outputs;

@@ -1,7 +1,9 @@
 """The C++ CPU backend: a thin adapter over `seqfast._C` on the contract of `seqfast.kernels.reference`.
 
 The extension converts the inputs, allocates the outputs (NaN-poisoned while `common.poisoning()`, as
-`common.empty` does) and fills them. The loops compute in the input dtype (float32 or float64); `saved` holds, per
+`common.empty` does) and fills them. The loops compute in the contract's compute dtype: float64 for float64 inputs,
+float32 for float32, float16 and bfloat16 ones (16-bit `gx`, `dy` and the states are converted on the way in, `y`,
+`dgx`, `dgh` and the final states back to their dtypes on the way out); `saved` holds, per
 step and hidden unit, LSTM `i, f, g, o, c` or GRU `r, z, n, W_hn h + b_hn` (RNN saves nothing: `h` is `y`), rows in
 the extension's length-sorted order; with `layer_norm` each row then holds the normalised product `[G*H]` and its
 1 / std (LSTM also the mean and 1 / std of the new cell state).
@@ -26,7 +28,7 @@ EXTENSIONS = ("layer_norm", "resets", "zoneout")
 # `G*H` normalised product and `_LN_SCALARS` more
 _SAVED_WIDTH = {zoneout: [widths[1 + zoneout] for widths in _C.cells()] for zoneout in (False, True)}
 _LN_SCALARS = [widths[3] for widths in _C.cells()]
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 # Multiply-adds of a step's recurrent product from which two threads may share it (the extension's threshold is half
@@ -53,7 +55,8 @@ def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
         gx, w_hh, h0, c0, lengths, w_hr: the call's tensors (see `seqfast.kernels.reference`).
 
     Returns:
-        None when the call can run, else the reason (`common.refusal`'s checks: CPU tensors of float32 or float64).
+        None when the call can run, else the reason (`common.refusal`'s checks: CPU tensors of float32, float64,
+        float16 or bfloat16).
     """
     return refusal("cpp", DEVICES, _DTYPES, cell, gx, w_hh, h0, c0, lengths, w_hr)
 

@@ -2,10 +2,11 @@
 module call or a cell's step, so the results are torch.nn's own.
 
 Automatic selection routes an eager module call (see `seqfast.functional.eager`) on CPU, unpacked, or a cell's step,
-in float32 or float64, here where a calibration found torch's op the faster one on this machine. The calibration
-runs on the first such call of a shape class (see `_choice`): seqfast's kernels and torch's op take turns on the
-call's own tensors (a forward, with grad also the backward of the output, leaving every `.grad` and the random state
-as they were), and torch's op is kept when its best run beats seqfast's by more than `_MARGIN` and `_MIN_GAIN_S`.
+in float32, float64, float16 or bfloat16, here where a calibration found torch's op the faster one on this machine.
+The calibration runs on the first such call of a shape class (see `_choice`): seqfast's kernels and torch's op take
+turns on the call's own tensors (a forward, with grad also the backward of the output, leaving every `.grad` and the
+random state as they were), and torch's op is kept when its best run beats seqfast's by more than `_MARGIN` and
+`_MIN_GAIN_S`.
 The answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by
 the CPU (`cpu_facts`: vendor, family and model, ISA, L2), torch's version and seqfast's, with the other calibrations
 of this machine (see `calibrated`).
@@ -48,7 +49,7 @@ _MAX_BLOCK = 50
 # Untimed turns of each side first, for calls shorter than `_BLOCK_S`: their first turns still ran 5-15% slow
 # (allocator, caches), and a cell step's two sides, 4% apart, came out either way.
 _WARM_TURNS = 2
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # the route's answer per call signature, so that a repeated call formats no key
 _routes = {}
@@ -148,7 +149,7 @@ def route_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
 
 def _decided(x):
     """The answer that needs no calibration: False under `SEQFAST_NATIVE=0` or where torch's op cannot take the call
-    here (not on CPU, not float32 or float64, empty), True under `SEQFAST_NATIVE=1`; else None."""
+    here (not on CPU, not of `_DTYPES`, empty), True under `SEQFAST_NATIVE=1`; else None."""
     setting = dispatch.env("SEQFAST_NATIVE")
     if setting == "0" or not x.is_cpu or x.dtype not in _DTYPES or not x.numel():
         return False

@@ -8,9 +8,10 @@ skipped; a skip here fails unless `EXPECTED_SKIPS` lists its reason (conftest).
 
 import pytest
 import torch
-from conftest import CPU_BACKENDS, TRITON_CPU, TRITON_CUDA
+from conftest import CPU_BACKENDS, TRITON_CPU, TRITON_CUDA, backend_params
 from helpers import (
     CALL_TENSORS,
+    HALF_TOLS,
     TF32_TOL,
     assert_close,
     cast,
@@ -63,12 +64,6 @@ DTYPES = {
 }
 
 
-# 16-bit inputs (triton), against the reference on the same inputs: it multiplies in fp32, the kernel rounds h (and
-# dgh in backward) to the input dtype before each recurrent product, as tensor cores do, and stores y/dgx/dgh in it.
-# Interpreter: measured <= 1.1e-2 for bfloat16 (8-bit mantissa; worst is dh0, eight steps through rounded dgh) and
-# <= 5.6e-4 for float16 (11-bit) on `HALF_SHAPES`, so the bounds leave ~3x and ~3.5x; CUDA: products of length up
-# to 520 at B70-T6-H520, hence the wider bounds.
-HALF_TOLS = {"cpu": {"bf16": 3e-2, "f16": 2e-3}, "cuda": {"bf16": 5e-2, "f16": 5e-3}}
 HALF_DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16}
 # the interpreter's (B, T, H, P) per kind: H and P off multiples of 16 (and one H = 32), mixed lengths
 HALF_SHAPES = {
@@ -78,6 +73,8 @@ HALF_SHAPES = {
     "lstm-proj": (4, 6, 20, 7),
     "gru": (2, 8, 32, None),
 }
+# cpp's blocks of rows (B >= 12) and two hidden-unit chunks (H70), besides `HALF_SHAPES`: (B, T, H, P) per kind
+CPP_HALF_SHAPES = [(13, 9, 70, 20), (40, 5, 33, 11)]
 
 
 def make_problem(kind, B, T, H, lengths, device="cpu"):
@@ -153,26 +150,45 @@ def test_backend_matches_float64_reference(backend, device, cell, shape, lengths
                 check_contract(module, cell, args_d, cot_d, reverse, tol, expected)
 
 
-@pytest.mark.parametrize(
-    ("backend", "device", "kind", "dtype_id"),
-    [
-        pytest.param(b.values[0], "cpu", kind, dtype_id, marks=b.marks, id=f"{b.id}-{kind}-{dtype_id}")
-        for b in TRITON_CPU
-        for kind in CELLS
-        for dtype_id in HALF_DTYPES
+def half_cases(backends, device, kinds_dtypes, shapes):
+    """`test_16bit_matches_reference`'s params: `backends` on `device` over `(kind, dtype_id)` pairs, each at every
+    `(B, T, H, P)` of `shapes(kind)`."""
+    return [
+        pytest.param(
+            b.values[0],
+            device,
+            kind,
+            dtype_id,
+            shape,
+            marks=b.marks,
+            id=f"{b.id}-{kind}-{dtype_id}-B{shape[0]}-H{shape[2]}",
+        )
+        for b in backends
+        for kind, dtype_id in kinds_dtypes
+        for shape in shapes(kind)
     ]
-    + [
-        pytest.param(b.values[0], "cuda", kind, dtype_id, marks=b.marks, id=f"{b.id}-{kind}-{dtype_id}")
-        for b in TRITON_CUDA
-        for kind, dtype_id in [(k, "bf16") for k in CELLS] + [("lstm", "f16"), ("gru", "f16")]
-    ],
+
+
+ALL_HALF = [(kind, dtype_id) for kind in CELLS for dtype_id in HALF_DTYPES]
+
+
+@pytest.mark.parametrize(
+    ("backend", "device", "kind", "dtype_id", "shape"),
+    half_cases(TRITON_CPU, "cpu", ALL_HALF, lambda kind: [HALF_SHAPES[kind]])
+    + half_cases(
+        TRITON_CUDA,
+        "cuda",
+        [(k, "bf16") for k in CELLS] + [("lstm", "f16"), ("gru", "f16")],
+        lambda kind: [(70, 6, 520, 520 // 3)],
+    )
+    + half_cases(backend_params("cpu", ["cpp"]), "cpu", ALL_HALF, lambda kind: [HALF_SHAPES[kind], *CPP_HALF_SHAPES]),
 )
-def test_16bit_matches_reference(backend, device, kind, dtype_id):
+def test_16bit_matches_reference(backend, device, kind, dtype_id, shape):
     """16-bit inputs, mixed lengths, against the reference on the same inputs (`HALF_TOLS`)."""
-    B, T, H, P = HALF_SHAPES[kind] if device == "cpu" else (70, 6, 520, 520 // 3)
+    B, T, H, P = shape
     reverse = kind in ("lstm", "gru") if device == "cpu" else True
     cell, args, cot = kind_problem(kind, T, B, H, P, lengths="mixed", dtype=HALF_DTYPES[dtype_id], device=device)
-    check_contract(dispatch.load(backend), cell, args, cot, reverse, HALF_TOLS[device][dtype_id])
+    check_contract(dispatch.load(backend), cell, args, cot, reverse, HALF_TOLS[backend, device][dtype_id])
 
 
 @pytest.mark.parametrize("kind", [k for k in CELLS if k != "rnn_relu"])
