@@ -346,7 +346,8 @@ def main(argv=None):
     for (n, dtype), r in groups.items():
         best = "none yet" if r["gemm_best_gflops"] is None else f"{r['gemm_best_gflops']:.1f}"
         print(
-            f"gemm rate ({harness.GEMM_SIZE}^3, best of torch.mm and oneDNN, {dtype}, {n} threads): "
+            f"gemm rate ({harness.gemm_size(DTYPES[dtype], args.device)}^3, best of torch.mm and oneDNN, {dtype}, "
+            f"{n} threads): "
             f"{r['gemm_gflops']:.1f} GFLOP/s at the start, {r['gemm_end_gflops']:.1f} at the end; best recorded "
             f"before in {harness.gemm_record_path()}: {best}"
         )

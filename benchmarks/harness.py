@@ -62,6 +62,9 @@ ALL_MODES = MODES + (KERNEL,) + DECODE_MODES
 TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 4e-3}
 
 GEMM_SIZE = 2048
+# torch's CPU float16 GEMM has no fast kernel (2.3 GFLOP/s at 512^3 on AMD Zen 4, against 250 for bfloat16): 2048^3
+# takes about 17 s a product there
+CPU_FLOAT16_GEMM_SIZE = 512
 GEMM_MIN_RUN_TIME = 1.0
 
 # Timed samples per CPU measurement at least: p20 and p80 then fall between the 2nd-3rd and 8th-9th fastest.
@@ -732,18 +735,26 @@ def time_provider(shape, provider, mode, dtype=torch.float32, device="cpu", thre
     return time_fn(setup(shape, provider, mode, dtype, device).step, device, threads, min_run_time)
 
 
-def gemm_rate(dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2, n=GEMM_SIZE):
+def gemm_size(dtype, device):
+    """The matrix size `gemm_rate` times for `dtype` on `device` (a `torch.device` or its type): `GEMM_SIZE`, or
+    `CPU_FLOAT16_GEMM_SIZE` for float16 on CPU."""
+    on_cpu = torch.device(device).type == "cpu"
+    return CPU_FLOAT16_GEMM_SIZE if on_cpu and dtype == torch.float16 else GEMM_SIZE
+
+
+def gemm_rate(dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2, n=None):
     """The reference GEMM rate: the faster of `torch.mm` and seqfast's own GEMM (`seqfast.linear.dense`, oneDNN for CPU
     float32, about twice MKL's rate on AMD CPUs) on two `[n, n]` matrices in `dtype`.
 
     Args:
         dtype: default float32; device: default `cpu`; threads: default current;
         min_run_time: CPU seconds timed, at least `GEMM_MIN_RUN_TIME` = 1 s (default 0.2);
-        n: matrix size (default `GEMM_SIZE` = 2048).
+        n: matrix size (default `gemm_size(dtype, device)`).
 
     Returns:
         `float` GFLOP/s at the median time, `2 n^3 / t`.
     """
+    n = gemm_size(dtype, device) if n is None else n
     generator = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=generator).to(dtype=dtype, device=device) for _ in range(2))
     run_time = max(min_run_time, GEMM_MIN_RUN_TIME)
