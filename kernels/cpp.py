@@ -3,8 +3,8 @@
 The extension converts the inputs, allocates the outputs (NaN-poisoned while `common.poisoning()`, as
 `common.empty` does) and fills them. The loops compute in the contract's compute dtype: float64 for float64 inputs,
 float32 for float32, float16 and bfloat16 ones (16-bit `gx`, `dy` and the states are converted on the way in, `y`,
-`dgx`, `dgh` and the final states back to their dtypes on the way out); `saved` holds, per
-step and hidden unit, LSTM `i, f, g, o, c` or GRU `r, z, n, W_hn h + b_hn` (RNN saves nothing: `h` is `y`), rows in
+`dgx`, `dgh` and the final states back to their dtypes on the way out). `saved` holds, per step and hidden unit,
+LSTM `i, f, g, o, c` or GRU `r, z, n, W_hn h + b_hn` (RNN saves nothing: `h` is `y`, read in `y`'s dtype), rows in
 the extension's length-sorted order; with `layer_norm` each row then holds the normalised product `[G*H]` and its
 1 / std (LSTM also the mean and 1 / std of the new cell state).
 """
