@@ -518,6 +518,15 @@ def _split(d, keep, direct, j0, j1):
 
 
 @njit(**_OPTS)
+def _cell_span(by_rows, q, nc, B, H, j0, j1):
+    # rows [b0, b1) and units [u0, u1) of chunk q's cell math: its group of rows, every unit, when `by_rows`
+    # (layer_norm's), else every row, its units [j0, j1)
+    if by_rows:
+        return q * B // nc, (q + 1) * B // nc, 0, H
+    return 0, B, j0, j1
+
+
+@njit(**_OPTS)
 def _copy_state(src, dst, y_row, b, j0, j1):
     # an ended sequence keeps its state and writes zeros to `y`
     zero = dst.dtype.type(0)
@@ -920,10 +929,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                     if ph == 0:
                         _gate_rows(cur, w_hh, wp, gh, gates, H, j0, j1, q * span, s % 2 == 1)
                     if ph == CELL_PH:
-                        if LAYER_NORM:
-                            b0, b1, u0, u1 = q * B // nc, (q + 1) * B // nc, 0, H
-                        else:
-                            b0, b1, u0, u1 = 0, B, j0, j1
+                        b0, b1, u0, u1 = _cell_span(LAYER_NORM, q, nc, B, H, j0, j1)
                         for b in range(b0, b1):
                             if b + AHEAD < b1 and s < lens[b + AHEAD]:
                                 _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, u0, u1)
@@ -1058,10 +1064,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                         if PROJ:
                             mm_rows(dh, w_hr_t, wr, dhc, j0, j1, q * span_r)
                         das = da[s % 2]
-                        if LAYER_NORM:
-                            b0, b1, u0, u1 = q * B // nc, (q + 1) * B // nc, 0, H
-                        else:
-                            b0, b1, u0, u1 = 0, B, j0, j1
+                        b0, b1, u0, u1 = _cell_span(LAYER_NORM, q, nc, B, H, j0, j1)
                         for b in range(b0, b1):
                             if b + AHEAD < b1 and s < lens[b + AHEAD]:
                                 t2 = _step_time(s, lens[b + AHEAD], rev)
