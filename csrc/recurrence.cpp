@@ -1,5 +1,10 @@
 // The extension's entry points: the ATen-facing forward, backward, stack and step around the loops of loops.h, the
 // eager autograd node, and the Python bindings.
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/TracerMode.h>
+#include <ATen/autocast_mode.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
 
 #include <array>
@@ -443,6 +448,48 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> layer(
 
 namespace {
 
+// The facts of an eager cell step that the checks of its arguments and the choice of the function running it read
+// (see `seqfast.functional.step_key`), packed exactly: grad mode, the thread count, and per tensor (or None) its dtype,
+// layout, device, whether it requires grad, and its sizes. None (Python's) when the call cannot take the eager path
+// (`seqfast.functional.eager`, but for compiling, which the caller tests first): while tracing, under a dispatch or
+// torch function mode, a functorch transform or autocast on any device, for a tensor that is neither a plain tensor
+// nor a parameter, or a meta input.
+PyObject* g_parameter_type = nullptr;
+
+pybind11::object step_signature(const pybind11::args& tensors) {
+  using c10::impl::tls_is_dispatch_key_included;
+  if (at::tracer::impl::is_dispatch_enabled() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+      at::impl::torch_function_mode_enabled() ||
+      tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode))
+    return pybind11::none();
+  for (const auto device : {at::kCPU, at::kCUDA, at::kXPU, at::kIPU, at::kXLA, at::kHPU, at::kMPS, at::kPrivateUse1})
+    if (at::autocast::is_autocast_enabled(device)) return pybind11::none();
+  std::string facts;
+  facts.reserve(16 * (tensors.size() + 2));
+  const auto put = [&facts](int64_t v) { facts.append(reinterpret_cast<const char*>(&v), sizeof(v)); };
+  put(at::GradMode::is_enabled());
+  put(at::get_num_threads());
+  bool first = true;
+  for (const auto& handle : tensors) {
+    PyObject* obj = handle.ptr();
+    if (obj == Py_None) {
+      put(-1);
+    } else {
+      if (!THPVariable_CheckExact(obj) && Py_TYPE(obj) != reinterpret_cast<PyTypeObject*>(g_parameter_type))
+        return pybind11::none();
+      const at::Tensor& t = THPVariable_Unpack(obj);
+      if (first && t.is_meta()) return pybind11::none();
+      const at::Device device = t.device();
+      put(static_cast<int64_t>(t.scalar_type()) | static_cast<int64_t>(t.layout()) << 8 |
+          static_cast<int64_t>(device.type()) << 16 | static_cast<int64_t>(device.index() + 1) << 24 |
+          static_cast<int64_t>(t.requires_grad()) << 32 | static_cast<int64_t>(t.dim()) << 40);
+      for (const int64_t size : t.sizes()) put(size);
+    }
+    first = false;
+  }
+  return pybind11::bytes(facts);
+}
+
 std::string isa() { return kIsaNames[g_isa.load()]; }
 
 std::string set_isa(const std::string& name) {
@@ -484,6 +531,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                          seqfast::ln_scalars(cell));
     return table;
   }, "(gates, width of `saved` per hidden unit, the same with zoneout, layer_norm's scalars per row) of each cell id.");
+  seqfast::g_parameter_type = py::object(py::module::import("torch.nn").attr("Parameter")).release().ptr();
+  m.def("step_signature", &seqfast::step_signature,
+        "The facts of an eager cell step's tensors (x, h0, c0, w_ih, w_hh, b_ih, b_hh, each may be None) its checks "
+        "and backend choice read, as bytes, or None when the call cannot take the eager path (see "
+        "seqfast.functional.step_key).");
   m.def("isa", &seqfast::isa, "The instruction set of the cell math and float32 GEMM in use.");
   m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` kernels; returns the previous.");
   m.def("has_blas", [] {

@@ -128,12 +128,19 @@ def env(name):
     return None if value is None else os.environ.decodevalue(value)
 
 
+def settings():
+    """The raw values of the settings seqfast reads on every call (`_ENCODED_KEYS`), as one tuple that changes when
+    any of them does."""
+    return tuple(map(_environ_data.get, _ENCODED_NAMES))
+
+
 _environ_data = os.environ._data
 # the names seqfast reads on every call, encoded once (a plain dict: Dynamo warns on `functools.cache`)
 _ENCODED_KEYS = {
     name: os.environ.encodekey(name)
     for name in ("SEQFAST_BACKEND", "SEQFAST_NATIVE", "SEQFAST_STRICT", "SEQFAST_ONEDNN_MIN_MACS")
 }
+_ENCODED_NAMES = tuple(_ENCODED_KEYS.values())
 
 
 def strict():

@@ -6,6 +6,7 @@ grad, directly); calls that need torch's op machinery (see `eager`) go through t
 `seqfast::recurrence` custom ops.
 """
 
+import functools
 from itertools import chain
 
 import torch
@@ -67,14 +68,15 @@ def layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0=None, w_hr=None, lengths=None,
     return _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext=ext)
 
 
-def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, ext=None):
-    """One step of a cell, on the eager path when `fast` (see `eager`): torch's own op (`seqfast.native`) when
-    `backend` (or `SEQFAST_BACKEND`) is `native` or automatic selection routes a step with grad there, else `layer`
-    over one step.
+def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, ext=None, key=None):
+    """One step of a cell, on the eager path when `fast` (see `eager`): with options (`ext`) `layer` over one step,
+    else the function `_step_runner` picks.
 
     Args:
         x: `[B, I]`; h0: `[B, H]`; c0: `[B, H]` for `lstm`, else None; ext: as in `layer`, one step's; the rest as in
             `layer`.
+        key: the call's signature (see `step_key`), under which an eager step without options keeps its function
+            for `remembered_step`; default None.
 
     Returns:
         `(h [B, H], c [B, H] or None)`.
@@ -84,18 +86,93 @@ def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, ext=None):
             fast, cell, x.unsqueeze(0), w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend, ext=ext
         )
         return h, c
+    run = _step_runner(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend)
+    if fast and key is not None:
+        _remember_step(key, run)
+    return run(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+
+
+def _step_runner(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend):
+    """The function that runs a step without options, `run(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh) -> (h, c)`:
+    torch's own op (`seqfast.native`) when `backend` (or `SEQFAST_BACKEND`) is `native` or automatic selection routes
+    an eager step with grad there; on the eager path the backend's step without grad, or its own node with grad,
+    where it has them; else `layer` over one step. `fast` as in `step`."""
     requested = backend or dispatch.env("SEQFAST_BACKEND")
-    args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
     if requested == "native":
-        return native.step(*args)
+        return native.step
     if fast and not _grad_enabled():
         # without grad a step is too small for the native choice to pay for itself (and seqfast's is the faster)
         kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, None, backend)
         if hasattr(kernels, "step") and fused(kernels, x, w_ih, b_ih, folded_biases(cell, b_hh)[0]):
-            return kernels.step(*args)
-    elif fast and requested is None and native.route_step(*args):
-        return native.step(*args)
+            return kernels.step
+    elif fast and requested is None and native.route_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        return native.step
+    if fast and _needs_grad(x, w_ih, w_hh, b_ih, b_hh, h0, c0):
+        kernels = _own_node(cell, x, w_ih, w_hh, h0, c0, None, backend)
+        if kernels is not None:
+            return functools.partial(_node_step, kernels)
+    return functools.partial(_layer_step, fast, backend)
+
+
+def _node_step(kernels, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    return kernels.layer(cell, False, x, w_ih, b_ih, w_hh, b_hh, h0, c0, None)[1:]
+
+
+def _layer_step(fast, backend, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     return _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend)[1:]
+
+
+def step_key(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, *checked):
+    """The signature of a step's call (arguments as `step`'s) on which `_step_runner`'s choice for it depends, or
+    None when the call cannot take the eager path (see `eager`) or seqfast runs without its extension: the cell, the
+    request, the settings read on every call and the extension's packed facts of the tensors
+    (`seqfast._C.step_signature`: grad mode, the thread count, each tensor's dtype, layout, device, sizes and whether
+    it requires grad), then `checked`, what the caller's checks of the arguments read besides. `remembered_step` then
+    answers for a call whose key matches one that `step` ran."""
+    global _step_signature
+    if _compiling():
+        return None
+    if _step_signature is None:
+        _step_signature = _extension_signature()
+    if not _step_signature:
+        return None
+    facts = _step_signature(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    return None if facts is None else (facts, cell, backend, dispatch.settings(), *checked)
+
+
+def remembered_step(key):
+    """The function `step` ran the call of signature `key` with (see `step_key`), or None: it keeps them while the
+    tables their choices came from (the loaded backends, the native route's answers in this process) stay the same,
+    at most `_MAX_STEP_RUNNERS` of them."""
+    return _step_runners.get(key) if _same_tables() else None
+
+
+def _remember_step(key, run):
+    global _step_runners_for
+    if len(_step_runners) >= _MAX_STEP_RUNNERS or not _same_tables():
+        _step_runners.clear()
+        _step_runners_for = (dispatch._loaded, native._routes)
+    _step_runners[key] = run
+
+
+def _same_tables():
+    return _step_runners_for[0] is dispatch._loaded and _step_runners_for[1] is native._routes
+
+
+_step_runners = {}
+_step_runners_for = (None, None)
+_MAX_STEP_RUNNERS = 1024
+_step_signature = None  # `seqfast._C.step_signature` from the first step on, False without the extension
+
+
+def _extension_signature():
+    """`seqfast._C.step_signature`, imported on a process's first step (`import seqfast` loads no extension), or
+    False when seqfast runs without it: every step then takes its checked path."""
+    try:
+        from ._C import step_signature
+    except ImportError:
+        return False
+    return step_signature
 
 
 def _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend):
@@ -105,21 +182,32 @@ def _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend):
     return dispatch.select_remembered(cell, x, w_hh, h0, c0, lengths, w_hr, backend)[1]
 
 
+def _needs_grad(*tensors):
+    """Whether grad mode is on and any of `tensors` (None allowed) requires grad."""
+    return _grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _own_node(cell, x, w_ih, w_hh, h0, c0, w_hr, backend):
+    """The backend module whose own autograd node (bitwise the same as `Layer`) runs an eager call with grad and
+    without `lengths`: the eager call's backend, when it has one and the call's products are all plain GEMMs (see
+    `seqfast.linear.plain`); else None."""
+    kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, w_hr, backend)
+    macs = x.numel() // x.shape[-1] * w_ih.shape[0] * max(x.shape[-1], w_hh.shape[1])
+    return kernels if hasattr(kernels, "layer") and plain(macs) else None
+
+
 def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, kernels=None, ext=None):
     """`layer`, on the eager path when `fast` (see `eager`), else through the custom ops; without grad the eager path
     runs on `kernels` when given (see `_eager_kernels`). With options (`ext`) see `_extended`. `x` may also be a
     cell's step, `[B, I]` (`step`'s, without `ext`): the backend's own node takes it as it is (see
     `seqfast.kernels.cpp.layer`), the other paths as `[1, B, I]`."""
-    need_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
-    )
+    need_grad = _needs_grad(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     if ext is not None:
         return _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext)
     if fast and need_grad and lengths is None:
-        kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, w_hr, backend)
-        macs = x.numel() // x.shape[-1] * w_ih.shape[0] * max(x.shape[-1], w_hh.shape[1])
-        if hasattr(kernels, "layer") and plain(macs):  # the backend's own node, bitwise the same as Layer
-            return kernels.layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
+        node = _own_node(cell, x, w_ih, w_hh, h0, c0, w_hr, backend)
+        if node is not None:
+            return node.layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if fast and need_grad:

@@ -651,9 +651,8 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         is_batched = dim == 2
         if not is_batched:
             input = input.unsqueeze(0)
-        batch, features = input.shape
         if hx is None:
-            zeros = input.new_zeros(batch, self.hidden_size)
+            zeros = input.new_zeros(input.shape[0], self.hidden_size)
             states = (zeros, zeros) if is_lstm else (zeros,)
         else:
             if is_lstm and is_batched:
@@ -668,6 +667,31 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
                 states = tuple(s.unsqueeze(0) for s in states)
         cell = self._cell()
         w_ih, w_hh, b_ih, b_hh = _live(self, _CELL_PARAMETERS)
+        h0, c0 = states[0], states[1] if is_lstm else None
+        key = run = None
+        if not (self.layer_norm or self.zoneout):
+            # a call whose signature passed the checks below before runs as that call did
+            key = functional.step_key(
+                cell, input, w_ih, w_hh, b_ih, b_hh, h0, c0, self.backend, self.input_size, self.hidden_size
+            )
+            run = None if key is None else functional.remembered_step(key)
+        if run is not None:
+            hT, cT = run(cell, input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        else:
+            hT, cT = self._checked_step(cell, input, states, (w_ih, w_hh, b_ih, b_hh), key)
+        if is_lstm:
+            return (hT, cT) if is_batched else (hT.squeeze(0), cT.squeeze(0))
+        return hT if is_batched else hT.squeeze(0)
+
+    def _checked_step(self, cell, input, states, weights, key):
+        """`forward`'s step after torch.nn's checks of its arguments: `input [B, I]`, `states` `(h,)` or LSTM's
+        `(h, c)`, each `[B, H]`, `weights` `(w_ih, w_hh, b_ih, b_hh)`; `key` as in `functional.step`.
+
+        Returns:
+            `(h [B, H], c [B, H] or None)`.
+        """
+        batch, features = input.shape
+        w_ih, w_hh, b_ih, b_hh = weights
         if features != self.input_size:
             raise RuntimeError(f"input has inconsistent input_size: got {features} expected {self.input_size}")
         shape = (batch, self.hidden_size)
@@ -684,19 +708,18 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
             _check_same_dtype(state, w_hh, b_hh)
 
         ext = self._extensions(cell, input) if self.layer_norm or self.zoneout else None
+        is_lstm = cell == "lstm"
 
         def run(x, states, weights):
             (w_ih, w_hh, b_ih, b_hh), h0, c0 = weights[0], states[0], states[1] if is_lstm else None
             fast = functional.eager(x, w_ih, w_hh, b_ih, b_hh, h0, c0)
-            return None, *functional.step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, self.backend, ext)
+            return None, *functional.step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, self.backend, ext, key)
 
         if _autocast() and ext is None:
-            _, hT, cT = _run_autocast(run, cell, input, states, [(w_ih, w_hh, b_ih, b_hh)])
+            _, hT, cT = _run_autocast(run, cell, input, states, [weights])
         else:
-            _, hT, cT = run(input, states, [(w_ih, w_hh, b_ih, b_hh)])
-        if is_lstm:
-            return (hT, cT) if is_batched else (hT.squeeze(0), cT.squeeze(0))
-        return hT if is_batched else hT.squeeze(0)
+            _, hT, cT = run(input, states, [weights])
+        return hT, cT
 
 
 class RNNCell(_Cell):

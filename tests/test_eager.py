@@ -59,6 +59,71 @@ def test_eager_only_without_modes_transforms_tracing_or_special_tensors():
     assert seen == [False, False]
 
 
+def test_step_key_only_on_the_eager_path():
+    """A cell's step is remembered (`functional.step_key` not None) exactly where it may take the eager path."""
+    pytest.importorskip("seqfast._C", reason="seqfast._C is not built")
+    x, w, b = torch.randn(2, 3), torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))
+
+    def key(x=x, h=x, c=None):
+        return functional.step_key("gru", x, w, w, None, b, h, c, None)
+
+    plain = key()
+    assert plain is not None and plain == key() != key(c=x)
+    assert plain != key(x=x.double()) and plain != key(h=x[:1]) and plain != key(x=x.clone().requires_grad_())
+    with torch.no_grad():
+        assert key() is not None and key() != plain
+    with PassThroughFunctions():
+        assert key() is None
+    with PassThroughDispatch():
+        assert key() is None
+    with torch.autocast("cpu"):
+        assert key() is None
+    assert key(h=x.as_subclass(Tagged)) is None and key(x=torch.empty(2, 3, device="meta")) is None
+    with FakeTensorMode() as fake_mode:
+        assert key(x=fake_mode.from_tensor(x)) is None
+    seen = []
+    torch.func.vmap(lambda t: seen.append(key(x=t)) or t)(x)
+    torch.func.grad(lambda t: seen.append(key(h=t)) or t.sum())(x)
+    torch.jit.trace(lambda t: seen.append(key(x=t)) or t * 2, (x,), check_trace=False)
+    assert seen == [None, None, None]
+
+
+@pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_remembered_steps_follow_what_changed(name, monkeypatch):
+    """A step that runs as an earlier one did (see `functional.remembered_step`) follows what changed since: the
+    parameters' dtype and whether they need grad, grad mode, the backend asked for; results stay torch.nn's."""
+    ref = getattr(torch.nn, name)(4, 5)
+    ours = getattr(seqfast, name)(4, 5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 4)
+
+    def agree(module_dtype=torch.float32, grad_fns=EAGER_NODES):
+        a, b = flatten(ref(x.to(module_dtype))), flatten(ours(x.to(module_dtype)))
+        for actual, expected in zip(b, a, strict=True):
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+        assert {type(t.grad_fn).__name__ for t in b} <= grad_fns
+
+    for _ in range(2):
+        agree()
+    with torch.no_grad():
+        agree(grad_fns={"NoneType"})
+    ref.double(), ours.double()
+    with pytest.raises(RuntimeError, match="same dtype"):
+        ours(x)
+    agree(torch.float64)
+    ref.float(), ours.float()
+    for module in (ref, ours):
+        module.requires_grad_(False)
+    agree(grad_fns={"NoneType"})
+    for module in (ref, ours):
+        module.requires_grad_(True)
+    agree()
+    monkeypatch.setenv("SEQFAST_BACKEND", "reference")
+    agree(grad_fns={"LayerBackward"})
+    monkeypatch.setenv("SEQFAST_BACKEND", "native")
+    agree(grad_fns={"AddBackward0", "MulBackward0", "TanhBackward0"})  # the last ops of torch's cells
+
+
 # (T, B, dtype, bias): a sequence, one step of one row in float64, one step without biases
 _PATH_CASES = [(6, 4, torch.float32, True), (1, 1, torch.float64, True), (1, 3, torch.float32, False)]
 

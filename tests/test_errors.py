@@ -519,6 +519,23 @@ def test_cell_error_matches_torch(request, name, kwargs, build):
     assert_same_error(expected, actual, request.node.callspec.id)
 
 
+@pytest.mark.parametrize(("name", "kwargs", "build"), CELL_CASES)
+def test_cell_error_matches_torch_after_remembered_steps(request, name, kwargs, build):
+    """Valid steps first, batched and unbatched, with and without `hx`, twice each (the second runs as the first
+    did, see `seqfast.functional.remembered_step`): the bad call after them still raises torch.nn's error."""
+    ref, ours = _cell_twins(name, kwargs)
+    geo = CellGeo(6, name == "LSTMCell")
+    for x, hx in [(torch.randn(B, IN), geo.s(B, geo.H)), (torch.randn(IN), geo.s(geo.H)), (torch.randn(B, IN), None)]:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                ours(x, hx)
+                ours(x, hx)
+    x, hx = build(geo)
+    expected = _raised(lambda: ref(x, hx))
+    actual = _raised(lambda: ours(x, hx))
+    assert_same_error(expected, actual, request.node.callspec.id)
+
+
 @pytest.mark.parametrize("nonlinearity", ["sigmoid", None, "TANH"])
 @pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
 def test_rnn_cell_unknown_nonlinearity_raises_at_forward(nonlinearity, unbatched):
