@@ -100,18 +100,21 @@ def _step_runner(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend):
     requested = backend or dispatch.env("SEQFAST_BACKEND")
     if requested == "native":
         return native.step
-    if fast and not _grad_enabled():
+    grad = _grad_enabled()
+    if fast and not grad:
         # without grad a step is too small for the native choice to pay for itself (and seqfast's is the faster)
         kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, None, backend)
         if hasattr(kernels, "step") and fused(kernels, x, w_ih, b_ih, folded_biases(cell, b_hh)[0]):
             return kernels.step
-    elif fast and requested is None and native.route_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        return native.step
-    if fast and _needs_grad(x, w_ih, w_hh, b_ih, b_hh, h0, c0):
-        kernels = _own_node(cell, x, w_ih, w_hh, h0, c0, None, backend)
-        if kernels is not None:
-            return functools.partial(_node_step, kernels)
-    return functools.partial(_layer_step, fast, backend)
+    ours = functools.partial(_layer_step, fast, backend)
+    if fast and grad:
+        if _needs_grad(x, w_ih, w_hh, b_ih, b_hh, h0, c0):
+            kernels = _own_node(cell, x, w_ih, w_hh, h0, c0, None, backend)
+            if kernels is not None:
+                ours = functools.partial(_node_step, kernels)
+        if requested is None and native.route_step(ours, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+            return native.step
+    return ours
 
 
 def _node_step(kernels, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):

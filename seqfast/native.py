@@ -50,6 +50,9 @@ _MAX_BLOCK = 50
 # (allocator, caches), and a cell step's two sides, 4% apart, came out either way.
 _WARM_TURNS = 2
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Raised when what the calibrations time changes, so that each machine measures again: 2, a cell's step as its
+# remembered function runs it (see `seqfast.functional.remembered_step`).
+_REVISION = 2
 
 # the route's answer per call signature, so that a repeated call formats no key
 _routes = {}
@@ -126,23 +129,17 @@ def route(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training
     return _remembered(signature, calibration)
 
 
-def route_step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-    """Whether an automatic eager cell step runs on torch's own op; arguments as `step`'s."""
+def route_step(ours, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    """Whether an automatic eager cell step runs on torch's own op rather than `ours`, the function seqfast would run
+    it with (`ours(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)`, as `step`); the rest as `step`'s arguments."""
     decided = _decided(x)
     if decided is not None:
         return decided
     signature = (cell, x.dtype, x.shape, w_hh.shape, None, b_ih is None, 0, False, torch.get_num_threads(), _grad(x))
 
     def calibration():
-        from .functional import _layer
-
         args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        x1 = x.unsqueeze(0)
-
-        def ours():
-            return _layer(True, cell, x1, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, None)[1:]
-
-        return (x, h0, c0, w_ih, w_hh, b_ih, b_hh), ours, (lambda: step(*args))
+        return (x, h0, c0, w_ih, w_hh, b_ih, b_hh), (lambda: ours(*args)), (lambda: step(*args))
 
     return _remembered(signature, calibration)
 
@@ -246,7 +243,7 @@ def _machine():
 
     facts = cpu_facts()
     cpu = f"{facts['cpu_vendor']} {facts['cpu_model']} {facts['cpu_isa']} L2 {facts['cpu_l2_kb']} KB"
-    return f"{cpu} torch {torch.__version__} seqfast {__version__}"
+    return f"{cpu} torch {torch.__version__} seqfast {__version__} calibrations {_REVISION}"
 
 
 @functools.cache
