@@ -75,8 +75,8 @@ def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, ext=None, key=N
     Args:
         x: `[B, I]`; h0: `[B, H]`; c0: `[B, H]` for `lstm`, else None; ext: as in `layer`, one step's; the rest as in
             `layer`.
-        key: the call's signature (see `step_key`), under which an eager step without options keeps its function
-            for `remembered_step`; default None.
+        key: the call's signature (see `call_key`), under which an eager step without options keeps the function
+            it ran with for `remembered`; default None.
 
     Returns:
         `(h [B, H], c [B, H] or None)`.
@@ -88,7 +88,7 @@ def step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, ext=None, key=N
         return h, c
     run = _step_runner(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend)
     if fast and key is not None:
-        _remember_step(key, run)
+        _remember(key, run)
     return run(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
 
 
@@ -125,52 +125,52 @@ def _layer_step(fast, backend, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     return _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, None, None, False, backend)[1:]
 
 
-def step_key(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend, *checked):
-    """The signature of a step's call (arguments as `step`'s) on which `_step_runner`'s choice for it depends, or
-    None when the call cannot take the eager path (see `eager`) or seqfast runs without its extension: the cell, the
-    request, the settings read on every call and the extension's packed facts of the tensors
-    (`seqfast._C.step_signature`: grad mode, the thread count, each tensor's dtype, layout, device, sizes and whether
-    it requires grad), then `checked`, what the caller's checks of the arguments read besides. `remembered_step` then
-    answers for a call whose key matches one that `step` ran."""
-    global _step_signature
+def call_key(tensors, *facts):
+    """The signature of an eager call on which the choice of the function running it depends, or None when the call
+    cannot take the eager path (see `eager`) or seqfast runs without its extension: the extension's packed facts of
+    `tensors` (the input first; None allowed) as `seqfast._C.step_signature` forms them (grad mode, the thread count,
+    each tensor's dtype, layout, device, sizes and whether it requires grad), the settings read on every call, then
+    `facts`: the request and whatever else the caller's checks of the arguments and the choice read besides.
+    `remembered` answers for a call whose key matches one that ran (`step`'s or `rnn`'s `key`)."""
+    global _signature
     if _compiling():
         return None
-    if _step_signature is None:
-        _step_signature = _extension_signature()
-    if not _step_signature:
+    if _signature is None:
+        _signature = _extension_signature()
+    if not _signature:
         return None
-    facts = _step_signature(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-    return None if facts is None else (facts, cell, backend, dispatch.settings(), *checked)
+    packed = _signature(*tensors)
+    return None if packed is None else (packed, dispatch.settings(), *facts)
 
 
-def remembered_step(key):
-    """The function `step` ran the call of signature `key` with (see `step_key`), or None: it keeps them while the
-    tables their choices came from (the loaded backends, the native route's answers in this process) stay the same,
-    at most `_MAX_STEP_RUNNERS` of them."""
-    return _step_runners.get(key) if _same_tables() else None
+def remembered(key):
+    """The function a call of signature `key` (see `call_key`) ran with, or None: kept while the tables its choice
+    came from (the loaded backends, the native route's answers in this process) stay the same, at most
+    `_MAX_REMEMBERED` of them."""
+    return _runners.get(key) if _same_tables() else None
 
 
-def _remember_step(key, run):
-    global _step_runners_for
-    if len(_step_runners) >= _MAX_STEP_RUNNERS or not _same_tables():
-        _step_runners.clear()
-        _step_runners_for = (dispatch._loaded, native._routes)
-    _step_runners[key] = run
+def _remember(key, run):
+    global _runners_for
+    if len(_runners) >= _MAX_REMEMBERED or not _same_tables():
+        _runners.clear()
+        _runners_for = (dispatch._loaded, native._routes)
+    _runners[key] = run
 
 
 def _same_tables():
-    return _step_runners_for[0] is dispatch._loaded and _step_runners_for[1] is native._routes
+    return _runners_for[0] is dispatch._loaded and _runners_for[1] is native._routes
 
 
-_step_runners = {}
-_step_runners_for = (None, None)
-_MAX_STEP_RUNNERS = 1024
-_step_signature = None  # `seqfast._C.step_signature` from the first step on, False without the extension
+_runners = {}
+_runners_for = (None, None)
+_MAX_REMEMBERED = 1024
+_signature = None  # `seqfast._C.step_signature` from the first `call_key` on, False without the extension
 
 
 def _extension_signature():
-    """`seqfast._C.step_signature`, imported on a process's first step (`import seqfast` loads no extension), or
-    False when seqfast runs without it: every step then takes its checked path."""
+    """`seqfast._C.step_signature`, imported on a process's first call (`import seqfast` loads no extension), or
+    False when seqfast runs without it: every call then takes its checked path."""
     try:
         from ._C import step_signature
     except ImportError:
@@ -377,6 +377,7 @@ def rnn(
     resets=None,
     zoneout=0.0,
     layer_norm=None,
+    key=None,
 ):
     """A stack of `num_layers` recurrent layers, each one or two directions, dropout between layers.
 
@@ -392,6 +393,8 @@ def rnn(
             selection also picks for an eager call where it calibrated it faster.
         resets, zoneout: as in `extensions` (`resets` with `lengths` None), for every layer; default off.
         layer_norm: `L*D` tuples `(ln_ih, ln_hh, ln_c_weight, ln_c_bias)` (see `extensions`), or None (default).
+        key: the call's signature (see `call_key`), under which an eager call without `lengths` or options keeps
+            the function it ran with for `remembered`; default None.
 
     Returns:
         `y [T, B, D*P]`, `hn [L*D, B, P]`, `cn [L*D, B, H]` or None.
@@ -401,15 +404,51 @@ def rnn(
     options = (resets, zoneout, layer_norm)
     extended = resets is not None or zoneout > 0 or layer_norm is not None
     requested = backend or dispatch.env("SEQFAST_BACKEND")
-    if requested == "native":
-        if extended:
-            raise RuntimeError("seqfast backend 'native' (torch's own op) cannot run resets, zoneout or layer_norm")
-        return native.rnn(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
+    if requested == "native" and extended:
+        raise RuntimeError("seqfast backend 'native' (torch's own op) cannot run resets, zoneout or layer_norm")
     fast = eager(x, h0, c0, lengths, *chain.from_iterable(weights))
     args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
-    if fast and requested is None and not extended and native.route(*args):
-        return native.rnn(*args)
-    return _stack(fast, *args, backend, options if extended else None)
+    if extended:
+        return _stack(fast, *args, backend, options)
+    run = _rnn_runner(fast, requested, *args, backend)
+    if fast and key is not None and lengths is None:
+        _remember(key, run)
+    return run(x, h0, c0, weights, lengths)
+
+
+def _rnn_runner(
+    fast, requested, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths, backend
+):
+    """The function that runs `rnn` without options, `run(x, h0, c0, weights, lengths) -> (y, hn, cn)`: torch's own
+    op (`seqfast.native`) when `requested` is `native` or automatic selection routes an eager call there; on the
+    eager path without grad the backend's whole stack in one call where it has one (see `_one_call`); else `_stack`.
+    The other arguments are `rnn`'s, `fast` as in `_stack`."""
+    static = (num_layers, bidirectional, dropout, training)
+    theirs = functools.partial(_native_rnn, cell, static)
+    if requested == "native":
+        return theirs
+    ours = functools.partial(_stack_call, fast, cell, static, backend)
+    if fast and not torch.is_grad_enabled():
+        # the stacked states stand for each layer's in the choice: same dtypes and devices
+        kernels = _eager_kernels(cell, x, weights[0][1], h0, c0, lengths, weights[0][4], backend)
+        dropped = num_layers > 1 and dropout > 0 and training
+        if _one_call(kernels, cell, x, weights, 2 if bidirectional else 1, lengths, dropped):
+            ours = functools.partial(_whole_stack, kernels, cell, bidirectional)
+    if fast and requested is None and native.route(ours, cell, x, h0, c0, weights, *static, lengths):
+        return theirs
+    return ours
+
+
+def _native_rnn(cell, static, x, h0, c0, weights, lengths):
+    return native.rnn(cell, x, h0, c0, weights, *static, lengths)
+
+
+def _whole_stack(kernels, cell, bidirectional, x, h0, c0, weights, lengths):
+    return kernels.stack(cell, x, h0, c0, weights, bidirectional)
+
+
+def _stack_call(fast, cell, static, backend, x, h0, c0, weights, lengths):
+    return _stack(fast, cell, x, h0, c0, weights, *static, lengths, backend, None)
 
 
 def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths, backend, options):
@@ -418,10 +457,7 @@ def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, t
     directions = 2 if bidirectional else 1
     kernels = None
     if fast and not torch.is_grad_enabled() and options is None:
-        # the stacked states stand for each layer's in the choice: same dtypes and devices
         kernels = _eager_kernels(cell, x, weights[0][1], h0, c0, lengths, weights[0][4], backend)
-        if _one_call(kernels, cell, x, weights, directions, lengths, num_layers > 1 and dropout > 0 and training):
-            return kernels.stack(cell, x, h0, c0, weights, bidirectional)
     h0s = h0.unbind(0)
     c0s = (None,) * len(h0s) if c0 is None else c0.unbind(0)
     hn, cn = [], []

@@ -51,7 +51,7 @@ _MAX_BLOCK = 50
 _WARM_TURNS = 2
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Raised when what the calibrations time changes, so that each machine measures again: 2, a cell's step as its
-# remembered function runs it (see `seqfast.functional.remembered_step`).
+# remembered function runs it (see `seqfast.functional.remembered`).
 _REVISION = 2
 
 # the route's answer per call signature, so that a repeated call formats no key
@@ -102,11 +102,9 @@ def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     return _CELL_OPS[cell](x, h0, w_ih, w_hh, b_ih, b_hh), None
 
 
-def route(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths):
-    """Whether an automatic eager module call runs on torch's own op (see the module docstring).
-
-    Args:
-        the call's, as in `seqfast.functional.rnn`.
+def route(ours, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths):
+    """Whether an automatic eager module call runs on torch's own op rather than `ours`, the function seqfast would
+    run it with (`ours(x, h0, c0, weights, lengths)`); the rest as `seqfast.functional.rnn`'s arguments.
 
     Returns:
         `bool`.
@@ -120,11 +118,9 @@ def route(cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training
     signature = (cell, x.dtype, x.shape, w_hh.shape, w_hr_shape, b_ih is None, num_layers, bidirectional, threads, grad)
 
     def calibration():
-        from .functional import _stack
-
         args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
         tensors = (x, h0, c0, *(t for w in weights for t in w))
-        return tensors, (lambda: _stack(True, *args, None, None)), (lambda: rnn(*args))
+        return tensors, (lambda: ours(x, h0, c0, weights, lengths)), (lambda: rnn(*args))
 
     return _remembered(signature, calibration)
 

@@ -7,6 +7,7 @@ parameters, parametrizations and `torch.func.functional_call` take effect.
 """
 
 import copy
+from itertools import chain
 
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
@@ -380,6 +381,19 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             if hx is not None:
                 hx = self._hx_to_batched(hx, is_batched)
             data = input
+        cell = CELL_OF_MODE[self.mode]
+        weights = key = None
+        if not (packed or extended or (self.training and self.weight_drop)):
+            # a call whose signature passed the checks below before runs as that call did
+            weights = self._layer_weights()
+            key = self._call_key(cell, input, hx, weights)
+            run = None if key is None else functional.remembered(key)
+            if run is not None:
+                if hx is None:
+                    hx = self._zero_state(input, input.size(0 if self.batch_first else 1))
+                h0, c0 = hx if is_lstm else (hx, None)
+                y, hn, cn = run(input.transpose(0, 1) if self.batch_first else input, h0, c0, weights, None)
+                return self._unpacked_output(y, hn, cn, is_batched)
         try:
             if hx is None:
                 # zeros of the expected shapes: of torch.nn's checks only the input's can fail
@@ -396,7 +410,8 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
         if is_lstm and len(hx) != 2:
             raise RuntimeError("lstm expects two hidden states")
         states = hx if is_lstm else (hx,)
-        weights = self._layer_weights()
+        if weights is None:
+            weights = self._layer_weights()
         w_ih, w_hh, _, b_hh, w_hr = weights[0]
         _check_same_device(data, states, w_ih)
         _check_same_dtype(states[0], w_hh, b_hh)
@@ -414,7 +429,6 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
                 raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
             if resets is not None:
                 resets = self._time_major_resets(resets, x, is_batched)
-        cell = CELL_OF_MODE[self.mode]
         layer_norm = self._layer_norm_weights() if self.layer_norm else None
 
         def run(x, states, weights):
@@ -435,6 +449,7 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
                 resets,
                 self.zoneout,
                 layer_norm,
+                key,
             )
 
         if _autocast() and not extended:
@@ -446,11 +461,31 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             data = pack_padded_sequence(y, lengths).data if rows is None else y.flatten(0, 1).index_select(0, rows)
             output = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
             return output, self.permute_hidden(hidden, unsorted_indices)
+        return self._unpacked_output(y, hn, cn, is_batched)
+
+    def _call_key(self, cell, input, hx, weights):
+        """The signature of an unpacked call without options (`functional.call_key`) of `input` (batched) from `hx`
+        (batched, or None) with `weights` (see `_layer_weights`), or None where it takes the checked path: it adds
+        what torch.nn's checks of the arguments read, the module's configuration."""
+        if self.mode == "LSTM":
+            if hx is not None and (type(hx) not in (tuple, list) or len(hx) != 2):
+                return None
+            h0, c0 = (None, None) if hx is None else hx
+        else:
+            h0, c0 = hx, None
+        configuration = (self.input_size, self.hidden_size, self.proj_size, self.num_layers, self.bidirectional)
+        configuration += (self.batch_first, self.bias, self.dropout, self.training, self._flat_weights[0].dtype)
+        tensors = (input, h0, c0, *chain.from_iterable(weights))
+        return functional.call_key(tensors, cell, self.backend, *configuration)
+
+    def _unpacked_output(self, y, hn, cn, is_batched):
+        """`(output, h_n)` or LSTM's `(output, (h_n, c_n))` of an unpacked call from the stack's time-major `y` and
+        batched final states, as torch.nn shapes them."""
         output = y.transpose(0, 1) if self.batch_first else y
         if not is_batched:
-            output = output.squeeze(batch_dim)
-            hidden = (hn.squeeze(1), cn.squeeze(1)) if is_lstm else hn.squeeze(1)
-        return output, hidden
+            output = output.squeeze(0 if self.batch_first else 1)
+            hn, cn = hn.squeeze(1), None if cn is None else cn.squeeze(1)
+        return output, ((hn, cn) if self.mode == "LSTM" else hn)
 
 
 class RNN(_Recurrent):
@@ -671,10 +706,9 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
         key = run = None
         if not (self.layer_norm or self.zoneout):
             # a call whose signature passed the checks below before runs as that call did
-            key = functional.step_key(
-                cell, input, w_ih, w_hh, b_ih, b_hh, h0, c0, self.backend, self.input_size, self.hidden_size
-            )
-            run = None if key is None else functional.remembered_step(key)
+            tensors = (input, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            key = functional.call_key(tensors, cell, self.backend, self.input_size, self.hidden_size)
+            run = None if key is None else functional.remembered(key)
         if run is not None:
             hT, cT = run(cell, input, h0, c0, w_ih, w_hh, b_ih, b_hh)
         else:

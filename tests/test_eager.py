@@ -59,13 +59,13 @@ def test_eager_only_without_modes_transforms_tracing_or_special_tensors():
     assert seen == [False, False]
 
 
-def test_step_key_only_on_the_eager_path():
-    """A cell's step is remembered (`functional.step_key` not None) exactly where it may take the eager path."""
+def test_call_key_only_on_the_eager_path():
+    """A call is remembered (`functional.call_key` not None) exactly where it may take the eager path."""
     pytest.importorskip("seqfast._C", reason="seqfast._C is not built")
     x, w, b = torch.randn(2, 3), torch.nn.Parameter(torch.randn(3, 3)), torch.nn.Parameter(torch.randn(3))
 
     def key(x=x, h=x, c=None):
-        return functional.step_key("gru", x, w, w, None, b, h, c, None)
+        return functional.call_key((x, h, c, w, w, None, b), "gru")
 
     plain = key()
     assert plain is not None and plain == key() != key(c=x)
@@ -90,7 +90,7 @@ def test_step_key_only_on_the_eager_path():
 
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_remembered_steps_follow_what_changed(name, monkeypatch):
-    """A step that runs as an earlier one did (see `functional.remembered_step`) follows what changed since: the
+    """A step that runs as an earlier one did (see `functional.remembered`) follows what changed since: the
     parameters' dtype and whether they need grad, grad mode, the backend asked for; results stay torch.nn's."""
     ref = getattr(torch.nn, name)(4, 5)
     ours = getattr(seqfast, name)(4, 5)
@@ -122,6 +122,44 @@ def test_remembered_steps_follow_what_changed(name, monkeypatch):
     agree(grad_fns={"LayerBackward"})
     monkeypatch.setenv("SEQFAST_BACKEND", "native")
     agree(grad_fns={"AddBackward0", "MulBackward0", "TanhBackward0"})  # the last ops of torch's cells
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_remembered_module_calls_follow_what_changed(cell, monkeypatch):
+    """A module's call that runs as an earlier one did (see `functional.remembered`) follows what changed since:
+    training (dropout between layers, from the same seed), the parameters' dtype and whether they need grad, grad
+    mode, `batch_first`, the backend asked for; results stay torch.nn's."""
+    ref, ours = twins(cell, 4, 5, num_layers=2, dropout=0.5)
+    x = torch.randn(3, 2, 4)
+
+    def agree(dtype=torch.float32, grad_fns=EAGER_NODES | {"StackBackward0", "TransposeBackward0"}):
+        for _ in range(2):
+            torch.manual_seed(5)
+            expected = flatten(ref(x.to(dtype)))
+            torch.manual_seed(5)
+            actual = flatten(ours(x.to(dtype)))
+            for a, e in zip(actual, expected, strict=True):
+                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+            assert {type(t.grad_fn).__name__ for t in actual} <= grad_fns
+
+    agree()
+    ref.train(), ours.train()
+    agree(grad_fns=EAGER_NODES | {"StackBackward0", "MulBackward0"})
+    ref.eval(), ours.eval()
+    with torch.no_grad():
+        agree(grad_fns={"NoneType"})
+    ref.double(), ours.double()
+    with pytest.raises(ValueError, match="dtype"):
+        ours(x)
+    agree(torch.float64)
+    ref.float(), ours.float()
+    ref.requires_grad_(False), ours.requires_grad_(False)
+    agree(grad_fns={"NoneType"})
+    ref.requires_grad_(True), ours.requires_grad_(True)
+    ref.batch_first = ours.batch_first = True
+    agree()
+    monkeypatch.setenv("SEQFAST_BACKEND", "reference")
+    agree(grad_fns={"LayerBackward", "StackBackward0", "TransposeBackward0"})
 
 
 # (T, B, dtype, bias): a sequence, one step of one row in float64, one step without biases
@@ -277,6 +315,7 @@ def test_no_grad_in_time_chunks_gives_bitwise_one_call(backend, cell, packed, dt
     project = functional.preactivations
     monkeypatch.setattr(functional, "preactivations", lambda k, x, *a: chunks.append(len(x)) or project(k, x, *a))
     monkeypatch.setattr(functional, "_INFER_CHUNK_BYTES", 1)
+    monkeypatch.setattr(functional, "_runners", {})  # the remembered calls chose one chunk
     for a, e in zip(run(), whole, strict=True):
         assert torch.equal(a, e)
     assert sorted(chunks) == [32] * 4 + [34] * 8  # per layer-direction: 34, 34, 32 steps

@@ -251,6 +251,23 @@ def test_forward_error_matches_torch(request, cell, module, build):
     assert_same_error(expected, actual, request.node.callspec.id)
 
 
+@pytest.mark.parametrize(("cell", "module", "build"), FORWARD_CASES)
+def test_forward_error_matches_torch_after_remembered_calls(request, cell, module, build):
+    """Valid calls first, batched and unbatched, with and without `hx`, with and without grad, twice each (the second
+    runs as the first did, see `seqfast.functional.remembered`): the bad call after them still raises torch.nn's
+    error."""
+    ref, ours, x, hx = _twins_and_inputs(cell, module, build)
+    geo = Geo.of(ref)
+    for good_x, good_hx in [(geo.x(), geo.hx(B)), (geo.xu(), geo.hx()), (geo.x(), None)]:
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad):
+                ours(good_x, good_hx)
+                ours(good_x, good_hx)
+    expected = _raised(lambda: ref(x, hx))
+    actual = _raised(lambda: ours(x, hx))
+    assert_same_error(expected, actual, request.node.callspec.id)
+
+
 @pytest.mark.parametrize("name", list(PACKED_LSTM_UNCHECKED))
 @pytest.mark.parametrize("sorted_", [True, False], ids=["sorted", "unsorted"])
 @pytest.mark.parametrize(
@@ -522,7 +539,7 @@ def test_cell_error_matches_torch(request, name, kwargs, build):
 @pytest.mark.parametrize(("name", "kwargs", "build"), CELL_CASES)
 def test_cell_error_matches_torch_after_remembered_steps(request, name, kwargs, build):
     """Valid steps first, batched and unbatched, with and without `hx`, twice each (the second runs as the first
-    did, see `seqfast.functional.remembered_step`): the bad call after them still raises torch.nn's error."""
+    did, see `seqfast.functional.remembered`): the bad call after them still raises torch.nn's error."""
     ref, ours = _cell_twins(name, kwargs)
     geo = CellGeo(6, name == "LSTMCell")
     for x, hx in [(torch.randn(B, IN), geo.s(B, geo.H)), (torch.randn(IN), geo.s(geo.H)), (torch.randn(B, IN), None)]:
