@@ -190,12 +190,13 @@ def _needs_grad(*tensors):
     return _grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _own_node(cell, x, w_ih, w_hh, h0, c0, w_hr, backend):
+def _own_node(cell, x, w_ih, w_hh, h0, c0, w_hr, backend, width=None):
     """The backend module whose own autograd node (bitwise the same as `Layer`) runs an eager call with grad and
     without `lengths`: the eager call's backend, when it has one and the call's products are all plain GEMMs (see
-    `seqfast.linear.plain`); else None."""
+    `seqfast.linear.plain`; `width`: the input's features they count, default `x`'s); else None."""
     kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, w_hr, backend)
-    macs = x.numel() // x.shape[-1] * w_ih.shape[0] * max(x.shape[-1], w_hh.shape[1])
+    width = x.shape[-1] if width is None else width
+    macs = x.numel() // x.shape[-1] * w_ih.shape[0] * max(width, w_hh.shape[1])
     return kernels if hasattr(kernels, "layer") and plain(macs) else None
 
 
@@ -427,7 +428,10 @@ def _rnn_runner(
     theirs = functools.partial(_native_rnn, cell, static)
     if requested == "native":
         return theirs
-    ours = functools.partial(_stack_call, fast, cell, static, backend)
+    node = None
+    if fast and lengths is None:
+        node = _own_nodes(cell, x, h0, c0, weights, bidirectional, backend)
+    ours = functools.partial(_stack_call, fast, cell, static, backend, node)
     if fast and not torch.is_grad_enabled():
         # the stacked states stand for each layer's in the choice: same dtypes and devices
         kernels = _eager_kernels(cell, x, weights[0][1], h0, c0, lengths, weights[0][4], backend)
@@ -447,13 +451,28 @@ def _whole_stack(kernels, cell, bidirectional, x, h0, c0, weights, lengths):
     return kernels.stack(cell, x, h0, c0, weights, bidirectional)
 
 
-def _stack_call(fast, cell, static, backend, x, h0, c0, weights, lengths):
-    return _stack(fast, cell, x, h0, c0, weights, *static, lengths, backend, None)
+def _stack_call(fast, cell, static, backend, node, x, h0, c0, weights, lengths):
+    return _stack(fast, cell, x, h0, c0, weights, *static, lengths, backend, None, node)
 
 
-def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths, backend, options):
+def _own_nodes(cell, x, h0, c0, weights, bidirectional, backend):
+    """The backend whose own node `_layer` runs every layer-direction of an eager stack without `lengths` on (see
+    `_own_node`): each needs grad (the first layer's by its own tensors, the others as the first did) and its
+    products are plain GEMMs; else None."""
+    directions = 2 if bidirectional else 1
+    w_ih, w_hh, _, _, w_hr = weights[0]
+    if not all(_needs_grad(x, *w, h0, c0) for w in weights[:directions]):
+        return None
+    width = max(x.shape[-1], directions * w_hh.shape[1])  # the widest input of the layers
+    return _own_node(cell, x, w_ih, w_hh, h0[0], None if c0 is None else c0[0], w_hr, backend, width)
+
+
+def _stack(
+    fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths, backend, options, node=None
+):
     """`rnn` on seqfast's kernels, on the eager path when `fast` (see `eager`); `lengths` int64 on `x`'s device;
-    `options`: `(resets, zoneout, layer_norm)` as `rnn` takes them, or None when all are off."""
+    `options`: `(resets, zoneout, layer_norm)` as `rnn` takes them, or None when all are off; `node`: the backend
+    whose own node runs every layer-direction (see `_own_nodes`), or None (default) for `_layer`'s choice each."""
     directions = 2 if bidirectional else 1
     kernels = None
     if fast and not torch.is_grad_enabled() and options is None:
@@ -472,9 +491,12 @@ def _stack(fast, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, t
                 ln = None if layer_norm is None else layer_norm[k]
                 hidden = w_hh.shape[0] // GATES[cell]
                 ext = extensions(cell, x, hidden, w_hh.shape[1], d == 1, resets, zoneout, training, ln)
-            y, hT, cT = _layer(
-                fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0s[k], c0s[k], w_hr, lengths, d == 1, backend, kernels, ext
-            )
+            if node is not None:
+                y, hT, cT = node.layer(cell, d == 1, x, w_ih, b_ih, w_hh, b_hh, h0s[k], c0s[k], w_hr)
+            else:
+                y, hT, cT = _layer(
+                    fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0s[k], c0s[k], w_hr, lengths, d == 1, backend, kernels, ext
+                )
             outputs.append(y)
             hn.append(hT)
             cn.append(cT)
