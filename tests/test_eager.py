@@ -88,6 +88,19 @@ def test_call_key_only_on_the_eager_path():
     assert seen == [None, None, None]
 
 
+def _assert_agree_twice(ref, ours, x, grad_fns):
+    """Twice (the second call remembered): `ours(x)` gives `ref(x)`'s outputs, each from the same seed, and its
+    outputs' `grad_fn`s are among `grad_fns`."""
+    for _ in range(2):
+        torch.manual_seed(5)
+        expected = flatten(ref(x))
+        torch.manual_seed(5)
+        actual = flatten(ours(x))
+        for a, e in zip(actual, expected, strict=True):
+            torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
+        assert {type(t.grad_fn).__name__ for t in actual} <= grad_fns
+
+
 @pytest.mark.parametrize("name", ["LSTMCell", "GRUCell", "RNNCell"])
 def test_remembered_steps_follow_what_changed(name, monkeypatch):
     """A step that runs as an earlier one did (see `functional.remembered`) follows what changed since: the
@@ -97,14 +110,10 @@ def test_remembered_steps_follow_what_changed(name, monkeypatch):
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(3, 4)
 
-    def agree(module_dtype=torch.float32, grad_fns=EAGER_NODES):
-        a, b = flatten(ref(x.to(module_dtype))), flatten(ours(x.to(module_dtype)))
-        for actual, expected in zip(b, a, strict=True):
-            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
-        assert {type(t.grad_fn).__name__ for t in b} <= grad_fns
+    def agree(dtype=torch.float32, grad_fns=EAGER_NODES):
+        _assert_agree_twice(ref, ours, x.to(dtype), grad_fns)
 
-    for _ in range(2):
-        agree()
+    agree()
     with torch.no_grad():
         agree(grad_fns={"NoneType"})
     ref.double(), ours.double()
@@ -133,14 +142,7 @@ def test_remembered_module_calls_follow_what_changed(cell, monkeypatch):
     x = torch.randn(3, 2, 4)
 
     def agree(dtype=torch.float32, grad_fns=EAGER_NODES | {"StackBackward0", "TransposeBackward0"}):
-        for _ in range(2):
-            torch.manual_seed(5)
-            expected = flatten(ref(x.to(dtype)))
-            torch.manual_seed(5)
-            actual = flatten(ours(x.to(dtype)))
-            for a, e in zip(actual, expected, strict=True):
-                torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
-            assert {type(t.grad_fn).__name__ for t in actual} <= grad_fns
+        _assert_agree_twice(ref, ours, x.to(dtype), grad_fns)
 
     agree()
     ref.train(), ours.train()
