@@ -422,8 +422,9 @@ def _rnn_runner(
 ):
     """The function that runs `rnn` without options, `run(x, h0, c0, weights, lengths) -> (y, hn, cn)`: torch's own
     op (`seqfast.native`) when `requested` is `native` or automatic selection routes an eager call there; on the
-    eager path without grad the backend's whole stack in one call where it has one (see `_one_call`); else `_stack`.
-    The other arguments are `rnn`'s, `fast` as in `_stack`."""
+    eager path without grad the backend's whole stack in one call where it has one (see `_one_call`); else `_stack`,
+    with grad every layer-direction on the backend's own node where `_own_nodes` finds one. The other arguments are
+    `rnn`'s, `fast` as in `_stack`."""
     static = (num_layers, bidirectional, dropout, training)
     theirs = functools.partial(_native_rnn, cell, static)
     if requested == "native":
