@@ -51,8 +51,8 @@ _MAX_BLOCK = 50
 _WARM_TURNS = 2
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Raised when what the calibrations time changes, so that each machine measures again: 2, a cell's step as its
-# remembered function runs it (see `seqfast.functional.remembered`).
-_REVISION = 2
+# remembered function runs it (see `seqfast.functional.remembered`); 3, the backward from a dense cotangent.
+_REVISION = 3
 
 # the route's answer per call signature, so that a repeated call formats no key
 _routes = {}
@@ -194,12 +194,13 @@ def _bucket(n):
 
 def _calibrate(ours, theirs, wrt):
     """True when `theirs` is faster than `ours` by more than `_MARGIN` and `_MIN_GAIN_S`, comparing each side's best
-    turn. A run is a forward and, when `wrt` is not empty, the gradients of the output's sum with respect to `wrt`
-    (returned, not accumulated); a turn times a block of runs back to back, as a loop in a program runs them (about
-    `_BLOCK_S` by a run of `ours` after one of each side to warm up, at most `_MAX_BLOCK` runs), per run. The two
-    sides take turns, each at least `_MIN_RUNS` times and, up to `_MAX_RUNS`, until seqfast's have run
-    `_MIN_CALIBRATION_S`, after `_WARM_TURNS` untimed turns each of a call shorter than `_BLOCK_S`, under a forked
-    random state (dropout draws none of the caller's numbers)."""
+    turn. A run is a forward and, when `wrt` is not empty, the gradients with respect to `wrt` of the output times ones,
+    summed: a dense gradient of the output, as a loss downstream gives (returned, not accumulated; the plain sum would
+    hand the backward a broadcast one, which seqfast's node first copies, and `grad_outputs` imports sympy); a turn
+    times a block of runs back to back, as a loop in a program runs them (about `_BLOCK_S` by a run of `ours` after one
+    of each side to warm up, at most `_MAX_BLOCK` runs), per run. The two sides take turns, each at least `_MIN_RUNS`
+    times and, up to `_MAX_RUNS`, until seqfast's have run `_MIN_CALIBRATION_S`, after `_WARM_TURNS` untimed turns each
+    of a call shorter than `_BLOCK_S`, under a forked random state (dropout draws none of the caller's numbers)."""
 
     def timed(run, block):
         start = time.perf_counter()
@@ -207,7 +208,7 @@ def _calibrate(ours, theirs, wrt):
             for _ in range(block):
                 y = run()[0]
                 if wrt:
-                    torch.autograd.grad(y.sum(), wrt, allow_unused=True)
+                    torch.autograd.grad(y.mul(torch.ones_like(y)).sum(), wrt, allow_unused=True)
         return (time.perf_counter() - start) / block
 
     with torch.random.fork_rng(devices=[]):
