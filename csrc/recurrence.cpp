@@ -448,15 +448,15 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> layer(
 
 namespace {
 
-// The facts of an eager cell step that the checks of its arguments and the choice of the function running it read
-// (see `seqfast.functional.step_key`), packed exactly: grad mode, the thread count, and per tensor (or None) its dtype,
-// layout, device, whether it requires grad, and its sizes. None (Python's) when the call cannot take the eager path
-// (`seqfast.functional.eager`, but for compiling, which the caller tests first): while tracing, under a dispatch or
-// torch function mode, a functorch transform or autocast on any device, for a tensor that is neither a plain tensor
-// nor a parameter, or a meta input.
+// The facts of an eager call's tensors (a cell's step or a module's call) that the checks of its arguments and the
+// choice of the function running it read (see `seqfast.functional.call_key`), packed exactly: grad mode, the thread
+// count, and per tensor (or None) its dtype, layout, device, whether it requires grad, and its sizes. None (Python's)
+// when the call cannot take the eager path (`seqfast.functional.eager`, but for compiling, which the caller tests
+// first): while tracing, under a dispatch or torch function mode, a functorch transform or autocast on any device,
+// for a tensor that is neither a plain tensor nor a parameter, or a meta input.
 PyObject* g_parameter_type = nullptr;
 
-pybind11::object step_signature(const pybind11::args& tensors) {
+pybind11::object call_signature(const pybind11::args& tensors) {
   using c10::impl::tls_is_dispatch_key_included;
   if (at::tracer::impl::is_dispatch_enabled() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
       at::impl::torch_function_mode_enabled() ||
@@ -532,10 +532,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return table;
   }, "(gates, width of `saved` per hidden unit, the same with zoneout, layer_norm's scalars per row) of each cell id.");
   seqfast::g_parameter_type = py::object(py::module::import("torch.nn").attr("Parameter")).release().ptr();
-  m.def("step_signature", &seqfast::step_signature,
-        "The facts of an eager cell step's tensors (x, h0, c0, w_ih, w_hh, b_ih, b_hh, each may be None) its checks "
-        "and backend choice read, as bytes, or None when the call cannot take the eager path (see "
-        "seqfast.functional.step_key).");
+  m.def("call_signature", &seqfast::call_signature,
+        "The facts of an eager call's tensors (the input first, any may be None) that its checks and backend choice "
+        "read, as bytes, or None when the call cannot take the eager path (see seqfast.functional.call_key).");
   m.def("isa", &seqfast::isa, "The instruction set of the cell math and float32 GEMM in use.");
   m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` kernels; returns the previous.");
   m.def("has_blas", [] {

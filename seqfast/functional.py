@@ -128,7 +128,7 @@ def _layer_step(fast, backend, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
 def call_key(tensors, *facts):
     """The signature of an eager call on which the choice of the function running it depends, or None when the call
     cannot take the eager path (see `eager`) or seqfast runs without its extension: the extension's packed facts of
-    `tensors` (the input first; None allowed) as `seqfast._C.step_signature` forms them (grad mode, the thread count,
+    `tensors` (the input first; None allowed) as `seqfast._C.call_signature` forms them (grad mode, the thread count,
     each tensor's dtype, layout, device, sizes and whether it requires grad), the settings read on every call, then
     `facts`: the request and whatever else the caller's checks of the arguments and the choice read besides.
     `remembered` answers for a call whose key matches one that ran (`step`'s or `rnn`'s `key`)."""
@@ -165,17 +165,17 @@ def _same_tables():
 _runners = {}
 _runners_for = (None, None)
 _MAX_REMEMBERED = 1024
-_signature = None  # `seqfast._C.step_signature` from the first `call_key` on, False without the extension
+_signature = None  # `seqfast._C.call_signature` from the first `call_key` on, False without the extension
 
 
 def _extension_signature():
-    """`seqfast._C.step_signature`, imported on a process's first call (`import seqfast` loads no extension), or
+    """`seqfast._C.call_signature`, imported on a process's first call (`import seqfast` loads no extension), or
     False when seqfast runs without it: every call then takes its checked path."""
     try:
-        from ._C import step_signature
+        from ._C import call_signature
     except ImportError:
         return False
-    return step_signature
+    return call_signature
 
 
 def _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend):
