@@ -84,16 +84,66 @@ def sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x))
 
 
-# libm's activations: the cell math takes them for `precise` (not None), as layer_norm's division by each row's
-# spread magnifies the float32 fit's few ulp
-@njit(**_OPTS)
-def _tanh_libm(x):
+# Cephes' expf and tanhf, about 2 ulp as the cpp backend's, and vectorising: float32's sigmoid, and its tanh where the
+# cell math asks for `precise` (not None), as layer_norm's division by each row's spread magnifies the Eigen fit's few
+# ulp. No reassociation here: it would fold the two-part reduction by ln 2 into one.
+_EXACT_OPTS = {**_OPTS, "fastmath": {"contract"}}
+_LOG2E = np.float32(1.44269504088896341)
+_LN2_HI, _LN2_LO = np.float32(0.693359375), np.float32(-2.12194440e-4)
+# exp's argument range whose `2**n` stays a normal float32 (n in [-126, 127]); 0 below it and +inf above, as IEEE's
+_EXP_LO, _EXP_HI = np.float32(-87.3365448), np.float32(88.0296919)
+_E5, _E4, _E3, _E2, _E1, _E0 = (
+    np.float32(e) for e in (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 0.5)
+)
+_T4, _T3, _T2, _T1, _T0 = (
+    np.float32(t) for t in (-5.70498872745e-3, 2.06390887954e-2, -5.37397155531e-2, 1.33314422036e-1, -3.33332819422e-1)
+)
+_TANH_SMALL = np.float32(0.625)
+_ZERO32, _INF32 = np.float32(0.0), np.float32(np.inf)
+
+
+@intrinsic
+def _pow2(typingctx, n):
+    # `2**n` as float32 for an int32 `n` in [-126, 127], from its exponent bits
+    def codegen(context, builder, sig, args):
+        i32 = ir.IntType(32)
+        bits = builder.shl(builder.add(args[0], ir.Constant(i32, 127)), ir.Constant(i32, 23))
+        return builder.bitcast(bits, ir.FloatType())
+
+    return types.float32(types.int32), codegen
+
+
+@njit(**_EXACT_OPTS)
+def _exp32(x0):
+    x = max(_EXP_LO, min(_EXP_HI, x0))
+    v = x * _LOG2E
+    n = np.int32(v + _HALF32 if v >= 0 else v - _HALF32)
+    fn = np.float32(n)
+    r = (x - fn * _LN2_HI) - fn * _LN2_LO
+    p = ((((_E5 * r + _E4) * r + _E3) * r + _E2) * r + _E1) * r + _E0
+    e = (p * (r * r) + r + _ONE32) * _pow2(n)
+    return _ZERO32 if x0 < _EXP_LO else (_INF32 if x0 > _EXP_HI else e)
+
+
+@njit(**_EXACT_OPTS)
+def _sigmoid32(x):
+    s = _ONE32 / (_ONE32 + _exp32(-x))
+    return s if x == x else x
+
+
+@njit(**_EXACT_OPTS)
+def _tanh32_precise(x):
+    ax = abs(x)
+    z = x * x
+    small = x + x * z * ((((_T4 * z + _T3) * z + _T2) * z + _T1) * z + _T0)
+    big = _ONE32 - np.float32(2.0) / (_exp32(ax + ax) + _ONE32)
+    t = math.copysign(small if ax < _TANH_SMALL else big, x)
+    return t if x == x else x
+
+
+def tanh_precise(x):
+    """`tanh(x)` within about 2 ulp of the precision of `x`."""
     return math.tanh(x)
-
-
-@njit(**_OPTS)
-def _sigmoid_libm(x):
-    return 1.0 / (1.0 + math.exp(-x))
 
 
 @njit(**_OPTS)
@@ -123,8 +173,15 @@ def _tanh_impl(x):
 @overload(sigmoid, jit_options=_OPTS)
 def _sigmoid_impl(x):
     if isinstance(x, types.Float) and x.bitwidth == 32:
-        return lambda x: _HALF32 * _tanh32(_HALF32 * x) + _HALF32
+        return lambda x: _sigmoid32(x)
     return lambda x: 1.0 / (1.0 + math.exp(-x))
+
+
+@overload(tanh_precise, jit_options=_OPTS)
+def _tanh_precise_impl(x):
+    if isinstance(x, types.Float) and x.bitwidth == 32:
+        return lambda x: _tanh32_precise(x)
+    return lambda x: math.tanh(x)
 
 
 def _item(context, builder, aryty, ary, idx):
@@ -595,7 +652,7 @@ def _segs(row, H, j0, j1):
 @njit(**_OPTS)
 def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1, precise=None):
     """Units `j0 <= j < j1`: the activated gates `i, f, g, o` of the recurrent product `a [4H]` plus `gxr [4H]` and
-    `bias [4H]` into `svr [5H]`, then the new cell state into `cr [H]` and `svr`; libm's activations for `precise`
+    `bias [4H]` into `svr [5H]`, then the new cell state into `cr [H]` and `svr`; the precise `tanh` for `precise`
     (not None). Activations go out of place: an in-place one stays scalar."""
     n = j1 - j0
     for g in range(4):
@@ -609,10 +666,10 @@ def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1, precise=None):
             ag[j] += xg[j] + bg[j]
         if g == 2:
             for j in range(n):
-                sg[j] = tanh(ag[j]) if precise is None else _tanh_libm(ag[j])
+                sg[j] = tanh(ag[j]) if precise is None else tanh_precise(ag[j])
         else:
             for j in range(n):
-                sg[j] = sigmoid(ag[j]) if precise is None else _sigmoid_libm(ag[j])
+                sg[j] = sigmoid(ag[j])
     si, sf, sg, _, sc = _segs(svr, H, j0, j1)
     c = cr[j0:j1]
     for j in range(n):
@@ -714,7 +771,7 @@ def _lstm_ln_out(svr, chat, w, bias, hr, H):
     rstd = _ln(_seg(svr, 4, H, 0, H), chat)
     o = _seg(svr, 3, H, 0, H)
     for j in range(H):
-        hr[j] = o[j] * _tanh_libm(chat[j] * w[j] + bias[j])
+        hr[j] = o[j] * tanh_precise(chat[j] * w[j] + bias[j])
     return rstd
 
 
@@ -725,7 +782,7 @@ def _lstm_ln_grads(svr, cpr, dhr, dcr, dcs, dar, chat, rstd, w, bias, sums):
     one, H = dcr.dtype.type(1), chat.shape[0]
     o, dao, dh, d = _seg(svr, 3, H, 0, H), _seg(dar, 3, H, 0, H), dhr[:H], dcs[:H]
     for j in range(H):
-        tn = _tanh_libm(chat[j] * w[j] + bias[j])
+        tn = tanh_precise(chat[j] * w[j] + bias[j])
         d[j] = dh[j] * o[j] * (one - tn * tn)
         dao[j] = dh[j] * tn * o[j] * (one - o[j])
     _ln_grads(d, chat, w, rstd, sums[:H], sums[H:])
@@ -737,12 +794,12 @@ def _lstm_ln_grads(svr, cpr, dhr, dcr, dcs, dar, chat, rstd, w, bias, sums):
 @njit(**_OPTS)
 def _rnn_act(gxr, a, bias, relu, hr, j0, j1, precise=None):
     # units `j0 <= j < j1` of `h = act(gx + W_hh h + b_hh)` from the recurrent product `a [H]` into `hr [H]`
-    # (libm's `tanh` for `precise`, not None)
+    # (the precise `tanh` for `precise`, not None)
     x, p, bb, h = gxr[j0:j1], a[j0:j1], bias[j0:j1], hr[j0:j1]
     zero = h.dtype.type(0)
     for j in range(j1 - j0):
         v = x[j] + p[j] + bb[j]
-        h[j] = max(v, zero) if relu else (tanh(v) if precise is None else _tanh_libm(v))
+        h[j] = max(v, zero) if relu else (tanh(v) if precise is None else tanh_precise(v))
 
 
 @njit(**_OPTS)
@@ -759,7 +816,7 @@ def _rnn_grad(hsr, dhr, dyr, relu, dar, j0, j1):
 @njit(**_OPTS)
 def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1, precise=None):
     """Units `j0 <= j < j1`: from the recurrent product `a [3H]`, `gxr`, `bias [3H]` and the previous state `hpr [H]`,
-    `r, z, n, W_hn h + b_hn` into `svr [4H]` and the new state into `hr [H]`; libm's activations for `precise` (not
+    `r, z, n, W_hn h + b_hn` into `svr [4H]` and the new state into `hr [H]`; the precise `tanh` for `precise` (not
     None)."""
     n = j1 - j0
     for g in range(3):
@@ -769,13 +826,13 @@ def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1, precise=None):
     for g in range(2):
         ag, xg, sg = _seg(a, g, H, j0, j1), _seg(gxr, g, H, j0, j1), _seg(svr, g, H, j0, j1)
         for j in range(n):
-            sg[j] = sigmoid(ag[j] + xg[j]) if precise is None else _sigmoid_libm(ag[j] + xg[j])
+            sg[j] = sigmoid(ag[j] + xg[j])
     r, z, sn, shn, _ = _segs(svr, H, j0, j1)
     ahn, xn, hp, h = _seg(a, 2, H, j0, j1), _seg(gxr, 2, H, j0, j1), hpr[j0:j1], hr[j0:j1]
     one = h.dtype.type(1)
     for j in range(n):
         v = xn[j] + r[j] * ahn[j]
-        nj = tanh(v) if precise is None else _tanh_libm(v)
+        nj = tanh(v) if precise is None else tanh_precise(v)
         sn[j], shn[j] = nj, ahn[j]
         h[j] = (one - z[j]) * nj + z[j] * hp[j]
 
@@ -869,7 +926,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
     LN = saved_slots(G, ZONEOUT)
     # the backward writes `dgh`: GRU's, or the product's before its LayerNorm
     DGH = GRU or LAYER_NORM
-    # libm's activations with layer_norm (`_tanh_libm`)
+    # the precise `tanh` with layer_norm (`tanh_precise`)
     PRECISE = True if LAYER_NORM else None
     # RNN's backward reads the cell's `h~` from `y`, unless zoneout mixed it there (then from `saved`)
     RNN_Y = RNN and not ZONEOUT
