@@ -4,9 +4,9 @@ module call or a cell's step, so the results are torch.nn's own.
 Automatic selection routes an eager module call (see `seqfast.functional.eager`) on CPU, unpacked, or a cell's step,
 in float32, float64, float16 or bfloat16, here where a calibration found torch's op the faster one on this machine.
 The calibration runs on the first such call of a shape class (see `_choice`): seqfast's kernels and torch's op take
-turns on the call's own tensors (a forward, with grad also the backward of the output, leaving every `.grad` and the
-random state as they were), and torch's op is kept when its best run beats seqfast's by more than `_MARGIN` and
-`_MIN_GAIN_S`.
+turns on copies of the call's tensors (a forward, with grad also the backward of the output; the caller's tensors,
+their hooks, its saved-tensor hooks and its random state see none of it), and torch's op is kept when its best run
+beats seqfast's by more than `_MARGIN` and `_MIN_GAIN_S`.
 The answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by
 the CPU (`cpu_facts`: vendor, family and model, ISA, L2), torch's version and seqfast's, with the other calibrations
 of this machine (see `calibrated`).
@@ -15,6 +15,7 @@ of this machine (see `calibrated`).
 single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this backend declines it.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -118,9 +119,10 @@ def route(ours, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, tr
     signature = (cell, x.dtype, x.shape, w_hh.shape, w_hr_shape, b_ih is None, num_layers, bidirectional, threads, grad)
 
     def calibration():
-        args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
-        tensors = (x, h0, c0, *(t for w in weights for t in w))
-        return tensors, (lambda: ours(x, h0, c0, weights, lengths)), (lambda: rnn(*args))
+        (x_, h0_, c0_), weights_ = _stand_ins((x, h0, c0)), [_stand_ins(w) for w in weights]
+        args = (cell, x_, h0_, c0_, weights_, num_layers, bidirectional, dropout, training, lengths)
+        tensors = (x_, h0_, c0_, *(t for w in weights_ for t in w))
+        return tensors, (lambda: ours(x_, h0_, c0_, weights_, lengths)), (lambda: rnn(*args))
 
     return _remembered(signature, calibration)
 
@@ -134,8 +136,9 @@ def route_step(ours, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     signature = (cell, x.dtype, x.shape, w_hh.shape, None, b_ih is None, 0, False, torch.get_num_threads(), _grad(x))
 
     def calibration():
-        args = (cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        return (x, h0, c0, w_ih, w_hh, b_ih, b_hh), (lambda: ours(*args)), (lambda: step(*args))
+        tensors = _stand_ins((x, h0, c0, w_ih, w_hh, b_ih, b_hh))
+        args = (cell, *tensors)
+        return tensors, (lambda: ours(*args)), (lambda: step(*args))
 
     return _remembered(signature, calibration)
 
@@ -156,6 +159,12 @@ def _remembered(signature, calibration):
     if choice is None:
         choice = _routes[signature] = _choice(signature, *calibration())
     return choice
+
+
+def _stand_ins(tensors):
+    """Copies of `tensors` (None stays None) for a calibration to run on: leaves with the same `requires_grad`, so
+    that the caller's tensor hooks, `.grad`s and graph see none of its runs."""
+    return tuple(None if t is None else t.detach().clone().requires_grad_(t.requires_grad) for t in tensors)
 
 
 def _grad(x):
@@ -211,7 +220,7 @@ def _calibrate(ours, theirs, wrt):
                     torch.autograd.grad(y.mul(torch.ones_like(y)).sum(), wrt, allow_unused=True)
         return (time.perf_counter() - start) / block
 
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _own_saved_tensors():
         for run in (theirs, ours):
             timed(run, 1)
         block = max(1, min(_MAX_BLOCK, int(_BLOCK_S / max(timed(ours, 1), 1e-9))))
@@ -223,6 +232,22 @@ def _calibrate(ours, theirs, wrt):
             for run, kept in zip((ours, theirs), times, strict=True):
                 kept.append(timed(run, block))
     return min(times[1]) < min((1 - _MARGIN) * min(times[0]), min(times[0]) - _MIN_GAIN_S)
+
+
+@contextlib.contextmanager
+def _own_saved_tensors():
+    """Under the caller's saved-tensor hooks (`torch.autograd.graph.saved_tensors_hooks`, as activation checkpointing
+    sets them), hooks of the calibration's own that keep each tensor as it is, so that the caller's see none of its
+    runs."""
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is None:
+        yield
+        return
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        yield
+
+
+def _same(t):
+    return t
 
 
 def cache_path():

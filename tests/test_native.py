@@ -127,6 +127,39 @@ def test_calibration_leaves_the_random_state_and_grads_alone(calibrations):
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm-cell"])
+def test_calibration_runs_unseen_by_the_callers_hooks(calibrations, kind):
+    """A first call that calibrates, inside non-reentrant activation checkpointing and with hooks on its input and a
+    weight: checkpointing recomputes it (the same saved tensors as the first time), each hook fires once, as a
+    second call's do, and the gradients are torch.nn's."""
+    from torch.utils.checkpoint import checkpoint
+
+    if kind == "lstm-cell":
+        ref, ours = torch.nn.LSTMCell(3, 4), seqfast.LSTMCell(3, 4)
+        ours.load_state_dict(ref.state_dict())
+    else:
+        ref, ours = twins(kind, 3, 4)
+    x0 = torch.randn((2, 3) if kind == "lstm-cell" else (5, 2, 3))
+
+    def run(m):
+        x = x0.clone().requires_grad_()
+        fired = []
+        x.register_hook(lambda g: fired.append("input"))
+        weight = m.weight_hh if kind == "lstm-cell" else m.weight_hh_l0
+        handle = weight.register_hook(lambda g: fired.append("weight"))
+        y = checkpoint(lambda v: flatten(m(v))[0], x, use_reentrant=False)
+        grads = torch.autograd.grad(y.square().sum(), [x, *m.parameters()])
+        handle.remove()
+        return fired, grads
+
+    expected_fired, expected = run(ref)
+    for _ in range(2):
+        fired, actual = run(ours)
+        assert sorted(fired) == sorted(expected_fired)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+    assert json.loads(native.cache_path().read_text()), "calibrated"
+
+
 # case: (cell, constructor kwargs, dtype, calibrated)
 ROUTED = {
     "gru-f64": ("gru", {}, torch.float64, True),
