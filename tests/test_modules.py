@@ -243,6 +243,30 @@ def test_backward_in_eval_mode_matches_torch(cell):
     assert_all_close(actual_grads, expected_grads, 1e-10, ["d_input"] + [n for n, _ in ref.named_parameters()])
 
 
+@pytest.mark.parametrize(
+    "config",
+    [("gru", {}), ("rnn_tanh", dict(num_layers=2)), ("lstm", dict(proj_size=2, batch_first=True)), ("lstm", {})],
+    ids=["gru", "rnn-L2", "lstm-proj-batch_first", "lstm"],
+)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_output_changed_in_place_then_backward_matches_torch(backend, config):
+    """An in-place op on the output before the backward (a residual added in place, `relu_`), which torch.nn's float64
+    modules allow: the gradients are those of the changed output, as torch.nn's."""
+    cell, kwargs = config
+    ref, ours, x = _sequence_twins(cell, backend=backend, **kwargs)
+    x.requires_grad_()
+
+    def call(m):
+        output, hidden = m(x)
+        output.mul_(2).relu_()
+        return output, hidden
+
+    expected, expected_grads = run_with_grads(ref, call, [x])
+    actual, actual_grads = run_with_grads(ours, call, [x])
+    assert_all_close(actual, expected, 1e-10, ["output", "h_n", "c_n"][: len(expected)])
+    assert_all_close(actual_grads, expected_grads, 1e-10, ["d_input"] + [n for n, _ in ref.named_parameters()])
+
+
 @pytest.fixture
 def saved_spy(monkeypatch):
     """Records `(need_saved, saved.numel())` of every kernel forward on every backend, `(True, "layer")` for a
