@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from . import dispatch, native
 from .autograd import Layer, folded_biases
+from .kernels import reference
 from .kernels.common import GATES, LN_EPS, Extensions, time_index
 from .linear import bias_sum, fused, linear, plain, preactivations
 
@@ -23,9 +24,10 @@ CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", 
 def eager(*tensors):
     """True when a call can take the eager path (`seqfast.autograd.Layer` or the kernels directly) instead of the
     custom ops: not compiling, tracing or exporting, no functorch transform, no `TorchDispatchMode` or
-    `TorchFunctionMode`, no autocast, `tensors` plain tensors (or parameters, or None), the first (the input) off the
-    meta device (the callers give every tensor the input's device or fail on it)."""
-    if _compiling() or _tracing() or _dispatch_modes() or _transform() is not None or _autocast():
+    `TorchFunctionMode`, no autocast, no forward-mode AD (see `by_autograd`), `tensors` plain tensors (or parameters,
+    or None), the first (the input) off the meta device (the callers give every tensor the input's device or fail on
+    it)."""
+    if _compiling() or _tracing() or _dispatch_modes() or _transform() is not None or _autocast() or _forward_ad():
         return False
     return not tensors[0].is_meta and _PLAIN.issuperset(map(type, tensors)) and not _has_torch_function(tensors)
 
@@ -36,6 +38,24 @@ def onnx_exporting():
     return (_exporting() or _tracing()) and torch.onnx.is_in_onnx_export()
 
 
+def by_autograd():
+    """True where a call runs as the reference's torch ops, differentiated by autograd: under forward-mode AD
+    (`torch.autograd.forward_ad`) and `torch.func`'s `grad`, `vjp`, `jacrev` and `jvp` transforms, which seqfast's
+    autograd nodes have no rules for; never while compiling (the custom ops' own rules serve there)."""
+    if _compiling():
+        return False
+    if _forward_ad():
+        return True
+    interpreter = _transform()
+    return interpreter is not None and interpreter.key() in _AUTOGRAD_TRANSFORMS
+
+
+def _forward_ad():
+    return _forward_ad_module._current_level >= 0
+
+
+_AUTOGRAD_TRANSFORMS = (torch._C._functorch.TransformType.Grad, torch._C._functorch.TransformType.Jvp)
+_forward_ad_module = torch.autograd.forward_ad
 _PLAIN = {torch.Tensor, torch.nn.Parameter, type(None)}
 _exporting = torch.compiler.is_exporting
 _compiling = torch.compiler.is_compiling
@@ -133,7 +153,7 @@ def call_key(tensors, *facts):
     `facts`: the request and whatever else the caller's checks of the arguments and the choice read besides.
     `remembered` answers for a call whose key matches one that ran (`step`'s or `rnn`'s `key`)."""
     global _signature
-    if _compiling():
+    if _compiling() or _forward_ad():
         return None
     if _signature is None:
         _signature = _extension_signature()
@@ -205,6 +225,10 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
     runs on `kernels` when given (see `_eager_kernels`). With options (`ext`) see `_extended`. `x` may also be a
     cell's step, `[B, I]` (`step`'s, without `ext`): the backend's own node takes it as it is (see
     `seqfast.kernels.cpp.layer`), the other paths as `[1, B, I]`."""
+    if not fast and by_autograd():
+        return _reference_layer(
+            cell, x.unsqueeze(0) if x.dim() == 2 else x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, ext
+        )
     need_grad = _needs_grad(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     if ext is not None:
         return _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext)
@@ -248,26 +272,37 @@ def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, le
     runs the same projection and its forward, differentiated by autograd."""
     options = ext.options()
     name = dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, options)  # x stands for gx
+    if name == "reference":
+        return _reference_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, ext)
     b_fold, b_h = folded_biases(cell, b_hh)
-    if name != "reference" and fast and ext.ln_hh is None:
+    if fast and ext.ln_hh is None:
         if need_grad:
             fused = ext.fused()
             return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, *fused)
         kernels = dispatch.load(name)
         return _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext)
-    bias = bias_sum(b_ih, b_fold)
-    if ext.ln_ih is not None:
-        gx = F.layer_norm(F.linear(x, w_ih), w_ih.shape[:1], ext.ln_ih, bias, LN_EPS)
-    else:
-        gx = F.linear(x, w_ih, bias) if name == "reference" else linear(x, w_ih, bias)
-    if name == "reference":
-        y, hT, cT, _ = dispatch.load(name).fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, ext)
-        return y, hT, cT
+    gx = _input_projection(x, w_ih, bias_sum(b_ih, b_fold), ext, linear)
     need_saved = need_grad or torch.jit.is_tracing()
     y, hT, cT, _ = torch.ops.seqfast.recurrence(
         name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, *ext.fused(), *ext.gains()
     )
     return y, hT, cT if cell == "lstm" else None
+
+
+def _reference_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, ext):
+    """`layer` as the reference's torch ops, which autograd differentiates (see `by_autograd`); `x [T, B, I]`."""
+    b_fold, b_h = folded_biases(cell, b_hh)
+    gx = _input_projection(x, w_ih, bias_sum(b_ih, b_fold), ext, F.linear)
+    y, hT, cT, _ = reference.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, *_given(ext))
+    return y, hT, cT if cell == "lstm" else None
+
+
+def _input_projection(x, w_ih, bias, ext, product):
+    """`gx`: `x`'s product with `w_ih` by `product` (`F.linear`'s arguments) plus `bias`, with `layer_norm` (`ext`)
+    torch's LayerNorm of the product before the bias."""
+    if ext is not None and ext.ln_ih is not None:
+        return F.layer_norm(F.linear(x, w_ih), w_ih.shape[:1], ext.ln_ih, bias, LN_EPS)
+    return product(x, w_ih, bias)
 
 
 def bernoulli_mask(like, shape, p):

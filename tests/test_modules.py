@@ -685,3 +685,43 @@ def test_packed_input_pads_and_packs_as_torch_does():
     (grad,) = torch.autograd.grad(padded, x, cotangent, retain_graph=True)
     (expected_grad,) = torch.autograd.grad(expected, x, cotangent)
     assert torch.equal(grad, expected_grad)
+
+
+@pytest.mark.parametrize("name", ["RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"])
+def test_forward_mode_ad_and_func_transforms_match_torch(name):
+    """Forward-mode AD (`torch.autograd.forward_ad`, `torch.func.jvp`) and `torch.func.grad`/`jacrev`, after calls
+    seqfast remembered: tangents, gradients and Jacobians are torch.nn's (float64, where torch.nn's modules run
+    without oneDNN), as the reference's torch ops differentiated by autograd give them."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, name)(3, 4, dtype=F64)
+    ours = getattr(seqfast, name)(3, 4, dtype=F64)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn((2, 3) if name.endswith("Cell") else (5, 2, 3), dtype=F64)
+    tangent = torch.randn_like(x)
+    for _ in range(2):
+        ours(x)
+        with torch.no_grad():
+            ours(x)
+
+    def first(m):
+        return lambda v: flatten(m(v))[0]
+
+    def dual_tangent(m):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(first(m)(fwAD.make_dual(x, tangent))).tangent
+
+    def param_grads(m):
+        params = dict(m.named_parameters())
+        return torch.func.grad(lambda p: torch.func.functional_call(m, p, (x,))[0].sin().sum())(params)
+
+    transforms = {
+        "func.jvp": lambda m: torch.func.jvp(first(m), (x,), (tangent,))[1],
+        "forward_ad": dual_tangent,
+        "func.jacrev": lambda m: torch.func.jacrev(first(m))(x),
+        "func.grad": lambda m: list(param_grads(m).values()),
+    }
+    for what, transform in transforms.items():
+        expected = flatten(transform(ref))
+        assert_all_close(flatten(transform(ours)), expected, 1e-10, [what] * len(expected))
