@@ -205,6 +205,19 @@ class _TorchTwin:
         state = {k: v for k, v in self.__getstate__().items() if k not in PATCH_ATTRIBUTES}
         return self._torch_class, self._meta_args, state
 
+    def __prepare_scriptable__(self):
+        """What `torch.jit.script` compiles in this module's place (TorchScript cannot compile seqfast's calls): its
+        torch.nn twin holding the same parameters, buffers and hooks, which runs torch.nn's own op there. The options
+        beyond torch.nn's have no twin: a module using one raises `RuntimeError`."""
+        if self.layer_norm or self.zoneout or getattr(self, "weight_drop", 0.0):
+            raise RuntimeError(
+                f"seqfast: torch.jit.script cannot compile {type(self).__name__} with layer_norm, zoneout or "
+                "weight_drop; torch.compile can"
+            )
+        twin = self._torch_class.__new__(self._torch_class)
+        twin.__setstate__({k: v for k, v in self.__getstate__().items() if k not in PATCH_ATTRIBUTES})
+        return twin
+
     def __copy__(self):
         """A shallow copy of the same class (a copy of a patched module is patched)."""
         replica = type(self).__new__(type(self))

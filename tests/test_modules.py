@@ -725,3 +725,32 @@ def test_forward_mode_ad_and_func_transforms_match_torch(name):
     for what, transform in transforms.items():
         expected = flatten(transform(ref))
         assert_all_close(flatten(transform(ours)), expected, 1e-10, [what] * len(expected))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.parametrize("name", ["LSTM", "GRU", "RNNCell", "LSTMCell"])
+def test_jit_script_compiles_the_torch_twin_on_the_same_parameters(name):
+    """`torch.jit.script` of a cell, or of a model holding a module, compiles its torch.nn twin on the same parameters:
+    torch.nn's outputs, and its gradients reach the seqfast module's parameters; options beyond torch.nn's raise."""
+
+    class Head(torch.nn.Module):
+        def __init__(self, rnn):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x):
+            return self.rnn(x)[0].sum()
+
+    ref = getattr(torch.nn, name)(3, 4)
+    ours = getattr(seqfast, name)(3, 4)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn((2, 3) if name.endswith("Cell") else (5, 2, 3))
+    if name.endswith("Cell"):  # torch.nn's sequence modules script only inside a model (their forward is overloaded)
+        _close(flatten(torch.jit.script(ours)(x)), flatten(ref(x)), 1e-6, "scripted cell")
+    scripted = torch.jit.script(Head(ours))
+    scripted(x).backward()
+    Head(ref)(x).backward()
+    for (n, p), r in zip(ours.named_parameters(), ref.parameters(), strict=True):
+        _close([p.grad], [r.grad], 1e-6, n)
+    with pytest.raises(RuntimeError, match="torch.jit.script cannot compile"):
+        torch.jit.script(getattr(seqfast, name)(3, 4, zoneout=0.1))
