@@ -40,7 +40,7 @@ def _step(mode, x_t, h, c, p, ln):
 
 def cell_loop(module, x, hx=None, resets=None):
     """Run `module` (a `seqfast.RNN`, `LSTM` or `GRU`, its `layer_norm` and `zoneout` read from it) one step at a
-    time, as `module(x, hx, resets)` would: the same results, and the same random draws in the same order (per
+    time, as `module(x, hx, resets=resets)` would: the same results, and the same random draws in the same order (per
     layer, per direction: zoneout's `h` mask `[T, B, H]`, then LSTM's `c` mask; then dropout between layers).
 
     Args:
@@ -107,7 +107,7 @@ def cell_loop(module, x, hx=None, resets=None):
 def _loop_module(base):
     """A subclass of the seqfast module `base` whose forward is `cell_loop`."""
 
-    def forward(self, input, hx=None, resets=None):
+    def forward(self, input, hx=None, *, resets=None):
         return cell_loop(self, input, hx, resets)
 
     return type(

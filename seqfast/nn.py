@@ -353,7 +353,7 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             return h
         return h, input.new_zeros(*shape, self.hidden_size)
 
-    def forward(self, input, hx=None, resets=None):
+    def forward(self, input, hx=None, *, resets=None):
         """Run the stack over a sequence.
 
         Args:

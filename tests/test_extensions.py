@@ -520,6 +520,8 @@ def test_bad_resets_raise():
         gru(x, resets=good.to("meta"))
     with pytest.raises(TypeError):
         seqfast.GRUCell(3, 4)(x[0], resets=good[0])
+    with pytest.raises(TypeError, match="positional"):  # a keyword only: torch.nn's forward takes two arguments
+        gru(x, None, good)
 
 
 def test_options_under_strict_automatic_selection_name_the_backends_that_decline(monkeypatch):
