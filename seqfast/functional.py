@@ -216,7 +216,7 @@ def _own_node(cell, x, w_ih, w_hh, h0, c0, w_hr, backend, width=None):
     `seqfast.linear.plain`; `width`: the input's features they count, default `x`'s); else None."""
     kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, w_hr, backend)
     width = x.shape[-1] if width is None else width
-    macs = x.numel() // x.shape[-1] * w_ih.shape[0] * max(width, w_hh.shape[1])
+    macs = x.shape[:-1].numel() * w_ih.shape[0] * max(width, w_hh.shape[1])
     return kernels if hasattr(kernels, "layer") and plain(macs) else None
 
 
