@@ -12,7 +12,7 @@ from itertools import chain
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional
+from . import functional, native
 from .functional import CELL_OF_MODE
 
 
@@ -751,11 +751,14 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
                 )
         _check_same_device(input, states, w_ih)
         _check_same_dtype(input, w_ih, b_ih)
-        for state in states:
-            _check_same_dtype(state, w_hh, b_hh)
-
+        _check_same_dtype(states[0], w_hh, b_hh)
         ext = self._extensions(cell, input) if self.layer_norm or self.zoneout else None
         is_lstm = cell == "lstm"
+        if is_lstm and states[1].dtype != states[0].dtype and ext is None and not _autocast():
+            # torch.nn's cell takes `c` in any dtype, `c'` and `h'` in the promoted one: its own op runs that step
+            return native.step(cell, input, *states, *weights)
+        if is_lstm:
+            _check_same_dtype(states[1], w_hh, b_hh)
 
         def run(x, states, weights):
             (w_ih, w_hh, b_ih, b_hh), h0, c0 = weights[0], states[0], states[1] if is_lstm else None

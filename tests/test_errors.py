@@ -44,10 +44,6 @@ PACKED_LSTM_UNCHECKED = {
     "check_forward_args' ValueError",
 }
 
-NOT_MIRRORED = {
-    "LSTMCell-cx-f64": "torch promotes a float64 c against float32 weights and returns float64 states",
-}
-
 B, T, IN = 3, 4, 5
 F64, F16, I64 = torch.float64, torch.float16, torch.int64
 
@@ -568,18 +564,6 @@ def test_rnn_cell_nonlinearity_changed_after_construction():
     assert_same_error(_raised(lambda: ref(x)), _raised(lambda: ours(x)), "RNNCell-gelu")
     ref.nonlinearity = ours.nonlinearity = "relu"
     torch.testing.assert_close(ours(x), ref(x))
-
-
-def test_lstm_cell_float64_c_not_mirrored():
-    """torch promotes a float64 `c` against float32 weights; seqfast refuses it with torch's dtype message."""
-    assert set(NOT_MIRRORED) == {"LSTMCell-cx-f64"}
-    ref, ours = _cell_twins("LSTMCell", {})
-    x, hx = torch.randn(B, IN), (torch.randn(B, 6), torch.randn(B, 6, dtype=F64))
-    h, c = ref(x, hx)
-    assert (h.dtype, c.dtype) == (F64, F64)
-    error = _raised(lambda: ours(x, hx))
-    expected = _raised(lambda: torch.nn.functional.linear(hx[1], ref.weight_hh, ref.bias_hh))
-    assert_same_error(expected, error, "LSTMCell-cx-f64")
 
 
 def _tensors(obj):

@@ -758,3 +758,18 @@ def test_jit_script_compiles_the_torch_twin_on_the_same_parameters(name):
         _close([p.grad], [r.grad], 1e-6, n)
     with pytest.raises(RuntimeError, match="torch.jit.script cannot compile"):
         torch.jit.script(getattr(seqfast, name)(3, 4, zoneout=0.1))
+
+
+def test_lstm_cell_takes_a_wider_cell_state_as_torch():
+    """torch.nn's `LSTMCell` takes `c` in another dtype than its weights (float64 here) and returns `(h', c')` in the
+    promoted one; seqfast's gives its outputs and gradients."""
+    ref = torch.nn.LSTMCell(3, 4)
+    ours = seqfast.LSTMCell(3, 4)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, requires_grad=True)
+    h, c = torch.randn(2, 4), torch.randn(2, 4, dtype=F64, requires_grad=True)
+    expected, expected_grads = run_with_grads(ref, lambda m: m(x, (h, c)), [x, c])
+    actual, actual_grads = run_with_grads(ours, lambda m: m(x, (h, c)), [x, c])
+    assert [t.dtype for t in actual] == [F64, F64]
+    assert_all_close(actual, expected, 0, ["h'", "c'"])
+    assert_all_close(actual_grads, expected_grads, 0, ["d_input", "d_c"] + [n for n, _ in ref.named_parameters()])
