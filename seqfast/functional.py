@@ -539,8 +539,9 @@ def _stack(
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and i < num_layers - 1:
             x = F.dropout(x, dropout, training=True) if lengths is None else _dropout_packed(x, lengths, dropout)
-    if directions == 1 and lengths is None and x.requires_grad:
+    if directions == 1 and lengths is None and (x.requires_grad or _tracing()):
         # the last layer's backward reads its output: the caller gets a copy, which torch.nn lets it change in place
+        # (a trace, which fixes the choice, always copies)
         x = x.clone()
     return x, torch.stack(hn), None if c0 is None else torch.stack(cn)
 
