@@ -342,7 +342,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
                                                 const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
                                                 const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                 const c10::optional<at::Tensor>& c0,
-                                                const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison) {
+                                                const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison,
+                                                bool copy_y) {
     const bool lstm = cell == LSTM;
     const auto [b_fold, b_h] = folded_biases(cell, b_hh);
     auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, steps(x), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt,
@@ -354,11 +355,13 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     ctx->saved_data["chunk"] = chunk;
     ctx->saved_data["poison"] = poison;
     ctx->set_materialize_grads(false);
-    if (lstm) return {y, hT, *cT};
-    return {y, hT};
+    // the backward reads `y`: with `copy_y` the caller gets a copy, which it may change in place
+    const at::Tensor y_out = copy_y ? y.clone() : y;
+    if (lstm) return {y_out, hT, *cT};
+    return {y_out, hT};
   }
 
-  // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poison).
+  // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poison, copy_y).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved_tensors = ctx->get_saved_variables();
@@ -382,7 +385,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
       const auto wanted = layer_grads().call(cell, reverse, steps(x), w_ih, maybe(b_ih), w_hh, maybe(b_hh), h0,
                                              maybe(c0), maybe(w_hr), maybe(grads[0]), maybe(grads[1]),
                                              lstm ? maybe(grads[2]) : c10::nullopt, need);
-      torch::autograd::variable_list out(12);
+      torch::autograd::variable_list out(13);
       for (size_t k = 0, next = 0; k < need.size(); ++k)
         if (need[k]) out[2 + k] = wanted.at(next++);
       if (need_x) out[2] = out[2].view(x.sizes());
@@ -414,7 +417,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor db_hh = separate_b_hh ? db_h : db_x;
     return {at::Tensor(), at::Tensor(), dx, dw_ih, need_b_ih ? db_x : at::Tensor(), dw_hh,
             need_b_hh ? db_hh : at::Tensor(), dh0, lstm ? *dc0 : at::Tensor(),
-            w_hr.defined() ? *dw_hr : at::Tensor(), at::Tensor(), at::Tensor()};
+            w_hr.defined() ? *dw_hr : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
  private:
@@ -441,8 +444,9 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> layer(
     int64_t cell, bool reverse, const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison) {
-  const auto out = EagerLayer::apply(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poison);
+    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison,
+    bool copy_y) {
+  const auto out = EagerLayer::apply(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poison, copy_y);
   return {out[0], out[1], out.size() > 2 ? c10::make_optional(out[2]) : c10::nullopt};
 }
 

@@ -130,17 +130,18 @@ def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     return _C.step(CELL_IDS[cell], x, h0, c0 if cell == "lstm" else None, w_ih, w_hh, b_ih, b_hh, chunk, poisoning())
 
 
-def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr):
+def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, copy_y=False):
     """One layer-direction with grad, input projection included, as one autograd node of the extension: bitwise the
     outputs and gradients of `seqfast.autograd.Layer` on this backend, for a call without `lengths` whose products are
     all plain GEMMs (`seqfast.linear.plain`). Arguments as `seqfast.functional.layer`'s; `x` may also be a cell's
-    step, `[B, I]`, taken as `T = 1`.
+    step, `[B, I]`, taken as `T = 1`; `copy_y`: return a copy of `y`, which the node keeps for its backward, so that
+    the caller may change it in place (default False).
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None.
     """
     chunk, c0 = _chunk(cell, w_hh, h0.shape[0]), c0 if cell == "lstm" else None
-    return _C.layer(CELL_IDS[cell], reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poisoning())
+    return _C.layer(CELL_IDS[cell], reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poisoning(), copy_y)
 
 
 def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False, ext=None):

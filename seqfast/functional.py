@@ -528,7 +528,9 @@ def _stack(
                 hidden = w_hh.shape[0] // GATES[cell]
                 ext = extensions(cell, x, hidden, w_hh.shape[1], d == 1, resets, zoneout, training, ln)
             if node is not None:
-                y, hT, cT = node.layer(cell, d == 1, x, w_ih, b_ih, w_hh, b_hh, h0s[k], c0s[k], w_hr)
+                # the last layer's output, which its node keeps, handed out as a copy (see below)
+                copy_y = directions == 1 and i == num_layers - 1
+                y, hT, cT = node.layer(cell, d == 1, x, w_ih, b_ih, w_hh, b_hh, h0s[k], c0s[k], w_hr, copy_y)
             else:
                 y, hT, cT = _layer(
                     fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0s[k], c0s[k], w_hr, lengths, d == 1, backend, kernels, ext
@@ -539,7 +541,7 @@ def _stack(
         x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
         if dropout > 0 and training and i < num_layers - 1:
             x = F.dropout(x, dropout, training=True) if lengths is None else _dropout_packed(x, lengths, dropout)
-    if directions == 1 and lengths is None and (x.requires_grad or _tracing()):
+    if directions == 1 and lengths is None and node is None and (x.requires_grad or _tracing()):
         # the last layer's backward reads its output: the caller gets a copy, which torch.nn lets it change in place
         # (a trace, which fixes the choice, always copies)
         x = x.clone()
