@@ -27,9 +27,10 @@ void check_cell(int64_t cell) { TORCH_CHECK(cell >= RNN_TANH && cell <= GRU, "un
 // input.
 using BelowAutograd = at::AutoDispatchBelowADInplaceOrView;
 
-// An output of `sizes`, NaN-filled when `poison` (so an element the loop leaves unwritten fails loudly).
+// An output of `sizes` (a large one on a recycled block, see `Recycler`), NaN-filled when `poison` (so an element the
+// loop leaves unwritten fails loudly).
 at::Tensor output(at::IntArrayRef sizes, const at::TensorOptions& opts, bool poison) {
-  at::Tensor t = at::empty(sizes, opts);
+  at::Tensor t = Recycler::empty(sizes, opts);
   if (poison) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
@@ -87,7 +88,7 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional
   sizes.back() = w.size(0);
 #if SEQFAST_BLAS
   if (direct_projection(x, w, b_ih, b_fold)) {
-    const at::Tensor gx = at::empty(sizes, x.options());
+    const at::Tensor gx = output(sizes, x.options(), false);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast_project", [&] { project_blas<scalar_t>(x, w, b_ih, b_fold, gx); });
     return gx;
   }
@@ -356,7 +357,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     ctx->saved_data["poison"] = poison;
     ctx->set_materialize_grads(false);
     // the backward reads `y`: with `copy_y` the caller gets a copy, which it may change in place
-    const at::Tensor y_out = copy_y ? y.clone() : y;
+    const at::Tensor y_out = copy_y ? output(y.sizes(), y.options(), false).copy_(y) : y;
     if (lstm) return {y_out, hT, *cT};
     return {y_out, hT};
   }

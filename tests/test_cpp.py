@@ -162,6 +162,27 @@ def test_packed_weights_across_calls(cpp):
         assert_outputs_close(ours, ref, F32_RTOL, torch.float32)
 
 
+def test_large_outputs_reuse_freed_memory_and_resize(cpp):
+    """Outputs of 1 MB or more take the memory freed ones of the same size held: a second call faults in almost none
+    of its outputs' pages (the first call's freed memory would go back to the system, 31 MB here); the values stay
+    the reference's, and such an output resizes as any tensor."""
+    import resource
+
+    args, cot = contract_problem("gru", 100, 64, 256, dtype=torch.float32, seed=4)
+    expected = run_reference("gru", args, cot, False)
+    cpp.fwd("gru", **args)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    y, _, _, saved = cpp.fwd("gru", **args)
+    faulted = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) * 4096
+    assert faulted < (y.nbytes + saved.nbytes) / 8, f"{faulted} bytes of pages faulted in"
+    del y, saved
+    outputs = run_contract(cpp, "gru", *cast(args, cot, torch.float32), False)
+    assert_outputs_close(outputs, expected, F32_RTOL, torch.float32)
+    y = outputs[0]
+    y.resize_(2 * y.numel()).fill_(1.0)
+    assert y.sum().item() == y.numel()
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_repeatable(cpp, cell):
     first = outputs_f32(cpp, cell)
