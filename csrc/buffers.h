@@ -67,9 +67,11 @@ class KeptBuffer {
 // Memory for large tensors (from `kRecycleFromBytes`) from the blocks earlier ones freed, where one of the same size
 // waits: glibc hands such blocks back to the system on free, so every call would fault all their pages in afresh (a
 // GRU's forward and backward at B = 64, T = 100, H = 256 faulted 60 MB, about 10 ms of its 85 ms). At most
-// `kRecycledBlocks` freed blocks wait, the most recently freed first. A c10 allocator, so its tensors resize as any.
+// `kRecycledBlocks` freed blocks of at most `kRecycledBytes` in all wait, the most recently freed kept (no more than
+// the process held at once before). A c10 allocator, so its tensors resize as any.
 constexpr int64_t kRecycleFromBytes = int64_t(1) << 20;
 constexpr size_t kRecycledBlocks = 8;
+constexpr size_t kRecycledBytes = size_t(1) << 30;
 
 class Recycler final : public c10::Allocator {
  public:
@@ -107,6 +109,7 @@ class Recycler final : public c10::Allocator {
       for (size_t i = free_.size(); i-- > 0;) {
         if (free_[i].bytes == bytes) {
           void* p = free_[i].p;
+          kept_ -= bytes;
           free_.erase(free_.begin() + static_cast<std::ptrdiff_t>(i));
           return p;
         }
@@ -117,19 +120,22 @@ class Recycler final : public c10::Allocator {
     return p;
   }
   void give(void* p, size_t bytes) {
-    void* evicted = nullptr;
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (free_.size() == kRecycledBlocks) {
-        evicted = free_.front().p;
+      free_.push_back({p, bytes});
+      kept_ += bytes;
+      while (free_.size() > kRecycledBlocks || kept_ > kRecycledBytes) {
+        evicted.push_back(free_.front().p);
+        kept_ -= free_.front().bytes;
         free_.erase(free_.begin());
       }
-      free_.push_back({p, bytes});
     }
-    std::free(evicted);
+    for (void* q : evicted) std::free(q);
   }
   std::mutex mutex_;
   std::vector<Block> free_;
+  size_t kept_ = 0;
 };
 
 // Consecutive arrays carved from one block: `take(n)` returns the next `n` elements.
