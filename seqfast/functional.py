@@ -313,7 +313,7 @@ def bernoulli_mask(like, shape, p):
     Returns:
         `[shape]` tensor.
     """
-    return torch.rand(shape, device=like.device).lt_(p).to(like.dtype)
+    return torch.rand(shape, dtype=torch.float32, device=like.device).lt_(p).to(like.dtype)
 
 
 def extensions(cell, x, hidden_size, proj_size, reverse, resets=None, zoneout=0.0, training=False, layer_norm=None):

@@ -63,7 +63,9 @@ def _best_times(macs):
     product of `macs` multiply-adds (random operands of their own generator: the caller's random state is left as
     it was)."""
     generator = torch.Generator().manual_seed(0)
-    a, w, b = (torch.randn(shape, generator=generator) for shape in ((macs // (128 * 512), 128), (512, 128), (512,)))
+    shapes = ((macs // (128 * 512), 128), (512, 128), (512,))
+    # float32 whatever the default dtype: the products this times are float32 ones
+    a, w, b = (torch.randn(shape, generator=generator, dtype=torch.float32, device="cpu") for shape in shapes)
     best = [float("inf"), float("inf")]
     for _ in range(_CALIBRATION_RUNS + 1):
         for k, run in enumerate((F.linear, _onednn_linear)):

@@ -66,3 +66,25 @@ def test_calibration_on_this_machine_leaves_the_random_state(fresh_calibration):
     state = linear.torch.get_rng_state()
     assert linear.onednn_min_macs() in (*linear._CALIBRATION_MACS, 2 * linear._CALIBRATION_MACS[-1], 1 << 62)
     assert linear.torch.equal(linear.torch.get_rng_state(), state)
+
+
+def test_calibration_under_a_float64_default_dtype(fresh_calibration, monkeypatch):
+    """A first call of a process with `torch.set_default_dtype(torch.float64)` (a float64 model, as torch.nn's
+    modules then build) calibrates in float32 and gives torch.nn's results."""
+    import torch
+
+    import seqfast
+
+    monkeypatch.delenv("SEQFAST_NATIVE")
+    monkeypatch.setattr(native, "_routes", {})
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref = torch.nn.LSTM(4, 8)
+        ours = seqfast.LSTM(4, 8)
+        ours.load_state_dict(ref.state_dict())
+        x = torch.randn(3, 2, 4, requires_grad=True)
+        torch.testing.assert_close(ours(x)[0], ref(x)[0])
+    finally:
+        torch.set_default_dtype(default)
+    assert linear.onednn_min_macs() in (*linear._CALIBRATION_MACS, 2 * linear._CALIBRATION_MACS[-1], 1 << 62)
