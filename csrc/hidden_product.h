@@ -23,21 +23,21 @@ constexpr int64_t kPackMinSteps = 4, kPackMinRows = 16;
 // The recurrent product of one call, chunk by chunk, straight from `w [G*H, P]`: forward, gate by gate,
 // `C[n, g*n_j : (g+1)*n_j] = h[n, P] w[g*H + j0 : g*H + j0 + n_j]^T`; backward `C[n, n_j] = da[n, G*H]
 // w[:, j0 : j0 + n_j]`. float32 runs this CPU's GEMM on weight panels packed once per call when the call repays the
-// packing (`kPackMinSteps`, `kPackMinRows`). Unpacked (and float64), a step of one row runs this CPU's matrix-vector
-// kernel and any other BLAS; the forward of a call with enough rows to pack for then works on a copy of `w` with each
-// chunk's gate rows side by side, one product per chunk instead of one per gate.
+// packing (`kPackMinSteps`, `kPackMinRows`) and `pack` asks for it (see `Plan`). Unpacked (and float64), a step of
+// one row runs this CPU's matrix-vector kernel and any other BLAS; the forward of a call with enough rows to pack for
+// then works on a copy of `w` with each chunk's gate rows side by side, one product per chunk instead of one per gate.
 template <typename T>
 class HiddenProduct {
  public:
   HiddenProduct(const at::Tensor& w, int64_t G, int64_t H, int64_t hc, bool backward, const Order& ord,
-                const IsaKernels& kern)
+                const IsaKernels& kern, bool pack)
       : w_(w.data_ptr<T>()), G_(G), H_(H), P_(w.size(1)), hc_(hc), backward_(backward), kern_(kern) {
     const int64_t rows = std::accumulate(ord.active.begin(), ord.active.end(), int64_t(0));
     const int64_t nch = (H + hc - 1) / hc;
     // one row a step: the matrix-vector kernel reads `w` as it is, at the memory's pace, with nothing to pack
     if (rows < kPackMinRows || ord.active.empty() || ord.active[0] <= 1) return;
     if constexpr (std::is_same_v<T, float>) {
-      if (ord.T >= kPackMinSteps) {
+      if (pack && ord.T >= kPackMinSteps) {
         const int64_t nb = blocks(), K = depth();
         offsets_.resize(nch * nb + 1, 0);
         for (int64_t i = 0; i < nch * nb; ++i) offsets_[i + 1] = offsets_[i] + K * round_up(width(i / nb));

@@ -76,13 +76,13 @@ class ZoneoutRows {
 template <typename scalar_t>
 void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
               const at::Tensor& h0, const at::Tensor& c0, const Order& ord, const c10::optional<at::Tensor>& w_hr,
-              const ZoneoutArgs& zo, const LayerNormArgs& lna, int64_t chunk, const at::Tensor& y,
+              const ZoneoutArgs& zo, const LayerNormArgs& lna, int64_t chunk, Plan plan, const at::Tensor& y,
               const at::Tensor& hT, const at::Tensor& cT, const at::Tensor& saved) {
   const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
   const bool proj = w_hr.has_value(), lstm = cell == LSTM, ln = lna.on();
   // rows in blocks (one chunk of every unit), else hidden units in chunks (layer_norm, which normalises whole rows:
   // a step's product by chunks, then its rows in groups)
-  const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);
+  const int64_t rb = proj || !plan.blocks ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);
   const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc;
   const int64_t SW = saved_cols(cell, H, zo.on(), ln);
   const LayerNorm<scalar_t> lnp = lna.pointers<scalar_t>();
@@ -90,7 +90,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
   const ZoneoutRows<scalar_t> zh(zo.h, zo.keep, zo.on(), P, ord, B), zc(zo.c, zo.keep, zo.on() && lstm, H, ord, B);
   const int64_t pcs = std::min(chunk, P), npc = (P + pcs - 1) / pcs;
   const IsaKernels kern = isa_kernels();
-  const HiddenProduct<scalar_t> whh(w_hh, G, H, hc, false, ord, kern);
+  const HiddenProduct<scalar_t> whh(w_hh, G, H, hc, false, ord, kern, plan.pack);
   const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0;
   const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + BC + BR + B * GH + (bias ? 0 : GH));
   Carve<scalar_t> carve(state.data());
@@ -220,12 +220,12 @@ template <typename scalar_t>
 void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::Tensor& dcT, const at::Tensor& w_hh,
               const c10::optional<at::Tensor>& w_hr, const at::Tensor& h0, const at::Tensor& c0, const Order& ord,
               const ZoneoutArgs& zo, const LayerNormArgs& lna, const at::Tensor& y, const at::Tensor& saved,
-              int64_t chunk, const at::Tensor& dgx, const at::Tensor& dgh, const at::Tensor& dh0, const at::Tensor& dc0,
-              const at::Tensor& dw_hr, const std::vector<at::Tensor>& ln_grads) {
+              int64_t chunk, Plan plan, const at::Tensor& dgx, const at::Tensor& dgh, const at::Tensor& dh0,
+              const at::Tensor& dc0, const at::Tensor& dw_hr, const std::vector<at::Tensor>& ln_grads) {
   const int64_t T = dy.size(0), B = dy.size(1), P = dy.size(2), G = gates(cell), GH = w_hh.size(0), H = GH / G;
   const bool need_dh0 = dh0.defined();
   const bool proj = w_hr.has_value(), lstm = cell == LSTM, ln = lna.on();
-  const int64_t rb = proj ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);  // as the forward's
+  const int64_t rb = proj || !plan.blocks ? B : row_block(B, GH, P, sizeof(scalar_t), ord.ragged);
   const int64_t hc = rb < B ? H : std::min(chunk, H), nch = (H + hc - 1) / hc;
   // blocks of rows, or layer_norm's groups of rows when the products run by chunks
   const int64_t nb = rb < B ? (B + rb - 1) / rb : ln ? nch : 1;
@@ -290,7 +290,7 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
   }
   // dh_prev = da @ w_hh (GRU: + dh z, left in dhbuf by the cell math); chunks of P = H columns.
   const std::optional<HiddenProduct<scalar_t>> whh =
-      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(w_hh, G, H, hc, true, ord, kern);
+      proj ? std::nullopt : std::make_optional<HiddenProduct<scalar_t>>(w_hh, G, H, hc, true, ord, kern, plan.pack);
   // `dh` columns [p0, p0 + n_p) of rows `[r0, r1)` whose step `s` started from zeros: no gradient reaches the state
   // before
   auto clear_dh = [&](int64_t s, int64_t r0, int64_t r1, int64_t p0, int64_t n_p) {

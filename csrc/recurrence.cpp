@@ -141,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
     const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_hh_in,
     const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
-    const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, bool poison,
+    const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, int64_t plan, bool poison,
     const at::Tensor& hT_out, const at::Tensor& cT_out, const c10::optional<at::Tensor>& zero = c10::nullopt,
     const ZoneoutArgs& zo_in = {}, const LayerNormArgs& ln_in = {}) {
   const BelowAutograd below;
@@ -179,8 +179,8 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
       need_saved ? output({T, B, saved_cols(cell, H, zo.on(), ln.on())}, opts, poison) : at::empty({0}, opts);
   const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
-    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, zo, ln, chunk, y, hT,
-                       cT, saved);
+    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, zo, ln, chunk,
+                       Plan::of(plan), y, hT, cT, saved);
   });
   return {in_dtype(y, io), in_dtype(hT, h0_in.scalar_type()),
           lstm ? c10::make_optional(in_dtype(cT, c0_in->scalar_type())) : c10::nullopt, saved};
@@ -192,12 +192,12 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
     const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
     const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
-    const c10::optional<at::Tensor>& w_hr, bool reverse, bool need_saved, int64_t chunk, bool poison,
+    const c10::optional<at::Tensor>& w_hr, bool reverse, bool need_saved, int64_t chunk, int64_t plan, bool poison,
     const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& keep_h,
     const c10::optional<at::Tensor>& keep_c, double keep, const c10::optional<at::Tensor>& ln_hh,
     const c10::optional<at::Tensor>& ln_c_weight, const c10::optional<at::Tensor>& ln_c_bias) {
-  return fwd_into(cell, gx, x, w_ih, b_ih, b_fold, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, chunk, poison,
-                  at::Tensor(), at::Tensor(), zero, {keep_h, keep_c, keep}, {ln_hh, ln_c_weight, ln_c_bias});
+  return fwd_into(cell, gx, x, w_ih, b_ih, b_fold, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, chunk, plan,
+                  poison, at::Tensor(), at::Tensor(), zero, {keep_h, keep_c, keep}, {ln_hh, ln_c_weight, ln_c_bias});
 }
 
 // `(b_fold, b_h)`: the part of `b_hh` added to the input projection and the part left to the recurrence, split as
@@ -214,7 +214,8 @@ std::pair<c10::optional<at::Tensor>, c10::optional<at::Tensor>> folded_biases(in
 // `cn [L*D, B, H]` (LSTM).
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
     int64_t cell, const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
-    const std::vector<c10::optional<at::Tensor>>& weights, bool bidirectional, int64_t chunk, bool poison) {
+    const std::vector<c10::optional<at::Tensor>>& weights, bool bidirectional, int64_t chunk, int64_t plan,
+    bool poison) {
   const BelowAutograd below;
   const int64_t D = bidirectional ? 2 : 1, layers = static_cast<int64_t>(weights.size()) / (5 * D);
   TORCH_CHECK(layers > 0 && layers * 5 * D == static_cast<int64_t>(weights.size()),
@@ -239,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
       const auto [b_fold, b_h] = folded_biases(cell, w[3]);
       auto [y, hT, cT, saved] =
           fwd_into(cell, c10::nullopt, input, w[0], w[2], b_fold, *w[1], b_h, h0.select(0, k), c0k, c10::nullopt, w[4],
-                   d == 1, false, chunk, poison, hn.select(0, k), lstm ? cn.select(0, k) : at::Tensor());
+                   d == 1, false, chunk, plan, poison, hn.select(0, k), lstm ? cn.select(0, k) : at::Tensor());
       outputs.push_back(y);
     }
     input = D == 1 ? outputs[0] : at::cat(outputs, 2);
@@ -253,12 +254,12 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
 std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
     int64_t cell, const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_hh, int64_t chunk, bool poison) {
+    const c10::optional<at::Tensor>& b_hh, int64_t chunk, int64_t plan, bool poison) {
   const BelowAutograd below;
   const auto [b_fold, b_h] = folded_biases(cell, b_hh);
   auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0,
-                                c10::nullopt, c10::nullopt, false, false, chunk, poison, c10::nullopt, c10::nullopt,
-                                c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
+                                c10::nullopt, c10::nullopt, false, false, chunk, plan, poison, c10::nullopt,
+                                c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
   return {hT, cT};
 }
 
@@ -272,7 +273,7 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>, at::Tensor, c10::optional<at::
 bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::optional<at::Tensor>& dcT_in,
     const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& w_hr_in, const at::Tensor& h0_in,
     const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in, const at::Tensor& y_in,
-    const at::Tensor& saved, bool reverse, int64_t chunk, bool poison, bool need_dh0,
+    const at::Tensor& saved, bool reverse, int64_t chunk, int64_t plan, bool poison, bool need_dh0,
     const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& keep_h,
     const c10::optional<at::Tensor>& keep_c, double keep, const c10::optional<at::Tensor>& ln_hh,
     const c10::optional<at::Tensor>& ln_c_weight, const c10::optional<at::Tensor>& ln_c_bias) {
@@ -318,7 +319,7 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
   const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_bwd", [&] {
     bwd_loop<scalar_t>(static_cast<int>(cell), dy, dhT, lstm ? *dcT : dc0, w_hh, w_hr, h0, lstm ? *c0 : dc0, ord,
-                       zo, ln, y, saved, chunk, dgx, dgh, dh0, dc0, dw_hr, ln_grads);
+                       zo, ln, y, saved, chunk, Plan::of(plan), dgx, dgh, dh0, dc0, dw_hr, ln_grads);
   });
   auto maybe = [](const at::Tensor& t, const c10::optional<at::Tensor>& like) {
     return t.defined() ? c10::make_optional(in_dtype(t, like->scalar_type())) : c10::nullopt;
@@ -343,17 +344,18 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
                                                 const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
                                                 const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                 const c10::optional<at::Tensor>& c0,
-                                                const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison,
-                                                bool copy_y) {
+                                                const c10::optional<at::Tensor>& w_hr, int64_t chunk,
+                                                int64_t fwd_plan, int64_t bwd_plan, bool poison, bool copy_y) {
     const bool lstm = cell == LSTM;
     const auto [b_fold, b_h] = folded_biases(cell, b_hh);
     auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, steps(x), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt,
-                                  w_hr, reverse, true, chunk, poison, c10::nullopt, c10::nullopt, c10::nullopt, 0.0,
-                                  c10::nullopt, c10::nullopt, c10::nullopt);
+                                  w_hr, reverse, true, chunk, fwd_plan, poison, c10::nullopt, c10::nullopt,
+                                  c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
     ctx->save_for_backward({x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["chunk"] = chunk;
+    ctx->saved_data["plan"] = bwd_plan;
     ctx->saved_data["poison"] = poison;
     ctx->set_materialize_grads(false);
     // the backward reads `y`: with `copy_y` the caller gets a copy, which it may change in place
@@ -362,7 +364,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     return {y_out, hT};
   }
 
-  // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poison, copy_y).
+  // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, fwd_plan, bwd_plan, poison, copy_y).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved_tensors = ctx->get_saved_variables();
@@ -386,7 +388,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
       const auto wanted = layer_grads().call(cell, reverse, steps(x), w_ih, maybe(b_ih), w_hh, maybe(b_hh), h0,
                                              maybe(c0), maybe(w_hr), maybe(grads[0]), maybe(grads[1]),
                                              lstm ? maybe(grads[2]) : c10::nullopt, need);
-      torch::autograd::variable_list out(13);
+      torch::autograd::variable_list out(15);
       for (size_t k = 0, next = 0; k < need.size(); ++k)
         if (need[k]) out[2 + k] = wanted.at(next++);
       if (need_x) out[2] = out[2].view(x.sizes());
@@ -398,7 +400,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor dcT = !lstm ? at::Tensor() : grads[2].defined() ? grads[2] : at::zeros_like(c0);
     auto [dgx, dgh, dh0, dc0, dw_hr, ln_grads] =
         bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
-            ctx->saved_data["chunk"].toInt(), ctx->saved_data["poison"].toBool(), need_h0, c10::nullopt,
+            ctx->saved_data["chunk"].toInt(), ctx->saved_data["plan"].toInt(), ctx->saved_data["poison"].toBool(),
+            need_h0, c10::nullopt,
             c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
     // dw_hh as `seqfast.autograd.hidden_grads` forms it (no lengths): the step from h0, then y shifted by a step
     const int64_t T = y.size(0);
@@ -418,7 +421,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor db_hh = separate_b_hh ? db_h : db_x;
     return {at::Tensor(), at::Tensor(), dx, dw_ih, need_b_ih ? db_x : at::Tensor(), dw_hh,
             need_b_hh ? db_hh : at::Tensor(), dh0, lstm ? *dc0 : at::Tensor(),
-            w_hr.defined() ? *dw_hr : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+            w_hr.defined() ? *dw_hr : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor()};
   }
 
  private:
@@ -445,9 +449,10 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> layer(
     int64_t cell, bool reverse, const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& w_hr, int64_t chunk, bool poison,
-    bool copy_y) {
-  const auto out = EagerLayer::apply(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poison, copy_y);
+    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& w_hr, int64_t chunk, int64_t fwd_plan,
+    int64_t bwd_plan, bool poison, bool copy_y) {
+  const auto out = EagerLayer::apply(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, fwd_plan, bwd_plan,
+                                     poison, copy_y);
   return {out[0], out[1], out.size() > 2 ? c10::make_optional(out[2]) : c10::nullopt};
 }
 
@@ -497,6 +502,14 @@ pybind11::object call_signature(const pybind11::args& tensors) {
 
 std::string isa() { return kIsaNames[g_isa.load()]; }
 
+// The bits of a `Plan` that change how a call of these sizes runs: 1 where its recurrent products may pack, 2 where its
+// steps split into row blocks.
+int64_t plan_bits(int64_t T, int64_t B, int64_t GH, int64_t P, bool float32, bool proj, bool backward) {
+  const bool pack = float32 && !(backward && proj) && T >= kPackMinSteps && B > 1 && T * B >= kPackMinRows;
+  const bool blocks = !proj && row_block(B, GH, P, float32 ? sizeof(float) : sizeof(double), false) < B;
+  return int64_t(pack) | int64_t(blocks) << 1;
+}
+
 std::string set_isa(const std::string& name) {
   const int best = best_isa();
   for (int i = GENERIC; i <= AVX512; ++i) {
@@ -540,6 +553,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("call_signature", &seqfast::call_signature,
         "The facts of an eager call's tensors (the input first, any may be None) that its checks and backend choice "
         "read, as bytes, or None when the call cannot take the eager path (see seqfast.functional.call_key).");
+  m.def("plan_bits", &seqfast::plan_bits,
+        "plan_bits(T, B, G*H, P, float32, proj, backward): the bits of a plan (1: BLAS products instead of packed "
+        "panels, 2: hidden units in chunks instead of rows in blocks) that change how a call of these sizes runs.");
   m.def("isa", &seqfast::isa, "The instruction set of the cell math and float32 GEMM in use.");
   m.def("set_isa", &seqfast::set_isa, "Use `generic`, `avx2` or `avx512` kernels; returns the previous.");
   m.def("has_blas", [] {

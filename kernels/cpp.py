@@ -9,9 +9,13 @@ the extension's length-sorted order; with `layer_norm` each row then holds the n
 1 / std (LSTM also the mean and 1 / std of the new cell state).
 """
 
+import time
+
 import torch
 
-from .common import CELL_IDS, GATES, Projection, hidden_size, poisoning, refusal
+from seqfast import dispatch, native
+
+from .common import CELL_IDS, GATES, Projection, compute_dtype, hidden_size, poisoning, refusal
 
 try:
     from seqfast import _C
@@ -47,6 +51,99 @@ def _chunk(cell, w_hh, batch):
     return min(64, -(-half // 16) * 16)
 
 
+# The extension's plans (csrc/scheduler.h `Plan`) by name: its recurrent products on packed panels of its own GEMM or on
+# BLAS, its steps split into blocks of rows or chunks of hidden units.
+PLANS = {"packed-rows": 0, "blas-rows": 1, "packed-units": 2, "blas-units": 3}
+# A plan's calibration runs at most this many steps of the call (longer calls repay packing all the more), in turns of
+# `_PLAN_TURNS` runs of each plan after one untimed, each turn a block of runs of about `_PLAN_BLOCK_S`.
+_PLAN_STEPS = 8
+_PLAN_TURNS = 3
+_PLAN_BLOCK_S = 5e-4
+# (cell, dtype, T, B, w_hh's shape, unprojected, SEQFAST_CPP_PLAN) -> (chunk, fwd plan, bwd plan)
+_tunings = {}
+
+
+def _tuning(cell, dtype, T, w_hh, B, w_hr):
+    """`(chunk, fwd plan, bwd plan)` of a call: see `_chunk` and `_plans`."""
+    setting = dispatch.env("SEQFAST_CPP_PLAN")
+    key = (cell, dtype, T, B, w_hh.shape, w_hr is None, setting)
+    tuning = _tunings.get(key)
+    if tuning is None:
+        P = w_hh.shape[1]
+        plans = _plans(cell, compute_dtype(dtype), T, B, w_hh.shape[0], P, w_hr is not None, setting)
+        tuning = _tunings[key] = (_chunk(cell, w_hh, B), *plans)
+    return tuning
+
+
+def _plans(cell, dtype, T, B, GH, P, proj, setting):
+    """The plans of a call's forward and backward loops (`PLANS`' values): both `setting`'s (`SEQFAST_CPP_PLAN`, one
+    of `PLANS`' names) when given; else this machine's fastest for the shape class, which the first call of the
+    class times on made-up tensors of its sizes (at most `_PLAN_STEPS` steps; kept with the other calibrations, see
+    `seqfast.native.calibrated`), unless every plan runs it alike. The plans do not depend on the thread count (the
+    first call times them with its own), so that neither do the results."""
+    if setting:
+        if setting not in PLANS:
+            raise ValueError(f"SEQFAST_CPP_PLAN must be one of {', '.join(PLANS)}, got {setting!r}")
+        return PLANS[setting], PLANS[setting]
+    steps = min(T, _PLAN_STEPS)
+    bits = [_C.plan_bits(steps, B, GH, P, dtype == torch.float32, proj, backward) for backward in (False, True)]
+    choices = [[plan for plan in PLANS.values() if not plan & ~b] for b in bits]
+    if all(len(c) == 1 for c in choices):
+        return 0, 0
+    H = GH // GATES[cell]
+    key = f"cpp-plans-{cell}-{str(dtype).removeprefix('torch.')}-H{H}-P{P if proj else 0}-B{native.bucket(B)}"
+    key += f"-T{native.bucket(steps)}"
+    return tuple(native.calibrated(key, lambda: _time_plans(cell, dtype, steps, B, H, P, proj, *choices)))
+
+
+def _time_plans(cell, dtype, T, B, H, P, proj, fwd_choices, bwd_choices):
+    """`[fwd plan, bwd plan]`: the fastest of each list on made-up tensors of a call's sizes, by each plan's best
+    turn (see `_plans`)."""
+    G = GATES[cell]
+    make = torch.Generator().manual_seed(0)
+
+    def tensor(*shape, scale=1.0):
+        return torch.randn(shape, generator=make, dtype=dtype).mul_(scale)
+
+    lstm = cell == "lstm"
+    gx, dy = tensor(T, B, G * H), tensor(T, B, P)
+    w_hh, b_hh, h0, dh = tensor(G * H, P, scale=P**-0.5), tensor(G * H), tensor(B, P), tensor(B, P)
+    c0, dc = (tensor(B, H), tensor(B, H)) if lstm else (None, None)
+    w_hr = tensor(P, H, scale=H**-0.5) if proj else None
+    chunk, cell_id, options = _chunk(cell, w_hh, B), CELL_IDS[cell], (None,) * 3 + (0.0,) + (None,) * 3
+
+    def forward(plan):
+        return _C.fwd(
+            cell_id, gx, *(None,) * 4, w_hh, b_hh, h0, c0, None, w_hr, False, True, chunk, plan, False, *options
+        )
+
+    y, _, _, saved = forward(0)
+
+    def backward(plan):
+        _C.bwd(cell_id, dy, dh, dc, w_hh, w_hr, h0, c0, None, y, saved, False, chunk, plan, False, True, *options)
+
+    return [_fastest(run, plans) for run, plans in ((forward, fwd_choices), (backward, bwd_choices))]
+
+
+def _fastest(run, plans):
+    """The plan of `plans` whose best turn of `run(plan)` took the least time (the first of equals)."""
+    if len(plans) == 1:
+        return plans[0]
+
+    def timed(plan, block):
+        start = time.perf_counter()
+        for _ in range(block):
+            run(plan)
+        return (time.perf_counter() - start) / block
+
+    block = max(1, int(_PLAN_BLOCK_S / max(min(timed(plan, 1) for plan in plans), 1e-9)))
+    best = {plan: float("inf") for plan in plans}
+    for _ in range(_PLAN_TURNS):
+        for plan in plans:
+            best[plan] = min(best[plan], timed(plan, block))
+    return min(plans, key=best.__getitem__)
+
+
 def unsupported(cell, gx, w_hh, h0, c0=None, lengths=None, w_hr=None):
     """Why this backend cannot run the call, or None.
 
@@ -80,6 +177,8 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
     """
     projection = (None,) * 4
+    steps = gx.x if isinstance(gx, Projection) else gx
+    chunk, plan, _ = _tuning(cell, steps.dtype, steps.shape[0], w_hh, h0.shape[0], w_hr)
     if isinstance(gx, Projection):
         projection, gx = gx, None
     return _C.fwd(
@@ -94,7 +193,8 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         w_hr,
         reverse,
         need_saved,
-        _chunk(cell, w_hh, h0.shape[0]),
+        chunk,
+        plan,
         poisoning(),
         *_fused(ext),
     )
@@ -115,9 +215,11 @@ def stack(cell, x, h0, c0, weights, bidirectional):
     Returns:
         `y [T, B, D*P]`, `hn [L*D, B, P]`, `cn [L*D, B, H]` or None.
     """
-    chunk = _chunk(cell, weights[0][1], h0.shape[1])
+    chunk, plan, _ = _tuning(cell, x.dtype, x.shape[0], weights[0][1], h0.shape[1], weights[0][4])
     flat = [t for w in weights for t in w]
-    return _C.stack(CELL_IDS[cell], x, h0, c0 if cell == "lstm" else None, flat, bidirectional, chunk, poisoning())
+    return _C.stack(
+        CELL_IDS[cell], x, h0, c0 if cell == "lstm" else None, flat, bidirectional, chunk, plan, poisoning()
+    )
 
 
 def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
@@ -126,8 +228,9 @@ def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     Returns:
         `(h [B, H], c [B, H] or None)`.
     """
-    chunk = _chunk(cell, w_hh, h0.shape[0])
-    return _C.step(CELL_IDS[cell], x, h0, c0 if cell == "lstm" else None, w_ih, w_hh, b_ih, b_hh, chunk, poisoning())
+    chunk, plan, _ = _tuning(cell, x.dtype, 1, w_hh, h0.shape[0], None)
+    c0 = c0 if cell == "lstm" else None
+    return _C.step(CELL_IDS[cell], x, h0, c0, w_ih, w_hh, b_ih, b_hh, chunk, plan, poisoning())
 
 
 def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, copy_y=False):
@@ -140,8 +243,11 @@ def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, copy_y=False):
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None.
     """
-    chunk, c0 = _chunk(cell, w_hh, h0.shape[0]), c0 if cell == "lstm" else None
-    return _C.layer(CELL_IDS[cell], reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, poisoning(), copy_y)
+    T, c0 = x.shape[0] if x.dim() == 3 else 1, c0 if cell == "lstm" else None
+    chunk, fwd_plan, bwd_plan = _tuning(cell, x.dtype, T, w_hh, h0.shape[0], w_hr)
+    return _C.layer(
+        CELL_IDS[cell], reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, fwd_plan, bwd_plan, poisoning(), copy_y
+    )
 
 
 def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False, ext=None):
@@ -153,6 +259,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         d_ln_c_bias)` in `saved`'s dtype (`db_hh` None without `b_hh`, the last two None unless LSTM).
     """
     lstm = cell == "lstm"
+    chunk, _, plan = _tuning(cell, saved.dtype, dy.shape[0], w_hh, dy.shape[1], w_hr)
     out = _C.bwd(
         CELL_IDS[cell],
         dy,
@@ -166,7 +273,8 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         y,
         saved,
         reverse,
-        _chunk(cell, w_hh, h0.shape[0]),
+        chunk,
+        plan,
         poisoning(),
         True,  # need_dh0: the contract's bwd always returns dh0 (only the extension's own node skips it)
         *_fused(ext),

@@ -138,7 +138,7 @@ _environ_data = os.environ._data
 # the names seqfast reads on every call, encoded once (a plain dict: Dynamo warns on `functools.cache`)
 _ENCODED_KEYS = {
     name: os.environ.encodekey(name)
-    for name in ("SEQFAST_BACKEND", "SEQFAST_NATIVE", "SEQFAST_STRICT", "SEQFAST_ONEDNN_MIN_MACS")
+    for name in ("SEQFAST_BACKEND", "SEQFAST_NATIVE", "SEQFAST_STRICT", "SEQFAST_ONEDNN_MIN_MACS", "SEQFAST_CPP_PLAN")
 }
 _ENCODED_NAMES = tuple(_ENCODED_KEYS.values())
 

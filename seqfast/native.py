@@ -181,7 +181,7 @@ def _choice(signature, tensors, ours, theirs):
     H = w_hh_shape[0] // GATES[cell]
     P = 0 if w_hr_shape is None else w_hr_shape[0]
     kind = cell if num_layers else f"{cell}_cell"
-    sizes = f"I{I}-H{H}-P{P}-B{_bucket(B)}-T{_bucket(T)}-L{num_layers}-D{2 if bidirectional else 1}"
+    sizes = f"I{I}-H{H}-P{P}-B{bucket(B)}-T{bucket(T)}-L{num_layers}-D{2 if bidirectional else 1}"
     key = f"{kind}-{str(dtype).removeprefix('torch.')}-{sizes}-bias{int(not no_bias)}-threads{threads}-grad{grad}"
     wrt = [t for t in tensors if t is not None and t.requires_grad] if grad else []
     return calibrated(key, lambda: _calibrate(ours, theirs, wrt))
@@ -196,7 +196,7 @@ def calibrated(key, measure):
     return choices[key]
 
 
-def _bucket(n):
+def bucket(n):
     """`n` rounded up to a power of two: shapes in one bucket share a calibration."""
     return 1 << max(n - 1, 0).bit_length()
 

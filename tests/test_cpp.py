@@ -3,6 +3,7 @@ float64 saturation against torch.nn on every instruction-set path, bitwise repea
 counts, and an install without the extension."""
 
 import itertools
+import json
 import os
 import shutil
 import site
@@ -150,6 +151,72 @@ def test_thread_count_independent(cpp, cell, B, T, H):
     for other in results[1:]:
         for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
             assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, F32_RTOL), (torch.float64, F64_RTOL)], ids=["f32", "f64"])
+@pytest.mark.parametrize("plan", ["blas-rows", "packed-units", "blas-units"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_accuracy_per_plan(cpp, monkeypatch, cell, plan, dtype, rtol):
+    """The plans the conftest does not pin against the reference: B = 20 and 53 run in row blocks or by hidden units,
+    on packed panels (float32, T >= 4) or BLAS; with lengths and reversed, and LSTM also projected."""
+    monkeypatch.setenv("SEQFAST_CPP_PLAN", plan)
+    T = 12
+    for (B, H), projected in itertools.product([(20, 200), (53, 37), (1, 70)], [False, True]):
+        if projected and cell != "lstm":
+            continue
+        P = 9 if projected else None
+        for reverse, lengths in [(False, None), (True, mixed_lengths(T, B))]:
+            args, cot = contract_problem(cell, T, B, H, P, lengths=lengths)
+            ref = run_reference(cell, args, cot, reverse)
+            ours = run_contract(cpp, cell, *cast(args, cot, dtype), reverse)
+            assert_outputs_close(ours, ref, rtol, dtype)
+
+
+@pytest.mark.parametrize("plan", ["blas-rows", "packed-units", "blas-units"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "lstm_proj"])
+def test_thread_count_independent_per_plan(cpp, monkeypatch, cell, plan):
+    monkeypatch.setenv("SEQFAST_CPP_PLAN", plan)
+    P = 40 if cell == "lstm_proj" else None
+    cell = cell.removesuffix("_proj")
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append(outputs_f32(cpp, cell, P, 20, 9, 200) + outputs_f32(cpp, cell, P, 53, 9, 37))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
+            assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+
+def test_plans_calibrated_once_per_machine(cpp, monkeypatch, empty_calibration_cache, tmp_path):
+    """Unpinned, the first call of a shape class times the plans that differ for it and keeps the fastest of the
+    forward and of the backward with this machine's calibrations; a later process reads them back without timing, a
+    call every plan runs alike times nothing, and an unknown plan's name is a ValueError."""
+    from seqfast import native
+
+    monkeypatch.delenv("SEQFAST_CPP_PLAN")
+    monkeypatch.setattr(cpp, "_tunings", {})
+    args, cot = contract_problem("lstm", 9, 20, 200, lengths=torch.tensor([9, 3, 0, 7, 9] * 4), dtype=torch.float32)
+    ref = run_reference("lstm", args, cot, False)
+    assert_outputs_close(run_contract(cpp, "lstm", args, cot, False), ref, F32_RTOL, torch.float32)
+    (machine,) = json.loads(native.cache_path().read_text()).values()
+    assert [key for key in machine if key.startswith("cpp-plans-")] == ["cpp-plans-lstm-float32-H200-P0-B32-T8"]
+    assert all(plan in cpp.PLANS.values() for plan in machine["cpp-plans-lstm-float32-H200-P0-B32-T8"])
+
+    def untimed(*args):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(cpp, "_time_plans", untimed)
+    monkeypatch.setattr(cpp, "_tunings", {})
+    monkeypatch.setattr(native, "_machine_choices", None)
+    assert_outputs_close(run_contract(cpp, "lstm", args, cot, False), ref, F32_RTOL, torch.float32)
+    run_contract(cpp, "gru", *contract_problem("gru", 9, 1, 30, dtype=torch.float64), False)
+    monkeypatch.setenv("SEQFAST_CPP_PLAN", "fastest")
+    with pytest.raises(ValueError, match="SEQFAST_CPP_PLAN must be one of packed-rows"):
+        run_contract(cpp, "lstm", args, cot, False)
 
 
 def test_packed_weights_across_calls(cpp):
