@@ -52,8 +52,9 @@ _MAX_BLOCK = 50
 _WARM_TURNS = 2
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Raised when what the calibrations time changes, so that each machine measures again: 2, a cell's step as its
-# remembered function runs it (see `seqfast.functional.remembered`); 3, the backward from a dense cotangent.
-_REVISION = 3
+# remembered function runs it (see `seqfast.functional.remembered`); 3, the backward from a dense cotangent; 4, the
+# cpp backend's plans (`seqfast.kernels.cpp`) and its faster float32 GEMM tiles.
+_REVISION = 4
 
 # the route's answer per call signature, so that a repeated call formats no key
 _routes = {}
