@@ -120,6 +120,37 @@ def test_float64_saturation_and_non_finite_match_torch(cpp, cell):
         cpp._C.set_isa(previous)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_float32_saturation_and_non_finite_match_float64(cpp, cell):
+    """The float32 cell math (exp, and the reciprocal estimate refined by Newton steps that its sigmoid and tanh divide
+    by) on every instruction-set path against torch.nn in float64 rounded to float32: exactly where that saturates or
+    overflows (+-inf and values past exp's range included), NaN where it is NaN, elsewhere within 8 float32 ulp of the
+    outputs' scale, 1 (GRU's `1 - z` cancels: both sides lose the same digits there)."""
+    ref, ours = twins(cell, 1, 9, "cpp", torch.float32, bias=False)
+    ref = ref.double()
+    with torch.no_grad():
+        for module in (ref, ours):
+            module.weight_ih_l0.fill_(1.0)
+            module.weight_hh_l0.fill_(0.0)
+    inf, nan = float("inf"), float("nan")
+    large = [40.0, -40.0, 25.0, -25.0, 88.5, -88.5, 89.0, -89.0, 104.0, -104.0, 1e30, -1e20, inf, -inf, nan]
+    moderate = [0.5, -0.3, 0.0, -0.0, 1e-40, 3.0, 0.625, -0.625, 9.0, -17.0]
+    x = torch.tensor(large + moderate).view(1, -1, 1)
+    expected = torch.cat([t.flatten() for t in module_outputs(ref, x.double())]).float()
+    previous = cpp._C.isa()
+    try:
+        for isa in isas(cpp):
+            cpp._C.set_isa(isa)
+            actual = torch.cat([t.flatten() for t in module_outputs(ours, x)])
+            assert torch.equal(actual.isnan(), expected.isnan()), isa
+            saturated = (expected.abs() == 1) | (expected == 0) | expected.isinf()
+            assert torch.equal(actual[saturated], expected[saturated]), isa
+            finite = expected.isfinite()
+            torch.testing.assert_close(actual[finite], expected[finite], rtol=8 * 2**-24, atol=8 * 2**-24, msg=isa)
+    finally:
+        cpp._C.set_isa(previous)
+
+
 def outputs_f32(cpp, cell, P=None, B=20, T=9, H=200):
     """A float32 problem spanning several chunks and panels, with lengths (B = 20, mixed ones at other B >= 12) and
     reverse."""
