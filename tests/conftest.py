@@ -1,8 +1,8 @@
 """Test setup: strict dispatch, NaN-poisoned outputs, fixed seeds, no TF32, backends from the dispatch table, no
 automatic routing to torch's own op (`SEQFAST_NATIVE=0`: the tests check seqfast's kernels; tests/test_native.py
 checks the route), oneDNN's GEMM from a fixed size instead of this machine's calibrated one and the cpp backend's
-loops on one plan (so that every machine runs the same paths; tests/test_linear.py and tests/test_cpp.py check the
-calibrations and the other plans).
+loops on one plan, `packed-rows` unless `SEQFAST_CPP_PLAN` names another (so that every machine runs the same paths;
+tests/test_linear.py and tests/test_cpp.py check the calibrations and the other plans).
 
 A backend that cannot load shows as skipped tests, unless `SEQFAST_REQUIRE` (comma-separated names, as CI sets it)
 names it: then collection fails with the reason, so a broken build cannot pass as skips.
@@ -21,7 +21,7 @@ os.environ["SEQFAST_STRICT"] = "1"
 os.environ["SEQFAST_POISON"] = "1"
 os.environ["SEQFAST_NATIVE"] = "0"
 os.environ["SEQFAST_ONEDNN_MIN_MACS"] = str(1 << 20)
-os.environ["SEQFAST_CPP_PLAN"] = "packed-rows"
+os.environ.setdefault("SEQFAST_CPP_PLAN", "packed-rows")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
