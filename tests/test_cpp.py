@@ -37,6 +37,8 @@ CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 F32_RTOL = 1e-5
 F64_RTOL = 1e-12
 
+inf, nan = float("inf"), float("nan")
+
 
 @pytest.fixture(scope="module")
 def cpp():
@@ -65,22 +67,27 @@ def test_accuracy_per_isa(cpp, cell, dtype, rtol):
     """Every instruction-set path against the reference, the one-row products (B = 1) included: 37 and 150 units give
     partial and full vectors and row blocks of the matrix-vector kernel; B = 53 splits the batch into blocks of rows
     that run their steps apart (two, of 27 and 26 rows; four of 14 with lengths), B = 6 splits 70 units into chunks."""
-    T = 40
     previous = cpp._C.isa()
     try:
-        sizes = [(6, 70), (1, 37), (1, 150), (53, 37)]
-        for isa, (B, H), projected in itertools.product(isas(cpp), sizes, [False, True]):
-            if projected and cell != "lstm":
-                continue
+        for isa in isas(cpp):
             cpp._C.set_isa(isa)
-            P = 9 if projected else None
-            for reverse, lengths in [(False, None), (True, mixed_lengths(T, B))]:
-                args, cot = contract_problem(cell, T, B, H, P, lengths=lengths)
-                ref = run_reference(cell, args, cot, reverse)
-                ours = run_contract(cpp, cell, *cast(args, cot, dtype), reverse)
-                assert_outputs_close(ours, ref, rtol, dtype)
+            assert_matches_reference(cpp, cell, 40, [(6, 70), (1, 37), (1, 150), (53, 37)], dtype, rtol)
     finally:
         cpp._C.set_isa(previous)
+
+
+def assert_matches_reference(cpp, cell, T, sizes, dtype, rtol):
+    """The contract's outputs and gradients in `dtype` within `rtol` of the float64 reference at each `(B, H)` of
+    `sizes`, forward without lengths and reversed with mixed ones; LSTM also projected."""
+    for (B, H), projected in itertools.product(sizes, [False, True]):
+        if projected and cell != "lstm":
+            continue
+        P = 9 if projected else None
+        for reverse, lengths in [(False, None), (True, mixed_lengths(T, B))]:
+            args, cot = contract_problem(cell, T, B, H, P, lengths=lengths)
+            ref = run_reference(cell, args, cot, reverse)
+            ours = run_contract(cpp, cell, *cast(args, cot, dtype), reverse)
+            assert_outputs_close(ours, ref, rtol, dtype)
 
 
 def module_outputs(module, x):
@@ -89,64 +96,50 @@ def module_outputs(module, x):
     return [y, *state] if isinstance(state, tuple) else [y, state]
 
 
+# Per dtype: pre-activations that saturate, overflow exp or are not finite; ordinary, tiny and subnormal ones; and the
+# tolerance (relative, absolute) away from saturation. float32's is 8 ulp of the outputs' scale, 1: GRU's `1 - z`
+# cancels there, and both sides lose the same digits.
+_EXTREMES = {
+    torch.float64: (
+        [40.0, -40.0, 25.0, -25.0, 710.0, -710.0, -745.5, 800.0, -800.0, 1e300, -1e20, inf, -inf, nan],
+        [0.5, -0.3, 0.0, -0.0, 1e-310, 3.0],
+        (1e-14, torch.finfo(torch.float64).tiny),
+    ),
+    torch.float32: (
+        [40.0, -40.0, 25.0, -25.0, 88.5, -88.5, 89.0, -89.0, 104.0, -104.0, 1e30, -1e20, inf, -inf, nan],
+        [0.5, -0.3, 0.0, -0.0, 1e-40, 3.0, 0.625, -0.625, 9.0, -17.0],
+        (8 * 2**-24, 8 * 2**-24),
+    ),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_float64_saturation_and_non_finite_match_torch(cpp, cell):
-    """float64 activations of huge, infinite and NaN pre-activations on every instruction-set path: exactly torch's
-    where it saturates (tanh +-1, sigmoid 0 or 1 once exp overflows or vanishes), NaN where it is NaN, and within
-    1e-14 relative elsewhere (ordinary, tiny and subnormal values). Every one of the 9 hidden units sees the same
+def test_saturation_and_non_finite_match_torch(cpp, cell, dtype):
+    """Activations of huge, infinite and NaN pre-activations on every instruction-set path against torch.nn in
+    float64 (rounded to `dtype`): exactly where it saturates (tanh +-1, sigmoid 0 or 1 once exp overflows or vanishes;
+    float32's sigmoid and tanh divide by a reciprocal estimate refined by Newton steps, which must give 0 at +inf),
+    NaN where it is NaN, and within `_EXTREMES`' tolerance elsewhere. Every one of the 9 hidden units sees the same
     pre-activation, in full and partial vectors."""
-    ref, ours = twins(cell, 1, 9, "cpp", torch.float64, bias=False)
-    with torch.no_grad():
-        for module in (ref, ours):
-            module.weight_ih_l0.fill_(1.0)
-            module.weight_hh_l0.fill_(0.0)
-    inf, nan = float("inf"), float("nan")
-    large = [40.0, -40.0, 25.0, -25.0, 710.0, -710.0, -745.5, 800.0, -800.0, 1e300, -1e20, inf, -inf, nan]
-    moderate = [0.5, -0.3, 0.0, -0.0, 1e-310, 3.0]
-    x = torch.tensor(large + moderate, dtype=torch.float64).view(1, -1, 1)
-    expected = torch.cat([t.flatten() for t in module_outputs(ref, x)])
-    previous = cpp._C.isa()
-    try:
-        for isa in isas(cpp):
-            cpp._C.set_isa(isa)
-            actual = torch.cat([t.flatten() for t in module_outputs(ours, x)])
-            assert torch.equal(actual.isnan(), expected.isnan()), isa
-            saturated = (expected.abs() == 1) | (expected == 0) | expected.isinf()
-            assert torch.equal(actual[saturated], expected[saturated]), isa
-            finite = expected.isfinite()
-            tiny = torch.finfo(torch.float64).tiny  # subnormal results carry fewer bits
-            torch.testing.assert_close(actual[finite], expected[finite], rtol=1e-14, atol=tiny, msg=isa)
-    finally:
-        cpp._C.set_isa(previous)
-
-
-@pytest.mark.parametrize("cell", CELLS)
-def test_float32_saturation_and_non_finite_match_float64(cpp, cell):
-    """The float32 cell math (exp, and the reciprocal estimate refined by Newton steps that its sigmoid and tanh divide
-    by) on every instruction-set path against torch.nn in float64 rounded to float32: exactly where that saturates or
-    overflows (+-inf and values past exp's range included), NaN where it is NaN, elsewhere within 8 float32 ulp of the
-    outputs' scale, 1 (GRU's `1 - z` cancels: both sides lose the same digits there)."""
-    ref, ours = twins(cell, 1, 9, "cpp", torch.float32, bias=False)
+    ref, ours = twins(cell, 1, 9, "cpp", dtype, bias=False)
     ref = ref.double()
     with torch.no_grad():
         for module in (ref, ours):
             module.weight_ih_l0.fill_(1.0)
             module.weight_hh_l0.fill_(0.0)
-    inf, nan = float("inf"), float("nan")
-    large = [40.0, -40.0, 25.0, -25.0, 88.5, -88.5, 89.0, -89.0, 104.0, -104.0, 1e30, -1e20, inf, -inf, nan]
-    moderate = [0.5, -0.3, 0.0, -0.0, 1e-40, 3.0, 0.625, -0.625, 9.0, -17.0]
-    x = torch.tensor(large + moderate).view(1, -1, 1)
-    expected = torch.cat([t.flatten() for t in module_outputs(ref, x.double())]).float()
+    large, moderate, (rtol, atol) = _EXTREMES[dtype]
+    x = torch.tensor(large + moderate, dtype=torch.float64).view(1, -1, 1)
+    expected = torch.cat([t.flatten() for t in module_outputs(ref, x)]).to(dtype)
     previous = cpp._C.isa()
     try:
         for isa in isas(cpp):
             cpp._C.set_isa(isa)
-            actual = torch.cat([t.flatten() for t in module_outputs(ours, x)])
+            actual = torch.cat([t.flatten() for t in module_outputs(ours, x.to(dtype))])
             assert torch.equal(actual.isnan(), expected.isnan()), isa
             saturated = (expected.abs() == 1) | (expected == 0) | expected.isinf()
             assert torch.equal(actual[saturated], expected[saturated]), isa
             finite = expected.isfinite()
-            torch.testing.assert_close(actual[finite], expected[finite], rtol=8 * 2**-24, atol=8 * 2**-24, msg=isa)
+            torch.testing.assert_close(actual[finite], expected[finite], rtol=rtol, atol=atol, msg=isa)
     finally:
         cpp._C.set_isa(previous)
 
@@ -170,13 +163,17 @@ def outputs_f32(cpp, cell, P=None, B=20, T=9, H=200):
 @pytest.mark.parametrize("cell", CELLS + ["lstm_proj"])
 def test_thread_count_independent(cpp, cell, B, T, H):
     P = 40 if cell == "lstm_proj" else None
-    cell = cell.removesuffix("_proj")
+    assert_thread_count_independent(lambda: outputs_f32(cpp, cell.removesuffix("_proj"), P, B, T, H))
+
+
+def assert_thread_count_independent(outputs):
+    """`outputs()` (a list of tensors) bitwise the same with 1, 2 and 3 threads."""
     threads = torch.get_num_threads()
     try:
         results = []
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append(outputs_f32(cpp, cell, P, B, T, H))
+            results.append(outputs())
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -191,16 +188,7 @@ def test_accuracy_per_plan(cpp, monkeypatch, cell, plan, dtype, rtol):
     """The plans the conftest does not pin against the reference: B = 20 and 53 run in row blocks or by hidden units,
     on packed panels (float32, T >= 4) or BLAS; with lengths and reversed, and LSTM also projected."""
     monkeypatch.setenv("SEQFAST_CPP_PLAN", plan)
-    T = 12
-    for (B, H), projected in itertools.product([(20, 200), (53, 37), (1, 70)], [False, True]):
-        if projected and cell != "lstm":
-            continue
-        P = 9 if projected else None
-        for reverse, lengths in [(False, None), (True, mixed_lengths(T, B))]:
-            args, cot = contract_problem(cell, T, B, H, P, lengths=lengths)
-            ref = run_reference(cell, args, cot, reverse)
-            ours = run_contract(cpp, cell, *cast(args, cot, dtype), reverse)
-            assert_outputs_close(ours, ref, rtol, dtype)
+    assert_matches_reference(cpp, cell, 12, [(20, 200), (53, 37), (1, 70)], dtype, rtol)
 
 
 @pytest.mark.parametrize("plan", ["blas-rows", "packed-units", "blas-units"])
@@ -209,17 +197,9 @@ def test_thread_count_independent_per_plan(cpp, monkeypatch, cell, plan):
     monkeypatch.setenv("SEQFAST_CPP_PLAN", plan)
     P = 40 if cell == "lstm_proj" else None
     cell = cell.removesuffix("_proj")
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(outputs_f32(cpp, cell, P, 20, 9, 200) + outputs_f32(cpp, cell, P, 53, 9, 37))
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
-            assert torch.equal(a, b), f"output {i} differs between thread counts"
+    assert_thread_count_independent(
+        lambda: outputs_f32(cpp, cell, P, 20, 9, 200) + outputs_f32(cpp, cell, P, 53, 9, 37)
+    )
 
 
 def test_plans_calibrated_once_per_machine(cpp, monkeypatch, empty_calibration_cache, tmp_path):
@@ -342,18 +322,12 @@ def test_layer_norm_thread_count_independent(cpp, cell, B):
     args, cot = layer_norm_problem(
         cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32, seed=2
     )
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            outputs, (*grads, ln_grads) = run_layer_norm(cpp, cell, args, cot)
-            results.append([t for t in (*outputs, *grads, *ln_grads) if t is not None])
-    finally:
-        torch.set_num_threads(threads)
-    for other in results[1:]:
-        for i, (a, b) in enumerate(zip(results[0], other, strict=True)):
-            assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+    def outputs():
+        outputs, (*grads, ln_grads) = run_layer_norm(cpp, cell, args, cot)
+        return [t for t in (*outputs, *grads, *ln_grads) if t is not None]
+
+    assert_thread_count_independent(outputs)
 
 
 @pytest.mark.parametrize("cell", CELLS)
