@@ -401,8 +401,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     auto [dgx, dgh, dh0, dc0, dw_hr, ln_grads] =
         bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
             ctx->saved_data["chunk"].toInt(), ctx->saved_data["plan"].toInt(), ctx->saved_data["poison"].toBool(),
-            need_h0, c10::nullopt,
-            c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
+            need_h0, c10::nullopt, c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
     // dw_hh as `seqfast.autograd.hidden_grads` forms it (no lengths): the step from h0, then y shifted by a step
     const int64_t T = y.size(0);
     const at::Tensor dgh3 = cell == GRU ? *dgh : dgx, dgh2 = dgh3.flatten(0, -2);

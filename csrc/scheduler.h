@@ -77,6 +77,15 @@ void run_steps(int64_t steps, int64_t nch, int64_t step_macs, const F& task) {
   if (error) std::rethrow_exception(error);
 }
 
+// A call's strategies, which `seqfast.kernels.cpp` times per machine and shape class (the fastest differs between
+// CPUs and shapes). Bit 0 of its integer form runs the recurrent products on BLAS instead of packed panels (`pack`
+// false), bit 1 splits the steps by hidden units instead of into row blocks (`blocks` false); 0 is packed panels in
+// row blocks wherever they apply.
+struct Plan {
+  bool pack = true, blocks = true;
+  static Plan of(int64_t bits) { return {!(bits & 1), !(bits & 2)}; }
+};
+
 // Rows per block of a call whose rows run as independent blocks, or `B` for one block (split by hidden units
 // instead). A row's steps depend on no other row's, so a block runs all its steps without waiting for the others,
 // and its products keep every hidden unit (full-width tiles). The cost: each block reads all of `w_hh` (`[G*H, P]`
@@ -86,15 +95,6 @@ void run_steps(int64_t steps, int64_t nch, int64_t step_macs, const F& task) {
 // at least `kMinBlockRows`; at least two, or four when the rows have their own lengths (`ragged`: rows sorted by
 // length make the first blocks the longest, and threads that claim blocks in turn balance more of them better). A
 // function of the shape and the lengths only, so results do not depend on the thread count.
-// A call's strategies, which `seqfast.kernels.cpp` times per machine and shape class (the fastest differs between
-// CPUs: AMD Zen 4 runs most calls fastest on packed panels in row blocks, Intel Ice Lake many on BLAS). Bit 0 of its
-// integer form runs the recurrent products on BLAS instead of packed panels (`pack` false), bit 1 splits the steps by
-// hidden units instead of into row blocks (`blocks` false); 0 is packed panels in row blocks wherever they apply.
-struct Plan {
-  bool pack = true, blocks = true;
-  static Plan of(int64_t bits) { return {!(bits & 1), !(bits & 2)}; }
-};
-
 constexpr int64_t kMinBlockRows = 6, kMaxBlockRows = 64, kMaxBlockWeightBytesPerRow = int64_t(256) << 10;
 inline int64_t row_block(int64_t B, int64_t GH, int64_t P, int64_t elem_size, bool ragged) {
   if (B < 2 * kMinBlockRows) return B;
