@@ -202,7 +202,7 @@ def test_thread_count_independent_per_plan(cpp, monkeypatch, cell, plan):
     )
 
 
-def test_plans_calibrated_once_per_machine(cpp, monkeypatch, empty_calibration_cache, tmp_path):
+def test_plans_calibrated_once_per_machine(cpp, monkeypatch, empty_calibration_cache):
     """Unpinned, the first call of a shape class times the plans that differ for it and keeps the fastest of the
     forward and of the backward with this machine's calibrations; a later process reads them back without timing, a
     call every plan runs alike times nothing, and an unknown plan's name is a ValueError."""
