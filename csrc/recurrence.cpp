@@ -72,7 +72,10 @@ void project_blas(const at::Tensor& x, const at::Tensor& w, const c10::optional<
   const T* pf = bf.defined() ? bf.data_ptr<T>() : nullptr;
   if (pi || pf) {
     for (int64_t n = 0; n < N; ++n) c[n] = pi && pf ? pi[n] + pf[n] : pi ? pi[n] : pf[n];
-    for (int64_t m = 1; m < M; ++m) std::copy_n(c, N, c + m * N);
+    // on every thread: a long gx's copies, serial, left the others waiting for up to a fifth of a small-I call
+    at::parallel_for(1, M, std::max<int64_t>(1, (int64_t{1} << 15) / N), [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) std::copy_n(c, N, c + m * N);
+    });
   }
   step_gemm<T>(isa_kernels(), true, M, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, T(pi || pf), c, N);
 }
