@@ -13,6 +13,13 @@
 #include "isa_kernels.h"
 
 #define SEQFAST_INLINE __attribute__((always_inline))
+// AVX-512's vscalefps/pd (`v 2^k` in one instruction) in exp, rounding as MXCSR says (_MM_FROUND_CUR_DIRECTION)
+#if defined(__x86_64__) && defined(__GNUC__) && SEQFAST_VBYTES == 64
+#define SEQFAST_SCALEF 1
+#define SEQFAST_ROUND_MXCSR 4
+#else
+#define SEQFAST_SCALEF 0
+#endif
 
 namespace seqfast {
 namespace SEQFAST_ISA {
@@ -48,11 +55,16 @@ struct OpsF32 {
     }
   }
 
-  // Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, 2^n from the exponent bits;
-  // +inf above ln(FLT_MAX) as IEEE exp, so that a sigmoid of -inf is exactly 0 and its derivative too.
+  // Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, times 2^n; +inf above ln(FLT_MAX) as
+  // IEEE exp, so that a sigmoid of -inf is exactly 0 and its derivative too. AVX-512's vscalefps forms p 2^n, +inf
+  // past the range included (x is clamped only to keep n ln2's two parts exact); else 2^n from the exponent bits.
   static V exp(V x) {
+#if SEQFAST_SCALEF
+    x = x > 89.0f ? splat(89.0f) : x;
+#else
     const V in = x;
     x = x > 88.3762626647949f ? splat(88.3762626647949f) : x;
+#endif
     x = x < -87.3365447505531f ? splat(-87.3365447505531f) : x;
     V fx = x * 1.44269504088896341f + 12582912.0f;
     fx = fx - 12582912.0f;
@@ -65,14 +77,18 @@ struct OpsF32 {
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * (r * r) + r + 1.0f;
+#if SEQFAST_SCALEF
+    return __builtin_ia32_scalefps512_mask(p, fx, V{}, -1, SEQFAST_ROUND_MXCSR);
+#else
     I e = (__builtin_convertvector(fx, I) + 127) << 23;
     V scale;
     std::memcpy(&scale, &e, sizeof(V));
     return in > 88.72283935546875f ? splat(__builtin_inff()) : p * scale;
+#endif
   }
-  // 1 / d for d in [1, +inf]: the CPU's reciprocal estimate (14 bits with AVX-512, 12 with AVX) refined by Newton
-  // steps to within an ulp of the quotient (a division costs 5-10 times as much), 0 at +inf; a plain division where
-  // there is no estimate.
+  // 1 / d for a positive normal d or +inf: the CPU's reciprocal estimate (14 bits with AVX-512, 12 with AVX) refined
+  // by Newton steps to within an ulp of the quotient (a division costs 5-10 times as much), 0 at +inf; a plain division
+  // where there is no estimate.
   SEQFAST_INLINE static V recip(V d) {
 #if defined(__x86_64__) && defined(__GNUC__) && SEQFAST_VBYTES > 16
 #if SEQFAST_VBYTES == 64
@@ -88,8 +104,29 @@ struct OpsF32 {
 #endif
   }
   static V sigmoid(V x) { return recip(1.0f + exp(-x)); }
-  // Cephes tanhf: odd polynomial below 0.625, else 1 - 2 / (exp(2|x|) + 1) with the sign restored.
+  // Eigen's rational minimax fit of tanh on [-7.9, 7.9], a few ulp (the numba backend's): 1 / q by `recip`; +-1 from
+  // |x| = 9 on, where float32's tanh rounds to it and the clamped fit stops 4 ulp short; NaN stays NaN.
   static V tanh(V x) {
+    V c = x > 7.90531110763549805f ? splat(7.90531110763549805f) : x;
+    c = c < -7.90531110763549805f ? splat(-7.90531110763549805f) : c;
+    const V z = c * c;
+    V p = splat(-2.76076847742355e-16f);
+    p = p * z + 2.00018790482477e-13f;
+    p = p * z - 8.60467152213735e-11f;
+    p = p * z + 5.12229709037114e-08f;
+    p = p * z + 1.48572235717979e-05f;
+    p = p * z + 6.37261928875436e-04f;
+    p = p * z + 4.89352455891786e-03f;
+    V q = splat(1.19825839466702e-06f);
+    q = q * z + 1.18534705686654e-04f;
+    q = q * z + 2.26843463243900e-03f;
+    q = q * z + 4.89352518554385e-03f;
+    const V one = (V)(((I)x & INT32_MIN) | (I)splat(1.0f));
+    return (x < 0.0f ? -x : x) >= 9.0f ? one : c * p * recip(q);
+  }
+  // Cephes tanhf, about 2 ulp, where layer_norm's division by a row's spread would magnify `tanh`'s few: an odd
+  // polynomial below 0.625, else 1 - 2 / (exp(2|x|) + 1) with the sign restored.
+  static V tanh_precise(V x) {
     V ax = x < 0.0f ? -x : x;
     V z = x * x;
     V p = splat(-5.70498872745e-3f);
@@ -133,6 +170,16 @@ struct OpsF64 {
 
   // x + 1.5 * 2^52: x rounded to an integer (ties to even, |x| < 2^51), which then fills the low mantissa bits.
   static V round_shifted(V x) { return x + 6755399441055744.0; }
+  // `v 2^k` for integral k, exactly where it is a normal double (+inf above): AVX-512's vscalefpd, else 2^k as two
+  // factors, each the exponent field of `k / 2 + 1.5 * 2^52` shifted into place (k in [-2044, 2046]).
+  static V scale(V v, V k) {
+#if SEQFAST_SCALEF
+    return __builtin_ia32_scalefpd512_mask(v, k, V{}, -1, SEQFAST_ROUND_MXCSR);
+#else
+    const V k1 = round_shifted(k * 0.5) - 6755399441055744.0;
+    return v * pow2(k1) * pow2(k - k1);
+#endif
+  }
   // 2^k for integral k in [-1022, 1023]: the exponent field of `k + 1.5 * 2^52` shifted into place.
   static V pow2(V k) { return (V)(((I)round_shifted(k) + 1023) << 52); }
   // Cephes: x = n ln2 + r (ln2 in two parts), p = r P(r^2), q = Q(r^2), exp(r) = (q + p) / (q - p) = 1 + 2p / (q - p).
@@ -150,16 +197,15 @@ struct OpsF64 {
     q = q * z + 2.00000000000000000009e0;
   }
   // 1 / (1 + exp(-x)) in one division: with exp(-x) = 2^n (q + p) / (q - p) it is (q - p) / (q - p + 2^n (q + p)).
-  // -x is kept within [-40, 746], beyond which the result rounds to 1 or 0 alike; 2^n as two factors (n <= 1076).
+  // -x is kept within [-40, 746], beyond which the result rounds to 1 or 0 alike (n <= 1076).
   static V sigmoid(V x) {
     V t = -x;
     t = t > 746.0 ? splat(746.0) : t;
     t = t < -40.0 ? splat(-40.0) : t;
     V n, p, q;
     exp_core(t, n, p, q);
-    const V n1 = round_shifted(n * 0.5) - 6755399441055744.0;
     const V qm = q - p;
-    return qm / (qm + (q + p) * pow2(n1) * pow2(n - n1));
+    return qm / (qm + scale(q + p, n));
   }
   // Cephes tanh of |x|, sign bit restored: x + x^3 P(x^2) / Q(x^2) below 0.625, else 1 - 2 / (exp(2|x|) + 1).
   static V tanh(V x) {
@@ -177,9 +223,10 @@ struct OpsF64 {
     // One division for both: exp(2|x|) + 1 = (2^n (q + p) + (q - p)) / (q - p).
     const V qm = q - p;
     const auto small = ax < 0.625;
-    const V ratio = (small ? tp : qm + qm) / (small ? tq : (q + p) * pow2(n) + qm);
+    const V ratio = (small ? tp : qm + qm) / (small ? tq : scale(q + p, n) + qm);
     return (V)((I)(small ? ax + ax * (z * ratio) : 1.0 - ratio) | sign);
   }
+  static V tanh_precise(V x) { return tanh(x); }
   static V relu(V x) { return x < 0.0 ? splat(0.0) : x; }
   static V relu_grad(V h, V dh) { return h <= 0.0 ? splat(0.0) : dh; }
 };
@@ -245,6 +292,13 @@ SEQFAST_INLINE inline void add_to(typename O::T* acc, typename O::V v, int m) {
   O::store(acc, O::load(acc, m) + v, m);
 }
 
+// tanh in the cell math of a call with (LN) or without layer_norm: the precise one where LN's division magnifies errors
+template <class O, bool LN>
+SEQFAST_INLINE inline typename O::V cell_tanh(typename O::V x) {
+  if constexpr (LN) return O::tanh_precise(x);
+  return O::tanh(x);
+}
+
 template <class O, int CELL, bool LN>
 void fwd_rows(const FwdChunk<typename O::T>& a) {
   using T = typename O::T;
@@ -286,7 +340,7 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
     auto lstm_gates = [&](int64_t jj, auto m, V& o, V& cn) SEQFAST_INLINE {
       V i = O::sigmoid(O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m)));
       V f = O::sigmoid(O::load(gx + H + jj, m) + (O::load(ws + hc + jj, m) + O::load(b + H + jj, m)));
-      V g = O::tanh(O::load(gx + 2 * H + jj, m) + (O::load(ws + 2 * hc + jj, m) + O::load(b + 2 * H + jj, m)));
+      V g = cell_tanh<O, LN>(O::load(gx + 2 * H + jj, m) + (O::load(ws + 2 * hc + jj, m) + O::load(b + 2 * H + jj, m)));
       o = O::sigmoid(O::load(gx + 3 * H + jj, m) + (O::load(ws + 3 * hc + jj, m) + O::load(b + 3 * H + jj, m)));
       auto* c = a.c + r * H + j0 + jj;
       const V cp = O::load(c, m);
@@ -322,7 +376,7 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
       }
       each_vector<O>(H, [&](int64_t jj, auto m) SEQFAST_INLINE {
         const V u = (O::load(ws + jj, m) - mean) * rstd * O::load(a.ln.c_weight + jj, m) + O::load(a.ln.c_bias + jj, m);
-        emit(jj, m, O::load(ws + H + jj, m) * O::tanh(u));
+        emit(jj, m, O::load(ws + H + jj, m) * cell_tanh<O, LN>(u));
       });
       continue;
     }
@@ -330,17 +384,17 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
       V h;
       if (CELL == RNN_TANH || CELL == RNN_RELU) {
         V pre = O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m));
-        h = CELL == RNN_TANH ? O::tanh(pre) : O::relu(pre);
+        h = CELL == RNN_TANH ? cell_tanh<O, LN>(pre) : O::relu(pre);
         if (sv && a.zh.on) O::store(sv + jj, h, m);
       } else if (CELL == LSTM) {
         V o, cn;
         lstm_gates(jj, m, o, cn);
-        h = o * O::tanh(cn);
+        h = o * cell_tanh<O, LN>(cn);
       } else {
         V rg = O::sigmoid(O::load(gx + jj, m) + (O::load(ws + jj, m) + O::load(b + jj, m)));
         V z = O::sigmoid(O::load(gx + H + jj, m) + (O::load(ws + hc + jj, m) + O::load(b + H + jj, m)));
         V hh = O::load(ws + 2 * hc + jj, m) + O::load(b + 2 * H + jj, m);
-        V nn = O::tanh(O::load(gx + 2 * H + jj, m) + rg * hh);
+        V nn = cell_tanh<O, LN>(O::load(gx + 2 * H + jj, m) + rg * hh);
         h = (1.0f - z) * nn + z * O::load(a.h_prev + r * H + j0 + jj, m);
         if (sv) {
           O::store(sv + jj, rg, m);
@@ -422,7 +476,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
         split_dh(jj, m, dh, direct);
         if (a.zh.on) O::store(dhp + jj, direct, m);
         const V cn = (O::load(sv + 4 * H + jj, m) - mean) * rstd, w = O::load(a.ln.c_weight + jj, m);
-        const V t = O::tanh(cn * w + O::load(a.ln.c_bias + jj, m));
+        const V t = cell_tanh<O, LN>(cn * w + O::load(a.ln.c_bias + jj, m));
         const V du = dh * O::load(sv + 3 * H + jj, m) * (1.0f - t * t), dn = du * w;
         s_dn += dn;
         s_dnc += dn * cn;
@@ -450,7 +504,7 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
           O::store(da + jj, d, m);
           if (a.zh.on) O::store(dhp + jj, dh_direct, m);
         } else if (CELL == LSTM) {
-          lstm_grads(jj, m, dh, O::tanh(O::load(sv + 4 * H + jj, m)), V{});
+          lstm_grads(jj, m, dh, cell_tanh<O, LN>(O::load(sv + 4 * H + jj, m)), V{});
           if (a.zh.on) O::store(dhp + jj, dh_direct, m);
         } else {
           V rg = O::load(sv + jj, m), z = O::load(sv + H + jj, m), nn = O::load(sv + 2 * H + jj, m);
