@@ -3,10 +3,11 @@ module call or a cell's step, so the results are torch.nn's own.
 
 Automatic selection routes an eager module call (see `seqfast.functional.eager`) on CPU, unpacked, or a cell's step,
 in float32, float64, float16 or bfloat16, here where a calibration found torch's op the faster one on this machine.
-The calibration runs on the first such call of a shape class (see `_choice`): seqfast's kernels and torch's op take
-turns on copies of the call's tensors (a forward, with grad also the backward of the output; the caller's tensors,
-their hooks, its saved-tensor hooks and its random state see none of it), and torch's op is kept when its best run
-beats seqfast's by more than `_MARGIN` and `_MIN_GAIN_S`.
+The calibration runs on the first such call of a shape class (see `_choice`): seqfast's kernels (the backend
+automatic selection picks, cpp's or, where seqfast._C is not built, numba's) and torch's op take turns on copies of
+the call's tensors (a forward, with grad also the backward of the output; the caller's tensors, their hooks, its
+saved-tensor hooks and its random state see none of it), and torch's op is kept when its best run beats seqfast's by
+more than `_MARGIN` and `_MIN_GAIN_S`.
 The answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by
 the CPU (`cpu_facts`: vendor, family and model, ISA, L2), torch's version and seqfast's, with the other calibrations
 of this machine (see `calibrated`).
@@ -53,8 +54,9 @@ _WARM_TURNS = 2
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Raised when what the calibrations time changes, so that each machine measures again: 2, a cell's step as its
 # remembered function runs it (see `seqfast.functional.remembered`); 3, the backward from a dense cotangent; 4, the
-# cpp backend's plans (`seqfast.kernels.cpp`) and its faster float32 GEMM tiles.
-_REVISION = 4
+# cpp backend's plans (`seqfast.kernels.cpp`) and its faster float32 GEMM tiles; 5, the backend timed against torch's
+# op named in the key, and the cpp backend's cheaper float32 tanh and exp.
+_REVISION = 5
 
 # the route's answer per call signature, so that a repeated call formats no key
 _routes = {}
@@ -115,9 +117,8 @@ def route(ours, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, tr
     if decided is not None:
         return decided
     _, w_hh, b_ih, _, w_hr = weights[0]
-    w_hr_shape = None if w_hr is None else w_hr.shape
-    threads, grad = torch.get_num_threads(), _grad(x)
-    signature = (cell, x.dtype, x.shape, w_hh.shape, w_hr_shape, b_ih is None, num_layers, bidirectional, threads, grad)
+    on, shapes = _backend(cell, x, w_hh, h0, c0, w_hr), (x.shape, w_hh.shape, None if w_hr is None else w_hr.shape)
+    signature = (on, cell, x.dtype, *shapes, b_ih is None, num_layers, bidirectional, torch.get_num_threads(), _grad(x))
 
     def calibration():
         (x_, h0_, c0_), weights_ = _stand_ins((x, h0, c0)), [_stand_ins(w) for w in weights]
@@ -134,7 +135,8 @@ def route_step(ours, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     decided = _decided(x)
     if decided is not None:
         return decided
-    signature = (cell, x.dtype, x.shape, w_hh.shape, None, b_ih is None, 0, False, torch.get_num_threads(), _grad(x))
+    on, threads = _backend(cell, x, w_hh, h0, c0, None), torch.get_num_threads()
+    signature = (on, cell, x.dtype, x.shape, w_hh.shape, None, b_ih is None, 0, False, threads, _grad(x))
 
     def calibration():
         tensors = _stand_ins((x, h0, c0, w_ih, w_hh, b_ih, b_hh))
@@ -142,6 +144,12 @@ def route_step(ours, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         return tensors, (lambda: ours(*args)), (lambda: step(*args))
 
     return _remembered(signature, calibration)
+
+
+def _backend(cell, x, w_hh, h0, c0, w_hr):
+    """The backend automatic selection runs seqfast's side of a call on (`x` stands for `gx`): the answer is for it
+    (where seqfast._C is not built, numba's loops are timed against torch's op)."""
+    return dispatch.select_remembered(cell, x, w_hh, h0, c0, None, w_hr)[0]
 
 
 def _decided(x):
@@ -176,14 +184,14 @@ def _grad(x):
 def _choice(signature, tensors, ours, theirs):
     """The calibrated answer for the shape class of `signature` (see `route`), calibrating it (`ours`, `theirs` and
     the gradients with respect to `tensors`) when no process on this machine has yet."""
-    cell, dtype, shape, w_hh_shape, w_hr_shape, no_bias, num_layers, bidirectional, threads, grad = signature
+    on, cell, dtype, shape, w_hh_shape, w_hr_shape, no_bias, num_layers, bidirectional, threads, grad = signature
     *_, B, I = shape
     T = shape[0] if num_layers else 1
     H = w_hh_shape[0] // GATES[cell]
     P = 0 if w_hr_shape is None else w_hr_shape[0]
     kind = cell if num_layers else f"{cell}_cell"
     sizes = f"I{I}-H{H}-P{P}-B{bucket(B)}-T{bucket(T)}-L{num_layers}-D{2 if bidirectional else 1}"
-    key = f"{kind}-{str(dtype).removeprefix('torch.')}-{sizes}-bias{int(not no_bias)}-threads{threads}-grad{grad}"
+    key = f"{kind}-{str(dtype).removeprefix('torch.')}-{sizes}-bias{int(not no_bias)}-threads{threads}-grad{grad}-{on}"
     wrt = [t for t in tensors if t is not None and t.requires_grad] if grad else []
     return calibrated(key, lambda: _calibrate(ours, theirs, wrt))
 

@@ -106,11 +106,27 @@ def test_automatic_route_follows_the_calibration_and_caches_it(calibrations, mon
     ours(torch.randn(7, 4, 4, requires_grad=True))  # same bucket of T and B: no new calibration
     assert calibrations == [faster]
     (entry,) = json.loads(native.cache_path().read_text()).values()
-    assert entry == {f"lstm-float32-I4-H6-P0-B4-T8-L2-D1-bias1-threads{torch.get_num_threads()}-grad2": faster}
+    assert entry == {f"lstm-float32-I4-H6-P0-B4-T8-L2-D1-bias1-threads{torch.get_num_threads()}-grad2-cpp": faster}
     monkeypatch.setattr(native, "_machine_choices", None)
     monkeypatch.setattr(native, "_routes", {})
     ours(torch.randn(5, 3, 4, requires_grad=True))
     assert calibrations == [faster], "a new process reads the cache instead of calibrating again"
+
+
+def test_each_backend_has_its_own_route(calibrations, monkeypatch):
+    """Where seqfast._C is not built, automatic selection runs numba's loops: the answer timed for cpp's is not
+    theirs, so such a call calibrates under its own key."""
+    pytest.importorskip("seqfast.kernels.numba")
+    monkeypatch.delenv("SEQFAST_STRICT", raising=False)  # the fall-through to numba is the case
+    _counting(monkeypatch, False, calibrations)
+    module, x = seqfast.LSTM(4, 6), torch.randn(5, 3, 4, requires_grad=True)
+    module(x)
+    monkeypatch.setattr(dispatch, "_loaded", {**dispatch._loaded, "cpp": "ImportError: seqfast._C is not built"})
+    module(x)
+    module(x)
+    assert calibrations == [False, False]
+    (entry,) = json.loads(native.cache_path().read_text()).values()
+    assert sorted(key.rsplit("-", 1)[1] for key in entry) == ["cpp", "numba"]
 
 
 def test_calibration_leaves_the_random_state_and_grads_alone(calibrations):
@@ -193,7 +209,7 @@ def test_packed_input_is_never_routed_and_cells_only_with_grad(calibrations, mon
     assert calibrations == []
     assert all(torch.equal(a, e) for a, e in zip(ours(x[0]), ref(x[0]), strict=True))
     (entry,) = json.loads(native.cache_path().read_text()).values()
-    assert list(entry) == [f"lstm_cell-float32-I4-H6-P0-B4-T1-L0-D1-bias1-threads{torch.get_num_threads()}-grad2"]
+    assert list(entry) == [f"lstm_cell-float32-I4-H6-P0-B4-T1-L0-D1-bias1-threads{torch.get_num_threads()}-grad2-cpp"]
 
 
 def test_seqfast_native_1_routes_without_calibrating(monkeypatch):
