@@ -32,8 +32,9 @@ ROOT = Path(__file__).resolve().parent.parent
 CELLS = ["rnn_tanh", "rnn_relu", "lstm", "gru"]
 
 # float32 vs the float64 reference: the loops carry float32 state (u = 6e-8) and use a ~2-ulp polynomial exp and a
-# rational tanh of a few ulp; measured relative RMS <= 5e-7 at T = 40 to 100, the bound 1e-5 is the float32 tolerance of the module parity tests
-# (tests/helpers.py). float64 uses Cephes' ~2-ulp exp/tanh too; its bound is tests/test_contract.py's.
+# rational tanh of a few ulp; measured relative RMS <= 5e-7 at T = 40 to 100, the bound 1e-5 is the float32 tolerance
+# of the module parity tests (tests/helpers.py). float64 uses Cephes' ~2-ulp exp and tanh; its bound is
+# tests/test_contract.py's.
 F32_RTOL = 1e-5
 F64_RTOL = 1e-12
 
