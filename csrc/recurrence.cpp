@@ -332,6 +332,20 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
           maybe(dc0, c0_in), maybe(dw_hr, w_hr_in), ln_grads};
 }
 
+// Columns of `x` up to which a weight gradient `dy^T x` is formed transposed: `seqfast.linear.TRANSPOSED_MAX_COLS`.
+constexpr int64_t kTransposedMaxCols = 64;
+
+// `sum dy^T x` over `pairs` of `(dy, x)` as `seqfast.linear.weight_grad` forms it, bitwise.
+at::Tensor weight_grad(const std::vector<std::pair<at::Tensor, at::Tensor>>& pairs) {
+  const bool transposed = pairs.front().second.size(1) <= kTransposedMaxCols;
+  at::Tensor out;
+  for (const auto& [dy, x] : pairs) {
+    const at::Tensor a = transposed ? x.t() : dy.t(), b = transposed ? dy : x;
+    out = out.defined() ? out.addmm_(a, b) : at::mm(a, b);
+  }
+  return transposed ? out.t().contiguous() : out;
+}
+
 }  // namespace
 
 // One layer-direction of an eager call with grad, input projection included, as an autograd node: what
@@ -405,20 +419,20 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
         bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
             ctx->saved_data["chunk"].toInt(), ctx->saved_data["plan"].toInt(), ctx->saved_data["poison"].toBool(),
             need_h0, c10::nullopt, c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
-    // dw_hh as `seqfast.autograd.hidden_grads` forms it (transposed; no lengths): h0's step, then y shifted by a step
+    // dw_hh as `seqfast.autograd.hidden_grads` forms it (no lengths): the step from h0, then y shifted by a step
     const int64_t T = y.size(0);
     const at::Tensor dgh3 = cell == GRU ? *dgh : dgx, dgh2 = dgh3.flatten(0, -2);
-    at::Tensor dw_hh = at::mm(h0.to(y.scalar_type()).t(), dgh3.select(0, reverse ? T - 1 : 0));
+    std::vector<std::pair<at::Tensor, at::Tensor>> steps{{dgh3.select(0, reverse ? T - 1 : 0), h0.to(y.scalar_type())}};
     if (T > 1)
-      dw_hh.addmm_(y.slice(0, reverse ? 1 : 0, reverse ? T : T - 1).flatten(0, -2).t(),
-                   dgh3.slice(0, reverse ? 0 : 1, reverse ? T - 1 : T).flatten(0, -2));
-    dw_hh = dw_hh.t().contiguous().to(w_hh.scalar_type());
+      steps.emplace_back(dgh3.slice(0, reverse ? 0 : 1, reverse ? T - 1 : T).flatten(0, -2),
+                         y.slice(0, reverse ? 1 : 0, reverse ? T : T - 1).flatten(0, -2));
+    const at::Tensor dw_hh = weight_grad(steps).to(w_hh.scalar_type());
     const bool separate_b_hh = cell == GRU && has_b_hh;  // b_hh stays in the recurrence (see folded_biases)
     const at::Tensor db_h = separate_b_hh ? dgh2.sum(0).to(w_hh.scalar_type()) : at::Tensor();
     const bool need_db_x = need_b_ih || (need_b_hh && !separate_b_hh);
     const at::Tensor dgx2 = dgx.flatten(0, -2), x2 = x.flatten(0, -2);
     const at::Tensor dx = need_x ? at::linear(dgx2, w_ih.t()).reshape(x.sizes()) : at::Tensor();
-    const at::Tensor dw_ih = need_w_ih ? at::mm(x2.t(), dgx2).t().contiguous().to(w_ih.scalar_type()) : at::Tensor();
+    const at::Tensor dw_ih = need_w_ih ? weight_grad({{dgx2, x2}}).to(w_ih.scalar_type()) : at::Tensor();
     const at::Tensor db_x = need_db_x ? dgx2.sum(0).to(w_ih.scalar_type()) : at::Tensor();
     const at::Tensor db_hh = separate_b_hh ? db_h : db_x;
     return {at::Tensor(), at::Tensor(), dx, dw_ih, need_b_ih ? db_x : at::Tensor(), dw_hh,

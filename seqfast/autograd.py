@@ -21,7 +21,7 @@ from torch import Tensor
 from . import dispatch
 from .kernels import reference
 from .kernels.common import CELL_IDS, GATES, compute_dtype, fused_arg
-from .linear import bias_sum, preactivations, project_backward
+from .linear import bias_sum, preactivations, project_backward, weight_grad
 
 
 def _recurrence(
@@ -208,7 +208,7 @@ def _hidden_grads(
     """
     db = dgh.flatten(0, 1).sum(0) if need_db else dgh.new_empty(0)
     if zero is not None:
-        return torch.mm(h_prev(y, h0, lengths, reverse, zero).flatten(0, 1).T, dgh.flatten(0, 1)).T.contiguous(), db
+        return weight_grad((dgh.flatten(0, 1), h_prev(y, h0, lengths, reverse, zero).flatten(0, 1))), db
     T, B, _ = dgh.shape
     if not reverse:
         first = dgh[0]
@@ -216,12 +216,11 @@ def _hidden_grads(
         first = dgh[T - 1]
     else:
         first = dgh[(lengths.to(dgh.device) - 1).clamp(min=0), torch.arange(B, device=dgh.device)]
-    # formed transposed, `[P, G*H]`: BLAS runs this layout of the long reduction faster (see `project_backward`)
-    dw = torch.mm(h0.to(y.dtype).T, first)
+    pairs = [(first, h0.to(y.dtype))]
     if T > 1:
         steps, states = (dgh[:-1], y[1:]) if reverse else (dgh[1:], y[:-1])
-        dw.addmm_(states.flatten(0, 1).T, steps.flatten(0, 1))
-    return dw.T.contiguous(), db
+        pairs.append((steps.flatten(0, 1), states.flatten(0, 1)))
+    return weight_grad(*pairs), db
 
 
 hidden_grads = torch.library.custom_op("seqfast::hidden_grads", _hidden_grads, mutates_args=())

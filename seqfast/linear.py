@@ -178,11 +178,27 @@ def project_backward(
     dy2, x2 = dy.flatten(0, -2), x.flatten(0, -2)
     dx = dense(dy2, w.T).reshape(x.shape) if need_dx else dy.new_empty(0)
     # torch's GEMM and sum: oneDNN's GEMM reduces all rows in one chain, about 2x further from the exact sum (see
-    # tests/test_fidelity.py), and needs both operands transposed. Formed transposed, `[K, N]`: MKL ran this layout of
-    # the reduction over all rows 1.1-2.3x faster (Ice Lake, N = 128-800, K = 8-200; most for few input features).
-    dw = torch.mm(x2.T, dy2).T.contiguous().to(w.dtype) if need_dw else dy.new_empty(0)
+    # tests/test_fidelity.py), and needs both operands transposed
+    dw = weight_grad((dy2, x2)).to(w.dtype) if need_dw else dy.new_empty(0)
     db = dy2.sum(0).to(w.dtype) if need_db else dy.new_empty(0)
     return dx, dw, db
+
+
+# Weight gradients `dy^T x` whose `x` has at most this many columns are formed transposed, `x^T dy`, then copied into
+# place: MKL ran that layout of the reduction over all rows 1.2-2.5x faster at 8-64 columns (Ice Lake, 2 threads),
+# while from 128 columns on the copy cost more than it gained. seqfast._C's node chooses alike (`kTransposedMaxCols`).
+TRANSPOSED_MAX_COLS = 64
+
+
+def weight_grad(*pairs: tuple[Tensor, Tensor]) -> Tensor:
+    """`sum dy^T x` over `pairs` of `dy [M, N]` and `x [M, K]` (`M` may differ between pairs), summed by BLAS in order:
+    `[N, K]`, formed transposed where `x` has few columns (see `TRANSPOSED_MAX_COLS`)."""
+    transposed = pairs[0][1].shape[1] <= TRANSPOSED_MAX_COLS
+    out = None
+    for dy, x in pairs:
+        a, b = (x.T, dy) if transposed else (dy.T, x)
+        out = torch.mm(a, b) if out is None else out.addmm_(a, b)
+    return out.T.contiguous() if transposed else out
 
 
 linear_backward = torch.library.custom_op("seqfast::linear_backward", project_backward, mutates_args=())
