@@ -422,11 +422,11 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     // dw_hh as `seqfast.autograd.hidden_grads` forms it (no lengths): the step from h0, then y shifted by a step
     const int64_t T = y.size(0);
     const at::Tensor dgh3 = cell == GRU ? *dgh : dgx, dgh2 = dgh3.flatten(0, -2);
-    std::vector<std::pair<at::Tensor, at::Tensor>> steps{{dgh3.select(0, reverse ? T - 1 : 0), h0.to(y.scalar_type())}};
+    std::vector<std::pair<at::Tensor, at::Tensor>> pairs{{dgh3.select(0, reverse ? T - 1 : 0), h0.to(y.scalar_type())}};
     if (T > 1)
-      steps.emplace_back(dgh3.slice(0, reverse ? 0 : 1, reverse ? T - 1 : T).flatten(0, -2),
+      pairs.emplace_back(dgh3.slice(0, reverse ? 0 : 1, reverse ? T - 1 : T).flatten(0, -2),
                          y.slice(0, reverse ? 1 : 0, reverse ? T : T - 1).flatten(0, -2));
-    const at::Tensor dw_hh = weight_grad(steps).to(w_hh.scalar_type());
+    const at::Tensor dw_hh = weight_grad(pairs).to(w_hh.scalar_type());
     const bool separate_b_hh = cell == GRU && has_b_hh;  // b_hh stays in the recurrence (see folded_biases)
     const at::Tensor db_h = separate_b_hh ? dgh2.sum(0).to(w_hh.scalar_type()) : at::Tensor();
     const bool need_db_x = need_b_ih || (need_b_hh && !separate_b_hh);
