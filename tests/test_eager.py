@@ -168,19 +168,25 @@ def test_remembered_module_calls_follow_what_changed(cell, monkeypatch):
     agree(grad_fns={"LayerBackward", "StackBackward0", "TransposeBackward0"})
 
 
-# (T, B, dtype, bias): a sequence, one step of one row in float64, one step without biases
-_PATH_CASES = [(6, 4, torch.float32, True), (1, 1, torch.float64, True), (1, 3, torch.float32, False)]
+# (T, B, dtype, bias, input and hidden size): a sequence, one step of one row in float64, one step without biases, and
+# sizes past `seqfast.linear.TRANSPOSED_MAX_COLS`, whose weight gradients both paths form untransposed
+_PATH_CASES = [
+    (6, 4, torch.float32, True, 5, 7),
+    (1, 1, torch.float64, True, 5, 7),
+    (1, 3, torch.float32, False, 5, 7),
+    (3, 2, torch.float32, True, 66, 65),
+]
 
 
-@pytest.mark.parametrize("case", _PATH_CASES, ids=["T6-B4", "T1-B1-f64", "T1-B3-nobias"])
+@pytest.mark.parametrize("case", _PATH_CASES, ids=["T6-B4", "T1-B1-f64", "T1-B3-nobias", "T3-B2-wide"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_eager_and_custom_op_paths_give_identical_results(backend, cell, case):
     """Outputs and every gradient bitwise equal; a pass-through function mode sends the call to the custom ops."""
-    T, B, dtype, bias = case
+    T, B, dtype, bias, I, H = case
     extra = {"proj_size": 3} if cell == "lstm" else {}
-    _, ours = twins(cell, 5, 7, backend, dtype, num_layers=2, bidirectional=True, bias=bias, **extra)
-    x = torch.randn(T, B, 5, dtype=dtype, requires_grad=True)
+    _, ours = twins(cell, I, H, backend, dtype, num_layers=2, bidirectional=True, bias=bias, **extra)
+    x = torch.randn(T, B, I, dtype=dtype, requires_grad=True)
 
     def call(module):
         return module(x)

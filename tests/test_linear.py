@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from seqfast import linear, native
 
@@ -88,3 +89,16 @@ def test_calibration_under_a_float64_default_dtype(fresh_calibration, monkeypatc
     finally:
         torch.set_default_dtype(default)
     assert linear.onednn_min_macs() in (*linear._CALIBRATION_MACS, 2 * linear._CALIBRATION_MACS[-1], 1 << 62)
+
+
+@pytest.mark.parametrize(
+    "cols", [linear.TRANSPOSED_MAX_COLS, linear.TRANSPOSED_MAX_COLS + 1], ids=["transposed", "plain"]
+)
+def test_weight_grad_sums_each_pair_in_either_layout(cols):
+    generator = torch.Generator().manual_seed(0)
+    pairs = [
+        tuple(torch.randn(rows, n, generator=generator, dtype=torch.float64) for n in (20, cols)) for rows in (37, 5)
+    ]
+    got = linear.weight_grad(*pairs)
+    assert got.shape == (20, cols) and got.is_contiguous()
+    torch.testing.assert_close(got, sum(dy.T @ x for dy, x in pairs), rtol=1e-12, atol=1e-12)
