@@ -70,6 +70,8 @@ struct FwdChunk {
   int64_t ldh;
   T* c;                     // [B, H] LSTM cell state, updated in place
   T* const* y_rows;         // [n] -> [H] output rows, or nullptr (projection writes y later)
+  const T* y;               // the output all `y_rows` point into, and
+  T* y_copy;                // a second output the rows are written to alike, at the same offsets; or nullptr
   T* saved;                 // [B, W*H] rows of this step, or nullptr
   const uint8_t* zero_next; // [n] rows whose next step starts from zeros (resets): their carried h_next (unless
                             // projected: the caller's) and c are written as 0; or nullptr

@@ -314,6 +314,7 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
     const auto* b = a.bias + j0;
     auto* hn = a.h_next + r * a.ldh + j0;
     auto* y = a.y_rows ? a.y_rows[r] + j0 : nullptr;
+    auto* y_copy = y && a.y_copy ? a.y_copy + (y - a.y) : nullptr;
     auto* sv = a.saved && SW ? a.saved + r * SW + j0 : nullptr;
     const bool zn = a.zero_next && a.zero_next[r];
     if constexpr (LN) {
@@ -335,6 +336,7 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
       }
       O::store(hn + jj, zn && y ? V{} : h, m);
       if (y) O::store(y + jj, h, m);
+      if (y_copy) O::store(y_copy + jj, h, m);
     };
     // LSTM's gates `o` and new cell state `cn` (c~) at units [jj, jj + m); the carried c and saved written
     auto lstm_gates = [&](int64_t jj, auto m, V& o, V& cn) SEQFAST_INLINE {

@@ -77,7 +77,7 @@ template <typename scalar_t>
 void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10::optional<at::Tensor>& bias,
               const at::Tensor& h0, const at::Tensor& c0, const Order& ord, const c10::optional<at::Tensor>& w_hr,
               const ZoneoutArgs& zo, const LayerNormArgs& lna, int64_t chunk, Plan plan, const at::Tensor& y,
-              const at::Tensor& hT, const at::Tensor& cT, const at::Tensor& saved) {
+              const at::Tensor& hT, const at::Tensor& cT, const at::Tensor& saved, const at::Tensor& y_copy) {
   const int64_t T = gx.size(0), B = gx.size(1), GH = gx.size(2), G = gates(cell), H = GH / G, P = w_hh.size(1);
   const bool proj = w_hr.has_value(), lstm = cell == LSTM, ln = lna.on();
   // rows in blocks (one chunk of every unit), else hidden units in chunks (layer_norm, which normalises whole rows:
@@ -101,6 +101,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
   scalar_t* zeros = bias ? nullptr : carve.take(GH);
   if (zeros) std::fill_n(zeros, GH, scalar_t(0));
   scalar_t* py = y.data_ptr<scalar_t>();
+  scalar_t* py_copy = y_copy.defined() ? y_copy.data_ptr<scalar_t>() : nullptr;  // written alike, for the caller
   scalar_t* psaved = saved.numel() ? saved.data_ptr<scalar_t>() : nullptr;
   const scalar_t* pgx = gx.data_ptr<scalar_t>();
   const scalar_t* pb = bias ? bias->data_ptr<scalar_t>() : zeros;
@@ -125,6 +126,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
     }
     for (int64_t r = n; r < B; ++r) {
       std::fill_n(py + (s * B + ord.perm[r]) * P, P, scalar_t(0));
+      if (py_copy) std::fill_n(py_copy + (s * B + ord.perm[r]) * P, P, scalar_t(0));
       if (psaved) std::fill_n(psaved + (s * B + r) * SW, SW, scalar_t(0));
     }
   }
@@ -145,6 +147,8 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
                                .ldh = proj ? H : P,
                                .c = pc + r0 * H,
                                .y_rows = proj ? nullptr : y_rows.data() + s * B + r0,
+                               .y = py,
+                               .y_copy = py_copy,
                                .saved = psaved ? psaved + (s * B + r0) * SW : nullptr,
                                .zero_next = zero_next ? zero_next + r0 : nullptr,
                                .zh = proj ? Zoneout<scalar_t>{} : zh.at(s, r0),
@@ -204,6 +208,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const at::Tensor& w_hh, const c10:
               }
             }
             std::copy_n(nxt + r * P + p0, n_p, ys[r] + p0);
+            if (py_copy) std::copy_n(nxt + r * P + p0, n_p, py_copy + (ys[r] - py) + p0);
             if (z && z[r]) std::fill_n(nxt + r * P + p0, n_p, scalar_t(0));
           }
         }

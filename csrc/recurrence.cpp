@@ -104,7 +104,8 @@ at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional
 // The forward loop in the compute dtype of `gx`'s (`compute_type`); every input is converted to it. Returns
 // `y [T, B, P]` in gx's dtype, `hT [B, P]` in h0's, `cT [B, H]` in c0's (LSTM), `saved [T, B, W*H]` in the compute
 // dtype (`[0]` unless `need_saved`); `hT_out`, `cT_out`, when defined, are contiguous tensors of the compute dtype
-// that the final states are written into.
+// that the final states are written into; `y_copy`, when defined, a contiguous `[T, B, P]` tensor of gx's dtype, the
+// compute dtype, that the loop writes y's values into too.
 // `zo` checked and in dtype `dt`: weights `h [T, B, P]` and, for LSTM, `c [T, B, H]` together, or a constant in [0, 1).
 ZoneoutArgs zoneout_in(const ZoneoutArgs& zo, at::ScalarType dt, int64_t T, int64_t B, int64_t P, int64_t H,
                        bool lstm) {
@@ -146,7 +147,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
     const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
     const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, int64_t plan, bool poison,
     const at::Tensor& hT_out, const at::Tensor& cT_out, const c10::optional<at::Tensor>& zero = c10::nullopt,
-    const ZoneoutArgs& zo_in = {}, const LayerNormArgs& ln_in = {}) {
+    const ZoneoutArgs& zo_in = {}, const LayerNormArgs& ln_in = {}, const at::Tensor& y_copy = at::Tensor()) {
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(gx_given.has_value() != (x.has_value() && w_ih.has_value()), "give gx, or x and w_ih to form it");
@@ -180,10 +181,14 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   const at::Tensor cT = !lstm ? at::Tensor() : cT_out.defined() ? cT_out : output({B, H}, opts, poison);
   const at::Tensor saved =
       need_saved ? output({T, B, saved_cols(cell, H, zo.on(), ln.on())}, opts, poison) : at::empty({0}, opts);
+  if (y_copy.defined()) {
+    TORCH_CHECK(io == dt, "y_copy needs gx of the compute dtype");
+    check(y_copy, "y_copy", dt, {T, B, P});
+  }
   const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
     fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, zo, ln, chunk,
-                       Plan::of(plan), y, hT, cT, saved);
+                       Plan::of(plan), y, hT, cT, saved, y_copy);
   });
   return {in_dtype(y, io), in_dtype(hT, h0_in.scalar_type()),
           lstm ? c10::make_optional(in_dtype(cT, c0_in->scalar_type())) : c10::nullopt, saved};
@@ -365,9 +370,15 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
                                                 int64_t fwd_plan, int64_t bwd_plan, bool poison, bool copy_y) {
     const bool lstm = cell == LSTM;
     const auto [b_fold, b_h] = folded_biases(cell, b_hh);
-    auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, steps(x), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt,
-                                  w_hr, reverse, true, chunk, fwd_plan, poison, c10::nullopt, c10::nullopt,
-                                  c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
+    // the backward reads `y`: with `copy_y` the caller gets a copy, which it may change in place; the loop writes it
+    // alongside y where no dtype conversion follows
+    const at::Tensor xs = steps(x);
+    const int64_t P = w_hr ? w_hr->size(0) : w_hh.size(1);
+    const bool in_loop = copy_y && compute_type(x.scalar_type()) == x.scalar_type();
+    const at::Tensor y_copy = in_loop ? output({xs.size(0), xs.size(1), P}, x.options(), poison) : at::Tensor();
+    auto [y, hT, cT, saved] = fwd_into(cell, c10::nullopt, xs, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt,
+                                       w_hr, reverse, true, chunk, fwd_plan, poison, at::Tensor(), at::Tensor(),
+                                       c10::nullopt, {}, {}, y_copy);
     ctx->save_for_backward({x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
@@ -375,8 +386,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     ctx->saved_data["plan"] = bwd_plan;
     ctx->saved_data["poison"] = poison;
     ctx->set_materialize_grads(false);
-    // the backward reads `y`: with `copy_y` the caller gets a copy, which it may change in place
-    const at::Tensor y_out = copy_y ? output(y.sizes(), y.options(), false).copy_(y) : y;
+    const at::Tensor y_out = in_loop ? y_copy : copy_y ? output(y.sizes(), y.options(), false).copy_(y) : y;
     if (lstm) return {y_out, hT, *cT};
     return {y_out, hT};
   }
