@@ -54,9 +54,10 @@ def _chunk(cell, w_hh, batch):
 # The extension's plans (csrc/scheduler.h `Plan`) by name: its recurrent products on packed panels of its own GEMM or on
 # BLAS, its steps split into blocks of rows or chunks of hidden units.
 PLANS = {"packed-rows": 0, "blas-rows": 1, "packed-units": 2, "blas-units": 3}
-# A plan's calibration runs at most this many steps of the call (longer calls repay packing all the more), in turns of
-# `_PLAN_TURNS` runs of each plan after one untimed, each turn a block of runs of about `_PLAN_BLOCK_S`.
-_PLAN_STEPS = 8
+# A plan's calibration runs at most this many steps of the call, enough for packing to be repaid as in a long call (at
+# 8, the plans picked for `LSTM(200)` B20 ran its 35 steps 10-50% slower than the fastest), in turns of `_PLAN_TURNS`
+# runs of each plan after one untimed, each turn a block of runs of about `_PLAN_BLOCK_S`.
+_PLAN_STEPS = 32
 _PLAN_TURNS = 3
 _PLAN_BLOCK_S = 5e-4
 # (cell, dtype, T, B, w_hh's shape, unprojected, SEQFAST_CPP_PLAN) -> (chunk, fwd plan, bwd plan)

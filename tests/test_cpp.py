@@ -215,8 +215,8 @@ def test_plans_calibrated_once_per_machine(cpp, monkeypatch, empty_calibration_c
     ref = run_reference("lstm", args, cot, False)
     assert_outputs_close(run_contract(cpp, "lstm", args, cot, False), ref, F32_RTOL, torch.float32)
     (machine,) = json.loads(native.cache_path().read_text()).values()
-    assert [key for key in machine if key.startswith("cpp-plans-")] == ["cpp-plans-lstm-float32-H200-P0-B32-T8"]
-    assert all(plan in cpp.PLANS.values() for plan in machine["cpp-plans-lstm-float32-H200-P0-B32-T8"])
+    assert [key for key in machine if key.startswith("cpp-plans-")] == ["cpp-plans-lstm-float32-H200-P0-B32-T16"]
+    assert all(plan in cpp.PLANS.values() for plan in machine["cpp-plans-lstm-float32-H200-P0-B32-T16"])
 
     def untimed(*args):
         raise AssertionError("timed again")
