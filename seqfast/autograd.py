@@ -187,7 +187,11 @@ def h_prev(y, h0, lengths, reverse, zero=None):
         if lengths is not None:
             last = (lengths.to(y.device) - 1).clamp(min=0)
             prev = torch.index_put(prev, (last, torch.arange(y.shape[1], device=y.device)), h0[0])
-    return prev if zero is None else prev.masked_fill(zero.unsqueeze(-1), 0)
+    if zero is None:
+        return prev
+    # more than one step: `prev` is a new tensor, masked in place
+    mask = zero.unsqueeze(-1)
+    return prev.masked_fill(mask, 0) if y.shape[0] == 1 else prev.masked_fill_(mask, 0)
 
 
 def _hidden_grads(
