@@ -393,18 +393,26 @@ def _tile(typingctx, a, wp, out, b, panel, j, n, rows, vecs):
                 acc[r][v].add_incoming(summed[r][v], body)
         _keep_loop(builder, builder.branch(head))
         builder.position_at_end(done)
-        # the last vector may hold fewer than `lanes` of the `n` columns: it goes out lane by lane
+        # the last vector may hold fewer than `lanes` of the `n` columns: then it goes out lane by lane
         tail = builder.sub(n, const((V - 1) * vec.count))
         last = cgutils.alloca_once(builder, vec)
         for r in range(R):
             for v in range(V - 1):
                 p_v = _at(builder, out_ary, builder.add(o_out[r], const(v * VECTOR_BYTES)), vec)
                 builder.store(acc[r][v], p_v, align=size)
-            builder.store(acc[r][V - 1], last)
-            o_tail = builder.add(o_out[r], const((V - 1) * VECTOR_BYTES))
-            with cgutils.for_range(builder, tail) as lane:
-                x = builder.load(builder.gep(builder.bitcast(last, el.as_pointer()), [lane.index]))
-                builder.store(x, _at(builder, out_ary, builder.add(o_tail, builder.mul(lane.index, const(size))), el))
+        with builder.if_else(builder.icmp_signed("==", tail, const(vec.count))) as (whole, part):
+            with whole:
+                for r in range(R):
+                    p_v = _at(builder, out_ary, builder.add(o_out[r], const((V - 1) * VECTOR_BYTES)), vec)
+                    builder.store(acc[r][V - 1], p_v, align=size)
+            with part:
+                for r in range(R):
+                    builder.store(acc[r][V - 1], last)
+                    o_tail = builder.add(o_out[r], const((V - 1) * VECTOR_BYTES))
+                    with cgutils.for_range(builder, tail) as lane:
+                        x = builder.load(builder.gep(builder.bitcast(last, el.as_pointer()), [lane.index]))
+                        at = _at(builder, out_ary, builder.add(o_tail, builder.mul(lane.index, const(size))), el)
+                        builder.store(x, at)
         return context.get_dummy_value()
 
     return types.none(a, wp, out, types.intp, types.intp, types.intp, types.intp, rows, vecs), codegen
