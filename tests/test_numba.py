@@ -74,7 +74,7 @@ def test_layer_norm_by_chunks_and_groups(cell, B):
     register tiles and a leftover row at B = 17), with resets and zoneout, against the float64 oracle at the contract's
     bounds."""
     T = 5
-    assert nb._chunks(LN_CHUNKED_H, layer_norm=True) == 3
+    assert nb._chunks(LN_CHUNKED_H, B, layer_norm=True) == (3, False)
     for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 2e-5)]:
         args, cot = layer_norm_problem(
             cell, T, B, LN_CHUNKED_H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=dtype, seed=B
@@ -82,31 +82,62 @@ def test_layer_norm_by_chunks_and_groups(cell, B):
         check_layer_norm(nb, cell, args, cot, True, tol)
 
 
+def _results_on_threads(cell, args, cot, threads):
+    """float32 `nb.fwd` and `nb.bwd` of a problem with options (`args["ext"]`) on `threads` threads: every output and
+    gradient (None left out)."""
+    call, ext, a = {k: v for k, v in args.items() if k != "ext"}, args["ext"], args
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        y, hT, cT, saved = nb.fwd(cell, **call, ext=ext)
+        out = nb.bwd(cell, *cot, a["w_hh"], a["b_hh"], None, a["h0"], a["c0"], a["lengths"], y, saved, False, ext)
+    finally:
+        torch.set_num_threads(before)
+    grads = [*out[:5], *(out[5] if len(out) > 5 else ())]
+    return [t for t in (y, hT, cT, saved, *grads) if t is not None]
+
+
+def _two_threads():
+    numba = pytest.importorskip("numba")
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("numba has one thread here: nothing to compare one thread with")
+    return 2
+
+
 @needs_numba
 @pytest.mark.parametrize("cell", CELLS)
 def test_layer_norm_thread_count_independent(cell):
     """float32 `layer_norm` outputs and gradients are bitwise the same on one thread and on two: its chunks and groups
     of rows follow the shape, not the thread count."""
-    numba = pytest.importorskip("numba")
     T, B = 6, 17
     args, cot = layer_norm_problem(
         cell, T, B, LN_CHUNKED_H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32
     )
-    call, ext = {k: v for k, v in args.items() if k != "ext"}, args["ext"]
+    one, two = (_results_on_threads(cell, args, cot, n) for n in (1, _two_threads()))
+    for i, (a, b) in enumerate(zip(one, two, strict=True)):
+        assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+
+@needs_numba
+@pytest.mark.parametrize("cell", CELLS)
+def test_row_blocks_thread_count_independent(cell):
+    """Below 64 units two threads split the rows into two blocks, which one thread runs as one chunk: float32 outputs
+    and gradients bitwise the same either way, with lengths, resets and zoneout (21 rows: a block of two whole tiles
+    and one of a tile and leftover rows)."""
+    T, B, H = 7, 21, 20
+    args, cot = layer_norm_problem(
+        cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32
+    )
+    args["ext"] = args["ext"]._replace(ln_hh=None, ln_c_weight=None, ln_c_bias=None)
     threads = torch.get_num_threads()
-    results = []
     try:
-        for n in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+        for n, plan in ((1, (1, False)), (_two_threads(), (2, True))):
             torch.set_num_threads(n)
-            y, hT, cT, saved = nb.fwd(cell, **call, ext=ext)
-            a = args
-            *grads, ln_grads = nb.bwd(
-                cell, *cot, a["w_hh"], a["b_hh"], None, a["h0"], a["c0"], a["lengths"], y, saved, False, ext
-            )
-            results.append([t for t in (y, hT, cT, saved, *grads, *ln_grads) if t is not None])
+            assert nb._chunks(H, B) == plan
     finally:
         torch.set_num_threads(threads)
-    for i, (a, b) in enumerate(zip(*results, strict=True)):
+    one, two = (_results_on_threads(cell, args, cot, n) for n in (1, 2))
+    for i, (a, b) in enumerate(zip(one, two, strict=True)):
         assert torch.equal(a, b), f"output {i} differs between thread counts"
 
 
@@ -199,19 +230,21 @@ def test_a_cell_compiles_alone_and_loads_from_cache(tmp_path):
 
 
 @needs_numba
+@pytest.mark.parametrize("by_rows", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cell", CELLS)
-def test_more_chunks_than_threads(cell, threads, monkeypatch):
-    """Five chunks per phase on fewer threads: a prange iteration that runs late or after another on the same thread
-    finds its chunks taken, so the loops neither deadlock nor change the result."""
+def test_more_chunks_than_threads(cell, threads, by_rows, monkeypatch):
+    """Five chunks per phase on fewer threads, of hidden units or (`by_rows`, without a projection) blocks of rows,
+    some empty: a prange iteration that runs late or after another on the same thread finds its chunks taken, so the
+    loops neither deadlock nor change the result."""
     numba = pytest.importorskip("numba")
     T, B, H, P = PROJ_SHAPE if cell == "lstm" else SHAPE
     args, cot = contract_problem(cell, T, B, H, P, lengths=mixed_lengths(T, B))
     expected = run_contract(reference, cell, args, cot, True)
 
-    def chunks(H, layer_norm=False):
+    def chunks(H, B, layer_norm=False, proj=False):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        return 5
+        return 5, by_rows and not proj
 
     monkeypatch.setattr(nb, "_chunks", chunks)
     actual = run_contract(nb, cell, *cast(args, cot, torch.float32), True)

@@ -84,16 +84,23 @@ def _lens(lengths, T, B):
 LN_CHUNK, LN_MAX_CHUNKS = 64, 16
 
 
-def _chunks(H, layer_norm=False):
-    """Chunks of hidden units per phase: one per thread of numba's pool that torch's thread count allows, or one, run
-    on the calling thread, below 64 units (chunks of fewer than 32 units cost more in waits per step than they
-    share). With `layer_norm` (default False) one per `LN_CHUNK` units, at most `LN_MAX_CHUNKS`: fixed by the shape,
-    so that its results do not depend on the thread count (its product's sums follow the chunks' bounds)."""
+def _chunks(H, B, layer_norm=False, proj=False):
+    """`(nc, by_rows)`: the chunks of each phase and whether they are blocks of rows instead of hidden units.
+
+    Chunks of hidden units: one per thread of numba's pool that torch's thread count allows. Below 64 units (where
+    chunks of fewer than 32 units cost more in waits per step than they share) one block of rows per thread, each at
+    least a tile of rows (`loops.TILE_ROWS`), every row's product as in one block; else one chunk, run on the calling
+    thread (also with a projection `proj`, default False). With `layer_norm` (default False) one chunk per `LN_CHUNK`
+    units, at most `LN_MAX_CHUNKS`: fixed by the shape, so that its results do not depend on the thread count (its
+    product's sums follow the chunks' bounds)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
     if layer_norm:
-        return max(1, min(H // LN_CHUNK, LN_MAX_CHUNKS))
-    return threads if H >= 64 else 1
+        return max(1, min(H // LN_CHUNK, LN_MAX_CHUNKS)), False
+    if H >= 64:
+        return threads, False
+    blocks = min(threads, B // loops.TILE_ROWS)
+    return (blocks, True) if blocks > 1 and not proj else (1, False)
 
 
 # compiled entry point of each float32 loop: its arguments' numba types follow from the loop (contiguous float32
@@ -184,7 +191,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     P = w_hh.shape[1]
     ct = compute_dtype(gx.dtype)
     options, resets, zoneout, layer_norm = _options(cell, ext, T, B, H, P, ct, w_hr)
-    nc = _chunks(H, layer_norm)
+    nc, by_rows = _chunks(H, B, layer_norm, w_hr is not None)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     x, w = _np(gx, ct), _np(w_hh, ct)
     bias = _np(b_hh, ct) if b_hh is not None else np.zeros(G, dtype=x.dtype)
@@ -200,9 +207,9 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
         cT.copy_(c0)
         c = cT.numpy()
     proj = _np(w_hr, ct) if w_hr is not None else np.empty((0, H), dtype=x.dtype)
-    args = (x, w, bias, proj, lens, reverse, relu, hT.numpy(), c, y.numpy(), scratch, options)
+    args = (x, w, bias, proj, lens, reverse, relu, hT.numpy(), c, y.numpy(), scratch, options, by_rows)
     loop = loops.cell_loops(cell, w_hr is not None, resets, zoneout, layer_norm)[0]
-    _run(loop, args, loops.fwd_work(cell, w, proj, B, T, nc), nc)
+    _run(loop, args, loops.fwd_work(cell, w, proj, B, T, 1 if by_rows else nc), nc)
     return y, hT, cT, saved
 
 
@@ -226,7 +233,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     H = hidden_size(cell, w_hh)
     ct = saved.dtype
     options, resets, zoneout, layer_norm = _options(cell, ext, T, B, H, P, ct, w_hr)
-    nc = _chunks(H, layer_norm)
+    nc, by_rows = _chunks(H, B, layer_norm, w_hr is not None)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
     # layer_norm's gradients of `ln_hh`, `b_hh` (and LSTM's `ln_c_weight`, `ln_c_bias`), per row
@@ -255,9 +262,9 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         dh_out = empty((T, B, P), ct, dy.device)
         proj_t, hraw_np, dh_out_np = _np(w_hr.t(), ct), hraw.numpy(), dh_out.numpy()
     args = (d_out, y_np, h0_np, w_t, proj_t, lens, reverse, relu, c0_np, saved.numpy(), dh0.numpy(), dc)
-    args += (dgx.numpy(), dgh_np, hraw_np, dh_out_np, (*options, sums.numpy()))
+    args += (dgx.numpy(), dgh_np, hraw_np, dh_out_np, (*options, sums.numpy()), by_rows)
     loop = loops.cell_loops(cell, w_hr is not None, resets, zoneout, layer_norm)[1]
-    _run(loop, args, loops.bwd_work(cell, w_t, proj_t, B, T, nc, resets, zoneout), nc)
+    _run(loop, args, loops.bwd_work(cell, w_t, proj_t, B, T, 1 if by_rows else nc, resets, zoneout), nc)
     if w_hr is not None:
         dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
     if not layer_norm:

@@ -6,7 +6,9 @@ Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the ti
 (zeros past a sequence's length) with what `y` cannot give: nothing for RNN, whose `h` is `y`; GRU's `h_prev` is `y` at
 the step before, or `h0`. State buffers (`h`, `c`, `dh`, `dc`) come in holding the initial value and leave holding the
 final one. Each phase splits hidden units (or state columns) into `nc` contiguous chunks; a chunk does both the
-recurrent product for its rows of the weights and the pointwise math for its units. A loop is a serial function that
+recurrent product for its rows of the weights and the pointwise math for its units. With `by_rows` (a runtime
+argument) a chunk is instead a block of batch rows, every unit: its rows' product, on weights packed as one chunk of
+units, and their pointwise math (`_row_block`). A loop is a serial function that
 every thread runs whole with its own `tid`: each phase of a step (one per step, two with a projection or layer_norm) is
 `nc` chunks that threads claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of
 the earlier phases is done (`sync`); `tid` 0 returns once the last is. A thread that never runs only leaves its chunks
@@ -583,11 +585,23 @@ def _split(d, keep, direct, j0, j1):
 
 
 @njit(**_OPTS)
+def _row_block(by_rows, q, nc, B):
+    # rows [b0, b1) of chunk q: its block when `by_rows`, else every row; blocks start at whole tiles of rows, so that
+    # each row's product takes the path (a tile or dot products) it takes in one block
+    if not by_rows:
+        return 0, B
+    b0 = q * B // nc // TILE_ROWS * TILE_ROWS if q > 0 else 0
+    b1 = (q + 1) * B // nc // TILE_ROWS * TILE_ROWS if q < nc - 1 else B
+    return b0, b1
+
+
+@njit(**_OPTS)
 def _cell_span(by_rows, q, nc, B, H, j0, j1):
-    # rows [b0, b1) and units [u0, u1) of chunk q's cell math: its group of rows, every unit, when `by_rows`
-    # (layer_norm's), else every row, its units [j0, j1)
+    # rows [b0, b1) and units [u0, u1) of chunk q's cell math: its block of rows, every unit, when `by_rows`
+    # (layer_norm's, or a loop's split into blocks of rows), else every row, its units [j0, j1)
     if by_rows:
-        return q * B // nc, (q + 1) * B // nc, 0, H
+        b0, b1 = _row_block(True, q, nc, B)
+        return b0, b1, 0, H
     return 0, B, j0, j1
 
 
@@ -949,7 +963,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
     CELL_PH = 1 if LAYER_NORM else 0
 
     @njit(**_OPTS)
-    def fwd(gx, w_hh, b_hh, w_hr, lens, rev, relu, h, c, y, saved, ext, work, sync, tid, nc):
+    def fwd(gx, w_hh, b_hh, w_hr, lens, rev, relu, h, c, y, saved, ext, by_rows, work, sync, tid, nc):
         """`gx [T, B, G*H]`, `w_hh [G*H, P]`, `b_hh [G*H]`, `w_hr [P, H]` (`[0, H]` without `PROJ`), `lens [B]`;
         `h [B, P]`, LSTM's `c [B, H]` (`[B, 0]` for the others); `y [T, B, P]`; `saved [T or 1, B, SW]`: nothing
         (RNN: `h` is `y`), `i, f, g, o, c` (LSTM) or `r, z, n, W_hn h + b_hn` (GRU: `h_prev` is `y` or `h0`); with
@@ -970,7 +984,10 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         for k in range(nc):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
-                _pack_gates(w_hh, wp, gates, H, q * H // nc, (q + 1) * H // nc, q * span)
+                # by rows: one chunk of units, which chunk 0 packs
+                if not by_rows or q == 0:
+                    uc = 1 if by_rows else nc
+                    _pack_gates(w_hh, wp, gates, H, q * H // uc, (q + 1) * H // uc, q * span)
                 if PROJ:
                     pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
                 if RESETS:
@@ -990,11 +1007,13 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                     q = (tid + k) % nc
                     if not _begin(sync, q, 1 + NPH * s + ph, nc):
                         continue
-                    j0, j1 = q * H // nc, (q + 1) * H // nc
+                    j0, j1 = (0, H) if by_rows else (q * H // nc, (q + 1) * H // nc)
                     if ph == 0:
-                        _gate_rows(cur, w_hh, wp, gh, gates, H, j0, j1, q * span, s % 2 == 1)
+                        r0, r1 = _row_block(by_rows, q, nc, B)
+                        panel = 0 if by_rows else q * span
+                        _gate_rows(cur[r0:r1], w_hh, wp, gh[r0:r1], gates, H, j0, j1, panel, s % 2 == 1)
                     if ph == CELL_PH:
-                        b0, b1, u0, u1 = _cell_span(LAYER_NORM, q, nc, B, H, j0, j1)
+                        b0, b1, u0, u1 = _cell_span(LAYER_NORM or by_rows, q, nc, B, H, j0, j1)
                         for b in range(b0, b1):
                             if b + AHEAD < b1 and s < lens[b + AHEAD]:
                                 _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, u0, u1)
@@ -1061,7 +1080,28 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
 
     @njit(**_OPTS)
     def bwd(
-        dy, y, h0, w_hh_t, w_hr_t, lens, rev, relu, c0, saved, dh, dc, dgx, dgh, hraw, dh_out, ext, work, sync, tid, nc
+        dy,
+        y,
+        h0,
+        w_hh_t,
+        w_hr_t,
+        lens,
+        rev,
+        relu,
+        c0,
+        saved,
+        dh,
+        dc,
+        dgx,
+        dgh,
+        hraw,
+        dh_out,
+        ext,
+        by_rows,
+        work,
+        sync,
+        tid,
+        nc,
     ):
         """Backward of `fwd`: `dy [T, B, P]`, the forward's `y [T, B, P]` and `h0 [B, P]` (RNN reads `h` from `y`,
         GRU `h_prev` from both; `[0, 0, 0]` and `[B, 0]` where unread), `w_hh_t [P, G*H]` (`w_hh^T`), `w_hr_t [H, P]`
@@ -1084,7 +1124,9 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         for k in range(nc):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
-                pack(w_hh_t, wp, q * span, q * P // nc, (q + 1) * P // nc)
+                if not by_rows or q == 0:
+                    uc = 1 if by_rows else nc
+                    pack(w_hh_t, wp, q * span, q * P // uc, (q + 1) * P // uc)
                 if PROJ:
                     pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
                 _end(sync)
@@ -1097,21 +1139,24 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                     q = (tid + k) % nc
                     if not _begin(sync, q, 1 + NPH * i + ph, nc):
                         continue
-                    j0, j1 = q * H // nc, (q + 1) * H // nc
-                    p0, p1 = q * P // nc, (q + 1) * P // nc
+                    j0, j1 = (0, H) if by_rows else (q * H // nc, (q + 1) * H // nc)
+                    p0, p1 = (0, P) if by_rows else (q * P // nc, (q + 1) * P // nc)
+                    r0, r1 = _row_block(by_rows, q, nc, B)
                     if ph == 0 and i > 0:
-                        _dh_prev(da[(s + 1) % 2], w_hh_t, wp, dhp, dhz, lens, s + 1, dh, p0, p1, q * span)
+                        dap, panel = da[(s + 1) % 2], 0 if by_rows else q * span
+                        rows = dap[r0:r1], dhp[r0:r1], dhz[r0:r1], lens[r0:r1]
+                        _dh_prev(rows[0], w_hh_t, wp, rows[1], rows[2], rows[3], s + 1, dh[r0:r1], p0, p1, panel)
                         if ZONEOUT:
-                            for b in range(B):
+                            for b in range(r0, r1):
                                 if s + 1 < lens[b]:
                                     _add(dh[b], dzo[b], dh[b], p0, p1)
                         if RESETS:
-                            for b in range(B):
+                            for b in range(r0, r1):
                                 if _resets(zero, lens, rev, s + 1, b):
                                     _fill(dh[b], p0, p1)
                     if DY_FIRST:
                         if ph == 0 and s >= 0:
-                            for b in range(B):
+                            for b in range(r0, r1):
                                 if s < lens[b]:
                                     t = _step_time(s, lens[b], rev)
                                     if ZONEOUT:
@@ -1129,7 +1174,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                         if PROJ:
                             mm_rows(dh, w_hr_t, wr, dhc, j0, j1, q * span_r)
                         das = da[s % 2]
-                        b0, b1, u0, u1 = _cell_span(LAYER_NORM, q, nc, B, H, j0, j1)
+                        b0, b1, u0, u1 = _cell_span(LAYER_NORM or by_rows, q, nc, B, H, j0, j1)
                         for b in range(b0, b1):
                             if b + AHEAD < b1 and s < lens[b + AHEAD]:
                                 t2 = _step_time(s, lens[b + AHEAD], rev)
