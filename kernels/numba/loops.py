@@ -1015,7 +1015,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                     if ph == CELL_PH:
                         b0, b1, u0, u1 = _cell_span(LAYER_NORM or by_rows, q, nc, B, H, j0, j1)
                         for b in range(b0, b1):
-                            if b + AHEAD < b1 and s < lens[b + AHEAD]:
+                            if not by_rows and b + AHEAD < b1 and s < lens[b + AHEAD]:
                                 _prefetch_units(gx[_step_time(s, lens[b + AHEAD], rev), b + AHEAD], H, u0, u1)
                                 if not RNN:
                                     _prefetch_units(sv[b + AHEAD], H, u0, u1)
@@ -1176,7 +1176,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                         das = da[s % 2]
                         b0, b1, u0, u1 = _cell_span(LAYER_NORM or by_rows, q, nc, B, H, j0, j1)
                         for b in range(b0, b1):
-                            if b + AHEAD < b1 and s < lens[b + AHEAD]:
+                            if not by_rows and b + AHEAD < b1 and s < lens[b + AHEAD]:
                                 t2 = _step_time(s, lens[b + AHEAD], rev)
                                 if RNN_Y:
                                     _prefetch_units(y[t2, b + AHEAD], H, u0, u1)
