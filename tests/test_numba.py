@@ -74,7 +74,7 @@ def test_layer_norm_by_chunks_and_groups(cell, B):
     register tiles and a leftover row at B = 17), with resets and zoneout, against the float64 oracle at the contract's
     bounds."""
     T = 5
-    assert nb._chunks(LN_CHUNKED_H, B, layer_norm=True) == (3, False)
+    assert nb._chunks(LN_CHUNKED_H, B, 0, layer_norm=True) == (3, False)
     for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 2e-5)]:
         args, cot = layer_norm_problem(
             cell, T, B, LN_CHUNKED_H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=dtype, seed=B
@@ -133,7 +133,7 @@ def test_row_blocks_thread_count_independent(cell):
     try:
         for n, plan in ((1, (1, False)), (_two_threads(), (2, True))):
             torch.set_num_threads(n)
-            assert nb._chunks(H, B) == plan
+            assert nb._chunks(H, B, 0) == plan
     finally:
         torch.set_num_threads(threads)
     one, two = (_results_on_threads(cell, args, cot, n) for n in (1, 2))
@@ -242,7 +242,7 @@ def test_more_chunks_than_threads(cell, threads, by_rows, monkeypatch):
     args, cot = contract_problem(cell, T, B, H, P, lengths=mixed_lengths(T, B))
     expected = run_contract(reference, cell, args, cot, True)
 
-    def chunks(H, B, layer_norm=False, proj=False):
+    def chunks(H, B, weight_bytes, layer_norm=False, proj=False):
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
         return 5, by_rows and not proj
 

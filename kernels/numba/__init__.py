@@ -82,25 +82,33 @@ def _lens(lengths, T, B):
 
 # layer_norm's chunks: one per this many hidden units, at most LN_MAX_CHUNKS
 LN_CHUNK, LN_MAX_CHUNKS = 64, 16
+# the most `w_hh` that each of more than two threads streams every step when the batch splits into blocks of rows
+ROWS_MAX_WEIGHT_BYTES = 1 << 19
 
 
-def _chunks(H, B, layer_norm=False, proj=False):
+def _chunks(H, B, weight_bytes, layer_norm=False, proj=False):
     """`(nc, by_rows)`: the chunks of each phase and whether they are blocks of rows instead of hidden units.
 
-    Chunks of hidden units: one per thread of numba's pool that torch's thread count allows. Below 64 units (where
-    chunks of fewer than 32 units cost more in waits per step than they share) one block of rows per thread, each at
-    least a tile of rows (`loops.TILE_ROWS`), every row's product as in one block; else one chunk, run on the calling
-    thread (also with a projection `proj`, default False). With `layer_norm` (default False) one chunk per `LN_CHUNK`
+    One chunk per thread of numba's pool that torch's thread count allows: blocks of batch rows, each at least a tile
+    of rows (`loops.TILE_ROWS`), where they split the rows evenly (the larger at most 4/3 of the smaller; below 64
+    units however they split them) and each thread can keep the whole `w_hh`, of `weight_bytes` (at most
+    `ROWS_MAX_WEIGHT_BYTES`, or two threads); else chunks of hidden units, or below 64 units (where chunks of fewer
+    than 32 units cost more in waits per step than they share) one chunk, run on the calling thread. With a
+    projection `proj` (default False) no blocks of rows. With `layer_norm` (default False) one chunk per `LN_CHUNK`
     units, at most `LN_MAX_CHUNKS`: fixed by the shape, so that its results do not depend on the thread count (its
     product's sums follow the chunks' bounds)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
     if layer_norm:
         return max(1, min(H // LN_CHUNK, LN_MAX_CHUNKS)), False
-    if H >= 64:
-        return threads, False
     blocks = min(threads, B // loops.TILE_ROWS)
-    return (blocks, True) if blocks > 1 and not proj else (1, False)
+    if blocks > 1 and not proj:
+        sizes = [b1 - b0 for b0, b1 in (loops.row_block(True, q, blocks, B) for q in range(blocks))]
+        even = 3 * max(sizes) <= 4 * min(sizes)
+        fits = threads <= 2 or weight_bytes <= ROWS_MAX_WEIGHT_BYTES
+        if H < 64 or (even and fits):
+            return blocks, True
+    return (threads, False) if H >= 64 else (1, False)
 
 
 # compiled entry point of each float32 loop: its arguments' numba types follow from the loop (contiguous float32
@@ -191,7 +199,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     P = w_hh.shape[1]
     ct = compute_dtype(gx.dtype)
     options, resets, zoneout, layer_norm = _options(cell, ext, T, B, H, P, ct, w_hr)
-    nc, by_rows = _chunks(H, B, layer_norm, w_hr is not None)
+    nc, by_rows = _chunks(H, B, w_hh.numel() * w_hh.element_size(), layer_norm, w_hr is not None)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     x, w = _np(gx, ct), _np(w_hh, ct)
     bias = _np(b_hh, ct) if b_hh is not None else np.zeros(G, dtype=x.dtype)
@@ -233,7 +241,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     H = hidden_size(cell, w_hh)
     ct = saved.dtype
     options, resets, zoneout, layer_norm = _options(cell, ext, T, B, H, P, ct, w_hr)
-    nc, by_rows = _chunks(H, B, layer_norm, w_hr is not None)
+    nc, by_rows = _chunks(H, B, w_hh.numel() * w_hh.element_size(), layer_norm, w_hr is not None)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
     d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
     # layer_norm's gradients of `ln_hh`, `b_hh` (and LSTM's `ln_c_weight`, `ln_c_bias`), per row

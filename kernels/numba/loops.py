@@ -8,7 +8,7 @@ the step before, or `h0`. State buffers (`h`, `c`, `dh`, `dc`) come in holding t
 final one. Each phase splits hidden units (or state columns) into `nc` contiguous chunks; a chunk does both the
 recurrent product for its rows of the weights and the pointwise math for its units. With `by_rows` (a runtime
 argument) a chunk is instead a block of batch rows, every unit: its rows' product, on weights packed as one chunk of
-units, and their pointwise math (`_row_block`). A loop is a serial function that
+units (each chunk packing a share), and their pointwise math (`row_block`). A loop is a serial function that
 every thread runs whole with its own `tid`: each phase of a step (one per step, two with a projection or layer_norm) is
 `nc` chunks that threads claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of
 the earlier phases is done (`sync`); `tid` 0 returns once the last is. A thread that never runs only leaves its chunks
@@ -532,6 +532,16 @@ def _pack_gates(w, wp, G, H, j0, j1, panel):
         pack(w, wp, panel + g * step, g * H + j0, g * H + j1)
 
 
+@njit(**_OPTS)
+def _pack_share(w, wp, G, n, q, nc):
+    # chunk `q`'s share, whole panels, of `_pack_gates(w, wp, G, n, 0, n, 0)`: the same panels, packed by `nc` chunks
+    W = wp.shape[2]
+    step = panel_count(n, W)
+    p0, p1 = q * step // nc, (q + 1) * step // nc
+    for g in range(G):
+        pack(w, wp, g * step + p0, g * n + p0 * W, g * n + min(n, p1 * W))
+
+
 def panels(w, B, T, G, n, nc):
     """Room for `pack` to hold, per chunk, `G` segments of up to `ceil(n / nc)` rows of `w [N, K]`; none when the
     `B` rows of `a` make no whole tile, or when `T` steps of them are too few to repay the packing.
@@ -585,9 +595,9 @@ def _split(d, keep, direct, j0, j1):
 
 
 @njit(**_OPTS)
-def _row_block(by_rows, q, nc, B):
-    # rows [b0, b1) of chunk q: its block when `by_rows`, else every row; blocks start at whole tiles of rows, so that
-    # each row's product takes the path (a tile or dot products) it takes in one block
+def row_block(by_rows, q, nc, B):
+    """Rows `[b0, b1)` of chunk `q` of `nc`: its block of the `B` rows when `by_rows`, else every row. Blocks start at
+    whole tiles of rows, so that each row's product takes the path (a tile or dot products) it takes in one block."""
     if not by_rows:
         return 0, B
     b0 = q * B // nc // TILE_ROWS * TILE_ROWS if q > 0 else 0
@@ -600,7 +610,7 @@ def _cell_span(by_rows, q, nc, B, H, j0, j1):
     # rows [b0, b1) and units [u0, u1) of chunk q's cell math: its block of rows, every unit, when `by_rows`
     # (layer_norm's, or a loop's split into blocks of rows), else every row, its units [j0, j1)
     if by_rows:
-        b0, b1 = _row_block(True, q, nc, B)
+        b0, b1 = row_block(True, q, nc, B)
         return b0, b1, 0, H
     return 0, B, j0, j1
 
@@ -984,10 +994,10 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         for k in range(nc):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
-                # by rows: one chunk of units, which chunk 0 packs
-                if not by_rows or q == 0:
-                    uc = 1 if by_rows else nc
-                    _pack_gates(w_hh, wp, gates, H, q * H // uc, (q + 1) * H // uc, q * span)
+                if by_rows:  # one chunk of units, packed by every chunk
+                    _pack_share(w_hh, wp, gates, H, q, nc)
+                else:
+                    _pack_gates(w_hh, wp, gates, H, q * H // nc, (q + 1) * H // nc, q * span)
                 if PROJ:
                     pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
                 if RESETS:
@@ -1009,7 +1019,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                         continue
                     j0, j1 = (0, H) if by_rows else (q * H // nc, (q + 1) * H // nc)
                     if ph == 0:
-                        r0, r1 = _row_block(by_rows, q, nc, B)
+                        r0, r1 = row_block(by_rows, q, nc, B)
                         panel = 0 if by_rows else q * span
                         _gate_rows(cur[r0:r1], w_hh, wp, gh[r0:r1], gates, H, j0, j1, panel, s % 2 == 1)
                     if ph == CELL_PH:
@@ -1124,9 +1134,10 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         for k in range(nc):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
-                if not by_rows or q == 0:
-                    uc = 1 if by_rows else nc
-                    pack(w_hh_t, wp, q * span, q * P // uc, (q + 1) * P // uc)
+                if by_rows:
+                    _pack_share(w_hh_t, wp, 1, P, q, nc)
+                else:
+                    pack(w_hh_t, wp, q * span, q * P // nc, (q + 1) * P // nc)
                 if PROJ:
                     pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
                 _end(sync)
@@ -1141,7 +1152,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                         continue
                     j0, j1 = (0, H) if by_rows else (q * H // nc, (q + 1) * H // nc)
                     p0, p1 = (0, P) if by_rows else (q * P // nc, (q + 1) * P // nc)
-                    r0, r1 = _row_block(by_rows, q, nc, B)
+                    r0, r1 = row_block(by_rows, q, nc, B)
                     if ph == 0 and i > 0:
                         dap, panel = da[(s + 1) % 2], 0 if by_rows else q * span
                         rows = dap[r0:r1], dhp[r0:r1], dhz[r0:r1], lens[r0:r1]
