@@ -980,7 +980,8 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         `ZONEOUT`, RNN's `h~` and LSTM's carried `c` after them; with `LAYER_NORM`, from slot `LN`, the normalised
         product `[G*H]`, LSTM's normalised `c~` `[H]`, the product's `rstd` and LSTM's `c~`'s. `ext`: the options,
         `(zero [T, B], keep_h [T, B, P], keep_c [T, B, H], ln_hh [G*H], ln_c_weight [H], ln_c_bias [H])` (see
-        `keep_row`), read only where `RESETS` / `ZONEOUT` / `LAYER_NORM`."""
+        `keep_row`), read only where `RESETS` / `ZONEOUT` / `LAYER_NORM`. `by_rows`: the chunks are blocks of rows
+        (not with `PROJ` or `LAYER_NORM`)."""
         zero, keep_h, keep_c, ln_hh, ln_cw, ln_cb = ext
         T, B, GH = gx.shape
         H = GH // G
@@ -1123,7 +1124,8 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         (`[0, 0]` without) to which each row adds its gradients of `ln_hh`, `b_hh` (and LSTM's `ln_c_weight`,
         `ln_c_bias`) over its steps. Zoneout's `h = k h_in +
         (1 - k) h~` passes `k dh` straight back (`dzo`) and `(1 - k) dh` into the cell; likewise `c`. A reset step
-        reads zeros (`zrow`) for `c_prev` and GRU's `h_prev` and passes zero `dh` and `dc` back."""
+        reads zeros (`zrow`) for `c_prev` and GRU's `h_prev` and passes zero `dh` and `dc` back. `by_rows` as the
+        forward's."""
         zero, keep_h, keep_c, ln_hh, ln_cw, ln_cb, sums = ext
         T, B, P = dy.shape
         GH = w_hh_t.shape[1]
