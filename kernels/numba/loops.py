@@ -1157,8 +1157,9 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                     r0, r1 = row_block(by_rows, q, nc, B)
                     if ph == 0 and i > 0:
                         dap, panel = da[(s + 1) % 2], 0 if by_rows else q * span
-                        rows = dap[r0:r1], dhp[r0:r1], dhz[r0:r1], lens[r0:r1]
-                        _dh_prev(rows[0], w_hh_t, wp, rows[1], rows[2], rows[3], s + 1, dh[r0:r1], p0, p1, panel)
+                        _dh_prev(
+                            dap[r0:r1], w_hh_t, wp, dhp[r0:r1], dhz[r0:r1], lens[r0:r1], s + 1, dh[r0:r1], p0, p1, panel
+                        )
                         if ZONEOUT:
                             for b in range(r0, r1):
                                 if s + 1 < lens[b]:
