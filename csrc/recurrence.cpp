@@ -366,7 +366,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
                                                 const c10::optional<at::Tensor>& b_ih, const at::Tensor& w_hh,
                                                 const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                 const c10::optional<at::Tensor>& c0,
-                                                const c10::optional<at::Tensor>& w_hr, int64_t chunk,
+                                                const c10::optional<at::Tensor>& w_hr,
+                                                const c10::optional<at::Tensor>& zero, int64_t chunk,
                                                 int64_t fwd_plan, int64_t bwd_plan, bool poison, bool copy_y) {
     const bool lstm = cell == LSTM;
     const auto [b_fold, b_h] = folded_biases(cell, b_hh);
@@ -377,9 +378,10 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const bool in_loop = copy_y && compute_type(x.scalar_type()) == x.scalar_type();
     const at::Tensor y_copy = in_loop ? output({xs.size(0), xs.size(1), P}, x.options(), poison) : at::Tensor();
     auto [y, hT, cT, saved] = fwd_into(cell, c10::nullopt, xs, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt,
-                                       w_hr, reverse, true, chunk, fwd_plan, poison, at::Tensor(), at::Tensor(),
-                                       c10::nullopt, {}, {}, y_copy);
-    ctx->save_for_backward({x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved});
+                                       w_hr, reverse, true, chunk, fwd_plan, poison, at::Tensor(), at::Tensor(), zero,
+                                       {}, {}, y_copy);
+    ctx->save_for_backward(
+        {x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved, defined(zero)});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["chunk"] = chunk;
@@ -391,14 +393,15 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     return {y_out, hT};
   }
 
-  // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, fwd_plan, bwd_plan, poison, copy_y).
+  // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, chunk, fwd_plan, bwd_plan, poison,
+  // copy_y).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved_tensors = ctx->get_saved_variables();
     const at::Tensor &x = saved_tensors[0], &w_ih = saved_tensors[1], &w_hh = saved_tensors[2];
     const at::Tensor &b_ih = saved_tensors[3], &b_hh = saved_tensors[4], &h0 = saved_tensors[5];
     const at::Tensor &c0 = saved_tensors[6], &w_hr = saved_tensors[7], &y = saved_tensors[8];
-    const at::Tensor& saved = saved_tensors[9];
+    const at::Tensor &saved = saved_tensors[9], &zero = saved_tensors[10];
     const int64_t cell = ctx->saved_data["cell"].toInt();
     const bool reverse = ctx->saved_data["reverse"].toBool(), lstm = cell == LSTM;
     const bool has_b_ih = b_ih.defined(), has_b_hh = b_hh.defined();
@@ -413,9 +416,9 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that can be differentiated again
       const std::array<bool, 8> need{need_x, need_w_ih, need_b_ih, need_w_hh, need_b_hh, need_h0, need_c0, need_w_hr};
       const auto wanted = layer_grads().call(cell, reverse, steps(x), w_ih, maybe(b_ih), w_hh, maybe(b_hh), h0,
-                                             maybe(c0), maybe(w_hr), maybe(grads[0]), maybe(grads[1]),
+                                             maybe(c0), maybe(w_hr), maybe(zero), maybe(grads[0]), maybe(grads[1]),
                                              lstm ? maybe(grads[2]) : c10::nullopt, need);
-      torch::autograd::variable_list out(15);
+      torch::autograd::variable_list out(16);
       for (size_t k = 0, next = 0; k < need.size(); ++k)
         if (need[k]) out[2 + k] = wanted.at(next++);
       if (need_x) out[2] = out[2].view(x.sizes());
@@ -428,15 +431,9 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     auto [dgx, dgh, dh0, dc0, dw_hr, ln_grads] =
         bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
             ctx->saved_data["chunk"].toInt(), ctx->saved_data["plan"].toInt(), ctx->saved_data["poison"].toBool(),
-            need_h0, c10::nullopt, c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
-    // dw_hh as `seqfast.autograd.hidden_grads` forms it (no lengths): the step from h0, then y shifted by a step
+            need_h0, maybe(zero), c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
     const int64_t T = y.size(0);
     const at::Tensor dgh3 = cell == GRU ? *dgh : dgx, dgh2 = dgh3.flatten(0, -2);
-    std::vector<std::pair<at::Tensor, at::Tensor>> pairs{{dgh3.select(0, reverse ? T - 1 : 0), h0.to(y.scalar_type())}};
-    if (T > 1)
-      pairs.emplace_back(dgh3.slice(0, reverse ? 0 : 1, reverse ? T - 1 : T).flatten(0, -2),
-                         y.slice(0, reverse ? 1 : 0, reverse ? T : T - 1).flatten(0, -2));
-    const at::Tensor dw_hh = weight_grad(pairs).to(w_hh.scalar_type());
     const bool separate_b_hh = cell == GRU && has_b_hh;  // b_hh stays in the recurrence (see folded_biases)
     const at::Tensor db_h = separate_b_hh ? dgh2.sum(0).to(w_hh.scalar_type()) : at::Tensor();
     const bool need_db_x = need_b_ih || (need_b_hh && !separate_b_hh);
@@ -445,10 +442,19 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor dw_ih = need_w_ih ? weight_grad({{dgx2, x2}}).to(w_ih.scalar_type()) : at::Tensor();
     const at::Tensor db_x = need_db_x ? dgx2.sum(0).to(w_ih.scalar_type()) : at::Tensor();
     const at::Tensor db_hh = separate_b_hh ? db_h : db_x;
+    // a step that starts from zero (resets) adds nothing to dw_hh: its rows of dgh, read by nothing else from here
+    // on, are zeroed instead of its states (which `seqfast.autograd.hidden_grads` forms, a copy of y)
+    if (zero.defined()) dgh2.index_fill_(0, zero.flatten().nonzero().squeeze(1), 0);
+    // dw_hh as `seqfast.autograd.hidden_grads` forms it (no lengths): the step from h0, then y shifted by a step
+    std::vector<std::pair<at::Tensor, at::Tensor>> pairs{{dgh3.select(0, reverse ? T - 1 : 0), h0.to(y.scalar_type())}};
+    if (T > 1)
+      pairs.emplace_back(dgh3.slice(0, reverse ? 0 : 1, reverse ? T - 1 : T).flatten(0, -2),
+                         y.slice(0, reverse ? 1 : 0, reverse ? T : T - 1).flatten(0, -2));
+    const at::Tensor dw_hh = weight_grad(pairs).to(w_hh.scalar_type());
     return {at::Tensor(), at::Tensor(), dx, dw_ih, need_b_ih ? db_x : at::Tensor(), dw_hh,
             need_b_hh ? db_hh : at::Tensor(), dh0, lstm ? *dc0 : at::Tensor(),
             w_hr.defined() ? *dw_hr : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
+            at::Tensor(), at::Tensor()};
   }
 
  private:
@@ -457,7 +463,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
       int64_t, bool, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
       const c10::optional<at::Tensor>&, const at::Tensor&, const c10::optional<at::Tensor>&,
       const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-      const c10::optional<at::Tensor>&, c10::ArrayRef<bool>);
+      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, c10::ArrayRef<bool>);
   static const c10::TypedOperatorHandle<LayerGrads>& layer_grads() {
     static const auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("seqfast::layer_grads", "").typed<LayerGrads>();
@@ -475,10 +481,10 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> layer(
     int64_t cell, bool reverse, const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
-    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& w_hr, int64_t chunk, int64_t fwd_plan,
-    int64_t bwd_plan, bool poison, bool copy_y) {
-  const auto out = EagerLayer::apply(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, chunk, fwd_plan, bwd_plan,
-                                     poison, copy_y);
+    const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& zero,
+    int64_t chunk, int64_t fwd_plan, int64_t bwd_plan, bool poison, bool copy_y) {
+  const auto out = EagerLayer::apply(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, chunk, fwd_plan,
+                                     bwd_plan, poison, copy_y);
   return {out[0], out[1], out.size() > 2 ? c10::make_optional(out[2]) : c10::nullopt};
 }
 

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from . import dispatch
 from .kernels import reference
-from .kernels.common import CELL_IDS, GATES, compute_dtype, fused_arg
+from .kernels.common import CELL_IDS, GATES, Extensions, compute_dtype, fused_arg
 from .linear import bias_sum, preactivations, project_backward, weight_grad
 
 
@@ -189,9 +189,14 @@ def h_prev(y, h0, lengths, reverse, zero=None):
             prev = torch.index_put(prev, (last, torch.arange(y.shape[1], device=y.device)), h0[0])
     if zero is None:
         return prev
-    # more than one step: `prev` is a new tensor, masked in place
-    mask = zero.unsqueeze(-1)
-    return prev.masked_fill(mask, 0) if y.shape[0] == 1 else prev.masked_fill_(mask, 0)
+    if y.shape[0] == 1:
+        return prev.masked_fill(zero.unsqueeze(-1), 0)
+    # more than one step: `prev` is a new tensor, zeroed in place; on CPU row by row (a broadcast mask costs 10x
+    # more), elsewhere by the mask (finding the rows would wait for the device)
+    if not prev.is_cpu:
+        return prev.masked_fill_(zero.unsqueeze(-1), 0)
+    prev.view(-1, prev.shape[2]).index_fill_(0, zero.flatten().nonzero().squeeze(1), 0)
+    return prev
 
 
 def _hidden_grads(
@@ -199,9 +204,9 @@ def _hidden_grads(
 ) -> tuple[Tensor, Tensor]:
     """`w_hh`'s and `b_hh`'s gradients summed over all steps: `dgh^T h_prev` and `dgh`'s sum.
 
-    Without resets the step that starts from `h0` (the first; in reverse each sequence's own last) is one product and
-    every other step's `h_prev` is `y` shifted by one step, read in place: `y` is zero past a sequence's length,
-    where `dgh` is zero too. With resets `h_prev` is formed (`h_prev`).
+    The step that starts from `h0` (the first; in reverse each sequence's own last) is one product and every other
+    step's `h_prev` is `y` shifted by one step, read in place: `y` is zero past a sequence's length, where `dgh` is
+    zero too. With resets `h_prev` is formed (`h_prev`), in the same two products unless with `lengths` too.
 
     Args:
         dgh: `[T, B, G*H]`; y: `[T, B, P]`; h0: `[B, P]`; lengths: `[B]` int64 or None; reverse: as the forward ran;
@@ -211,7 +216,7 @@ def _hidden_grads(
         `dw_hh [G*H, P]` in `dgh`'s dtype, `db_hh [G*H]` (`[0]` unless `need_db`).
     """
     db = dgh.flatten(0, 1).sum(0) if need_db else dgh.new_empty(0)
-    if zero is not None:
+    if zero is not None and lengths is not None:
         return weight_grad((dgh.flatten(0, 1), h_prev(y, h0, lengths, reverse, zero).flatten(0, 1))), db
     T, B, _ = dgh.shape
     if not reverse:
@@ -220,10 +225,14 @@ def _hidden_grads(
         first = dgh[T - 1]
     else:
         first = dgh[(lengths.to(dgh.device) - 1).clamp(min=0), torch.arange(B, device=dgh.device)]
-    pairs = [(first, h0.to(y.dtype))]
+    if zero is None:
+        first_state, states = h0.to(y.dtype), (y[1:] if reverse else y[:-1])
+    else:
+        prev = h_prev(y, h0, None, reverse, zero)
+        first_state, states = (prev[T - 1], prev[:-1]) if reverse else (prev[0], prev[1:])
+    pairs = [(first, first_state)]
     if T > 1:
-        steps, states = (dgh[:-1], y[1:]) if reverse else (dgh[1:], y[:-1])
-        pairs.append((steps.flatten(0, 1), states.flatten(0, 1)))
+        pairs.append(((dgh[:-1] if reverse else dgh[1:]).flatten(0, 1), states.flatten(0, 1)))
     return weight_grad(*pairs), db
 
 
@@ -395,15 +404,17 @@ _CELL_NAMES = {i: name for name, i in CELL_IDS.items()}
 _library = torch.library.Library("seqfast", "FRAGMENT")
 _library.define(
     "layer_grads(int cell, bool reverse, Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, "
-    "Tensor? c0, Tensor? w_hr, Tensor? dy, Tensor? dhT, Tensor? dcT, bool[] need) -> Tensor[]"
+    "Tensor? c0, Tensor? w_hr, Tensor? zero, Tensor? dy, Tensor? dhT, Tensor? dcT, bool[] need) -> Tensor[]"
 )
 
 
-def _layer_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, dy, dhT, dcT, need):
-    """`differentiable_grads` for a cell id and no `lengths`, the wanted gradients only (zeros for one the outputs
-    do not reach): the op the cpp backend's node calls back when its backward must be differentiable."""
+def _layer_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, dy, dhT, dcT, need):
+    """`differentiable_grads` for a cell id, no `lengths` and resets' `zero` (or None), the wanted gradients only
+    (zeros for one the outputs do not reach): the op the cpp backend's node calls back when its backward must be
+    differentiable."""
     inputs = (x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
-    grads = differentiable_grads(_CELL_NAMES[cell], reverse, *inputs[:7], None, w_hr, dy, dhT, dcT, need)
+    ext = None if zero is None else Extensions(zero=zero)
+    grads = differentiable_grads(_CELL_NAMES[cell], reverse, *inputs[:7], None, w_hr, dy, dhT, dcT, need, ext)
     return [torch.zeros_like(t) if g is None else g for t, g, wanted in zip(inputs, grads, need, strict=True) if wanted]
 
 

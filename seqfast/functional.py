@@ -445,7 +445,10 @@ def rnn(
     fast = eager(x, h0, c0, lengths, *chain.from_iterable(weights))
     args = (cell, x, h0, c0, weights, num_layers, bidirectional, dropout, training, lengths)
     if extended:
-        return _stack(fast, *args, backend, options)
+        # resets alone run on the backend's own node where a call without options would
+        alone = fast and lengths is None and zoneout == 0 and layer_norm is None
+        node = _own_nodes(cell, x, h0, c0, weights, bidirectional, backend) if alone else None
+        return _stack(fast, *args, backend, options, node)
     run = _rnn_runner(fast, requested, *args, backend)
     if fast and key is not None and lengths is None:
         _remember(key, run)
@@ -530,7 +533,8 @@ def _stack(
             if node is not None:
                 # the last layer's output, which its node keeps, handed out as a copy (see below)
                 copy_y = directions == 1 and i == num_layers - 1
-                y, hT, cT = node.layer(cell, d == 1, x, w_ih, b_ih, w_hh, b_hh, h0s[k], c0s[k], w_hr, copy_y)
+                zero = None if ext is None else ext.zero
+                y, hT, cT = node.layer(cell, d == 1, x, w_ih, b_ih, w_hh, b_hh, h0s[k], c0s[k], w_hr, copy_y, zero)
             else:
                 y, hT, cT = _layer(
                     fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0s[k], c0s[k], w_hr, lengths, d == 1, backend, kernels, ext

@@ -243,6 +243,47 @@ def test_frozen_parameters_same_on_both_paths(backend, cell, frozen):
         assert torch.equal(a, e)
 
 
+@pytest.mark.parametrize("steps", [1, 7])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_cpp_node_runs_resets_as_the_custom_ops(cell, steps):
+    """Resets alone take the cpp backend's own node, which zeroes the reset steps' rows of the gradient that its
+    `w_hh` gradient reads instead of their states: outputs and every gradient bitwise the custom ops', through two
+    layers and both directions; with zoneout too the call takes `Layer`."""
+    pytest.importorskip("seqfast.kernels.cpp", reason="seqfast._C is not built")
+    _, ours = twins(cell, 5, 7, "cpp", num_layers=2, bidirectional=True)
+    x = torch.randn(steps, 4, 5, requires_grad=True)
+    resets = torch.rand(steps, 4, generator=torch.Generator().manual_seed(1)) < 0.3
+    resets[0, 0] = resets[-1, 1] = True
+
+    def call(module):
+        return module(x, resets=resets)
+
+    eager_out, eager_grads = run_with_grads(ours, call, [x])
+    assert _grad_fn_names(call(ours)) <= {"CppFunction", "StackBackward0", "CatBackward0"}
+    with PassThroughFunctions():
+        op_out, op_grads = run_with_grads(ours, call, [x])
+    for a, e in zip(eager_out + eager_grads, op_out + op_grads, strict=True):
+        assert torch.equal(a, e)
+    zoned = seqfast.__dict__[type(ours).__name__](5, 7, backend="cpp", zoneout=0.1).eval()
+    assert "LayerBackward" in _grad_fn_names(zoned(x, resets=resets))
+
+
+def test_cpp_node_differentiates_its_backward_with_resets():
+    """Under `create_graph=True` the cpp backend's own node with resets gives the first-order gradients of a plain
+    backward, with a graph."""
+    pytest.importorskip("seqfast.kernels.cpp", reason="seqfast._C is not built")
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    lstm = seqfast.LSTM(3, 5, backend="cpp", dtype=torch.float64)
+    resets = torch.tensor([[False, True], [True, False], [False, False], [False, True]])
+    out, _ = lstm(x, resets=resets)
+    assert _grad_fn_names(out) == {"CppFunction"}
+    grads = torch.autograd.grad(out.sum(), [x, lstm.weight_hh_l0], create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    plain = torch.autograd.grad(lstm(x, resets=resets)[0].sum(), [x, lstm.weight_hh_l0])
+    for g, p in zip(grads, plain, strict=True):
+        torch.testing.assert_close(g, p, rtol=1e-12, atol=1e-14)
+
+
 def test_cpp_node_differentiates_its_backward():
     """The cpp backend's own node under `create_graph=True`: its gradients carry a graph and equal the first-order
     ones a plain backward gives."""
