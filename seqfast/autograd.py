@@ -319,6 +319,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dhT, dcT, _dsaved):
+    return _backward_on(recurrence_backward, hidden_grads, ctx, dy, dhT, dcT)
+
+
+def _backward_on(run_backward, run_hidden_grads, ctx, dy, dhT, dcT):
+    """The gradients of `recurrence`'s inputs (see `_grads` for `run_backward` and `run_hidden_grads`)."""
     if not ctx.need_saved:
         raise RuntimeError(
             "seqfast: this recurrence ran without saving its workspace (no input required grad when it ran); "
@@ -329,8 +334,8 @@ def _backward(ctx, dy, dhT, dcT, _dsaved):
         dgx, dw_hh, db_hh, dh0, dc0, dw_hr, *d_gains = _second_order(ctx, gx, tensors, dy, dhT, dcT)
     else:
         dgx, dw_hh, db_hh, dh0, dc0, dw_hr, *d_gains = _grads(
-            recurrence_backward,
-            hidden_grads,
+            run_backward,
+            run_hidden_grads,
             ctx.backend,
             ctx.cell,
             ctx.reverse,
@@ -369,6 +374,24 @@ def _autograd_grads(outputs, grad_outputs, inputs, need):
 
 
 recurrence.register_autograd(_backward, setup_context=_setup_context)
+
+
+class Recurrence(torch.autograd.Function):
+    """`seqfast::recurrence` on the eager path: the same forward and backward (the plain functions behind the custom
+    ops), without the custom ops' dispatch, which costs about 0.5 ms a call (GRU H256 B16 T32, Ice Lake).
+
+    `apply` takes all of `recurrence`'s arguments, the `layer_norm` gains included; returns as `recurrence`.
+    """
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _recurrence(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, dhT, dcT, _dsaved):
+        return _backward_on(_recurrence_backward, _hidden_grads, ctx, dy, dhT, dcT)
 
 
 def folded_biases(cell, b_hh):

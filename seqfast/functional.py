@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, native
-from .autograd import Layer, folded_biases
+from .autograd import Layer, Recurrence, folded_biases
 from .kernels import reference
 from .kernels.common import GATES, LN_EPS, Extensions, time_index
 from .linear import bias_sum, fused, linear, plain, preactivations
@@ -268,8 +268,9 @@ def _given(ext):
 def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext):
     """`layer` with options (`ext`), on the backend dispatch picks among those that run them all. A fused backend
     (one that runs the call's options) takes `_layer`'s paths with them passed along, but for `layer_norm`, whose
-    input LayerNorm torch runs around the input GEMM (differentiated by autograd) before the custom op; the reference
-    runs the same projection and its forward, differentiated by autograd."""
+    input LayerNorm torch runs around the input GEMM (differentiated by autograd) before the recurrence (`Recurrence`
+    on the eager path, else the custom op); the reference runs the same projection and its forward, differentiated
+    by autograd."""
     options = ext.options()
     name = dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, options)  # x stands for gx
     if name == "reference":
@@ -283,9 +284,9 @@ def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, le
         return _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext)
     gx = _input_projection(x, w_ih, bias_sum(b_ih, b_fold), ext, linear)
     need_saved = need_grad or torch.jit.is_tracing()
-    y, hT, cT, _ = torch.ops.seqfast.recurrence(
-        name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, *ext.fused(), *ext.gains()
-    )
+    run = Recurrence.apply if fast else torch.ops.seqfast.recurrence
+    args = (name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, *ext.fused(), *ext.gains())
+    y, hT, cT, _ = run(*args)
     return y, hT, cT if cell == "lstm" else None
 
 

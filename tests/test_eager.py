@@ -268,6 +268,31 @@ def test_cpp_node_runs_resets_as_the_custom_ops(cell, steps):
     assert "LayerBackward" in _grad_fn_names(zoned(x, resets=resets))
 
 
+@pytest.mark.parametrize("cell", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("backend", [p for p in CPU_BACKENDS if p.values[0] != "reference"])
+def test_layer_norm_eager_recurrence_is_the_custom_ops(backend, cell):
+    """With layer_norm a fused backend's eager path runs the recurrence as `seqfast.autograd.Recurrence` after torch's
+    LayerNorm of the input projection: outputs and every gradient bitwise the custom ops', with resets and zoneout
+    too."""
+    options = {"num_layers": 2, "bidirectional": True, "layer_norm": True, "zoneout": 0.2}
+    ours = getattr(seqfast, cell)(5, 7, backend=backend, **options)
+    x = torch.randn(6, 3, 5, requires_grad=True)
+    resets = torch.rand(6, 3, generator=torch.Generator().manual_seed(2)) < 0.3
+
+    def call(module):
+        torch.manual_seed(0)
+        return module(x, resets=resets)
+
+    eager_out, eager_grads = run_with_grads(ours, call, [x])
+    one_layer = getattr(seqfast, cell)(5, 7, backend=backend, layer_norm=True)
+    assert _grad_fn_names(one_layer(x)[0]) == {"RecurrenceBackward"}
+    with PassThroughFunctions():
+        assert _grad_fn_names(one_layer(x)[0]) != {"RecurrenceBackward"}
+        op_out, op_grads = run_with_grads(ours, call, [x])
+    for a, e in zip(eager_out + eager_grads, op_out + op_grads, strict=True):
+        assert torch.equal(a, e)
+
+
 def test_cpp_node_differentiates_its_backward_with_resets():
     """Under `create_graph=True` the cpp backend's own node with resets gives the first-order gradients of a plain
     backward, with a graph."""
