@@ -179,7 +179,7 @@ def run(args):
     groups = _dtype_groups(_shapes(args), args.dtype)
     env = harness.environment(device)
     threads = args.threads if device.type == "cpu" else [torch.get_num_threads()]
-    per_threads = sum(2 + len(shapes) * len(args.modes) * len(usable) for _, shapes in groups)
+    per_threads = sum(2 + len(shapes) * len(args.modes) for _, shapes in groups)
     progress = report.Progress(len(threads) * per_threads)
     table = report.Table([s.id for _, shapes in groups for s in shapes], [p.name for p in usable])
     progress.write(table.header())
@@ -197,9 +197,9 @@ def run(args):
                     continue
                 shape_rows = []
                 for mode in args.modes:
-                    for provider in usable:
-                        progress.step(f"{n} thr {dtype_name} {shape.id} {mode} {provider.name}")
-                        result = harness.measure(shape, provider, mode, dtype, device, n, args.min_run_time)
+                    progress.step(f"{n} thr {dtype_name} {shape.id} {mode}")
+                    results = harness.measure_in_turns(shape, usable, mode, dtype, device, n, args.min_run_time)
+                    for provider, result in zip(usable, results, strict=True):
                         gflops = result.get("gflops")
                         shape_rows.append(
                             env

@@ -717,6 +717,44 @@ def time_fn(fn, device="cpu", threads=None, min_run_time=0.2):
     times = list(m.times)
     while len(times) < MIN_SAMPLES:
         times += timer.timeit(m.number_per_run).times
+    return _summary(times)
+
+
+def time_in_turns(fns, device="cpu", threads=None, min_run_time=0.2):
+    """Time zero-argument callables against each other: `time_fn` for each on CUDA or when there is one; on CPU in
+    rounds, one block of calls of each per round, the first callable of a round moving on by one each time, until
+    each has `MIN_SAMPLES` blocks and `min_run_time` seconds of them. A machine whose speed drifts over seconds (a
+    shared VM's) then slows all of them alike, and none always runs right after the same other; the medians of
+    callables timed one after the other, each in its own 0.2 s, moved 20-50% between runs on such a machine.
+
+    Args:
+        fns: the callables; device, threads, min_run_time: as in `time_fn`.
+
+    Returns:
+        `list[Timing]`, in the order of `fns`.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" or len(fns) < 2:
+        return [time_fn(fn, device, threads, min_run_time) for fn in fns]
+    from torch.utils.benchmark import Timer
+
+    timers = [Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads or torch.get_num_threads()) for fn in fns]
+    for fn in fns:
+        fn()
+    # each callable's block size, from a short run that also warms it up
+    blocks = [timer.blocked_autorange(min_run_time=min_run_time / MIN_SAMPLES).number_per_run for timer in timers]
+    times, spent = [[] for _ in fns], [0.0] * len(fns)
+    while min(map(len, times)) < MIN_SAMPLES or min(spent) < min_run_time:
+        first = len(times[0]) % len(fns)
+        for i in [*range(first, len(fns)), *range(first)]:
+            (seconds,) = timers[i].timeit(blocks[i]).times
+            times[i].append(seconds)
+            spent[i] += seconds * blocks[i]
+    return [_summary(t) for t in times]
+
+
+def _summary(times):
+    """`Timing` of per-call `times`, one per block: their median and 20th / 80th percentiles."""
     quantiles = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
     median, p20, p80 = torch.tensor(times, dtype=torch.float64).quantile(quantiles).tolist()
     return Timing(median, p20, p80, len(times))
@@ -918,43 +956,63 @@ def environment(device="cpu"):
 
 
 def measure(shape, provider, mode, dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2):
-    """Gate, then time, one provider on one shape and mode.
+    """`measure_in_turns` of one provider.
+
+    Returns:
+        The provider's `dict`.
+    """
+    return measure_in_turns(shape, [provider], mode, dtype, device, threads, min_run_time)[0]
+
+
+def measure_in_turns(shape, providers, mode, dtype=torch.float32, device="cpu", threads=None, min_run_time=0.2):
+    """Gate each provider on one shape and mode, then time those that pass against each other (`time_in_turns`).
 
     The gate checks `gate_problem(shape, mode)`: a decoder's recurrent module at one step, the module in `fwd` for
     `kernel` mode.
 
     Args:
-        shape: `Shape`; provider: `Provider`; mode: a mode of `ALL_MODES`.
+        shape: `Shape`; providers: `Provider`s; mode: a mode of `ALL_MODES`.
         dtype: default float32; device: default `cpu`; threads: default current; min_run_time: default 0.2 s.
 
     Returns:
-        `dict` with `status` (`ok`, `UNSUPPORTED`, `FAILED-GATE` or `ERROR`), `message`, `gate_err`, `gate_tol`,
-        and when `ok` also `median_ms`, `p20_ms`, `p80_ms`, `samples`, `tokens_per_s` (real tokens per second),
-        `gflops` (`flops(shape, mode)` per second, in GFLOP/s) and `step_us` (microseconds per time step: per
-        decoded token in the decode modes).
+        A `dict` per provider, in order, with `status` (`ok`, `UNSUPPORTED`, `FAILED-GATE` or `ERROR`), `message`,
+        `gate_err`, `gate_tol`, and when `ok` also `median_ms`, `p20_ms`, `p80_ms`, `samples`, `tokens_per_s` (real
+        tokens per second), `gflops` (`flops(shape, mode)` per second, in GFLOP/s) and `step_us` (microseconds per
+        time step: per decoded token in the decode modes).
     """
-    row = dict(status="ok", message="", gate_err=None, gate_tol=TOLERANCES[dtype])
-    reason = unfit(shape, provider, mode, device) or unsupported(shape, provider, dtype, device)
-    if reason is not None:
-        return row | dict(status="UNSUPPORTED", message=reason)
-    gate_shape, gate_mode = gate_problem(shape, mode)
-    result = gate(gate_shape, provider, gate_mode, dtype, device)
-    row |= dict(gate_err=result.error, gate_tol=result.tol, message=result.message)
-    if not result.passed:
-        return row | dict(status="FAILED-GATE")
-    try:
-        timing = time_provider(shape, provider, mode, dtype, device, threads, min_run_time)
-    except Exception as e:  # noqa: BLE001 - a provider that passes its gate but fails when timed is reported
-        return row | dict(status="ERROR", message=f"{type(e).__name__}: {e}".splitlines()[0])
-    return row | dict(
-        median_ms=timing.median * 1e3,
-        p20_ms=timing.p20 * 1e3,
-        p80_ms=timing.p80 * 1e3,
-        samples=timing.samples,
-        tokens_per_s=shape.tokens() / timing.median,
-        gflops=flops(shape, mode) / timing.median / 1e9,
-        step_us=timing.median * 1e6 / shape.time,
-    )
+    rows, steps = [], {}
+    for i, provider in enumerate(providers):
+        row = dict(status="ok", message="", gate_err=None, gate_tol=TOLERANCES[dtype])
+        rows.append(row)
+        reason = unfit(shape, provider, mode, device) or unsupported(shape, provider, dtype, device)
+        if reason is not None:
+            row |= dict(status="UNSUPPORTED", message=reason)
+            continue
+        gate_shape, gate_mode = gate_problem(shape, mode)
+        result = gate(gate_shape, provider, gate_mode, dtype, device)
+        row |= dict(gate_err=result.error, gate_tol=result.tol, message=result.message)
+        if not result.passed:
+            row["status"] = "FAILED-GATE"
+            continue
+        try:
+            step = setup(shape, provider, mode, dtype, device).step
+            step()
+        except Exception as e:  # noqa: BLE001 - a provider that passes its gate but fails when run is reported
+            row |= dict(status="ERROR", message=f"{type(e).__name__}: {e}".splitlines()[0])
+            continue
+        steps[i] = step
+    timings = time_in_turns(list(steps.values()), device, threads, min_run_time)
+    for i, timing in zip(steps, timings, strict=True):
+        rows[i] |= dict(
+            median_ms=timing.median * 1e3,
+            p20_ms=timing.p20 * 1e3,
+            p80_ms=timing.p80 * 1e3,
+            samples=timing.samples,
+            tokens_per_s=shape.tokens() / timing.median,
+            gflops=flops(shape, mode) / timing.median / 1e9,
+            step_us=timing.median * 1e6 / shape.time,
+        )
+    return rows
 
 
 def warm(shape, provider, mode, dtype_name, device, cudnn_fp32=None):

@@ -27,6 +27,25 @@ def test_time_fn_takes_enough_samples_for_its_percentiles():
     assert timing.p20 <= timing.median <= timing.p80
 
 
+def test_time_in_turns_alternates_blocks_and_times_each_callable():
+    """Blocks of the callables alternate (each round starting one further on, so at least one switch a round), each
+    gets its samples, and a callable twice as slow reads about twice the time."""
+    calls = []
+
+    def sleeper(name, seconds):
+        def fn():
+            calls.append(name)
+            time.sleep(seconds)
+
+        return fn
+
+    fast, slow = harness.time_in_turns([sleeper("a", 0.002), sleeper("b", 0.004)], min_run_time=0.02)
+    assert fast.samples >= harness.MIN_SAMPLES and slow.samples >= harness.MIN_SAMPLES
+    assert 1.5 < slow.median / fast.median < 2.5
+    switches = sum(a != b for a, b in zip(calls, calls[1:], strict=False))
+    assert switches >= harness.MIN_SAMPLES
+
+
 def test_row_warnings_name_the_load_and_a_slow_gemm():
     clean = dict(loadavg=1.5, threads=2, gemm_gflops=95.0, gemm_end_gflops=100.0, gemm_best_gflops=110.0)
     assert report.row_warnings(clean) == []
@@ -103,13 +122,14 @@ def fake_runs(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(harness, "gemm_rate", lambda *args: next(rates))
     output, printed = [], {}
 
-    def measure(shape, provider, mode, *args):
+    def measure_in_turns(shape, providers, mode, *args):
         output.append(capsys.readouterr().out)
         printed.setdefault(shape.id, "".join(output))
         timing = dict(median_ms=2.0, p20_ms=1.9, p80_ms=2.2, samples=harness.MIN_SAMPLES)
-        return dict(status="ok", message="", gate_err=0.0, gate_tol=1e-4, tokens_per_s=1e5, gflops=10.0) | timing
+        row = dict(status="ok", message="", gate_err=0.0, gate_tol=1e-4, tokens_per_s=1e5, gflops=10.0) | timing
+        return [dict(row) for _ in providers]
 
-    monkeypatch.setattr(harness, "measure", measure)
+    monkeypatch.setattr(harness, "measure_in_turns", measure_in_turns)
 
     def run(*argv):
         argv = ["--shapes", "gru-H256-B16-T32,lstm-H512-B1-T32", "--providers", "torch", "--threads", "2", *argv]

@@ -248,9 +248,10 @@ def test_frozen_parameters_same_on_both_paths(backend, cell, frozen):
 def test_cpp_node_runs_resets_as_the_custom_ops(cell, steps):
     """Resets alone take the cpp backend's own node, which zeroes the reset steps' rows of the gradient that its
     `w_hh` gradient reads instead of their states: outputs and every gradient bitwise the custom ops', through two
-    layers and both directions; with zoneout too the call takes `Layer`."""
+    layers and both directions (LSTM with a projection); with zoneout too the call takes `Layer`."""
     pytest.importorskip("seqfast.kernels.cpp", reason="seqfast._C is not built")
-    _, ours = twins(cell, 5, 7, "cpp", num_layers=2, bidirectional=True)
+    extra = {"proj_size": 3} if cell == "lstm" else {}
+    _, ours = twins(cell, 5, 7, "cpp", num_layers=2, bidirectional=True, **extra)
     x = torch.randn(steps, 4, 5, requires_grad=True)
     resets = torch.rand(steps, 4, generator=torch.Generator().manual_seed(1)) < 0.3
     resets[0, 0] = resets[-1, 1] = True
