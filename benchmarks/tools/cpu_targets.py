@@ -4,7 +4,8 @@ Usage: `python -m benchmarks.tools.cpu_targets --backend cpp` (or `--backend num
 
 Every row goes through the benchmark harness (`benchmarks.harness`): the seqfast module forced onto the backend
 under `SEQFAST_STRICT=1` against torch.nn from the same `state_dict`, one layer, `batch_first`, float32, each gated
-against torch.nn before it is timed (a failing gate fails the row), timed at the process's thread count.
+against torch.nn before it is timed (a failing gate fails the row), timed at the process's thread count, in turns
+with what it is compared with (`harness.time_in_turns`).
 """
 
 import argparse
@@ -57,12 +58,12 @@ TARGETS = {
 }
 
 
-def _timed(shape, provider, mode, min_run_time):
-    """Seconds per call of `provider` after its gate, or the gate's failure message."""
-    result = harness.gate(shape, provider, mode)
-    if not result.passed:
-        return None, f"gate failed: {result.message}"
-    return harness.time_provider(shape, provider, mode, min_run_time=min_run_time).median, result.message
+def _in_turns(shapes, providers, mode, min_run_time):
+    """Seconds per call of each `(shape, provider)` pair, timed against each other (`harness.time_in_turns`)."""
+    steps = [harness.setup(shape, provider, mode).step for shape, provider in zip(shapes, providers, strict=True)]
+    for step in steps:
+        step()
+    return [t.median for t in harness.time_in_turns(steps, min_run_time=min_run_time)]
 
 
 def _projection_gemm_rate(shape, min_run_time):
@@ -76,17 +77,19 @@ def _projection_gemm_rate(shape, min_run_time):
 def run(row, provider, min_run_time):
     """`(measured value or None, detail)` for one row."""
     shape, mode = row["shape"], row["mode"]
-    t_ours, gate = _timed(shape, provider, mode, min_run_time)
-    if t_ours is None:
-        return None, gate
+    result = harness.gate(shape, provider, mode)
+    if not result.passed:
+        return None, f"gate failed: {result.message}"
+    gate = result.message
     if row["kind"] == "packed":
         padded = Shape(shape.cell, shape.hidden, shape.batch, shape.time, shape.input, batch_first=shape.batch_first)
-        t_padded = harness.time_provider(padded, provider, mode, min_run_time=min_run_time).median
+        t_ours, t_padded = _in_turns([shape, padded], [provider, provider], mode, min_run_time)
         return t_ours / t_padded, f"packed {t_ours * 1e3:.2f} ms, padded T={shape.time} {t_padded * 1e3:.2f} ms"
     if row["kind"] == "gemm":
+        (t_ours,) = _in_turns([shape], [provider], mode, min_run_time)
         rate, best = harness.flops(shape, mode) / t_ours / 1e9, _projection_gemm_rate(shape, min_run_time)
         return rate / best, f"{rate:.0f} GF/s vs the layer's input GEMM at {best:.0f} GF/s ({gate})"
-    t_ref, _ = _timed(shape, harness.TORCH, mode, min_run_time)
+    t_ref, t_ours = _in_turns([shape, shape], [harness.TORCH, provider], mode, min_run_time)
     return t_ref / t_ours, f"torch {t_ref * 1e3:.2f} ms, seqfast {t_ours * 1e3:.2f} ms ({gate})"
 
 
