@@ -22,6 +22,10 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 # at a size and every larger one to be used from it, and is used above the largest.
 _CALIBRATION_MACS = (1 << 20, 1 << 22, 1 << 24, 1 << 26)
 _CALIBRATION_RUNS = 4
+# No product runs on oneDNN: where it is slower at the largest size timed. Taking it from twice that size instead sent
+# the input projections of LSTM H256 B16 T32 and larger to oneDNN on Ice Lake, where it ran 1.0-1.13x BLAS's time,
+# and their calls with grad off the cpp backend's own node (which takes plain GEMMs only): fwd+bwd 9.0 against 10.3 ms.
+_NEVER = 1 << 62
 # The threshold while compiling before any eager call has measured it.
 _DEFAULT_MIN_MACS = 1 << 20
 _min_macs = {}  # by thread count, for this process
@@ -30,8 +34,8 @@ _min_macs = {}  # by thread count, for this process
 def onednn_min_macs():
     """The multiply-adds from which a float32 CPU product runs on oneDNN rather than torch's BLAS, at the current
     thread count: `SEQFAST_ONEDNN_MIN_MACS` when set; else the smallest size of `_CALIBRATION_MACS` at which
-    oneDNN's best of `_CALIBRATION_RUNS` runs is no slower than BLAS's, there and at every larger size (twice the
-    largest when none). Measured once per machine and thread count (about 50 ms) and kept with the native route's
+    oneDNN's best of `_CALIBRATION_RUNS` runs is no slower than BLAS's, there and at every larger size (`_NEVER`
+    when none). Measured once per machine and thread count (about 50 ms) and kept with the native route's
     calibrations (`seqfast.native.cache_path`)."""
     setting = dispatch.env("SEQFAST_ONEDNN_MIN_MACS")
     if setting:
@@ -48,8 +52,8 @@ def onednn_min_macs():
 def _calibrate_onednn():
     """The threshold `onednn_min_macs` describes, timed here."""
     if not _ONEDNN:
-        return 1 << 62
-    threshold = 2 * _CALIBRATION_MACS[-1]
+        return _NEVER
+    threshold = _NEVER
     for macs in reversed(_CALIBRATION_MACS):
         blas_s, onednn_s = _best_times(macs)
         if onednn_s > blas_s:
