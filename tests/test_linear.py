@@ -31,9 +31,14 @@ def _timings(onednn_faster):
     ],
     ids=["everywhere", "from-16M", "not-at-4M", "not-at-64M", "nowhere"],
 )
-def test_calibration_takes_the_smallest_size_from_which_onednn_is_never_slower(monkeypatch, onednn_faster, expected):
+def test_calibration_takes_the_smallest_size_from_which_onednn_is_always_faster(monkeypatch, onednn_faster, expected):
     monkeypatch.setattr(linear, "_best_times", _timings(onednn_faster))
     assert linear._calibrate_onednn() == expected
+
+
+def test_calibration_leaves_a_near_tie_to_blas(monkeypatch):
+    monkeypatch.setattr(linear, "_best_times", lambda macs: (1.0, 1.0 - linear._ONEDNN_MARGIN / 2))
+    assert linear._calibrate_onednn() == linear._NEVER
 
 
 def test_threshold_is_measured_once_per_machine_and_thread_count(monkeypatch, fresh_calibration):
