@@ -247,24 +247,8 @@ def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, copy_y=False, 
     """
     T, c0 = x.shape[0] if x.dim() == 3 else 1, c0 if cell == "lstm" else None
     chunk, fwd_plan, bwd_plan = _tuning(cell, x.dtype, T, w_hh, h0.shape[0], w_hr)
-    return _C.layer(
-        CELL_IDS[cell],
-        reverse,
-        x,
-        w_ih,
-        b_ih,
-        w_hh,
-        b_hh,
-        h0,
-        c0,
-        w_hr,
-        zero,
-        chunk,
-        fwd_plan,
-        bwd_plan,
-        poisoning(),
-        copy_y,
-    )
+    settings = (chunk, fwd_plan, bwd_plan, poisoning(), copy_y)
+    return _C.layer(CELL_IDS[cell], reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, *settings)
 
 
 def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False, ext=None):

@@ -61,8 +61,6 @@ TARGETS = {
 def _in_turns(shapes, providers, mode, min_run_time):
     """Seconds per call of each `(shape, provider)` pair, timed against each other (`harness.time_in_turns`)."""
     steps = [harness.setup(shape, provider, mode).step for shape, provider in zip(shapes, providers, strict=True)]
-    for step in steps:
-        step()
     return [t.median for t in harness.time_in_turns(steps, min_run_time=min_run_time)]
 
 
