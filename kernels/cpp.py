@@ -55,10 +55,12 @@ def _chunk(cell, w_hh, batch):
 # BLAS, its steps split into blocks of rows or chunks of hidden units.
 PLANS = {"packed-rows": 0, "blas-rows": 1, "packed-units": 2, "blas-units": 3}
 # A plan's calibration runs at most this many steps of the call, enough for packing to be repaid as in a long call (at
-# 8, the plans picked for `LSTM(200)` B20 ran its 35 steps 10-50% slower than the fastest), in turns of `_PLAN_TURNS`
-# runs of each plan after one untimed, each turn a block of runs of about `_PLAN_BLOCK_S`.
+# 8, the plans picked for `LSTM(200)` B20 ran its 35 steps 10-50% slower than the fastest), in `_PLAN_TURNS` turns of
+# a block of runs of each plan (about `_PLAN_BLOCK_S`) after one untimed run, each turn starting one plan further on
+# (for `LSTM(200)` B20 on a shared VM, whose speed drifts, three turns in one order picked a forward plan 17-22% slower
+# than the fastest in 2 of 30 calibrations, and a slower backward plan in 3; five rotated turns neither in 30).
 _PLAN_STEPS = 32
-_PLAN_TURNS = 3
+_PLAN_TURNS = 5
 _PLAN_BLOCK_S = 5e-4
 # (cell, dtype, T, B, w_hh's shape, unprojected, SEQFAST_CPP_PLAN) -> (chunk, fwd plan, bwd plan)
 _tunings = {}
@@ -127,7 +129,8 @@ def _time_plans(cell, dtype, T, B, H, P, proj, fwd_choices, bwd_choices):
 
 
 def _fastest(run, plans):
-    """The plan of `plans` whose best turn of `run(plan)` took the least time (the first of equals)."""
+    """The plan of `plans` whose best turn of `run(plan)` took the least time (the first of equals; see
+    `_PLAN_TURNS`)."""
     if len(plans) == 1:
         return plans[0]
 
@@ -139,8 +142,9 @@ def _fastest(run, plans):
 
     block = max(1, int(_PLAN_BLOCK_S / max(min(timed(plan, 1) for plan in plans), 1e-9)))
     best = {plan: float("inf") for plan in plans}
-    for _ in range(_PLAN_TURNS):
-        for plan in plans:
+    for turn in range(_PLAN_TURNS):
+        for i in range(len(plans)):
+            plan = plans[(turn + i) % len(plans)]
             best[plan] = min(best[plan], timed(plan, block))
     return min(plans, key=best.__getitem__)
 

@@ -56,8 +56,9 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # remembered function runs it (see `seqfast.functional.remembered`); 3, the backward from a dense cotangent; 4, the
 # cpp backend's plans (`seqfast.kernels.cpp`) and its faster float32 GEMM tiles; 5, the backend timed against torch's
 # op named in the key, and the cpp backend's cheaper float32 tanh and exp; 6, the cpp backend's plans timed over up to
-# 32 steps; 7, oneDNN's threshold not extrapolated past the sizes timed (`seqfast.linear.onednn_min_macs`).
-_REVISION = 7
+# 32 steps; 7, oneDNN's threshold not extrapolated past the sizes timed (`seqfast.linear.onednn_min_macs`); 8, the cpp
+# plans timed in five rotated turns.
+_REVISION = 8
 
 # the route's answer per call signature, so that a repeated call formats no key
 _routes = {}
