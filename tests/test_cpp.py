@@ -231,6 +231,23 @@ def test_plans_calibrated_once_per_machine(cpp, monkeypatch, empty_calibration_c
         run_contract(cpp, "lstm", args, cot, False)
 
 
+def test_plans_timed_in_rotated_turns_by_their_best(cpp, monkeypatch):
+    """A calibration runs each plan once untimed, then `_PLAN_TURNS` turns of a block of runs of each, each turn
+    starting one plan further on, and picks the plan whose best turn was fastest: plan 3, slow in its first turn, over
+    plan 1, steadily a little slower than 3's other turns."""
+    clock, order = [0.0], []
+    turns = {0: iter([2.0] * 5), 1: iter([1.8] * 5), 3: iter([5.0] + [1.5] * 4)}
+
+    def run(plan):
+        clock[0] += next(turns[plan]) if len(order) >= 3 else 1.0
+        order.append(plan)
+
+    monkeypatch.setattr(cpp.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(cpp, "_PLAN_BLOCK_S", 0.0)
+    assert cpp._fastest(run, [0, 1, 3]) == 3
+    assert order[3:] == [0, 1, 3, 1, 3, 0, 3, 0, 1, 0, 1, 3, 1, 3, 0]
+
+
 def test_packed_weights_across_calls(cpp):
     """Each thread keeps its packed weights' memory for the next call: calls that grow, shrink and change cells in
     turn still match the reference."""
