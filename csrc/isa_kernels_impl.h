@@ -54,8 +54,8 @@ struct OpsF32 {
   static V splat(float x) { return x - V{}; }
   // The first `m` lanes from `p`, the others zero; the full-width branch has a constant size, so it compiles to one
   // vector move, and a partial one is a masked move where the instruction set has one (a memcpy call otherwise,
-  // around which every live vector is spilled: on AVX-512, 1 thread, `LSTM(200)` B20's loops took 12-29% more time
-  // per multiply-add than `LSTM(208)`'s, with its 8-lane tails; 1-13% with masked moves).
+  // around which every live vector is spilled: on AVX-512, 1 thread, `LSTM(200)` B20's loops, whose rows end in an
+  // 8-lane partial vector, took 12-29% more time per multiply-add than `LSTM(208)`'s; 1-13% with masked moves).
   SEQFAST_INLINE static V load(const float* p, int m) {
     V v = {};
     if (m == W) {
