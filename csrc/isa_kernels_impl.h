@@ -35,12 +35,65 @@ namespace SEQFAST_ISA {
 constexpr int n_gates(int cell) { return cell == LSTM ? 4 : cell == GRU ? 3 : 1; }
 constexpr int lanes(int64_t w, int64_t left) { return static_cast<int>(left < w ? left : w); }
 
-// An integer vector whose first `m` lanes are all ones (-1) and the others zero: AVX2's masked moves' mask.
-template <class I>
+// An integer vector whose first `m` of its `W` lanes are all ones (-1) and the others zero: AVX2's masked moves' mask.
+template <class I, int W>
 SEQFAST_INLINE inline I lanes_below(int m) {
   I index;
-  for (int i = 0; i < static_cast<int>(sizeof(I) / sizeof(index[0])); ++i) index[i] = i;
+  for (int i = 0; i < W; ++i) index[i] = i;
   return index < m;
+}
+
+// The first `m` of the `W` lanes of a vector `V` of `T` from `p`, the others zero (`load_lanes`), or from `v` to `p`
+// (`store_lanes`); `I`: the integer vector of `V`'s lane width. The full-width branch has a constant size, so it
+// compiles to one vector move, and a partial one is a masked move where the instruction set has one (a memcpy call
+// otherwise, around which every live vector is spilled: on AVX-512, 1 thread, `LSTM(200)` B20's loops, whose rows end
+// in an 8-lane partial vector, took 12-29% more time per multiply-add than `LSTM(208)`'s; 1-13% with masked moves).
+template <class V, class I, class T, int W>
+SEQFAST_INLINE inline V load_lanes(const T* p, int m) {
+  V v = {};
+  if (m == W) {
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+#if SEQFAST_MASKED_MOVES && SEQFAST_VBYTES == 64
+  if constexpr (sizeof(T) == 4) {
+    return (V)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << m) - 1), p);
+  } else {
+    return (V)_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << m) - 1), p);
+  }
+#elif SEQFAST_MASKED_MOVES
+  if constexpr (sizeof(T) == 4) {
+    return (V)_mm256_maskload_ps(p, (__m256i)lanes_below<I, W>(m));
+  } else {
+    return (V)_mm256_maskload_pd(p, (__m256i)lanes_below<I, W>(m));
+  }
+#else
+  std::memcpy(&v, p, sizeof(T) * m);
+  return v;
+#endif
+}
+
+template <class V, class I, class T, int W>
+SEQFAST_INLINE inline void store_lanes(T* p, V v, int m) {
+  if (m == W) {
+    std::memcpy(p, &v, sizeof(V));
+    return;
+  }
+#if SEQFAST_MASKED_MOVES && SEQFAST_VBYTES == 64
+  if constexpr (sizeof(T) == 4) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << m) - 1), (__m512)v);
+  } else {
+    _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << m) - 1), (__m512d)v);
+  }
+#elif SEQFAST_MASKED_MOVES
+  if constexpr (sizeof(T) == 4) {
+    _mm256_maskstore_ps(p, (__m256i)lanes_below<I, W>(m), (__m256)v);
+  } else {
+    _mm256_maskstore_pd(p, (__m256i)lanes_below<I, W>(m), (__m256d)v);
+  }
+#else
+  std::memcpy(p, &v, sizeof(T) * m);
+#endif
 }
 
 struct OpsF32 {
@@ -52,38 +105,8 @@ struct OpsF32 {
   // `x - 0` is `x` for every x (`0 + x` is not, for x = -0), so this compiles to one broadcast, from memory where `x`
   // is loaded (an add first would take an FMA port).
   static V splat(float x) { return x - V{}; }
-  // The first `m` lanes from `p`, the others zero; the full-width branch has a constant size, so it compiles to one
-  // vector move, and a partial one is a masked move where the instruction set has one (a memcpy call otherwise,
-  // around which every live vector is spilled: on AVX-512, 1 thread, `LSTM(200)` B20's loops, whose rows end in an
-  // 8-lane partial vector, took 12-29% more time per multiply-add than `LSTM(208)`'s; 1-13% with masked moves).
-  SEQFAST_INLINE static V load(const float* p, int m) {
-    V v = {};
-    if (m == W) {
-      std::memcpy(&v, p, sizeof(V));
-    } else {
-#if SEQFAST_MASKED_MOVES && SEQFAST_VBYTES == 64
-      v = (V)_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << m) - 1), p);
-#elif SEQFAST_MASKED_MOVES
-      v = (V)_mm256_maskload_ps(p, (__m256i)lanes_below<I>(m));
-#else
-      std::memcpy(&v, p, sizeof(float) * m);
-#endif
-    }
-    return v;
-  }
-  SEQFAST_INLINE static void store(float* p, V v, int m) {
-    if (m == W) {
-      std::memcpy(p, &v, sizeof(V));
-    } else {
-#if SEQFAST_MASKED_MOVES && SEQFAST_VBYTES == 64
-      _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << m) - 1), (__m512)v);
-#elif SEQFAST_MASKED_MOVES
-      _mm256_maskstore_ps(p, (__m256i)lanes_below<I>(m), (__m256)v);
-#else
-      std::memcpy(p, &v, sizeof(float) * m);
-#endif
-    }
-  }
+  SEQFAST_INLINE static V load(const float* p, int m) { return load_lanes<V, I, float, W>(p, m); }
+  SEQFAST_INLINE static void store(float* p, V v, int m) { store_lanes<V, I, float, W>(p, v, m); }
 
   // Cephes expf: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a degree-7 polynomial, times 2^n; +inf above ln(FLT_MAX) as
   // IEEE exp, so that a sigmoid of -inf is exactly 0 and its derivative too. AVX-512's vscalefps forms p 2^n, +inf
@@ -181,35 +204,8 @@ struct OpsF64 {
   typedef int64_t I __attribute__((vector_size(SEQFAST_VBYTES)));
 
   static V splat(double x) { return x - V{}; }
-  // As `OpsF32::load` and `store`.
-  SEQFAST_INLINE static V load(const double* p, int m) {
-    V v = {};
-    if (m == W) {
-      std::memcpy(&v, p, sizeof(V));
-    } else {
-#if SEQFAST_MASKED_MOVES && SEQFAST_VBYTES == 64
-      v = (V)_mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << m) - 1), p);
-#elif SEQFAST_MASKED_MOVES
-      v = (V)_mm256_maskload_pd(p, (__m256i)lanes_below<I>(m));
-#else
-      std::memcpy(&v, p, sizeof(double) * m);
-#endif
-    }
-    return v;
-  }
-  SEQFAST_INLINE static void store(double* p, V v, int m) {
-    if (m == W) {
-      std::memcpy(p, &v, sizeof(V));
-    } else {
-#if SEQFAST_MASKED_MOVES && SEQFAST_VBYTES == 64
-      _mm512_mask_storeu_pd(p, static_cast<__mmask8>((1u << m) - 1), (__m512d)v);
-#elif SEQFAST_MASKED_MOVES
-      _mm256_maskstore_pd(p, (__m256i)lanes_below<I>(m), (__m256d)v);
-#else
-      std::memcpy(p, &v, sizeof(double) * m);
-#endif
-    }
-  }
+  SEQFAST_INLINE static V load(const double* p, int m) { return load_lanes<V, I, double, W>(p, m); }
+  SEQFAST_INLINE static void store(double* p, V v, int m) { store_lanes<V, I, double, W>(p, v, m); }
 
   // x + 1.5 * 2^52: x rounded to an integer (ties to even, |x| < 2^51), which then fills the low mantissa bits.
   static V round_shifted(V x) { return x + 6755399441055744.0; }
