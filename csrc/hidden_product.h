@@ -19,6 +19,8 @@ namespace seqfast {
 // at small T reads the weights faster through BLAS than it could pack them, and one row a step gains nothing from
 // panels it does not reuse).
 constexpr int64_t kPackMinSteps = 4, kPackMinRows = 16;
+// Elements of packed panels per thread below which packing stays on the calling thread.
+constexpr int64_t kPackPerThread = int64_t(1) << 16;
 
 // The recurrent product of one call, chunk by chunk, straight from `w [G*H, P]`: forward, gate by gate,
 // `C[n, g*n_j : (g+1)*n_j] = h[n, P] w[g*H + j0 : g*H + j0 + n_j]^T`; backward `C[n, n_j] = da[n, G*H]
@@ -42,16 +44,17 @@ class HiddenProduct {
         offsets_.resize(nch * nb + 1, 0);
         for (int64_t i = 0; i < nch * nb; ++i) offsets_[i + 1] = offsets_[i] + K * round_up(width(i / nb));
         packed_ = buffer_.emplace(offsets_.back()).data();
-        at::parallel_for(0, nch, 1, [&](int64_t begin, int64_t end) {
-          for (int64_t c = begin; c < end; ++c) {
-            if (backward_) {
-              kern_.pack(K, width(c), w_ + c * hc_, P_, 1, packed_ + offsets_[c]);
-              continue;
-            }
-            for (int64_t g = 0; g < G_; ++g)
-              kern_.pack(K, width(c), w_ + (g * H_ + c * hc_) * P_, 1, P_, packed_ + offsets_[c * G_ + g]);
+        // the panels of every block over the threads, `kPackPerThread` elements a thread at least
+        const int64_t panel = K * kern_.nr;
+        auto pack_range = [&](int64_t begin, int64_t end) {
+          for (int64_t q = begin; q < end;) {
+            const int64_t i = std::upper_bound(offsets_.begin(), offsets_.end(), q * panel) - offsets_.begin() - 1;
+            const int64_t q1 = std::min(end, offsets_[i + 1] / panel);
+            pack_panels(i / nb, i % nb, q - offsets_[i] / panel, q1 - q, packed_ + q * panel);
+            q = q1;
           }
-        });
+        };
+        at::parallel_for(0, offsets_.back() / panel, std::max<int64_t>(1, kPackPerThread / panel), pack_range);
         return;
       }
     }
@@ -88,6 +91,14 @@ class HiddenProduct {
       if (packed_) return kern_.gemm(n, n_j, depth(), A, lda, packed_ + offsets_[i], accumulate, C, ldc);
     }
     step_gemm<T>(kern_, tb, n, n_j, depth(), A, lda, B, P_, T(accumulate), C, ldc);
+  }
+  // Panels `[p, p + np)` of chunk `c`'s block `g` (its gate, forward) into `dst`.
+  void pack_panels(int64_t c, int64_t g, int64_t p, int64_t np, T* dst) const {
+    if constexpr (std::is_same_v<T, float>) {
+      const int64_t j = p * kern_.nr, n = std::min(width(c), (p + np) * kern_.nr) - j;
+      if (backward_) return kern_.pack(depth(), n, w_ + c * hc_ + j, P_, 1, dst);
+      kern_.pack(depth(), n, w_ + (g * H_ + c * hc_ + j) * P_, 1, P_, dst);
+    }
   }
   int64_t blocks() const { return backward_ ? 1 : G_; }
   int64_t depth() const { return backward_ ? G_ * H_ : P_; }
