@@ -13,7 +13,7 @@
 #include "isa_kernels.h"
 
 #define SEQFAST_INLINE __attribute__((always_inline))
-// Masked vector moves for partial vectors: AVX-512's and AVX2's (SSE has none)
+// Masked vector moves for partial vectors: AVX-512's and AVX2's (SSE has none); with them, AVX's shuffles for `pack`
 #if defined(__x86_64__) && defined(__GNUC__) && SEQFAST_VBYTES > 16
 #define SEQFAST_MASKED_MOVES 1
 #include <immintrin.h>
