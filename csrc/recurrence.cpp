@@ -51,52 +51,46 @@ c10::optional<at::Tensor> as(const c10::optional<at::Tensor>& t, at::ScalarType 
 
 #if SEQFAST_BLAS
 // Whether `project` can make the BLAS call at::addmm (at::mm without a bias) would make for the product itself.
-bool direct_projection(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b_ih,
-                       const c10::optional<at::Tensor>& b_fold) {
+bool direct_projection(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   const auto dt = x.scalar_type();
   const bool blas = dt == at::kFloat ? have_blas<float>() : dt == at::kDouble && have_blas<double>();
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0;
-  return blas && w.scalar_type() == dt && (!b_ih || b_ih->scalar_type() == dt) &&
-         (!b_fold || b_fold->scalar_type() == dt) && x.is_contiguous() && w.is_contiguous() && w.dim() == 2 &&
+  return blas && w.scalar_type() == dt && (!b || b->scalar_type() == dt) && x.is_contiguous() && w.is_contiguous() &&
+         w.dim() == 2 &&
          w.size(1) == K && M > 0 && K > 0 && M < INT_MAX && K < INT_MAX && w.size(0) < INT_MAX;
 }
 
-// `gx [M, N] = x [M, K] w^T + b_ih + b_fold`: the biases' sum copied to every row, then one GEMM adding to it.
+// `gx [M, N] = x [M, K] w^T + b`: the bias copied to every row, then one GEMM adding to it.
 template <typename T>
-void project_blas(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b_ih,
-                  const c10::optional<at::Tensor>& b_fold, const at::Tensor& gx) {
+void project_blas(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b, const at::Tensor& gx) {
   const int64_t N = w.size(0), K = w.size(1), M = x.numel() / K;
   T* c = gx.data_ptr<T>();
-  const at::Tensor bi = b_ih ? b_ih->contiguous() : at::Tensor(), bf = b_fold ? b_fold->contiguous() : at::Tensor();
-  const T* pi = bi.defined() ? bi.data_ptr<T>() : nullptr;
-  const T* pf = bf.defined() ? bf.data_ptr<T>() : nullptr;
-  if (pi || pf) {
-    for (int64_t n = 0; n < N; ++n) c[n] = pi && pf ? pi[n] + pf[n] : pi ? pi[n] : pf[n];
+  const at::Tensor bias = b ? b->contiguous() : at::Tensor();
+  if (bias.defined()) {
+    std::copy_n(bias.data_ptr<T>(), N, c);
     // on every thread: a long gx's copies, serial, left the others waiting for up to a fifth of a small-I call
     at::parallel_for(1, M, std::max<int64_t>(1, (int64_t{1} << 15) / N), [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) std::copy_n(c, N, c + m * N);
     });
   }
-  step_gemm<T>(isa_kernels(), true, M, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, T(pi || pf), c, N);
+  step_gemm<T>(isa_kernels(), true, M, N, K, x.data_ptr<T>(), K, w.data_ptr<T>(), K, T(bias.defined()), c, N);
 }
 #endif
 
-// `F.linear(x, w, b_ih + b_fold)` (either bias may be None) with the ops `seqfast.linear.project` runs for it. The
+// `F.linear(x, w, b)` (`b` may be None) with the ops `seqfast.linear.project` runs for it. The
 // products it gets (`project` leaves large float32 ones to oneDNN) go straight to the BLAS call at::addmm would make,
 // bitwise the same result without at::linear's dispatch; one row (a step of B = 1) to the matrix-vector kernel, which
 // `seqfast.linear.project` then calls here too.
-at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b_ih,
-                   const c10::optional<at::Tensor>& b_fold) {
+at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = w.size(0);
 #if SEQFAST_BLAS
-  if (direct_projection(x, w, b_ih, b_fold)) {
+  if (direct_projection(x, w, b)) {
     const at::Tensor gx = output(sizes, x.options(), false);
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast_project", [&] { project_blas<scalar_t>(x, w, b_ih, b_fold, gx); });
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast_project", [&] { project_blas<scalar_t>(x, w, b, gx); });
     return gx;
   }
 #endif
-  const c10::optional<at::Tensor> b = b_ih && b_fold ? c10::make_optional(at::add(*b_ih, *b_fold)) : b_ih ? b_ih : b_fold;
   if (x.is_contiguous()) return at::linear(x, w, b);
   return at::linear(x.reshape({-1, x.size(-1)}), w, b).reshape(sizes);
 }
@@ -142,8 +136,8 @@ LayerNormArgs layer_norm_in(const LayerNormArgs& ln, at::ScalarType dt, int64_t 
 
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_into(
     int64_t cell, const c10::optional<at::Tensor>& gx_given, const c10::optional<at::Tensor>& x,
-    const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh_in, const c10::optional<at::Tensor>& b_hh_in,
+    const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_x, const at::Tensor& w_hh_in,
+    const c10::optional<at::Tensor>& b_hh_in,
     const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
     const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, int64_t plan, bool poison,
     const at::Tensor& hT_out, const at::Tensor& cT_out, const c10::optional<at::Tensor>& zero = c10::nullopt,
@@ -151,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(gx_given.has_value() != (x.has_value() && w_ih.has_value()), "give gx, or x and w_ih to form it");
-  const at::Tensor gx_in = gx_given ? *gx_given : project(*x, *w_ih, b_ih, b_fold);
+  const at::Tensor gx_in = gx_given ? *gx_given : project(*x, *w_ih, b_x);
   TORCH_CHECK(gx_in.dim() == 3, "gx must be [T, B, G*H]");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
   const auto io = gx_in.scalar_type(), dt = compute_type(io);
@@ -197,23 +191,25 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
 // `fwd_into` allocating every output.
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
     int64_t cell, const c10::optional<at::Tensor>& gx, const c10::optional<at::Tensor>& x,
-    const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_ih,
-    const c10::optional<at::Tensor>& b_fold, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh,
+    const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_x, const at::Tensor& w_hh,
+    const c10::optional<at::Tensor>& b_hh,
     const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& w_hr, bool reverse, bool need_saved, int64_t chunk, int64_t plan, bool poison,
     const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& keep_h,
     const c10::optional<at::Tensor>& keep_c, double keep, const c10::optional<at::Tensor>& ln_hh,
     const c10::optional<at::Tensor>& ln_c_weight, const c10::optional<at::Tensor>& ln_c_bias) {
-  return fwd_into(cell, gx, x, w_ih, b_ih, b_fold, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, chunk, plan,
+  return fwd_into(cell, gx, x, w_ih, b_x, w_hh, b_hh, h0, c0, lengths, w_hr, reverse, need_saved, chunk, plan,
                   poison, at::Tensor(), at::Tensor(), zero, {keep_h, keep_c, keep}, {ln_hh, ln_c_weight, ln_c_bias});
 }
 
-// `(b_fold, b_h)`: the part of `b_hh` added to the input projection and the part left to the recurrence, split as
-// `seqfast.autograd.folded_biases` splits it (GRU keeps `b_hh` in the recurrence for its n gate).
+// `(b_x, b_h)`: the bias the input projection adds and the one the recurrence adds, split as
+// `seqfast.autograd.folded_biases` splits them (the recurrence adds both, except GRU's `b_ih`).
 std::pair<c10::optional<at::Tensor>, c10::optional<at::Tensor>> folded_biases(int64_t cell,
+                                                                              const c10::optional<at::Tensor>& b_ih,
                                                                               const c10::optional<at::Tensor>& b_hh) {
-  if (cell == GRU) return {c10::nullopt, b_hh};
-  return {b_hh, c10::nullopt};
+  if (cell == GRU) return {b_ih, b_hh};
+  if (b_ih && b_hh) return {c10::nullopt, at::add(*b_ih, *b_hh)};
+  return {c10::nullopt, b_ih ? b_ih : b_hh};
 }
 
 // A stack's forward without grad, each layer-direction a `fwd` from its input (biases split by `folded_biases`), the
@@ -245,9 +241,9 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
       const auto* w = &weights[5 * k];
       TORCH_CHECK(w[0] && w[1], "a layer-direction's w_ih and w_hh are tensors");
       const auto c0k = lstm ? c10::make_optional(c0->select(0, k)) : c10::nullopt;
-      const auto [b_fold, b_h] = folded_biases(cell, w[3]);
+      const auto [b_x, b_h] = folded_biases(cell, w[2], w[3]);
       auto [y, hT, cT, saved] =
-          fwd_into(cell, c10::nullopt, input, w[0], w[2], b_fold, *w[1], b_h, h0.select(0, k), c0k, c10::nullopt, w[4],
+          fwd_into(cell, c10::nullopt, input, w[0], b_x, *w[1], b_h, h0.select(0, k), c0k, c10::nullopt, w[4],
                    d == 1, false, chunk, plan, poison, hn.select(0, k), lstm ? cn.select(0, k) : at::Tensor());
       outputs.push_back(y);
     }
@@ -264,8 +260,8 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
     const at::Tensor& w_ih, const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_ih,
     const c10::optional<at::Tensor>& b_hh, int64_t chunk, int64_t plan, bool poison) {
   const BelowAutograd below;
-  const auto [b_fold, b_h] = folded_biases(cell, b_hh);
-  auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_ih, b_fold, w_hh, b_h, h0, c0,
+  const auto [b_x, b_h] = folded_biases(cell, b_ih, b_hh);
+  auto [y, hT, cT, saved] = fwd(cell, c10::nullopt, x.unsqueeze(0), w_ih, b_x, w_hh, b_h, h0, c0,
                                 c10::nullopt, c10::nullopt, false, false, chunk, plan, poison, c10::nullopt,
                                 c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
   return {hT, cT};
@@ -370,14 +366,14 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
                                                 const c10::optional<at::Tensor>& zero, int64_t chunk,
                                                 int64_t fwd_plan, int64_t bwd_plan, bool poison, bool copy_y) {
     const bool lstm = cell == LSTM;
-    const auto [b_fold, b_h] = folded_biases(cell, b_hh);
+    const auto [b_x, b_h] = folded_biases(cell, b_ih, b_hh);
     // the backward reads `y`: with `copy_y` the caller gets a copy, which it may change in place; the loop writes it
     // alongside y where no dtype conversion follows
     const at::Tensor xs = steps(x);
     const int64_t P = w_hr ? w_hr->size(0) : w_hh.size(1);
     const bool in_loop = copy_y && compute_type(x.scalar_type()) == x.scalar_type();
     const at::Tensor y_copy = in_loop ? output({xs.size(0), xs.size(1), P}, x.options(), poison) : at::Tensor();
-    auto [y, hT, cT, saved] = fwd_into(cell, c10::nullopt, xs, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, c10::nullopt,
+    auto [y, hT, cT, saved] = fwd_into(cell, c10::nullopt, xs, w_ih, b_x, w_hh, b_h, h0, c0, c10::nullopt,
                                        w_hr, reverse, true, chunk, fwd_plan, poison, at::Tensor(), at::Tensor(), zero,
                                        {}, {}, y_copy);
     ctx->save_for_backward(
@@ -559,7 +555,7 @@ std::string set_isa(const std::string& name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "seqfast C++ CPU recurrences (see seqfast.kernels.cpp for the contract)";
   namespace py = pybind11;
-  m.def("fwd", &seqfast::fwd, "Recurrence forward from gx, or from x, w_ih, b_ih, b_fold: (y, hT, cT or None, saved).",
+  m.def("fwd", &seqfast::fwd, "Recurrence forward from gx, or from x, w_ih, b_x: (y, hT, cT or None, saved).",
         py::call_guard<py::gil_scoped_release>());
   m.def("bwd", &seqfast::bwd,
         "Recurrence backward: (dgx, dgh or None, dh0, dc0 or None, dw_hr or None, layer_norm's [db_hh, d_ln_hh, "
@@ -570,7 +566,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step", &seqfast::step, "A cell's step without grad: (h, c or None).", py::call_guard<py::gil_scoped_release>());
   m.def("project", [](const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
     const seqfast::BelowAutograd below;
-    return seqfast::project(x, w, b, c10::nullopt);
+    return seqfast::project(x, w, b);
   }, "x @ w.T + b over every leading index, as the loops' input projections are formed.",
         py::call_guard<py::gil_scoped_release>());
   m.def("layer", &seqfast::layer, "One layer-direction with grad as an autograd node: (y, hT, cT or None).");

@@ -45,7 +45,7 @@ def compute_dtype(dtype):
 
 
 class Projection(NamedTuple):
-    """Input pre-activations not yet formed: `gx = F.linear(x, w, b)` with `b = b_ih + b_fold` (either may be None).
+    """Input pre-activations not yet formed: `gx = F.linear(x, w, b)` (`b` may be None).
 
     A backend that sets `FUSES_PROJECTION = True` may receive this instead of the `gx` tensor and forms it inside its
     forward call with those same torch ops (`F.linear` of `x`, or of `x` flattened to 2-D when `x` is not contiguous,
@@ -54,8 +54,7 @@ class Projection(NamedTuple):
 
     x: torch.Tensor
     w: torch.Tensor
-    b_ih: torch.Tensor | None
-    b_fold: torch.Tensor | None
+    b: torch.Tensor | None
 
 
 class Extensions(NamedTuple):

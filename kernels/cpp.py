@@ -117,7 +117,7 @@ def _time_plans(cell, dtype, T, B, H, P, proj, fwd_choices, bwd_choices):
 
     def forward(plan):
         return _C.fwd(
-            cell_id, gx, *(None,) * 4, w_hh, b_hh, h0, c0, None, w_hr, False, True, chunk, plan, False, *options
+            cell_id, gx, *(None,) * 3, w_hh, b_hh, h0, c0, None, w_hr, False, True, chunk, plan, False, *options
         )
 
     y, _, _, saved = forward(0)
@@ -181,7 +181,7 @@ def fwd(cell, gx, w_hh, b_hh, h0, c0=None, lengths=None, w_hr=None, reverse=Fals
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None, `saved` (`saved_shape(...)`, or `[0]` when not needed).
     """
-    projection = (None,) * 4
+    projection = (None,) * 3
     steps = gx.x if isinstance(gx, Projection) else gx
     chunk, plan, _ = _tuning(cell, steps.dtype, steps.shape[0], w_hh, h0.shape[0], w_hr)
     if isinstance(gx, Projection):

@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from . import dispatch, native
-from .autograd import Layer, Recurrence, folded_biases
+from .autograd import Layer, Recurrence, folded_biases, projection_bias
 from .kernels import reference
 from .kernels.common import GATES, LN_EPS, Extensions, time_index
-from .linear import bias_sum, fused, linear, plain, preactivations
+from .linear import fused, linear, plain, preactivations
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
@@ -124,7 +124,7 @@ def _step_runner(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, backend):
     if fast and not grad:
         # without grad a step is too small for the native choice to pay for itself (and seqfast's is the faster)
         kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, None, backend)
-        if hasattr(kernels, "step") and fused(kernels, x, w_ih, b_ih, folded_biases(cell, b_hh)[0]):
+        if hasattr(kernels, "step") and fused(kernels, x, w_ih, projection_bias(cell, b_ih)):
             return kernels.step
     ours = functools.partial(_layer_step, fast, backend)
     if fast and grad:
@@ -240,12 +240,12 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
         x = x.unsqueeze(0)
     if fast and need_grad:
         return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, *_NO_OPTIONS)
-    b_fold, b_h = folded_biases(cell, b_hh)
+    b_x, b_h = folded_biases(cell, b_ih, b_hh)
     if fast:
         if kernels is None:
             kernels = _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend)
-        return _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, None)
-    gx = linear(x, w_ih, bias_sum(b_ih, b_fold))
+        return _infer(kernels, cell, x, w_ih, b_x, w_hh, b_h, h0, c0, w_hr, lengths, reverse, None)
+    gx = linear(x, w_ih, b_x)
     name = dispatch.select(cell, gx, w_hh, h0, c0, lengths, w_hr, backend)
     # a trace keeps the flag as a constant, so a traced module saves the workspace whether or not it will need it
     need_saved = need_grad or torch.jit.is_tracing()
@@ -275,14 +275,14 @@ def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, le
     name = dispatch.select(cell, x, w_hh, h0, c0, lengths, w_hr, backend, options)  # x stands for gx
     if name == "reference":
         return _reference_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, ext)
-    b_fold, b_h = folded_biases(cell, b_hh)
+    b_x, b_h = folded_biases(cell, b_ih, b_hh)
     if fast and ext.ln_hh is None:
         if need_grad:
             fused = ext.fused()
             return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, *fused)
         kernels = dispatch.load(name)
-        return _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext)
-    gx = _input_projection(x, w_ih, bias_sum(b_ih, b_fold), ext, linear)
+        return _infer(kernels, cell, x, w_ih, b_x, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext)
+    gx = _input_projection(x, w_ih, b_x, ext, linear)
     need_saved = need_grad or torch.jit.is_tracing()
     run = Recurrence.apply if fast else torch.ops.seqfast.recurrence
     args = (name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, *ext.fused(), *ext.gains())
@@ -292,8 +292,8 @@ def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, le
 
 def _reference_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, ext):
     """`layer` as the reference's torch ops, which autograd differentiates (see `by_autograd`); `x [T, B, I]`."""
-    b_fold, b_h = folded_biases(cell, b_hh)
-    gx = _input_projection(x, w_ih, bias_sum(b_ih, b_fold), ext, F.linear)
+    b_x, b_h = folded_biases(cell, b_ih, b_hh)
+    gx = _input_projection(x, w_ih, b_x, ext, F.linear)
     y, hT, cT, _ = reference.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, *_given(ext))
     return y, hT, cT if cell == "lstm" else None
 
@@ -365,7 +365,7 @@ def _infer_chunks(x, w_ih):
     return min(-(-T * B * w_ih.shape[0] * x.element_size() // _INFER_CHUNK_BYTES), T // _INFER_MIN_STEPS)
 
 
-def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext):
+def _infer(kernels, cell, x, w_ih, b_x, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext):
     """The forward on the eager path without grad, on `kernels` (a backend module): the input projection and the
     recurrence a chunk of steps at a time, each chunk from the state the one before left, so that every step
     groups the same rows as one call would. A reversed walk goes chunk by chunk from the end, or, with `lengths`,
@@ -378,7 +378,7 @@ def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, length
     T, B = x.shape[0], x.shape[1]
     chunks = _infer_chunks(x, w_ih)
     if chunks < 2:
-        gx = preactivations(kernels, x, w_ih, b_ih, b_fold)
+        gx = preactivations(kernels, x, w_ih, b_x)
         return kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, False, *_given(ext))[:3]
     steps = -(-T // chunks)
     order = time_index(T, lengths, reverse, x.device)  # [T, B] time of each processing step, or None
@@ -388,7 +388,7 @@ def _infer(kernels, cell, x, w_ih, b_ih, b_fold, w_hh, b_h, h0, c0, w_hr, length
     for s0 in reversed(starts) if backwards else starts:
         s1 = min(s0 + steps, T)
         at = slice(s0, s1) if order is None else (order[s0:s1], torch.arange(B, device=x.device))
-        gx = preactivations(kernels, x[at], w_ih, b_ih, b_fold)
+        gx = preactivations(kernels, x[at], w_ih, b_x)
         chunk_lengths = None if lengths is None else (lengths - s0).clamp(0, s1 - s0)
         options = _given(None if ext is None else ext.steps(at))
         y_chunk, h, c, _ = kernels.fwd(cell, gx, w_hh, b_h, h, c, chunk_lengths, w_hr, backwards, False, *options)
@@ -562,7 +562,7 @@ def _one_call(kernels, cell, x, weights, directions, lengths, dropped):
     w_ih, w_hh, b_ih, b_hh, _ = weights[0]
     T, B, I = x.shape
     widest = T * B * max(I, directions * w_hh.shape[1])
-    return _infer_chunks(x, w_ih) < 2 and fused(kernels, x, w_ih, b_ih, folded_biases(cell, b_hh)[0], widest)
+    return _infer_chunks(x, w_ih) < 2 and fused(kernels, x, w_ih, projection_bias(cell, b_ih), widest)
 
 
 def _dropout_packed(x, lengths, p):

@@ -148,25 +148,25 @@ _C = None  # seqfast._C once `_extension` has looked for it; False when it is no
 linear = torch.library.custom_op("seqfast::linear", project, mutates_args=())
 
 
-def bias_sum(b_ih, b_fold):
-    """`b_ih + b_fold`, either may be None."""
-    if b_fold is None:
-        return b_ih
-    return b_fold if b_ih is None else b_ih + b_fold
+def bias_sum(a, b):
+    """`a + b`, either may be None."""
+    if b is None:
+        return a
+    return b if a is None else a + b
 
 
-def fused(backend, x, w, b_ih, b_fold, numel=None):
-    """Whether `backend` (a backend module) forms `x @ w.T + b_ih + b_fold` itself, from a `Projection`: when it fuses
+def fused(backend, x, w, b, numel=None):
+    """Whether `backend` (a backend module) forms `x @ w.T + b` itself, from a `Projection`: when it fuses
     projections and `project` would run `F.linear` for them (`numel` as in `_onednn`)."""
-    return getattr(backend, "FUSES_PROJECTION", False) and not _onednn(x, w, b_ih if b_fold is None else b_fold, numel)
+    return getattr(backend, "FUSES_PROJECTION", False) and not _onednn(x, w, b, numel)
 
 
-def preactivations(backend, x, w, b_ih, b_fold):
-    """`x @ w.T + b_ih + b_fold` for `backend` (a backend module): a `Projection` when it forms it itself (see
-    `fused`), else the tensor from `project`."""
-    if fused(backend, x, w, b_ih, b_fold):
-        return Projection(x, w, b_ih, b_fold)
-    return project(x, w, bias_sum(b_ih, b_fold))
+def preactivations(backend, x, w, b):
+    """`x @ w.T + b` for `backend` (a backend module): a `Projection` when it forms it itself (see `fused`), else the
+    tensor from `project`."""
+    if fused(backend, x, w, b):
+        return Projection(x, w, b)
+    return project(x, w, b)
 
 
 @linear.register_fake

@@ -461,8 +461,8 @@ def test_stack_and_step_equal_layer_by_layer(cpp, cell, dtype):
             ys = []
             for k in range(layer * D, layer * D + D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-                b_fold, b_h = folded_biases(cell, b_hh)
-                gx = Projection(inputs, w_ih, b_ih, b_fold)
+                b_x, b_h = folded_biases(cell, b_ih, b_hh)
+                gx = Projection(inputs, w_ih, b_x)
                 state = None if c0 is None else c0[k]
                 y, hT, cT, _ = cpp.fwd(cell, gx, w_hh, b_h, h0[k], state, None, w_hr, k % D == 1, False)
                 ys.append(y)
