@@ -471,13 +471,13 @@ class Layer(torch.autograd.Function):
         gx = preactivations(kernels, x, w_ih, b_x)
         y, hT, cT, saved = kernels.fwd(cell, gx, w_hh, b_h, h0, c0, lengths, w_hr, reverse, True, *ext)
         ctx.backend, ctx.cell, ctx.reverse, ctx.keep = backend, cell, reverse, keep
-        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c)
+        ctx.save_for_backward(x, w_ih, b_ih, w_hh, b_hh, b_h, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c)
         ctx.set_materialize_grads(False)
         return y, hT, cT
 
     @staticmethod
     def backward(ctx, dy, dhT, dcT):
-        x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c = ctx.saved_tensors
+        x, w_ih, b_ih, w_hh, b_hh, b_h, h0, c0, lengths, w_hr, y, saved, zero, keep_h, keep_c = ctx.saved_tensors
         no_options = (None,) * 4
         if torch.is_grad_enabled():  # create_graph=True
             inputs = (x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr)
@@ -487,7 +487,7 @@ class Layer(torch.autograd.Function):
                 ctx.cell, ctx.reverse, *inputs, dy, dhT, dcT, need, ext[0] if ext else None
             )
             return None, None, None, dx, dw_ih, db_ih, dw_hh, db_hh, dh0, dc0, None, dw_hr, *no_options
-        b_x, b_h = folded_biases(ctx.cell, b_ih, b_hh)
+        b_x = projection_bias(ctx.cell, b_ih)
         dgx, dw_hh, db_h, dh0, dc0, dw_hr, *_ = _grads(
             _recurrence_backward,
             _hidden_grads,
