@@ -10,7 +10,28 @@
 #include <mutex>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
+
 namespace seqfast {
+
+// Bytes from which a block goes on transparent huge pages where Linux offers them (`madvise` mode included): one
+// fault maps 2 MB instead of 512 pages, and a loop streaming packed weights from L3 misses the TLB far less.
+constexpr size_t kHugePageBytes = size_t(2) << 20;
+
+// `bytes` of memory aligned to a cache line, freed with `std::free`, or nullptr.
+inline void* alloc_block(size_t bytes) {
+#ifdef __linux__
+  if (bytes >= kHugePageBytes) {
+    const size_t rounded = (bytes + kHugePageBytes - 1) / kHugePageBytes * kHugePageBytes;
+    void* p = std::aligned_alloc(kHugePageBytes, rounded);
+    if (p) madvise(p, rounded, MADV_HUGEPAGE);
+    return p;
+  }
+#endif
+  return std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+}
 
 // Memory up to this size a calling thread keeps between calls, per use (packed weights; a loop's state buffers).
 constexpr int64_t kKeepBytes = int64_t(32) << 20;
@@ -33,7 +54,7 @@ class KeptBuffer {
     }
     if (bytes > k.bytes) {
       std::free(k.p);
-      k.p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      k.p = alloc_block(bytes);
       k.bytes = k.p ? bytes : 0;
       TORCH_CHECK(k.p, "out of memory allocating ", bytes, " bytes");
     }
@@ -115,7 +136,7 @@ class Recycler final : public c10::Allocator {
         }
       }
     }
-    void* p = std::aligned_alloc(64, bytes);
+    void* p = alloc_block(bytes);
     TORCH_CHECK(p, "out of memory allocating ", bytes, " bytes");
     return p;
   }
