@@ -56,8 +56,7 @@ bool direct_projection(const at::Tensor& x, const at::Tensor& w, const c10::opti
   const bool blas = dt == at::kFloat ? have_blas<float>() : dt == at::kDouble && have_blas<double>();
   const int64_t K = x.size(-1), M = K ? x.numel() / K : 0;
   return blas && w.scalar_type() == dt && (!b || b->scalar_type() == dt) && x.is_contiguous() && w.is_contiguous() &&
-         w.dim() == 2 &&
-         w.size(1) == K && M > 0 && K > 0 && M < INT_MAX && K < INT_MAX && w.size(0) < INT_MAX;
+         w.dim() == 2 && w.size(1) == K && M > 0 && K > 0 && M < INT_MAX && K < INT_MAX && w.size(0) < INT_MAX;
 }
 
 // `gx [M, N] = x [M, K] w^T + b`: the bias copied to every row, then one GEMM adding to it.
@@ -137,8 +136,8 @@ LayerNormArgs layer_norm_in(const LayerNormArgs& ln, at::ScalarType dt, int64_t 
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_into(
     int64_t cell, const c10::optional<at::Tensor>& gx_given, const c10::optional<at::Tensor>& x,
     const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_x, const at::Tensor& w_hh_in,
-    const c10::optional<at::Tensor>& b_hh_in,
-    const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in, const c10::optional<at::Tensor>& lengths_in,
+    const c10::optional<at::Tensor>& b_hh_in, const at::Tensor& h0_in, const c10::optional<at::Tensor>& c0_in,
+    const c10::optional<at::Tensor>& lengths_in,
     const c10::optional<at::Tensor>& w_hr_in, bool reverse, bool need_saved, int64_t chunk, int64_t plan, bool poison,
     const at::Tensor& hT_out, const at::Tensor& cT_out, const c10::optional<at::Tensor>& zero = c10::nullopt,
     const ZoneoutArgs& zo_in = {}, const LayerNormArgs& ln_in = {}, const at::Tensor& y_copy = at::Tensor()) {
@@ -192,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd(
     int64_t cell, const c10::optional<at::Tensor>& gx, const c10::optional<at::Tensor>& x,
     const c10::optional<at::Tensor>& w_ih, const c10::optional<at::Tensor>& b_x, const at::Tensor& w_hh,
-    const c10::optional<at::Tensor>& b_hh,
-    const at::Tensor& h0, const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& lengths,
+    const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
+    const c10::optional<at::Tensor>& lengths,
     const c10::optional<at::Tensor>& w_hr, bool reverse, bool need_saved, int64_t chunk, int64_t plan, bool poison,
     const c10::optional<at::Tensor>& zero, const c10::optional<at::Tensor>& keep_h,
     const c10::optional<at::Tensor>& keep_c, double keep, const c10::optional<at::Tensor>& ln_hh,

@@ -399,7 +399,7 @@ def folded_biases(cell, b_ih, b_hh):
     and `b_hh` add to the same pre-activations, so the recurrence adds their sum and the projection's GEMM writes its
     product without first copying a bias into every row (0.05-2 ms of the calls timed in the README); one reduction
     gives both bias gradients. GRU's `b_ih` stays with the projection and `b_hh` in the recurrence."""
-    return (b_ih, b_hh) if cell == "gru" else (None, bias_sum(b_ih, b_hh))
+    return projection_bias(cell, b_ih), b_hh if cell == "gru" else bias_sum(b_ih, b_hh)
 
 
 def projection_bias(cell, b_ih):
