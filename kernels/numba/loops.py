@@ -39,6 +39,9 @@ from seqfast.kernels.common import GATES, LN_EPS
 
 # error_model="numpy": no ZeroDivisionError branch around each division, which would keep the cell math scalar
 _OPTS = {"cache": True, "nogil": True, "fastmath": {"reassoc", "contract"}, "error_model": "numpy"}
+# the cell math and row helpers, inlined into the loops before typing: a call of its own took ~200 ns a row (its row
+# views' reference counts), as much as the math of 32 LSTM units
+_INLINE = {**_OPTS, "inline": "always"}
 
 
 def _parallel():
@@ -447,25 +450,39 @@ def pack(w, wp, panel, j0, j1):
 
 @njit(**_OPTS)
 def mm_rows(a, w, wp, out, j0, j1, panel):
-    """`out[:, j] = a [B, K] @ w[j]` for rows `j0 <= j < j1` of `w [N, K]`. Whole tiles of `TILE_ROWS` rows of `a`
-    run on the panels `wp[panel:]` that `pack` made of those rows; leftover rows of `a` (all of them when `wp` has
-    no panels) take dot products with the rows of `w`."""
+    """`out[:, j] = a [B, K] @ w[j]` for rows `j0 <= j < j1` of `w [N, K]`: on the panels `wp[panel:]` that `pack` made
+    of those rows, by tiles of `TILE_ROWS` rows of `a` and the rows left over by tiles of 4, 2 and 1; when `wp` has no
+    panels, by dot products with the rows of `w`."""
     B = a.shape[0]
     W = wp.shape[2]
-    lanes = W // TILE_VECTORS
-    whole = B - B % TILE_ROWS if wp.shape[0] else 0
-    for p in range(panel_count(j1 - j0, W) if whole else 0):
+    for p in range(panel_count(j1 - j0, W) if wp.shape[0] else 0):
         j = j0 + p * W
         n = min(W, j1 - j)
-        nv = panel_count(n, lanes)
-        for b in range(0, whole, TILE_ROWS):
-            if nv == 3:
-                _tile(a, wp, out, b, panel + p, j, n, TILE_ROWS, 3)
-            elif nv == 2:
-                _tile(a, wp, out, b, panel + p, j, n, TILE_ROWS, 2)
-            else:
-                _tile(a, wp, out, b, panel + p, j, n, TILE_ROWS, 1)
-    _dot_rows(a, w, out, whole, j0, j1)
+        b = 0
+        while b + TILE_ROWS <= B:
+            _tiles(a, wp, out, b, panel + p, j, n, TILE_ROWS)
+            b += TILE_ROWS
+        if TILE_ROWS > 4 and b + 4 <= B:
+            _tiles(a, wp, out, b, panel + p, j, n, 4)
+            b += 4
+        if b + 2 <= B:
+            _tiles(a, wp, out, b, panel + p, j, n, 2)
+            b += 2
+        if b < B:
+            _tiles(a, wp, out, b, panel + p, j, n, 1)
+    _dot_rows(a, w, out, B if wp.shape[0] else 0, j0, j1)
+
+
+@njit(**_INLINE)
+def _tiles(a, wp, out, b, panel, j, n, rows):
+    # `_tile` of `rows` rows on the `n` columns of one panel, in the fewest vectors that hold them
+    nv = panel_count(n, wp.shape[2] // TILE_VECTORS)
+    if nv == 3:
+        _tile(a, wp, out, b, panel, j, n, rows, 3)
+    elif nv == 2:
+        _tile(a, wp, out, b, panel, j, n, rows, 2)
+    else:
+        _tile(a, wp, out, b, panel, j, n, rows, 1)
 
 
 @njit(**_OPTS)
@@ -555,7 +572,7 @@ def panels(w, B, T, G, n, nc):
     return np.empty((nc * span if use else 0, w.shape[1], W), w.dtype), span
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _step_time(s, n, rev):
     # time step of processing step `s` for a sequence of length `n` (only called while `s < n`)
     return n - 1 - s if rev else s
@@ -583,7 +600,7 @@ def _mix(prev, new, keep, j0, j1):
         n[j] = k[j] * a[j] + (one - k[j]) * n[j]
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _split(d, keep, direct, j0, j1):
     # zoneout's backward on `j0 <= j < j1`: `direct = k d` goes straight to the state before, `d = (1 - k) d` into
     # the cell
@@ -594,7 +611,7 @@ def _split(d, keep, direct, j0, j1):
         x[j] = (one - k[j]) * x[j]
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def row_block(by_rows, q, nc, B):
     """Rows `[b0, b1)` of chunk `q` of `nc`: its block of the `B` rows when `by_rows`, else every row. Blocks start at
     whole tiles of rows, so that each row's product takes the path (a tile or dot products) it takes in one block."""
@@ -605,7 +622,7 @@ def row_block(by_rows, q, nc, B):
     return b0, b1
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _cell_span(by_rows, q, nc, B, H, j0, j1):
     # rows [b0, b1) and units [u0, u1) of chunk q's cell math: its block of rows, every unit, when `by_rows`
     # (layer_norm's, or a loop's split into blocks of rows), else every row, its units [j0, j1)
@@ -615,7 +632,7 @@ def _cell_span(by_rows, q, nc, B, H, j0, j1):
     return 0, B, j0, j1
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _copy_state(src, dst, y_row, b, j0, j1):
     # an ended sequence keeps its state and writes zeros to `y`
     zero = dst.dtype.type(0)
@@ -624,14 +641,14 @@ def _copy_state(src, dst, y_row, b, j0, j1):
         y_row[j] = zero
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _fill(row, j0, j1):
     zero = row.dtype.type(0)
     for j in range(j0, j1):
         row[j] = zero
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _fill_units(row, H, j0, j1):
     # units `j0 <= j < j1` of every `H`-wide segment of a saved row: zeros at a step past the sequence's length
     for g in range(row.shape[0] // H):
@@ -640,7 +657,7 @@ def _fill_units(row, H, j0, j1):
 
 # The row helpers loop from 0 over slices: a loop over `range(j0, j1)` keeps numba's negative-index wraparound, with
 # which LLVM vectorises through gathers, if at all.
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _copy(src, dst, j0, j1):
     s, d = src[j0:j1], dst[j0:j1]
     for j in range(j1 - j0):
@@ -655,7 +672,7 @@ def _copy_rows(src, dst):
             dst[b, p] = src[b, p]
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _add(x, z, out, j0, j1):
     # `out = x + z` on `j0 <= j < j1`
     a, b, o = x[j0:j1], z[j0:j1], out[j0:j1]
@@ -663,13 +680,13 @@ def _add(x, z, out, j0, j1):
         o[j] = a[j] + b[j]
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _seg(row, g, H, j0, j1):
     # units `j0 <= j < j1` of the `g`-th `H`-wide segment of `row` (gates side by side, or a saved row)
     return row[g * H + j0 : g * H + j1]
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _segs(row, H, j0, j1):
     # `_seg` of segments 0 to 4: a saved row's five; segments past a shorter row's end come back empty
     return (
@@ -681,7 +698,7 @@ def _segs(row, H, j0, j1):
     )
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1, precise=None):
     """Units `j0 <= j < j1`: the activated gates `i, f, g, o` of the recurrent product `a [4H]` plus `gxr [4H]` and
     `bias [4H]` into `svr [5H]`, then the new cell state into `cr [H]` and `svr`; the precise `tanh` for `precise`
@@ -710,7 +727,7 @@ def _lstm_gates(gxr, a, bias, cr, svr, H, j0, j1, precise=None):
         sc[j] = cn
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _lstm_out(svr, hr, H, j0, j1):
     # `h = o * tanh(c)` from the saved row `svr [5H]` into `hr [H]`
     so, sc, h = _seg(svr, 3, H, j0, j1), _seg(svr, 4, H, j0, j1), hr[j0:j1]
@@ -718,7 +735,7 @@ def _lstm_out(svr, hr, H, j0, j1):
         h[j] = so[j] * tanh(sc[j])
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _lstm_grads(svr, cpr, dhr, dcr, dcs, dar, H, j0, j1):
     """Units `j0 <= j < j1` of one step's backward from the saved row `svr [5H]`, the previous cell state `cpr [H]`
     and the state gradient `dhr [H]`: the gate gradients into `dar [4H]`, `dcr [H]` back one step (`dcs [H]`:
@@ -735,7 +752,7 @@ def _lstm_grads(svr, cpr, dhr, dcr, dcs, dar, H, j0, j1):
     _lstm_cell_grads(svr, cpr, dcs, dcr, dar, H, j0, j1)
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _lstm_cell_grads(svr, cpr, dcs, dcr, dar, H, j0, j1):
     # units `j0 <= j < j1`: the gradients of `i, f, g` into `dar [4H]` and `dcr [H]` back one step from the new cell
     # state's `dcs [H]`
@@ -823,7 +840,7 @@ def _lstm_ln_grads(svr, cpr, dhr, dcr, dcs, dar, chat, rstd, w, bias, sums):
     _lstm_cell_grads(svr, cpr, dcs, dcr, dar, H, 0, H)
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _rnn_act(gxr, a, bias, relu, hr, j0, j1, precise=None):
     # units `j0 <= j < j1` of `h = act(gx + W_hh h + b_hh)` from the recurrent product `a [H]` into `hr [H]`
     # (the precise `tanh` for `precise`, not None)
@@ -834,7 +851,7 @@ def _rnn_act(gxr, a, bias, relu, hr, j0, j1, precise=None):
         h[j] = max(v, zero) if relu else (tanh(v) if precise is None else tanh_precise(v))
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _rnn_grad(hsr, dhr, dyr, relu, dar, j0, j1):
     # units `j0 <= j < j1` of the pre-activation gradient `act'(h) (dh + dy)` into `dar [H]`; relu' = [h > 0]
     # selecting as torch's threshold_backward does (0 where h <= 0, else passed, NaN h too), tanh' = 1 - h^2
@@ -845,7 +862,7 @@ def _rnn_grad(hsr, dhr, dyr, relu, dar, j0, j1):
         da[j] = (zero if hs[j] <= zero else d) if relu else d * (one - hs[j] * hs[j])
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1, precise=None):
     """Units `j0 <= j < j1`: from the recurrent product `a [3H]`, `gxr`, `bias [3H]` and the previous state `hpr [H]`,
     `r, z, n, W_hn h + b_hn` into `svr [4H]` and the new state into `hr [H]`; the precise `tanh` for `precise` (not
@@ -869,7 +886,7 @@ def _gru_gates(gxr, a, bias, hpr, svr, hr, H, j0, j1, precise=None):
         h[j] = (one - z[j]) * nj + z[j] * hp[j]
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _gru_grads(svr, hpr, d, dar, dgxr, dhz, H, j0, j1):
     """Units `j0 <= j < j1` of one step's backward from the saved row `svr [4H]`, the state before the step `hpr [H]`
     and the state gradient `d [H]`: `dar [3H]` (the gradient of the recurrent pre-activations), the n gate of
