@@ -253,13 +253,15 @@ def test_more_chunks_than_threads(cell, threads, by_rows, monkeypatch):
 
 @needs_numba
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("extra_rows", [0, 1, 3])
+@pytest.mark.parametrize("extra_rows", [0, 1, 3, 7])
 @pytest.mark.parametrize("K", [1, 7, 33])
 @pytest.mark.parametrize("cols", ["one", "lanes+1", "panel", "2 panels+1"])
-def test_mm_rows_tiles_and_remainders(dtype, extra_rows, K, cols):
+@pytest.mark.parametrize("transposed", [False, True])
+def test_mm_rows_tiles_and_remainders(dtype, extra_rows, K, cols, transposed):
     """The recurrent product on whole register tiles of packed panels (full, one vector short, one lane long) and
-    leftover rows of `a`, and with no panels at all; columns of `out` outside `[j0, j1)` stay untouched, panels
-    outside the call's too."""
+    leftover rows of `a` (tiles of 4, 2 and 1 rows), and with no panels at all; with `transposed` on the rows of `w.T`
+    (the backward's, read from `w` itself). Columns of `out` outside `[j0, j1)` stay untouched, panels outside the
+    call's too."""
     loops = nb.loops
     W = loops.TILE_VECTORS * loops.VECTOR_BYTES // np.dtype(dtype).itemsize
     lanes = W // loops.TILE_VECTORS
@@ -267,19 +269,20 @@ def test_mm_rows_tiles_and_remainders(dtype, extra_rows, K, cols):
     j0, j1 = 3, 3 + n
     B = 2 * loops.TILE_ROWS + extra_rows
     rng = np.random.default_rng(K * 10 + extra_rows)
-    a, w = rng.standard_normal((B, K)).astype(dtype), rng.standard_normal((j1 + 2, K)).astype(dtype)
+    a, w_rows = rng.standard_normal((B, K)).astype(dtype), rng.standard_normal((j1 + 2, K)).astype(dtype)
+    w = np.ascontiguousarray(w_rows.T) if transposed else w_rows
     wp = np.full((loops.panel_count(n, W) + 2, K, W), np.nan, dtype)
-    loops.pack(w, wp, 1, j0, j1)
+    loops.pack(w, wp, 1, j0, j1, transposed)
     out = np.full((B, j1 + 2), np.nan, dtype)
-    loops.mm_rows(a, w, wp, out, j0, j1, 1)
+    loops.mm_rows(a, w, wp, out, j0, j1, 1, transposed)
     tol = 1e-12 if dtype == np.float64 else 1e-5 * np.sqrt(K)
-    np.testing.assert_allclose(out[:, j0:j1], a @ w[j0:j1].T, rtol=tol, atol=tol)
+    np.testing.assert_allclose(out[:, j0:j1], a @ w_rows[j0:j1].T, rtol=tol, atol=tol)
     assert np.isnan(np.delete(out, np.s_[j0:j1], axis=1)).all()
     assert np.isnan(wp[0]).all() and np.isnan(wp[-1]).all()
     # without panels (too few rows or steps to pack) every row takes the dot products
     unpacked = np.full_like(out, np.nan)
-    loops.mm_rows(a, w, wp[:0], unpacked, j0, j1, 0)
-    np.testing.assert_allclose(unpacked[:, j0:j1], a @ w[j0:j1].T, rtol=tol, atol=tol)
+    loops.mm_rows(a, w, wp[:0], unpacked, j0, j1, 0, transposed)
+    np.testing.assert_allclose(unpacked[:, j0:j1], a @ w_rows[j0:j1].T, rtol=tol, atol=tol)
     assert np.isnan(np.delete(unpacked, np.s_[j0:j1], axis=1)).all()
 
 

@@ -243,7 +243,7 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
     options, resets, zoneout, layer_norm = _options(cell, ext, T, B, H, P, ct, w_hr)
     nc, by_rows = _chunks(H, B, w_hh.numel() * w_hh.element_size(), layer_norm, w_hr is not None)
     lens, reverse, relu = _lens(lengths, T, B), bool(reverse), cell == "rnn_relu"
-    d_out, w_t = _np(dy, ct), _np(w_hh.t(), ct)
+    d_out, w = _np(dy, ct), _np(w_hh, ct)
     # layer_norm's gradients of `ln_hh`, `b_hh` (and LSTM's `ln_c_weight`, `ln_c_bias`), per row
     sums = torch.zeros((B, 2 * G + 2 * H * (cell == "lstm")) if layer_norm else (0, 0), dtype=ct)
     dgx = empty((T, B, G), ct, dy.device)
@@ -264,15 +264,15 @@ def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse
         c0_np, dc = _np(c0, ct), dc0.numpy()
     if dgh is not None:
         dgh_np = dgh.numpy()
-    proj_t = np.empty((0, P), dtype=d_out.dtype)
+    proj = np.empty((0, H), dtype=d_out.dtype)
     if w_hr is not None:
         hraw = empty((T, B, H), ct, dy.device)
         dh_out = empty((T, B, P), ct, dy.device)
-        proj_t, hraw_np, dh_out_np = _np(w_hr.t(), ct), hraw.numpy(), dh_out.numpy()
-    args = (d_out, y_np, h0_np, w_t, proj_t, lens, reverse, relu, c0_np, saved.numpy(), dh0.numpy(), dc)
+        proj, hraw_np, dh_out_np = _np(w_hr, ct), hraw.numpy(), dh_out.numpy()
+    args = (d_out, y_np, h0_np, w, proj, lens, reverse, relu, c0_np, saved.numpy(), dh0.numpy(), dc)
     args += (dgx.numpy(), dgh_np, hraw_np, dh_out_np, (*options, sums.numpy()), by_rows)
     loop = loops.cell_loops(cell, w_hr is not None, resets, zoneout, layer_norm)[1]
-    _run(loop, args, loops.bwd_work(cell, w_t, proj_t, B, T, 1 if by_rows else nc, resets, zoneout), nc)
+    _run(loop, args, loops.bwd_work(cell, w, proj, B, T, 1 if by_rows else nc, resets, zoneout), nc)
     if w_hr is not None:
         dw_hr = (dh_out.reshape(-1, P).t() @ hraw.reshape(-1, H)).to(w_hr.dtype)
     if not layer_norm:

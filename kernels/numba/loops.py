@@ -430,14 +430,23 @@ def panel_count(n, W):
 
 
 @njit(**_OPTS)
-def pack(w, wp, panel, j0, j1):
-    """Rows `j0 <= j < j1` of `w [N, K]` into the panels `wp[panel:] [*, K, W]`, transposed so that each `k` reads
-    `W` consecutive values; columns past `j1` are zero. Nothing when `wp` has no panels."""
+def pack(w, wp, panel, j0, j1, transposed=False):
+    """Rows `j0 <= j < j1` of `w [N, K]` (with `transposed`, of `w.T` for `w [K, N]`) into the panels `wp[panel:]
+    [*, K, W]`, transposed so that each `k` reads `W` consecutive values; columns past `j1` are zero. Nothing when
+    `wp` has no panels."""
     K, W = wp.shape[1], wp.shape[2]
     zero = wp.dtype.type(0)
     for p in range(panel_count(j1 - j0, W) if wp.shape[0] else 0):
         dst = wp[panel + p]
         jp = j0 + p * W
+        if transposed:
+            m = min(W, j1 - jp)
+            for k in range(K):
+                for c in range(m):
+                    dst[k, c] = w[k, jp + c]
+                for c in range(m, W):
+                    dst[k, c] = zero
+            continue
         for c in range(W):
             if jp + c < j1:
                 src = w[jp + c]
@@ -449,10 +458,10 @@ def pack(w, wp, panel, j0, j1):
 
 
 @njit(**_OPTS)
-def mm_rows(a, w, wp, out, j0, j1, panel):
-    """`out[:, j] = a [B, K] @ w[j]` for rows `j0 <= j < j1` of `w [N, K]`: on the panels `wp[panel:]` that `pack` made
-    of those rows, by tiles of `TILE_ROWS` rows of `a` and the rows left over by tiles of 4, 2 and 1; when `wp` has no
-    panels, by dot products with the rows of `w`."""
+def mm_rows(a, w, wp, out, j0, j1, panel, transposed=False):
+    """`out[:, j] = a [B, K] @ w[j]` for rows `j0 <= j < j1` of `w [N, K]` (with `transposed`, of `w.T` for `w [K,
+    N]`): on the panels `wp[panel:]` that `pack` made of those rows, by tiles of `TILE_ROWS` rows of `a` and the rows
+    left over by tiles of 4, 2 and 1; when `wp` has no panels, by dot products with the rows of `w` (its columns)."""
     B = a.shape[0]
     W = wp.shape[2]
     for p in range(panel_count(j1 - j0, W) if wp.shape[0] else 0):
@@ -470,7 +479,10 @@ def mm_rows(a, w, wp, out, j0, j1, panel):
             b += 2
         if b < B:
             _tiles(a, wp, out, b, panel + p, j, n, 1)
-    _dot_rows(a, w, out, B if wp.shape[0] else 0, j0, j1)
+    if transposed:
+        _dot_cols(a, w, out, B if wp.shape[0] else 0, j0, j1)
+    else:
+        _dot_rows(a, w, out, B if wp.shape[0] else 0, j0, j1)
 
 
 @njit(**_INLINE)
@@ -521,6 +533,19 @@ def _dot_rows(a, w, out, b0, j0, j1):
 
 
 @njit(**_OPTS)
+def _dot_cols(a, w, out, b0, j0, j1):
+    # `out[b, j] = a[b] . w[:, j]` for rows `b >= b0` of `a [B, K]` and `w [K, N]`, a row of `w` at a time
+    zero = out.dtype.type(0)
+    for b in range(b0, a.shape[0]):
+        for j in range(j0, j1):
+            out[b, j] = zero
+        for k in range(a.shape[1]):
+            x = a[b, k]
+            for j in range(j0, j1):
+                out[b, j] += x * w[k, j]
+
+
+@njit(**_OPTS)
 def _fma6(s, x, w):
     return s[0] + x * w[0], s[1] + x * w[1], s[2] + x * w[2], s[3] + x * w[3], s[4] + x * w[4], s[5] + x * w[5]
 
@@ -550,18 +575,19 @@ def _pack_gates(w, wp, G, H, j0, j1, panel):
 
 
 @njit(**_OPTS)
-def _pack_share(w, wp, G, n, q, nc):
+def _pack_share(w, wp, G, n, q, nc, transposed=False):
     # chunk `q`'s share, whole panels, of `_pack_gates(w, wp, G, n, 0, n, 0)`: the same panels, packed by `nc` chunks
     W = wp.shape[2]
     step = panel_count(n, W)
     p0, p1 = q * step // nc, (q + 1) * step // nc
     for g in range(G):
-        pack(w, wp, g * step + p0, g * n + p0 * W, g * n + min(n, p1 * W))
+        pack(w, wp, g * step + p0, g * n + p0 * W, g * n + min(n, p1 * W), transposed)
 
 
-def panels(w, B, T, G, n, nc):
-    """Room for `pack` to hold, per chunk, `G` segments of up to `ceil(n / nc)` rows of `w [N, K]`; none when the
-    `B` rows of `a` make no whole tile, or when `T` steps of them are too few to repay the packing.
+def panels(w, B, T, G, n, nc, transposed=False):
+    """Room for `pack` to hold, per chunk, `G` segments of up to `ceil(n / nc)` rows of `w [N, K]` (with
+    `transposed`, of `w.T`); none when the `B` rows of `a` make no whole tile, or when `T` steps of them are too few
+    to repay the packing.
 
     Returns:
         the panels `[*, K, W]` and the number of them per chunk.
@@ -569,7 +595,7 @@ def panels(w, B, T, G, n, nc):
     W = TILE_VECTORS * VECTOR_BYTES // w.itemsize
     span = G * panel_count(-(-n // nc), W)
     use = B >= TILE_ROWS and B * T >= PACK_MIN_ROWS
-    return np.empty((nc * span if use else 0, w.shape[1], W), w.dtype), span
+    return np.empty((nc * span if use else 0, w.shape[0 if transposed else 1], W), w.dtype), span
 
 
 @njit(**_INLINE)
@@ -906,11 +932,11 @@ def _gru_grads(svr, hpr, d, dar, dgxr, dhz, H, j0, j1):
 
 
 @njit(**_OPTS)
-def _dh_prev(da, w_t, wp, dhp, carried, lens, s, dh, p0, p1, panel):
+def _dh_prev(da, w_hh, wp, dhp, carried, lens, s, dh, p0, p1, panel):
     """Columns `p0 <= p < p1` of the state gradient that step `s` passes back, `dh = da @ w_hh` (plus GRU's `dh z`,
     `carried [B, P]`; `[0, P]` for the other cells), for the rows active at step `s`, from the step's gate gradients
     `da [B, G*H]`."""
-    mm_rows(da, w_t, wp, dhp, p0, p1, panel)
+    mm_rows(da, w_hh, wp, dhp, p0, p1, panel, True)
     for b in range(da.shape[0]):
         if s < lens[b]:
             for p in range(p0, p1):
@@ -928,24 +954,24 @@ def fwd_work(cell, w_hh, w_hr, B, T, nc):
     return (*bufs, *panels(w_hh, B, T, G, H, nc), *panels(w_hr, B, T, 1, PR, nc))
 
 
-def bwd_work(cell, w_hh_t, w_hr_t, B, T, nc, resets=False, zoneout=False):
-    """The backward loop's `work` for `w_hh_t [P, G*H]` (`w_hh^T`) and `w_hr_t [H, P]` (`[0, P]` without a
-    projection): the gate gradients of two steps `[2, B, G*H]` (step s's in `[s % 2]`: the product of the step after
-    reads the other meanwhile), the state gradient at the cell's output `[B, H]` (`dh + dy`, or projected back;
-    `[B, 0]` for RNN, which adds them in place), GRU's `dh z` `[B, H]` (`[0, P]` for the others: `_dh_prev` then
-    carries nothing), LSTM's scratch for `dc` `[B, H]` (`[B, 0]` for the others), the product `[B, P]`; with `zoneout`
-    (default False) the gradients it passes straight back, `h`'s `[B, P]` and LSTM's `c`'s `[B, H]` (`[0, P]`,
-    `[0, H]` without); a row of zeros `[H]` for `resets` or `zoneout` (`[0]` without); and `panels` of `w_hh_t` and of
-    `w_hr_t`."""
+def bwd_work(cell, w_hh, w_hr, B, T, nc, resets=False, zoneout=False):
+    """The backward loop's `work` for `w_hh [G*H, P]` and `w_hr [P, H]` (`[0, H]` without a projection): the gate
+    gradients of two steps `[2, B, G*H]` (step s's in `[s % 2]`: the product of the step after reads the other
+    meanwhile), the state gradient at the cell's output `[B, H]` (`dh + dy`, or projected back; `[B, 0]` for RNN,
+    which adds them in place), GRU's `dh z` `[B, H]` (`[0, P]` for the others: `_dh_prev` then carries nothing),
+    LSTM's scratch for `dc` `[B, H]` (`[B, 0]` for the others), the product `[B, P]`; with `zoneout` (default False)
+    the gradients it passes straight back, `h`'s `[B, P]` and LSTM's `c`'s `[B, H]` (`[0, P]`, `[0, H]` without); a
+    row of zeros `[H]` for `resets` or `zoneout` (`[0]` without); and `panels` of `w_hh.T` and of `w_hr.T`."""
     G = GATES[cell]
-    (P, GH), dt = w_hh_t.shape, w_hh_t.dtype
+    (GH, P), dt = w_hh.shape, w_hh.dtype
     H, gru, lstm = GH // G, cell == "gru", cell == "lstm"
     da, dhc = np.zeros((2, B, GH), dt), np.empty((B, H if G > 1 else 0), dt)
     dhz, dcs = np.zeros((B if gru else 0, P), dt), np.empty((B, H if lstm else 0), dt)
     dzo, dcz = np.empty((B if zoneout else 0, P), dt), np.empty((B if zoneout and lstm else 0, H), dt)
     zrow = np.zeros(H if resets or zoneout else 0, dt)
     bufs = da, dhc, dhz, dcs, np.empty((B, P), dt), dzo, dcz, zrow
-    return (*bufs, *panels(w_hh_t, B, T, 1, P, nc), *panels(w_hr_t, B, T, 1, w_hr_t.shape[0], nc))
+    projected = H if w_hr.shape[0] else 0
+    return (*bufs, *panels(w_hh, B, T, 1, P, nc, True), *panels(w_hr, B, T, 1, projected, nc, True))
 
 
 def cell_loops(cell, proj, resets=False, zoneout=False, layer_norm=False):
@@ -1111,8 +1137,8 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         dy,
         y,
         h0,
-        w_hh_t,
-        w_hr_t,
+        w_hh,
+        w_hr,
         lens,
         rev,
         relu,
@@ -1132,8 +1158,8 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         nc,
     ):
         """Backward of `fwd`: `dy [T, B, P]`, the forward's `y [T, B, P]` and `h0 [B, P]` (RNN reads `h` from `y`,
-        GRU `h_prev` from both; `[0, 0, 0]` and `[B, 0]` where unread), `w_hh_t [P, G*H]` (`w_hh^T`), `w_hr_t [H, P]`
-        (`[0, P]` without `PROJ`), LSTM's `c0 [B, H]` (`[B, 0]` for the others), `saved [T, B, SW]`; `dh [B, P]`,
+        GRU `h_prev` from both; `[0, 0, 0]` and `[B, 0]` where unread), `w_hh [G*H, P]`, `w_hr [P, H]` (`[0, H]`
+        without `PROJ`), LSTM's `c0 [B, H]` (`[B, 0]` for the others), `saved [T, B, SW]`; `dh [B, P]`,
         LSTM's `dc [B, H]` (`[B, 0]`); `dgx [T, B, G*H]` (also dgh unless GRU), GRU's `dgh [T, B, 3H]` (`[0, 0, 0]`
         for the others; with `LAYER_NORM` every cell's, the gradient of the product before its LayerNorm); with
         `PROJ`, `hraw [T, B, H]` and `dh_out [T, B, P]` receive `o * tanh(c)` and the state gradient per step (zero
@@ -1145,7 +1171,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         forward's."""
         zero, keep_h, keep_c, ln_hh, ln_cw, ln_cb, sums = ext
         T, B, P = dy.shape
-        GH = w_hh_t.shape[1]
+        GH = w_hh.shape[0]
         H = GH // G
         o_xh, o_ch = LN * H, (LN + G) * H
         o_rs = o_ch + H if LSTM else o_ch
@@ -1154,11 +1180,11 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
                 if by_rows:
-                    _pack_share(w_hh_t, wp, 1, P, q, nc)
+                    _pack_share(w_hh, wp, 1, P, q, nc, True)
                 else:
-                    pack(w_hh_t, wp, q * span, q * P // nc, (q + 1) * P // nc)
+                    pack(w_hh, wp, q * span, q * P // nc, (q + 1) * P // nc, True)
                 if PROJ:
-                    pack(w_hr_t, wr, q * span_r, q * H // nc, (q + 1) * H // nc)
+                    pack(w_hr, wr, q * span_r, q * H // nc, (q + 1) * H // nc, True)
                 _end(sync)
         # phases 1 + NPH * i + ph: a chunk's columns of the state gradient from step s + 1 (none for i = 0), then
         # its units of step s (with `LAYER_NORM`, in a phase of their own: its group of rows, every unit)
@@ -1175,7 +1201,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                     if ph == 0 and i > 0:
                         dap, panel = da[(s + 1) % 2], 0 if by_rows else q * span
                         _dh_prev(
-                            dap[r0:r1], w_hh_t, wp, dhp[r0:r1], dhz[r0:r1], lens[r0:r1], s + 1, dh[r0:r1], p0, p1, panel
+                            dap[r0:r1], w_hh, wp, dhp[r0:r1], dhz[r0:r1], lens[r0:r1], s + 1, dh[r0:r1], p0, p1, panel
                         )
                         if ZONEOUT:
                             for b in range(r0, r1):
@@ -1203,7 +1229,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                                     _fill(hraw[s, b], j0, j1)
                     if ph == NPH - 1 and s >= 0:
                         if PROJ:
-                            mm_rows(dh, w_hr_t, wr, dhc, j0, j1, q * span_r)
+                            mm_rows(dh, w_hr, wr, dhc, j0, j1, q * span_r, True)
                         das = da[s % 2]
                         b0, b1, u0, u1 = _cell_span(LAYER_NORM or by_rows, q, nc, B, H, j0, j1)
                         for b in range(b0, b1):
