@@ -460,8 +460,9 @@ def pack(w, wp, panel, j0, j1, transposed=False):
 @njit(**_OPTS)
 def mm_rows(a, w, wp, out, j0, j1, panel, transposed=False):
     """`out[:, j] = a [B, K] @ w[j]` for rows `j0 <= j < j1` of `w [N, K]` (with `transposed`, of `w.T` for `w [K,
-    N]`): on the panels `wp[panel:]` that `pack` made of those rows, by tiles of `TILE_ROWS` rows of `a` and the rows
-    left over by tiles of 4, 2 and 1; when `wp` has no panels, by dot products with the rows of `w` (its columns)."""
+    N]`, which `panels` always packs): on the panels `wp[panel:]` that `pack` made of those rows, by tiles of
+    `TILE_ROWS` rows of `a` and the rows left over by tiles of 4, 2 and 1; when `wp` has no panels, by dot products
+    with the rows of `w`."""
     B = a.shape[0]
     W = wp.shape[2]
     for p in range(panel_count(j1 - j0, W) if wp.shape[0] else 0):
@@ -479,10 +480,8 @@ def mm_rows(a, w, wp, out, j0, j1, panel, transposed=False):
             b += 2
         if b < B:
             _tiles(a, wp, out, b, panel + p, j, n, 1)
-    if transposed:
-        _dot_cols(a, w, out, B if wp.shape[0] else 0, j0, j1)
-    else:
-        _dot_rows(a, w, out, B if wp.shape[0] else 0, j0, j1)
+    if not wp.shape[0]:
+        _dot_rows(a, w, out, j0, j1)
 
 
 @njit(**_INLINE)
@@ -498,14 +497,14 @@ def _tiles(a, wp, out, b, panel, j, n, rows):
 
 
 @njit(**_OPTS)
-def _dot_rows(a, w, out, b0, j0, j1):
-    # `out[b, j] = a[b] . w[j]` for rows `b >= b0` of `a`, six rows of `w` at a time
+def _dot_rows(a, w, out, j0, j1):
+    # `out[b, j] = a[b] . w[j]` for every row of `a`, six rows of `w` at a time
     B, K = a.shape
     zero = out.dtype.type(0)
     z6 = (zero, zero, zero, zero, zero, zero)
     j = j0
     while j + 6 <= j1:
-        b = b0
+        b = 0
         while b + 4 <= B:
             # a 6 x 4 tile of sums vectorised along k: each load of `w` feeds four rows of `a`, each of `a` six of `w`
             s0, s1, s2, s3 = z6, z6, z6, z6
@@ -524,25 +523,12 @@ def _dot_rows(a, w, out, b0, j0, j1):
                 s0 = _fma6(s0, a[r, k], (w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k], w[j + 4, k], w[j + 5, k]))
             _store6(out, r, j, s0)
         j += 6
-    for b in range(b0, B):
+    for b in range(B):
         for jj in range(j, j1):
             s = zero
             for k in range(K):
                 s += a[b, k] * w[jj, k]
             out[b, jj] = s
-
-
-@njit(**_OPTS)
-def _dot_cols(a, w, out, b0, j0, j1):
-    # `out[b, j] = a[b] . w[:, j]` for rows `b >= b0` of `a [B, K]` and `w [K, N]`, a row of `w` at a time
-    zero = out.dtype.type(0)
-    for b in range(b0, a.shape[0]):
-        for j in range(j0, j1):
-            out[b, j] = zero
-        for k in range(a.shape[1]):
-            x = a[b, k]
-            for j in range(j0, j1):
-                out[b, j] += x * w[k, j]
 
 
 @njit(**_OPTS)
@@ -585,16 +571,16 @@ def _pack_share(w, wp, G, n, q, nc, transposed=False):
 
 
 def panels(w, B, T, G, n, nc, transposed=False):
-    """Room for `pack` to hold, per chunk, `G` segments of up to `ceil(n / nc)` rows of `w [N, K]` (with
-    `transposed`, of `w.T`); none when the `B` rows of `a` make no whole tile, or when `T` steps of them are too few
-    to repay the packing.
+    """Room for `pack` to hold, per chunk, `G` segments of up to `ceil(n / nc)` rows of `w [N, K]`; none when the
+    `B` rows of `a` make no whole tile, or when `T` steps of them are too few to repay the packing. With `transposed`
+    (default False), rows of `w.T`, always: packing them costs what a transposed copy for the dot products would.
 
     Returns:
         the panels `[*, K, W]` and the number of them per chunk.
     """
     W = TILE_VECTORS * VECTOR_BYTES // w.itemsize
     span = G * panel_count(-(-n // nc), W)
-    use = B >= TILE_ROWS and B * T >= PACK_MIN_ROWS
+    use = transposed or (B >= TILE_ROWS and B * T >= PACK_MIN_ROWS)
     return np.empty((nc * span if use else 0, w.shape[0 if transposed else 1], W), w.dtype), span
 
 
