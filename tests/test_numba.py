@@ -120,11 +120,14 @@ def test_layer_norm_thread_count_independent(cell):
 
 @needs_numba
 @pytest.mark.parametrize("cell", CELLS)
-def test_row_blocks_thread_count_independent(cell):
+@pytest.mark.parametrize("T", [7, 2], ids=["panels", "dot-products"])
+def test_row_blocks_thread_count_independent(cell, T):
     """Below 64 units two threads split the rows into two blocks, which one thread runs as one chunk: float32 outputs
-    and gradients bitwise the same either way, with lengths, resets and zoneout (21 rows: a block of two whole tiles
-    and one of a tile and leftover rows)."""
-    T, B, H = 7, 21, 20
+    and gradients bitwise the same either way, with lengths, resets and zoneout (21 rows: blocks of 10 and 11 rows,
+    neither a whole number of tiles; at T = 2 too few rows in all to pack for, so the forward's products are dot
+    products)."""
+    B, H = 21, 20
+    assert (B * T >= nb.loops.PACK_MIN_ROWS) == (T == 7)
     args, cot = layer_norm_problem(
         cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32
     )
@@ -260,8 +263,8 @@ def test_more_chunks_than_threads(cell, threads, by_rows, monkeypatch):
 def test_mm_rows_tiles_and_remainders(dtype, extra_rows, K, cols, transposed):
     """The recurrent product on whole register tiles of packed panels (full, one vector short, one lane long) and
     leftover rows of `a` (tiles of 4, 2 and 1 rows), and with no panels at all; with `transposed` on the rows of `w.T`
-    (the backward's, packed from `w` itself, always). Columns of `out` outside `[j0, j1)` stay untouched, panels
-    outside the call's too."""
+    (the backward's, packed from `w` itself, always; without panels an error). Columns of `out` outside `[j0, j1)` stay
+    untouched, panels outside the call's too."""
     loops = nb.loops
     W = loops.TILE_VECTORS * loops.VECTOR_BYTES // np.dtype(dtype).itemsize
     lanes = W // loops.TILE_VECTORS
@@ -280,6 +283,8 @@ def test_mm_rows_tiles_and_remainders(dtype, extra_rows, K, cols, transposed):
     assert np.isnan(np.delete(out, np.s_[j0:j1], axis=1)).all()
     assert np.isnan(wp[0]).all() and np.isnan(wp[-1]).all()
     if transposed:
+        with pytest.raises(ValueError, match="packed panels"):
+            loops.mm_rows(a, w, wp[:0], out, j0, j1, 0, True)
         return
     # without panels (too few rows or steps to pack) every row takes the dot products
     unpacked = np.full_like(out, np.nan)

@@ -89,25 +89,20 @@ ROWS_MAX_WEIGHT_BYTES = 1 << 19
 def _chunks(H, B, weight_bytes, layer_norm=False, proj=False):
     """`(nc, by_rows)`: the chunks of each phase and whether they are blocks of rows instead of hidden units.
 
-    One chunk per thread of numba's pool that torch's thread count allows: blocks of batch rows, each at least a tile
-    of rows (`loops.TILE_ROWS`), where they split the rows evenly (the larger at most 4/3 of the smaller; below 64
-    units however they split them) and each thread can keep the whole `w_hh`, of `weight_bytes` (at most
-    `ROWS_MAX_WEIGHT_BYTES`, or two threads); else chunks of hidden units, or below 64 units (where chunks of fewer
-    than 32 units cost more in waits per step than they share) one chunk, run on the calling thread. With a
-    projection `proj` (default False) no blocks of rows. With `layer_norm` (default False) one chunk per `LN_CHUNK`
-    units, at most `LN_MAX_CHUNKS`: fixed by the shape, so that its results do not depend on the thread count (its
-    product's sums follow the chunks' bounds)."""
+    One chunk per thread of numba's pool that torch's thread count allows: blocks of batch rows, each at least a tile of
+    rows (`loops.TILE_ROWS`), below 64 units or where each thread can keep the whole `w_hh`, of `weight_bytes` (at most
+    `ROWS_MAX_WEIGHT_BYTES`, or two threads): they need no wait between steps. Else chunks of hidden units, or below 64
+    units (where chunks of fewer than 32 units cost more in waits per step than they share) one chunk, run on the
+    calling thread. With a projection `proj` (default False) no blocks of rows. With `layer_norm` (default False) one
+    chunk per `LN_CHUNK` units, at most `LN_MAX_CHUNKS`: fixed by the shape, so that its results do not depend on the
+    thread count (its product's sums follow the chunks' bounds)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
     if layer_norm:
         return max(1, min(H // LN_CHUNK, LN_MAX_CHUNKS)), False
     blocks = min(threads, B // loops.TILE_ROWS)
-    if blocks > 1 and not proj:
-        sizes = [b1 - b0 for b0, b1 in (loops.row_block(True, q, blocks, B) for q in range(blocks))]
-        even = 3 * max(sizes) <= 4 * min(sizes)
-        fits = threads <= 2 or weight_bytes <= ROWS_MAX_WEIGHT_BYTES
-        if H < 64 or (even and fits):
-            return blocks, True
+    if blocks > 1 and not proj and (H < 64 or threads <= 2 or weight_bytes <= ROWS_MAX_WEIGHT_BYTES):
+        return blocks, True
     return (threads, False) if H >= 64 else (1, False)
 
 

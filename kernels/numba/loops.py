@@ -463,6 +463,8 @@ def mm_rows(a, w, wp, out, j0, j1, panel, transposed=False):
     N]`, which `panels` always packs): on the panels `wp[panel:]` that `pack` made of those rows, by tiles of
     `TILE_ROWS` rows of `a` and the rows left over by tiles of 4, 2 and 1; when `wp` has no panels, by dot products
     with the rows of `w`."""
+    if transposed and not wp.shape[0]:
+        raise ValueError("mm_rows: the rows of w.T are read only from packed panels")
     B = a.shape[0]
     W = wp.shape[2]
     for p in range(panel_count(j1 - j0, W) if wp.shape[0] else 0):
@@ -505,8 +507,10 @@ def _dot_rows(a, w, out, j0, j1):
     j = j0
     while j + 6 <= j1:
         b = 0
-        while b + 4 <= B:
-            # a 6 x 4 tile of sums vectorised along k: each load of `w` feeds four rows of `a`, each of `a` six of `w`
+        while 4 <= B and b < B:
+            # a 6 x 4 tile of sums vectorised along k: each load of `w` feeds four rows of `a`, each of `a` six of `w`;
+            # the last tile ends at the last row, rerunning up to 3 rows, so that every row sums in a tile alike
+            b = min(b, B - 4)
             s0, s1, s2, s3 = z6, z6, z6, z6
             for k in range(K):
                 wk = (w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k], w[j + 4, k], w[j + 5, k])
@@ -517,7 +521,7 @@ def _dot_rows(a, w, out, j0, j1):
             _store6(out, b + 2, j, s2)
             _store6(out, b + 3, j, s3)
             b += 4
-        for r in range(b, B):
+        for r in range(B if B < 4 else 0):
             s0 = z6
             for k in range(K):
                 s0 = _fma6(s0, a[r, k], (w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k], w[j + 4, k], w[j + 5, k]))
@@ -625,13 +629,11 @@ def _split(d, keep, direct, j0, j1):
 
 @njit(**_INLINE)
 def row_block(by_rows, q, nc, B):
-    """Rows `[b0, b1)` of chunk `q` of `nc`: its block of the `B` rows when `by_rows`, else every row. Blocks start at
-    whole tiles of rows, so that each row's product takes the path (a tile or dot products) it takes in one block."""
+    """Rows `[b0, b1)` of chunk `q` of `nc`: its block of the `B` rows when `by_rows` (sizes within one row of each
+    other), else every row. A row's product sums alike in any block of at least 4 rows (`mm_rows`)."""
     if not by_rows:
         return 0, B
-    b0 = q * B // nc // TILE_ROWS * TILE_ROWS if q > 0 else 0
-    b1 = (q + 1) * B // nc // TILE_ROWS * TILE_ROWS if q < nc - 1 else B
-    return b0, b1
+    return q * B // nc, (q + 1) * B // nc
 
 
 @njit(**_INLINE)
