@@ -46,4 +46,21 @@ inline void run_gemv(const IsaKernels& kern, bool trans, int64_t n, int64_t k, c
   kern.gemv_f64(trans, n, k, W, ldw, x, accumulate, y);
 }
 
+inline void run_ln_fwd(const IsaKernels& kern, int64_t n, int64_t N, const float* z, const float* gamma,
+                       const float* beta, float* y) {
+  kern.ln_fwd_f32(n, N, z, gamma, beta, y);
+}
+inline void run_ln_fwd(const IsaKernels& kern, int64_t n, int64_t N, const double* z, const double* gamma,
+                       const double* beta, double* y) {
+  kern.ln_fwd_f64(n, N, z, gamma, beta, y);
+}
+inline void run_ln_bwd(const IsaKernels& kern, int64_t n, int64_t N, const float* dy, const float* z,
+                       const float* gamma, float* dz, float* dgamma, float* dbeta) {
+  kern.ln_bwd_f32(n, N, dy, z, gamma, dz, dgamma, dbeta);
+}
+inline void run_ln_bwd(const IsaKernels& kern, int64_t n, int64_t N, const double* dy, const double* z,
+                       const double* gamma, double* dz, double* dgamma, double* dbeta) {
+  kern.ln_bwd_f64(n, N, dy, z, gamma, dz, dgamma, dbeta);
+}
+
 }  // namespace seqfast

@@ -118,6 +118,15 @@ struct IsaKernels {
                    float* y);
   void (*gemv_f64)(bool trans, int64_t n, int64_t k, const double* W, int64_t ldw, const double* x, bool accumulate,
                    double* y);
+  // The layer_norm option's input LayerNorm over rows `[0, n)` of `z [n, N]`: `y [n, N] = LN(z) gamma + beta` (`beta`
+  // null: none); its backward from the gradient `dy [n, N]` after it: `dz [n, N]` (null: not wanted), and `dgamma`,
+  // `dbeta [N]` added to (null: not wanted).
+  void (*ln_fwd_f32)(int64_t n, int64_t N, const float* z, const float* gamma, const float* beta, float* y);
+  void (*ln_fwd_f64)(int64_t n, int64_t N, const double* z, const double* gamma, const double* beta, double* y);
+  void (*ln_bwd_f32)(int64_t n, int64_t N, const float* dy, const float* z, const float* gamma, float* dz,
+                     float* dgamma, float* dbeta);
+  void (*ln_bwd_f64)(int64_t n, int64_t N, const double* dy, const double* z, const double* gamma, double* dz,
+                     double* dgamma, double* dbeta);
 };
 
 IsaKernels kernels_generic();

@@ -856,6 +856,51 @@ inline void gemv(bool trans, int64_t n, int64_t k, const typename O::T* W, int64
   for (; j < n; ++j) dot_block<O, false>(k, W + j * ldw, ldw, x, accumulate, y + j);
 }
 
+template <class O>
+void ln_fwd(int64_t n, int64_t N, const typename O::T* z, const typename O::T* gamma, const typename O::T* beta,
+            typename O::T* y) {
+  using T = typename O::T;
+  for (int64_t r = 0; r < n; ++r) {
+    const T* z_r = z + r * N;
+    T* y_r = y + r * N;
+    T mean, rstd;
+    ln_stats<O>(N, z_r, mean, rstd);
+    each_vector<O>(N, [&](int64_t j, auto m) SEQFAST_INLINE {
+      const auto v = (O::load(z_r + j, m) - mean) * rstd * O::load(gamma + j, m);
+      O::store(y_r + j, beta ? v + O::load(beta + j, m) : v, m);
+    });
+  }
+}
+
+template <class O>
+void ln_bwd(int64_t n, int64_t N, const typename O::T* dy, const typename O::T* z, const typename O::T* gamma,
+            typename O::T* dz, typename O::T* dgamma, typename O::T* dbeta) {
+  using T = typename O::T;
+  using V = typename O::V;
+  for (int64_t r = 0; r < n; ++r) {
+    const T* dy_r = dy + r * N;
+    const T* z_r = z + r * N;
+    T mean, rstd;
+    ln_stats<O>(N, z_r, mean, rstd);
+    // with u = dy gamma and z^ = (z - mean) rstd, dz = rstd (u - mean(u) - z^ mean(u z^))
+    V s_u = {}, s_uz = {};
+    each_vector<O>(N, [&](int64_t j, auto m) SEQFAST_INLINE {
+      const V d = O::load(dy_r + j, m), zh = (O::load(z_r + j, m) - mean) * rstd, u = d * O::load(gamma + j, m);
+      s_u += u;
+      s_uz += u * zh;
+      if (dgamma) add_to<O>(dgamma + j, d * zh, m);
+      if (dbeta) add_to<O>(dbeta + j, d, m);
+    });
+    if (!dz) continue;
+    const T m_u = vector_sum<O>(s_u) / T(N), m_uz = vector_sum<O>(s_uz) / T(N);
+    T* dz_r = dz + r * N;
+    each_vector<O>(N, [&](int64_t j, auto m) SEQFAST_INLINE {
+      const V zh = (O::load(z_r + j, m) - mean) * rstd;
+      O::store(dz_r + j, rstd * (O::load(dy_r + j, m) * O::load(gamma + j, m) - m_u - zh * m_uz), m);
+    });
+  }
+}
+
 inline void fwd_f32(int cell, const FwdChunk<float>& a) { fwd<OpsF32>(cell, a); }
 inline void bwd_f32(int cell, const BwdChunk<float>& a) { bwd<OpsF32>(cell, a); }
 inline void fwd_f64(int cell, const FwdChunk<double>& a) { fwd<OpsF64>(cell, a); }
@@ -869,7 +914,10 @@ inline void gemv_f64(bool trans, int64_t n, int64_t k, const double* W, int64_t 
   gemv<OpsF64>(trans, n, k, W, ldw, x, accumulate, y);
 }
 
-inline IsaKernels kernels() { return {fwd_f32, bwd_f32, fwd_f64, bwd_f64, NR, pack, gemm, gemv_f32, gemv_f64}; }
+inline IsaKernels kernels() {
+  return {fwd_f32,        bwd_f32,        fwd_f64,        bwd_f64,        NR, pack, gemm, gemv_f32, gemv_f64,
+          ln_fwd<OpsF32>, ln_fwd<OpsF64>, ln_bwd<OpsF32>, ln_bwd<OpsF64>};
+}
 
 }  // namespace SEQFAST_ISA
 }  // namespace seqfast

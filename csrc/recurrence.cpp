@@ -563,6 +563,84 @@ std::string set_isa(const std::string& name) {
   TORCH_CHECK(false, "unknown instruction set ", name, "; choose generic, avx2 or avx512");
 }
 
+// Rows of a block of the input LayerNorm: fixed, so that its parameter gradients add the same partial sums in the
+// same order whatever the thread count.
+constexpr int64_t kLnBlockRows = 64;
+
+void check_layer_norm(const at::Tensor& z, const at::Tensor& gamma, const char* name) {
+  TORCH_CHECK(z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble, name, ": float32 or float64, got ",
+              z.scalar_type());
+  TORCH_CHECK(z.dim() >= 1 && gamma.dim() == 1 && gamma.size(0) == z.size(-1), name, ": z [..., N] and gamma [N]");
+}
+
+// The layer_norm option's input LayerNorm `LN(z) gamma + beta` over the last dimension (`beta` may be None), its
+// output on a recycled block when large (NaN-filled first when `poison`).
+at::Tensor layer_norm(const at::Tensor& z, const at::Tensor& gamma, const c10::optional<at::Tensor>& beta,
+                      bool poison) {
+  const BelowAutograd below;
+  check_layer_norm(z, gamma, "layer_norm");
+  const auto dt = z.scalar_type();
+  const int64_t N = z.size(-1), n = N ? z.numel() / N : 0;
+  const at::Tensor z_c = as(z, dt), gamma_c = as(gamma, dt);
+  const at::Tensor beta_c = beta.has_value() ? as(*beta, dt) : at::Tensor();
+  TORCH_CHECK(!beta_c.defined() || beta_c.sizes() == gamma_c.sizes(), "layer_norm: beta [N]");
+  at::Tensor y = output(z.sizes(), z.options(), poison);
+  AT_DISPATCH_FLOATING_TYPES(dt, "layer_norm", [&] {
+    const IsaKernels kern = isa_kernels();
+    const scalar_t *z_p = z_c.data_ptr<scalar_t>(), *gamma_p = gamma_c.data_ptr<scalar_t>();
+    const scalar_t* beta_p = beta_c.defined() ? beta_c.data_ptr<scalar_t>() : nullptr;
+    scalar_t* y_p = y.data_ptr<scalar_t>();
+    at::parallel_for(0, (n + kLnBlockRows - 1) / kLnBlockRows, 1, [&](int64_t b0, int64_t b1) {
+      const int64_t r0 = b0 * kLnBlockRows, r1 = std::min(n, b1 * kLnBlockRows);
+      run_ln_fwd(kern, r1 - r0, N, z_p + r0 * N, gamma_p, beta_p, y_p + r0 * N);
+    });
+  });
+  return y;
+}
+
+// `layer_norm`'s backward from `dy`: `(dz, dgamma, dbeta)`, each an empty `[0]` where not needed.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward(const at::Tensor& dy, const at::Tensor& z,
+                                                                   const at::Tensor& gamma, bool need_dz,
+                                                                   bool need_dgamma, bool need_dbeta, bool poison) {
+  const BelowAutograd below;
+  check_layer_norm(z, gamma, "layer_norm_backward");
+  TORCH_CHECK(dy.sizes() == z.sizes(), "layer_norm_backward: dy of z's shape");
+  const auto dt = z.scalar_type();
+  const int64_t N = z.size(-1), n = N ? z.numel() / N : 0;
+  const at::Tensor dy_c = as(dy, dt), z_c = as(z, dt), gamma_c = as(gamma, dt);
+  const at::Tensor empty = at::empty({0}, z.options());
+  at::Tensor dz = need_dz ? output(z.sizes(), z.options(), poison) : empty;
+  at::Tensor dgamma = need_dgamma ? at::zeros({N}, z.options()) : empty;
+  at::Tensor dbeta = need_dbeta ? at::zeros({N}, z.options()) : empty;
+  const int64_t blocks = (n + kLnBlockRows - 1) / kLnBlockRows;
+  const bool sums = need_dgamma || need_dbeta;
+  // per block: its rows' sums of dgamma, then of dbeta
+  at::Tensor partial = at::zeros({sums ? blocks : 0, 2, N}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "layer_norm_backward", [&] {
+    const IsaKernels kern = isa_kernels();
+    const scalar_t *dy_p = dy_c.data_ptr<scalar_t>(), *z_p = z_c.data_ptr<scalar_t>();
+    const scalar_t* gamma_p = gamma_c.data_ptr<scalar_t>();
+    scalar_t* dz_p = need_dz ? dz.data_ptr<scalar_t>() : nullptr;
+    scalar_t* part = sums ? partial.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t r0 = b * kLnBlockRows, off = r0 * N;
+        run_ln_bwd(kern, std::min(kLnBlockRows, n - r0), N, dy_p + off, z_p + off, gamma_p,
+                   dz_p ? dz_p + off : nullptr, need_dgamma ? part + 2 * b * N : nullptr,
+                   need_dbeta ? part + (2 * b + 1) * N : nullptr);
+      }
+    });
+    scalar_t* dgamma_p = need_dgamma ? dgamma.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dbeta_p = need_dbeta ? dbeta.data_ptr<scalar_t>() : nullptr;
+    for (int64_t b = 0; b < (sums ? blocks : 0); ++b)
+      for (int64_t j = 0; j < N; ++j) {
+        if (dgamma_p) dgamma_p[j] += part[2 * b * N + j];
+        if (dbeta_p) dbeta_p[j] += part[(2 * b + 1) * N + j];
+      }
+  });
+  return {dz, dgamma, dbeta};
+}
+
 }  // namespace
 }  // namespace seqfast
 
@@ -582,6 +660,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     const seqfast::BelowAutograd below;
     return seqfast::project(x, w, b);
   }, "x @ w.T + b over every leading index, as the loops' input projections are formed.",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("layer_norm", &seqfast::layer_norm,
+        "layer_norm(z, gamma, beta, poison): the layer_norm option's input LayerNorm, LN(z) gamma + beta over the "
+        "last dimension (beta may be None).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("layer_norm_backward", &seqfast::layer_norm_backward,
+        "layer_norm_backward(dy, z, gamma, need_dz, need_dgamma, need_dbeta, poison): layer_norm's backward, (dz, "
+        "dgamma, dbeta), each an empty [0] where not needed.",
         py::call_guard<py::gil_scoped_release>());
   m.def("layer", &seqfast::layer, "One layer-direction with grad as an autograd node: (y, hT, cT or None).");
   m.def("cells", [] {

@@ -16,7 +16,7 @@ from . import dispatch, native
 from .autograd import Layer, Recurrence, folded_biases, projection_bias
 from .kernels import reference
 from .kernels.common import GATES, LN_EPS, Extensions, time_index
-from .linear import fused, linear, plain, preactivations
+from .linear import fused, input_layer_norm, linear, plain, preactivations
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
@@ -282,7 +282,7 @@ def _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, le
             return Layer.apply(backend, cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, lengths, w_hr, *fused)
         kernels = dispatch.load(name)
         return _infer(kernels, cell, x, w_ih, b_x, w_hh, b_h, h0, c0, w_hr, lengths, reverse, ext)
-    gx = _input_projection(x, w_ih, b_x, ext, linear)
+    gx = _input_projection(x, w_ih, b_x, ext, linear, eager=fast)
     need_saved = need_grad or torch.jit.is_tracing()
     run = Recurrence.apply if fast else torch.ops.seqfast.recurrence
     args = (name, cell, reverse, need_saved, gx, w_hh, b_h, h0, c0, lengths, w_hr, *ext.fused(), *ext.gains())
@@ -298,11 +298,15 @@ def _reference_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, rev
     return y, hT, cT if cell == "lstm" else None
 
 
-def _input_projection(x, w_ih, bias, ext, product):
+def _input_projection(x, w_ih, bias, ext, product, eager=None):
     """`gx`: `x`'s product with `w_ih` by `product` (`F.linear`'s arguments) plus `bias`, with `layer_norm` (`ext`)
-    torch's LayerNorm of the product before the bias."""
+    the LayerNorm of the product before the bias: `input_layer_norm` on an `eager` call or not (a bool), or torch's
+    (None, default; the reference's)."""
     if ext is not None and ext.ln_ih is not None:
-        return F.layer_norm(F.linear(x, w_ih), w_ih.shape[:1], ext.ln_ih, bias, LN_EPS)
+        z = F.linear(x, w_ih)
+        if eager is None:
+            return F.layer_norm(z, w_ih.shape[:1], ext.ln_ih, bias, LN_EPS)
+        return input_layer_norm(z, ext.ln_ih, bias, eager)
     return product(x, w_ih, bias)
 
 

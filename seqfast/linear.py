@@ -1,4 +1,5 @@
-"""The large GEMMs around the recurrence: the input projection and the weight gradients, over all steps at once.
+"""The large GEMMs around the recurrence: the input projection and the weight gradients, over all steps at once; and
+the `layer_norm` option's LayerNorm of the input projection (`input_layer_norm`).
 
 `seqfast::linear` is `x @ w.T + b` (`project`) with registered autograd; its backward and the recurrent weight
 gradient share `seqfast::linear_backward` (`project_backward`); the eager path calls the plain functions. On CPU
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch, native
-from .kernels.common import Projection
+from .kernels.common import LN_EPS, Projection, poisoning
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # The sizes the calibration times, `[M, 128] @ [128, 512]` at these multiply-adds; oneDNN must beat BLAS by
@@ -234,3 +235,104 @@ def _backward(ctx, dy):
 
 
 linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def input_layer_norm(z: Tensor, weight: Tensor, bias: Tensor | None, eager: bool = True) -> Tensor:
+    """The `layer_norm` option's LayerNorm of the input projection, `LN(z) weight + bias` over the last dimension (eps
+    `LN_EPS`): float32 and float64 on CPU through `seqfast._C` when it is built (one pass a row each way; the output
+    and the input gradient on recycled blocks, which spares the page faults of fresh ones), as `InputLayerNorm` on an
+    `eager` call (default True) and as the custom op `seqfast::input_layer_norm` otherwise, with bitwise the same
+    results; else torch's `F.layer_norm`.
+
+    Args:
+        z: `[..., N]`; weight: `[N]`; bias: `[N]` or None.
+
+    Returns:
+        `[..., N]`.
+    """
+    if (
+        z.is_cpu
+        and z.dtype in (torch.float32, torch.float64)
+        and weight.dtype == z.dtype
+        and (bias is None or bias.dtype == z.dtype)
+        and _extension()
+    ):
+        return InputLayerNorm.apply(z, weight, bias) if eager else input_layer_norm_op(z, weight, bias)
+    return F.layer_norm(z, weight.shape, weight, bias, LN_EPS)
+
+
+def _input_layer_norm(z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    return _extension().layer_norm(z, weight, bias, poisoning())
+
+
+def _input_layer_norm_backward(
+    dy: Tensor, z: Tensor, weight: Tensor, need_dz: bool, need_dw: bool, need_db: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`input_layer_norm`'s gradients from `dy`: `dz`, `dweight`, `dbias`, each an empty `[0]` tensor when not
+    needed."""
+    return tuple(_extension().layer_norm_backward(dy, z, weight, need_dz, need_dw, need_db, poisoning()))
+
+
+input_layer_norm_op = torch.library.custom_op("seqfast::input_layer_norm", _input_layer_norm, mutates_args=())
+input_layer_norm_backward = torch.library.custom_op(
+    "seqfast::input_layer_norm_backward", _input_layer_norm_backward, mutates_args=()
+)
+
+
+@input_layer_norm_op.register_fake
+def _(z, weight, bias):
+    return z.new_empty(z.shape)
+
+
+@input_layer_norm_backward.register_fake
+def _(dy, z, weight, need_dz, need_dw, need_db):
+    return (
+        z.new_empty(z.shape) if need_dz else z.new_empty(0),
+        weight.new_empty(weight.shape) if need_dw else z.new_empty(0),
+        weight.new_empty(weight.shape) if need_db else z.new_empty(0),
+    )
+
+
+def _input_layer_norm_grads(dy, z, weight, needs, has_bias, backward):
+    """The gradients of `input_layer_norm`'s `(z, weight, bias)` from `dy`, None where `needs` says not needed, by
+    `backward` (`_input_layer_norm_backward`'s arguments); under `create_graph=True` by autograd through torch's
+    LayerNorm instead, so that they differentiate again."""
+    need_dz, need_dw, need_db = needs
+    need_db = need_db and has_bias
+    if torch.is_grad_enabled():
+        wrt = [t for t, need in ((z, need_dz), (weight, need_dw)) if need]
+        y = F.layer_norm(z, weight.shape, weight, None, LN_EPS)
+        grads = iter(torch.autograd.grad(y, wrt, dy, create_graph=True))
+        dz, dw = (next(grads) if need else None for need in (need_dz, need_dw))
+        return dz, dw, dy.flatten(0, -2).sum(0) if need_db else None
+    dz, dw, db = backward(dy, z, weight, need_dz, need_dw, need_db)
+    return dz if need_dz else None, dw if need_dw else None, db if need_db else None
+
+
+class InputLayerNorm(torch.autograd.Function):
+    """`input_layer_norm` on an eager call: `seqfast._C`'s kernels without the custom ops' per-call cost."""
+
+    @staticmethod
+    def forward(ctx, z, weight, bias):
+        ctx.save_for_backward(z, weight)
+        ctx.has_bias = bias is not None
+        return _input_layer_norm(z, weight, bias)
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, weight = ctx.saved_tensors
+        return _input_layer_norm_grads(dy, z, weight, ctx.needs_input_grad, ctx.has_bias, _input_layer_norm_backward)
+
+
+def _input_layer_norm_setup_context(ctx, inputs, output):
+    z, weight, bias = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(z, weight)
+
+
+def _input_layer_norm_op_backward(ctx, dy):
+    z, weight = ctx.saved_tensors
+    return _input_layer_norm_grads(dy, z, weight, ctx.needs_input_grad, ctx.has_bias, input_layer_norm_backward)
+
+
+input_layer_norm_op.register_autograd(_input_layer_norm_op_backward, setup_context=_input_layer_norm_setup_context)

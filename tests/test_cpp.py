@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import (
     assert_outputs_close,
     cast,
@@ -24,6 +25,7 @@ from helpers import (
     twins,
 )
 
+from seqfast import linear
 from seqfast.autograd import folded_biases
 from seqfast.kernels import common, reference
 from seqfast.kernels.common import Projection
@@ -75,6 +77,101 @@ def test_accuracy_per_isa(cpp, cell, dtype, rtol):
             assert_matches_reference(cpp, cell, 40, [(6, 70), (1, 37), (1, 150), (53, 37)], dtype, rtol)
     finally:
         cpp._C.set_isa(previous)
+
+
+def _layer_norm_grads(z, weight, bias, dy, norm):
+    """`norm(z, weight, bias)` and its gradients of `z`, `weight` and `bias` (where given) from `dy`."""
+    leaves = [t.detach().clone().requires_grad_() for t in (z, weight, bias) if t is not None]
+    z, weight, bias = leaves[0], leaves[1], leaves[2] if bias is not None else None
+    y = norm(z, weight, bias)
+    return [y, *torch.autograd.grad(y, leaves, dy)]
+
+
+@pytest.mark.parametrize("dtype, rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "shape", [(3, 5, 37), (130, 1), (1, 1024), (70, 16), (0, 8)], ids=["N37", "N1", "one-row", "N16", "no-rows"]
+)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_input_layer_norm_per_isa(cpp, dtype, rtol, shape, bias):
+    """The layer_norm option's input LayerNorm on every instruction-set path against torch's in float64: output and
+    the gradients of the input, weight and bias, for partial and whole vectors, rows past a block of 64 and none;
+    elementwise within `rtol` of the largest value (float32's rounding over sums of up to 130 rows)."""
+    gen = torch.Generator().manual_seed(sum(shape))
+    z = torch.randn(shape, generator=gen, dtype=dtype) * 3 + 1.5
+    weight = torch.rand(shape[-1], generator=gen, dtype=dtype) + 0.5
+    b = torch.randn(shape[-1], generator=gen, dtype=dtype) if bias else None
+    dy = torch.randn(shape, generator=gen, dtype=dtype)
+
+    def torch_norm(z, weight, bias):
+        return F.layer_norm(z, weight.shape, weight, bias, common.LN_EPS)
+
+    double = [t.double() if t is not None else None for t in (z, weight, b, dy)]
+    expected = _layer_norm_grads(*double, torch_norm)
+    # the input gradient's rounding scales with rstd |dy weight| (N = 1: rstd = eps^-1/2, the exact gradient 0)
+    rstd = (z.double().var(-1, unbiased=False) + common.LN_EPS).rsqrt().max().item() if z.numel() else 1.0
+    scales = [1.0, rstd * (dy.abs().max().item() if dy.numel() else 1.0) * weight.max().item(), 1.0, 1.0]
+    previous = cpp._C.isa()
+    try:
+        for isa in isas(cpp):
+            cpp._C.set_isa(isa)
+            actual = _layer_norm_grads(z, weight, b, dy, linear.input_layer_norm)
+            assert actual[0].grad_fn.name().endswith("InputLayerNormBackward"), "torch's LayerNorm ran"
+            for name, a, e, scale in zip(("y", "dz", "dweight", "dbias"), actual, expected, scales, strict=False):
+                assert a.dtype == dtype, name
+                atol = rtol * max(scale, e.abs().max().item() if e.numel() else 1.0)
+                torch.testing.assert_close(a.detach().double(), e, rtol=rtol, atol=atol, msg=f"{isa} {name}")
+    finally:
+        cpp._C.set_isa(previous)
+
+
+def test_input_layer_norm_thread_count_independent(cpp):
+    """The weight and bias gradients of the input LayerNorm sum fixed blocks of rows in order: bitwise the same on one
+    thread and two."""
+    gen = torch.Generator().manual_seed(0)
+    z, dy = (torch.randn(333, 200, generator=gen) for _ in range(2))
+    weight, b = torch.rand(200, generator=gen), torch.randn(200, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(_layer_norm_grads(z, weight, b, dy, linear.input_layer_norm))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+def test_input_layer_norm_custom_op(cpp, bias):
+    """The input LayerNorm as the custom ops that `torch.compile` traces: `opcheck` of both, and bitwise the eager
+    call's output and gradients."""
+    gen = torch.Generator().manual_seed(1)
+    z, dy = (torch.randn(70, 19, generator=gen) for _ in range(2))
+    weight = torch.rand(19, generator=gen) + 0.5
+    b = torch.randn(19, generator=gen) if bias else None
+    leaves = [t.clone().requires_grad_() for t in (z, weight, *([b] if bias else []))]
+    torch.library.opcheck(torch.ops.seqfast.input_layer_norm.default, (*leaves[:2], leaves[2] if bias else None))
+    torch.library.opcheck(torch.ops.seqfast.input_layer_norm_backward.default, (dy, z, weight, True, True, bias))
+    eager, op = (
+        _layer_norm_grads(z, weight, b, dy, lambda *a, e=e: linear.input_layer_norm(*a, eager=e)) for e in (True, False)
+    )
+    assert eager[0].grad_fn.name().endswith("InputLayerNormBackward")
+    assert "input_layer_norm" in op[0].grad_fn.name()
+    for a, e in zip(op, eager, strict=True):
+        assert torch.equal(a, e)
+
+
+def test_input_layer_norm_differentiates_twice(cpp):
+    """A backward with `create_graph=True` through the input LayerNorm gives gradients that differentiate again."""
+    gen = torch.Generator().manual_seed(0)
+    args = [
+        torch.randn(4, 7, generator=gen, dtype=torch.float64, requires_grad=True),
+        (torch.rand(7, generator=gen, dtype=torch.float64) + 0.5).requires_grad_(),
+        torch.randn(7, generator=gen, dtype=torch.float64, requires_grad=True),
+    ]
+    assert torch.autograd.gradcheck(linear.input_layer_norm, args)
+    assert torch.autograd.gradgradcheck(linear.input_layer_norm, args)
 
 
 def assert_matches_reference(cpp, cell, T, sizes, dtype, rtol):
