@@ -222,6 +222,7 @@ def _(dy, x, w, need_dx, need_dw, need_db):
 
 
 def _setup_context(ctx, inputs, output):
+    # `linear`'s and `input_layer_norm_op`'s: inputs `(x, w, b)`, `x` and `w` saved
     x, w, b = inputs
     ctx.has_bias = b is not None
     ctx.save_for_backward(x, w)
@@ -324,15 +325,9 @@ class InputLayerNorm(torch.autograd.Function):
         return _input_layer_norm_grads(dy, z, weight, ctx.needs_input_grad, ctx.has_bias, _input_layer_norm_backward)
 
 
-def _input_layer_norm_setup_context(ctx, inputs, output):
-    z, weight, bias = inputs
-    ctx.has_bias = bias is not None
-    ctx.save_for_backward(z, weight)
-
-
 def _input_layer_norm_op_backward(ctx, dy):
     z, weight = ctx.saved_tensors
     return _input_layer_norm_grads(dy, z, weight, ctx.needs_input_grad, ctx.has_bias, input_layer_norm_backward)
 
 
-input_layer_norm_op.register_autograd(_input_layer_norm_op_backward, setup_context=_input_layer_norm_setup_context)
+input_layer_norm_op.register_autograd(_input_layer_norm_op_backward, setup_context=_setup_context)
