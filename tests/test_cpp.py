@@ -138,8 +138,8 @@ def test_input_layer_norm_thread_count_independent(cpp):
             results.append(_layer_norm_grads(z, weight, b, dy, linear.input_layer_norm))
     finally:
         torch.set_num_threads(threads)
-    for a, b in zip(*results, strict=True):
-        assert torch.equal(a, b)
+    for one, two in zip(*results, strict=True):
+        assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
