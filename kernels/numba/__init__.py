@@ -93,14 +93,17 @@ def _chunks(H, B, weight_bytes, layer_norm=False, proj=False):
     rows (`loops.TILE_ROWS`), below 64 units or where each thread can keep the whole `w_hh`, of `weight_bytes` (at most
     `ROWS_MAX_WEIGHT_BYTES`, or two threads): they need no wait between steps. Else chunks of hidden units, or below 64
     units (where chunks of fewer than 32 units cost more in waits per step than they share) one chunk, run on the
-    calling thread. With a projection `proj` (default False) no blocks of rows. With `layer_norm` (default False) one
-    chunk per `LN_CHUNK` units, at most `LN_MAX_CHUNKS`: fixed by the shape, so that its results do not depend on the
-    thread count (its product's sums follow the chunks' bounds)."""
+    calling thread. With a projection `proj` (default False) no blocks of rows. With `layer_norm` (default False) blocks
+    of rows wherever the batch holds two tiles of rows, on one thread too (a block's product spans every unit, as one
+    block's on one thread does), else one chunk per `LN_CHUNK` units, at most `LN_MAX_CHUNKS`: fixed by the shape, so
+    that its results do not depend on the thread count (its product's sums follow the chunks' bounds)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
-    if layer_norm:
-        return max(1, min(H // LN_CHUNK, LN_MAX_CHUNKS)), False
     blocks = min(threads, B // loops.TILE_ROWS)
+    if layer_norm:
+        if B // loops.TILE_ROWS > 1:
+            return blocks, True
+        return max(1, min(H // LN_CHUNK, LN_MAX_CHUNKS)), False
     if blocks > 1 and not proj and (H < 64 or threads <= 2 or weight_bytes <= ROWS_MAX_WEIGHT_BYTES):
         return blocks, True
     return (threads, False) if H >= 64 else (1, False)

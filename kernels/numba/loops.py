@@ -6,21 +6,21 @@ Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the ti
 (zeros past a sequence's length) with what `y` cannot give: nothing for RNN, whose `h` is `y`; GRU's `h_prev` is `y` at
 the step before, or `h0`. State buffers (`h`, `c`, `dh`, `dc`) come in holding the initial value and leave holding the
 final one. Each phase splits hidden units (or state columns) into `nc` contiguous chunks; a chunk does both the
-recurrent product for its rows of the weights and the pointwise math for its units. With `by_rows` (a runtime
-argument) a chunk is instead a block of batch rows, every unit: its rows' product, on weights packed as one chunk of
-units (each chunk packing a share), and their pointwise math (`row_block`). A loop is a serial function that
-every thread runs whole with its own `tid`: each phase of a step (one per step, two with a projection or layer_norm) is
-`nc` chunks that threads claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of
-the earlier phases is done (`sync`); `tid` 0 returns once the last is. A thread that never runs only leaves its chunks
-to the others, so the loop cannot deadlock however many threads run it. `launch` runs a loop on numba's threads through
-its compiled entry point and one parallel function compiled once, so neither the loop nor a parallel region compiles per
-loop. A loop compiles on its cell's first call per dtype, with the cell's gate count (and LSTM's projection, and which
-of the `resets`, `zoneout` and `layer_norm` options run) a constant of its closure, so it holds only that cell's math
-and those options' code (`layer_norm`, which normalises whole rows of the recurrent product, splits each step in two
-phases: the product by chunks of units, then the rows' normalisation and cell math by groups of rows, one per chunk
-index; its backward likewise, the rows' cell math first, then the product by chunks of columns); `rev`, RNN's `relu`
-(both RNN cells share a loop) and `nc` are runtime arguments. Every cell's loop takes the same arguments (empty arrays
-for what the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
+recurrent product for its rows of the weights and the pointwise math for its units. With `by_rows` (a runtime argument)
+a chunk is instead a block of batch rows, every unit: its rows' product, on weights packed as one chunk of units (each
+chunk packing a share), and their pointwise math (`row_block`). A loop is a serial function that every thread runs whole
+with its own `tid`: each phase of a step (one per step, two with a projection or layer_norm) is `nc` chunks that threads
+claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of the earlier phases is
+done (`sync`); `tid` 0 returns once the last is. A thread that never runs only leaves its chunks to the others, so the
+loop cannot deadlock however many threads run it. `launch` runs a loop on numba's threads through its compiled entry
+point and one parallel function compiled once, so neither the loop nor a parallel region compiles per loop. A loop
+compiles on its cell's first call per dtype, with the cell's gate count (and LSTM's projection, and which of the
+`resets`, `zoneout` and `layer_norm` options run) a constant of its closure, so it holds only that cell's math and those
+options' code (`layer_norm`, which normalises whole rows of the recurrent product, splits each step in two phases: the
+product by chunks of units (or by blocks of rows), then the rows' normalisation and cell math by groups of rows, one per
+chunk index; its backward likewise, the rows' cell math first, then the product by chunks of columns); `rev`, RNN's
+`relu` (both RNN cells share a loop) and `nc` are runtime arguments. Every cell's loop takes the same arguments (empty
+arrays for what the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
 """
 
 import functools
