@@ -74,10 +74,8 @@ def test_layer_norm_by_chunks_and_groups(cell, B):
     B = 17, two register tiles of rows and one more, by blocks of rows (one on one thread), with resets and zoneout,
     against the float64 oracle at the contract's bounds."""
     T = 5
-    by_rows = B >= 2 * nb.loops.TILE_ROWS
-    assert nb._chunks(LN_CHUNKED_H, B, 0, layer_norm=True)[1] == by_rows
-    if not by_rows:
-        assert nb._chunks(LN_CHUNKED_H, B, 0, layer_norm=True) == (3, False)
+    nc, by_rows = nb._chunks(LN_CHUNKED_H, B, 0, layer_norm=True)
+    assert by_rows if B >= 2 * nb.loops.TILE_ROWS else (nc, by_rows) == (3, False)
     for dtype, tol in [(torch.float64, 1e-12), (torch.float32, 2e-5)]:
         args, cot = layer_norm_problem(
             cell, T, B, LN_CHUNKED_H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=dtype, seed=B
@@ -109,10 +107,12 @@ def _two_threads():
 
 @needs_numba
 @pytest.mark.parametrize("cell", CELLS)
-def test_layer_norm_thread_count_independent(cell):
-    """float32 `layer_norm` outputs and gradients are bitwise the same on one thread and on two: its chunks and groups
-    of rows follow the shape, not the thread count."""
-    T, B = 6, 17
+@pytest.mark.parametrize("B", [5, 17], ids=["chunks-of-units", "blocks-of-rows"])
+def test_layer_norm_thread_count_independent(cell, B):
+    """float32 `layer_norm` outputs and gradients are bitwise the same on one thread and on two: its chunks of units
+    (B = 5) or blocks of rows (B = 17) and groups of rows follow the shape, not the thread count."""
+    T = 6
+    assert nb._chunks(LN_CHUNKED_H, B, 0, layer_norm=True)[1] == (B == 17)
     args, cot = layer_norm_problem(
         cell, T, B, LN_CHUNKED_H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32
     )

@@ -521,11 +521,12 @@ def _dot_rows(a, w, out, j0, j1):
             _store6(out, b + 2, j, s2)
             _store6(out, b + 3, j, s3)
             b += 4
-        for r in range(B if B < 4 else 0):
-            s0 = z6
-            for k in range(K):
-                s0 = _fma6(s0, a[r, k], (w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k], w[j + 4, k], w[j + 5, k]))
-            _store6(out, r, j, s0)
+        if B < 4:
+            for r in range(B):
+                s0 = z6
+                for k in range(K):
+                    s0 = _fma6(s0, a[r, k], (w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k], w[j + 4, k], w[j + 5, k]))
+                _store6(out, r, j, s0)
         j += 6
     for b in range(B):
         for jj in range(j, j1):
