@@ -669,6 +669,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "layer_norm_backward(dy, z, gamma, need_dz, need_dgamma, need_dbeta, poison): layer_norm's backward, (dz, "
         "dgamma, dbeta), each an empty [0] where not needed.",
         py::call_guard<py::gil_scoped_release>());
+  m.def("empty", [](const std::vector<int64_t>& sizes, at::ScalarType dtype, bool poison) {
+    return seqfast::output(sizes, at::TensorOptions().dtype(dtype), poison);
+  }, "empty(sizes, dtype, poison): a CPU tensor, on a recycled block when large (NaN-filled when poison).",
+        py::call_guard<py::gil_scoped_release>());
   m.def("layer", &seqfast::layer, "One layer-direction with grad as an autograd node: (y, hT, cT or None).");
   m.def("cells", [] {
     std::vector<std::tuple<int, int, int, int>> table;

@@ -1,5 +1,7 @@
 """Facts every backend shares: cell names, gate counts, compute dtype, output allocation."""
 
+import functools
+import math
 import os
 from typing import NamedTuple
 
@@ -32,11 +34,30 @@ def poisoning():
 
 
 def empty(shape, dtype, device):
-    """Allocate a kernel output; NaN-filled when poisoning is on, so an unwritten element fails loudly."""
+    """Allocate a kernel output; NaN-filled when poisoning is on, so an unwritten element fails loudly. One of at least
+    `RECYCLE_FROM_BYTES` on the CPU comes from the blocks that `seqfast._C` recycles, where it is built: glibc hands
+    blocks from 32 MB back to the system on free, so each call would fault their pages in afresh."""
+    if torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= RECYCLE_FROM_BYTES:
+        if recycled := _recycled_empty():
+            return recycled(list(shape), dtype, _poison)
     out = torch.empty(shape, dtype=dtype, device=device)
     if _poison and out.is_floating_point():
         out.fill_(float("nan"))
     return out
+
+
+# the size from which `empty` takes recycled blocks on the CPU (`seqfast._C`'s own threshold)
+RECYCLE_FROM_BYTES = 1 << 20
+
+
+@functools.cache
+def _recycled_empty():
+    """`seqfast._C.empty`, or None when the extension is not built."""
+    try:
+        from seqfast import _C
+    except ImportError:
+        return None
+    return _C.empty
 
 
 def compute_dtype(dtype):

@@ -327,3 +327,22 @@ def test_empty_poisons_with_nan():
         assert torch.isnan(common.empty((2, 3), torch.float32, "cpu")).all()
     finally:
         common.set_poison(previous)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_empty_recycles_large_blocks_poisoned(dtype):
+    """A large CPU output reuses the block a freed one of its size left (with `seqfast._C`), NaN-filled again."""
+    if common._recycled_empty() is None:
+        pytest.skip("seqfast._C is not built")
+    shape = (common.RECYCLE_FROM_BYTES // dtype.itemsize // 64 + 1, 64)
+    previous = common.set_poison(True)
+    try:
+        first = common.empty(shape, dtype, "cpu")
+        first.fill_(1.0)
+        address = first.data_ptr()
+        del first
+        second = common.empty(shape, dtype, torch.device("cpu"))
+        assert second.data_ptr() == address
+        assert second.shape == shape and second.dtype == dtype and torch.isnan(second).all()
+    finally:
+        common.set_poison(previous)
