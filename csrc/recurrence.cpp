@@ -76,6 +76,25 @@ void project_blas(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 }
 #endif
 
+// Whether `project` forms `x w^T + b` by `SmallProjection`'s rows: float32 or float64 alike, `x [..., K]` contiguous
+// with several rows and `K` up to `kSmallProjectionK`.
+bool small_projection(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
+  const auto dt = x.scalar_type();
+  if ((dt != at::kFloat && dt != at::kDouble) || !x.is_cpu() || x.dim() < 2 || !x.is_contiguous()) return false;
+  const int64_t K = x.size(-1);
+  return K > 0 && K <= kSmallProjectionK && x.numel() > K && w.scalar_type() == dt && w.is_cpu() && w.dim() == 2 &&
+         w.size(1) == K && (!b || (b->scalar_type() == dt && b->dim() == 1 && b->size(0) == w.size(0)));
+}
+
+// `SmallProjection`'s operands for `x`, `w`, `b` (see `small_projection`), `wt` and `bc` keeping `w^T` and `b`.
+template <typename T>
+SmallProjection<T> small_projection_of(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b,
+                                       at::Tensor& wt, at::Tensor& bc) {
+  wt = w.t().contiguous();
+  if (b) bc = b->contiguous();
+  return {x.data_ptr<T>(), wt.data_ptr<T>(), b ? bc.data_ptr<T>() : nullptr, x.size(-1), w.size(0)};
+}
+
 // `F.linear(x, w, b)` (`b` may be None) with the ops `seqfast.linear.project` runs for it. The
 // products it gets (`project` leaves large float32 ones to oneDNN) go straight to the BLAS call at::addmm would make,
 // bitwise the same result without at::linear's dispatch; one row (a step of B = 1) to the matrix-vector kernel, which
@@ -83,6 +102,14 @@ void project_blas(const at::Tensor& x, const at::Tensor& w, const c10::optional<
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = w.size(0);
+  if (small_projection(x, w, b)) {
+    const at::Tensor gx = output(sizes, x.options(), false);
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "seqfast_project_small", [&] {
+      at::Tensor wt, bc;
+      small_projection_of<scalar_t>(x, w, b, wt, bc).rows(x.numel() / x.size(-1), gx.data_ptr<scalar_t>());
+    });
+    return gx;
+  }
 #if SEQFAST_BLAS
   if (direct_projection(x, w, b)) {
     const at::Tensor gx = output(sizes, x.options(), false);
@@ -144,20 +171,23 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   const BelowAutograd below;
   check_cell(cell);
   TORCH_CHECK(gx_given.has_value() != (x.has_value() && w_ih.has_value()), "give gx, or x and w_ih to form it");
-  const at::Tensor gx_in = gx_given ? *gx_given : project(*x, *w_ih, b_x);
-  TORCH_CHECK(gx_in.dim() == 3, "gx must be [T, B, G*H]");
+  // a small-K projection the loop forms itself (`SmallProjection`), else `gx` whole first
+  const bool small = !gx_given && x->dim() == 3 && small_projection(*x, *w_ih, b_x);
+  const at::Tensor gx_in = gx_given ? *gx_given : small ? at::Tensor() : project(*x, *w_ih, b_x);
+  TORCH_CHECK(small || gx_in.dim() == 3, "gx must be [T, B, G*H]");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
-  const auto io = gx_in.scalar_type(), dt = compute_type(io);
+  const auto io = small ? x->scalar_type() : gx_in.scalar_type(), dt = compute_type(io);
   TORCH_CHECK(io == at::kFloat || io == at::kDouble || io == at::kHalf || io == at::kBFloat16,
               "gx must be float32, float64, float16 or bfloat16, got ", io);
-  const int64_t T = gx_in.size(0), B = gx_in.size(1), GH = gx_in.size(2), G = gates(cell), H = GH / G;
+  const int64_t T = small ? x->size(0) : gx_in.size(0), B = small ? x->size(1) : gx_in.size(1);
+  const int64_t GH = small ? w_ih->size(0) : gx_in.size(2), G = gates(cell), H = GH / G;
   TORCH_CHECK(H > 0 && GH == G * H, "gx's last dimension must be a positive multiple of ", G);
   TORCH_CHECK(T < INT_MAX && B < INT_MAX && GH < INT_MAX, "sizes must fit BLAS's 32-bit integers");
   const bool lstm = cell == LSTM, proj = w_hr_in.has_value();
   TORCH_CHECK(!proj || lstm, "w_hr (projection) needs the lstm cell");
   TORCH_CHECK(c0_in.has_value() == lstm, "c0 is given exactly for lstm");
   const int64_t P = proj ? w_hr_in->size(0) : H;
-  const at::Tensor gx = as(gx_in, dt), w_hh = as(w_hh_in, dt), h0 = as(h0_in, dt);
+  const at::Tensor gx = small ? at::Tensor() : as(gx_in, dt), w_hh = as(w_hh_in, dt), h0 = as(h0_in, dt);
   const auto b_hh = as(b_hh_in, dt), c0 = as(c0_in, dt), w_hr = as(w_hr_in, dt);
   const auto lengths = as(lengths_in, at::kLong);
   check(w_hh, "w_hh", dt, {GH, P});
@@ -168,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   if (lengths) check(*lengths, "lengths", at::kLong, {B});
   const ZoneoutArgs zo = zoneout_in(zo_in, dt, T, B, P, H, lstm);
   const LayerNormArgs ln = layer_norm_in(ln_in, dt, GH, H, lstm, proj);
-  const auto opts = gx.options();
+  const auto opts = (small ? *x : gx).options();
   const at::Tensor y = output({T, B, P}, opts, poison);
   const at::Tensor hT = hT_out.defined() ? hT_out : output({B, P}, opts, poison);
   const at::Tensor cT = !lstm ? at::Tensor() : cT_out.defined() ? cT_out : output({B, H}, opts, poison);
@@ -180,7 +210,10 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   }
   const Order ord = make_order(lengths, T, B, reverse, zero);
   AT_DISPATCH_FLOATING_TYPES(dt, "seqfast_fwd", [&] {
-    fwd_loop<scalar_t>(static_cast<int>(cell), gx, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, zo, ln, chunk,
+    at::Tensor wt, bc;
+    const SmallProjection<scalar_t> sp = small ? small_projection_of<scalar_t>(*x, *w_ih, b_x, wt, bc)
+                                               : SmallProjection<scalar_t>{};
+    fwd_loop<scalar_t>(static_cast<int>(cell), gx, sp, w_hh, b_hh, h0, lstm ? *c0 : cT, ord, w_hr, zo, ln, chunk,
                        Plan::of(plan), y, hT, cT, saved, y_copy);
   });
   return {in_dtype(y, io), in_dtype(hT, h0_in.scalar_type()),
@@ -669,6 +702,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "layer_norm_backward(dy, z, gamma, need_dz, need_dgamma, need_dbeta, poison): layer_norm's backward, (dz, "
         "dgamma, dbeta), each an empty [0] where not needed.",
         py::call_guard<py::gil_scoped_release>());
+  m.attr("small_projection_k") = seqfast::kSmallProjectionK;
   m.def("empty", [](const std::vector<int64_t>& sizes, at::ScalarType dtype, bool poison) {
     return seqfast::output(sizes, at::TensorOptions().dtype(dtype), poison);
   }, "empty(sizes, dtype, poison): a CPU tensor, on a recycled block when large (NaN-filled when poison).",

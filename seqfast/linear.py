@@ -124,11 +124,19 @@ def project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     Returns:
         `[..., N]`.
     """
-    if x.numel() == x.shape[-1] and x.is_cpu and w.is_cpu and (extension := _extension()):
-        return extension.project(x, w, b)  # one row: the matrix-vector kernel the cpp backend forms it with
+    if (x.numel() == x.shape[-1] or _small(x)) and x.is_cpu and w.is_cpu and (extension := _extension()):
+        # one row: the matrix-vector kernel; a small K: a row at a time, as the cpp backend's loops form it
+        return extension.project(x, w, b)
     if x.is_contiguous() and not _onednn(x, w, b):
         return F.linear(x, w, b)  # folds the leading dimensions into the one GEMM dense would run
     return dense(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
+
+
+def _small(x):
+    """Whether `x [..., K]` has a `K` small enough that `seqfast._C` forms its projection a row at a time (see
+    `project`)."""
+    extension = _extension()
+    return extension is not None and x.shape[-1] <= extension.small_projection_k
 
 
 def _extension():
@@ -159,7 +167,7 @@ def bias_sum(a, b):
 def fused(backend, x, w, b, numel=None):
     """Whether `backend` (a backend module) forms `x @ w.T + b` itself, from a `Projection`: when it fuses
     projections and `project` would run `F.linear` for them (`numel` as in `_onednn`)."""
-    return getattr(backend, "FUSES_PROJECTION", False) and not _onednn(x, w, b, numel)
+    return getattr(backend, "FUSES_PROJECTION", False) and (_small(x) or not _onednn(x, w, b, numel))
 
 
 def preactivations(backend, x, w, b):

@@ -575,3 +575,30 @@ def test_stack_and_step_equal_layer_by_layer(cpp, cell, dtype):
             expected = cpp.stack(cell, x[:1], h0, c0, weights, False)
             assert torch.equal(h, expected[1][0])
             assert c is None if c0 is None else torch.equal(c, expected[2][0])
+
+
+@pytest.mark.parametrize("plan", ["packed-rows", "packed-units"])
+@pytest.mark.parametrize("K", [1, 7, 32, 33])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_small_input_projection_formed_in_the_loop_is_bitwise_projects(cpp, monkeypatch, cell, K, plan):
+    """An input projection of small K, formed by the loop a step at a time (rows in blocks) or whole before it (chunks
+    of units), gives bitwise the forward from `linear.project`'s `gx`, with and without its bias, lengths and reversed,
+    float32 and float64; K = 33 is past the small range (one GEMM). `project` itself matches F.linear in float64."""
+    monkeypatch.setenv("SEQFAST_CPP_PLAN", plan)
+    G, T, B, H = common.GATES[cell], 6, 40, 24
+    for dtype in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(K)
+        x, w_ih = (torch.randn(shape, generator=g, dtype=dtype) for shape in ((T, B, K), (G * H, K)))
+        w_hh, b_ih, b_hh = (torch.randn(shape, generator=g, dtype=dtype) / 4 for shape in ((G * H, H), G * H, G * H))
+        h0, c0 = (torch.randn(B, H, generator=g, dtype=dtype) for _ in range(2))
+        lengths = torch.randint(0, T + 1, (B,), generator=g)
+        for b_x in (None, b_ih):
+            gx = linear.project(x, w_ih, b_x)
+            if dtype == torch.float64:
+                torch.testing.assert_close(gx, F.linear(x, w_ih, b_x), rtol=1e-13, atol=1e-13)
+            for lens, reverse in ((None, False), (lengths, False), (lengths, True)):
+                args = (w_hh, b_hh, h0, c0 if cell == "lstm" else None, lens, None, reverse)
+                formed = cpp.fwd(cell, Projection(x, w_ih, b_x), *args)
+                given = cpp.fwd(cell, gx, *args)
+                for i, (a, b) in enumerate(zip(formed, given, strict=True)):
+                    assert (a is None and b is None) or torch.equal(a, b), f"output {i} differs"
