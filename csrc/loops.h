@@ -30,8 +30,9 @@ namespace seqfast {
 // The input projection `x [M, K] w^T + b` where `K` is small (up to `kSmallProjectionK`), a row at a time from `wt =
 // w^T [K, N]`: writing and reading back `[M, N]` cost more than its multiply-adds there (LSTM(8, 32) B256 T50: 0.3 of
 // 1.2 ms), so a loop running rows in blocks forms each step's rows in cache instead, and `project` forms the rest
-// with the same rows: the same bits either way.
-constexpr int64_t kSmallProjectionK = 32;
+// with the same rows: the same bits either way. Up to K = 16: at K = 28 (LSTM(28, 64) B64 T28) the rows cost 3-5%
+// more than they saved.
+constexpr int64_t kSmallProjectionK = 16;
 
 template <typename T>
 struct SmallProjection {
