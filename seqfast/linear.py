@@ -115,8 +115,9 @@ def dense(a, w, b=None):
 
 
 def project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    """`x @ w.T + b` over every leading index; one row on CPU through `seqfast._C` when it is built, which forms the
-    cpp backend's own projections, so that every path gives the same result.
+    """`x @ w.T + b` over every leading index; one row, or an `x` of few features (see `_small`), on CPU through
+    `seqfast._C` when it is built, which forms the cpp backend's own projections, so that every path gives the same
+    result.
 
     Args:
         x: `[..., K]`; w: `[N, K]`; b: `[N]` or None.
