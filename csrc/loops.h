@@ -49,7 +49,8 @@ struct SmallProjection {
   // `out [M, N]` of all `M` rows of `x`, over the threads
   void rows(int64_t M, T* out) const {
     const IsaKernels kern = isa_kernels();
-    at::parallel_for(0, M, std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, N * K)), [&](int64_t m0, int64_t m1) {
+    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 14) / std::max<int64_t>(1, N * K));
+    at::parallel_for(0, M, grain, [&](int64_t m0, int64_t m1) {
       for (int64_t m = m0; m < m1; ++m) row(kern, x + m * K, out + m * N);
     });
   }
@@ -123,14 +124,15 @@ void fwd_loop(int cell, const at::Tensor& gx, const SmallProjection<scalar_t>& s
   const IsaKernels kern = isa_kernels();
   const HiddenProduct<scalar_t> whh(w_hh, G, H, hc, false, ord, kern, plan.pack);
   const int64_t BC = lstm ? B * H : 0, BR = proj ? B * H : 0;
-  const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + BC + BR + B * GH + (bias ? 0 : GH) + (fused ? B * GH : 0));
+  const int64_t BS = fused ? B * GH : 0;
+  const KeptBuffer<Use::kLoopState, scalar_t> state(2 * B * P + BC + BR + B * GH + (bias ? 0 : GH) + BS);
   Carve<scalar_t> carve(state.data());
   scalar_t* hb = carve.take(2 * B * P);  // [2, B, P] state before / after the step
   scalar_t* pc = carve.take(BC);         // [B, H]
   scalar_t* phraw = carve.take(BR);      // [B, H] o * tanh(c) before projecting
   scalar_t* pws = carve.take(B * GH);    // per chunk [B, G*hc]
   scalar_t* zeros = bias ? nullptr : carve.take(GH);
-  scalar_t* pgs = fused ? carve.take(B * GH) : nullptr;  // [B, G*H] the step's projected rows
+  scalar_t* pgs = carve.take(BS);        // [B, G*H] the step's projected rows (`fused`)
   if (zeros) std::fill_n(zeros, GH, scalar_t(0));
   scalar_t* py = y.data_ptr<scalar_t>();
   scalar_t* py_copy = y_copy.defined() ? y_copy.data_ptr<scalar_t>() : nullptr;  // written alike, for the caller
