@@ -331,6 +331,49 @@ SEQFAST_INLINE inline void add_to(typename O::T* acc, typename O::V v, int m) {
   O::store(acc, O::load(acc, m) + v, m);
 }
 
+// LayerNorm of the row `z [N]`: `y = x^ gamma (+ beta)` with `x^ = (z - mean) rstd`, `x^` also into `xh` (each of
+// `beta`, `xh` null: none; `y` may be `z`); returns `rstd`.
+template <class O>
+inline typename O::T ln_row(int64_t N, const typename O::T* z, const typename O::T* gamma, const typename O::T* beta,
+                            typename O::T* y, typename O::T* xh) {
+  using T = typename O::T;
+  T mean, rstd;
+  ln_stats<O>(N, z, mean, rstd);
+  each_vector<O>(N, [&](int64_t j, auto m) SEQFAST_INLINE {
+    const auto x = (O::load(z + j, m) - mean) * rstd;
+    if (xh) O::store(xh + j, x, m);
+    const auto v = x * O::load(gamma + j, m);
+    O::store(y + j, beta ? v + O::load(beta + j, m) : v, m);
+  });
+  return rstd;
+}
+
+// `ln_row`'s backward from `d [N]`, the gradient of its `y`, with its `x^` at units `[j, j + m)` from `xhat(j, m)`:
+// adds `d x^` into `dgamma` and `d` into `dbeta` (each null: not wanted); writes the gradient of `z`, `rstd (u -
+// mean(u) - x^ mean(u x^))` with `u = d gamma`, into `dz` and `dz_copy` (each null: not wanted; either may be `d`).
+template <class O, class XHat>
+SEQFAST_INLINE inline void ln_row_backward(int64_t N, const typename O::T* d, XHat&& xhat, const typename O::T* gamma,
+                                           typename O::T rstd, typename O::T* dgamma, typename O::T* dbeta,
+                                           typename O::T* dz, typename O::T* dz_copy) {
+  using T = typename O::T;
+  using V = typename O::V;
+  V s_u = {}, s_ux = {};
+  each_vector<O>(N, [&](int64_t j, auto m) SEQFAST_INLINE {
+    const V dj = O::load(d + j, m), x = xhat(j, m), u = dj * O::load(gamma + j, m);
+    s_u += u;
+    s_ux += u * x;
+    if (dgamma) add_to<O>(dgamma + j, dj * x, m);
+    if (dbeta) add_to<O>(dbeta + j, dj, m);
+  });
+  if (!dz && !dz_copy) return;
+  const T m_u = vector_sum<O>(s_u) / T(N), m_ux = vector_sum<O>(s_ux) / T(N);
+  each_vector<O>(N, [&](int64_t j, auto m) SEQFAST_INLINE {
+    const V g = rstd * (O::load(d + j, m) * O::load(gamma + j, m) - m_u - xhat(j, m) * m_ux);
+    if (dz) O::store(dz + j, g, m);
+    if (dz_copy) O::store(dz_copy + j, g, m);
+  });
+}
+
 // tanh in the cell math of a call with (LN) or without layer_norm: the precise one where LN's division magnifies errors
 template <class O, bool LN>
 SEQFAST_INLINE inline typename O::V cell_tanh(typename O::V x) {
@@ -358,13 +401,7 @@ void fwd_rows(const FwdChunk<typename O::T>& a) {
     const bool zn = a.zero_next && a.zero_next[r];
     if constexpr (LN) {
       // the product's LayerNorm over the row's G*H units (hc == H): x^ saved, x^ ln_hh left for the gates
-      T mean, rstd;
-      ln_stats<O>(GH, ws, mean, rstd);
-      each_vector<O>(GH, [&](int64_t j, auto m) SEQFAST_INLINE {
-        const V xh = (O::load(ws + j, m) - mean) * rstd;
-        if (sv) O::store(sv + LN0 + j, xh, m);
-        O::store(ws + j, xh * O::load(a.ln.hh + j, m), m);
-      });
+      const T rstd = ln_row<O>(GH, ws, a.ln.hh, nullptr, ws, sv ? sv + LN0 : nullptr);
       if (sv) sv[LN0 + GH] = rstd;
     }
     // the cell's new h~ at units [jj, jj + m): zoneout's mix, then the carried state and y
@@ -577,21 +614,9 @@ void bwd_rows(const BwdChunk<typename O::T>& a) {
       // the product's LayerNorm, da holding the gradient after it (b_hh's; ln_hh's is da x^): with u = da ln_hh, the
       // product's is rstd (u - mean(u) - x^ mean(u x^))
       const auto* xh = sv + LN0;
-      V s_u = {}, s_ux = {};
-      each_vector<O>(GH, [&](int64_t j, auto m) SEQFAST_INLINE {
-        const V d = O::load(da + j, m), x = O::load(xh + j, m), u = d * O::load(a.ln.hh + j, m);
-        s_u += u;
-        s_ux += u * x;
-        add_to<O>(a.ln_grads.b + j, d, m);
-        add_to<O>(a.ln_grads.hh + j, d * x, m);
-      });
-      const T rstd = xh[GH], m_u = vector_sum<O>(s_u) / T(GH), m_ux = vector_sum<O>(s_ux) / T(GH);
-      auto* dgh = a.dgh_rows[r];
-      each_vector<O>(GH, [&](int64_t j, auto m) SEQFAST_INLINE {
-        const V d = rstd * (O::load(da + j, m) * O::load(a.ln.hh + j, m) - m_u - O::load(xh + j, m) * m_ux);
-        O::store(da + j, d, m);
-        O::store(dgh + j, d, m);
-      });
+      ln_row_backward<O>(
+          GH, da, [&](int64_t j, auto m) SEQFAST_INLINE { return O::load(xh + j, m); }, a.ln.hh, xh[GH], a.ln_grads.hh,
+          a.ln_grads.b, da, a.dgh_rows[r]);
     }
   }
 }
@@ -859,45 +884,20 @@ inline void gemv(bool trans, int64_t n, int64_t k, const typename O::T* W, int64
 template <class O>
 void ln_fwd(int64_t n, int64_t N, const typename O::T* z, const typename O::T* gamma, const typename O::T* beta,
             typename O::T* y) {
-  using T = typename O::T;
-  for (int64_t r = 0; r < n; ++r) {
-    const T* z_r = z + r * N;
-    T* y_r = y + r * N;
-    T mean, rstd;
-    ln_stats<O>(N, z_r, mean, rstd);
-    each_vector<O>(N, [&](int64_t j, auto m) SEQFAST_INLINE {
-      const auto v = (O::load(z_r + j, m) - mean) * rstd * O::load(gamma + j, m);
-      O::store(y_r + j, beta ? v + O::load(beta + j, m) : v, m);
-    });
-  }
+  for (int64_t r = 0; r < n; ++r) ln_row<O>(N, z + r * N, gamma, beta, y + r * N, nullptr);
 }
 
 template <class O>
 void ln_bwd(int64_t n, int64_t N, const typename O::T* dy, const typename O::T* z, const typename O::T* gamma,
             typename O::T* dz, typename O::T* dgamma, typename O::T* dbeta) {
   using T = typename O::T;
-  using V = typename O::V;
   for (int64_t r = 0; r < n; ++r) {
-    const T* dy_r = dy + r * N;
     const T* z_r = z + r * N;
     T mean, rstd;
     ln_stats<O>(N, z_r, mean, rstd);
-    // with u = dy gamma and z^ = (z - mean) rstd, dz = rstd (u - mean(u) - z^ mean(u z^))
-    V s_u = {}, s_uz = {};
-    each_vector<O>(N, [&](int64_t j, auto m) SEQFAST_INLINE {
-      const V d = O::load(dy_r + j, m), zh = (O::load(z_r + j, m) - mean) * rstd, u = d * O::load(gamma + j, m);
-      s_u += u;
-      s_uz += u * zh;
-      if (dgamma) add_to<O>(dgamma + j, d * zh, m);
-      if (dbeta) add_to<O>(dbeta + j, d, m);
-    });
-    if (!dz) continue;
-    const T m_u = vector_sum<O>(s_u) / T(N), m_uz = vector_sum<O>(s_uz) / T(N);
-    T* dz_r = dz + r * N;
-    each_vector<O>(N, [&](int64_t j, auto m) SEQFAST_INLINE {
-      const V zh = (O::load(z_r + j, m) - mean) * rstd;
-      O::store(dz_r + j, rstd * (O::load(dy_r + j, m) * O::load(gamma + j, m) - m_u - zh * m_uz), m);
-    });
+    ln_row_backward<O>(
+        N, dy + r * N, [&](int64_t j, auto m) SEQFAST_INLINE { return (O::load(z_r + j, m) - mean) * rstd; }, gamma,
+        rstd, dgamma, dbeta, dz ? dz + r * N : nullptr, nullptr);
   }
 }
 
