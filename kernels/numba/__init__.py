@@ -93,10 +93,11 @@ def _chunks(H, B, weight_bytes, layer_norm=False, proj=False):
     rows (`loops.TILE_ROWS`), below 64 units or where each thread can keep the whole `w_hh`, of `weight_bytes` (at most
     `ROWS_MAX_WEIGHT_BYTES`, or two threads): a block's rows need nothing of the others' (the threads still meet once a
     step). Else chunks of hidden units, or below 64 units (where chunks of fewer than 32 units cost more in waits per
-    step than they share) one chunk, run on the calling thread. With a projection `proj` (default False) no blocks of rows. With `layer_norm` (default False) blocks
-    of rows wherever the batch holds two tiles of rows, on one thread too (a block's product spans every unit, as one
-    block's on one thread does), else one chunk per `LN_CHUNK` units, at most `LN_MAX_CHUNKS`: fixed by the shape, so
-    that its results do not depend on the thread count (its product's sums follow the chunks' bounds)."""
+    step than they share) one chunk, run on the calling thread. With a projection `proj` (default False) no blocks of
+    rows. With `layer_norm` (default False) blocks of rows wherever the batch holds two tiles of rows, on one thread too
+    (a block's product spans every unit, as one block's on one thread does), else one chunk per `LN_CHUNK` units, at
+    most `LN_MAX_CHUNKS`: fixed by the shape, so that its results do not depend on the thread count (its product's sums
+    follow the chunks' bounds)."""
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
     blocks = min(threads, B // loops.TILE_ROWS)
