@@ -57,8 +57,8 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # cpp backend's plans (`seqfast.kernels.cpp`) and its faster float32 GEMM tiles; 5, the backend timed against torch's
 # op named in the key, and the cpp backend's cheaper float32 tanh and exp; 6, the cpp backend's plans timed over up to
 # 32 steps; 7, oneDNN's threshold not extrapolated past the sizes timed (`seqfast.linear.onednn_min_macs`); 8, the cpp
-# plans timed in five rotated turns.
-_REVISION = 8
+# plans timed in five rotated turns; 9, oneDNN's threshold at a 20% margin.
+_REVISION = 9
 
 # the route's answer per call signature, so that a repeated call formats no key
 _routes = {}
