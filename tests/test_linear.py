@@ -36,8 +36,8 @@ def test_calibration_takes_the_smallest_size_from_which_onednn_is_always_faster(
     assert linear._calibrate_onednn() == expected
 
 
-# oneDNN's time as a share of BLAS's: half the margin, and the best of five calibrations at 64M on a Xeon of model 167
-# (1.15x BLAS's rate), where oneDNN's products made the calls themselves 8-13% slower
+# oneDNN's time as a share of BLAS's: half the margin, and the highest rate of five calibrations at 64M on a Xeon of
+# model 167 (1.15x BLAS's), where oneDNN's products made the calls themselves 8-13% slower
 @pytest.mark.parametrize("onednn_share", [1.0 - linear._ONEDNN_MARGIN / 2, 1 / 1.154], ids=["half-margin", "xeon-167"])
 def test_calibration_leaves_a_near_tie_to_blas(monkeypatch, onednn_share):
     monkeypatch.setattr(linear, "_best_times", lambda macs: (1.0, onednn_share))
