@@ -264,6 +264,27 @@ def test_thread_count_independent(cpp, cell, B, T, H):
     assert_thread_count_independent(lambda: outputs_f32(cpp, cell.removesuffix("_proj"), P, B, T, H))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_one_row_projection_in_halves_is_thread_count_independent(cpp, dtype):
+    """A one-row input projection of large weights (from 384 KB) runs as two halves of its outputs, and a float64
+    step's chunks on two threads from half the float32 multiply-adds: both bitwise the same with 1, 2 and 3 threads,
+    the projection as F.linear (float64 tightly), and a 2-layer GRU(200) step at B = 1 through `stack`."""
+    g = torch.Generator().manual_seed(5)
+    w_ih, b_ih = torch.randn(600, 200, generator=g, dtype=dtype), torch.randn(600, generator=g, dtype=dtype)
+    x = torch.randn(1, 1, 200, generator=g, dtype=dtype)
+    tol = dict(rtol=1e-13, atol=1e-13) if dtype == torch.float64 else dict(rtol=F32_RTOL, atol=1e-5)
+    for b in (None, b_ih):
+        torch.testing.assert_close(linear.project(x, w_ih, b), F.linear(x, w_ih, b), **tol)
+        assert_thread_count_independent(lambda b=b: [linear.project(x, w_ih, b)])
+    weights = [
+        tuple(torch.randn(shape, generator=g, dtype=dtype) / 8 for shape in ((600, 200), (600, 200), 600, 600))
+        + (None,)
+        for _ in range(2)
+    ]
+    h0 = torch.randn(2, 1, 200, generator=g, dtype=dtype)
+    assert_thread_count_independent(lambda: list(cpp.stack("gru", x, h0, None, weights, False)[:2]))
+
+
 def assert_thread_count_independent(outputs):
     """`outputs()` (a list of tensors) bitwise the same with 1, 2 and 3 threads."""
     threads = torch.get_num_threads()
