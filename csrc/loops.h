@@ -139,7 +139,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const SmallProjection<scalar_t>& s
   scalar_t* psaved = saved.numel() ? saved.data_ptr<scalar_t>() : nullptr;
   at::Tensor gx_formed;
   if (sp.x && !fused) {
-    gx_formed = at::empty({T, B, GH}, y.options());
+    gx_formed = Recycler::empty({T, B, GH}, y.options());
     sp.rows(T * B, gx_formed.data_ptr<scalar_t>());
   }
   const at::Tensor& gx_all = sp.x ? gx_formed : gx;

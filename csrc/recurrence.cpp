@@ -188,11 +188,12 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   const at::Tensor gx_in = gx_given ? *gx_given : small ? at::Tensor() : project(*x, *w_ih, b_x);
   TORCH_CHECK(small || gx_in.dim() == 3, "gx must be [T, B, G*H]");
   TORCH_CHECK(chunk > 0, "chunk must be positive");
-  const auto io = small ? x->scalar_type() : gx_in.scalar_type(), dt = compute_type(io);
+  const at::Tensor& steps_in = small ? *x : gx_in;  // [T, B, *]: the loop's steps and rows
+  const auto io = steps_in.scalar_type(), dt = compute_type(io);
   TORCH_CHECK(io == at::kFloat || io == at::kDouble || io == at::kHalf || io == at::kBFloat16,
               "gx must be float32, float64, float16 or bfloat16, got ", io);
-  const int64_t T = small ? x->size(0) : gx_in.size(0), B = small ? x->size(1) : gx_in.size(1);
-  const int64_t GH = small ? w_ih->size(0) : gx_in.size(2), G = gates(cell), H = GH / G;
+  const int64_t T = steps_in.size(0), B = steps_in.size(1), GH = small ? w_ih->size(0) : gx_in.size(2);
+  const int64_t G = gates(cell), H = GH / G;
   TORCH_CHECK(H > 0 && GH == G * H, "gx's last dimension must be a positive multiple of ", G);
   TORCH_CHECK(T < INT_MAX && B < INT_MAX && GH < INT_MAX, "sizes must fit BLAS's 32-bit integers");
   const bool lstm = cell == LSTM, proj = w_hr_in.has_value();
@@ -210,7 +211,7 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>, at::Tensor> fwd_in
   if (lengths) check(*lengths, "lengths", at::kLong, {B});
   const ZoneoutArgs zo = zoneout_in(zo_in, dt, T, B, P, H, lstm);
   const LayerNormArgs ln = layer_norm_in(ln_in, dt, GH, H, lstm, proj);
-  const auto opts = (small ? *x : gx).options();
+  const auto opts = steps_in.options().dtype(dt);
   const at::Tensor y = output({T, B, P}, opts, poison);
   const at::Tensor hT = hT_out.defined() ? hT_out : output({B, P}, opts, poison);
   const at::Tensor cT = !lstm ? at::Tensor() : cT_out.defined() ? cT_out : output({B, H}, opts, poison);
