@@ -311,3 +311,24 @@ def test_loops_on_several_panels_per_chunk(cell):
     actual = run_contract(nb, cell, *cast(args, cot, torch.float32), True)
     # float32 sums of up to 4H = 396 terms per product over 8 to 13 steps: measured <= 3e-7 relative RMS
     assert_outputs_close(actual, expected, 1e-4, torch.float32)
+
+
+_KEEPS_THREADS = """
+import torch
+import seqfast.kernels.numba as nb
+
+torch.set_num_threads(1)
+T, B, H = 3, 16, 8
+nb.fwd("gru", torch.randn(T, B, 3 * H), torch.randn(3 * H, H), torch.randn(3 * H), torch.randn(B, H))
+print("threads:", torch.get_num_threads())
+"""
+
+
+@needs_numba
+def test_first_call_keeps_torchs_thread_count():
+    """Starting numba's OpenMP pool, on the backend's first call in a process, leaves torch's thread count as the
+    caller set it (the runtime they share would otherwise hand torch the pool's size, every core by default)."""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", _KEEPS_THREADS], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "threads: 1" in out.stdout.splitlines(), out.stdout

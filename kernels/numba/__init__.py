@@ -86,6 +86,18 @@ LN_CHUNK, LN_MAX_CHUNKS = 64, 16
 ROWS_MAX_WEIGHT_BYTES = 1 << 19
 
 
+def _numba_threads():
+    """torch's thread count, at most numba's pool, made numba's; torch's is left as it was. Both run on one OpenMP
+    runtime, and starting numba's pool (on its first use in the process) sets the runtime's count to the pool's size,
+    which torch would then take for its own."""
+    threads = torch.get_num_threads()
+    ours = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(ours)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    return ours
+
+
 def _chunks(H, B, weight_bytes, layer_norm=False, proj=False):
     """`(nc, by_rows)`: the chunks of each phase and whether they are blocks of rows instead of hidden units.
 
@@ -98,8 +110,7 @@ def _chunks(H, B, weight_bytes, layer_norm=False, proj=False):
     (a block's product spans every unit, as one block's on one thread does), else one chunk per `LN_CHUNK` units, at
     most `LN_MAX_CHUNKS`: fixed by the shape, so that its results do not depend on the thread count (its product's sums
     follow the chunks' bounds)."""
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    numba.set_num_threads(threads)
+    threads = _numba_threads()
     blocks = min(threads, B // loops.TILE_ROWS)
     if layer_norm:
         if B // loops.TILE_ROWS > 1:
