@@ -7,20 +7,21 @@ Shapes as in `seqfast.kernels.reference`; `s` is the processing step, `t` the ti
 the step before, or `h0`. State buffers (`h`, `c`, `dh`, `dc`) come in holding the initial value and leave holding the
 final one. Each phase splits hidden units (or state columns) into `nc` contiguous chunks; a chunk does both the
 recurrent product for its rows of the weights and the pointwise math for its units. With `by_rows` (a runtime argument)
-a chunk is instead a block of batch rows, every unit: its rows' product, on weights packed as one chunk of units (each
-chunk packing a share), and their pointwise math (`row_block`). A loop is a serial function that every thread runs whole
-with its own `tid`: each phase of a step (one per step, two with a projection or layer_norm) is `nc` chunks that threads
-claim with a compare-and-swap, own chunk first, and a claimed chunk starts once every chunk of the earlier phases is
-done (`sync`); `tid` 0 returns once the last is. A thread that never runs only leaves its chunks to the others, so the
-loop cannot deadlock however many threads run it. `launch` runs a loop on numba's threads through its compiled entry
-point and one parallel function compiled once, so neither the loop nor a parallel region compiles per loop. A loop
-compiles on its cell's first call per dtype, with the cell's gate count (and LSTM's projection, and which of the
-`resets`, `zoneout` and `layer_norm` options run) a constant of its closure, so it holds only that cell's math and those
-options' code (`layer_norm`, which normalises whole rows of the recurrent product, splits each step in two phases: the
-product by chunks of units (or by blocks of rows), then the rows' normalisation and cell math by groups of rows, one per
-chunk index; its backward likewise, the rows' cell math first, then the product by chunks of columns); `rev`, RNN's
-`relu` (both RNN cells share a loop) and `nc` are runtime arguments. Every cell's loop takes the same arguments (empty
-arrays for what the cell does not use); `work` holds its scratch (`fwd_work`, `bwd_work`).
+a chunk is instead a block of batch rows, every unit: its rows' product, on weights packed as one run of panels over all
+the gates' rows (each chunk packing a share; one chunk's product likewise), and their pointwise math (`row_block`). A
+loop is a serial function that every thread runs whole with its own `tid`: each phase of a step (one per step, two with
+a projection or layer_norm) is `nc` chunks that threads claim with a compare-and-swap, own chunk first, and a claimed
+chunk starts once every chunk of the earlier phases is done (`sync`); `tid` 0 returns once the last is. A thread that
+never runs only leaves its chunks to the others, so the loop cannot deadlock however many threads run it. `launch` runs
+a loop on numba's threads through its compiled entry point and one parallel function compiled once, so neither the loop
+nor a parallel region compiles per loop. A loop compiles on its cell's first call per dtype, with the cell's gate count
+(and LSTM's projection, and which of the `resets`, `zoneout` and `layer_norm` options run) a constant of its closure, so
+it holds only that cell's math and those options' code (`layer_norm`, which normalises whole rows of the recurrent
+product, splits each step in two phases: the product by chunks of units (or by blocks of rows), then the rows'
+normalisation and cell math by groups of rows, one per chunk index; its backward likewise, the rows' cell math first,
+then the product by chunks of columns); `rev`, RNN's `relu` (both RNN cells share a loop) and `nc` are runtime
+arguments. Every cell's loop takes the same arguments (empty arrays for what the cell does not use); `work` holds its
+scratch (`fwd_work`, `bwd_work`).
 """
 
 import functools
@@ -566,13 +567,12 @@ def _pack_gates(w, wp, G, H, j0, j1, panel):
 
 
 @njit(**_OPTS)
-def _pack_share(w, wp, G, n, q, nc, transposed=False):
-    # chunk `q`'s share, whole panels, of `_pack_gates(w, wp, G, n, 0, n, 0)`: the same panels, packed by `nc` chunks
+def _pack_share(w, wp, n, q, nc, transposed=False):
+    # chunk `q`'s share, whole panels, of `pack(w, wp, 0, 0, n, transposed)`: the same panels, packed by `nc` chunks
     W = wp.shape[2]
     step = panel_count(n, W)
     p0, p1 = q * step // nc, (q + 1) * step // nc
-    for g in range(G):
-        pack(w, wp, g * step + p0, g * n + p0 * W, g * n + min(n, p1 * W), transposed)
+    pack(w, wp, p0, p0 * W, min(n, p1 * W), transposed)
 
 
 def panels(w, B, T, G, n, nc, transposed=False):
@@ -1023,12 +1023,15 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
         P = h.shape[1]
         # the gate count as a runtime value: as a literal it would compile `_gate_rows` and `_pack_gates` per cell
         gates = GH // H
+        # a chunk's product spans every unit (blocks of rows, or one chunk): one run of panels over all `G*H` rows
+        # of `w_hh`, with one partly filled panel at its end instead of one at each gate's end (H = 64: 6 panels, not 8)
+        whole = by_rows or nc == 1
         gh, hraw, h2, wp, span, wr, span_r = work
         for k in range(nc):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
-                if by_rows:  # one chunk of units, packed by every chunk
-                    _pack_share(w_hh, wp, gates, H, q, nc)
+                if whole:  # one run of panels over every gate's rows, packed by every chunk
+                    _pack_share(w_hh, wp, GH, q, nc)
                 else:
                     _pack_gates(w_hh, wp, gates, H, q * H // nc, (q + 1) * H // nc, q * span)
                 if PROJ:
@@ -1053,8 +1056,10 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                     j0, j1 = (0, H) if by_rows else (q * H // nc, (q + 1) * H // nc)
                     if ph == 0:
                         r0, r1 = row_block(by_rows, q, nc, B)
-                        panel = 0 if by_rows else q * span
-                        _gate_rows(cur[r0:r1], w_hh, wp, gh[r0:r1], gates, H, j0, j1, panel, s % 2 == 1)
+                        if whole:
+                            mm_rows(cur[r0:r1], w_hh, wp, gh[r0:r1], 0, GH, 0)
+                        else:
+                            _gate_rows(cur[r0:r1], w_hh, wp, gh[r0:r1], gates, H, j0, j1, q * span, s % 2 == 1)
                     if ph == CELL_PH:
                         b0, b1, u0, u1 = _cell_span(LAYER_NORM or by_rows, q, nc, B, H, j0, j1)
                         for b in range(b0, b1):
@@ -1169,7 +1174,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
             q = (tid + k) % nc
             if _begin(sync, q, 0, nc):
                 if by_rows:
-                    _pack_share(w_hh, wp, 1, P, q, nc, True)
+                    _pack_share(w_hh, wp, P, q, nc, True)
                 else:
                     pack(w_hh, wp, q * span, q * P // nc, (q + 1) * P // nc, True)
                 if PROJ:
