@@ -193,7 +193,7 @@ def providers(device_type, compile=False):
 
 def set_threads(threads):
     """Use `threads` intra-op threads in torch and, when it is already imported, numba (first: starting numba's
-    OpenMP pool sets the runtime's thread count, which torch shares)."""
+    OpenMP pool sets the OpenMP thread count, which torch reads as its own)."""
     numba = sys.modules.get("numba")
     if numba is not None:
         numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))

@@ -327,7 +327,8 @@ print("threads:", torch.get_num_threads())
 @needs_numba
 def test_first_call_keeps_torchs_thread_count():
     """Starting numba's OpenMP pool, on the backend's first call in a process, leaves torch's thread count as the
-    caller set it (the runtime they share would otherwise hand torch the pool's size, every core by default)."""
+    caller set it (the pool's start sets the OpenMP count that torch reads to the pool's size, every core by
+    default)."""
     env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
     out = subprocess.run([sys.executable, "-c", _KEEPS_THREADS], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr

@@ -87,9 +87,9 @@ ROWS_MAX_WEIGHT_BYTES = 1 << 19
 
 
 def _numba_threads():
-    """torch's thread count, at most numba's pool, made numba's; torch's is left as it was. Both run on one OpenMP
-    runtime, and starting numba's pool (on its first use in the process) sets the runtime's count to the pool's size,
-    which torch would then take for its own."""
+    """torch's thread count, at most numba's pool, made numba's; torch's is left as it was: starting numba's OpenMP
+    pool (on its first use in the process) sets the OpenMP thread count, which torch reads as its own, to the pool's
+    size."""
     threads = torch.get_num_threads()
     ours = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(ours)
