@@ -148,6 +148,31 @@ def test_row_blocks_thread_count_independent(cell, T):
 
 
 @needs_numba
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B", [1, 6])
+def test_unit_chunks_thread_count_independent(cell, B):
+    """From 64 units a batch too small for blocks of rows splits the units into chunks on two threads, one chunk on
+    one: with fewer rows than a register tile the products are dot products, six rows of `w_hh` at a time, and float32
+    outputs and gradients are bitwise the same either way, with lengths, resets and zoneout (each chunk's last six rows
+    end at its last row, so every row sums in a group of six alike)."""
+    T, H = 3, 70
+    threads = torch.get_num_threads()
+    try:
+        for n, plan in ((1, (1, False)), (_two_threads(), (2, False))):
+            torch.set_num_threads(n)
+            assert nb._chunks(H, B, 0) == plan
+    finally:
+        torch.set_num_threads(threads)
+    args, cot = layer_norm_problem(
+        cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32
+    )
+    args["ext"] = args["ext"]._replace(ln_hh=None, ln_c_weight=None, ln_c_bias=None)
+    one, two = (_results_on_threads(cell, args, cot, n) for n in (1, 2))
+    for i, (a, b) in enumerate(zip(one, two, strict=True)):
+        assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+
+@needs_numba
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_declines_half_precision(dtype):
     gx, w_hh, h0 = torch.zeros(2, 1, 12, dtype=dtype), torch.zeros(12, 4, dtype=dtype), torch.zeros(1, 4, dtype=dtype)

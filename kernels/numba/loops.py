@@ -501,12 +501,14 @@ def _tiles(a, wp, out, b, panel, j, n, rows):
 
 @njit(**_OPTS)
 def _dot_rows(a, w, out, j0, j1):
-    # `out[b, j] = a[b] . w[j]` for every row of `a`, six rows of `w` at a time
+    # `out[b, j] = a[b] . w[j]` for every row of `a`, six rows of `w` at a time; the last six end at `j1`, rerunning
+    # up to 5 rows, so that every row of `w` sums in a group of six alike, however the rows split into chunks
     B, K = a.shape
     zero = out.dtype.type(0)
     z6 = (zero, zero, zero, zero, zero, zero)
     j = j0
-    while j + 6 <= j1:
+    while j < j1 and j1 - j0 >= 6:
+        j = min(j, j1 - 6)
         b = 0
         while 4 <= B and b < B:
             # a 6 x 4 tile of sums vectorised along k: each load of `w` feeds four rows of `a`, each of `a` six of `w`;
@@ -529,6 +531,7 @@ def _dot_rows(a, w, out, j0, j1):
                     s0 = _fma6(s0, a[r, k], (w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k], w[j + 4, k], w[j + 5, k]))
                 _store6(out, r, j, s0)
         j += 6
+    # fewer than six rows in all
     for b in range(B):
         for jj in range(j, j1):
             s = zero
