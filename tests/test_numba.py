@@ -121,6 +121,25 @@ def test_layer_norm_thread_count_independent(cell, B):
         assert torch.equal(a, b), f"output {i} differs between thread counts"
 
 
+def _same_on_one_and_two_threads(cell, T, B, H, by_rows):
+    """float32 outputs and gradients of a call with lengths, resets and zoneout bitwise the same on one thread (one
+    chunk) and on two (two blocks of rows when `by_rows`, else two chunks of units)."""
+    threads = torch.get_num_threads()
+    try:
+        for n, plan in ((1, (1, False)), (_two_threads(), (2, by_rows))):
+            torch.set_num_threads(n)
+            assert nb._chunks(H, B, 0) == plan
+    finally:
+        torch.set_num_threads(threads)
+    args, cot = layer_norm_problem(
+        cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32
+    )
+    args["ext"] = args["ext"]._replace(ln_hh=None, ln_c_weight=None, ln_c_bias=None)
+    one, two = (_results_on_threads(cell, args, cot, n) for n in (1, 2))
+    for i, (a, b) in enumerate(zip(one, two, strict=True)):
+        assert torch.equal(a, b), f"output {i} differs between thread counts"
+
+
 @needs_numba
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("T", [7, 2], ids=["panels", "dot-products"])
@@ -131,20 +150,7 @@ def test_row_blocks_thread_count_independent(cell, T):
     products)."""
     B, H = 21, 20
     assert (B * T >= nb.loops.PACK_MIN_ROWS) == (T == 7)
-    args, cot = layer_norm_problem(
-        cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32
-    )
-    args["ext"] = args["ext"]._replace(ln_hh=None, ln_c_weight=None, ln_c_bias=None)
-    threads = torch.get_num_threads()
-    try:
-        for n, plan in ((1, (1, False)), (_two_threads(), (2, True))):
-            torch.set_num_threads(n)
-            assert nb._chunks(H, B, 0) == plan
-    finally:
-        torch.set_num_threads(threads)
-    one, two = (_results_on_threads(cell, args, cot, n) for n in (1, 2))
-    for i, (a, b) in enumerate(zip(one, two, strict=True)):
-        assert torch.equal(a, b), f"output {i} differs between thread counts"
+    _same_on_one_and_two_threads(cell, T, B, H, by_rows=True)
 
 
 @needs_numba
@@ -155,21 +161,7 @@ def test_unit_chunks_thread_count_independent(cell, B):
     one: with fewer rows than a register tile the products are dot products, six rows of `w_hh` at a time, and float32
     outputs and gradients are bitwise the same either way, with lengths, resets and zoneout (each chunk's last six rows
     end at its last row, so every row sums in a group of six alike)."""
-    T, H = 3, 70
-    threads = torch.get_num_threads()
-    try:
-        for n, plan in ((1, (1, False)), (_two_threads(), (2, False))):
-            torch.set_num_threads(n)
-            assert nb._chunks(H, B, 0) == plan
-    finally:
-        torch.set_num_threads(threads)
-    args, cot = layer_norm_problem(
-        cell, T, B, H, lengths=mixed_lengths(T, B), resets=True, zoneout="train", dtype=torch.float32
-    )
-    args["ext"] = args["ext"]._replace(ln_hh=None, ln_c_weight=None, ln_c_bias=None)
-    one, two = (_results_on_threads(cell, args, cot, n) for n in (1, 2))
-    for i, (a, b) in enumerate(zip(one, two, strict=True)):
-        assert torch.equal(a, b), f"output {i} differs between thread counts"
+    _same_on_one_and_two_threads(cell, 3, B, 70, by_rows=False)
 
 
 @needs_numba
