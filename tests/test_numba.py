@@ -165,6 +165,28 @@ def test_unit_chunks_thread_count_independent(cell, B):
 
 
 @needs_numba
+@pytest.mark.parametrize("P", [4, 6, 11, 13])
+def test_projection_chunks_thread_count_independent(P):
+    """LSTM's projection in chunks of columns on two threads, one chunk on one, at a batch below a register tile (dot
+    products): float32 outputs and gradients bitwise the same, with lengths (fewer than twelve columns stay one
+    chunk: a share of fewer than six would sum its columns outside `_dot_rows`' groups of six)."""
+    T, B, H = 3, 6, 70
+    args, cot = contract_problem("lstm", T, B, H, P, lengths=mixed_lengths(T, B), dtype=torch.float32)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, _two_threads()):
+            torch.set_num_threads(n)
+            assert nb._chunks(H, B, 0, proj=True) == (n, False)
+            results.append(run_contract(nb, "lstm", args, cot, False))
+    finally:
+        torch.set_num_threads(threads)
+    for i, (a, b) in enumerate(zip(*results, strict=True)):
+        assert (a is None) == (b is None), f"output {i}"
+        assert a is None or torch.equal(a, b), f"output {i} differs between thread counts"
+
+
+@needs_numba
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_declines_half_precision(dtype):
     gx, w_hh, h0 = torch.zeros(2, 1, 12, dtype=dtype), torch.zeros(12, 4, dtype=dtype), torch.zeros(1, 4, dtype=dtype)

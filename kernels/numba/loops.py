@@ -641,6 +641,16 @@ def row_block(by_rows, q, nc, B):
 
 
 @njit(**_INLINE)
+def _proj_cols(q, nc, P):
+    # columns `[p0, p1)` of the projection's `P` that chunk `q` of `nc` multiplies: an even share, or all in chunk 0
+    # where a share would hold fewer than the six rows of `w_hr` that `_dot_rows` sums alike, so that every column sums
+    # alike on any number of chunks
+    if P < 6 * nc:
+        return (0, P) if q == 0 else (P, P)
+    return q * P // nc, (q + 1) * P // nc
+
+
+@njit(**_INLINE)
 def _cell_span(by_rows, q, nc, B, H, j0, j1):
     # rows [b0, b1) and units [u0, u1) of chunk q's cell math: its block of rows, every unit, when `by_rows`
     # (layer_norm's, or a loop's split into blocks of rows), else every row, its units [j0, j1)
@@ -1038,7 +1048,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                 else:
                     _pack_gates(w_hh, wp, gates, H, q * H // nc, (q + 1) * H // nc, q * span)
                 if PROJ:
-                    pack(w_hr, wr, q * span_r, q * P // nc, (q + 1) * P // nc)
+                    pack(w_hr, wr, q * span_r, *_proj_cols(q, nc, P))
                 if RESETS:
                     for b in range(B):
                         if _resets(zero, lens, rev, 0, b):
@@ -1109,7 +1119,7 @@ def _loops(G, PROJ, RESETS, ZONEOUT, LAYER_NORM):
                                     if LSTM:
                                         _fill(c[b], u0, u1)
                     if PROJ and ph == 1:
-                        p0, p1 = q * P // nc, (q + 1) * P // nc
+                        p0, p1 = _proj_cols(q, nc, P)
                         mm_rows(hraw, w_hr, wr, nxt, p0, p1, q * span_r)
                         for b in range(B):
                             if s >= lens[b]:
