@@ -209,14 +209,15 @@ void fwd_loop(int cell, const at::Tensor& gx, const SmallProjection<scalar_t>& s
       for (int64_t r = r0; r < r0 + n; ++r) sp.row(kern, gx_rows[s * B + r], pgs + r * GH);
     cell_math(s, j0, n_j, r0, n, wsc);
   };
+  const int64_t step_macs = float_macs<scalar_t>(B * GH * P);
   if (rb < B) {
-    run_blocks((B + rb - 1) / rb, float_macs<scalar_t>(T * B * GH * P), [&](int64_t b) {
+    run_blocks((B + rb - 1) / rb, T * step_macs, [&](int64_t b) {
       for (int64_t s = 0; s < T && ord.active[s] > b * rb; ++s) cell_step(s, 0, b * rb, (b + 1) * rb);
     });
   } else if (ln) {
     // phase 2s: step s's product, chunk c, into rows of every unit; phase 2s + 1: its rows in `nch` groups
     const int64_t rows = (B + nch - 1) / nch;
-    run_steps(2 * T, nch, float_macs<scalar_t>(B * GH * P), [&](int64_t q, int64_t c) {
+    run_steps(2 * T, nch, step_macs, [&](int64_t q, int64_t c) {
       const int64_t s = q / 2, n = ord.active[s];
       if (q % 2 == 0) {
         if (n > 0) whh(c, n, hb + (s % 2) * B * P, P, pws + c * hc, GH, false, H);
@@ -226,7 +227,7 @@ void fwd_loop(int cell, const at::Tensor& gx, const SmallProjection<scalar_t>& s
       if (m > 0) cell_math(s, 0, H, r0, m, pws + r0 * GH);
     });
   } else if (!proj) {
-    run_steps(T, nch, float_macs<scalar_t>(B * GH * P), [&](int64_t s, int64_t c) { cell_step(s, c, 0, B); });
+    run_steps(T, nch, step_macs, [&](int64_t s, int64_t c) { cell_step(s, c, 0, B); });
   } else {
     for (int64_t s = 0; s < T; ++s) {
       const int64_t n = ord.active[s];
@@ -403,14 +404,15 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
     cell_bwd(s, c * hc, std::min(hc, H - c * hc), r0, n, r0 / group);
   };
 
+  const int64_t step_macs = float_macs<scalar_t>(B * GH * P);
   if (rb < B) {
-    run_blocks(nb, float_macs<scalar_t>(T * B * GH * P), [&](int64_t b) {
+    run_blocks(nb, T * step_macs, [&](int64_t b) {
       for (int64_t k = 0; k < T + need_dh0; ++k) bwd_step(k, 0, b * rb, (b + 1) * rb);
     });
   } else if (ln) {
     // phase 2k - 1: the product with step T - k's da (the dh before that step), chunk c; phase 2k: step T - 1 - k's
     // rows in `nb` groups
-    run_steps(T > 0 ? 2 * T - 1 + need_dh0 : 0, nch, float_macs<scalar_t>(B * GH * P), [&](int64_t q, int64_t c) {
+    run_steps(T > 0 ? 2 * T - 1 + need_dh0 : 0, nch, step_macs, [&](int64_t q, int64_t c) {
       const int64_t k = (q + 1) / 2;
       if (q % 2) {
         const int64_t s = T - k, n = ord.active[s];
@@ -422,8 +424,8 @@ void bwd_loop(int cell, const at::Tensor& dy, const at::Tensor& dhT, const at::T
     });
   } else if (!proj) {
     // a single step without dh0 has no product with w_hh, only the cell math: not worth waking a thread for
-    const int64_t step_macs = T > 1 || need_dh0 ? float_macs<scalar_t>(B * GH * P) : 0;
-    run_steps(T + need_dh0, nch, step_macs, [&](int64_t k, int64_t c) { bwd_step(k, c, 0, B); });
+    run_steps(T + need_dh0, nch, T > 1 || need_dh0 ? step_macs : 0,
+              [&](int64_t k, int64_t c) { bwd_step(k, c, 0, B); });
   } else {
     for (int64_t s = T - 1; s >= 0; --s) {
       const int64_t n = ord.active[s], i = s * B;
