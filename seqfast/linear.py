@@ -205,14 +205,17 @@ def project_backward(
 
 # Weight gradients `dy^T x` whose `x` has at most this many columns are formed transposed, `x^T dy`, then copied into
 # place: MKL ran that layout of the reduction over all rows 1.2-2.5x faster at 8-64 columns (Ice Lake, 2 threads),
-# while from 128 columns on the copy cost more than it gained. seqfast._C's node chooses alike (`kTransposedMaxCols`).
+# while from 128 columns on the copy cost more than it gained. A single row (a step of one batch row) is an outer
+# product, the same bits in either layout, formed in place: the copy was most of the time of a cell's weight gradients
+# at B = 1. seqfast._C's node chooses alike (`kTransposedMaxCols`).
 TRANSPOSED_MAX_COLS = 64
 
 
 def weight_grad(*pairs: tuple[Tensor, Tensor]) -> Tensor:
     """`sum dy^T x` over `pairs` of `dy [M, N]` and `x [M, K]` (`M` may differ between pairs), summed by BLAS in order:
-    `[N, K]`, formed transposed where `x` has few columns (see `TRANSPOSED_MAX_COLS`)."""
-    transposed = pairs[0][1].shape[1] <= TRANSPOSED_MAX_COLS
+    `[N, K]`, formed transposed where `x` has few columns and the pairs more than one row (see
+    `TRANSPOSED_MAX_COLS`)."""
+    transposed = pairs[0][1].shape[1] <= TRANSPOSED_MAX_COLS and sum(dy.shape[0] for dy, _ in pairs) > 1
     out = None
     for dy, x in pairs:
         a, b = (x.T, dy) if transposed else (dy.T, x)
