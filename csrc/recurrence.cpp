@@ -497,7 +497,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor db_h = separate_b_hh ? dgh2.sum(0).to(w_hh.scalar_type()) : at::Tensor();
     const bool need_db_x = need_b_ih || (need_b_hh && !separate_b_hh);
     const at::Tensor dgx2 = dgx.flatten(0, -2), x2 = x.flatten(0, -2);
-    const at::Tensor dx = need_x ? at::linear(dgx2, w_ih.t()).reshape(x.sizes()) : at::Tensor();
+    // at::linear's own product for 2-D operands without a bias (`seqfast.linear.dense`), without its dispatch
+    const at::Tensor dx = need_x ? at::mm(dgx2, w_ih).reshape(x.sizes()) : at::Tensor();
     const at::Tensor dw_ih = need_w_ih ? weight_grad({{dgx2, x2}}).to(w_ih.scalar_type()) : at::Tensor();
     const at::Tensor db_x = need_db_x ? dgx2.sum(0).to(w_ih.scalar_type()) : at::Tensor();
     const at::Tensor db_hh = separate_b_hh ? db_h : db_x;
