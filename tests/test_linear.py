@@ -110,3 +110,11 @@ def test_weight_grad_sums_each_pair_in_either_layout(cols):
     got = linear.weight_grad(*pairs)
     assert got.shape == (20, cols) and got.is_contiguous()
     torch.testing.assert_close(got, sum(dy.T @ x for dy, x in pairs), rtol=1e-12, atol=1e-12)
+
+
+def test_weight_grad_of_one_row_is_its_outer_product():
+    """A single row (a step of one batch row), few columns included, gives its outer product bitwise, contiguous."""
+    generator = torch.Generator().manual_seed(1)
+    dy, x = torch.randn(1, 20, generator=generator), torch.randn(1, 8, generator=generator)
+    got = linear.weight_grad((dy, x), (dy[:0], x[:0]))
+    assert got.is_contiguous() and torch.equal(got, dy.T * x)
