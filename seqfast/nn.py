@@ -623,7 +623,7 @@ def _padded(data, batch_sizes):
     T, B = len(batch_sizes), int(batch_sizes[0])
     filled = torch.arange(B) < batch_sizes.unsqueeze(1)  # [T, B]: row b runs at step t
     rows = filled.flatten().nonzero().squeeze(1).to(data.device)
-    x = data.new_zeros((T * B, *data.shape[1:])).index_copy(0, rows, data)
+    x = data.new_zeros((T * B, *data.shape[1:])).index_copy_(0, rows, data)
     return x.view(T, B, *data.shape[1:]), filled.sum(0), rows
 
 
