@@ -414,8 +414,8 @@ at::Tensor weight_grad(const std::vector<std::pair<at::Tensor, at::Tensor>>& pai
 
 // One layer-direction of an eager call with grad, input projection included, as an autograd node: what
 // `seqfast.autograd.Layer` computes, the same ops in the same order (so bitwise its results), without Python in the
-// forward or the backward. For calls without `lengths` whose products are all below oneDNN's threshold
-// (`seqfast.linear.plain`), where every product of `project` and `project_backward` is one torch GEMM. Outside
+// forward or the backward. For calls whose products are all below oneDNN's threshold (`seqfast.linear.plain`), where
+// every product of `project` and `project_backward` is one torch GEMM, with resets or `lengths` (not both). Outside
 // the anonymous namespace, so that torch names its node `CppNode<seqfast::EagerLayer>`.
 class EagerLayer : public torch::autograd::Function<EagerLayer> {
  public:
@@ -426,7 +426,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
                                                 const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                                 const c10::optional<at::Tensor>& c0,
                                                 const c10::optional<at::Tensor>& w_hr,
-                                                const c10::optional<at::Tensor>& zero, int64_t chunk,
+                                                const c10::optional<at::Tensor>& zero,
+                                                const c10::optional<at::Tensor>& lengths, int64_t chunk,
                                                 int64_t fwd_plan, int64_t bwd_plan, bool poison, bool copy_y) {
     const bool lstm = cell == LSTM;
     const auto [b_x, b_h] = folded_biases(cell, b_ih, b_hh);
@@ -436,11 +437,11 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const int64_t P = w_hr ? w_hr->size(0) : w_hh.size(1);
     const bool in_loop = copy_y && compute_type(x.scalar_type()) == x.scalar_type();
     const at::Tensor y_copy = in_loop ? output({xs.size(0), xs.size(1), P}, x.options(), poison) : at::Tensor();
-    auto [y, hT, cT, saved] = fwd_into(cell, c10::nullopt, xs, w_ih, b_x, w_hh, b_h, h0, c0, c10::nullopt,
-                                       w_hr, reverse, true, chunk, fwd_plan, poison, at::Tensor(), at::Tensor(), zero,
-                                       {}, {}, y_copy);
+    auto [y, hT, cT, saved] = fwd_into(cell, c10::nullopt, xs, w_ih, b_x, w_hh, b_h, h0, c0, lengths, w_hr, reverse,
+                                       true, chunk, fwd_plan, poison, at::Tensor(), at::Tensor(), zero, {}, {}, y_copy);
     ctx->save_for_backward(
-        {x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved, defined(zero)});
+        {x, w_ih, w_hh, defined(b_ih), defined(b_hh), h0, defined(c0), defined(w_hr), y, saved, defined(zero),
+         defined(lengths)});
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["chunk"] = chunk;
@@ -452,15 +453,15 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     return {y_out, hT};
   }
 
-  // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, chunk, fwd_plan, bwd_plan, poison,
-  // copy_y).
+  // Gradients of (cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, lengths, chunk, fwd_plan, bwd_plan,
+  // poison, copy_y).
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved_tensors = ctx->get_saved_variables();
     const at::Tensor &x = saved_tensors[0], &w_ih = saved_tensors[1], &w_hh = saved_tensors[2];
     const at::Tensor &b_ih = saved_tensors[3], &b_hh = saved_tensors[4], &h0 = saved_tensors[5];
     const at::Tensor &c0 = saved_tensors[6], &w_hr = saved_tensors[7], &y = saved_tensors[8];
-    const at::Tensor &saved = saved_tensors[9], &zero = saved_tensors[10];
+    const at::Tensor &saved = saved_tensors[9], &zero = saved_tensors[10], &lengths = saved_tensors[11];
     const int64_t cell = ctx->saved_data["cell"].toInt();
     const bool reverse = ctx->saved_data["reverse"].toBool(), lstm = cell == LSTM;
     const bool has_b_ih = b_ih.defined(), has_b_hh = b_hh.defined();
@@ -475,9 +476,9 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     if (at::GradMode::is_enabled()) {  // create_graph=True: gradients that can be differentiated again
       const std::array<bool, 8> need{need_x, need_w_ih, need_b_ih, need_w_hh, need_b_hh, need_h0, need_c0, need_w_hr};
       const auto wanted = layer_grads().call(cell, reverse, steps(x), w_ih, maybe(b_ih), w_hh, maybe(b_hh), h0,
-                                             maybe(c0), maybe(w_hr), maybe(zero), maybe(grads[0]), maybe(grads[1]),
-                                             lstm ? maybe(grads[2]) : c10::nullopt, need);
-      torch::autograd::variable_list out(16);
+                                             maybe(c0), maybe(w_hr), maybe(zero), maybe(lengths), maybe(grads[0]),
+                                             maybe(grads[1]), lstm ? maybe(grads[2]) : c10::nullopt, need);
+      torch::autograd::variable_list out(17);
       for (size_t k = 0, next = 0; k < need.size(); ++k)
         if (need[k]) out[2 + k] = wanted.at(next++);
       if (need_x) out[2] = out[2].view(x.sizes());
@@ -488,7 +489,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     const at::Tensor dhT = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     const at::Tensor dcT = !lstm ? at::Tensor() : grads[2].defined() ? grads[2] : at::zeros_like(c0);
     auto [dgx, dgh, dh0, dc0, dw_hr, ln_grads] =
-        bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), c10::nullopt, y, saved, reverse,
+        bwd(cell, dy, dhT, maybe(dcT), w_hh, maybe(w_hr), h0, maybe(c0), maybe(lengths), y, saved, reverse,
             ctx->saved_data["chunk"].toInt(), ctx->saved_data["plan"].toInt(), ctx->saved_data["poison"].toBool(),
             need_h0, maybe(zero), c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
     const int64_t T = y.size(0);
@@ -505,8 +506,13 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     // a step that starts from zero (resets) adds nothing to dw_hh: its rows of dgh, read by nothing else from here
     // on, are zeroed instead of its states (which `seqfast.autograd.hidden_grads` forms, a copy of y)
     if (zero.defined()) dgh2.index_fill_(0, zero.flatten().nonzero().squeeze(1), 0);
-    // dw_hh as `seqfast.autograd.hidden_grads` forms it (no lengths): the step from h0, then y shifted by a step
-    std::vector<std::pair<at::Tensor, at::Tensor>> pairs{{dgh3.select(0, reverse ? T - 1 : 0), h0.to(y.scalar_type())}};
+    // dw_hh as `seqfast.autograd.hidden_grads` forms it: the step from h0 (reversed, each sequence's own last), then
+    // y shifted by a step (zero past a sequence's length, where dgh is zero too)
+    const at::Tensor first =
+        !reverse           ? dgh3.select(0, 0)
+        : !lengths.defined() ? dgh3.select(0, T - 1)
+                             : dgh3.index({(lengths - 1).clamp_min(0), at::arange(dgh3.size(1), lengths.options())});
+    std::vector<std::pair<at::Tensor, at::Tensor>> pairs{{first, h0.to(y.scalar_type())}};
     if (T > 1)
       pairs.emplace_back(dgh3.slice(0, reverse ? 0 : 1, reverse ? T - 1 : T).flatten(0, -2),
                          y.slice(0, reverse ? 1 : 0, reverse ? T : T - 1).flatten(0, -2));
@@ -514,7 +520,7 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
     return {at::Tensor(), at::Tensor(), dx, dw_ih, need_b_ih ? db_x : at::Tensor(), dw_hh,
             need_b_hh ? db_hh : at::Tensor(), dh0, lstm ? *dc0 : at::Tensor(),
             w_hr.defined() ? *dw_hr : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor()};
+            at::Tensor(), at::Tensor(), at::Tensor()};
   }
 
  private:
@@ -523,7 +529,8 @@ class EagerLayer : public torch::autograd::Function<EagerLayer> {
       int64_t, bool, const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&, const at::Tensor&,
       const c10::optional<at::Tensor>&, const at::Tensor&, const c10::optional<at::Tensor>&,
       const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
-      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, c10::ArrayRef<bool>);
+      const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&, const c10::optional<at::Tensor>&,
+      c10::ArrayRef<bool>);
   static const c10::TypedOperatorHandle<LayerGrads>& layer_grads() {
     static const auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("seqfast::layer_grads", "").typed<LayerGrads>();
@@ -542,9 +549,11 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> layer(
     int64_t cell, bool reverse, const at::Tensor& x, const at::Tensor& w_ih, const c10::optional<at::Tensor>& b_ih,
     const at::Tensor& w_hh, const c10::optional<at::Tensor>& b_hh, const at::Tensor& h0,
     const c10::optional<at::Tensor>& c0, const c10::optional<at::Tensor>& w_hr, const c10::optional<at::Tensor>& zero,
-    int64_t chunk, int64_t fwd_plan, int64_t bwd_plan, bool poison, bool copy_y) {
-  const auto out = EagerLayer::apply(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, chunk, fwd_plan,
-                                     bwd_plan, poison, copy_y);
+    const c10::optional<at::Tensor>& lengths, int64_t chunk, int64_t fwd_plan, int64_t bwd_plan, bool poison,
+    bool copy_y) {
+  TORCH_CHECK(!zero || !lengths, "the eager node takes resets or lengths, not both");
+  const auto out = EagerLayer::apply(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, lengths, chunk,
+                                     fwd_plan, bwd_plan, poison, copy_y);
   return {out[0], out[1], out.size() > 2 ? c10::make_optional(out[2]) : c10::nullopt};
 }
 

@@ -238,13 +238,13 @@ def step(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     return _C.step(CELL_IDS[cell], x, h0, c0, w_ih, w_hh, b_ih, b_hh, chunk, plan, poisoning())
 
 
-def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, copy_y=False, zero=None):
+def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, copy_y=False, zero=None, lengths=None):
     """One layer-direction with grad, input projection included, as one autograd node of the extension: bitwise the
-    outputs and gradients of `seqfast.autograd.Layer` on this backend, for a call without `lengths` whose products are
-    all plain GEMMs (`seqfast.linear.plain`). Arguments as `seqfast.functional.layer`'s; `x` may also be a cell's
-    step, `[B, I]`, taken as `T = 1`; `copy_y`: return a copy of `y`, which the node keeps for its backward, so that
-    the caller may change it in place (default False); `zero`: resets' `[T, B]` as `common.Extensions` has them, or
-    None (default).
+    outputs and gradients of `seqfast.autograd.Layer` on this backend, for a call whose products are all plain GEMMs
+    (`seqfast.linear.plain`). Arguments as `seqfast.functional.layer`'s; `x` may also be a cell's step, `[B, I]`, taken
+    as `T = 1`; `copy_y`: return a copy of `y`, which the node keeps for its backward, so that the caller may change it
+    in place (default False); `zero`: resets' `[T, B]` as `common.Extensions` has them, or None (default); `lengths`:
+    `[B]` int64 on the CPU, or None (default), not with `zero`.
 
     Returns:
         `y [T, B, P]`, `hT [B, P]`, `cT [B, H]` or None.
@@ -252,7 +252,7 @@ def layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, copy_y=False, 
     T, c0 = x.shape[0] if x.dim() == 3 else 1, c0 if cell == "lstm" else None
     chunk, fwd_plan, bwd_plan = _tuning(cell, x.dtype, T, w_hh, h0.shape[0], w_hr)
     settings = (chunk, fwd_plan, bwd_plan, poisoning(), copy_y)
-    return _C.layer(CELL_IDS[cell], reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, *settings)
+    return _C.layer(CELL_IDS[cell], reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, lengths, *settings)
 
 
 def bwd(cell, dy, dhT, dcT, w_hh, b_hh, w_hr, h0, c0, lengths, y, saved, reverse=False, ext=None):

@@ -433,17 +433,18 @@ _CELL_NAMES = {i: name for name, i in CELL_IDS.items()}
 _library = torch.library.Library("seqfast", "FRAGMENT")
 _library.define(
     "layer_grads(int cell, bool reverse, Tensor x, Tensor w_ih, Tensor? b_ih, Tensor w_hh, Tensor? b_hh, Tensor h0, "
-    "Tensor? c0, Tensor? w_hr, Tensor? zero, Tensor? dy, Tensor? dhT, Tensor? dcT, bool[] need) -> Tensor[]"
+    "Tensor? c0, Tensor? w_hr, Tensor? zero, Tensor? lengths, Tensor? dy, Tensor? dhT, Tensor? dcT, bool[] need) "
+    "-> Tensor[]"
 )
 
 
-def _layer_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, dy, dhT, dcT, need):
-    """`differentiable_grads` for a cell id, no `lengths` and resets' `zero` (or None), the wanted gradients only
-    (zeros for one the outputs do not reach): the op the cpp backend's node calls back when its backward must be
+def _layer_grads(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, zero, lengths, dy, dhT, dcT, need):
+    """`differentiable_grads` for a cell id, resets' `zero` and `lengths` (either or both None), the wanted gradients
+    only (zeros for one the outputs do not reach): the op the cpp backend's node calls back when its backward must be
     differentiable."""
     inputs = (x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
     ext = None if zero is None else Extensions(zero=zero)
-    grads = differentiable_grads(_CELL_NAMES[cell], reverse, *inputs[:7], None, w_hr, dy, dhT, dcT, need, ext)
+    grads = differentiable_grads(_CELL_NAMES[cell], reverse, *inputs[:7], lengths, w_hr, dy, dhT, dcT, need, ext)
     return [torch.zeros_like(t) if g is None else g for t, g, wanted in zip(inputs, grads, need, strict=True) if wanted]
 
 

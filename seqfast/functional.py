@@ -210,11 +210,11 @@ def _needs_grad(*tensors):
     return _grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _own_node(cell, x, w_ih, w_hh, h0, c0, w_hr, backend, width=None):
-    """The backend module whose own autograd node (bitwise the same as `Layer`) runs an eager call with grad and
-    without `lengths`: the eager call's backend, when it has one and the call's products are all plain GEMMs (see
-    `seqfast.linear.plain`; `width`: the input's features they count, default `x`'s); else None."""
-    kernels = _eager_kernels(cell, x, w_hh, h0, c0, None, w_hr, backend)
+def _own_node(cell, x, w_ih, w_hh, h0, c0, w_hr, backend, width=None, lengths=None):
+    """The backend module whose own autograd node (bitwise the same as `Layer`) runs an eager call with grad (of
+    `lengths`, default None): the eager call's backend, when it has one and the call's products are all plain GEMMs
+    (see `seqfast.linear.plain`; `width`: the input's features they count, default `x`'s); else None."""
+    kernels = _eager_kernels(cell, x, w_hh, h0, c0, lengths, w_hr, backend)
     width = x.shape[-1] if width is None else width
     macs = x.shape[:-1].numel() * w_ih.shape[0] * max(width, w_hh.shape[1])
     return kernels if hasattr(kernels, "layer") and plain(macs) else None
@@ -232,10 +232,10 @@ def _layer(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse
     need_grad = _needs_grad(x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr)
     if ext is not None:
         return _extended(fast, need_grad, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, w_hr, lengths, reverse, backend, ext)
-    if fast and need_grad and lengths is None:
-        node = _own_node(cell, x, w_ih, w_hh, h0, c0, w_hr, backend)
+    if fast and need_grad:
+        node = _own_node(cell, x, w_ih, w_hh, h0, c0, w_hr, backend, lengths=lengths)
         if node is not None:
-            return node.layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr)
+            return node.layer(cell, reverse, x, w_ih, b_ih, w_hh, b_hh, h0, c0, w_hr, lengths=lengths)
     if x.dim() == 2:
         x = x.unsqueeze(0)
     if fast and need_grad:
@@ -473,8 +473,8 @@ def _rnn_runner(
     if requested == "native":
         return theirs
     node = None
-    if fast and lengths is None:
-        node = _own_nodes(cell, x, h0, c0, weights, bidirectional, backend)
+    if fast:
+        node = _own_nodes(cell, x, h0, c0, weights, bidirectional, backend, lengths)
     ours = functools.partial(_stack_call, fast, cell, static, backend, node)
     if fast and not torch.is_grad_enabled():
         # the stacked states stand for each layer's in the choice: same dtypes and devices
@@ -499,16 +499,16 @@ def _stack_call(fast, cell, static, backend, node, x, h0, c0, weights, lengths):
     return _stack(fast, cell, x, h0, c0, weights, *static, lengths, backend, None, node)
 
 
-def _own_nodes(cell, x, h0, c0, weights, bidirectional, backend):
-    """The backend whose own node `_layer` runs every layer-direction of an eager stack without `lengths` on (see
-    `_own_node`): each needs grad (the first layer's by its own tensors, the others as the first did) and its
+def _own_nodes(cell, x, h0, c0, weights, bidirectional, backend, lengths=None):
+    """The backend whose own node `_layer` runs every layer-direction of an eager stack (of `lengths`, default None)
+    on (see `_own_node`): each needs grad (the first layer's by its own tensors, the others as the first did) and its
     products are plain GEMMs; else None."""
     directions = 2 if bidirectional else 1
     w_ih, w_hh, _, _, w_hr = weights[0]
     if not all(_needs_grad(x, *w, h0, c0) for w in weights[:directions]):
         return None
     width = max(x.shape[-1], directions * w_hh.shape[1])  # the widest input of the layers
-    return _own_node(cell, x, w_ih, w_hh, h0[0], None if c0 is None else c0[0], w_hr, backend, width)
+    return _own_node(cell, x, w_ih, w_hh, h0[0], None if c0 is None else c0[0], w_hr, backend, width, lengths)
 
 
 def _stack(
@@ -537,9 +537,10 @@ def _stack(
                 ext = extensions(cell, x, hidden, w_hh.shape[1], d == 1, resets, zoneout, training, ln)
             if node is not None:
                 # the last layer's output, which its node keeps, handed out as a copy (see below)
-                copy_y = directions == 1 and i == num_layers - 1
+                copy_y = directions == 1 and i == num_layers - 1 and lengths is None
                 zero = None if ext is None else ext.zero
-                y, hT, cT = node.layer(cell, d == 1, x, w_ih, b_ih, w_hh, b_hh, h0s[k], c0s[k], w_hr, copy_y, zero)
+                args = (x, w_ih, b_ih, w_hh, b_hh, h0s[k], c0s[k], w_hr, copy_y, zero, lengths)
+                y, hT, cT = node.layer(cell, d == 1, *args)
             else:
                 y, hT, cT = _layer(
                     fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0s[k], c0s[k], w_hr, lengths, d == 1, backend, kernels, ext

@@ -57,8 +57,8 @@ def test_layer_gradcheck(backend, cell, lengths, reverse):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_layer_gradgradcheck(backend, cell, lengths, reverse):
-    """A backward with `create_graph=True` gives gradients that differentiate again (the cpp backend's own node for
-    the calls without lengths, `Layer` for the others)."""
+    """A backward with `create_graph=True` gives gradients that differentiate again (on the cpp backend's own node,
+    with lengths too; `Layer` on the others)."""
     assert torch.autograd.gradgradcheck(*layer_problem(backend, cell, lengths, reverse))
 
 
