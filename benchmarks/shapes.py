@@ -14,6 +14,11 @@ B = 20, T = 35), an MNIST-row classifier `LSTM(28, 64)`, a time-series `LSTM(8, 
 `GRU(64, 128)` one step and 32 steps at a time, and a 2-layer bidirectional `LSTM(100, 128)` tagger over packed
 mixed lengths. The `small` set is the grid H in {32, 64, 128} x B in {1, 8, 64} x T in {1, 32} for the three cells.
 
+The `packed` set runs `PackedSequence` batches: LSTM and GRU at H in {256, 512} x B in {16, 64}, T = 64, a 2-layer
+bidirectional LSTM(256), and where padding costs most against torch.nn's packed loop, which skips it: a short
+2-layer batch of small H from wide inputs (`LSTM(200, 32)`, `RNN(200, 32)`, B = 32, T = 5), `GRU(300, 100)` at B = 128,
+T = 50, and a 3-layer float64 `RNN(300, 16)` at B = 128, T = 100.
+
 The DeepBench sets follow `code/kernels/rnn_problems.h` of baidu-research/DeepBench: `training_set`,
 `inference_server_set` and `inference_device_set` as `(hidden, batch, timesteps, type)`, where DeepBench's
 `vanilla` RNN is cuDNN's ReLU RNN (`rnn_relu` here).
@@ -253,7 +258,12 @@ SETS = {
     "latency": _grid(("lstm", "gru", "rnn_tanh"), (256, 512, 1024), (1, 4), (64,)),
     "throughput": _grid(("lstm", "gru"), (256, 512, 1024), (32, 64, 128), (64,)),
     "packed": _grid(("lstm", "gru"), (256, 512), (16, 64), (64,), packed=True)
-    + _grid(("lstm",), (256,), (16,), (64,), layers=2, bidirectional=True, packed=True),
+    + _grid(("lstm",), (256,), (16,), (64,), layers=2, bidirectional=True, packed=True)
+    + _grid(("lstm", "rnn_tanh"), (32,), (32,), (5,), input=200, layers=2, packed=True)
+    + (
+        Shape("gru", 100, 128, 50, input=300, packed=True),
+        Shape("rnn_tanh", 16, 128, 100, input=300, layers=3, packed=True, dtype="float64"),
+    ),
     "multilayer": _grid(("lstm", "gru"), (256, 512), (16,), (64,), layers=2, bidirectional=True)
     + _grid(("lstm", "gru"), (512,), (16,), (64,), layers=4)
     + _grid(("lstm",), (1024,), (32,), (32,), layers=3, bidirectional=True),

@@ -278,8 +278,8 @@ std::pair<c10::optional<at::Tensor>, c10::optional<at::Tensor>> folded_biases(in
 // `cn [L*D, B, H]` (LSTM).
 std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
     int64_t cell, const at::Tensor& x, const at::Tensor& h0, const c10::optional<at::Tensor>& c0,
-    const std::vector<c10::optional<at::Tensor>>& weights, bool bidirectional, int64_t chunk, int64_t plan,
-    bool poison) {
+    const std::vector<c10::optional<at::Tensor>>& weights, bool bidirectional, const c10::optional<at::Tensor>& lengths,
+    int64_t chunk, int64_t plan, bool poison) {
   const BelowAutograd below;
   const int64_t D = bidirectional ? 2 : 1, layers = static_cast<int64_t>(weights.size()) / (5 * D);
   TORCH_CHECK(layers > 0 && layers * 5 * D == static_cast<int64_t>(weights.size()),
@@ -303,8 +303,8 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
       const auto c0k = lstm ? c10::make_optional(c0->select(0, k)) : c10::nullopt;
       const auto [b_x, b_h] = folded_biases(cell, w[2], w[3]);
       auto [y, hT, cT, saved] =
-          fwd_into(cell, c10::nullopt, input, w[0], b_x, *w[1], b_h, h0.select(0, k), c0k, c10::nullopt, w[4],
-                   d == 1, false, chunk, plan, poison, hn.select(0, k), lstm ? cn.select(0, k) : at::Tensor());
+          fwd_into(cell, c10::nullopt, input, w[0], b_x, *w[1], b_h, h0.select(0, k), c0k, lengths, w[4], d == 1,
+                   false, chunk, plan, poison, hn.select(0, k), lstm ? cn.select(0, k) : at::Tensor());
       outputs.push_back(y);
     }
     input = D == 1 ? outputs[0] : at::cat(outputs, 2);

@@ -212,10 +212,10 @@ def _fused(ext):
     return *ext.fused(), *ext.gains()
 
 
-def stack(cell, x, h0, c0, weights, bidirectional):
+def stack(cell, x, h0, c0, weights, bidirectional, lengths=None):
     """A stack's forward without grad in one call: what `fwd` gives layer by layer from `Projection`s of each layer's
-    input; `x`, `h0`, `c0`, `weights` (`(w_ih, w_hh, b_ih, b_hh, w_hr)` per layer-direction) as in
-    `seqfast.functional.rnn`.
+    input; `x`, `h0`, `c0`, `weights` (`(w_ih, w_hh, b_ih, b_hh, w_hr)` per layer-direction) and `lengths` (`[B]` int64
+    on the CPU, or None, default) as in `seqfast.functional.rnn`.
 
     Returns:
         `y [T, B, D*P]`, `hn [L*D, B, P]`, `cn [L*D, B, H]` or None.
@@ -223,7 +223,7 @@ def stack(cell, x, h0, c0, weights, bidirectional):
     chunk, plan, _ = _tuning(cell, x.dtype, x.shape[0], weights[0][1], h0.shape[1], weights[0][4])
     flat = [t for w in weights for t in w]
     return _C.stack(
-        CELL_IDS[cell], x, h0, c0 if cell == "lstm" else None, flat, bidirectional, chunk, plan, poisoning()
+        CELL_IDS[cell], x, h0, c0 if cell == "lstm" else None, flat, bidirectional, lengths, chunk, plan, poisoning()
     )
 
 

@@ -480,7 +480,7 @@ def _rnn_runner(
         # the stacked states stand for each layer's in the choice: same dtypes and devices
         kernels = _eager_kernels(cell, x, weights[0][1], h0, c0, lengths, weights[0][4], backend)
         dropped = num_layers > 1 and dropout > 0 and training
-        if _one_call(kernels, cell, x, weights, 2 if bidirectional else 1, lengths, dropped):
+        if _one_call(kernels, cell, x, weights, 2 if bidirectional else 1, dropped):
             ours = functools.partial(_whole_stack, kernels, cell, bidirectional)
     if fast and requested is None and native.route(ours, cell, x, h0, c0, weights, *static, lengths):
         return theirs
@@ -492,7 +492,7 @@ def _native_rnn(cell, static, x, h0, c0, weights, lengths):
 
 
 def _whole_stack(kernels, cell, bidirectional, x, h0, c0, weights, lengths):
-    return kernels.stack(cell, x, h0, c0, weights, bidirectional)
+    return kernels.stack(cell, x, h0, c0, weights, bidirectional, lengths)
 
 
 def _stack_call(fast, cell, static, backend, node, x, h0, c0, weights, lengths):
@@ -558,11 +558,11 @@ def _stack(
     return x, torch.stack(hn), None if c0 is None else torch.stack(cn)
 
 
-def _one_call(kernels, cell, x, weights, directions, lengths, dropped):
+def _one_call(kernels, cell, x, weights, directions, dropped):
     """Whether `kernels.stack` runs a stack without grad as `_layer` would layer by layer: the backend has one, and no
-    `lengths`, no dropout between layers (`dropped`), every layer's input projection formed by the backend, in one
-    chunk (see `_infer`)."""
-    if dropped or lengths is not None or not hasattr(kernels, "stack"):
+    dropout between layers (`dropped`), every layer's input projection formed by the backend, in one chunk (see
+    `_infer`)."""
+    if dropped or not hasattr(kernels, "stack"):
         return False
     w_ih, w_hh, b_ih, b_hh, _ = weights[0]
     T, B, I = x.shape

@@ -549,7 +549,8 @@ def test_install_without_extension(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("cell", CELLS)
 def test_stack_and_step_equal_layer_by_layer(cpp, cell, dtype):
-    """The one-call forwards without grad give bitwise what `fwd` gives layer-direction by layer-direction."""
+    """The one-call forwards without grad give bitwise what `fwd` gives layer-direction by layer-direction, with
+    lengths drawn from [0, T] too."""
     g = torch.Generator().manual_seed(3)
     G = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
     for T, B, I, H, layers, bidirectional, P, bias in [
@@ -574,28 +575,35 @@ def test_stack_and_step_equal_layer_by_layer(cpp, cell, dtype):
             weights.append((randn(G * H, fan_in), randn(G * H, width), b_ih, b_hh, None if P is None else randn(P, H)))
         x, h0 = randn(T, B, I), randn(layers * D, B, width)
         c0 = randn(layers * D, B, H) if cell == "lstm" else None
-        inputs, hn, cn = x, [], []
-        for layer in range(layers):
-            ys = []
-            for k in range(layer * D, layer * D + D):
-                w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-                b_x, b_h = folded_biases(cell, b_ih, b_hh)
-                gx = Projection(inputs, w_ih, b_x)
-                state = None if c0 is None else c0[k]
-                y, hT, cT, _ = cpp.fwd(cell, gx, w_hh, b_h, h0[k], state, None, w_hr, k % D == 1, False)
-                ys.append(y)
-                hn.append(hT)
-                cn.append(cT)
-            inputs = torch.cat(ys, 2)
-        y, hT, cT = cpp.stack(cell, x, h0, c0, weights, bidirectional)
-        assert torch.equal(y, inputs) and torch.equal(hT, torch.stack(hn))
-        assert cT is None if c0 is None else torch.equal(cT, torch.stack(cn))
+        for lengths in (None, torch.randint(0, T + 1, (B,), generator=g)):
+            check_stack(cpp, cell, x, h0, c0, weights, layers, bidirectional, lengths)
         if layers == 1 and not bidirectional and P is None:
             w_ih, w_hh, b_ih, b_hh, _ = weights[0]
             h, c = cpp.step(cell, x[0], h0[0], None if c0 is None else c0[0], w_ih, w_hh, b_ih, b_hh)
             expected = cpp.stack(cell, x[:1], h0, c0, weights, False)
             assert torch.equal(h, expected[1][0])
             assert c is None if c0 is None else torch.equal(c, expected[2][0])
+
+
+def check_stack(cpp, cell, x, h0, c0, weights, layers, bidirectional, lengths):
+    """`cpp.stack` against `cpp.fwd` layer-direction by layer-direction, bitwise."""
+    D = 2 if bidirectional else 1
+    inputs, hn, cn = x, [], []
+    for layer in range(layers):
+        ys = []
+        for k in range(layer * D, layer * D + D):
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            b_x, b_h = folded_biases(cell, b_ih, b_hh)
+            gx = Projection(inputs, w_ih, b_x)
+            state = None if c0 is None else c0[k]
+            y, hT, cT, _ = cpp.fwd(cell, gx, w_hh, b_h, h0[k], state, lengths, w_hr, k % D == 1, False)
+            ys.append(y)
+            hn.append(hT)
+            cn.append(cT)
+        inputs = torch.cat(ys, 2)
+    y, hT, cT = cpp.stack(cell, x, h0, c0, weights, bidirectional, lengths)
+    assert torch.equal(y, inputs) and torch.equal(hT, torch.stack(hn))
+    assert cT is None if c0 is None else torch.equal(cT, torch.stack(cn))
 
 
 @pytest.mark.parametrize("plan", ["packed-rows", "packed-units"])
