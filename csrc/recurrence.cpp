@@ -307,7 +307,15 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> stack(
                    false, chunk, plan, poison, hn.select(0, k), lstm ? cn.select(0, k) : at::Tensor());
       outputs.push_back(y);
     }
-    input = D == 1 ? outputs[0] : at::cat(outputs, 2);
+    // the directions side by side in a recycled block: a large fresh one faulted its pages in on every call (two-layer
+    // bidirectional GRU(128) B32 T40 without grad: the concatenation 333 -> 183 us of a 4.8 ms call, by the profiler)
+    if (D == 1) {
+      input = outputs[0];
+    } else {
+      const at::Tensor& y0 = outputs[0];
+      at::Tensor both = output({y0.size(0), y0.size(1), D * y0.size(2)}, y0.options(), poison);
+      input = at::cat_out(both, outputs, 2);
+    }
   }
   const auto cn_out = lstm ? c10::make_optional(in_dtype(cn, c0->scalar_type())) : c10::nullopt;
   return {input, in_dtype(hn, h0.scalar_type()), cn_out};

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from . import dispatch, native
 from .autograd import Layer, Recurrence, folded_biases, projection_bias
 from .kernels import reference
-from .kernels.common import GATES, LN_EPS, Extensions, time_index
+from .kernels.common import GATES, LN_EPS, Extensions, empty, time_index
 from .linear import fused, input_layer_norm, linear, plain, preactivations
 
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
@@ -548,7 +548,7 @@ def _stack(
             outputs.append(y)
             hn.append(hT)
             cn.append(cT)
-        x = outputs[0] if directions == 1 else torch.cat(outputs, dim=2)
+        x = outputs[0] if directions == 1 else _side_by_side(fast, outputs)
         if dropout > 0 and training and i < num_layers - 1:
             x = F.dropout(x, dropout, training=True) if lengths is None else _dropout_packed(x, lengths, dropout)
     if directions == 1 and lengths is None and node is None and (x.requires_grad or _tracing()):
@@ -556,6 +556,16 @@ def _stack(
         # (a trace, which fixes the choice, always copies)
         x = x.clone()
     return x, torch.stack(hn), None if c0 is None else torch.stack(cn)
+
+
+def _side_by_side(fast, outputs):
+    """The directions' outputs `[T, B, P]` side by side, `[T, B, 2P]`; on the eager path without grad in
+    `common.empty`'s memory (a large output allocated afresh faulted its pages in on every call: two-layer
+    BiLSTM(256) B64 T100 without grad, 119.9 -> 111.8 ms)."""
+    if not fast or (torch.is_grad_enabled() and any(y.requires_grad for y in outputs)):
+        return torch.cat(outputs, dim=2)
+    T, B, P = outputs[0].shape
+    return torch.cat(outputs, dim=2, out=empty((T, B, 2 * P), outputs[0].dtype, outputs[0].device))
 
 
 def _one_call(kernels, cell, x, weights, directions, dropped):
