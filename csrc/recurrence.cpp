@@ -9,6 +9,7 @@
 
 #include <array>
 #include <climits>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -333,6 +334,80 @@ std::tuple<at::Tensor, c10::optional<at::Tensor>> step(
                                 c10::nullopt, c10::nullopt, false, false, chunk, plan, poison, c10::nullopt,
                                 c10::nullopt, c10::nullopt, 0.0, c10::nullopt, c10::nullopt, c10::nullopt);
   return {hT, cT};
+}
+
+// Each step's offset into a PackedSequence's `data` from its `batch_sizes [T]` (int64, CPU, positive, non-increasing),
+// and the total last.
+std::vector<int64_t> packed_offsets(const at::Tensor& batch_sizes) {
+  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong && batch_sizes.is_cpu(),
+              "batch_sizes must be a 1-D int64 CPU tensor");
+  const at::Tensor bs = batch_sizes.contiguous();
+  const int64_t T = bs.size(0), *b = bs.data_ptr<int64_t>();
+  std::vector<int64_t> off(T + 1, 0);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(b[t] > 0 && (t == 0 || b[t] <= b[t - 1]), "batch_sizes must be positive and non-increasing");
+    off[t + 1] = off[t] + b[t];
+  }
+  return off;
+}
+
+// Copies, per step `t`, `rows(t)` rows of `row_bytes` from `src + from(t)` to `dst + to(t)` over torch's threads,
+// and zeroes the `zeros(t)` rows after them in `dst`.
+template <class Rows, class From, class To, class Zeros>
+void copy_steps(int64_t T, int64_t row_bytes, const char* src, char* dst, const Rows& rows, const From& from,
+                const To& to, const Zeros& zeros) {
+  if (T == 0) return;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, rows(0) * row_bytes));
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      std::memcpy(dst + to(t) * row_bytes, src + from(t) * row_bytes, rows(t) * row_bytes);
+      std::memset(dst + (to(t) + rows(t)) * row_bytes, 0, zeros(t) * row_bytes);
+    }
+  });
+}
+
+// A PackedSequence's `data [N, *]` and `batch_sizes [T]` as its padded batch without grad: `x [T, B, *]` (zeros past
+// each length; a large one on a recycled block, NaN-filled first when `poison`) and `lengths [B]` (int64), one copy
+// of each step's rows. The values of `pad_packed_sequence`'s.
+std::tuple<at::Tensor, at::Tensor> pad_packed(const at::Tensor& data, const at::Tensor& batch_sizes, bool poison) {
+  const BelowAutograd below;
+  TORCH_CHECK(data.is_cpu() && data.dim() >= 1, "data must be a CPU tensor of at least one dimension");
+  const std::vector<int64_t> off = packed_offsets(batch_sizes);
+  const int64_t T = batch_sizes.size(0), B = T ? off[1] : 0;
+  TORCH_CHECK(off[T] == data.size(0), "batch_sizes sum to ", off[T], " but data has ", data.size(0), " rows");
+  const at::Tensor d = data.contiguous();
+  std::vector<int64_t> sizes{T, B};
+  for (int64_t k = 1; k < d.dim(); ++k) sizes.push_back(d.size(k));
+  const at::Tensor x = output(sizes, d.options(), poison && d.is_floating_point());
+  const int64_t row_bytes = (d.size(0) ? d.numel() / d.size(0) : 0) * int64_t(d.element_size());
+  auto rows = [&](int64_t t) { return off[t + 1] - off[t]; };
+  copy_steps(T, row_bytes, static_cast<const char*>(d.const_data_ptr()), static_cast<char*>(x.data_ptr()), rows,
+             [&](int64_t t) { return off[t]; }, [&](int64_t t) { return t * B; },
+             [&](int64_t t) { return B - rows(t); });
+  const at::Tensor lengths = at::zeros({B}, batch_sizes.options());
+  int64_t* len = lengths.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t b = 0; b < rows(t); ++b) len[b] = t + 1;
+  return {x, lengths};
+}
+
+// `pad_packed`'s inverse without grad: the rows of `y [T, B, *]` that `batch_sizes [T]` runs, in PackedSequence order,
+// `[N, *]`.
+at::Tensor unpad_packed(const at::Tensor& y, const at::Tensor& batch_sizes, bool poison) {
+  const BelowAutograd below;
+  TORCH_CHECK(y.is_cpu() && y.dim() >= 2 && y.size(0) == batch_sizes.size(0), "y must be a CPU tensor [T, B, *]");
+  const at::Tensor yc = y.contiguous();
+  const int64_t T = yc.size(0), B = yc.size(1);
+  const std::vector<int64_t> off = packed_offsets(batch_sizes);
+  TORCH_CHECK(T == 0 || off[1] <= B, "batch_sizes must not exceed y's batch of ", B);
+  std::vector<int64_t> sizes{off[T]};
+  for (int64_t k = 2; k < yc.dim(); ++k) sizes.push_back(yc.size(k));
+  const at::Tensor data = output(sizes, yc.options(), poison && yc.is_floating_point());
+  const int64_t row_bytes = (T * B ? yc.numel() / (T * B) : 0) * int64_t(yc.element_size());
+  copy_steps(T, row_bytes, static_cast<const char*>(yc.const_data_ptr()), static_cast<char*>(data.data_ptr()),
+             [&](int64_t t) { return off[t + 1] - off[t]; }, [&](int64_t t) { return t * B; },
+             [&](int64_t t) { return off[t]; }, [](int64_t) { return int64_t(0); });
+  return data;
 }
 
 // The backward loop on `saved`'s dtype. Returns `dgx [T, B, G*H]` and `dgh` (GRU, or layer_norm: the gradient of
@@ -721,6 +796,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "d_ln_c_weight, d_ln_c_bias] or []).",
         py::call_guard<py::gil_scoped_release>());
   m.def("stack", &seqfast::stack, "A stack's forward without grad: (y, hn, cn or None).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("pad_packed", &seqfast::pad_packed,
+        "pad_packed(data, batch_sizes, poison): a PackedSequence's padded batch without grad, (x [T, B, *], "
+        "lengths [B]).",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("unpad_packed", &seqfast::unpad_packed,
+        "unpad_packed(y, batch_sizes, poison): the rows of y [T, B, *] that batch_sizes runs, in PackedSequence "
+        "order.",
         py::call_guard<py::gil_scoped_release>());
   m.def("step", &seqfast::step, "A cell's step without grad: (h, c or None).", py::call_guard<py::gil_scoped_release>());
   m.def("project", [](const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {

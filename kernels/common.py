@@ -1,6 +1,5 @@
 """Facts every backend shares: cell names, gate counts, compute dtype, output allocation."""
 
-import functools
 import math
 import os
 from typing import NamedTuple
@@ -38,8 +37,8 @@ def empty(shape, dtype, device):
     `RECYCLE_FROM_BYTES` on the CPU comes from the blocks that `seqfast._C` recycles, where it is built: glibc hands
     blocks from 32 MB back to the system on free, so each call would fault their pages in afresh."""
     if torch.device(device).type == "cpu" and math.prod(shape) * dtype.itemsize >= RECYCLE_FROM_BYTES:
-        if recycled := _recycled_empty():
-            return recycled(list(shape), dtype, _poison)
+        if (C := extension()) is not None:
+            return C.empty(list(shape), dtype, _poison)
     out = torch.empty(shape, dtype=dtype, device=device)
     if _poison and out.is_floating_point():
         out.fill_(float("nan"))
@@ -50,14 +49,19 @@ def empty(shape, dtype, device):
 RECYCLE_FROM_BYTES = 1 << 20
 
 
-@functools.cache
-def _recycled_empty():
-    """`seqfast._C.empty`, or None when the extension is not built."""
-    try:
-        from seqfast import _C
-    except ImportError:
-        return None
-    return _C.empty
+def extension():
+    """`seqfast._C`, imported on first use, or None when it is not built (a plain global, which Dynamo traces)."""
+    global _C
+    if _C is None:
+        try:
+            from seqfast import _C as built
+        except ImportError:
+            built = False
+        _C = built
+    return _C or None
+
+
+_C = None  # seqfast._C once `extension` has looked for it; False when it is not built
 
 
 def compute_dtype(dtype):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch, native
-from .kernels.common import LN_EPS, Projection, poisoning
+from .kernels.common import LN_EPS, Projection, extension, poisoning
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # The sizes the calibration times, `[M, 128] @ [128, 512]` at these multiply-adds; oneDNN must beat BLAS by
@@ -127,9 +127,9 @@ def project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     Returns:
         `[..., N]`.
     """
-    if (x.numel() == x.shape[-1] or _small(x)) and x.is_cpu and w.is_cpu and (extension := _extension()):
+    if (x.numel() == x.shape[-1] or _small(x)) and x.is_cpu and w.is_cpu and (C := extension()):
         # one row: the matrix-vector kernel; a small K: a row at a time, as the cpp backend's loops form it
-        return extension.project(x, w, b)
+        return C.project(x, w, b)
     if x.is_contiguous() and not _onednn(x, w, b):
         return F.linear(x, w, b)  # folds the leading dimensions into the one GEMM dense would run
     return dense(x.reshape(-1, x.shape[-1]), w, b).reshape(*x.shape[:-1], w.shape[0])
@@ -138,23 +138,8 @@ def project(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
 def _small(x):
     """Whether `x [..., K]` has a `K` small enough that `seqfast._C` forms its projection a row at a time (see
     `project`)."""
-    extension = _extension()
-    return extension is not None and x.shape[-1] <= extension.small_projection_k
-
-
-def _extension():
-    """`seqfast._C`, imported on first use, or None when it is not built."""
-    global _C
-    if _C is None:
-        try:
-            from . import _C as extension
-        except ImportError:
-            extension = False
-        _C = extension
-    return _C or None
-
-
-_C = None  # seqfast._C once `_extension` has looked for it; False when it is not built
+    C = extension()
+    return C is not None and x.shape[-1] <= C.small_projection_k
 
 
 linear = torch.library.custom_op("seqfast::linear", project, mutates_args=())
@@ -270,14 +255,14 @@ def input_layer_norm(z: Tensor, weight: Tensor, bias: Tensor | None, eager: bool
         and z.dtype in (torch.float32, torch.float64)
         and weight.dtype == z.dtype
         and (bias is None or bias.dtype == z.dtype)
-        and _extension()
+        and extension()
     ):
         return InputLayerNorm.apply(z, weight, bias) if eager else input_layer_norm_op(z, weight, bias)
     return F.layer_norm(z, weight.shape, weight, bias, LN_EPS)
 
 
 def _input_layer_norm(z: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    return _extension().layer_norm(z, weight, bias, poisoning())
+    return extension().layer_norm(z, weight, bias, poisoning())
 
 
 def _input_layer_norm_backward(
@@ -285,7 +270,7 @@ def _input_layer_norm_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`input_layer_norm`'s gradients from `dy`: `dz`, `dweight`, `dbias`, each an empty `[0]` tensor when not
     needed."""
-    return tuple(_extension().layer_norm_backward(dy, z, weight, need_dz, need_dw, need_db, poisoning()))
+    return tuple(extension().layer_norm_backward(dy, z, weight, need_dz, need_dw, need_db, poisoning()))
 
 
 input_layer_norm_op = torch.library.custom_op("seqfast::input_layer_norm", _input_layer_norm, mutates_args=())

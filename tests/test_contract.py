@@ -332,7 +332,7 @@ def test_empty_poisons_with_nan():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_empty_recycles_large_blocks_poisoned(dtype):
     """A large CPU output reuses the block a freed one of its size left (with `seqfast._C`), NaN-filled again."""
-    if common._recycled_empty() is None:
+    if common.extension() is None:
         pytest.skip("seqfast._C is not built")
     shape = (common.RECYCLE_FROM_BYTES // dtype.itemsize // 64 + 1, 64)
     previous = common.set_poison(True)

@@ -24,6 +24,7 @@ from helpers import (
     run_contract,
     twins,
 )
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from seqfast import linear
 from seqfast.autograd import folded_biases
@@ -395,6 +396,34 @@ def test_large_outputs_reuse_freed_memory_and_resize(cpp):
     y = outputs[0]
     y.resize_(2 * y.numel()).fill_(1.0)
     assert y.sum().item() == y.numel()
+
+
+@pytest.mark.parametrize(
+    "dtype, lengths, feature",
+    [
+        (torch.float32, [5, 3, 3, 1], (7,)),
+        (torch.float64, [4, 4], (2, 3)),
+        (torch.bfloat16, [1], (5,)),
+        (torch.int64, [2, 1], ()),
+        (torch.float32, [1, 1, 1], (4,)),
+    ],
+    ids=["f32", "f64-2d-features", "bf16-B1-T1", "int64-scalars", "T1"],
+)
+def test_pad_packed_and_back(cpp, dtype, lengths, feature):
+    """`pad_packed` gives `pad_packed_sequence`'s padded batch (zeros past each length) and lengths; `unpad_packed`
+    gives the packed data back from it; batch_sizes that do not fit the data raise."""
+    T = lengths[0]
+    x = torch.randn(T, len(lengths), *feature).mul(100).to(dtype)
+    packed = pack_padded_sequence(x, lengths)
+    padded, expected_lengths = pad_packed_sequence(packed)
+    out, out_lengths = cpp._C.pad_packed(packed.data, packed.batch_sizes, True)
+    assert out.dtype == dtype and torch.equal(out, padded) and torch.equal(out_lengths, expected_lengths)
+    assert torch.equal(cpp._C.unpad_packed(out, packed.batch_sizes, True), packed.data)
+    with pytest.raises(RuntimeError, match="batch_sizes sum to"):
+        cpp._C.pad_packed(packed.data[1:], packed.batch_sizes, False)
+    for wrong in ([1, 2], [2, 0]):
+        with pytest.raises(RuntimeError, match="positive and non-increasing"):
+            cpp._C.pad_packed(torch.zeros(3, 2), torch.tensor(wrong), False)
 
 
 @pytest.mark.parametrize("cell", CELLS)

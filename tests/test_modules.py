@@ -670,10 +670,11 @@ def test_cpu_autocast_as_torch(backend, case, mode):
     assert_all_close(grads_ours, grads_ref, CPU_AUTOCAST_TOL, names)
 
 
-def test_packed_input_pads_and_packs_as_torch_does():
-    """The eager path pads a `PackedSequence` by one index copy (`seqfast.nn._padded`): the same `x`, bitwise, and
-    lengths as `pad_packed_sequence`, and its rows gather `x` back into the packed `data`; gradients flow through both
-    copies as through torch's."""
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_packed_input_pads_and_packs_as_torch_does(grad):
+    """The eager path pads a `PackedSequence` (`seqfast.nn._padded`: one index copy, or without grad the cpp
+    extension's copy of each step where it is built): the same `x`, bitwise, and lengths as `pad_packed_sequence`, and
+    its gather takes `x` back into the packed `data`; gradients flow through both copies as through torch's."""
     from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
     from seqfast.nn import _padded
@@ -682,9 +683,12 @@ def test_packed_input_pads_and_packs_as_torch_does():
     x = torch.randn(5, 7, 4, requires_grad=True)
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     expected, expected_lengths = pad_packed_sequence(PackedSequence(packed.data, packed.batch_sizes))
-    padded, padded_lengths, rows = _padded(packed.data, packed.batch_sizes)
-    assert torch.equal(padded, expected) and torch.equal(padded_lengths, expected_lengths)
-    assert torch.equal(padded.flatten(0, 1).index_select(0, rows), packed.data)
+    with torch.set_grad_enabled(grad):
+        padded, padded_lengths, packed_rows = _padded(packed.data, packed.batch_sizes)
+        assert torch.equal(padded, expected) and torch.equal(padded_lengths, expected_lengths)
+        assert torch.equal(packed_rows(padded), packed.data)
+    if not grad:
+        return
     cotangent = torch.randn_like(padded)
     (grad,) = torch.autograd.grad(padded, x, cotangent, retain_graph=True)
     (expected_grad,) = torch.autograd.grad(expected, x, cotangent)
