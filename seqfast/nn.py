@@ -612,28 +612,63 @@ class GRU(_Recurrent):
 
 
 def _padded(data, batch_sizes):
-    """`pad_packed_sequence` of a `PackedSequence`'s `data [N, *]` and `batch_sizes [T]` by one index copy, into
-    `common.empty`'s memory (a large padded input, allocated afresh, faulted its pages in on every call: 5 of the 9 ms
-    of an RNN(300, 16) call at B = 128, T = 100 in float64).
+    """`pad_packed_sequence` of a `PackedSequence`'s `data [N, *]` and `batch_sizes [T]` on the eager path.
 
-    torch's pad records a copy per step, whose backward copies all of `x` again at many of them (15 copies of 3.3 MB
-    in one call at T = 100, B = 32, H = 256); an index copy's backward is one gather.
+    On the CPU, where `seqfast._C` is built, its `pad_packed`: one copy of each step's rows, the output gathered back by
+    `unpad_packed`, each the other's backward (`_PadPacked`, `_UnpadPacked`; without grad called directly). Before,
+    an index copy and its indices took about 60 of the 140 us of an inference call of a 2-layer `RNN(200, 32)` at B32
+    T5, and 240 of 900 us of a bidirectional `RNN(256, 16)` at B128 T20 in float64.
 
-    Without grad on the CPU, where `seqfast._C` is built, one copy of each step's rows there instead (the index copy
-    and its indices took about 240 us of a 900 us bidirectional `RNN(256, 16)` call at B128 T20 in float64).
+    Elsewhere one index copy into `common.empty`'s memory (a large padded input, allocated afresh, faulted its pages in
+    on every call: 5 of the 9 ms of an RNN(300, 16) call at B = 128, T = 100 in float64). torch's pad records a copy per
+    step, whose backward copies all of `x` again at many of them (15 copies of 3.3 MB in one call at T = 100, B = 32,
+    H = 256); an index copy's backward is one gather.
 
     Returns:
         `x [T, B, *]` (zeros past each length), `lengths [B]` (int64, CPU) and the function that takes an output
         `y [T, B, *]` to the packed order of `data`'s rows.
     """
-    if data.is_cpu and not torch.is_grad_enabled() and (C := extension()) is not None:
-        x, lengths = C.pad_packed(data, batch_sizes, poisoning())
-        return x, lengths, lambda y: C.unpad_packed(y, batch_sizes, poisoning())
+    if data.is_cpu and (C := extension()) is not None:
+        if not torch.is_grad_enabled():
+            x, lengths = C.pad_packed(data, batch_sizes, poisoning())
+            return x, lengths, lambda y: C.unpad_packed(y, batch_sizes, poisoning())
+        x, lengths = _PadPacked.apply(data, batch_sizes)
+        return x, lengths, lambda y: _UnpadPacked.apply(y, batch_sizes)
     T, B = len(batch_sizes), int(batch_sizes[0])
     filled = (torch.arange(B) < batch_sizes.unsqueeze(1)).flatten()  # [T * B]: row b runs at step t
     rows, padding = filled.nonzero().squeeze(1).to(data.device), (~filled).nonzero().squeeze(1).to(data.device)
     x = empty((T * B, *data.shape[1:]), data.dtype, data.device).index_fill_(0, padding, 0).index_copy_(0, rows, data)
     return x.view(T, B, *data.shape[1:]), filled.view(T, B).sum(0), lambda y: y.flatten(0, 1).index_select(0, rows)
+
+
+class _PadPacked(torch.autograd.Function):
+    """`seqfast._C.pad_packed(data, batch_sizes)`: `(x [T, B, *], lengths [B])`; the gradient of `data` is `dx`'s rows
+    that `data` filled (`_UnpadPacked`), so a second backward runs too."""
+
+    @staticmethod
+    def forward(ctx, data, batch_sizes):
+        ctx.batch_sizes = batch_sizes
+        x, lengths = extension().pad_packed(data, batch_sizes, poisoning())
+        ctx.mark_non_differentiable(lengths)
+        return x, lengths
+
+    @staticmethod
+    def backward(ctx, dx, _):
+        return _UnpadPacked.apply(dx, ctx.batch_sizes), None
+
+
+class _UnpadPacked(torch.autograd.Function):
+    """`seqfast._C.unpad_packed(y, batch_sizes)`: `y [T, B, *]`'s rows in packed order; the gradient of `y` is the
+    padded batch of the gradient's rows (`_PadPacked`)."""
+
+    @staticmethod
+    def forward(ctx, y, batch_sizes):
+        ctx.batch_sizes = batch_sizes
+        return extension().unpad_packed(y, batch_sizes, poisoning())
+
+    @staticmethod
+    def backward(ctx, d_data):
+        return _PadPacked.apply(d_data, ctx.batch_sizes)[0], None
 
 
 _CELL_PARAMETERS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")

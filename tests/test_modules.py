@@ -672,9 +672,9 @@ def test_cpu_autocast_as_torch(backend, case, mode):
 
 @pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
 def test_packed_input_pads_and_packs_as_torch_does(grad):
-    """The eager path pads a `PackedSequence` (`seqfast.nn._padded`: one index copy, or without grad the cpp
-    extension's copy of each step where it is built): the same `x`, bitwise, and lengths as `pad_packed_sequence`, and
-    its gather takes `x` back into the packed `data`; gradients flow through both copies as through torch's."""
+    """The eager path pads a `PackedSequence` (`seqfast.nn._padded`: the cpp extension's copy of each step where it is
+    built, else one index copy): the same `x`, bitwise, and lengths as `pad_packed_sequence`, and its gather takes `x`
+    back into the packed `data`; gradients flow through both copies as through torch's, and through the gather."""
     from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
     from seqfast.nn import _padded
@@ -692,6 +692,11 @@ def test_packed_input_pads_and_packs_as_torch_does(grad):
     cotangent = torch.randn_like(padded)
     (grad,) = torch.autograd.grad(padded, x, cotangent, retain_graph=True)
     (expected_grad,) = torch.autograd.grad(expected, x, cotangent)
+    assert torch.equal(grad, expected_grad)
+    y = torch.randn_like(padded, requires_grad=True)
+    d_data = torch.randn_like(packed.data)
+    (grad,) = torch.autograd.grad(packed_rows(y), y, d_data)
+    (expected_grad,) = torch.autograd.grad(pack_padded_sequence(y, padded_lengths).data, y, d_data)
     assert torch.equal(grad, expected_grad)
 
 
