@@ -366,9 +366,10 @@ void copy_steps(int64_t T, int64_t row_bytes, const char* src, char* dst, const 
   });
 }
 
-// A PackedSequence's `data [N, *]` and `batch_sizes [T]` as its padded batch without grad: `x [T, B, *]` (zeros past
-// each length; a large one on a recycled block, NaN-filled first when `poison`) and `lengths [B]` (int64), one copy
-// of each step's rows. The values of `pad_packed_sequence`'s.
+// A PackedSequence's `data [N, *]` and `batch_sizes [T]` as its padded batch: `x [T, B, *]` (zeros past each length;
+// a large one on a recycled block, NaN-filled first when `poison`) and `lengths [B]` (int64), one copy of each step's
+// rows. The values of `pad_packed_sequence`'s; not differentiated here (`seqfast.nn._PadPacked` is its autograd
+// function).
 std::tuple<at::Tensor, at::Tensor> pad_packed(const at::Tensor& data, const at::Tensor& batch_sizes, bool poison) {
   const BelowAutograd below;
   TORCH_CHECK(data.is_cpu() && data.dim() >= 1, "data must be a CPU tensor of at least one dimension");
@@ -391,8 +392,8 @@ std::tuple<at::Tensor, at::Tensor> pad_packed(const at::Tensor& data, const at::
   return {x, lengths};
 }
 
-// `pad_packed`'s inverse without grad: the rows of `y [T, B, *]` that `batch_sizes [T]` runs, in PackedSequence order,
-// `[N, *]`.
+// `pad_packed`'s inverse: the rows of `y [T, B, *]` that `batch_sizes [T]` runs, in PackedSequence order, `[N, *]`
+// (`seqfast.nn._UnpadPacked` is its autograd function).
 at::Tensor unpad_packed(const at::Tensor& y, const at::Tensor& batch_sizes, bool poison) {
   const BelowAutograd below;
   TORCH_CHECK(y.is_cpu() && y.dim() >= 2 && y.size(0) == batch_sizes.size(0), "y must be a CPU tensor [T, B, *]");
@@ -798,12 +799,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stack", &seqfast::stack, "A stack's forward without grad: (y, hn, cn or None).",
         py::call_guard<py::gil_scoped_release>());
   m.def("pad_packed", &seqfast::pad_packed,
-        "pad_packed(data, batch_sizes, poison): a PackedSequence's padded batch without grad, (x [T, B, *], "
-        "lengths [B]).",
+        "pad_packed(data, batch_sizes, poison): a PackedSequence's padded batch, (x [T, B, *], lengths [B]); not "
+        "differentiable.",
         py::call_guard<py::gil_scoped_release>());
   m.def("unpad_packed", &seqfast::unpad_packed,
         "unpad_packed(y, batch_sizes, poison): the rows of y [T, B, *] that batch_sizes runs, in PackedSequence "
-        "order.",
+        "order; not differentiable.",
         py::call_guard<py::gil_scoped_release>());
   m.def("step", &seqfast::step, "A cell's step without grad: (h, c or None).", py::call_guard<py::gil_scoped_release>());
   m.def("project", [](const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& b) {

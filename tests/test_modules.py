@@ -670,8 +670,8 @@ def test_cpu_autocast_as_torch(backend, case, mode):
     assert_all_close(grads_ours, grads_ref, CPU_AUTOCAST_TOL, names)
 
 
-@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
-def test_packed_input_pads_and_packs_as_torch_does(grad):
+@pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no-grad"])
+def test_packed_input_pads_and_packs_as_torch_does(grad_mode):
     """The eager path pads a `PackedSequence` (`seqfast.nn._padded`: the cpp extension's copy of each step where it is
     built, else one index copy): the same `x`, bitwise, and lengths as `pad_packed_sequence`, and its gather takes `x`
     back into the packed `data`; gradients flow through both copies as through torch's, and through the gather."""
@@ -683,11 +683,11 @@ def test_packed_input_pads_and_packs_as_torch_does(grad):
     x = torch.randn(5, 7, 4, requires_grad=True)
     packed = pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False)
     expected, expected_lengths = pad_packed_sequence(PackedSequence(packed.data, packed.batch_sizes))
-    with torch.set_grad_enabled(grad):
+    with torch.set_grad_enabled(grad_mode):
         padded, padded_lengths, packed_rows = _padded(packed.data, packed.batch_sizes)
         assert torch.equal(padded, expected) and torch.equal(padded_lengths, expected_lengths)
         assert torch.equal(packed_rows(padded), packed.data)
-    if not grad:
+    if not grad_mode:
         return
     cotangent = torch.randn_like(padded)
     (grad,) = torch.autograd.grad(padded, x, cotangent, retain_graph=True)
