@@ -41,6 +41,12 @@ def _grad_fn_names(out):
     return {type(n).__name__ for n in nodes}
 
 
+def _assert_bitwise(actual, expected, strict=True):
+    """Each tensor of `actual` bitwise equal to its twin in `expected` (`strict`, default True: as many of each)."""
+    for a, e in zip(actual, expected, strict=strict):
+        assert torch.equal(a, e)
+
+
 # the eager path's autograd nodes: `seqfast.autograd.Layer`'s, and the cpp backend's own (`seqfast.kernels.cpp.layer`)
 EAGER_NODES = {"LayerBackward", "CppFunction"}
 
@@ -196,14 +202,12 @@ def test_eager_and_custom_op_paths_give_identical_results(backend, cell, case):
     with PassThroughFunctions():
         assert not _grad_fn_names(call(ours)) & EAGER_NODES
         op_out, op_grads = run_with_grads(ours, call, [x])
-    for a, e in zip(eager_out + eager_grads, op_out + op_grads, strict=True):
-        assert torch.equal(a, e)
+    _assert_bitwise(eager_out + eager_grads, op_out + op_grads)
     with torch.no_grad():
         eager_out = flatten(ours(x))
         with PassThroughFunctions():
             op_out = flatten(ours(x))
-    for a, e in zip(eager_out, op_out, strict=True):
-        assert torch.equal(a, e)
+    _assert_bitwise(eager_out, op_out)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
@@ -226,14 +230,12 @@ def test_packed_eager_and_custom_op_paths_give_identical_results(backend, cell, 
     with PassThroughFunctions():
         assert not _graph_names(call(ours)) & EAGER_NODES
         op_out, op_grads = run_with_grads(ours, call, [x])
-    for a, e in zip(eager_out + eager_grads, op_out + op_grads, strict=True):
-        assert torch.equal(a, e)
+    _assert_bitwise(eager_out + eager_grads, op_out + op_grads)
     with torch.no_grad():
         no_grad_out = flatten(call(ours))
         with PassThroughFunctions():
             no_grad_out += flatten(call(ours))
-    for a, e in zip(no_grad_out, eager_out + eager_out, strict=True):
-        assert torch.equal(a, e)
+    _assert_bitwise(no_grad_out, eager_out + eager_out)
 
 
 def _graph_names(out):
@@ -280,8 +282,7 @@ def test_frozen_parameters_same_on_both_paths(backend, cell, frozen):
     eager = outputs_and_grads()
     with PassThroughFunctions():
         custom_ops = outputs_and_grads()
-    for a, e in zip(eager, custom_ops, strict=True):
-        assert torch.equal(a, e)
+    _assert_bitwise(eager, custom_ops)
 
 
 @pytest.mark.parametrize("steps", [1, 7])
@@ -304,8 +305,7 @@ def test_cpp_node_runs_resets_as_the_custom_ops(cell, steps):
     assert _grad_fn_names(call(ours)) <= {"CppFunction", "StackBackward0", "CatBackward0"}
     with PassThroughFunctions():
         op_out, op_grads = run_with_grads(ours, call, [x])
-    for a, e in zip(eager_out + eager_grads, op_out + op_grads, strict=True):
-        assert torch.equal(a, e)
+    _assert_bitwise(eager_out + eager_grads, op_out + op_grads)
     zoned = seqfast.__dict__[type(ours).__name__](5, 7, backend="cpp", zoneout=0.1).eval()
     assert "LayerBackward" in _grad_fn_names(zoned(x, resets=resets))
 
@@ -331,8 +331,7 @@ def test_layer_norm_eager_recurrence_is_the_custom_ops(backend, cell):
     with PassThroughFunctions():
         assert _grad_fn_names(one_layer(x)[0]) != {"RecurrenceBackward"}
         op_out, op_grads = run_with_grads(ours, call, [x])
-    for a, e in zip(eager_out + eager_grads, op_out + op_grads, strict=True):
-        assert torch.equal(a, e)
+    _assert_bitwise(eager_out + eager_grads, op_out + op_grads)
 
 
 def test_cpp_node_differentiates_its_backward_with_resets():
@@ -387,12 +386,10 @@ def test_cpp_node_forms_dh0_only_when_wanted(cell, steps):
     assert _grad_fn_names(ours(x)[0]) == {"CppFunction"}
     without_state = outputs_and_grads(False)
     with_state = outputs_and_grads(True)
-    for a, e in zip(without_state, with_state, strict=False):
-        assert torch.equal(a, e)
+    _assert_bitwise(without_state, with_state, strict=False)
     with PassThroughFunctions():
         custom_ops = outputs_and_grads(True)
-    for a, e in zip(with_state, custom_ops, strict=True):
-        assert torch.equal(a, e)
+    _assert_bitwise(with_state, custom_ops)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -436,8 +433,7 @@ def test_no_grad_in_time_chunks_gives_bitwise_one_call(backend, cell, packed, dt
     monkeypatch.setattr(functional, "preactivations", lambda k, x, *a: chunks.append(len(x)) or project(k, x, *a))
     monkeypatch.setattr(functional, "_INFER_CHUNK_BYTES", 1)
     monkeypatch.setattr(functional, "_runners", {})  # the remembered calls chose one chunk
-    for a, e in zip(run(), whole, strict=True):
-        assert torch.equal(a, e)
+    _assert_bitwise(run(), whole)
     assert sorted(chunks) == [32] * 4 + [34] * 8  # per layer-direction: 34, 34, 32 steps
 
 
