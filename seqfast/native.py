@@ -9,8 +9,8 @@ the call's tensors (a forward, with grad also the backward of the output; the ca
 saved-tensor hooks and its random state see none of it), and torch's op is kept when its best run beats seqfast's by
 more than `_MARGIN` and `_MIN_GAIN_S`.
 The answers are kept per machine in `$XDG_CACHE_HOME/seqfast/native.json` (default `~/.cache/seqfast/`), keyed by
-the CPU (`cpu_facts`: vendor, family and model, ISA, L2), torch's version and seqfast's, with the other calibrations
-of this machine (see `calibrated`).
+the CPU (`cpu_facts`: vendor, family and model, ISA, L2), torch's version and seqfast's, and the installed build
+(`build`), with the other calibrations of this machine (see `calibrated`).
 `SEQFAST_NATIVE=0` never routes here, `SEQFAST_NATIVE=1` routes every call that can come here, unset calibrates.
 `backend="native"` (or `SEQFAST_BACKEND=native`) runs a module's call or a cell's step here whatever its shape; a
 single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this backend declines it.
@@ -18,6 +18,7 @@ single layer (`seqfast.functional.layer`) runs seqfast's kernels only, so this b
 
 import contextlib
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -30,6 +31,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from . import dispatch
 from .kernels.common import GATES
+from .kernels.common import __file__ as kernels_file
 
 DEVICES = ("cpu", "cuda")
 
@@ -271,12 +273,30 @@ _machine_choices = None
 
 def _machine():
     """This machine's entry in the cache file: the CPU (`cpu_facts`; a virtual machine may name Zen 1 and Zen 4 alike
-    "AMD EPYC"), torch's version and seqfast's (whose kernels it timed)."""
+    "AMD EPYC"), torch's version and seqfast's, and the build whose kernels it timed (`build`)."""
     from . import __version__
 
     facts = cpu_facts()
     cpu = f"{facts['cpu_vendor']} {facts['cpu_model']} {facts['cpu_isa']} L2 {facts['cpu_l2_kb']} KB"
-    return f"{cpu} torch {torch.__version__} seqfast {__version__} calibrations {_REVISION}"
+    return f"{cpu} torch {torch.__version__} seqfast {__version__} build {build()} calibrations {_REVISION}"
+
+
+@functools.cache
+def build():
+    """A fingerprint of the installed code the calibrations time: the names, sizes and modification times of
+    seqfast's Python files, its kernels' and its compiled extension's, so that a rebuild or reinstall under the same
+    version (an editable install, one from git) measures again instead of keeping answers about the code it replaced.
+    """
+    roots = (Path(__file__).parent, Path(kernels_file).parent)
+    files = sorted({f for root in roots for pattern in _BUILD_FILES for f in root.glob(pattern)})
+    digest = hashlib.sha1()
+    for f in files:
+        stat = f.stat()
+        digest.update(f"{f.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:12]
+
+
+_BUILD_FILES = ("*.py", "*/*.py", "_C*.so", "_C*.pyd")
 
 
 @functools.cache
@@ -331,14 +351,18 @@ def _choices():
 
 
 def _save(choices):
-    """Write this machine's calibrations back, keeping other machines' entries; a cache that cannot be written only
-    costs a calibration per process."""
+    """Write this machine's calibrations back, keeping other machines' entries but dropping this one's of other builds
+    (see `build`), which no process of this install reads; a cache that cannot be written only costs a calibration
+    per process."""
     path = cache_path()
     try:
         saved = json.loads(path.read_text()) if path.exists() else {}
         if not isinstance(saved, dict):
             saved = {}
-        saved[_machine()] = choices
+        machine = _machine()
+        head = machine.partition(" build ")[0]
+        saved = {key: kept for key, kept in saved.items() if key.partition(" build ")[0] != head}
+        saved[machine] = choices
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_suffix(f".{os.getpid()}.tmp")
         temporary.write_text(json.dumps(saved, indent=1, sort_keys=True))

@@ -113,6 +113,26 @@ def test_automatic_route_follows_the_calibration_and_caches_it(calibrations, mon
     assert calibrations == [faster], "a new process reads the cache instead of calibrating again"
 
 
+def test_another_build_calibrates_again_and_replaces_the_old_answers(calibrations, monkeypatch):
+    """A rebuild or reinstall under the same version (an editable install, one from git) may time differently: its
+    first process calibrates again, and the cache keeps its answers instead of the old build's, beside other
+    machines'."""
+    native.cache_path().parent.mkdir(parents=True)
+    native.cache_path().write_text(json.dumps({"another machine": {"key": True}}))
+    _counting(monkeypatch, False, calibrations)
+    module, x = seqfast.GRU(4, 6), torch.randn(5, 3, 4, requires_grad=True)
+    module(x)
+    assert f" build {native.build()} " in native._machine()
+    monkeypatch.setattr(native, "build", lambda: "rebuilt")
+    monkeypatch.setattr(native, "_machine_choices", None)
+    monkeypatch.setattr(native, "_routes", {})
+    module(x)
+    assert calibrations == [False, False]
+    saved = json.loads(native.cache_path().read_text())
+    assert sorted(saved) == sorted(["another machine", native._machine()])
+    assert " build rebuilt " in native._machine()
+
+
 def test_each_backend_has_its_own_route(calibrations, monkeypatch):
     """Where seqfast._C is not built, automatic selection runs numba's loops: the answer timed for cpp's is not
     theirs, so such a call calibrates under its own key."""
