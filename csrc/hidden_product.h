@@ -26,8 +26,9 @@ constexpr int64_t kPackPerThread = int64_t(1) << 16;
 // `C[n, g*n_j : (g+1)*n_j] = h[n, P] w[g*H + j0 : g*H + j0 + n_j]^T`; backward `C[n, n_j] = da[n, G*H]
 // w[:, j0 : j0 + n_j]`. float32 runs this CPU's GEMM on weight panels packed once per call when the call repays the
 // packing (`kPackMinSteps`, `kPackMinRows`) and `pack` asks for it (see `Plan`). Unpacked (and float64), a step of
-// one row runs this CPU's matrix-vector kernel and any other BLAS; the forward of a call with enough rows to pack for
-// then works on a copy of `w` with each chunk's gate rows side by side, one product per chunk instead of one per gate.
+// one row runs this CPU's matrix-vector kernel and any other BLAS; the forward of a call with enough rows and steps to
+// pack for then works on a copy of `w` with each chunk's gate rows side by side, one product per chunk instead of one
+// per gate.
 template <typename T>
 class HiddenProduct {
  public:
@@ -58,7 +59,8 @@ class HiddenProduct {
         return;
       }
     }
-    if (backward_ || nch == 1 || G_ == 1) return;
+    // the copy costs two passes over `w`: a call of fewer steps reads it faster gate by gate
+    if (backward_ || nch == 1 || G_ == 1 || ord.T < kPackMinSteps) return;
     grouped_ = buffer_.emplace(G_ * H_ * P_).data();
     for (int64_t c = 0; c < nch; ++c)
       for (int64_t g = 0; g < G_; ++g)
