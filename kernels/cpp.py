@@ -54,6 +54,14 @@ def _chunk(cell, w_hh, batch):
 # The extension's plans (csrc/scheduler.h `Plan`) by name: its recurrent products on packed panels of its own GEMM or on
 # BLAS, its steps split into blocks of rows or chunks of hidden units.
 PLANS = {"packed-rows": 0, "blas-rows": 1, "packed-units": 2, "blas-units": 3}
+# A call of fewer steps than this reads `w_hh` once a step, with nothing kept in L2 from one step to the next (as
+# csrc/hidden_product.h's `kPackMinSteps`): there wider chunks than `_chunk`'s (of `_SHORT_CHUNK` units, or a half or
+# a quarter of the hidden units) may stream the weights faster (Xeon model 167, 2 threads, T = 1, B = 16: LSTM(1024)
+# 1.47 -> 0.92 ms at 256 units, GRU(512) 201 -> 139 us; alike below `_SHORT_MIN_HIDDEN` units), which the first call
+# of a shape class times (`_short_chunk`).
+_SHORT_STEPS = 4
+_SHORT_CHUNK = 256
+_SHORT_MIN_HIDDEN = 384
 # A plan's calibration runs at most this many steps of the call, enough for packing to be repaid as in a long call (at
 # 8, the plans picked for `LSTM(200)` B20 ran its 35 steps 10-50% slower than the fastest), in `_PLAN_TURNS` turns of
 # a block of runs of each plan (about `_PLAN_BLOCK_S`) after one untimed run, each turn starting one plan further on
@@ -74,8 +82,47 @@ def _tuning(cell, dtype, T, w_hh, B, w_hr):
     if tuning is None:
         P = w_hh.shape[1]
         plans = _plans(cell, compute_dtype(dtype), T, B, w_hh.shape[0], P, w_hr is not None, setting)
-        tuning = _tunings[key] = (_chunk(cell, w_hh, B), *plans)
+        chunk = _chunk(cell, w_hh, B)
+        if T < _SHORT_STEPS and w_hr is None and not setting:
+            chunk = _short_chunk(cell, compute_dtype(dtype), T, B, hidden_size(cell, w_hh), chunk)
+        tuning = _tunings[key] = (chunk, *plans)
     return tuning
+
+
+def _short_chunk(cell, dtype, T, B, H, chunk):
+    """The chunk of a call of fewer than `_SHORT_STEPS` steps: `chunk` (`_chunk`'s), or a wider one (a half or a
+    quarter of the hidden units, or 256) where the first call of the shape class timed it faster, a forward and its
+    backward on made-up tensors of its sizes (kept with the other calibrations, see `seqfast.native.calibrated`). A
+    function of the shape and this machine only, never of the thread count."""
+    wider = {-(-H // (16 * parts)) * 16 for parts in (2, 4)} | {_SHORT_CHUNK}
+    candidates = [chunk, *sorted(c for c in wider if chunk < c < H)]
+    if B < 2 or H < _SHORT_MIN_HIDDEN or len(candidates) == 1:
+        return chunk
+    key = f"cpp-chunk-{cell}-{str(dtype).removeprefix('torch.')}-H{H}-B{native.bucket(B)}-T{T}"
+    return native.calibrated(key, lambda: _time_chunks(cell, dtype, T, B, H, candidates))
+
+
+def _time_chunks(cell, dtype, T, B, H, chunks):
+    """The fastest of `chunks` for a forward and its backward of `T` steps of `B` rows, on made-up tensors (see
+    `_short_chunk`)."""
+    G, lstm = GATES[cell], cell == "lstm"
+    make = torch.Generator().manual_seed(0)
+
+    def tensor(*shape, scale=1.0):
+        return torch.randn(shape, generator=make, dtype=dtype).mul_(scale)
+
+    gx, dy, w_hh, b_hh = tensor(T, B, G * H), tensor(T, B, H), tensor(G * H, H, scale=H**-0.5), tensor(G * H)
+    h0, dh = tensor(B, H), tensor(B, H)
+    c0, dc = (tensor(B, H), tensor(B, H)) if lstm else (None, None)
+    cell_id, options = CELL_IDS[cell], (None,) * 3 + (0.0,) + (None,) * 3
+
+    def run(chunk):
+        y, _, _, saved = _C.fwd(
+            cell_id, gx, *(None,) * 3, w_hh, b_hh, h0, c0, None, None, False, True, chunk, 0, False, *options
+        )
+        _C.bwd(cell_id, dy, dh, dc, w_hh, None, h0, c0, None, y, saved, False, chunk, 0, False, True, *options)
+
+    return _fastest(run, chunks)
 
 
 def _plans(cell, dtype, T, B, GH, P, proj, setting):

@@ -350,6 +350,62 @@ def test_plans_calibrated_once_per_machine(cpp, monkeypatch, empty_calibration_c
         run_contract(cpp, "lstm", args, cot, False)
 
 
+def test_short_calls_calibrate_wider_chunks_once_per_machine(cpp, monkeypatch, empty_calibration_cache):
+    """Unpinned, the first call of fewer than 4 steps of a shape class from 384 hidden units and two rows times the
+    wider chunks against `_chunk`'s and keeps the fastest with this machine's calibrations, which a later process reads
+    back; longer calls, one row, fewer units and pinned plans keep `_chunk`'s."""
+    from seqfast import native
+
+    timed = []
+
+    def last(cell, dtype, T, B, H, chunks):
+        timed.append((cell, T, B, H, chunks))
+        return chunks[-1]
+
+    monkeypatch.delenv("SEQFAST_CPP_PLAN")
+    monkeypatch.setattr(cpp, "_tunings", {})
+    monkeypatch.setattr(cpp, "_time_chunks", last)
+    monkeypatch.setattr(cpp, "_time_plans", lambda *args: [0, 0])
+    w_hh = torch.zeros(3 * 512, 512)
+    assert cpp._tuning("gru", torch.float32, 1, w_hh, 16, None)[0] == 256
+    assert cpp._tuning("gru", torch.float32, 2, w_hh, 9, None)[0] == 256
+    assert timed == [("gru", 1, 16, 512, [64, 128, 256]), ("gru", 2, 9, 512, [64, 128, 256])]
+    (machine,) = json.loads(native.cache_path().read_text()).values()
+    assert machine["cpp-chunk-gru-float32-H512-B16-T1"] == 256
+    for T, B, H in [(4, 16, 512), (1, 1, 512), (1, 16, 256)]:
+        w = torch.zeros(3 * H, H)
+        assert cpp._tuning("gru", torch.float32, T, w, B, None)[0] == cpp._chunk("gru", w, B)
+    monkeypatch.setenv("SEQFAST_CPP_PLAN", "packed-rows")
+    assert cpp._tuning("gru", torch.float32, 1, w_hh, 16, None)[0] == 64
+    assert len(timed) == 2
+
+    def untimed(*args):
+        raise AssertionError("timed again")
+
+    monkeypatch.delenv("SEQFAST_CPP_PLAN")
+    monkeypatch.setattr(cpp, "_time_chunks", untimed)
+    monkeypatch.setattr(cpp, "_tunings", {})
+    monkeypatch.setattr(native, "_machine_choices", None)
+    assert cpp._tuning("gru", torch.float32, 1, w_hh, 16, None)[0] == 256
+
+
+@pytest.mark.parametrize("chunk", [96, 192, 256])
+@pytest.mark.parametrize("cell", CELLS)
+def test_short_call_chunks_match_reference_for_any_thread_count(cpp, monkeypatch, cell, chunk):
+    """Each wider chunk a short call may calibrate (at H = 384: a quarter, half, 256 units) within float32's and
+    float64's tolerances of the reference, forward and reversed with lengths, and bitwise the same with 1, 2 and 3
+    threads."""
+    monkeypatch.delenv("SEQFAST_CPP_PLAN")
+    monkeypatch.setattr(cpp, "_tunings", {})
+    monkeypatch.setattr(cpp, "_short_chunk", lambda *args: chunk)
+    for dtype, rtol in [(torch.float32, F32_RTOL), (torch.float64, F64_RTOL)]:
+        assert_matches_reference(cpp, cell, 3, [(16, 384), (4, 384)], dtype, rtol)
+    assert_thread_count_independent(
+        lambda: outputs_f32(cpp, cell, None, 16, 1, 384) + outputs_f32(cpp, cell, None, 5, 3, 384)
+    )
+    assert cpp._tuning(cell, torch.float32, 1, torch.zeros(common.GATES[cell] * 384, 384), 16, None)[0] == chunk
+
+
 def test_plans_timed_in_rotated_turns_by_their_best(cpp, monkeypatch):
     """A calibration runs each plan once untimed, then `_PLAN_TURNS` turns of a block of runs of each, each turn
     starting one plan further on, and picks the plan whose best turn was fastest: plan 3, slow in its first turn, over
