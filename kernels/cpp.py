@@ -81,10 +81,10 @@ def _tuning(cell, dtype, T, w_hh, B, w_hr):
     tuning = _tunings.get(key)
     if tuning is None:
         P = w_hh.shape[1]
-        plans = _plans(cell, compute_dtype(dtype), T, B, w_hh.shape[0], P, w_hr is not None, setting)
         chunk = _chunk(cell, w_hh, B)
         if T < _SHORT_STEPS and w_hr is None and not setting:
             chunk = _short_chunk(cell, compute_dtype(dtype), T, B, hidden_size(cell, w_hh), chunk)
+        plans = _plans(cell, compute_dtype(dtype), T, B, w_hh.shape[0], P, w_hr is not None, setting, chunk)
         tuning = _tunings[key] = (chunk, *plans)
     return tuning
 
@@ -103,8 +103,8 @@ def _short_chunk(cell, dtype, T, B, H, chunk):
 
 
 def _time_chunks(cell, dtype, T, B, H, chunks):
-    """The fastest of `chunks` for a forward and its backward of `T` steps of `B` rows, on made-up tensors (see
-    `_short_chunk`)."""
+    """The fastest of `chunks` for a forward and its backward of `T` steps of `B` rows split by hidden units, on
+    made-up tensors (see `_short_chunk`)."""
     G, lstm = GATES[cell], cell == "lstm"
     make = torch.Generator().manual_seed(0)
 
@@ -114,23 +114,24 @@ def _time_chunks(cell, dtype, T, B, H, chunks):
     gx, dy, w_hh, b_hh = tensor(T, B, G * H), tensor(T, B, H), tensor(G * H, H, scale=H**-0.5), tensor(G * H)
     h0, dh = tensor(B, H), tensor(B, H)
     c0, dc = (tensor(B, H), tensor(B, H)) if lstm else (None, None)
-    cell_id, options = CELL_IDS[cell], (None,) * 3 + (0.0,) + (None,) * 3
+    cell_id, options, units = CELL_IDS[cell], (None,) * 3 + (0.0,) + (None,) * 3, PLANS["packed-units"]
 
     def run(chunk):
         y, _, _, saved = _C.fwd(
-            cell_id, gx, *(None,) * 3, w_hh, b_hh, h0, c0, None, None, False, True, chunk, 0, False, *options
+            cell_id, gx, *(None,) * 3, w_hh, b_hh, h0, c0, None, None, False, True, chunk, units, False, *options
         )
-        _C.bwd(cell_id, dy, dh, dc, w_hh, None, h0, c0, None, y, saved, False, chunk, 0, False, True, *options)
+        _C.bwd(cell_id, dy, dh, dc, w_hh, None, h0, c0, None, y, saved, False, chunk, units, False, True, *options)
 
     return _fastest(run, chunks)
 
 
-def _plans(cell, dtype, T, B, GH, P, proj, setting):
+def _plans(cell, dtype, T, B, GH, P, proj, setting, chunk):
     """The plans of a call's forward and backward loops (`PLANS`' values): both `setting`'s (`SEQFAST_CPP_PLAN`, one
     of `PLANS`' names) when given; else this machine's fastest for the shape class, which the first call of the
-    class times on made-up tensors of its sizes (at most `_PLAN_STEPS` steps; kept with the other calibrations, see
-    `seqfast.native.calibrated`), unless every plan runs it alike. The plans do not depend on the thread count (the
-    first call times them with its own), so that neither do the results."""
+    class times on made-up tensors of its sizes (at most `_PLAN_STEPS` steps; with the call's `chunk` of hidden
+    units; kept with the other calibrations, see `seqfast.native.calibrated`), unless every plan runs it alike. The
+    plans do not depend on the thread count (the first call times them with its own), so that neither do the
+    results."""
     if setting:
         if setting not in PLANS:
             raise ValueError(f"SEQFAST_CPP_PLAN must be one of {', '.join(PLANS)}, got {setting!r}")
@@ -142,13 +143,13 @@ def _plans(cell, dtype, T, B, GH, P, proj, setting):
         return 0, 0
     H = GH // GATES[cell]
     key = f"cpp-plans-{cell}-{str(dtype).removeprefix('torch.')}-H{H}-P{P if proj else 0}-B{native.bucket(B)}"
-    key += f"-T{native.bucket(steps)}"
-    return tuple(native.calibrated(key, lambda: _time_plans(cell, dtype, steps, B, H, P, proj, *choices)))
+    key += f"-T{native.bucket(steps)}" + (f"-C{chunk}" if steps < _SHORT_STEPS else "")
+    return tuple(native.calibrated(key, lambda: _time_plans(cell, dtype, steps, B, H, P, proj, chunk, *choices)))
 
 
-def _time_plans(cell, dtype, T, B, H, P, proj, fwd_choices, bwd_choices):
-    """`[fwd plan, bwd plan]`: the fastest of each list on made-up tensors of a call's sizes, by each plan's best
-    turn (see `_plans`)."""
+def _time_plans(cell, dtype, T, B, H, P, proj, chunk, fwd_choices, bwd_choices):
+    """`[fwd plan, bwd plan]`: the fastest of each list on made-up tensors of a call's sizes and `chunk`, by each
+    plan's best turn (see `_plans`)."""
     G = GATES[cell]
     make = torch.Generator().manual_seed(0)
 
@@ -160,7 +161,7 @@ def _time_plans(cell, dtype, T, B, H, P, proj, fwd_choices, bwd_choices):
     w_hh, b_hh, h0, dh = tensor(G * H, P, scale=P**-0.5), tensor(G * H), tensor(B, P), tensor(B, P)
     c0, dc = (tensor(B, H), tensor(B, H)) if lstm else (None, None)
     w_hr = tensor(P, H, scale=H**-0.5) if proj else None
-    chunk, cell_id, options = _chunk(cell, w_hh, B), CELL_IDS[cell], (None,) * 3 + (0.0,) + (None,) * 3
+    cell_id, options = CELL_IDS[cell], (None,) * 3 + (0.0,) + (None,) * 3
 
     def forward(plan):
         return _C.fwd(

@@ -365,11 +365,20 @@ def test_short_calls_calibrate_wider_chunks_once_per_machine(cpp, monkeypatch, e
     monkeypatch.delenv("SEQFAST_CPP_PLAN")
     monkeypatch.setattr(cpp, "_tunings", {})
     monkeypatch.setattr(cpp, "_time_chunks", last)
-    monkeypatch.setattr(cpp, "_time_plans", lambda *args: [0, 0])
+    plans_timed_at = []
+
+    def plans(cell, dtype, T, B, H, P, proj, chunk, *choices):
+        plans_timed_at.append(chunk)
+        return [2, 0]
+
+    monkeypatch.setattr(cpp, "_time_plans", plans)
     w_hh = torch.zeros(3 * 512, 512)
     assert cpp._tuning("gru", torch.float32, 1, w_hh, 16, None)[0] == 256
     assert cpp._tuning("gru", torch.float32, 2, w_hh, 9, None)[0] == 256
     assert timed == [("gru", 1, 16, 512, [64, 128, 256]), ("gru", 2, 9, 512, [64, 128, 256])]
+    # rows in blocks or hidden units: the plans are timed with the chunk the call keeps
+    assert cpp._tuning("lstm", torch.float32, 3, torch.zeros(4 * 1024, 1024), 128, None) == (512, 2, 0)
+    assert plans_timed_at == [512] and timed[2] == ("lstm", 3, 128, 1024, [64, 256, 512])
     (machine,) = json.loads(native.cache_path().read_text()).values()
     assert machine["cpp-chunk-gru-float32-H512-B16-T1"] == 256
     for T, B, H in [(4, 16, 512), (1, 1, 512), (1, 16, 256)]:
@@ -377,7 +386,7 @@ def test_short_calls_calibrate_wider_chunks_once_per_machine(cpp, monkeypatch, e
         assert cpp._tuning("gru", torch.float32, T, w, B, None)[0] == cpp._chunk("gru", w, B)
     monkeypatch.setenv("SEQFAST_CPP_PLAN", "packed-rows")
     assert cpp._tuning("gru", torch.float32, 1, w_hh, 16, None)[0] == 64
-    assert len(timed) == 2
+    assert len(timed) == 3
 
     def untimed(*args):
         raise AssertionError("timed again")
