@@ -91,36 +91,26 @@ def _tuning(cell, dtype, T, w_hh, B, w_hr):
 
 def _short_chunk(cell, dtype, T, B, H, chunk):
     """The chunk of a call of fewer than `_SHORT_STEPS` steps: `chunk` (`_chunk`'s), or a wider one (a half or a
-    quarter of the hidden units, or 256) where the first call of the shape class timed it faster, a forward and its
-    backward on made-up tensors of its sizes (kept with the other calibrations, see `seqfast.native.calibrated`). A
-    function of the shape and this machine only, never of the thread count."""
-    wider = {-(-H // (16 * parts)) * 16 for parts in (2, 4)} | {_SHORT_CHUNK}
-    candidates = [chunk, *sorted(c for c in wider if chunk < c < H)]
-    if B < 2 or H < _SHORT_MIN_HIDDEN or len(candidates) == 1:
+    quarter of the hidden units, or 256) where the first call of the shape class timed it faster (`_time_chunks`;
+    kept with the other calibrations, see `seqfast.native.calibrated`). A function of the shape and this machine only,
+    never of the thread count."""
+    if B < 2 or H < _SHORT_MIN_HIDDEN:
         return chunk
+    wider = {-(-H // (16 * parts)) * 16 for parts in (2, 4)} | {_SHORT_CHUNK}
+    chunks = [chunk, *sorted(c for c in wider if chunk < c < H)]
     key = f"cpp-chunk-{cell}-{str(dtype).removeprefix('torch.')}-H{H}-B{native.bucket(B)}-T{T}"
-    return native.calibrated(key, lambda: _time_chunks(cell, dtype, T, B, H, candidates))
+    return native.calibrated(key, lambda: _time_chunks(cell, dtype, T, B, H, chunks))
 
 
 def _time_chunks(cell, dtype, T, B, H, chunks):
     """The fastest of `chunks` for a forward and its backward of `T` steps of `B` rows split by hidden units, on
     made-up tensors (see `_short_chunk`)."""
-    G, lstm = GATES[cell], cell == "lstm"
-    make = torch.Generator().manual_seed(0)
-
-    def tensor(*shape, scale=1.0):
-        return torch.randn(shape, generator=make, dtype=dtype).mul_(scale)
-
-    gx, dy, w_hh, b_hh = tensor(T, B, G * H), tensor(T, B, H), tensor(G * H, H, scale=H**-0.5), tensor(G * H)
-    h0, dh = tensor(B, H), tensor(B, H)
-    c0, dc = (tensor(B, H), tensor(B, H)) if lstm else (None, None)
-    cell_id, options, units = CELL_IDS[cell], (None,) * 3 + (0.0,) + (None,) * 3, PLANS["packed-units"]
+    forward, backward = _made_up(cell, dtype, T, B, H, H, False)
+    units = PLANS["packed-units"]
 
     def run(chunk):
-        y, _, _, saved = _C.fwd(
-            cell_id, gx, *(None,) * 3, w_hh, b_hh, h0, c0, None, None, False, True, chunk, units, False, *options
-        )
-        _C.bwd(cell_id, dy, dh, dc, w_hh, None, h0, c0, None, y, saved, False, chunk, units, False, True, *options)
+        y, _, _, saved = forward(chunk, units)
+        backward(chunk, units, y, saved)
 
     return _fastest(run, chunks)
 
@@ -150,30 +140,36 @@ def _plans(cell, dtype, T, B, GH, P, proj, setting, chunk):
 def _time_plans(cell, dtype, T, B, H, P, proj, chunk, fwd_choices, bwd_choices):
     """`[fwd plan, bwd plan]`: the fastest of each list on made-up tensors of a call's sizes and `chunk`, by each
     plan's best turn (see `_plans`)."""
-    G = GATES[cell]
+    forward, backward = _made_up(cell, dtype, T, B, H, P, proj)
+    y, _, _, saved = forward(chunk, 0)
+    runs = (lambda plan: forward(chunk, plan), lambda plan: backward(chunk, plan, y, saved))
+    return [_fastest(run, plans) for run, plans in zip(runs, (fwd_choices, bwd_choices), strict=True)]
+
+
+def _made_up(cell, dtype, T, B, H, P, proj):
+    """`forward(chunk, plan)` and `backward(chunk, plan, y, saved)`: the extension's loops of `T` steps of `B` rows on
+    made-up tensors of a call's sizes (projected to `P` when `proj`), for the calibrations to time."""
+    G, lstm = GATES[cell], cell == "lstm"
     make = torch.Generator().manual_seed(0)
 
     def tensor(*shape, scale=1.0):
         return torch.randn(shape, generator=make, dtype=dtype).mul_(scale)
 
-    lstm = cell == "lstm"
     gx, dy = tensor(T, B, G * H), tensor(T, B, P)
     w_hh, b_hh, h0, dh = tensor(G * H, P, scale=P**-0.5), tensor(G * H), tensor(B, P), tensor(B, P)
     c0, dc = (tensor(B, H), tensor(B, H)) if lstm else (None, None)
     w_hr = tensor(P, H, scale=H**-0.5) if proj else None
     cell_id, options = CELL_IDS[cell], (None,) * 3 + (0.0,) + (None,) * 3
 
-    def forward(plan):
+    def forward(chunk, plan):
         return _C.fwd(
             cell_id, gx, *(None,) * 3, w_hh, b_hh, h0, c0, None, w_hr, False, True, chunk, plan, False, *options
         )
 
-    y, _, _, saved = forward(0)
-
-    def backward(plan):
+    def backward(chunk, plan, y, saved):
         _C.bwd(cell_id, dy, dh, dc, w_hh, w_hr, h0, c0, None, y, saved, False, chunk, plan, False, True, *options)
 
-    return [_fastest(run, plans) for run, plans in ((forward, fwd_choices), (backward, bwd_choices))]
+    return forward, backward
 
 
 def _fastest(run, plans):
