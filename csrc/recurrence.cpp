@@ -477,15 +477,18 @@ bwd(int64_t cell, const at::Tensor& dy_in, const at::Tensor& dhT_in, const c10::
           maybe(dc0, c0_in), maybe(dw_hr, w_hr_in), ln_grads};
 }
 
-// Columns of `x` up to which a weight gradient `dy^T x` of more than one row is formed transposed:
-// `seqfast.linear.TRANSPOSED_MAX_COLS`.
-constexpr int64_t kTransposedMaxCols = 64;
+// Whether a weight gradient reduced over `rows` rows with `cols` columns is formed transposed:
+// `seqfast.linear.transposed_weight_grad`.
+bool transposed_weight_grad(int64_t rows, int64_t cols) {
+  constexpr int64_t kMaxCols = 64, kRowsPerCol = 16;
+  return cols <= kMaxCols && rows >= kRowsPerCol * std::max<int64_t>(cols, 16);
+}
 
 // `sum dy^T x` over `pairs` of `(dy, x)` as `seqfast.linear.weight_grad` forms it, bitwise.
 at::Tensor weight_grad(const std::vector<std::pair<at::Tensor, at::Tensor>>& pairs) {
   int64_t rows = 0;
   for (const auto& pair : pairs) rows += pair.first.size(0);
-  const bool transposed = pairs.front().second.size(1) <= kTransposedMaxCols && rows > 1;
+  const bool transposed = transposed_weight_grad(rows, pairs.front().second.size(1));
   at::Tensor out;
   for (const auto& [dy, x] : pairs) {
     const at::Tensor a = transposed ? x.t() : dy.t(), b = transposed ? dy : x;

@@ -188,19 +188,24 @@ def project_backward(
     return dx, dw, db
 
 
-# Weight gradients `dy^T x` whose `x` has at most this many columns are formed transposed, `x^T dy`, then copied into
-# place: MKL ran that layout of the reduction over all rows 1.2-2.5x faster at 8-64 columns (Ice Lake, 2 threads),
-# while from 128 columns on the copy cost more than it gained. A single row (a step of one batch row) is an outer
-# product, the same bits in either layout, formed in place: the copy was most of the time of a cell's weight gradients
-# at B = 1. seqfast._C's node chooses alike (`kTransposedMaxCols`).
+# Weight gradients `dy^T x` whose `x` has at most this many columns, summed over at least `_TRANSPOSED_ROWS_PER_COL`
+# rows per column (counting at least 16 columns), are formed transposed, `x^T dy`, then copied into place: MKL runs
+# that layout of a long reduction faster (Xeon model 167, 2 threads: 1.2-4x at 8-28 columns from 256 rows, 1.1-1.5x at
+# 64 columns from 1024), while over fewer rows the copy cost more than it gained (0.35-0.6x at 64 rows of 16-64
+# columns: a cell's step). seqfast._C's node chooses alike (`transposed_weight_grad`).
 TRANSPOSED_MAX_COLS = 64
+_TRANSPOSED_ROWS_PER_COL = 16
+
+
+def transposed_weight_grad(rows: int, cols: int) -> bool:
+    """Whether `weight_grad` forms a gradient reduced over `rows` rows with `cols` columns transposed."""
+    return cols <= TRANSPOSED_MAX_COLS and rows >= _TRANSPOSED_ROWS_PER_COL * max(cols, 16)
 
 
 def weight_grad(*pairs: tuple[Tensor, Tensor]) -> Tensor:
     """`sum dy^T x` over `pairs` of `dy [M, N]` and `x [M, K]` (`M` may differ between pairs), summed by BLAS in order:
-    `[N, K]`, formed transposed where `x` has few columns and the pairs more than one row (see
-    `TRANSPOSED_MAX_COLS`)."""
-    transposed = pairs[0][1].shape[1] <= TRANSPOSED_MAX_COLS and sum(dy.shape[0] for dy, _ in pairs) > 1
+    `[N, K]`, formed transposed where `x` has few columns and the pairs many rows (`transposed_weight_grad`)."""
+    transposed = transposed_weight_grad(sum(dy.shape[0] for dy, _ in pairs), pairs[0][1].shape[1])
     out = None
     for dy, x in pairs:
         a, b = (x.T, dy) if transposed else (dy.T, x)

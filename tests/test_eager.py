@@ -174,17 +174,19 @@ def test_remembered_module_calls_follow_what_changed(cell, monkeypatch):
     agree(grad_fns={"LayerBackward", "StackBackward0", "TransposeBackward0"})
 
 
-# (T, B, dtype, bias, input and hidden size): a sequence, one step of one row in float64, one step without biases, and
-# sizes past `seqfast.linear.TRANSPOSED_MAX_COLS`, whose weight gradients both paths form untransposed
+# (T, B, dtype, bias, input and hidden size): a sequence, one step of one row in float64, one step without biases,
+# sizes past `seqfast.linear.TRANSPOSED_MAX_COLS`, and rows enough for both paths to form the weight gradients
+# transposed (`seqfast.linear.transposed_weight_grad`)
 _PATH_CASES = [
     (6, 4, torch.float32, True, 5, 7),
     (1, 1, torch.float64, True, 5, 7),
     (1, 3, torch.float32, False, 5, 7),
     (3, 2, torch.float32, True, 66, 65),
+    (16, 17, torch.float32, True, 5, 7),
 ]
 
 
-@pytest.mark.parametrize("case", _PATH_CASES, ids=["T6-B4", "T1-B1-f64", "T1-B3-nobias", "T3-B2-wide"])
+@pytest.mark.parametrize("case", _PATH_CASES, ids=["T6-B4", "T1-B1-f64", "T1-B3-nobias", "T3-B2-wide", "T16-B17"])
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_eager_and_custom_op_paths_give_identical_results(backend, cell, case):

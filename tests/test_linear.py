@@ -99,14 +99,21 @@ def test_calibration_under_a_float64_default_dtype(fresh_calibration, monkeypatc
     assert linear.onednn_min_macs() in (*linear._CALIBRATION_MACS, linear._NEVER)
 
 
-@pytest.mark.parametrize(
-    "cols", [linear.TRANSPOSED_MAX_COLS, linear.TRANSPOSED_MAX_COLS + 1], ids=["transposed", "plain"]
-)
-def test_weight_grad_sums_each_pair_in_either_layout(cols):
+# (columns, rows of each pair, formed transposed): 16 rows per column are the least that go transposed
+_WEIGHT_GRADS = [
+    (linear.TRANSPOSED_MAX_COLS, (1000, 24), True),
+    (linear.TRANSPOSED_MAX_COLS, (1000, 23), False),
+    (linear.TRANSPOSED_MAX_COLS + 1, (2000, 24), False),
+    (8, (250, 6), True),
+    (8, (37, 5), False),
+]
+
+
+@pytest.mark.parametrize("cols, rows, transposed", _WEIGHT_GRADS, ids=["64", "64-fewer-rows", "65", "8", "8-few-rows"])
+def test_weight_grad_sums_each_pair_in_either_layout(cols, rows, transposed):
+    assert linear.transposed_weight_grad(sum(rows), cols) == transposed
     generator = torch.Generator().manual_seed(0)
-    pairs = [
-        tuple(torch.randn(rows, n, generator=generator, dtype=torch.float64) for n in (20, cols)) for rows in (37, 5)
-    ]
+    pairs = [tuple(torch.randn(m, n, generator=generator, dtype=torch.float64) for n in (20, cols)) for m in rows]
     got = linear.weight_grad(*pairs)
     assert got.shape == (20, cols) and got.is_contiguous()
     torch.testing.assert_close(got, sum(dy.T @ x for dy, x in pairs), rtol=1e-12, atol=1e-12)
