@@ -274,6 +274,14 @@ def test_option_cost_times_a_call_with_and_without_its_option():
     assert plain > 0 and option > 0 and ratio > 0
 
 
+def test_cpu_autocast_tool_times_both_sides():
+    from .tools.cpu_autocast import compare
+
+    for name, steps in (("GRU", 3), ("LSTMCell", 0)):
+        theirs, ours = compare(name, (4, 6), 2, steps, grad=True, rounds=2)
+        assert theirs > 0 and ours > 0
+
+
 def test_modes_that_do_not_fit_are_unsupported_not_errors():
     decoder, sequence = Shape("gru", 8, 2, 4, module="decoder"), Shape("gru", 8, 2, 4)
     reference = harness.Provider("seqfast-reference", "reference")

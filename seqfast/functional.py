@@ -21,13 +21,15 @@ from .linear import fused, input_layer_norm, linear, plain, preactivations
 CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
 
-def eager(*tensors):
+def eager(*tensors, autocast=False):
     """True when a call can take the eager path (`seqfast.autograd.Layer` or the kernels directly) instead of the
     custom ops: not compiling, tracing or exporting, no functorch transform, no `TorchDispatchMode` or
-    `TorchFunctionMode`, no autocast, no forward-mode AD (see `by_autograd`), `tensors` plain tensors (or parameters,
-    or None), the first (the input) off the meta device (the callers give every tensor the input's device or fail on
-    it)."""
-    if _compiling() or _tracing() or _dispatch_modes() or _transform() is not None or _autocast() or _forward_ad():
+    `TorchFunctionMode`, no autocast (unless `autocast`: default False), no forward-mode AD (see `by_autograd`),
+    `tensors` plain tensors (or parameters, or None), the first (the input) off the meta device (the callers give every
+    tensor the input's device or fail on it)."""
+    if _compiling() or _tracing() or _dispatch_modes() or _transform() is not None or _forward_ad():
+        return False
+    if _autocast() and not autocast:
         return False
     return not tensors[0].is_meta and _PLAIN.issuperset(map(type, tensors)) and not _has_torch_function(tensors)
 

@@ -123,6 +123,7 @@ def route(ours, cell, x, h0, c0, weights, num_layers, bidirectional, dropout, tr
     _, w_hh, b_ih, _, w_hr = weights[0]
     on, shapes = _backend(cell, x, w_hh, h0, c0, w_hr), (x.shape, w_hh.shape, None if w_hr is None else w_hr.shape)
     signature = (on, cell, x.dtype, *shapes, b_ih is None, num_layers, bidirectional, torch.get_num_threads(), _grad(x))
+    signature += (_autocast(x),)
 
     def calibration():
         (x_, h0_, c0_), weights_ = _stand_ins((x, h0, c0)), [_stand_ins(w) for w in weights]
@@ -140,7 +141,7 @@ def route_step(ours, cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     if decided is not None:
         return decided
     on, threads = _backend(cell, x, w_hh, h0, c0, None), torch.get_num_threads()
-    signature = (on, cell, x.dtype, x.shape, w_hh.shape, None, b_ih is None, 0, False, threads, _grad(x))
+    signature = (on, cell, x.dtype, x.shape, w_hh.shape, None, b_ih is None, 0, False, threads, _grad(x), _autocast(x))
 
     def calibration():
         tensors = _stand_ins((x, h0, c0, w_ih, w_hh, b_ih, b_hh))
@@ -185,10 +186,15 @@ def _grad(x):
     return (1 + x.requires_grad) if torch.is_grad_enabled() else 0
 
 
+def _autocast(x):
+    """The dtype CPU autocast gives the GEMMs of a call on `x` (on the CPU), or None where it is off."""
+    return torch.get_autocast_dtype("cpu") if x.is_cpu and torch.is_autocast_enabled("cpu") else None
+
+
 def _choice(signature, tensors, ours, theirs):
     """The calibrated answer for the shape class of `signature` (see `route`), calibrating it (`ours`, `theirs` and
     the gradients with respect to `tensors`) when no process on this machine has yet."""
-    on, cell, dtype, shape, w_hh_shape, w_hr_shape, no_bias, num_layers, bidirectional, threads, grad = signature
+    on, cell, dtype, shape, w_hh_shape, w_hr_shape, no_bias, num_layers, bidirectional, threads, grad, cast = signature
     *_, B, I = shape
     T = shape[0] if num_layers else 1
     H = w_hh_shape[0] // GATES[cell]
@@ -196,6 +202,8 @@ def _choice(signature, tensors, ours, theirs):
     kind = cell if num_layers else f"{cell}_cell"
     sizes = f"I{I}-H{H}-P{P}-B{bucket(B)}-T{bucket(T)}-L{num_layers}-D{2 if bidirectional else 1}"
     key = f"{kind}-{str(dtype).removeprefix('torch.')}-{sizes}-bias{int(not no_bias)}-threads{threads}-grad{grad}-{on}"
+    if cast is not None:
+        key += f"-autocast-{str(cast).removeprefix('torch.')}"
     wrt = [t for t in tensors if t is not None and t.requires_grad] if grad else []
     return calibrated(key, lambda: _calibrate(ours, theirs, wrt))
 
@@ -224,13 +232,17 @@ def _calibrate(ours, theirs, wrt):
     times and, up to `_MAX_RUNS`, until seqfast's have run `_MIN_CALIBRATION_S`, after `_WARM_TURNS` untimed turns each
     of a call shorter than `_BLOCK_S`, under a forked random state (dropout draws none of the caller's numbers)."""
 
+    # a call under CPU autocast has its forward there and its backward outside, as a training step runs them
+    backward_context = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else _NO_CONTEXT
+
     def timed(run, block):
         start = time.perf_counter()
         with torch.set_grad_enabled(bool(wrt)):
             for _ in range(block):
                 y = run()[0]
                 if wrt:
-                    torch.autograd.grad(y.mul(torch.ones_like(y)).sum(), wrt, allow_unused=True)
+                    with backward_context:
+                        torch.autograd.grad(y.mul(torch.ones_like(y)).sum(), wrt, allow_unused=True)
         return (time.perf_counter() - start) / block
 
     with torch.random.fork_rng(devices=[]), _own_saved_tensors():
@@ -245,6 +257,9 @@ def _calibrate(ours, theirs, wrt):
             for run, kept in zip((ours, theirs), times, strict=True):
                 kept.append(timed(run, block))
     return min(times[1]) < min((1 - _MARGIN) * min(times[0]), min(times[0]) - _MIN_GAIN_S)
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 @contextlib.contextmanager

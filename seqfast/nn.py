@@ -12,7 +12,7 @@ from itertools import chain
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from . import functional, native
+from . import dispatch, functional, native
 from .functional import CELL_OF_MODE
 from .kernels.common import empty, extension, poisoning
 
@@ -24,6 +24,8 @@ def _type_name(dtype):
 
 _AUTOCAST_DEVICES = ("cuda", "cpu")
 _autocast = torch._C._is_any_autocast_enabled
+# read once: Dynamo does not trace `torch.backends.mkldnn.is_available`, and a compiled call under autocast asks it
+_MKLDNN = torch.backends.mkldnn.is_available()
 
 
 def _autocast_dtype(tensor):
@@ -85,11 +87,23 @@ def _run_autocast(run, cell, x, states, weights, module=False, unpacked=False):
         return run(*_cast(dtype, x), _cast(dtype, *states), [_cast(dtype, *w) for w in weights])
     proj = len(weights[0]) == 5 and weights[0][4] is not None
     onednn = cell == "lstm" and unpacked and not proj and x.dtype == torch.float32 and x.numel() != 0
-    onednn = onednn and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+    onednn = onednn and _MKLDNN and torch.backends.mkldnn.enabled
     h_dtype, c_dtype = _cpu_autocast_dtypes(cell, dtype, states, onednn, proj)
     with torch.autocast("cpu", enabled=False):
         y, hT, cT = run(*_rounded(dtype, x), _cast(torch.float32, *states), [_rounded(dtype, *w) for w in weights])
     return None if y is None else y.to(h_dtype), hT.to(h_dtype), None if cT is None else cT.to(c_dtype)
+
+
+def _autocast_route(backend, x, *tensors):
+    """How an eager call of `x` under CPU autocast may run torch's own op (`seqfast.native`): `"native"` where asked
+    for (`backend` or `SEQFAST_BACKEND`), `"auto"` where automatic selection chooses (`seqfast.native.route` or
+    `route_step` answers), else None. Under CPU autocast oneDNN's LSTM and torch's cell GEMMs take 16-bit operands,
+    which on a CPU with AMX ran `LSTM(128, 256)` B16 T32 in 0.9 ms against 1.7 ms for seqfast's float32 loops on
+    rounded operands (Xeon model 167, 2 threads); a routed call gives torch.nn's own results."""
+    if not x.is_cpu or not torch.is_autocast_enabled("cpu") or not functional.eager(x, *tensors, autocast=True):
+        return None
+    requested = backend or dispatch.env("SEQFAST_BACKEND")
+    return "auto" if requested is None else "native" if requested == "native" else None
 
 
 def _check_same_dtype(state, weight, bias=None):
@@ -467,7 +481,7 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             )
 
         if _autocast() and not extended:
-            y, hn, cn = _run_autocast(run, cell, x, states, weights, module=True, unpacked=not packed)
+            y, hn, cn = self._autocast_call(run, cell, x, states, weights, lengths, packed)
         else:
             y, hn, cn = run(x, states, weights)
         hidden = (hn, cn) if is_lstm else hn
@@ -476,6 +490,21 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             output = PackedSequence(data, batch_sizes, sorted_indices, unsorted_indices)
             return output, self.permute_hidden(hidden, unsorted_indices)
         return self._unpacked_output(y, hn, cn, is_batched)
+
+    def _autocast_call(self, run, cell, x, states, weights, lengths, packed):
+        """`run(x, states, weights)` under autocast as torch.nn runs it (`_run_autocast`), or torch's own op (see
+        `_autocast_route`)."""
+        h0, c0 = states[0], states[1] if cell == "lstm" else None
+        static = (self.num_layers, self.bidirectional, self.dropout, self.training)
+
+        def ours(x, h0, c0, weights, lengths):
+            states = (h0,) if c0 is None else (h0, c0)
+            return _run_autocast(run, cell, x, states, weights, module=True, unpacked=not packed)
+
+        route = _autocast_route(self.backend, x, h0, c0, *chain.from_iterable(weights))
+        if route == "native" or route == "auto" and native.route(ours, cell, x, h0, c0, weights, *static, lengths):
+            return native.rnn(cell, x, h0, c0, weights, *static, lengths)
+        return ours(x, h0, c0, weights, lengths)
 
     def _call_key(self, cell, input, hx, weights):
         """The signature of an unpacked call without options (`functional.call_key`) of `input` (batched) from `hx`
@@ -810,10 +839,22 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
             return None, *functional.step(fast, cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, self.backend, ext, key)
 
         if _autocast() and ext is None:
-            _, hT, cT = _run_autocast(run, cell, input, states, [weights])
-        else:
-            _, hT, cT = run(input, states, [weights])
+            return self._autocast_step(run, cell, input, states, weights)
+        _, hT, cT = run(input, states, [weights])
         return hT, cT
+
+    def _autocast_step(self, run, cell, x, states, weights):
+        """`run(x, states, [weights])`'s `(h, c)` under autocast as torch.nn runs it (`_run_autocast`), or torch's own
+        op (see `_autocast_route`)."""
+        h0, c0 = states[0], states[1] if cell == "lstm" else None
+
+        def ours(cell, x, h0, c0, *weights):
+            return _run_autocast(run, cell, x, (h0,) if c0 is None else (h0, c0), [weights])[1:]
+
+        route = _autocast_route(self.backend, x, h0, c0, *weights)
+        if route == "native" or route == "auto" and native.route_step(ours, cell, x, h0, c0, *weights):
+            return native.step(cell, x, h0, c0, *weights)
+        return ours(cell, x, h0, c0, *weights)
 
 
 class RNNCell(_Cell):

@@ -670,6 +670,26 @@ def test_cpu_autocast_as_torch(backend, case, mode):
     assert_all_close(grads_ours, grads_ref, CPU_AUTOCAST_TOL, names)
 
 
+@pytest.mark.parametrize("case", ["LSTM", "GRU-L2-bi-bf16-state", "LSTMCell"])
+def test_cpu_autocast_compiles_fullgraph_as_eager(case):
+    """Under `torch.compile(fullgraph=True)` a module under CPU autocast (which torch.nn's modules cannot compile)
+    gives the eager call's dtypes and values, gradients included."""
+    name, kwargs, kind, state_dtypes = CPU_AUTOCAST_CASES[case]
+    module = getattr(seqfast, name)(8, 16, **kwargs)
+    x = torch.randn(5, 3, 8) if kind != "step" else torch.randn(3, 8)
+    x.requires_grad_()
+    states = None
+    if state_dtypes is not None:
+        lead = () if kind == "step" else (module.num_layers * (2 if module.bidirectional else 1),)
+        states = tuple(torch.randn(*lead, 3, 16, dtype=d) for d in state_dtypes)
+    expected = _run_cpu_autocast(module, case, x, states, True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    actual = _run_cpu_autocast(compiled, case, x, states, True)
+    for a, e in zip(actual[0] + actual[1], expected[0] + expected[1], strict=True):
+        assert a.dtype == e.dtype
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("grad_mode", [True, False], ids=["grad", "no-grad"])
 def test_packed_input_pads_and_packs_as_torch_does(grad_mode):
     """The eager path pads a `PackedSequence` (`seqfast.nn._padded`: the cpp extension's copy of each step where it is

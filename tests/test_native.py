@@ -232,6 +232,66 @@ def test_packed_input_is_never_routed_and_cells_only_with_grad(calibrations, mon
     assert list(entry) == [f"lstm_cell-float32-I4-H6-P0-B4-T1-L0-D1-bias1-threads{torch.get_num_threads()}-grad2-cpp"]
 
 
+def _autocast_call(module, x, cell_step):
+    """`module`'s outputs of a forward under CPU autocast (bfloat16) and the gradients of `x` and every parameter,
+    the backward outside autocast as a training step runs it."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x[0]) if cell_step else module(x)
+    outputs = flatten(out)
+    if not torch.is_grad_enabled():
+        return outputs
+    loss = sum(o.float().sum() for o in outputs)
+    grads = torch.autograd.grad(loss, [x, *module.parameters()], allow_unused=True)
+    return [o.detach() for o in outputs] + list(grads)
+
+
+# case: (torch.nn's class, constructor kwargs, a cell's step)
+AUTOCAST = {
+    "lstm-L2": ("LSTM", dict(num_layers=2), False),
+    "gru-bi": ("GRU", dict(bidirectional=True), False),
+    "lstm-cell": ("LSTMCell", {}, True),
+    "rnn_tanh-cell": ("RNNCell", {}, True),
+}
+
+
+def _autocast_twins(name, *backends, **kwargs):
+    """torch.nn's module `name`, then seqfast's with each of `backends`, from the same state_dict."""
+    ref = getattr(torch.nn, name)(4, 6, **kwargs)
+    modules = [getattr(seqfast, name)(4, 6, backend=backend, **kwargs) for backend in backends]
+    for module in modules:
+        module.load_state_dict(ref.state_dict())
+    return ref, *modules
+
+
+@pytest.mark.parametrize("faster", [True, False], ids=["torch-faster", "seqfast-faster"])
+@pytest.mark.parametrize("case", list(AUTOCAST))
+def test_calls_under_cpu_autocast_calibrate_their_own_route(calibrations, monkeypatch, case, faster):
+    """Under CPU autocast a module's call and a cell's step, with and without grad, calibrate routes of their own (the
+    call that seqfast runs on rounded operands without autocast has its own); routed, they give torch.nn's results
+    bitwise, else those of seqfast's kernels on rounded operands."""
+    _counting(monkeypatch, faster, calibrations)
+    name, kwargs, cell_step = AUTOCAST[case]
+    ref, ours, kernels = _autocast_twins(name, None, "cpp", **kwargs)
+    x = torch.randn(5, 3, 4, requires_grad=True)
+    actual = _autocast_call(ours, x, cell_step)
+    expected = _autocast_call(ref if faster else kernels, x, cell_step)
+    assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+    with torch.no_grad():
+        _autocast_call(ours, x.detach(), cell_step)
+    (entry,) = json.loads(native.cache_path().read_text()).values()
+    routes = [key for key in entry if key.endswith("-cpp-autocast-bfloat16")]
+    assert [key.split("-grad")[1][0] for key in sorted(routes)] == ["0", "2"], "with grad and without"
+
+
+def test_native_backend_under_cpu_autocast_is_torch_nn_bitwise():
+    """`backend="native"` under CPU autocast runs torch's op under it, as torch.nn does, without calibrating."""
+    for name, cell_step in (("LSTM", False), ("GRUCell", True)):
+        ref, ours = _autocast_twins(name, "native")
+        x = torch.randn(5, 3, 4, requires_grad=True)
+        actual, expected = _autocast_call(ours, x, cell_step), _autocast_call(ref, x, cell_step)
+        assert all(torch.equal(a, e) for a, e in zip(actual, expected, strict=True))
+
+
 def test_seqfast_native_1_routes_without_calibrating(monkeypatch):
     monkeypatch.setenv("SEQFAST_NATIVE", "1")
     monkeypatch.setattr(native, "_calibrate", None)
