@@ -59,8 +59,8 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # cpp backend's plans (`seqfast.kernels.cpp`) and its faster float32 GEMM tiles; 5, the backend timed against torch's
 # op named in the key, and the cpp backend's cheaper float32 tanh and exp; 6, the cpp backend's plans timed over up to
 # 32 steps; 7, oneDNN's threshold not extrapolated past the sizes timed (`seqfast.linear.onednn_min_macs`); 8, the cpp
-# plans timed in five rotated turns; 9, oneDNN's threshold at a 20% margin.
-_REVISION = 9
+# plans timed in five rotated turns; 9, oneDNN's threshold at a 20% margin; 10, the route's gradients accumulated.
+_REVISION = 10
 
 # the route's answer per call signature, so that a repeated call formats no key
 _routes = {}
@@ -224,9 +224,11 @@ def bucket(n):
 
 def _calibrate(ours, theirs, wrt):
     """True when `theirs` is faster than `ours` by more than `_MARGIN` and `_MIN_GAIN_S`, comparing each side's best
-    turn. A run is a forward and, when `wrt` is not empty, the gradients with respect to `wrt` of the output times ones,
-    summed: a dense gradient of the output, as a loss downstream gives (returned, not accumulated; the plain sum would
-    hand the backward a broadcast one, which seqfast's node first copies, and `grad_outputs` imports sympy); a turn
+    turn. A run is a forward and, when `wrt` is not empty, the gradients with respect to `wrt` (the stand-ins) of the
+    output times ones, summed: a dense gradient of the output, as a loss downstream gives (the plain sum would hand the
+    backward a broadcast one, which seqfast's node first copies, and `grad_outputs` imports sympy), accumulated into
+    their `.grad` as a training step does (returned instead, an `RNNCell(300, 256)` B16 step's two sides read as tied
+    in 3 calibrations of 10 and seqfast's node ran 0.83x torch's op in a training loop; accumulated, 0 of 10); a turn
     times a block of runs back to back, as a loop in a program runs them (about `_BLOCK_S` by a run of `ours` after one
     of each side to warm up, at most `_MAX_BLOCK` runs), per run. The two sides take turns, each at least `_MIN_RUNS`
     times and, up to `_MAX_RUNS`, until seqfast's have run `_MIN_CALIBRATION_S`, after `_WARM_TURNS` untimed turns each
@@ -242,7 +244,7 @@ def _calibrate(ours, theirs, wrt):
                 y = run()[0]
                 if wrt:
                     with backward_context:
-                        torch.autograd.grad(y.mul(torch.ones_like(y)).sum(), wrt, allow_unused=True)
+                        torch.autograd.backward(y.mul(torch.ones_like(y)).sum(), inputs=wrt)
         return (time.perf_counter() - start) / block
 
     with torch.random.fork_rng(devices=[]), _own_saved_tensors():
