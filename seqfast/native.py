@@ -224,15 +224,16 @@ def bucket(n):
 
 def _calibrate(ours, theirs, wrt):
     """True when `theirs` is faster than `ours` by more than `_MARGIN` and `_MIN_GAIN_S`, comparing each side's best
-    turn. A run is a forward and, when `wrt` is not empty, the gradients with respect to `wrt` (the stand-ins) of the
-    output times ones, summed: a dense gradient of the output, as a loss downstream gives (the plain sum would hand the
-    backward a broadcast one, which seqfast's node first copies, and `grad_outputs` imports sympy), accumulated into
-    their `.grad` as a training step does (returned instead, an `RNNCell(300, 256)` B16 step's two sides read as tied
-    in 3 calibrations of 10 and seqfast's node ran 0.83x torch's op in a training loop; accumulated, 0 of 10); a turn
-    times a block of runs back to back, as a loop in a program runs them (about `_BLOCK_S` by a run of `ours` after one
-    of each side to warm up, at most `_MAX_BLOCK` runs), per run. The two sides take turns, each at least `_MIN_RUNS`
-    times and, up to `_MAX_RUNS`, until seqfast's have run `_MIN_CALIBRATION_S`, after `_WARM_TURNS` untimed turns each
-    of a call shorter than `_BLOCK_S`, under a forked random state (dropout draws none of the caller's numbers)."""
+    turn; False where `theirs` raises a RuntimeError (torch's op cannot take the call here). A run is a forward and,
+    when `wrt` is not empty, the gradients with respect to `wrt` (the stand-ins) of the output times ones, summed: a
+    dense gradient of the output, as a loss downstream gives (the plain sum would hand the backward a broadcast one,
+    which seqfast's node first copies, and `grad_outputs` imports sympy), accumulated into their `.grad` as a training
+    step does (returned instead, an `RNNCell(300, 256)` B16 step's two sides read as tied in 3 calibrations of 10 and
+    seqfast's node ran 0.83x torch's op in a training loop; accumulated, 0 of 10); a turn times a block of runs back to
+    back, as a loop in a program runs them (about `_BLOCK_S` by a run of `ours` after one of each side to warm up, at
+    most `_MAX_BLOCK` runs), per run. The two sides take turns, each at least `_MIN_RUNS` times and, up to `_MAX_RUNS`,
+    until seqfast's have run `_MIN_CALIBRATION_S`, after `_WARM_TURNS` untimed turns each of a call shorter than
+    `_BLOCK_S`, under a forked random state (dropout draws none of the caller's numbers)."""
 
     # a call under CPU autocast has its forward there and its backward outside, as a training step runs them
     backward_context = torch.autocast("cpu", enabled=False) if torch.is_autocast_enabled("cpu") else _NO_CONTEXT
@@ -248,8 +249,12 @@ def _calibrate(ours, theirs, wrt):
         return (time.perf_counter() - start) / block
 
     with torch.random.fork_rng(devices=[]), _own_saved_tensors():
-        for run in (theirs, ours):
-            timed(run, 1)
+        try:
+            timed(theirs, 1)
+        except RuntimeError:
+            # torch's op cannot take the call here: under CPU autocast, a oneDNN without a bfloat16 LSTM (AVX2 only)
+            return False
+        timed(ours, 1)
         block = max(1, min(_MAX_BLOCK, int(_BLOCK_S / max(timed(ours, 1), 1e-9))))
         for _ in range(_WARM_TURNS if block > 1 else 0):
             for run in (ours, theirs):
