@@ -94,16 +94,16 @@ def _run_autocast(run, cell, x, states, weights, module=False, unpacked=False):
     return None if y is None else y.to(h_dtype), hT.to(h_dtype), None if cT is None else cT.to(c_dtype)
 
 
-def _autocast_route(backend, x, *tensors):
-    """How an eager call of `x` under CPU autocast may run torch's own op (`seqfast.native`): `"native"` where asked
-    for (`backend` or `SEQFAST_BACKEND`), `"auto"` where automatic selection chooses (`seqfast.native.route` or
-    `route_step` answers), else None. Under CPU autocast oneDNN's LSTM and torch's cell GEMMs take 16-bit operands,
-    which on a CPU with AMX ran `LSTM(128, 256)` B16 T32 in 0.9 ms against 1.7 ms for seqfast's float32 loops on
-    rounded operands (Xeon model 167, 2 threads); a routed call gives torch.nn's own results."""
+def _native_under_autocast(backend, x, tensors, routed):
+    """Whether an eager call of `x` (with `tensors`) under CPU autocast runs torch's own op (`seqfast.native`): where
+    asked for (`backend` or `SEQFAST_BACKEND` is `native`), or under automatic selection where `routed()` answers
+    True (`seqfast.native.route` or `route_step`). Under CPU autocast oneDNN's LSTM and torch's cell GEMMs take 16-bit
+    operands, which on a CPU with AMX ran `LSTM(128, 256)` B16 T32 in 0.9 ms against 1.7 ms for seqfast's float32
+    loops on rounded operands (Xeon model 167, 2 threads); a routed call gives torch.nn's own results."""
     if not x.is_cpu or not torch.is_autocast_enabled("cpu") or not functional.eager(x, *tensors, autocast=True):
-        return None
+        return False
     requested = backend or dispatch.env("SEQFAST_BACKEND")
-    return "auto" if requested is None else "native" if requested == "native" else None
+    return requested == "native" or requested is None and routed()
 
 
 def _check_same_dtype(state, weight, bias=None):
@@ -493,7 +493,7 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
 
     def _autocast_call(self, run, cell, x, states, weights, lengths, packed):
         """`run(x, states, weights)` under autocast as torch.nn runs it (`_run_autocast`), or torch's own op (see
-        `_autocast_route`)."""
+        `_native_under_autocast`)."""
         h0, c0 = states[0], states[1] if cell == "lstm" else None
         static = (self.num_layers, self.bidirectional, self.dropout, self.training)
 
@@ -501,8 +501,10 @@ class _Recurrent(_TorchTwin, torch.nn.RNNBase):
             states = (h0,) if c0 is None else (h0, c0)
             return _run_autocast(run, cell, x, states, weights, module=True, unpacked=not packed)
 
-        route = _autocast_route(self.backend, x, h0, c0, *chain.from_iterable(weights))
-        if route == "native" or route == "auto" and native.route(ours, cell, x, h0, c0, weights, *static, lengths):
+        tensors = (h0, c0, *chain.from_iterable(weights))
+        if _native_under_autocast(
+            self.backend, x, tensors, lambda: native.route(ours, cell, x, h0, c0, weights, *static, lengths)
+        ):
             return native.rnn(cell, x, h0, c0, weights, *static, lengths)
         return ours(x, h0, c0, weights, lengths)
 
@@ -845,14 +847,15 @@ class _Cell(_TorchTwin, torch.nn.RNNCellBase):
 
     def _autocast_step(self, run, cell, x, states, weights):
         """`run(x, states, [weights])`'s `(h, c)` under autocast as torch.nn runs it (`_run_autocast`), or torch's own
-        op (see `_autocast_route`)."""
+        op (see `_native_under_autocast`)."""
         h0, c0 = states[0], states[1] if cell == "lstm" else None
 
         def ours(cell, x, h0, c0, *weights):
             return _run_autocast(run, cell, x, (h0,) if c0 is None else (h0, c0), [weights])[1:]
 
-        route = _autocast_route(self.backend, x, h0, c0, *weights)
-        if route == "native" or route == "auto" and native.route_step(ours, cell, x, h0, c0, *weights):
+        if _native_under_autocast(
+            self.backend, x, (h0, c0, *weights), lambda: native.route_step(ours, cell, x, h0, c0, *weights)
+        ):
             return native.step(cell, x, h0, c0, *weights)
         return ours(cell, x, h0, c0, *weights)
 

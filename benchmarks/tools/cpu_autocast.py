@@ -9,11 +9,11 @@ median per call and the ratio torch.nn / seqfast. The runner's shape sets time n
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import seqfast
+from benchmarks.tools import per_call
 from seqfast.native import cpu_facts
 
 # (module, constructor args, batch, steps: 0 for a cell's step)
@@ -24,13 +24,6 @@ CALLS = [
     ("LSTMCell", (256, 256), 32, 0),
     ("GRUCell", (256, 256), 32, 0),
 ]
-
-
-def _timed(run, calls):
-    start = time.perf_counter()
-    for _ in range(calls):
-        run()
-    return (time.perf_counter() - start) / calls
 
 
 def compare(name, args, batch, steps, grad, rounds):
@@ -50,11 +43,11 @@ def compare(name, args, batch, steps, grad, rounds):
     sides = [lambda: run(ref), lambda: run(ours)]
     for side in sides:
         side(), side()
-    calls = max(1, int(0.1 / _timed(sides[0], 1)))
+    calls = max(1, int(0.1 / per_call(sides[0], 1)))
     times = ([], [])
     for r in range(rounds):
         for k in (0, 1) if r % 2 == 0 else (1, 0):
-            times[k].append(_timed(sides[k], calls))
+            times[k].append(per_call(sides[k], calls))
     return tuple(statistics.median(t) * 1e3 for t in times)
 
 

@@ -11,18 +11,11 @@ time them minutes apart, which on a loaded machine moves each by more than the o
 import argparse
 import dataclasses
 import statistics
-import time
 
 from benchmarks import harness
 from benchmarks.shapes import SETS
+from benchmarks.tools import per_call
 from seqfast import dispatch
-
-
-def _per_call(step, calls):
-    start = time.perf_counter()
-    for _ in range(calls):
-        step()
-    return (time.perf_counter() - start) / calls
 
 
 def option_cost(shape, provider, rounds, calls):
@@ -30,7 +23,7 @@ def option_cost(shape, provider, rounds, calls):
     plain = harness.setup(dataclasses.replace(shape, option=None), provider, "fwdbwd").step
     option = harness.setup(shape, provider, "fwdbwd").step
     plain(), option()
-    times = [(_per_call(plain, calls), _per_call(option, calls)) for _ in range(rounds)]
+    times = [(per_call(plain, calls), per_call(option, calls)) for _ in range(rounds)]
     return (
         statistics.median(p for p, _ in times) * 1e3,
         statistics.median(o for _, o in times) * 1e3,
